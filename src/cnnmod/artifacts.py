@@ -1,0 +1,124 @@
+"""Artifact folders: ``config.json`` + ``model.safetensors`` + ``README.md``, written atomically, verified on load.
+
+A write builds the whole folder under a temporary name beside the destination and renames it into place,
+so an interrupted write leaves nothing half-made. Loading checks the format version, the kind and the
+sha256 of the weights, and never unpickles anything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .errors import UserError
+
+FORMAT_VERSION = 1
+CONFIG = "config.json"
+WEIGHTS = "model.safetensors"
+CARD = "README.md"
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def check_output(out: Path, overwrite: bool) -> None:
+    """Refuse an existing output folder unless overwriting; call before long work so it fails early."""
+    if out.exists() and not overwrite:
+        raise UserError(f"{out} exists already; choose another --out or pass --overwrite")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} exists and is not a folder; choose another --out")
+
+
+@contextmanager
+def atomic_folder(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder; on success it replaces ``out``, on any failure it is removed."""
+    out = Path(out)
+    check_output(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        os.chmod(tmp, 0o777 & ~_umask())
+        yield tmp
+        if out.exists():
+            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.rename(out, trash / "old")
+            os.rename(tmp, out)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def write_into(folder: Path, kind: str, config: dict, tensors: dict[str, torch.Tensor], card: str) -> dict:
+    """Write one artifact's files into an existing (temporary) folder; returns the config as written."""
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(folder / WEIGHTS))
+    full = {"format_version": FORMAT_VERSION, "kind": kind, **config, "weights_sha256": sha256_file(folder / WEIGHTS)}
+    (folder / CONFIG).write_text(json.dumps(full, indent=2) + "\n")
+    (folder / CARD).write_text(card)
+    for name in (WEIGHTS, CONFIG, CARD):
+        os.chmod(folder / name, 0o666 & ~_umask())
+    return full
+
+
+def read_config(path: str | os.PathLike, kind: str | None = None) -> dict:
+    """The verified config of the artifact at ``path`` (format version and kind checked; weights not read)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"{path} is not an artifact folder (no such folder)")
+    cfg_path = path / CONFIG
+    if not cfg_path.is_file():
+        raise UserError(f"{path} is not an artifact folder: it has no {CONFIG}")
+    try:
+        config = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{cfg_path} is corrupt ({e}); restore the artifact or make it again")
+    if not isinstance(config, dict) or "format_version" not in config or "kind" not in config:
+        raise UserError(f"{cfg_path} is not a cnnmod config (no format_version or kind)")
+    if config["format_version"] != FORMAT_VERSION:
+        raise UserError(f"{path} has artifact format {config['format_version']}; this cnnmod reads format "
+                        f"{FORMAT_VERSION}: upgrade cnnmod or make the artifact again")
+    if kind is not None and config["kind"] != kind:
+        raise UserError(f"{path} is a {config['kind']}, not a {kind}")
+    return config
+
+
+def read_artifact(path: str | os.PathLike, kind: str | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Config and tensors of a verified artifact: a tampered or truncated weights file is refused."""
+    path = Path(path)
+    config = read_config(path, kind)
+    weights = path / WEIGHTS
+    if not weights.is_file():
+        raise UserError(f"{path} has no {WEIGHTS}; the artifact is incomplete")
+    digest = sha256_file(weights)
+    if digest != config.get("weights_sha256"):
+        raise UserError(f"{weights} does not match the checksum in its config (sha256 {digest[:12]}..., expected "
+                        f"{str(config.get('weights_sha256'))[:12]}...): the file was changed or damaged")
+    try:
+        tensors = load_file(str(weights))
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"cannot read {weights}: {e}")
+    return config, tensors

@@ -1,0 +1,215 @@
+"""The ``cnnmod`` command: a thin layer over the library.
+
+Every command takes ``--json`` (one JSON object on stdout, nothing else there); human output, progress bars
+and logs go to stderr. A mistake the user can fix prints one line and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import typer
+
+from . import __version__
+from .errors import UserError
+from .progress import console
+from .runtime import shutdown_distributed
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Decompose trained CNN classifiers into reusable, replaceable per-class modules.")
+data_app = typer.Typer(no_args_is_help=True, help="Inspect and download data sets.")
+app.add_typer(data_app, name="data")
+
+JSON = typer.Option(False, "--json", help="Print one JSON object on stdout.")
+SEED = typer.Option(0, "--seed", help="Random seed; the same seed gives the same result.")
+DEVICE = typer.Option("auto", "--device", help="auto, cpu or cuda.")
+DATA_ROOT = typer.Option(None, "--data-root",
+                         help="Folder holding the data sets (default: $CNNMOD_DATA or the cache).")
+OVERWRITE = typer.Option(False, "--overwrite", help="Replace the output folder if it exists.")
+ARCH_ARG = typer.Option([], "--arch-arg", help="Architecture option KEY=VALUE: width=32, stem=cifar, hidden=49,49.")
+
+
+def emit(result: dict, as_json: bool, title: str = "") -> None:
+    """One JSON object on stdout, or a readable table on stderr."""
+    if as_json:
+        sys.stdout.write(json.dumps(result) + "\n")
+        return
+    from rich.table import Table
+
+    table = Table(title=title, show_header=False)
+    for key, value in result.items():
+        if not isinstance(value, (list, dict)):
+            table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
+    console.print(table)
+    for key, value in result.items():  # lists of records (per-class accuracy, epochs) as tables of their own
+        if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            rows = Table(title=key)
+            columns = list(value[0])
+            for c in columns:
+                rows.add_column(c)
+            for v in value:
+                rows.add_row(*(f"{v.get(c):.4g}" if isinstance(v.get(c), float) else str(v.get(c)) for c in columns))
+            console.print(rows)
+
+
+def parse_arch_args(items: list[str], bn: bool | None) -> dict:
+    args: dict = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"--arch-arg {item!r} is not KEY=VALUE (e.g. width=32)")
+        value: object
+        if raw.lower() in ("true", "false"):
+            value = raw.lower() == "true"
+        elif "," in raw:
+            try:
+                value = [int(v) for v in raw.split(",") if v]
+            except ValueError:
+                raise UserError(f"--arch-arg {item!r}: a list must be integers separated by commas")
+        else:
+            try:
+                value = int(raw)
+            except ValueError:
+                try:
+                    value = float(raw)
+                except ValueError:
+                    value = raw
+        if key == "hidden" and isinstance(value, int):
+            value = [value]
+        args[key] = value
+    if bn is not None:
+        args["bn"] = bn
+    return args
+
+
+@app.command()
+def train(
+    arch: str = typer.Option(..., "--arch", help="Architecture: resnet20/32/56, resnet18/34, vgg11/16, mlp, cnn."),
+    data: str = typer.Option(..., "--data", help="Data set name, e.g. fashion-mnist, cifar10, folder:PATH."),
+    out: Path = typer.Option(..., "--out",
+                             help="Output model folder (best-validation checkpoint; last epoch in last/)."),
+    epochs: int = typer.Option(15, "--epochs"),
+    classes: str = typer.Option(None, "--classes", help="Train on these classes only, e.g. 0,3,7 (relabelled 0..k-1)."),
+    subset: int = typer.Option(None, "--subset", help="Use only N training images (seeded)."),
+    val_split: float = typer.Option(0.1, "--val-split", help="Fraction of training images held out for validation."),
+    batch_size: int = typer.Option(128, "--batch-size", help="Batch size per process."),
+    lr: float = typer.Option(None, "--lr", help="Peak learning rate (default: sgd 0.1, adam 0.001)."),
+    optimizer: str = typer.Option("sgd", "--optimizer", help="sgd or adam."),
+    weight_decay: float = typer.Option(None, "--weight-decay"),
+    augment: bool = typer.Option(True, "--augment/--no-augment",
+                                 help="Random crop (and flip where it suits the data)."),
+    bn: bool = typer.Option(None, "--bn/--no-bn", help="BatchNorm on or off (architectures that have it)."),
+    arch_arg: list[str] = ARCH_ARG,
+    seed: int = SEED, device: str = DEVICE, data_root: str = DATA_ROOT, overwrite: bool = OVERWRITE,
+    as_json: bool = JSON,
+) -> None:
+    """Train a model from scratch, keeping the best-validation checkpoint (and the last epoch)."""
+    from .data import parse_class_list
+    from .train import TrainSettings
+    from .train import train as run_train
+
+    settings = TrainSettings(arch=arch, data=data, arch_args=parse_arch_args(arch_arg, bn),
+                             classes=parse_class_list(classes), subset=subset, val_split=val_split, epochs=epochs,
+                             batch_size=batch_size, lr=lr, optimizer=optimizer, weight_decay=weight_decay,
+                             augment=augment, seed=seed, device=device, data_root=data_root)
+    result = run_train(settings, out, overwrite=overwrite)
+    if int(os.environ.get("RANK", "0")) == 0:
+        result.pop("model")
+        emit(result, as_json, f"trained {arch} on {data}")
+
+
+@app.command("evaluate-model")
+def evaluate_model(
+    model_dir: Path = typer.Argument(..., help="A model folder."),
+    data: str = typer.Option(None, "--data", help="Data set (default: the one the model was trained on)."),
+    resize: bool = typer.Option(False, "--resize", help="Resize images whose shape differs from the model's input."),
+    batch_size: int = typer.Option(512, "--batch-size"),
+    device: str = DEVICE, data_root: str = DATA_ROOT, as_json: bool = JSON,
+) -> None:
+    """Top-1, top-5 and per-class accuracy of a model on a test set."""
+    from .evaluation import evaluate_model_dir
+
+    result = evaluate_model_dir(model_dir, data, data_root, device, batch_size, resize)
+    emit(result, as_json, f"{model_dir} on {result['data']}")
+
+
+@app.command("import")
+def import_weights(
+    arch: str = typer.Option(..., "--arch"),
+    weights: Path = typer.Option(..., "--weights",
+                                 help="A state dict: .safetensors, or .pt/.pth (read with weights_only)."),
+    data: str = typer.Option(..., "--data",
+                             help="The data set the weights were trained on (classes, input, normalisation)."),
+    out: Path = typer.Option(..., "--out"),
+    classes: str = typer.Option(None, "--classes", help="The classes the weights were trained on, if a subset."),
+    bn: bool = typer.Option(None, "--bn/--no-bn"),
+    arch_arg: list[str] = ARCH_ARG,
+    data_root: str = DATA_ROOT, device: str = DEVICE, overwrite: bool = OVERWRITE, as_json: bool = JSON,
+) -> None:
+    """Wrap a user's state dict into a model artifact (evaluated on the data set's test split)."""
+    from .data import parse_class_list
+    from .import_weights import import_model
+
+    result = import_model(arch, weights, data, out, parse_class_list(classes), parse_arch_args(arch_arg, bn),
+                          data_root, device, overwrite)
+    emit(result, as_json, f"imported {weights}")
+
+
+@data_app.command("info")
+def data_info(name: str = typer.Argument(...), data_root: str = DATA_ROOT, as_json: bool = JSON) -> None:
+    """Classes, sizes, input shape and folder of a data set."""
+    from .data import info
+
+    result = info(name, data_root)
+    emit(result, as_json, name)
+    if not as_json:
+        console.print("classes: " + ", ".join(f"{i} {n}" for i, n in enumerate(result["class_names"][:20])))
+
+
+@data_app.command("fetch")
+def data_fetch(
+    name: str = typer.Argument(...), data_root: str = DATA_ROOT, overwrite: bool = OVERWRITE,
+    mirror: str = typer.Option(None, "--mirror", help="Base URL to download from instead of the official one."),
+    as_json: bool = JSON,
+) -> None:
+    """Download a data set from its official address, verify its checksums and unpack it."""
+    from .data import data_root_path
+    from .data.fetch import fetch
+
+    folder = fetch(name, data_root_path(data_root), mirror=mirror, overwrite=overwrite)
+    emit({"name": name, "folder": str(folder)}, as_json, f"fetched {name}")
+
+
+@app.command()
+def version() -> None:
+    """Print the version."""
+    sys.stdout.write(f"cnnmod {__version__}\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    command = typer.main.get_command(app)
+    try:
+        rc = command.main(args=argv, prog_name="cnnmod", standalone_mode=False)
+    except UserError as e:
+        sys.stderr.write(f"cnnmod: error: {e}\n")
+        return 2
+    except (typer.Abort, KeyboardInterrupt):
+        sys.stderr.write("cnnmod: interrupted\n")
+        return 130
+    except typer.TyperException as e:  # usage errors: typer prints them with the command's help hint
+        show = getattr(e, "show", None)
+        if show is not None:
+            show()
+        else:
+            sys.stderr.write(f"cnnmod: error: {e}\n")
+        return int(getattr(e, "exit_code", 2))
+    finally:
+        shutdown_distributed()
+    return rc if isinstance(rc, int) else 0
+
+
+def run() -> None:
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""Image transforms as batched tensor operations (no PIL in the training loop).
+
+Images stay uint8 (N, C, H, W) until :func:`to_input`, which converts, resizes, changes the channel count
+and normalises in one place, so training, evaluation and decomposition see identical inputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What a model expects: channels, height, width, and per-channel normalisation (in [0, 1] units)."""
+
+    channels: int
+    height: int
+    width: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self.channels, self.height, self.width
+
+    def to_dict(self) -> dict:
+        return {"channels": self.channels, "height": self.height, "width": self.width,
+                "mean": list(self.mean), "std": list(self.std)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> InputSpec:
+        return cls(int(d["channels"]), int(d["height"]), int(d["width"]),
+                   tuple(float(v) for v in d["mean"]), tuple(float(v) for v in d["std"]))
+
+
+def convert_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
+    """1 -> 3 channels by repetition, 3 -> 1 by ITU-R 601 luma; float or uint8 in, float out."""
+    x = x.float()
+    have = x.shape[1]
+    if have == channels:
+        return x
+    if have == 1:
+        return x.expand(-1, channels, -1, -1)
+    if have == 3 and channels == 1:
+        w = torch.tensor([0.299, 0.587, 0.114], dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+        return (x * w).sum(1, keepdim=True)
+    raise ValueError(f"cannot convert {have} channels to {channels}")
+
+
+def to_input(images: torch.Tensor, spec: InputSpec) -> torch.Tensor:
+    """uint8 (N, C, H, W) -> float normalised model input of ``spec``'s shape, on the images' device."""
+    x = convert_channels(images, spec.channels) / 255.0
+    if x.shape[-2:] != (spec.height, spec.width):
+        x = F.interpolate(x, size=(spec.height, spec.width), mode="bilinear", align_corners=False, antialias=True)
+    mean = torch.tensor(spec.mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    std = torch.tensor(spec.std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    return (x - mean) / std
+
+
+def random_crop(x: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:
+    """Zero-pad by ``padding`` and crop back to the original size at a random offset per image."""
+    if padding <= 0:
+        return x
+    n, c, h, w = x.shape
+    padded = F.pad(x, (padding, padding, padding, padding))
+    oy = torch.randint(0, 2 * padding + 1, (n,), generator=generator).to(x.device)
+    ox = torch.randint(0, 2 * padding + 1, (n,), generator=generator).to(x.device)
+    rows = (oy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
+    cols = (ox[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
+    batch = torch.arange(n, device=x.device)[:, None, None, None]
+    chan = torch.arange(c, device=x.device)[None, :, None, None]
+    return padded[batch, chan, rows, cols]
+
+
+def random_hflip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Mirror each image left-right with probability 1/2."""
+    flip = (torch.rand(x.shape[0], generator=generator) < 0.5).to(x.device)
+    return torch.where(flip[:, None, None, None], x.flip(3), x)
+
+
+@dataclass(frozen=True)
+class Augment:
+    """Training augmentation: pad-and-random-crop and optional horizontal flip."""
+
+    crop_padding: int = 0
+    hflip: bool = False
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        x = random_crop(x, self.crop_padding, generator)
+        return random_hflip(x, generator) if self.hflip else x

@@ -1,0 +1,67 @@
+"""Build models by name: ``build("resnet20", input_shape=(1, 28, 28), num_classes=10, bn=False)``."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+
+from torch import nn
+
+from ..errors import UserError
+from .resnet import CifarResNet, ResNet
+from .small import MLP, SmallCNN
+from .vgg import VGG
+
+Shape = tuple[int, int, int]
+
+
+def _resnet_cifar(depth: int):
+    def make(input_shape: Shape, num_classes: int, bn: bool = True, width: int = 16) -> nn.Module:
+        return CifarResNet(depth, input_shape[0], num_classes, bn=bn, width=width)
+    return make
+
+
+def _resnet(blocks: tuple[int, int, int, int]):
+    def make(input_shape: Shape, num_classes: int, bn: bool = True, stem: str = "imagenet") -> nn.Module:
+        return ResNet(blocks, input_shape[0], num_classes, bn=bn, stem=stem)
+    return make
+
+
+def _vgg(depth: int):
+    def make(input_shape: Shape, num_classes: int, bn: bool = True) -> nn.Module:
+        return VGG(depth, input_shape[0], num_classes, bn=bn)
+    return make
+
+
+def _mlp(input_shape: Shape, num_classes: int, hidden: list[int] | tuple[int, ...] = (49,)) -> nn.Module:
+    c, h, w = input_shape
+    return MLP(c * h * w, num_classes, tuple(int(v) for v in hidden))
+
+
+def _cnn(input_shape: Shape, num_classes: int, hidden: int = 64, bn: bool = False) -> nn.Module:
+    c, h, w = input_shape
+    return SmallCNN(c, num_classes, h, w, hidden=hidden, bn=bn)
+
+
+ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
+    "resnet20": _resnet_cifar(20), "resnet32": _resnet_cifar(32), "resnet56": _resnet_cifar(56),
+    "resnet18": _resnet((2, 2, 2, 2)), "resnet34": _resnet((3, 4, 6, 3)),
+    "vgg11": _vgg(11), "vgg16": _vgg(16), "mlp": _mlp, "cnn": _cnn,
+}
+
+
+def arch_options(name: str) -> list[str]:
+    """The keyword arguments an architecture accepts besides input shape and class count."""
+    return [p for p in inspect.signature(ARCHITECTURES[name]).parameters if p not in ("input_shape", "num_classes")]
+
+
+def build(name: str, input_shape: Shape, num_classes: int, **kwargs) -> nn.Module:
+    if name not in ARCHITECTURES:
+        raise UserError(f"unknown architecture {name!r}; known: {', '.join(sorted(ARCHITECTURES))}")
+    allowed = arch_options(name)
+    unknown = sorted(set(kwargs) - set(allowed))
+    if unknown:
+        raise UserError(f"{name} takes no option {', '.join(unknown)}; it takes {', '.join(allowed) or 'none'}")
+    if num_classes < 2:
+        raise UserError(f"a classifier needs at least 2 classes, got {num_classes}")
+    return ARCHITECTURES[name](tuple(input_shape), num_classes, **kwargs)

@@ -1,0 +1,46 @@
+"""Progress bars and human messages, always on stderr so that stdout stays clean for ``--json``."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+console = Console(stderr=True)
+
+
+def enabled_by_default() -> bool:
+    return not os.environ.get("CNNMOD_NO_PROGRESS")
+
+
+@contextmanager
+def progress_bar(description: str, total: float | None, enabled: bool = True) -> Iterator[Callable[..., None]]:
+    """Yield ``advance(n=1, **fields)``; shows a bar on stderr unless disabled or ``$CNNMOD_NO_PROGRESS`` is set."""
+    if not (enabled and enabled_by_default()):
+        yield lambda n=1, **fields: None
+        return
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+               TimeElapsedColumn(), TimeRemainingColumn()]
+    with Progress(*columns, console=console, transient=False) as bar:
+        task = bar.add_task(description, total=total, info="")
+
+        def advance(n: float = 1, **fields) -> None:
+            info = "  ".join(f"{k} {v}" for k, v in fields.items())
+            bar.update(task, advance=n, **({"info": info} if fields else {}))
+
+        yield advance
+
+
+def say(message: str) -> None:
+    """One line for people, on stderr."""
+    console.print(message, highlight=False)

@@ -1,0 +1,231 @@
+"""The one training loop: seeded, torchrun-aware, keeping the best-validation checkpoint and the last epoch.
+
+Under ``torchrun --nproc-per-node=N`` each process trains on its shard of every epoch's permutation
+(a distributed sampler over tensors: the permutation is padded so every rank has the same number of
+batches) inside DistributedDataParallel; ``--batch-size`` is per process, as in torchvision's reference
+scripts. Validation counts are summed over ranks; only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .artifacts import atomic_folder, check_output
+from .classifier import Classifier, save_into
+from .data import load
+from .data.dataset import ImageSet
+from .data.registry import default_augment
+from .data.transforms import Augment, InputSpec, to_input
+from .errors import UserError
+from .metrics import evaluate_classifier, predict_scores, topk_correct
+from .models import build
+from .progress import progress_bar, say
+from .runtime import Distributed, init_distributed, pick_device, seed_everything
+
+
+@dataclass
+class TrainSettings:
+    arch: str
+    data: str
+    arch_args: dict = field(default_factory=dict)
+    classes: list[int] | None = None
+    subset: int | None = None
+    val_split: float = 0.1
+    epochs: int = 15
+    batch_size: int = 128
+    lr: float | None = None  # sgd: 0.1, adam: 0.001
+    optimizer: str = "sgd"
+    weight_decay: float | None = None  # sgd: 5e-4, adam: 0
+    augment: bool = True
+    seed: int = 0
+    device: str = "auto"
+    data_root: str | None = None
+
+    def resolved(self) -> TrainSettings:
+        if self.optimizer not in ("sgd", "adam"):
+            raise UserError(f"unknown optimizer {self.optimizer!r}; use sgd or adam")
+        if self.epochs < 1:
+            raise UserError("--epochs must be at least 1")
+        if self.batch_size < 2:
+            raise UserError("--batch-size must be at least 2")
+        if not 0 <= self.val_split < 1:
+            raise UserError("--val-split must be in [0, 1)")
+        if self.subset is not None and self.subset < 2:
+            raise UserError("--subset must be at least 2 images")
+        lr = self.lr if self.lr is not None else (0.1 if self.optimizer == "sgd" else 1e-3)
+        wd = self.weight_decay if self.weight_decay is not None else (5e-4 if self.optimizer == "sgd" else 0.0)
+        if lr <= 0:
+            raise UserError("--lr must be positive")
+        return TrainSettings(**{**asdict(self), "lr": lr, "weight_decay": wd})
+
+
+def split_train_val(data: ImageSet, val_split: float, subset: int | None,
+                    seed: int) -> tuple[ImageSet, ImageSet | None]:
+    """A seeded subset of ``subset`` images (if given), then a seeded validation split of it."""
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
+    if subset is not None:
+        order = order[:subset]
+    n_val = int(len(order) * val_split)
+    if val_split > 0 and n_val == 0:
+        n_val = 1
+    val = data.take(order[:n_val]) if n_val else None
+    return data.take(order[n_val:]), val
+
+
+def _schedule(total_steps: int, warmup: int):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return 0.1 + 0.9 * step / max(warmup, 1)
+        progress = (step - warmup) / max(total_steps - warmup, 1)
+        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return factor
+
+
+def make_optimizer(model: nn.Module, s: TrainSettings) -> torch.optim.Optimizer:
+    if s.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=s.lr, momentum=0.9, nesterov=True, weight_decay=s.weight_decay)
+    return torch.optim.Adam(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
+
+
+def epoch_batches(n: int, batch_size: int, epoch: int, seed: int, dd: Distributed) -> list[torch.Tensor]:
+    """This rank's batches of one epoch: a seeded permutation, padded to a multiple of the world size."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+    if dd.active:
+        pad = (-n) % dd.world
+        perm = torch.cat([perm, perm[:pad]])[dd.rank::dd.world]
+    batches = list(perm.split(batch_size))
+    if len(batches) > 1 and batches[-1].numel() < 2:  # BatchNorm cannot train on a batch of one
+        batches.pop()
+    return batches
+
+
+@torch.no_grad()
+def _val_accuracy(model: nn.Module, val: ImageSet, spec: InputSpec, device: torch.device, dd: Distributed) -> float:
+    model.eval()
+    idx = torch.arange(len(val))[dd.rank::dd.world]
+    scores = predict_scores(model, lambda x: to_input(x, spec), val.images[idx], device)
+    counts = torch.tensor([float(topk_correct(scores, val.labels[idx], 1).sum()), float(idx.numel())])
+    counts = dd.all_reduce_sum(counts)
+    return 100.0 * float(counts[0] / counts[1].clamp(min=1))
+
+
+def fit(model: nn.Module, train: ImageSet, val: ImageSet | None, spec: InputSpec, s: TrainSettings, augment: Augment,
+        device: torch.device, dd: Distributed, show_progress: bool = True) -> dict:
+    """Train ``model`` in place; returns history and the best-validation state dict (on the CPU)."""
+    net = model
+    if dd.active:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    opt = make_optimizer(model, s)
+    steps_per_epoch = len(epoch_batches(len(train), s.batch_size, 0, s.seed, dd))
+    total = steps_per_epoch * s.epochs
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(total, min(steps_per_epoch, total // 10)))
+    images = train.images.to(device) if device.type == "cuda" else train.images
+    labels = train.labels.to(device)
+    gen = torch.Generator().manual_seed(s.seed * 7919 + dd.rank)
+    history, best_state, best_val, best_epoch = [], None, -1.0, 0
+    train_seconds, seen, step = 0.0, 0, 0
+    with progress_bar(f"train {s.arch}", total=total, enabled=show_progress and dd.is_main) as advance:
+        for epoch in range(1, s.epochs + 1):
+            net.train()
+            t0 = time.perf_counter()
+            loss_sum, correct, count = torch.zeros((), device=device), torch.zeros((), device=device), 0
+            for batch in epoch_batches(len(train), s.batch_size, epoch, s.seed, dd):
+                xb = images[batch.to(images.device)].to(device, non_blocking=True)
+                if s.augment:
+                    xb = augment(xb, gen)
+                x, y = to_input(xb, spec), labels[batch.to(device)]
+                out = net(x)
+                loss = F.cross_entropy(out, y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                loss_sum += loss.detach() * y.numel()
+                correct += (out.detach().argmax(1) == y).sum()
+                count += y.numel()
+                step += 1
+                if step % 20 == 1:  # reading the loss synchronises a GPU: not every step
+                    advance(1, epoch=f"{epoch}/{s.epochs}", loss=f"{float(loss.detach()):.3f}")
+                else:
+                    advance(1)
+            train_seconds += time.perf_counter() - t0
+            seen += count * dd.world
+            row = {"epoch": epoch, "train_loss": round(float(loss_sum) / max(count, 1), 5),
+                   "train_top1": round(100.0 * float(correct) / max(count, 1), 3),
+                   "seconds": round(time.perf_counter() - t0, 3)}
+            if val is not None:
+                row["val_top1"] = round(_val_accuracy(model, val, spec, device, dd), 3)
+                if row["val_top1"] > best_val:
+                    best_val, best_epoch = row["val_top1"], epoch
+                    best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
+            history.append(row)
+    if best_state is None:  # no validation split: the last epoch is the one kept
+        best_state, best_epoch = {k: v.detach().cpu() for k, v in model.state_dict().items()}, s.epochs
+    return {"history": history, "best_state": best_state, "best_epoch": best_epoch,
+            "train_seconds": train_seconds, "images_seen": seen}
+
+
+def train(s: TrainSettings, out: str | Path | None, overwrite: bool = False, show_progress: bool = True) -> dict:
+    """Train ``s.arch`` on ``s.data``; write the best-validation model to ``out`` and the last epoch to ``out/last``."""
+    s = s.resolved()
+    device = pick_device(s.device)
+    dd, device = init_distributed(device)
+    if out is not None and dd.is_main:
+        check_output(Path(out), overwrite)
+    seed_everything(s.seed)
+    full_train = load(s.data, "train", s.data_root, s.classes)
+    test = load(s.data, "test", s.data_root, s.classes)
+    for c in range(full_train.num_classes):
+        if not bool((full_train.labels == c).any()):
+            raise UserError(f"class {c} ({full_train.class_names[c]}) of {s.data} has no training images")
+    train_set, val_set = split_train_val(full_train, s.val_split, s.subset, s.seed)
+    spec = InputSpec(*full_train.input_shape, full_train.mean, full_train.std)
+    model = build(s.arch, spec.shape, full_train.num_classes, **s.arch_args).to(device)
+    if dd.is_main:
+        say(f"training {s.arch} on {s.data}: {len(train_set)} images, {len(val_set) if val_set else 0} for validation, "
+            f"{full_train.num_classes} classes, {s.epochs} epochs on {device}" + (f" x{dd.world}" if dd.active else ""))
+    started = time.perf_counter()
+    result = fit(model, train_set, val_set, spec, s, default_augment(s.data, s.data_root), device, dd, show_progress)
+    last_state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    seconds = time.perf_counter() - started
+    settings = {k: v for k, v in asdict(s).items() if k != "data_root"}
+    info_base = {"training": {**settings, "world_size": dd.world, "history": result["history"],
+                              "best_epoch": result["best_epoch"], "seconds": round(seconds, 3)}}
+
+    def classifier(state: dict) -> Classifier:
+        net = build(s.arch, spec.shape, full_train.num_classes, **s.arch_args)
+        net.load_state_dict(state)
+        return Classifier(net, spec, full_train.class_names, s.arch, s.arch_args, s.data,
+                          full_train.source_classes, dict(info_base))
+
+    best, last = classifier(result["best_state"]), classifier(last_state)
+    summary = {}
+    if dd.is_main:
+        eval_device = device if device.type == "cuda" else torch.device("cpu")
+        history = result["history"]
+        val_of = {"best": next((h.get("val_top1") for h in history if h["epoch"] == result["best_epoch"]), None),
+                  "last": history[-1].get("val_top1")}
+        for clf, name in ((best, "best"), (last, "last")):
+            report = evaluate_classifier(clf, test, eval_device)
+            clf.info["metrics"] = {"test_top1": report["top1"], "test_top5": report["top5"], "val_top1": val_of[name]}
+            summary[name] = report
+        if out is not None:
+            with atomic_folder(out, overwrite) as tmp:
+                save_into(best, tmp)
+                save_into(last, tmp / "last")
+    dd.barrier()
+    ips = result["images_seen"] / max(result["train_seconds"], 1e-9)
+    return {"out": str(out) if out is not None else None, "epochs": s.epochs, "best_epoch": result["best_epoch"],
+            "test_top1": summary.get("best", {}).get("top1"), "test_top5": summary.get("best", {}).get("top5"),
+            "last_test_top1": summary.get("last", {}).get("top1"),
+            "seconds": round(seconds, 3), "seconds_per_epoch": round(result["train_seconds"] / s.epochs, 3),
+            "images_per_second": round(ips, 1), "world_size": dd.world, "device": str(device),
+            "history": result["history"], "model": best}

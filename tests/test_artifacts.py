@@ -1,0 +1,88 @@
+"""Model artifacts: round trip, verification, atomic writes, safe loading."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from cnnmod.artifacts import atomic_folder
+from cnnmod.classifier import Classifier, load_model, save_model
+from cnnmod.data.transforms import InputSpec
+from cnnmod.errors import UserError
+from cnnmod.models import build
+
+
+def _classifier(seed: int = 0) -> Classifier:
+    torch.manual_seed(seed)
+    net = build("resnet20", (1, 8, 8), 3, width=4)
+    for m in net.modules():  # non-trivial BatchNorm statistics, so the round trip checks buffers too
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+    return Classifier(net, InputSpec(1, 8, 8, (0.5,), (0.25,)), ["a", "b", "c"], "resnet20", {"width": 4}, "npz:x",
+                      info={"metrics": {"test_top1": 12.5}})
+
+
+def test_round_trip_gives_identical_outputs(tmp_path: Path) -> None:
+    clf = _classifier().eval()
+    save_model(clf, tmp_path / "m")
+    loaded = load_model(tmp_path / "m")
+    x = torch.randint(0, 255, (5, 1, 8, 8), dtype=torch.uint8)
+    assert torch.equal(clf(clf.prepare(x)), loaded(loaded.prepare(x)))
+    assert loaded.class_names == ["a", "b", "c"] and loaded.info["metrics"]["test_top1"] == 12.5
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert config["kind"] == "model" and config["format_version"] == 1 and len(config["weights_sha256"]) == 64
+    assert "resnet20" in (tmp_path / "m" / "README.md").read_text()
+
+
+def test_tampered_weights_are_refused(tmp_path: Path) -> None:
+    save_model(_classifier(), tmp_path / "m")
+    weights = tmp_path / "m" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(UserError, match="does not match the checksum"):
+        load_model(tmp_path / "m")
+
+
+def test_wrong_format_version_kind_and_missing_parts(tmp_path: Path) -> None:
+    save_model(_classifier(), tmp_path / "m")
+    cfg_path = tmp_path / "m" / "config.json"
+    config = json.loads(cfg_path.read_text())
+    cfg_path.write_text(json.dumps({**config, "format_version": 99}))
+    with pytest.raises(UserError, match="format 99"):
+        load_model(tmp_path / "m")
+    cfg_path.write_text(json.dumps({**config, "kind": "module"}))
+    with pytest.raises(UserError, match="is a module, not a model"):
+        load_model(tmp_path / "m")
+    cfg_path.write_text("{not json")
+    with pytest.raises(UserError, match="corrupt"):
+        load_model(tmp_path / "m")
+    with pytest.raises(UserError, match="no such folder"):
+        load_model(tmp_path / "absent")
+
+
+def test_weights_of_another_architecture(tmp_path: Path) -> None:
+    save_model(_classifier(), tmp_path / "m")
+    cfg_path = tmp_path / "m" / "config.json"
+    config = json.loads(cfg_path.read_text())
+    config["arch"] = {"name": "resnet32", "args": {"width": 4}}
+    cfg_path.write_text(json.dumps(config))
+    with pytest.raises(UserError, match="not a resnet32.*missing layer1.3"):
+        load_model(tmp_path / "m")
+
+
+def test_atomic_folder_leaves_nothing_on_failure_and_guards_existing(tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError):
+        with atomic_folder(tmp_path / "out") as tmp:
+            (tmp / "half.txt").write_text("half")
+            raise RuntimeError("interrupted")
+    assert list(tmp_path.iterdir()) == []
+    save_model(_classifier(), tmp_path / "out")
+    with pytest.raises(UserError, match="exists already.*--overwrite"):
+        save_model(_classifier(1), tmp_path / "out")
+    save_model(_classifier(1), tmp_path / "out", overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

@@ -1,0 +1,112 @@
+"""The command line: JSON output, and one-line errors with exit status 2 for every user mistake."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from cnnmod.cli import main
+from cnnmod.models import build
+
+
+def run(args: list[str], capsys) -> tuple[int, str, str]:
+    rc = main(args)
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def assert_user_error(rc: int, out: str, err: str, *needles: str) -> None:
+    assert rc == 2, err
+    assert out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("cnnmod: error: "), err
+    assert "Traceback" not in err
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+@pytest.fixture
+def trained(tmp_path: Path, npz_data: str, capsys) -> Path:
+    out = tmp_path / "model"
+    rc, stdout, err = run(["train", "--arch", "cnn", "--data", npz_data, "--epochs", "2", "--batch-size", "16",
+                           "--optimizer", "adam", "--lr", "0.01", "--out", str(out), "--json"], capsys)
+    assert rc == 0, err
+    result = json.loads(stdout)
+    assert set(result) >= {"out", "epochs", "best_epoch", "test_top1", "test_top5", "seconds", "images_per_second"}
+    return out
+
+
+def test_data_info_json(npz_data: str, capsys) -> None:
+    rc, out, _ = run(["data", "info", "digits", "--json"], capsys)
+    info = json.loads(out)
+    assert rc == 0 and info["num_classes"] == 10 and info["input_shape"] == [1, 8, 8]
+    assert info["train_size"] + info["test_size"] == 1797
+    assert set(info) == {"name", "num_classes", "class_names", "train_size", "test_size", "input_shape", "root"}
+
+
+def test_evaluate_model_json(trained: Path, capsys) -> None:
+    rc, out, err = run(["evaluate-model", str(trained), "--json"], capsys)
+    assert rc == 0, err
+    result = json.loads(out)
+    assert 0 <= result["top1"] <= result["top5"] <= 100 and len(result["per_class"]) == 3
+    counts = sum(c["count"] for c in result["per_class"])
+    weighted = sum(c["top1"] * c["count"] for c in result["per_class"]) / counts
+    assert abs(weighted - result["top1"]) < 1e-3
+
+
+def test_user_errors(tmp_path: Path, trained: Path, npz_data: str, capsys) -> None:
+    base = ["train", "--arch", "cnn", "--epochs", "1", "--out", str(tmp_path / "new")]
+    assert_user_error(*run(base + ["--data", "imagenet42"], capsys), "unknown data set 'imagenet42'")
+    assert_user_error(*run(["train", "--arch", "resnet99", "--data", npz_data, "--out", str(tmp_path / "x")], capsys),
+                      "unknown architecture")
+    assert_user_error(*run(base + ["--data", npz_data, "--classes", "0,9"], capsys), "has no class 9")
+    assert_user_error(*run(base + ["--data", npz_data, "--classes", "0,x"], capsys), "class list")
+    assert_user_error(*run(["train", "--arch", "cnn", "--data", npz_data, "--out", str(trained)], capsys),
+                      "exists already", "--overwrite")
+    assert_user_error(*run(base + ["--data", npz_data, "--arch-arg", "depth"], capsys), "KEY=VALUE")
+    assert_user_error(*run(base + ["--data", npz_data, "--device", "cuda:7" if torch.cuda.is_available() else "tpu"],
+                           capsys), "device")
+    assert not (tmp_path / "new").exists()
+    # evaluating against a data set of another class count
+    assert_user_error(*run(["evaluate-model", str(trained), "--data", "digits"], capsys), "3 classes", "10")
+    (trained / "model.safetensors").write_bytes(b"\x00" * 10)
+    assert_user_error(*run(["evaluate-model", str(trained)], capsys), "checksum")
+    assert_user_error(*run(["evaluate-model", str(tmp_path / "nothing")], capsys), "no such folder")
+
+
+def test_import_state_dicts(tmp_path: Path, npz_data: str, capsys) -> None:
+    torch.manual_seed(0)
+    net = build("cnn", (1, 8, 8), 3)
+    torch.save(net.state_dict(), tmp_path / "w.pt")
+    save_file(net.state_dict(), str(tmp_path / "w.safetensors"))
+    results = []
+    for name in ("w.pt", "w.safetensors"):
+        rc, out, err = run(["import", "--arch", "cnn", "--weights", str(tmp_path / name), "--data", npz_data,
+                            "--out", str(tmp_path / f"m-{name}"), "--json"], capsys)
+        assert rc == 0, err
+        results.append(json.loads(out)["test_top1"])
+    assert results[0] == results[1]
+    # weights of another architecture
+    torch.save(build("mlp", (1, 8, 8), 3).state_dict(), tmp_path / "mlp.pt")
+    assert_user_error(*run(["import", "--arch", "cnn", "--weights", str(tmp_path / "mlp.pt"), "--data", npz_data,
+                            "--out", str(tmp_path / "bad")], capsys), "not a cnn", "missing conv1.bias")
+    # a pickle that is not a plain state dict is refused by weights_only loading
+    torch.save({"model": np.zeros(3, dtype=object)}, tmp_path / "obj.pt")
+    assert_user_error(*run(["import", "--arch", "cnn", "--weights", str(tmp_path / "obj.pt"), "--data", npz_data,
+                            "--out", str(tmp_path / "bad")], capsys), "cannot read")
+    assert not (tmp_path / "bad").exists()
+
+
+def test_console_script_exit_status_and_usage(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "cnnmod", "evaluate-model", str(tmp_path / "none")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.startswith("cnnmod: error:") and "Traceback" not in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "cnnmod", "train", "--arch", "cnn"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "Missing option" in proc.stderr

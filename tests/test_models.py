@@ -1,0 +1,63 @@
+"""The model zoo: shapes, traceability, torchvision-compatible names, BatchNorm switch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.fx
+from torch import nn
+
+from cnnmod.errors import UserError
+from cnnmod.models import ARCHITECTURES, build
+
+
+@pytest.mark.parametrize("name", sorted(ARCHITECTURES))
+def test_every_model_runs_and_traces(name: str) -> None:
+    for shape in ((1, 28, 28), (3, 32, 32)):
+        model = build(name, shape, 7).eval()
+        x = torch.randn(2, *shape)
+        traced = torch.fx.symbolic_trace(model)
+        assert torch.allclose(traced(x), model(x), atol=1e-5)
+        assert model(x).shape == (2, 7)
+
+
+@pytest.mark.parametrize("depth,blocks", [(20, 3), (32, 5), (56, 9)])
+def test_cifar_resnet_structure(depth: int, blocks: int) -> None:
+    model = build(f"resnet{depth}", (3, 32, 32), 10, bn=False)
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    # stem + 2 per block + two 1x1 projection shortcuts
+    assert len(convs) == 1 + 2 * 3 * blocks + 2
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    assert all(c.bias is not None for c in convs)
+    assert [model.layer1[0].conv1.out_channels, model.layer2[0].conv1.out_channels,
+            model.layer3[0].conv1.out_channels] == [16, 32, 64]
+    with_bn = build(f"resnet{depth}", (3, 32, 32), 10)
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in with_bn.modules()) == len(convs)
+
+
+def test_resnet18_uses_torchvision_names() -> None:
+    keys = set(build("resnet18", (3, 224, 224), 1000).state_dict())
+    for k in ("conv1.weight", "bn1.running_mean", "layer1.0.conv1.weight", "layer1.1.bn2.num_batches_tracked",
+              "layer2.0.downsample.0.weight", "layer2.0.downsample.1.running_var", "layer4.1.conv2.weight",
+              "fc.weight", "fc.bias"):
+        assert k in keys
+    assert "layer1.0.downsample.0.weight" not in keys
+    n = sum(p.numel() for p in build("resnet18", (3, 224, 224), 1000).parameters())
+    assert n == 11_689_512  # torchvision's resnet18 parameter count
+    n34 = sum(p.numel() for p in build("resnet34", (3, 224, 224), 1000).parameters())
+    assert n34 == 21_797_672
+
+
+def test_mlp_hidden_layers() -> None:
+    model = build("mlp", (1, 28, 28), 10, hidden=[49, 49, 49])
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(784, 49), (49, 49), (49, 49), (49, 10)]
+
+
+def test_registry_errors() -> None:
+    with pytest.raises(UserError, match="unknown architecture 'resnet21'"):
+        build("resnet21", (3, 32, 32), 10)
+    with pytest.raises(UserError, match="takes no option depth"):
+        build("resnet20", (3, 32, 32), 10, depth=3)
+    with pytest.raises(UserError, match="at least 2 classes"):
+        build("cnn", (1, 8, 8), 1)
