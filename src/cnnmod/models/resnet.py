@@ -109,11 +109,22 @@ class ResNet(nn.Module):
 
 
 def _init(model: nn.Module) -> None:
+    """He initialisation; without BatchNorm, Fixup's scaling (Zhang et al. 2019) keeps deep ResNets trainable:
+    each residual branch's last convolution is scaled by L^-1/2 (L blocks) and the classifier starts at zero.
+    Plain He initialisation makes a BatchNorm-free ResNet-56 diverge at the first steps."""
+    blocks = [m for m in model.modules() if isinstance(m, BasicBlock)]
+    has_bn = any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            nn.init.kaiming_normal_(m.weight, mode="fan_out" if has_bn else "fan_in", nonlinearity="relu")
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
         elif isinstance(m, nn.BatchNorm2d):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
+    if not has_bn and blocks:
+        with torch.no_grad():
+            for b in blocks:
+                b.conv2.weight.mul_(len(blocks) ** -0.5)
+            nn.init.zeros_(model.fc.weight)
+            nn.init.zeros_(model.fc.bias)
