@@ -158,6 +158,52 @@ def import_weights(
     emit(result, as_json, f"imported {weights}")
 
 
+@app.command("decompose")
+def decompose_cmd(
+    model_dir: Path = typer.Argument(..., help="A model folder (cnnmod train or cnnmod import made it)."),
+    out: Path = typer.Option(..., "--out", help="Output decomposition folder: the model once, one folder per module."),
+    data: str = typer.Option(None, "--data", help="Data set to observe (default: the one the model was trained on)."),
+    variant: str = typer.Option("mc-bln", "--variant", help="mc, mc-bln (the paper's choice) or mc-bi."),
+    classes: str = typer.Option(None, "--classes", help="Decompose only these classes, e.g. 0,3,7."),
+    ci_samples: int = typer.Option(1000, "--ci-samples", help="Training inputs observed per class."),
+    correct_only: bool = typer.Option(False, "--correct-only", help="Observe only inputs the model gets right."),
+    tau: float = typer.Option(0.0, "--tau", help="Keep a node active for at least this rate of its class (0: paper)."),
+    delta: float = typer.Option(0.5, "--delta", help="MC-BLN's weight threshold."),
+    condition: str = typer.Option("pseudocode", "--condition",
+                                  help="MC-BLN's marking rule: pseudocode (default) or prose."),
+    measure: bool = typer.Option(True, "--measure/--no-measure",
+                                 help="Record each module's binary accuracy on the test split."),
+    batch_size: int = typer.Option(256, "--batch-size"),
+    seed: int = SEED, device: str = DEVICE, data_root: str = DATA_ROOT, overwrite: bool = OVERWRITE,
+    as_json: bool = JSON,
+) -> None:
+    """Decompose a model into one binary module per class (Pan & Rajan's CI + TI + MC)."""
+    from .data import parse_class_list
+    from .decompose import DecomposeSettings
+    from .workflows import decompose_dir
+
+    settings = DecomposeSettings(variant=variant, delta=delta, condition=condition, ci_samples=ci_samples,
+                                 correct_only=correct_only, tau=tau, seed=seed)
+    result = decompose_dir(model_dir, out, settings, data, parse_class_list(classes), data_root, device, batch_size,
+                           measure, overwrite)
+    if int(os.environ.get("RANK", "0")) == 0:
+        emit(result, as_json, f"decomposed {model_dir} into {out}")
+
+
+@app.command("evaluate")
+def evaluate_cmd(
+    paths: list[Path] = typer.Argument(..., help="A decomposition folder, or module folders of one model."),
+    data: str = typer.Option(None, "--data", help="Test data (default: the source model's data set)."),
+    batch_size: int = typer.Option(512, "--batch-size"),
+    device: str = DEVICE, data_root: str = DATA_ROOT, as_json: bool = JSON,
+) -> None:
+    """Model vs composed modules: top-1/top-5, the decomposition cost, Jaccard indices, per-class accuracy."""
+    from .evaluation import evaluate_dir
+
+    result = evaluate_dir(paths, data, data_root, device, batch_size)
+    emit(result, as_json, "model vs composed modules")
+
+
 @data_app.command("info")
 def data_info(name: str = typer.Argument(...), data_root: str = DATA_ROOT, as_json: bool = JSON) -> None:
     """Classes, sizes, input shape and folder of a data set."""

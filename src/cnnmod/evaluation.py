@@ -5,16 +5,23 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import torch
+
 from .classifier import Classifier, load_model
 from .data import load, split_spec
 from .data.dataset import ImageSet
 from .errors import UserError
-from .metrics import evaluate_classifier
+from .metrics import accuracy_report, evaluate_classifier, predict_scores
 from .runtime import pick_device
 
 
 def test_set_for(clf: Classifier, data: str | None, data_root: str | None, resize: bool = False) -> ImageSet:
-    """The test split a classifier is judged on: by default its own data set and classes.
+    """The test split a classifier is judged on: by default its own data set and classes."""
+    return split_for(clf, data, data_root, "test", resize)
+
+
+def split_for(clf: Classifier, data: str | None, data_root: str | None, split: str, resize: bool = False) -> ImageSet:
+    """A split of the data a classifier was trained on: by default its own data set and classes.
 
     An explicit data set must have the model's class count; its images must have the model's input shape
     unless ``resize`` allows converting them.
@@ -26,7 +33,7 @@ def test_set_for(clf: Classifier, data: str | None, data_root: str | None, resiz
     classes = spec_classes
     if classes is None and name == clf.dataset and clf.source_classes != list(range(len(clf.source_classes))):
         classes = clf.source_classes
-    test = load(name, "test", data_root, classes)
+    test = load(name, split, data_root, classes)
     if test.num_classes != clf.num_classes:
         raise UserError(f"the model has {clf.num_classes} classes but {spec} has {test.num_classes}; "
                         "pick the matching data set or classes (e.g. --data NAME:0,3,7)")
@@ -43,4 +50,68 @@ def evaluate_model_dir(model_dir: str | Path, data: str | None, data_root: str |
     started = time.perf_counter()
     report = evaluate_classifier(clf, test, pick_device(device), batch_size)
     return {"model": str(model_dir), "data": data or clf.dataset, **report,
+            "seconds": round(time.perf_counter() - started, 3)}
+
+
+def binary_report(scores: torch.Tensor, labels: torch.Tensor, column: int) -> dict:
+    """A module's own task on a test set: does it vote "mine" (p_c > 0.5) exactly for its class's images?"""
+    votes, mine = scores[:, column] > 0.5, labels == column
+    pos, neg = int(mine.sum()), int((~mine).sum())
+    return {"binary_accuracy": round(100.0 * float((votes == mine).float().mean()), 4) if labels.numel() else None,
+            "true_positive_rate": round(100.0 * float(votes[mine].float().mean()), 4) if pos else None,
+            "true_negative_rate": round(100.0 * float((~votes[~mine]).float().mean()), 4) if neg else None}
+
+
+def evaluate_modules(modules: list, test: ImageSet, device: torch.device, batch_size: int = 512,
+                     show_progress: bool = False) -> dict:
+    """Model vs the composition of ``modules`` (all of one source model) on ``test``, whose labels are the
+    modules' positions. The model is scored on the same classes (its logits restricted to them)."""
+    from .compose import compose
+    from .module import pairwise_jaccard
+
+    source = modules[0].source.to(device).eval()
+    columns = torch.tensor([m.concerned for m in modules])
+    model_scores = predict_scores(lambda x: source(x)[:, columns.to(x.device)], source.prepare, test.images,
+                                  device, batch_size)
+    composition = compose(modules).to(device).eval()
+    started = time.perf_counter()
+    composed_scores = predict_scores(composition, lambda x: x, test.images, device,
+                                     max(8, batch_size // composition.max_group))
+    composed_seconds = time.perf_counter() - started
+    model = accuracy_report(model_scores, test.labels, test.class_names)
+    composed = accuracy_report(composed_scores, test.labels, test.class_names)
+    per_class = []
+    for i, m in enumerate(modules):
+        per_class.append({"class": m.concerned, "name": m.class_name, "count": model["per_class"][i]["count"],
+                          "model_top1": model["per_class"][i]["top1"],
+                          "composed_top1": composed["per_class"][i]["top1"],
+                          "kept_fraction": round(m.kept_fraction(), 6),
+                          **binary_report(composed_scores, test.labels, i)})
+    kept = [m.kept_fraction() for m in modules]
+    pairwise = pairwise_jaccard(modules)
+    return {"model_top1": model["top1"], "model_top5": model["top5"],
+            "composed_top1": composed["top1"], "composed_top5": composed["top5"],
+            "decomposition_cost_top1_pp": round(composed["top1"] - model["top1"], 4),
+            "decomposition_cost_top5_pp": round(composed["top5"] - model["top5"], 4),
+            "jaccard_model_mean": round(sum(kept) / len(kept), 6),
+            "jaccard_pairwise_mean": round(pairwise, 6) if pairwise is not None else None,
+            "test_images": len(test), "composed_seconds": round(composed_seconds, 3), "per_class": per_class}
+
+
+def evaluate_dir(paths: list[str | Path], data: str | None, data_root: str | None, device: str = "auto",
+                 batch_size: int = 512) -> dict:
+    """``cnnmod evaluate``: decomposition folders or module folders of one source model, on its test set."""
+    from .store import load_modules
+
+    started = time.perf_counter()
+    dev = pick_device(device)
+    modules = load_modules(paths, dev)
+    sources = {id(m.source) for m in modules}
+    if len(sources) > 1:
+        raise UserError("these modules come from several source models; evaluate one model's modules at a time")
+    clf = modules[0].source
+    test = test_set_for(clf, data, data_root).subset([m.concerned for m in modules])
+    report = evaluate_modules(modules, test, dev, batch_size)
+    return {"paths": [str(p) for p in paths], "data": data or clf.dataset,
+            "variant": modules[0].settings.get("variant"), "modules": len(modules), **report,
             "seconds": round(time.perf_counter() - started, 3)}

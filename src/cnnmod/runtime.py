@@ -50,6 +50,11 @@ class Distributed:
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return t
 
+    def all_reduce_min(self, t: torch.Tensor) -> torch.Tensor:
+        if self.active:
+            dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return t
+
     def barrier(self) -> None:
         if self.active:
             dist.barrier()

@@ -1,0 +1,107 @@
+"""Composition (METHOD.md section 6): modules, from one model or several, become one classifier by voting.
+
+Every module gives p_c; exactly one voter (p_c > 0.5) wins; among several voters the highest p_c wins; with no
+voter the highest p_c wins. Modules of one source model run together in one batched pass (masks stacked).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import UserError
+from .module import Module, masked_features
+
+
+def vote(scores: torch.Tensor) -> torch.Tensor:
+    """The winning column of each row of ``scores`` (B, K) under the voting rule; ties go to the lower index."""
+    voters = scores > 0.5
+    among_voters = torch.where(voters, scores, torch.full_like(scores, float("-inf"))).argmax(1)
+    return torch.where(voters.any(1), among_voters, scores.argmax(1))
+
+
+def class_key(m: Module) -> tuple[str, int]:
+    return (m.source.dataset or "custom", m.source_class)
+
+
+def check_composable(modules: Sequence[Module], replacing: bool = False) -> None:
+    if not modules:
+        raise UserError("a composition needs at least one module")
+    shapes = {tuple(m.source.spec.shape) for m in modules}
+    if len(shapes) > 1:
+        raise UserError("the modules take different input shapes (" + ", ".join("x".join(map(str, s)) for s in
+                        sorted(shapes)) + "); compose modules whose models take the same input")
+    if not replacing:
+        seen: dict[tuple[str, int], Module] = {}
+        for m in modules:
+            key = class_key(m)
+            if key in seen:
+                raise UserError(f"two modules for class {key[1]} ({m.class_name}) of {key[0]}; keep one, or use "
+                                "replace to swap a class's module")
+            seen[key] = m
+
+
+class Composition(nn.Module):
+    """A classifier over its modules' classes: uint8 images (B, C, H, W) -> scores p_c (B, K).
+
+    ``classes`` are the source data sets' class indices, ``class_names`` their names, in module order;
+    :meth:`predict` applies the voting rule.
+    """
+
+    def __init__(self, modules: Sequence[Module], replacing: bool = False) -> None:
+        super().__init__()
+        check_composable(modules, replacing)
+        self.parts = nn.ModuleList(modules)
+        groups: dict[int, list[int]] = {}
+        for i, m in enumerate(modules):
+            groups.setdefault(id(m.source), []).append(i)
+        self.groups = list(groups.values())
+
+    @property
+    def modules_list(self) -> list[Module]:
+        return list(self.parts)
+
+    @property
+    def classes(self) -> list[int]:
+        return [m.source_class for m in self.parts]
+
+    @property
+    def class_names(self) -> list[str]:
+        return [m.class_name for m in self.parts]
+
+    @property
+    def datasets(self) -> list[str]:
+        return [m.source.dataset for m in self.parts]
+
+    @property
+    def max_group(self) -> int:
+        return max(len(g) for g in self.groups)
+
+    def group_logits(self, group: list[int], images: torch.Tensor) -> torch.Tensor:
+        """Two-way logits (K, B, 2) of one source model's modules, in one batched pass."""
+        parts = [self.parts[i] for i in group]
+        first = parts[0]
+        x = first.prepare(images)
+        masks = {name: torch.stack([p.masks[name] for p in parts]) for name in first.point_names}
+        features = masked_features(first.source.net, first.points, first.classifier_name, masks, x)
+        weight = torch.stack([p.head_weight for p in parts])  # (K, 2, F)
+        bias = torch.stack([p.head_bias for p in parts])      # (K, 2)
+        return torch.einsum("kbf,kjf->kbj", features, weight) + bias[:, None, :]
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        scores = torch.empty(images.shape[0], len(self.parts), device=images.device)
+        for group in self.groups:
+            p = F.softmax(self.group_logits(group, images), dim=-1)[..., 0]  # (K, B)
+            scores[:, group] = p.T.to(scores.dtype)
+        return scores
+
+    def predict(self, images: torch.Tensor) -> torch.Tensor:
+        return vote(self.forward(images))
+
+
+def compose(modules: Sequence[Module], replacing: bool = False) -> Composition:
+    """Compose modules (any classes, from any models that take the same input) into one classifier."""
+    return Composition(modules, replacing)

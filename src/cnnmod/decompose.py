@@ -1,0 +1,151 @@
+"""Decomposition (METHOD.md sections 3-5): concern identification, tangling identification, channeling into
+the binary head, and the paper's three variants, all computed from one pass of activation statistics.
+
+    mc      CI + TI + MC                    masks from activity; the two-way head
+    mc-bln  CI + TI + MC-BLN  (the default)  and features that the head marks switched off at their producers
+    mc-bi   CI + TI + MC-BLN + MC-BI        and every node whose value no longer reaches the head
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, replace
+
+import torch
+from torch import nn
+
+from .classifier import Classifier
+from .data.dataset import ImageSet
+from .data.transforms import InputSpec
+from .errors import UserError
+from .graph import ModelGraph
+from .module import Module, binary_head
+from .observe import ActivationStats, observe
+from .runtime import Distributed
+
+VARIANTS = ("mc", "mc-bln", "mc-bi")
+CONDITIONS = ("pseudocode", "prose")
+
+
+@dataclass(frozen=True)
+class DecomposeSettings:
+    """Every switch of METHOD.md, recorded with each module it made."""
+
+    variant: str = "mc-bln"
+    delta: float = 0.5
+    condition: str = "pseudocode"   # MC-BLN's marking rule: the paper's pseudo-code (default) or its prose
+    ci_samples: int = 1000          # concerned inputs observed per class
+    correct_only: bool = False      # observe only inputs the model classifies correctly
+    tau: float = 0.0                # activation-rate threshold of concern identification (0: the paper)
+    seed: int = 0
+
+    def check(self) -> None:
+        if self.variant not in VARIANTS:
+            raise UserError(f"unknown variant {self.variant!r}; choose one of {', '.join(VARIANTS)}")
+        if self.condition not in CONDITIONS:
+            raise UserError(f"unknown MC-BLN condition {self.condition!r}; choose pseudocode or prose")
+        if not 0.0 <= self.tau <= 1.0:
+            raise UserError(f"--tau is an activation rate in [0, 1], got {self.tau}")
+        if self.delta < 0:
+            raise UserError(f"--delta must be >= 0, got {self.delta}")
+        if self.ci_samples < 1:
+            raise UserError(f"--ci-samples must be at least 1, got {self.ci_samples}")
+
+
+def as_classifier(model: nn.Module, data: ImageSet) -> Classifier:
+    """A user's plain ``nn.Module`` is taken to have been trained on ``data``'s classes and normalisation."""
+    if isinstance(model, Classifier):
+        return model
+    spec = InputSpec(*data.input_shape, data.mean, data.std)
+    return Classifier(model, spec, data.class_names, "custom", {}, data.name, data.source_classes)
+
+
+def check_data(clf: Classifier, data: ImageSet) -> None:
+    if data.num_classes != clf.num_classes:
+        raise UserError(f"the model has {clf.num_classes} classes but the data set {data.name} has "
+                        f"{data.num_classes}; give the data the model was trained on (e.g. --data NAME:0,3,7)")
+    if data.input_shape != clf.spec.shape:
+        raise UserError(f"the model takes {'x'.join(map(str, clf.spec.shape))} images but {data.name} has "
+                        f"{'x'.join(map(str, data.input_shape))}; give the data the model was trained on")
+
+
+def keep_masks(stats: ActivationStats, concerned: int, tau: float = 0.0) -> dict[str, torch.Tensor]:
+    """CI + TI (METHOD.md sections 3-4): nodes active for a concerned input (rate >= tau), or for one of the
+    first k inputs of some unconcerned class, k = max(1, floor(N_concerned / (n - 1)))."""
+    n = stats.num_classes
+    k = max(1, int(stats.observed[concerned]) // max(n - 1, 1))
+    others = [c for c in range(n) if c != concerned]
+    threshold = tau * float(stats.observed[concerned])
+    masks = {}
+    for p in stats.points:
+        count = stats.count[p.name][concerned]
+        keep = (count > 0) & (count.float() >= threshold)
+        if others:
+            keep |= (stats.first[p.name][others] < k).any(0)
+        masks[p.name] = keep
+    return masks
+
+
+def marked_features(head_weight: torch.Tensor, delta: float, condition: str = "pseudocode") -> torch.Tensor:
+    """MC-BLN's marked head inputs from the module's two head rows [c, uc] (METHOD.md section 5.1)."""
+    w_c, w_uc = head_weight[0], head_weight[1]
+    if condition == "pseudocode":
+        return (w_uc <= -delta) & (w_c >= delta)
+    return (w_c.abs() < delta) & (w_uc >= delta)
+
+
+def module_masks(graph: ModelGraph, stats: ActivationStats, concerned: int, head_weight: torch.Tensor,
+                 s: DecomposeSettings) -> dict[str, torch.Tensor]:
+    masks = keep_masks(stats, concerned, s.tau)
+    if s.variant in ("mc-bln", "mc-bi"):
+        off = graph.mark_back(marked_features(head_weight.cpu(), s.delta, s.condition), s.delta)
+        for name, region in off.items():
+            masks[name] = masks[name] & ~region
+    if s.variant == "mc-bi":
+        needed = graph.needed(masks)
+        masks = {name: m & needed[name] for name, m in masks.items()}
+    return masks
+
+
+def decompose(model: nn.Module, data: ImageSet, variant: str | None = None, *, classes: list[int] | None = None,
+              settings: DecomposeSettings | None = None, device: torch.device | str | None = None,
+              batch_size: int = 256, dd: Distributed | None = None, show_progress: bool = True,
+              stats: ActivationStats | None = None) -> list[Module]:
+    """One module per class (or per class in ``classes``) of ``model``, observed on ``data`` (its training split).
+
+    ``settings`` holds every switch; ``variant``, when given, overrides ``settings.variant``. ``stats`` reuses
+    an earlier observation pass (all three variants come from the same one).
+    """
+    s = settings or DecomposeSettings()
+    if variant is not None:
+        s = replace(s, variant=variant)
+    s.check()
+    clf = as_classifier(model, data)
+    check_data(clf, data)
+    if device is not None:
+        clf = clf.to(device)
+    device = next(clf.parameters()).device
+    chosen = list(range(clf.num_classes)) if classes is None else list(classes)
+    for c in chosen:
+        if not 0 <= c < clf.num_classes:
+            raise UserError(f"the model has no class {c}: its classes are 0..{clf.num_classes - 1}")
+    graph = ModelGraph(clf.net, clf.spec.shape)
+    started = time.perf_counter()
+    if stats is None:
+        stats = observe(clf.net, graph, clf.prepare, data, samples=s.ci_samples, seed=s.seed,
+                        correct_only=s.correct_only, device=device, batch_size=batch_size, dd=dd,
+                        show_progress=show_progress)
+    fc = graph.module(graph.classifier)
+    weight = fc.weight.detach().cpu()
+    bias = fc.bias.detach().cpu() if fc.bias is not None else torch.zeros(weight.shape[0])
+    modules = []
+    for c in chosen:
+        hw, hb = binary_head(weight, bias, c)
+        masks = module_masks(graph, stats, c, hw, s)
+        recorded = {**asdict(s), "observed": int(stats.observed[c])}
+        modules.append(Module(clf, graph, c, masks, hw, hb, recorded).to(device))
+    seconds = time.perf_counter() - started
+    for m in modules:
+        m.metrics["kept_fraction"] = round(m.kept_fraction(), 6)
+        m.settings["decomposition_seconds"] = round(seconds, 3)
+    return modules

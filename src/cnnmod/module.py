@@ -1,0 +1,142 @@
+"""The Module type: a source model with some nodes switched off and a two-way head, "my class" vs "not mine".
+
+A module does not copy its source's weights: it holds, per observation point, a boolean mask of the nodes it
+keeps (a switched-off node is forced to 0 at inference, METHOD.md section 2) and the two rows of its binary
+head (``z_c``: the class's own row; ``z_uc``: the mean of the other rows). Several modules of one source run
+together in one batched pass (:func:`masked_features`): the input is repeated once per module and each copy
+sees its own masks.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .classifier import Classifier
+from .graph import ModelGraph, ObservationPoint
+from .observe import hooks
+
+
+def masked_features(net: nn.Module, points: Sequence[ObservationPoint], classifier: str,
+                    masks: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """Run ``net`` once per mask set, batched: masks (K, *shape) per point; returns head inputs (K, B, F)."""
+    k = next(iter(masks.values())).shape[0]
+    b = x.shape[0]
+    xk = x.repeat(k, *([1] * (x.dim() - 1))) if k > 1 else x
+    captured: dict[str, torch.Tensor] = {}
+
+    def apply(p: ObservationPoint, out: torch.Tensor) -> torch.Tensor:
+        m = masks[p.name]
+        return (out.reshape(k, b, *p.shape) * m.unsqueeze(1).to(out.dtype)).reshape(k * b, *p.shape)
+
+    def capture(_m, inputs):
+        captured["features"] = inputs[0]
+
+    handle = net.get_submodule(classifier).register_forward_pre_hook(capture)
+    try:
+        with hooks(net, points, apply):
+            net(xk)
+    finally:
+        handle.remove()
+    return captured["features"].reshape(k, b, -1)
+
+
+def binary_head(weight: torch.Tensor, bias: torch.Tensor, concerned: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """METHOD.md section 5: rows [class c, mean of the other rows] and biases likewise; (2, F) and (2,)."""
+    others = [i for i in range(weight.shape[0]) if i != concerned]
+    w = torch.stack([weight[concerned], weight[others].mean(0)])
+    b = torch.stack([bias[concerned], bias[others].mean(0)])
+    return w.detach().clone(), b.detach().clone()
+
+
+class Module(nn.Module):
+    """A binary classifier for one class of a source model: masks at the observation points plus a two-way head.
+
+    ``forward`` takes the source model's normalised input and returns logits (B, 2): [z_c, z_uc];
+    :meth:`score` returns p_c = softmax([z_c, z_uc])[0]; the module votes "mine" where p_c > 0.5.
+    """
+
+    def __init__(self, source: Classifier, graph: ModelGraph, concerned: int, masks: dict[str, torch.Tensor],
+                 head_weight: torch.Tensor, head_bias: torch.Tensor, settings: dict | None = None,
+                 metrics: dict | None = None) -> None:
+        super().__init__()
+        self.source = source
+        self.graph = graph
+        self.concerned = int(concerned)
+        self.point_names = [p.name for p in graph.points]
+        missing = [n for n in self.point_names if n not in masks]
+        if missing:
+            raise ValueError(f"masks missing for {missing[:3]}")
+        for i, p in enumerate(graph.points):
+            m = masks[p.name]
+            if tuple(m.shape) != p.shape:
+                raise ValueError(f"mask of {p.name} is {tuple(m.shape)}, the point is {p.shape}")
+            self.register_buffer(f"mask_{i}", m.to(torch.bool), persistent=False)
+        self.register_buffer("head_weight", head_weight.float(), persistent=False)
+        self.register_buffer("head_bias", head_bias.float(), persistent=False)
+        self.settings = dict(settings or {})
+        self.metrics = dict(metrics or {})
+
+    # ---------------------------------------------------------------- what it is
+    @property
+    def class_name(self) -> str:
+        return self.source.class_names[self.concerned]
+
+    @property
+    def source_class(self) -> int:
+        """The class's index in the source data set (differs from ``concerned`` when the model saw a subset)."""
+        return self.source.source_classes[self.concerned]
+
+    @property
+    def masks(self) -> dict[str, torch.Tensor]:
+        return {n: getattr(self, f"mask_{i}") for i, n in enumerate(self.point_names)}
+
+    @property
+    def points(self) -> list[ObservationPoint]:
+        return self.graph.points
+
+    @property
+    def classifier_name(self) -> str:
+        return self.graph.classifier
+
+    def kept_nodes(self) -> int:
+        return sum(int(m.sum()) for m in self.masks.values())
+
+    def total_nodes(self) -> int:
+        return sum(math.prod(p.shape) for p in self.points)
+
+    def kept_fraction(self) -> float:
+        """Jaccard index against the model (METHOD.md section 9): kept nodes / all nodes."""
+        return self.kept_nodes() / self.total_nodes()
+
+    def flat_mask(self) -> torch.Tensor:
+        return torch.cat([m.reshape(-1).cpu() for m in self.masks.values()])
+
+    # ---------------------------------------------------------------- inference
+    def prepare(self, images: torch.Tensor) -> torch.Tensor:
+        return self.source.prepare(images)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        masks = {n: m.unsqueeze(0) for n, m in self.masks.items()}
+        features = masked_features(self.source.net, self.points, self.classifier_name, masks, x)[0]
+        return features @ self.head_weight.T + self.head_bias
+
+    def score(self, x: torch.Tensor) -> torch.Tensor:
+        return F.softmax(self.forward(x), dim=-1)[:, 0]
+
+
+def jaccard(a: torch.Tensor, b: torch.Tensor) -> float:
+    """|A and B| / |A or B| of two boolean masks (1.0 for two empty masks)."""
+    union = int((a | b).sum())
+    return int((a & b).sum()) / union if union else 1.0
+
+
+def pairwise_jaccard(modules: Sequence[Module]) -> float | None:
+    """Mean Jaccard index over all pairs of modules of one source model (None with fewer than two)."""
+    flats = [m.flat_mask() for m in modules]
+    values = [jaccard(flats[i], flats[j]) for i in range(len(flats)) for j in range(i + 1, len(flats))]
+    return sum(values) / len(values) if values else None

@@ -1,0 +1,203 @@
+"""Decompositions and modules on disk.
+
+A decomposition folder holds its source model once and one folder per module:
+
+    DIR/config.json                  kind "decomposition": settings, seconds, the modules and their classes
+    DIR/README.md
+    DIR/model/                       the source model artifact (config.json, model.safetensors, README.md)
+    DIR/modules/c03-dress/           kind "module": concerned class, settings, metrics, the source's sha256
+        config.json  model.safetensors (bit-packed masks + the two-way head)  README.md
+
+A module names its source by a path relative to its own folder (``../../model``) and the source's weights
+sha256; a module folder copied together with its source loads anywhere, and one whose source does not match
+the recorded checksum is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .artifacts import CARD, CONFIG, atomic_folder, read_artifact, read_config, write_into
+from .classifier import Classifier, load_model, save_into
+from .errors import UserError
+from .graph import ModelGraph
+from .module import Module
+
+MODEL_DIR = "model"
+MODULES_DIR = "modules"
+
+
+def pack_mask(mask: torch.Tensor) -> torch.Tensor:
+    return torch.from_numpy(np.packbits(mask.detach().cpu().reshape(-1).numpy().astype(np.uint8)))
+
+
+def unpack_mask(packed: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    n = math.prod(shape)
+    bits = np.unpackbits(packed.numpy())[:n]
+    if bits.size != n:
+        raise UserError(f"a packed mask holds {bits.size} bits but its point has {n} nodes; the module is damaged")
+    return torch.from_numpy(bits.astype(bool)).reshape(tuple(shape))
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:40] or "class"
+
+
+def module_folder_name(m: Module) -> str:
+    return f"c{m.concerned:02d}-{slug(m.class_name)}"
+
+
+def module_card(m: Module) -> str:
+    on = m.source.dataset or "custom data"
+    lines = [f"# Module: {m.class_name} (class {m.concerned}) of {m.source.arch} on {on}",
+             "", "A cnnmod module: a binary classifier, \"my class\" vs \"not my class\", made from the source "
+             "model without retraining (Pan & Rajan, ICSE 2022).", "",
+             f"- variant: {m.settings.get('variant')}",
+             f"- kept nodes: {m.kept_nodes()} of {m.total_nodes()} ({100 * m.kept_fraction():.2f}%)"]
+    for key, value in m.metrics.items():
+        if key != "kept_fraction":
+            lines.append(f"- {key}: {value}")
+    lines += ["", "Load it with `cnnmod.load_module(path)`; it needs its source model at the recorded path.", ""]
+    return "\n".join(lines)
+
+
+def module_config(m: Module, source_rel: str, source_sha: str) -> dict:
+    return {"concerned_class": m.concerned, "class_name": m.class_name, "source_class": m.source_class,
+            "dataset": m.source.dataset, "input": m.source.spec.to_dict(),
+            "source": {"path": source_rel, "weights_sha256": source_sha, "arch": m.source.arch,
+                       "num_classes": m.source.num_classes},
+            "points": [{"name": p.name, "shape": list(p.shape)} for p in m.points],
+            "classifier": m.classifier_name, "settings": m.settings, "metrics": m.metrics,
+            "kept_nodes": m.kept_nodes(), "total_nodes": m.total_nodes()}
+
+
+def module_tensors(m: Module) -> dict[str, torch.Tensor]:
+    tensors = {f"mask.{name}": pack_mask(mask) for name, mask in m.masks.items()}
+    tensors["head.weight"] = m.head_weight
+    tensors["head.bias"] = m.head_bias
+    return tensors
+
+
+def write_module(folder: Path, m: Module, source_rel: str, source_sha: str) -> dict:
+    return write_into(folder, "module", module_config(m, source_rel, source_sha), module_tensors(m), module_card(m))
+
+
+def decomposition_card(config: dict) -> str:
+    s = config["settings"]
+    lines = [f"# Decomposition of {config['source']['arch']} on {config['source']['dataset']}", "",
+             f"{len(config['modules'])} modules, variant {s['variant']} (delta {s['delta']}, condition "
+             f"{s['condition']}, {s['ci_samples']} inputs per class, tau {s['tau']}, seed {s['seed']}); "
+             f"made in {config['seconds']:.2f} s.", "", "| class | name | kept nodes | folder |", "|---|---|---|---|"]
+    for m in config["modules"]:
+        lines.append(f"| {m['class']} | {m['name']} | {100 * m['kept_fraction']:.2f}% | {m['path']} |")
+    lines += ["", "Evaluate with `cnnmod evaluate DIR`; load with `cnnmod.load_modules(DIR)`.", ""]
+    return "\n".join(lines)
+
+
+def save_decomposition(modules: Sequence[Module], out: str | os.PathLike, overwrite: bool = False,
+                       extra: dict | None = None) -> dict:
+    """Write the source model once and every module; returns the decomposition's config."""
+    if not modules:
+        raise UserError("nothing to save: no modules")
+    source = modules[0].source
+    if any(m.source is not source for m in modules):
+        raise UserError("a decomposition folder holds modules of one source model; save the others separately")
+    with atomic_folder(out, overwrite) as tmp:
+        model_config = save_into(source, tmp / MODEL_DIR)
+        sha = model_config["weights_sha256"]
+        entries = []
+        for m in modules:
+            name = module_folder_name(m)
+            write_module(tmp / MODULES_DIR / name, m, f"../../{MODEL_DIR}", sha)
+            entries.append({"class": m.concerned, "name": m.class_name, "path": f"{MODULES_DIR}/{name}",
+                            "kept_fraction": round(m.kept_fraction(), 6)})
+        settings = {k: v for k, v in modules[0].settings.items() if k not in ("observed", "decomposition_seconds")}
+        config = {"format_version": 1, "kind": "decomposition", "settings": settings,
+                  "seconds": modules[0].settings.get("decomposition_seconds", 0.0),
+                  "source": {"path": MODEL_DIR, "weights_sha256": sha, "arch": source.arch,
+                             "dataset": source.dataset, "num_classes": source.num_classes},
+                  "modules": entries, **(extra or {})}
+        (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+        (tmp / CARD).write_text(decomposition_card(config))
+    return config
+
+
+class SourceCache:
+    """Loads each source model once, so modules of one model share it (and compose in one batched pass)."""
+
+    def __init__(self) -> None:
+        self.models: dict[Path, tuple[Classifier, ModelGraph]] = {}
+
+    def get(self, path: Path, sha: str, device: torch.device | str) -> tuple[Classifier, ModelGraph]:
+        path = path.resolve()
+        if path not in self.models:
+            if not (path / CONFIG).is_file():
+                raise UserError(f"the module's source model is not at {path}; copy the source model folder with "
+                                "the module (keep their relative places)")
+            config = read_config(path, "model")
+            if config.get("weights_sha256") != sha:
+                raise UserError(f"the source model at {path} is not the one the module was made from (its weights "
+                                "sha256 differs); give the module its own source model")
+            clf = load_model(path, device)
+            self.models[path] = (clf, ModelGraph(clf.net, clf.spec.shape))
+        return self.models[path]
+
+
+def load_module(path: str | os.PathLike, device: torch.device | str = "cpu",
+                sources: SourceCache | None = None) -> Module:
+    """A module folder, verified (its own checksum, its source's checksum and the masks' shapes)."""
+    path = Path(path)
+    config, tensors = read_artifact(path, "module")
+    sources = sources or SourceCache()
+    source_cfg = config["source"]
+    clf, graph = sources.get(path / source_cfg["path"], source_cfg["weights_sha256"], device)
+    recorded = [(p["name"], tuple(p["shape"])) for p in config["points"]]
+    actual = [(p.name, p.shape) for p in graph.points]
+    if recorded != actual:
+        raise UserError(f"{path} was made for other observation points than its source model has; make the "
+                        "module again from this model")
+    try:
+        masks = {name: unpack_mask(tensors[f"mask.{name}"], shape) for name, shape in recorded}
+        head_w, head_b = tensors["head.weight"], tensors["head.bias"]
+    except KeyError as e:
+        raise UserError(f"{path}/model.safetensors lacks {e}; the module is damaged")
+    m = Module(clf, graph, config["concerned_class"], masks, head_w, head_b, config.get("settings"),
+               config.get("metrics"))
+    return m.to(device)
+
+
+def module_paths(path: str | os.PathLike) -> list[Path]:
+    """The module folders a path stands for: a decomposition folder (all its modules) or one module folder."""
+    path = Path(path)
+    config = read_config(path)
+    if config["kind"] == "decomposition":
+        return [path / m["path"] for m in config["modules"]]
+    if config["kind"] == "module":
+        return [path]
+    raise UserError(f"{path} is a {config['kind']}, not a decomposition or a module")
+
+
+def load_modules(paths: str | os.PathLike | Sequence[str | os.PathLike], device: torch.device | str = "cpu"
+                 ) -> list[Module]:
+    """Modules from decomposition folders and module folders, sharing each source model."""
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    sources = SourceCache()
+    return [load_module(p, device, sources) for path in paths for p in module_paths(path)]
+
+
+def load_source_of(path: str | os.PathLike, device: torch.device | str = "cpu") -> Classifier | None:
+    """The source model of a decomposition folder (None for anything else)."""
+    path = Path(path)
+    config = read_config(path)
+    if config["kind"] != "decomposition":
+        return None
+    return load_model(path / config["source"]["path"], device)
