@@ -69,6 +69,16 @@ def check_data(clf: Classifier, data: ImageSet) -> None:
                         f"{'x'.join(map(str, data.input_shape))}; give the data the model was trained on")
 
 
+def chosen_classes(clf: Classifier, classes: list[int] | None) -> list[int]:
+    chosen = list(range(clf.num_classes)) if classes is None else list(classes)
+    for c in chosen:
+        if not 0 <= c < clf.num_classes:
+            raise UserError(f"the model has no class {c}: its classes are 0..{clf.num_classes - 1}")
+    if len(set(chosen)) != len(chosen):
+        raise UserError(f"the class list {chosen} names a class twice")
+    return chosen
+
+
 def keep_masks(stats: ActivationStats, concerned: int, tau: float = 0.0) -> dict[str, torch.Tensor]:
     """CI + TI (METHOD.md sections 3-4): nodes active for a concerned input (rate >= tau), or for one of the
     first k inputs of some unconcerned class, k = max(1, floor(N_concerned / (n - 1)))."""
@@ -125,10 +135,7 @@ def decompose(model: nn.Module, data: ImageSet, variant: str | None = None, *, c
     if device is not None:
         clf = clf.to(device)
     device = next(clf.parameters()).device
-    chosen = list(range(clf.num_classes)) if classes is None else list(classes)
-    for c in chosen:
-        if not 0 <= c < clf.num_classes:
-            raise UserError(f"the model has no class {c}: its classes are 0..{clf.num_classes - 1}")
+    chosen = chosen_classes(clf, classes)
     graph = ModelGraph(clf.net, clf.spec.shape)
     started = time.perf_counter()
     if stats is None:

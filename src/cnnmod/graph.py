@@ -275,6 +275,8 @@ class ModelGraph:
                     lin_node = self.nodes[point.node]
                     work.append((self._inputs(lin_node)[0], below.reshape(self.shapes[self._inputs(lin_node)[0].name])))
                 continue
+            if kind == "input":
+                continue  # marks that reach the image itself switch nothing off
             if kind in ("relu", "identity"):
                 work.append((self._inputs(node)[0], reg))
             elif kind == "flatten":

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from .artifacts import check_output
 from .classifier import load_model
-from .decompose import DecomposeSettings, decompose
+from .decompose import DecomposeSettings, chosen_classes, decompose
 from .evaluation import binary_report, split_for
 from .metrics import predict_scores
 from .progress import say
@@ -26,6 +26,7 @@ def decompose_dir(model_dir: str | Path, out: str | Path, settings: DecomposeSet
         check_output(Path(out), overwrite)
     seed_everything(settings.seed)
     clf = load_model(model_dir, dev)
+    chosen_classes(clf, classes)
     train = split_for(clf, data, data_root, "train")
     say(f"decomposing {clf.arch} ({clf.num_classes} classes) with {settings.variant}: up to {settings.ci_samples} "
         f"inputs per class of {train.name}")

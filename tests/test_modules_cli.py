@@ -1,0 +1,150 @@
+"""Modules on disk and the decompose / evaluate commands."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from test_cli import assert_user_error, run
+
+import cnnmod
+from cnnmod.store import pack_mask, unpack_mask
+
+
+@pytest.fixture
+def model_dir(tmp_path: Path, npz_data: str, capsys) -> Path:
+    out = tmp_path / "model"
+    rc, _, err = run(["train", "--arch", "cnn", "--data", npz_data, "--epochs", "3", "--batch-size", "16",
+                      "--optimizer", "adam", "--lr", "0.01", "--out", str(out), "--json"], capsys)
+    assert rc == 0, err
+    return out
+
+
+@pytest.fixture
+def decomposition(tmp_path: Path, model_dir: Path, capsys) -> tuple[Path, dict]:
+    out = tmp_path / "dec"
+    rc, stdout, err = run(["decompose", str(model_dir), "--out", str(out), "--variant", "mc-bi", "--json"], capsys)
+    assert rc == 0, err
+    return out, json.loads(stdout)
+
+
+def test_pack_unpack_masks_of_any_size():
+    g = torch.Generator().manual_seed(0)
+    for shape in [(1,), (7,), (3, 5, 5), (16, 28, 28), (2, 3)]:
+        mask = torch.rand(shape, generator=g) < 0.4
+        packed = pack_mask(mask)
+        assert packed.dtype == torch.uint8 and packed.numel() == (mask.numel() + 7) // 8
+        assert torch.equal(unpack_mask(packed, shape), mask)
+
+
+def test_decompose_command_writes_every_module(decomposition):
+    out, result = decomposition
+    assert set(result) >= {"out", "seconds", "variant", "modules"}
+    assert result["variant"] == "mc-bi" and len(result["modules"]) == 3
+    for entry in result["modules"]:
+        assert set(entry) >= {"class", "name", "path", "kept_fraction"}
+        config = json.loads((Path(entry["path"]) / "config.json").read_text())
+        assert config["kind"] == "module" and config["concerned_class"] == entry["class"]
+        assert config["settings"]["variant"] == "mc-bi" and 0 < config["metrics"]["kept_fraction"] <= 1
+        assert config["source"]["weights_sha256"] == json.loads((out / "model" / "config.json").read_text())[
+            "weights_sha256"]
+        assert 0 <= config["metrics"]["binary_accuracy"] <= 100
+    assert (out / "README.md").read_text().startswith("# Decomposition of cnn")
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".dec.tmp")]
+
+
+def test_evaluate_command_is_consistent_with_the_model(decomposition, model_dir, capsys):
+    out, _ = decomposition
+    rc, stdout, err = run(["evaluate", str(out), "--json"], capsys)
+    assert rc == 0, err
+    r = json.loads(stdout)
+    for key in ("model_top1", "model_top5", "composed_top1", "composed_top5", "decomposition_cost_top1_pp",
+                "decomposition_cost_top5_pp", "jaccard_model_mean", "jaccard_pairwise_mean", "per_class", "seconds"):
+        assert key in r
+    rc, stdout, _ = run(["evaluate-model", str(model_dir), "--json"], capsys)
+    assert r["model_top1"] == json.loads(stdout)["top1"]  # the model's figure is the model's, by another path
+    assert r["decomposition_cost_top1_pp"] == pytest.approx(r["composed_top1"] - r["model_top1"], abs=1e-3)
+    counts = [c["count"] for c in r["per_class"]]
+    weighted = sum(c["composed_top1"] * n for c, n in zip(r["per_class"], counts, strict=True)) / sum(counts)
+    assert weighted == pytest.approx(r["composed_top1"], abs=1e-3)
+    kept = [c["kept_fraction"] for c in r["per_class"]]
+    assert r["jaccard_model_mean"] == pytest.approx(sum(kept) / len(kept), abs=1e-5)
+
+
+def test_loaded_modules_score_like_the_originals(decomposition, tmp_path):
+    out, _ = decomposition
+    modules = cnnmod.load_modules(out)
+    assert [m.concerned for m in modules] == [0, 1, 2]
+    assert len({id(m.source) for m in modules}) == 1  # one source model, shared
+    images = torch.randint(0, 256, (6, 1, 8, 8), dtype=torch.uint8)
+    scores = cnnmod.compose(modules)(images)
+    # decomposing the loaded source again with the recorded settings gives the same modules
+    source = modules[0].source
+    train = cnnmod.data.load(source.dataset, "train")
+    again = cnnmod.decompose(source, train, "mc-bi", show_progress=False)
+    assert torch.equal(cnnmod.compose(again)(images), scores)
+    # a module folder copied with its source (same relative places) loads anywhere and scores the same
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(out / "model", elsewhere / "model")
+    shutil.copytree(out / "modules" / "c01-band1", elsewhere / "modules" / "c01-band1")
+    moved = cnnmod.load_module(elsewhere / "modules" / "c01-band1")
+    assert torch.equal(moved.score(moved.prepare(images)), scores[:, 1])
+
+
+def test_a_module_refuses_another_source_and_tampering(decomposition, tmp_path, npz_data, capsys):
+    out, _ = decomposition
+    # another model in the source's place: its own checksum is fine, but it is not the module's source
+    rc, _, err = run(["train", "--arch", "cnn", "--data", npz_data, "--epochs", "1", "--seed", "5",
+                      "--out", str(tmp_path / "other")], capsys)
+    assert rc == 0, err
+    swapped = tmp_path / "swapped"
+    shutil.copytree(out, swapped)
+    shutil.rmtree(swapped / "model")
+    shutil.copytree(tmp_path / "other", swapped / "model", ignore=shutil.ignore_patterns("last"))
+    assert_user_error(*run(["evaluate", str(swapped)], capsys), "not the one the module was made from")
+    # a module whose weights file was changed
+    tampered = tmp_path / "tampered"
+    shutil.copytree(out, tampered)
+    weights = tampered / "modules" / "c02-band2" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    assert_user_error(*run(["evaluate", str(tampered)], capsys), "does not match the checksum")
+    # a module without its source beside it
+    lonely = tmp_path / "lonely"
+    shutil.copytree(out / "modules" / "c00-band0", lonely / "a" / "b")
+    assert_user_error(*run(["evaluate", str(lonely / "a" / "b")], capsys), "source model is not at")
+
+
+def test_decompose_bad_input(model_dir, tmp_path, capsys):
+    target = tmp_path / "dec"
+    assert_user_error(*run(["decompose", str(model_dir), "--out", str(target), "--data", "digits"], capsys),
+                      "3 classes")
+    assert_user_error(*run(["decompose", str(model_dir), "--out", str(target), "--variant", "xyz"], capsys),
+                      "unknown variant")
+    assert_user_error(*run(["decompose", str(model_dir), "--out", str(target), "--classes", "0,7"], capsys),
+                      "no class 7")
+    assert_user_error(*run(["decompose", str(model_dir), "--out", str(target), "--tau", "2"], capsys), "--tau")
+    assert not target.exists()
+    assert_user_error(*run(["decompose", str(tmp_path / "nope"), "--out", str(target)], capsys), "nope")
+    target.mkdir()
+    assert_user_error(*run(["decompose", str(model_dir), "--out", str(target)], capsys), "--overwrite")
+
+
+def test_decompose_some_classes_then_evaluate_them(model_dir, tmp_path, capsys):
+    out = tmp_path / "two"
+    rc, stdout, err = run(["decompose", str(model_dir), "--out", str(out), "--classes", "0,2", "--json",
+                           "--ci-samples", "5", "--correct-only"], capsys)
+    assert rc == 0, err
+    assert [m["class"] for m in json.loads(stdout)["modules"]] == [0, 2]
+    rc, stdout, err = run(["evaluate", str(out), "--json"], capsys)
+    assert rc == 0, err
+    r = json.loads(stdout)
+    assert [c["class"] for c in r["per_class"]] == [0, 2] and r["test_images"] == sum(
+        c["count"] for c in r["per_class"])
+    config = json.loads((out / "modules" / "c00-band0" / "config.json").read_text())
+    assert config["settings"]["observed"] == 5 and config["settings"]["correct_only"] is True
+
