@@ -148,3 +148,23 @@ def test_decompose_some_classes_then_evaluate_them(model_dir, tmp_path, capsys):
     config = json.loads((out / "modules" / "c00-band0" / "config.json").read_text())
     assert config["settings"]["observed"] == 5 and config["settings"]["correct_only"] is True
 
+
+
+def test_torchrun_decomposition_equals_single_process(model_dir, decomposition, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from test_train import _free_port
+
+    out, _ = decomposition
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
+           f"--master-port={_free_port()}", "-m", "cnnmod", "decompose", str(model_dir), "--variant", "mc-bi",
+           "--device", "cpu", "--batch-size", "7", "--out", str(tmp_path / "ddp"), "--json"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert len([ln for ln in proc.stdout.splitlines() if ln.startswith("{")]) == 1  # only rank 0 reports
+    single, sharded = cnnmod.load_modules(out), cnnmod.load_modules(tmp_path / "ddp")
+    for a, b in zip(single, sharded, strict=True):
+        assert all(torch.equal(a.masks[k], b.masks[k]) for k in a.masks)
