@@ -1,0 +1,143 @@
+"""The decomposition-cost study (issue: decompose), built from library calls.
+
+    python benchmarks/decomposition.py cnn     # ResNet-20/32/56 without BatchNorm and ResNet-20 with it, 3 variants
+    python benchmarks/decomposition.py dense   # the dense predecessor: MLPs of 1-4 hidden layers of 49 ReLU units
+
+Each model is trained once (cached under runs/bench/ by its settings; a model folder already there is reused),
+observed once, and decomposed with the three variants from that one observation pass. Every figure is measured
+on the full Fashion-MNIST test set. Results go to benchmarks/out/decomposition_*.json with a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+from common import ROOT, record
+
+from cnnmod.classifier import load_model
+from cnnmod.data import load
+from cnnmod.decompose import VARIANTS, DecomposeSettings, decompose
+from cnnmod.evaluation import evaluate_modules
+from cnnmod.graph import ModelGraph
+from cnnmod.observe import observe
+from cnnmod.train import TrainSettings, train
+
+CNN_MODELS = {
+    # name: (arch, arch args, epochs, subset); r20bn is the training benchmark's model when it is there
+    "resnet20-bn": ("resnet20", {"bn": True}, 15, None),
+    "resnet20": ("resnet20", {"bn": False}, 6, 20000),
+    "resnet32": ("resnet32", {"bn": False}, 6, 20000),
+    "resnet56": ("resnet56", {"bn": False}, 6, 20000),
+}
+
+
+def model_for(name: str, arch: str, args: dict, epochs: int, subset: int | None, optimizer: str, augment: bool,
+              seed: int, runs: Path) -> Path:
+    out = runs / name
+    if (out / "config.json").is_file():
+        return out
+    train(TrainSettings(arch=arch, data="fashion-mnist", arch_args=args, epochs=epochs, subset=subset,
+                        optimizer=optimizer, augment=augment, seed=seed, device="auto"), out, overwrite=True)
+    return out
+
+
+def study(model_dir: Path, variants: tuple[str, ...], samples: int, seed: int) -> list[dict]:
+    clf = load_model(model_dir)
+    train_set, test = load("fashion-mnist", "train"), load("fashion-mnist", "test")
+    graph = ModelGraph(clf.net, clf.spec.shape)
+    t0 = time.perf_counter()
+    stats = observe(clf.net, graph, clf.prepare, train_set, samples=samples, seed=seed, device=torch.device("cpu"))
+    observe_seconds = time.perf_counter() - t0
+    training = clf.info.get("training", {})
+    rows = []
+    for variant in variants:
+        t0 = time.perf_counter()
+        modules = decompose(clf, train_set, settings=DecomposeSettings(variant=variant, ci_samples=samples, seed=seed),
+                            stats=stats, show_progress=False)
+        seconds = observe_seconds + time.perf_counter() - t0
+        report = evaluate_modules(modules, test, torch.device("cpu"), 512)
+        row = {"model": model_dir.name, "arch": clf.arch, "bn": clf.arch_args.get("bn", None), "variant": variant,
+               "training_epochs": training.get("epochs"), "training_subset": training.get("subset"),
+               "training_seconds": training.get("seconds"), "decomposition_seconds": round(seconds, 3),
+               "observe_seconds": round(observe_seconds, 3),
+               "decomposition_to_training": round(seconds / training["seconds"], 5) if training.get("seconds")
+               else None,
+               **{k: v for k, v in report.items() if k != "per_class"}, "per_class": report["per_class"]}
+        rows.append(row)
+        print(f"{row['model']:12s} {variant:7s} model {row['model_top1']:.2f}/{row['model_top5']:.2f} composed "
+              f"{row['composed_top1']:.2f}/{row['composed_top5']:.2f} cost {row['decomposition_cost_top1_pp']:+.2f}/"
+              f"{row['decomposition_cost_top5_pp']:+.2f} jaccard {row['jaccard_model_mean']:.4f} "
+              f"{seconds:.1f}s ({100 * (row['decomposition_to_training'] or 0):.2f}% of training)", flush=True)
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| model | variant | model top-1 / top-5 | composed top-1 / top-5 | cost top-1 / top-5 (pp) | Jaccard "
+             "module-model / pairwise | decomposition s | % of training time |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        pct = f"{100 * r['decomposition_to_training']:.2f}%" if r["decomposition_to_training"] else "-"
+        lines.append(f"| {r['model']} | {r['variant']} | {r['model_top1']:.2f} / {r['model_top5']:.2f} | "
+                     f"{r['composed_top1']:.2f} / {r['composed_top5']:.2f} | {r['decomposition_cost_top1_pp']:+.2f} / "
+                     f"{r['decomposition_cost_top5_pp']:+.2f} | {r['jaccard_model_mean']:.4f} / "
+                     f"{r['jaccard_pairwise_mean']:.4f} | {r['decomposition_seconds']:.1f} | {pct} |")
+    return "\n".join(lines)
+
+
+def mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+def cnn(args) -> None:
+    names = args.models.split(",")
+    rows = []
+    for name in names:
+        arch, arch_args, epochs, subset = CNN_MODELS[name]
+        model_dir = model_for(name, arch, arch_args, args.epochs or epochs, subset, "sgd", True, args.seed, args.runs)
+        rows += study(model_dir, tuple(args.variants.split(",")), args.samples, args.seed)
+    bln = [r for r in rows if r["variant"] == "mc-bln"]
+    figures = {"rows": rows, "mean_cost_mc_bln_top1_pp": mean([r["decomposition_cost_top1_pp"] for r in bln]),
+               "mean_cost_mc_bln_top5_pp": mean([r["decomposition_cost_top5_pp"] for r in bln]),
+               "mean_jaccard_mc_bln": mean([r["jaccard_model_mean"] for r in bln]), "table": table(rows)}
+    path = record("decomposition_cnn", f"python benchmarks/decomposition.py cnn --models {args.models}", figures,
+                  f"MC-BLN mean cost {figures['mean_cost_mc_bln_top1_pp']:+.2f} pp top-1, "
+                  f"{figures['mean_cost_mc_bln_top5_pp']:+.2f} pp top-5; mean Jaccard "
+                  f"{figures['mean_jaccard_mc_bln']:.3f} over {len(bln)} models")
+    print(figures["table"])
+    print(f"wrote {path}")
+
+
+def dense(args) -> None:
+    rows = []
+    for layers in range(1, 5):
+        name = f"mlp-{layers}x49"
+        model_dir = model_for(name, "mlp", {"hidden": [49] * layers}, args.epochs or 10, None, "adam", False,
+                              args.seed, args.runs)
+        rows += study(model_dir, tuple(args.variants.split(",")), args.samples, args.seed)
+    figures = {"rows": rows, "table": table(rows),
+               "max_abs_cost_top1_pp": max(abs(r["decomposition_cost_top1_pp"]) for r in rows)}
+    path = record("decomposition_dense", "python benchmarks/decomposition.py dense", figures,
+                  f"MLPs of 1-4 x 49 units: max |cost| {figures['max_abs_cost_top1_pp']:.2f} pp top-1 over "
+                  f"{len(rows)} rows")
+    print(figures["table"])
+    print(f"wrote {path}")
+
+
+def main(argv: list[str]) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("part", choices=["cnn", "dense"])
+    p.add_argument("--models", default=",".join(CNN_MODELS))
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--samples", type=int, default=1000)
+    p.add_argument("--epochs", type=int, default=None, help="override every model's training epochs")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--runs", type=Path, default=ROOT / "runs" / "bench")
+    args = p.parse_args(argv)
+    {"cnn": cnn, "dense": dense}[args.part](args)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
