@@ -26,6 +26,8 @@ data: $(STAMP)
 demo: $(STAMP) data
 	$(BIN)/cnnmod train --arch resnet20 --data fashion-mnist --subset 20000 --epochs 3 --out $(DEMO)/model --overwrite
 	$(BIN)/cnnmod evaluate-model $(DEMO)/model
+	$(BIN)/cnnmod decompose $(DEMO)/model --out $(DEMO)/modules --overwrite
+	$(BIN)/cnnmod evaluate $(DEMO)/modules
 
 test: $(STAMP) data
 	$(BIN)/python -m pytest -q

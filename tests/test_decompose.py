@@ -502,3 +502,27 @@ def test_composition_refuses_mixed_shapes_and_duplicates():
     scores = mixed(images)
     for i, m in enumerate([a[0], c[1], a[2]]):
         assert torch.allclose(scores[:, i], m.score(m.prepare(images)), atol=1e-6)
+
+
+@pytest.mark.parametrize("arch,kwargs,shape", [
+    ("resnet20", {}, (1, 12, 12)), ("resnet32", {"bn": False}, (1, 12, 12)), ("resnet56", {}, (1, 8, 8)),
+    ("resnet18", {}, (3, 32, 32)), ("resnet34", {"stem": "cifar", "bn": False}, (3, 16, 16)),
+    ("vgg11", {"bn": False}, (1, 12, 12)), ("vgg16", {}, (3, 16, 16)), ("mlp", {"hidden": [7, 6, 5]}, (1, 6, 6)),
+    ("cnn", {"bn": True}, (1, 12, 12)),
+])
+def test_every_zoo_model_decomposes(arch, kwargs, shape):
+    torch.manual_seed(6)
+    net = build(arch, shape, 3, **kwargs).eval()
+    data = random_data(shape=shape, classes=3, per_class=4)
+    graph = ModelGraph(net, shape)
+    convs = [n for n, m in net.named_modules() if isinstance(m, nn.Conv2d)]
+    assert len([p for p in graph.points if p.kind == "conv"]) == len(convs)  # every convolution is observed
+    variants = {v: decompose(net, data, v, show_progress=False) for v in ("mc", "mc-bln", "mc-bi")}
+    images = data.images[:5]
+    for c in range(3):
+        a, b, d = (variants[v][c] for v in ("mc", "mc-bln", "mc-bi"))
+        for name in a.masks:  # each variant only switches more nodes off
+            assert not (b.masks[name] & ~a.masks[name]).any() and not (d.masks[name] & ~b.masks[name]).any()
+        p = d.score(d.prepare(images))
+        assert p.shape == (5,) and bool(((p >= 0) & (p <= 1)).all())
+    assert compose(variants["mc-bi"]).predict(images).shape == (5,)
