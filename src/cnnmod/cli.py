@@ -55,6 +55,21 @@ def emit(result: dict, as_json: bool, title: str = "") -> None:
             console.print(rows)
 
 
+def parse_size(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    parts = text.lower().replace(",", "x").split("x")
+    try:
+        size = [int(p) for p in parts]
+    except ValueError:
+        raise UserError(f"--input-size {text!r} is not HEIGHTxWIDTH (e.g. 28x28)")
+    if len(size) == 1:
+        size = size * 2
+    if len(size) != 2 or min(size) < 1:
+        raise UserError(f"--input-size {text!r} is not HEIGHTxWIDTH (e.g. 28x28)")
+    return size
+
+
 def parse_arch_args(items: list[str], bn: bool | None) -> dict:
     args: dict = {}
     for item in items:
@@ -88,9 +103,11 @@ def parse_arch_args(items: list[str], bn: bool | None) -> dict:
 @app.command()
 def train(
     arch: str = typer.Option(..., "--arch", help="Architecture: resnet20/32/56, resnet18/34, vgg11/16, mlp, cnn."),
-    data: str = typer.Option(..., "--data", help="Data set name, e.g. fashion-mnist, cifar10, folder:PATH."),
+    data: list[str] = typer.Option(..., "--data", help="Data set name, e.g. fashion-mnist, cifar10, folder:PATH; "
+                                   "repeat it to train on several (--data fashion-mnist:0,3 --data digits:7)."),
     out: Path = typer.Option(..., "--out",
                              help="Output model folder (best-validation checkpoint; last epoch in last/)."),
+    input_size: str = typer.Option(None, "--input-size", help="Resize images to HEIGHTxWIDTH, e.g. 28x28."),
     epochs: int = typer.Option(15, "--epochs"),
     classes: str = typer.Option(None, "--classes", help="Train on these classes only, e.g. 0,3,7 (relabelled 0..k-1)."),
     subset: int = typer.Option(None, "--subset", help="Use only N training images (seeded)."),
@@ -111,7 +128,9 @@ def train(
     from .train import TrainSettings
     from .train import train as run_train
 
+    data = "+".join(data)
     settings = TrainSettings(arch=arch, data=data, arch_args=parse_arch_args(arch_arg, bn),
+                             input_size=parse_size(input_size),
                              classes=parse_class_list(classes), subset=subset, val_split=val_split, epochs=epochs,
                              batch_size=batch_size, lr=lr, optimizer=optimizer, weight_decay=weight_decay,
                              augment=augment, seed=seed, device=device, data_root=data_root)
@@ -192,16 +211,63 @@ def decompose_cmd(
 
 @app.command("evaluate")
 def evaluate_cmd(
-    paths: list[Path] = typer.Argument(..., help="A decomposition folder, or module folders of one model."),
-    data: str = typer.Option(None, "--data", help="Test data (default: the source model's data set)."),
+    paths: list[Path] = typer.Argument(..., help="A decomposition or composition folder, or module folders."),
+    data: str = typer.Option(None, "--data", help="Test data for one model's modules (default: its data set)."),
     batch_size: int = typer.Option(512, "--batch-size"),
     device: str = DEVICE, data_root: str = DATA_ROOT, as_json: bool = JSON,
 ) -> None:
-    """Model vs composed modules: top-1/top-5, the decomposition cost, Jaccard indices, per-class accuracy."""
+    """Composed modules on their classes' test images: top-1/top-5 and per-class accuracy; for one model's
+    modules also the model on the same images, the decomposition cost and Jaccard indices."""
     from .evaluation import evaluate_dir
 
     result = evaluate_dir(paths, data, data_root, device, batch_size)
     emit(result, as_json, "model vs composed modules")
+
+
+@app.command("compose")
+def compose_cmd(
+    paths: list[Path] = typer.Argument(..., help="Module folders; a decomposition or composition folder stands for "
+                                       "all its modules. Modules may come from several models and data sets."),
+    out: Path = typer.Option(..., "--out", help="Output composition folder."),
+    continuous_learning: bool = typer.Option(False, "--continuous-learning",
+                                             help="Modules relearn the other data sets' classes (no training)."),
+    batch_size: int = typer.Option(256, "--batch-size"),
+    device: str = DEVICE, data_root: str = DATA_ROOT, overwrite: bool = OVERWRITE, as_json: bool = JSON,
+) -> None:
+    """Reuse: compose modules into a new classifier over their classes."""
+    from .reuse import compose_dirs
+
+    result = compose_dirs(paths, out, continuous_learning, data_root, device, batch_size, overwrite)
+    emit(result, as_json, f"composed {len(result['classes'])} modules into {out}")
+
+
+@app.command("replace")
+def replace_cmd(
+    target: Path = typer.Argument(..., help="A composition or decomposition folder."),
+    cls: str = typer.Option(..., "--class", help="The class to replace: dataset:name, dataset:index, a name or index."),
+    replacement: Path = typer.Option(..., "--with", help="The module folder that takes its place."),
+    out: Path = typer.Option(..., "--out", help="Output composition folder."),
+    device: str = DEVICE, overwrite: bool = OVERWRITE, as_json: bool = JSON,
+) -> None:
+    """Replace: swap one class's module for another module (another model's, or another class's)."""
+    from .reuse import replace_dir
+
+    result = replace_dir(target, cls, replacement, out, overwrite, device)
+    emit(result, as_json, f"replaced {result['replaced']} by {result['with']}")
+
+
+@app.command("remove")
+def remove_cmd(
+    target: Path = typer.Argument(..., help="A composition or decomposition folder."),
+    cls: str = typer.Option(..., "--class", help="The class to remove: dataset:name, dataset:index, a name or index."),
+    out: Path = typer.Option(..., "--out", help="Output composition folder."),
+    device: str = DEVICE, overwrite: bool = OVERWRITE, as_json: bool = JSON,
+) -> None:
+    """Remove: the composition without one class's module."""
+    from .reuse import remove_dir
+
+    result = remove_dir(target, cls, out, overwrite, device)
+    emit(result, as_json, f"removed {result['removed']}")
 
 
 @data_app.command("info")

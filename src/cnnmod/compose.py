@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .data.registry import split_spec
 from .errors import UserError
 from .module import Module, masked_features
 
@@ -23,8 +24,18 @@ def vote(scores: torch.Tensor) -> torch.Tensor:
     return torch.where(voters.any(1), among_voters, scores.argmax(1))
 
 
+def base_dataset(m: Module) -> str:
+    """The data set a module's class belongs to, without a class list (``fashion-mnist:0,3`` -> ``fashion-mnist``)."""
+    return split_spec(m.source.dataset)[0] if m.source.dataset else "custom"
+
+
 def class_key(m: Module) -> tuple[str, int]:
-    return (m.source.dataset or "custom", m.source_class)
+    return (base_dataset(m), m.source_class)
+
+
+def qualified_name(m: Module) -> str:
+    """``dataset:class``, how a composition names its classes."""
+    return f"{base_dataset(m)}:{m.class_name}"
 
 
 def check_composable(modules: Sequence[Module], replacing: bool = False) -> None:
@@ -74,7 +85,11 @@ class Composition(nn.Module):
 
     @property
     def datasets(self) -> list[str]:
-        return [m.source.dataset for m in self.parts]
+        return [base_dataset(m) for m in self.parts]
+
+    @property
+    def qualified_names(self) -> list[str]:
+        return [qualified_name(m) for m in self.parts]
 
     @property
     def max_group(self) -> int:

@@ -16,6 +16,7 @@ from torch import nn
 
 from .classifier import Classifier
 from .data.dataset import ImageSet
+from .data.registry import split_spec
 from .data.transforms import InputSpec
 from .errors import UserError
 from .graph import ModelGraph
@@ -64,7 +65,8 @@ def check_data(clf: Classifier, data: ImageSet) -> None:
     if data.num_classes != clf.num_classes:
         raise UserError(f"the model has {clf.num_classes} classes but the data set {data.name} has "
                         f"{data.num_classes}; give the data the model was trained on (e.g. --data NAME:0,3,7)")
-    if data.input_shape != clf.spec.shape:
+    own = bool(clf.dataset) and split_spec(clf.dataset)[0] == split_spec(data.name)[0]  # resized in training
+    if data.input_shape != clf.spec.shape and not own:
         raise UserError(f"the model takes {'x'.join(map(str, clf.spec.shape))} images but {data.name} has "
                         f"{'x'.join(map(str, data.input_shape))}; give the data the model was trained on")
 
@@ -106,7 +108,13 @@ def marked_features(head_weight: torch.Tensor, delta: float, condition: str = "p
 
 def module_masks(graph: ModelGraph, stats: ActivationStats, concerned: int, head_weight: torch.Tensor,
                  s: DecomposeSettings) -> dict[str, torch.Tensor]:
-    masks = keep_masks(stats, concerned, s.tau)
+    return apply_variant(graph, keep_masks(stats, concerned, s.tau), head_weight, s)
+
+
+def apply_variant(graph: ModelGraph, masks: dict[str, torch.Tensor], head_weight: torch.Tensor,
+                  s: DecomposeSettings) -> dict[str, torch.Tensor]:
+    """MC-BLN's and MC-BI's switching off, as the variant asks, on top of CI + TI's keep masks."""
+    masks = dict(masks)
     if s.variant in ("mc-bln", "mc-bi"):
         off = graph.mark_back(marked_features(head_weight.cpu(), s.delta, s.condition), s.delta)
         for name, region in off.items():
@@ -156,3 +164,33 @@ def decompose(model: nn.Module, data: ImageSet, variant: str | None = None, *, c
         m.metrics["kept_fraction"] = round(m.kept_fraction(), 6)
         m.settings["decomposition_seconds"] = round(seconds, 3)
     return modules
+
+
+def settings_of(module: Module) -> DecomposeSettings:
+    """The settings a module was made with (as recorded in it)."""
+    names = set(DecomposeSettings.__dataclass_fields__)
+    return DecomposeSettings(**{k: v for k, v in module.settings.items() if k in names})
+
+
+def relearn(module: Module, foreign: ImageSet, *, device: torch.device | None = None,
+            batch_size: int = 256) -> Module:
+    """Continuous learning (METHOD.md section 7): tangling identification again, with training inputs of
+    classes the module's model never saw; nodes active for them are kept too. No gradient training.
+
+    Each foreign class contributes its first k inputs (k as in TI: N_concerned / (n - 1)), in the documented
+    seeded order; MC-BLN's and MC-BI's switching off is applied again as the module's variant asks.
+    """
+    s = settings_of(module)
+    n = module.source.num_classes
+    k = max(1, int(module.settings.get("observed", s.ci_samples)) // max(n - 1, 1))
+    device = device or module.head_weight.device
+    stats = observe(module.source.net, module.graph, module.prepare, foreign, samples=k, seed=s.seed,
+                    device=device, batch_size=batch_size, show_progress=False)
+    masks = {name: m.cpu() | (stats.count[name] > 0).any(0) for name, m in module.masks.items()}
+    masks = apply_variant(module.graph, masks, module.head_weight.cpu(), s)
+    learned = list(module.settings.get("continuous_learning", [])) + [
+        {"data": foreign.name, "classes": foreign.class_names, "per_class": k}]
+    out = Module(module.source, module.graph, module.concerned, masks, module.head_weight.cpu(),
+                 module.head_bias.cpu(), {**module.settings, "continuous_learning": learned}, dict(module.metrics))
+    out.metrics["kept_fraction"] = round(out.kept_fraction(), 6)
+    return out.to(device)

@@ -37,7 +37,8 @@ def split_for(clf: Classifier, data: str | None, data_root: str | None, split: s
     if test.num_classes != clf.num_classes:
         raise UserError(f"the model has {clf.num_classes} classes but {spec} has {test.num_classes}; "
                         "pick the matching data set or classes (e.g. --data NAME:0,3,7)")
-    if test.input_shape != clf.spec.shape and not resize:
+    own = name == split_spec(clf.dataset)[0] if clf.dataset else False  # trained on it, resized or not
+    if test.input_shape != clf.spec.shape and not resize and not own:
         raise UserError(f"the model takes {'x'.join(map(str, clf.spec.shape))} images but {spec} has "
                         f"{'x'.join(map(str, test.input_shape))}; pass --resize to convert them")
     return test
@@ -108,10 +109,54 @@ def evaluate_dir(paths: list[str | Path], data: str | None, data_root: str | Non
     modules = load_modules(paths, dev)
     sources = {id(m.source) for m in modules}
     if len(sources) > 1:
-        raise UserError("these modules come from several source models; evaluate one model's modules at a time")
+        if data is not None:
+            raise UserError("--data applies to modules of one model; a composition across models is evaluated on "
+                            "each class's own data set")
+        report = evaluate_composition(modules, data_root, dev, batch_size)
+        return {"paths": [str(p) for p in paths], "modules": len(modules), **report,
+                "seconds": round(time.perf_counter() - started, 3)}
     clf = modules[0].source
     test = test_set_for(clf, data, data_root).subset([m.concerned for m in modules])
     report = evaluate_modules(modules, test, dev, batch_size)
     return {"paths": [str(p) for p in paths], "data": data or clf.dataset,
             "variant": modules[0].settings.get("variant"), "modules": len(modules), **report,
             "seconds": round(time.perf_counter() - started, 3)}
+
+
+def composition_test_sets(modules: list, data_root: str | None) -> list[tuple[ImageSet, torch.Tensor]]:
+    """The test images of a composition's classes, one chunk per data set, each with its labels mapped to the
+    composition's positions."""
+    from .compose import base_dataset
+
+    chunks = []
+    datasets = list(dict.fromkeys(base_dataset(m) for m in modules))
+    for name in datasets:
+        positions = [i for i, m in enumerate(modules) if base_dataset(m) == name]
+        test = load(name, "test", data_root).subset([modules[i].source_class for i in positions])
+        chunks.append((test, torch.tensor(positions)[test.labels]))
+    return chunks
+
+
+def evaluate_composition(modules: list, data_root: str | None, device: torch.device, batch_size: int = 512) -> dict:
+    """A composition of modules from any models: top-1, top-5 and per-class accuracy on the union of its classes'
+    test images, each from its own data set."""
+    from .compose import compose, qualified_name
+
+    composition = compose(modules).to(device).eval()
+    scores, labels = [], []
+    started = time.perf_counter()
+    for test, mapped in composition_test_sets(modules, data_root):
+        scores.append(predict_scores(composition, lambda x: x, test.images, device,
+                                     max(8, batch_size // composition.max_group)))
+        labels.append(mapped)
+    composed_seconds = time.perf_counter() - started
+    scores_all, labels_all = torch.cat(scores), torch.cat(labels)
+    names = [qualified_name(m) for m in modules]
+    report = accuracy_report(scores_all, labels_all, names)
+    per_class = [{"class": m.source_class, "name": names[i], "count": report["per_class"][i]["count"],
+                  "composed_top1": report["per_class"][i]["top1"], "kept_fraction": round(m.kept_fraction(), 6),
+                  **binary_report(scores_all, labels_all, i)} for i, m in enumerate(modules)]
+    kept = [m.kept_fraction() for m in modules]
+    return {"composed_top1": report["top1"], "composed_top5": report["top5"],
+            "jaccard_model_mean": round(sum(kept) / len(kept), 6), "test_images": int(labels_all.numel()),
+            "composed_seconds": round(composed_seconds, 3), "per_class": per_class}

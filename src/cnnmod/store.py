@@ -19,6 +19,7 @@ import json
 import math
 import os
 import re
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -33,6 +34,7 @@ from .module import Module
 
 MODEL_DIR = "model"
 MODULES_DIR = "modules"
+SOURCES_DIR = "sources"
 
 
 def pack_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -130,6 +132,51 @@ def save_decomposition(modules: Sequence[Module], out: str | os.PathLike, overwr
     return config
 
 
+def composition_card(config: dict) -> str:
+    lines = [f"# Composition of {len(config['classes'])} modules", "",
+             "A cnnmod composition: a classifier made of per-class modules, no training. "
+             f"Continuous learning: {'on' if config.get('continuous_learning') else 'off'}.", "",
+             "| position | class | kept nodes | source model |", "|---|---|---|---|"]
+    for e in config["classes"]:
+        lines.append(f"| {e['position']} | {e['name']} | {100 * e['kept_fraction']:.2f}% | {e['source']} |")
+    lines += ["", "Evaluate with `cnnmod evaluate DIR`; load with `cnnmod.load_modules(DIR)`.", ""]
+    return "\n".join(lines)
+
+
+def save_composition(modules: Sequence[Module], out: str | os.PathLike, overwrite: bool = False,
+                     extra: dict | None = None) -> dict:
+    """Write a composition: each source model once under ``sources/``, each module under ``modules/``."""
+    from .compose import base_dataset, check_composable, qualified_name
+
+    check_composable(modules)
+    with atomic_folder(out, overwrite) as tmp:
+        written: dict[int, tuple[str, str]] = {}
+        for m in modules:
+            if id(m.source) in written:
+                continue
+            staging = tmp / SOURCES_DIR / f".staging-{len(written)}"
+            sha = save_into(m.source, staging)["weights_sha256"]
+            name = f"{slug(m.source.arch)}-{slug(base_dataset(m))}-{sha[:12]}"
+            if (tmp / SOURCES_DIR / name).exists():  # the same weights under another Python object
+                shutil.rmtree(staging)
+            else:
+                staging.rename(tmp / SOURCES_DIR / name)
+            written[id(m.source)] = (name, sha)
+        entries = []
+        for i, m in enumerate(modules):
+            folder = f"{i:02d}-{slug(base_dataset(m))}-{slug(m.class_name)}"
+            source, sha = written[id(m.source)]
+            write_module(tmp / MODULES_DIR / folder, m, f"../../{SOURCES_DIR}/{source}", sha)
+            entries.append({"position": i, "name": qualified_name(m), "dataset": base_dataset(m),
+                            "class": m.source_class, "path": f"{MODULES_DIR}/{folder}",
+                            "kept_fraction": round(m.kept_fraction(), 6), "source": source})
+        config = {"format_version": 1, "kind": "composition", "classes": entries,
+                  "sources": sorted({name for name, _ in written.values()}), **(extra or {})}
+        (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+        (tmp / CARD).write_text(composition_card(config))
+    return config
+
+
 class SourceCache:
     """Loads each source model once, so modules of one model share it (and compose in one batched pass)."""
 
@@ -180,9 +227,11 @@ def module_paths(path: str | os.PathLike) -> list[Path]:
     config = read_config(path)
     if config["kind"] == "decomposition":
         return [path / m["path"] for m in config["modules"]]
+    if config["kind"] == "composition":
+        return [path / m["path"] for m in config["classes"]]
     if config["kind"] == "module":
         return [path]
-    raise UserError(f"{path} is a {config['kind']}, not a decomposition or a module")
+    raise UserError(f"{path} is a {config['kind']}, not a decomposition, a composition or a module")
 
 
 def load_modules(paths: str | os.PathLike | Sequence[str | os.PathLike], device: torch.device | str = "cpu"

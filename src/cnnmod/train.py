@@ -48,6 +48,7 @@ class TrainSettings:
     seed: int = 0
     device: str = "auto"
     data_root: str | None = None
+    input_size: list[int] | None = None  # (height, width) the model takes; images are resized to it
 
     def resolved(self) -> TrainSettings:
         if self.optimizer not in ("sgd", "adam"):
@@ -64,6 +65,8 @@ class TrainSettings:
         wd = self.weight_decay if self.weight_decay is not None else (5e-4 if self.optimizer == "sgd" else 0.0)
         if lr <= 0:
             raise UserError("--lr must be positive")
+        if self.input_size is not None and (len(self.input_size) != 2 or min(self.input_size) < 1):
+            raise UserError(f"--input-size takes HEIGHTxWIDTH, e.g. 28x28, not {self.input_size}")
         return TrainSettings(**{**asdict(self), "lr": lr, "weight_decay": wd})
 
 
@@ -187,7 +190,10 @@ def train(s: TrainSettings, out: str | Path | None, overwrite: bool = False, sho
         if not bool((full_train.labels == c).any()):
             raise UserError(f"class {c} ({full_train.class_names[c]}) of {s.data} has no training images")
     train_set, val_set = split_train_val(full_train, s.val_split, s.subset, s.seed)
-    spec = InputSpec(*full_train.input_shape, full_train.mean, full_train.std)
+    c, h, w = full_train.input_shape
+    if s.input_size is not None:
+        h, w = (int(v) for v in s.input_size)
+    spec = InputSpec(c, h, w, full_train.mean, full_train.std)
     model = build(s.arch, spec.shape, full_train.num_classes, **s.arch_args).to(device)
     if dd.is_main:
         say(f"training {s.arch} on {s.data}: {len(train_set)} images, {len(val_set) if val_set else 0} for validation, "

@@ -20,7 +20,7 @@ from ..errors import UserError
 from . import cifar, digits, folder, idx, npz, tiny_imagenet
 from .cache import cache_root, cached
 from .dataset import ImageSet, parse_class_list
-from .transforms import Augment
+from .transforms import Augment, resize_images
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
@@ -68,7 +68,7 @@ NAMES = sorted(KINDS) + ["folder:PATH", "npz:PATH"]
 
 def split_spec(spec: str) -> tuple[str, list[int] | None]:
     """``"fashion-mnist:0,3"`` -> ``("fashion-mnist", [0, 3])``; paths after folder:/npz: are kept whole."""
-    if spec.startswith(("folder:", "npz:")):
+    if spec.startswith(("folder:", "npz:")) or "+" in spec:
         return spec, None
     name, _, classes = spec.partition(":")
     return name, parse_class_list(classes)
@@ -134,9 +134,16 @@ def _arrays(name: str, root: Path) -> tuple[dict[str, np.ndarray], dict, Path, A
 
 def load(spec: str, split: str = "train", data_root: str | os.PathLike | None = None,
          classes: list[int] | None = None) -> ImageSet:
-    """One split (``train`` or ``test``) of a data set, optionally restricted to ``classes``."""
+    """One split (``train`` or ``test``) of a data set, optionally restricted to ``classes``.
+
+    ``A+B`` joins data sets (``fashion-mnist:0,3+digits:7``): images converted to the first one's shape,
+    labels one after the other, classes named ``dataset:class``, normalisation from the joined training split.
+    """
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', not {split!r}")
+    if "+" in spec and not spec.startswith(("folder:", "npz:")):
+        joined = _load_union(spec, split, data_root)
+        return joined.subset(classes) if classes is not None else joined
     name, spec_classes = split_spec(spec)
     if spec_classes is not None and classes is not None and spec_classes != classes:
         raise UserError(f"{spec} names classes {spec_classes} but --classes says {classes}; give them once")
@@ -151,7 +158,27 @@ def load(spec: str, split: str = "train", data_root: str | os.PathLike | None = 
     return full.subset(chosen) if chosen is not None else full
 
 
+def _load_union(spec: str, split: str, data_root: str | os.PathLike | None) -> ImageSet:
+    parts = [p for p in spec.split("+") if p]
+    if len(parts) < 2:
+        raise UserError(f"cannot read the joined data set {spec!r}: name two or more, e.g. fashion-mnist:0,3+digits:7")
+    sets = [load(p, split, data_root) for p in parts]
+    shape = sets[0].input_shape
+    images = torch.cat([resize_images(s.images, shape) for s in sets])
+    offsets = np.cumsum([0] + [s.num_classes for s in sets])
+    labels = torch.cat([s.labels + int(o) for s, o in zip(sets, offsets[:-1], strict=True)])
+    names = [f"{split_spec(p)[0]}:{n}" for p, s in zip(parts, sets, strict=True) for n in s.class_names]
+    train_images = images if split == "train" else torch.cat(
+        [resize_images(load(p, "train", data_root).images, shape) for p in parts])
+    mean, std = _channel_stats(train_images.numpy())
+    return ImageSet(name=spec, split=split, images=images, labels=labels, class_names=names, mean=tuple(mean),
+                    std=tuple(std), root=";".join(s.root for s in sets))
+
+
 def default_augment(spec: str, data_root: str | os.PathLike | None = None) -> Augment:
+    if "+" in spec and not spec.startswith(("folder:", "npz:")):
+        augments = [default_augment(p, data_root) for p in spec.split("+") if p]
+        return Augment(min(a.crop_padding for a in augments), all(a.hflip for a in augments))
     name, _ = split_spec(spec)
     if name in KINDS:
         return KINDS[name].augment

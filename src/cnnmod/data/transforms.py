@@ -60,6 +60,20 @@ def to_input(images: torch.Tensor, spec: InputSpec) -> torch.Tensor:
     return (x - mean) / std
 
 
+def resize_images(images: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
+    """uint8 (N, C, H, W) -> uint8 images of ``shape`` (channels converted, bilinear antialiased resize)."""
+    c, h, w = shape
+    if tuple(images.shape[1:]) == (c, h, w):
+        return images
+    out = []
+    for start in range(0, images.shape[0], 4096):
+        x = convert_channels(images[start:start + 4096], c)
+        if x.shape[-2:] != (h, w):
+            x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
+        out.append(x.round().clamp(0, 255).to(torch.uint8))
+    return torch.cat(out) if out else torch.zeros(0, c, h, w, dtype=torch.uint8)
+
+
 def random_crop(x: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:
     """Zero-pad by ``padding`` and crop back to the original size at a random offset per image."""
     if padding <= 0:

@@ -1,0 +1,128 @@
+"""Reuse, replace and remove (METHOD.md sections 6-7): new classifiers from existing modules, no training.
+
+Every operation reads module folders (a decomposition or composition folder stands for all its modules) and
+writes a composition folder (see ``store.save_composition``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from .artifacts import check_output
+from .compose import base_dataset, check_composable, class_key, qualified_name
+from .data import load
+from .decompose import relearn
+from .errors import UserError
+from .module import Module
+from .progress import progress_bar
+from .runtime import pick_device
+from .store import load_modules, save_composition
+
+
+def find_class(modules: Sequence[Module], text: str) -> int:
+    """The position of the module a ``--class`` names: ``dataset:name``, ``dataset:index``, a class name, or an
+    index of the data set's classes."""
+    text = text.strip()
+    dataset, sep, rest = text.rpartition(":")
+    candidates = []
+    for i, m in enumerate(modules):
+        if sep and dataset != base_dataset(m):
+            continue
+        what = rest if sep else text
+        if what == m.class_name or (what.isdigit() and int(what) == m.source_class):
+            candidates.append(i)
+    names = ", ".join(qualified_name(m) for m in modules)
+    if not candidates:
+        raise UserError(f"the composition has no class {text!r}; its classes are {names}")
+    if len(candidates) > 1:
+        raise UserError(f"--class {text!r} matches {len(candidates)} modules; say which with dataset:class "
+                        f"(one of {', '.join(qualified_name(modules[i]) for i in candidates)})")
+    return candidates[0]
+
+
+def continuous_learning(modules: Sequence[Module], data_root: str | None = None, device: torch.device | None = None,
+                        batch_size: int = 256) -> list[Module]:
+    """Each module relearns the composition's classes from data sets other than its own (METHOD.md section 7)."""
+    by_dataset: dict[str, list[int]] = {}
+    for m in modules:
+        by_dataset.setdefault(base_dataset(m), [])
+        if m.source_class not in by_dataset[base_dataset(m)]:
+            by_dataset[base_dataset(m)].append(m.source_class)
+    if len(by_dataset) < 2:
+        raise UserError("continuous learning needs modules from at least two data sets; all of these come from "
+                        f"{next(iter(by_dataset))}")
+    foreign_sets = {name: load(name, "train", data_root, classes) for name, classes in by_dataset.items()}
+    out = []
+    with progress_bar("continuous learning", len(modules)) as step:
+        for m in modules:
+            learned = m
+            for name, data in foreign_sets.items():
+                if name != base_dataset(m):
+                    learned = relearn(learned, data, device=device, batch_size=batch_size)
+            out.append(learned)
+            step()
+    return out
+
+
+def _summary(config: dict, out: Path, started: float) -> dict:
+    return {"out": str(out), "classes": [e["name"] for e in config["classes"]], "sources": config["sources"],
+            "kept_fraction_mean": round(sum(e["kept_fraction"] for e in config["classes"]) / len(config["classes"]), 6),
+            "seconds": round(time.perf_counter() - started, 3)}
+
+
+def compose_dirs(paths: Sequence[str | Path], out: str | Path, relearn_foreign: bool = False,
+                 data_root: str | None = None, device: str = "auto", batch_size: int = 256,
+                 overwrite: bool = False) -> dict:
+    """``cnnmod compose``: the modules of ``paths`` as one composition folder."""
+    started = time.perf_counter()
+    check_output(Path(out), overwrite)
+    dev = pick_device(device)
+    modules = load_modules(paths, dev)
+    check_composable(modules)
+    if relearn_foreign:
+        modules = continuous_learning(modules, data_root, dev, batch_size)
+    config = save_composition(modules, out, overwrite, {"continuous_learning": relearn_foreign,
+                                                        "made_from": [str(p) for p in paths]})
+    return _summary(config, Path(out), started)
+
+
+def replace_dir(target: str | Path, cls: str, replacement: str | Path, out: str | Path,
+                overwrite: bool = False, device: str = "auto") -> dict:
+    """``cnnmod replace``: the module of class ``cls`` swapped for the one module at ``replacement``."""
+    started = time.perf_counter()
+    check_output(Path(out), overwrite)
+    dev = pick_device(device)
+    modules = load_modules(target, dev)
+    position = find_class(modules, cls)
+    new = load_modules(replacement, dev)
+    if len(new) != 1:
+        raise UserError(f"--with must be one module folder; {replacement} holds {len(new)} modules (pick one of its "
+                        "modules/ folders)")
+    old = modules[position]
+    modules[position] = new[0]
+    others = [class_key(m) for i, m in enumerate(modules) if i != position]
+    if class_key(new[0]) in others:
+        raise UserError(f"the composition has class {qualified_name(new[0])} already; replace that class instead")
+    config = save_composition(modules, out, overwrite, {"made_from": [str(target)],
+                                                        "replaced": {"class": qualified_name(old),
+                                                                     "with": str(replacement)}})
+    return {**_summary(config, Path(out), started), "replaced": qualified_name(old),
+            "with": qualified_name(new[0])}
+
+
+def remove_dir(target: str | Path, cls: str, out: str | Path, overwrite: bool = False, device: str = "auto") -> dict:
+    """``cnnmod remove``: the composition without class ``cls``."""
+    started = time.perf_counter()
+    check_output(Path(out), overwrite)
+    modules = load_modules(target, pick_device(device))
+    position = find_class(modules, cls)
+    if len(modules) == 1:
+        raise UserError("that is the composition's only module; nothing would be left")
+    removed = modules.pop(position)
+    config = save_composition(modules, out, overwrite, {"made_from": [str(target)],
+                                                        "removed": qualified_name(removed)})
+    return {**_summary(config, Path(out), started), "removed": qualified_name(removed)}
