@@ -15,6 +15,7 @@ _SESSION_TMP = tempfile.mkdtemp(prefix="cnnmod-tests-")
 os.environ["CNNMOD_CACHE"] = str(Path(_SESSION_TMP) / "cache")
 os.environ["CNNMOD_DATA"] = str(Path(_SESSION_TMP) / "data")
 os.environ["CNNMOD_NO_PROGRESS"] = "1"
+os.environ["CNNMOD_ENERGY"] = "estimator"  # fast and deterministic; one test measures with codecarbon
 
 
 def idx_bytes(arr: np.ndarray) -> bytes:

@@ -29,6 +29,8 @@ DEVICE = typer.Option("auto", "--device", help="auto, cpu or cuda.")
 DATA_ROOT = typer.Option(None, "--data-root",
                          help="Folder holding the data sets (default: $CNNMOD_DATA or the cache).")
 OVERWRITE = typer.Option(False, "--overwrite", help="Replace the output folder if it exists.")
+COUNTRY = typer.Option(None, "--country", help="Country for the carbon intensity, ISO 3166-1 alpha-3 (default: "
+                       "$CNNMOD_COUNTRY or USA).")
 ARCH_ARG = typer.Option([], "--arch-arg", help="Architecture option KEY=VALUE: width=32, stem=cifar, hidden=49,49.")
 
 
@@ -53,6 +55,14 @@ def emit(result: dict, as_json: bool, title: str = "") -> None:
             for v in value:
                 rows.add_row(*(f"{v.get(c):.4g}" if isinstance(v.get(c), float) else str(v.get(c)) for c in columns))
             console.print(rows)
+
+
+def training_energy(record, history: list[dict], best_epoch: int) -> dict:
+    """The whole run's energy, and its share up to the best epoch (prorated by the epochs' seconds)."""
+    total = sum(h.get("seconds", 0.0) for h in history)
+    upto = sum(h.get("seconds", 0.0) for h in history if h["epoch"] <= best_epoch)
+    best = record.prorated(upto / total if total else 1.0, "training up to the best epoch")
+    return {"training": record.to_dict(), "training_to_best_epoch": best.to_dict()}
 
 
 def parse_size(text: str | None) -> list[int] | None:
@@ -121,10 +131,11 @@ def train(
     bn: bool = typer.Option(None, "--bn/--no-bn", help="BatchNorm on or off (architectures that have it)."),
     arch_arg: list[str] = ARCH_ARG,
     seed: int = SEED, device: str = DEVICE, data_root: str = DATA_ROOT, overwrite: bool = OVERWRITE,
-    as_json: bool = JSON,
+    country: str = COUNTRY, as_json: bool = JSON,
 ) -> None:
     """Train a model from scratch, keeping the best-validation checkpoint (and the last epoch)."""
     from .data import parse_class_list
+    from .energy import EnergyMeter
     from .train import TrainSettings
     from .train import train as run_train
 
@@ -134,7 +145,10 @@ def train(
                              classes=parse_class_list(classes), subset=subset, val_split=val_split, epochs=epochs,
                              batch_size=batch_size, lr=lr, optimizer=optimizer, weight_decay=weight_decay,
                              augment=augment, seed=seed, device=device, data_root=data_root)
-    result = run_train(settings, out, overwrite=overwrite)
+    meter = EnergyMeter(country)
+    with meter.phase("training") as m:
+        result = run_train(settings, out, overwrite=overwrite)
+    result["energy"] = training_energy(m.record, result["history"], result["best_epoch"])
     if int(os.environ.get("RANK", "0")) == 0:
         result.pop("model")
         emit(result, as_json, f"trained {arch} on {data}")
@@ -194,17 +208,18 @@ def decompose_cmd(
                                  help="Record each module's binary accuracy on the test split."),
     batch_size: int = typer.Option(256, "--batch-size"),
     seed: int = SEED, device: str = DEVICE, data_root: str = DATA_ROOT, overwrite: bool = OVERWRITE,
-    as_json: bool = JSON,
+    country: str = COUNTRY, as_json: bool = JSON,
 ) -> None:
     """Decompose a model into one binary module per class (Pan & Rajan's CI + TI + MC)."""
     from .data import parse_class_list
     from .decompose import DecomposeSettings
+    from .energy import EnergyMeter
     from .workflows import decompose_dir
 
     settings = DecomposeSettings(variant=variant, delta=delta, condition=condition, ci_samples=ci_samples,
                                  correct_only=correct_only, tau=tau, seed=seed)
     result = decompose_dir(model_dir, out, settings, data, parse_class_list(classes), data_root, device, batch_size,
-                           measure, overwrite)
+                           measure, overwrite, EnergyMeter(country))
     if int(os.environ.get("RANK", "0")) == 0:
         emit(result, as_json, f"decomposed {model_dir} into {out}")
 
@@ -214,13 +229,16 @@ def evaluate_cmd(
     paths: list[Path] = typer.Argument(..., help="A decomposition or composition folder, or module folders."),
     data: str = typer.Option(None, "--data", help="Test data for one model's modules (default: its data set)."),
     batch_size: int = typer.Option(512, "--batch-size"),
-    device: str = DEVICE, data_root: str = DATA_ROOT, as_json: bool = JSON,
+    device: str = DEVICE, data_root: str = DATA_ROOT, country: str = COUNTRY, as_json: bool = JSON,
 ) -> None:
     """Composed modules on their classes' test images: top-1/top-5 and per-class accuracy; for one model's
     modules also the model on the same images, the decomposition cost and Jaccard indices."""
+    from .energy import EnergyMeter
     from .evaluation import evaluate_dir
 
-    result = evaluate_dir(paths, data, data_root, device, batch_size)
+    with EnergyMeter(country).phase("evaluation") as m:
+        result = evaluate_dir(paths, data, data_root, device, batch_size)
+    result["energy"] = {"evaluation": m.record.to_dict()}
     emit(result, as_json, "model vs composed modules")
 
 
@@ -232,12 +250,16 @@ def compose_cmd(
     continuous_learning: bool = typer.Option(False, "--continuous-learning",
                                              help="Modules relearn the other data sets' classes (no training)."),
     batch_size: int = typer.Option(256, "--batch-size"),
-    device: str = DEVICE, data_root: str = DATA_ROOT, overwrite: bool = OVERWRITE, as_json: bool = JSON,
+    device: str = DEVICE, data_root: str = DATA_ROOT, overwrite: bool = OVERWRITE, country: str = COUNTRY,
+    as_json: bool = JSON,
 ) -> None:
     """Reuse: compose modules into a new classifier over their classes."""
+    from .energy import EnergyMeter
     from .reuse import compose_dirs
 
-    result = compose_dirs(paths, out, continuous_learning, data_root, device, batch_size, overwrite)
+    with EnergyMeter(country).phase("composition") as m:
+        result = compose_dirs(paths, out, continuous_learning, data_root, device, batch_size, overwrite)
+    result["energy"] = {"composition": m.record.to_dict()}
     emit(result, as_json, f"composed {len(result['classes'])} modules into {out}")
 
 

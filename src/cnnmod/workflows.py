@@ -8,6 +8,7 @@ from pathlib import Path
 from .artifacts import check_output
 from .classifier import load_model
 from .decompose import DecomposeSettings, chosen_classes, decompose
+from .energy import EnergyMeter
 from .evaluation import binary_report, split_for
 from .metrics import predict_scores
 from .progress import say
@@ -17,7 +18,8 @@ from .store import save_decomposition
 
 def decompose_dir(model_dir: str | Path, out: str | Path, settings: DecomposeSettings, data: str | None = None,
                   classes: list[int] | None = None, data_root: str | None = None, device: str = "auto",
-                  batch_size: int = 256, measure: bool = True, overwrite: bool = False) -> dict:
+                  batch_size: int = 256, measure: bool = True, overwrite: bool = False,
+                  meter: EnergyMeter | None = None) -> dict:
     """Decompose the model in ``model_dir`` into ``out``; with ``measure``, each module's binary accuracy on the
     test split is recorded in its config (one batched pass of all modules)."""
     settings.check()
@@ -30,7 +32,10 @@ def decompose_dir(model_dir: str | Path, out: str | Path, settings: DecomposeSet
     train = split_for(clf, data, data_root, "train")
     say(f"decomposing {clf.arch} ({clf.num_classes} classes) with {settings.variant}: up to {settings.ci_samples} "
         f"inputs per class of {train.name}")
-    modules = decompose(clf, train, settings=settings, classes=classes, device=dev, batch_size=batch_size, dd=dd)
+    meter = meter or EnergyMeter()
+    with meter.phase("decomposition") as spent:
+        modules = decompose(clf, train, settings=settings, classes=classes, device=dev, batch_size=batch_size, dd=dd)
+    energy = {"decomposition": spent.record.to_dict()}
     seconds = modules[0].settings["decomposition_seconds"]
     result = {"out": str(out), "seconds": seconds, "variant": settings.variant}
     if not dd.is_main:
@@ -41,13 +46,16 @@ def decompose_dir(model_dir: str | Path, out: str | Path, settings: DecomposeSet
         test = split_for(clf, data, data_root, "test").subset([m.concerned for m in modules])
         comp = compose(modules).eval()
         started = time.perf_counter()
-        scores = predict_scores(comp, lambda x: x, test.images, dev, max(8, 2 * batch_size // len(modules)))
+        with meter.phase("evaluation") as spent:
+            scores = predict_scores(comp, lambda x: x, test.images, dev, max(8, 2 * batch_size // len(modules)))
+        energy["evaluation"] = spent.record.to_dict()
         for i, m in enumerate(modules):
             m.metrics.update(binary_report(scores, test.labels, i))
         result["measure_seconds"] = round(time.perf_counter() - started, 3)
     training_seconds = clf.info.get("training", {}).get("seconds")
     extra = {"training_seconds": training_seconds,
-             "seconds_to_training": round(seconds / training_seconds, 6) if training_seconds else None}
+             "seconds_to_training": round(seconds / training_seconds, 6) if training_seconds else None,
+             "energy": energy}
     config = save_decomposition(modules, out, overwrite, extra)
     result.update(extra)
     result["modules"] = [{**e, "path": str(Path(out) / e["path"])} for e in config["modules"]]

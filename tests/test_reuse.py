@@ -1,0 +1,196 @@
+"""Reuse, replace, remove across models and data sets; continuous learning; joined data; energy records."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import write_npz
+from test_cli import assert_user_error, run
+
+import cnnmod
+from cnnmod.energy import PAPER_KG_PER_KWH, PAPER_PUE, EnergyMeter, carbon_intensities
+from cnnmod.errors import UserError
+from cnnmod.graph import ModelGraph
+from cnnmod.observe import class_order, hooks
+
+
+def train_and_decompose(tmp_path: Path, name: str, data: str, capsys, variant: str = "mc") -> Path:
+    rc, _, err = run(["train", "--arch", "cnn", "--data", data, "--epochs", "3", "--batch-size", "16",
+                      "--optimizer", "adam", "--lr", "0.01", "--out", str(tmp_path / name)], capsys)
+    assert rc == 0, err
+    rc, _, err = run(["decompose", str(tmp_path / name), "--out", str(tmp_path / f"{name}-dec"), "--variant",
+                      variant], capsys)
+    assert rc == 0, err
+    return tmp_path / f"{name}-dec"
+
+
+@pytest.fixture
+def two_models(tmp_path: Path, capsys) -> tuple[Path, Path, str, str]:
+    """Decompositions of two models of two data sets of one input shape (8x8 grey, 3 and 2 classes)."""
+    a = f"npz:{write_npz(tmp_path / 'a.npz', classes=3, seed=0)}"
+    b = f"npz:{write_npz(tmp_path / 'b.npz', n_per_class=30, classes=2, seed=7)}"
+    return train_and_decompose(tmp_path, "ma", a, capsys), train_and_decompose(tmp_path, "mb", b, capsys), a, b
+
+
+def test_compose_across_models_evaluates_on_each_class_own_data(two_models, tmp_path, capsys):
+    dec_a, dec_b, a, b = two_models
+    out = tmp_path / "comp"
+    rc, stdout, err = run(["compose", str(dec_a / "modules" / "c00-band0"), str(dec_a / "modules" / "c02-band2"),
+                           str(dec_b / "modules" / "c01-band1"), "--out", str(out), "--json"], capsys)
+    assert rc == 0, err
+    result = json.loads(stdout)
+    assert result["classes"] == [f"{a}:band0", f"{a}:band2", f"{b}:band1"] and len(result["sources"]) == 2
+    assert result["energy"]["composition"]["tracker"] == "estimator"
+    rc, stdout, err = run(["evaluate", str(out), "--json"], capsys)
+    assert rc == 0, err
+    r = json.loads(stdout)
+    # independently: each module scores the images of its own class's test set; the highest score wins
+    modules = cnnmod.load_modules(out)
+    test_a, test_b = cnnmod.data.load(a, "test", classes=[0, 2]), cnnmod.data.load(b, "test", classes=[1])
+    images = torch.cat([test_a.images, test_b.images])
+    labels = torch.cat([test_a.labels, test_b.labels + 2])
+    with torch.no_grad():
+        scores = torch.stack([m.score(m.prepare(images)) for m in modules], 1)
+    expected = 100.0 * float((scores.argmax(1) == labels).float().mean())
+    assert r["composed_top1"] == pytest.approx(expected, abs=1e-3)
+    assert [c["count"] for c in r["per_class"]] == [int((labels == i).sum()) for i in range(3)]
+    assert "model_top1" not in r  # no single model to compare with
+    # the two models' normalisations differ, and each module used its own
+    assert modules[0].source.spec.mean != modules[2].source.spec.mean
+
+
+def test_replace_and_remove(two_models, tmp_path, capsys):
+    dec_a, dec_b, a, b = two_models
+    out = tmp_path / "replaced"
+    rc, stdout, err = run(["replace", str(dec_a), "--class", "band1", "--with", str(dec_b / "modules" / "c00-band0"),
+                           "--out", str(out), "--json"], capsys)
+    assert rc == 0, err
+    r = json.loads(stdout)
+    assert r["replaced"] == f"{a}:band1" and r["with"] == f"{b}:band0"
+    assert r["classes"] == [f"{a}:band0", f"{b}:band0", f"{a}:band2"]
+    images = torch.randint(0, 256, (4, 1, 8, 8), dtype=torch.uint8)
+    new = cnnmod.load_module(dec_b / "modules" / "c00-band0")
+    comp = cnnmod.compose(cnnmod.load_modules(out))
+    assert torch.allclose(comp(images)[:, 1], new.score(new.prepare(images)), atol=1e-6)
+
+    rc, stdout, err = run(["remove", str(out), "--class", f"{a}:2", "--out", str(tmp_path / "removed"), "--json"],
+                          capsys)
+    assert rc == 0, err
+    assert json.loads(stdout)["classes"] == [f"{a}:band0", f"{b}:band0"]
+    config = json.loads((tmp_path / "removed" / "config.json").read_text())
+    assert config["kind"] == "composition" and config["removed"] == f"{a}:band2"
+    # bad input: unknown class, a class the composition does not have, a folder of many modules as --with
+    assert_user_error(*run(["remove", str(out), "--class", "nope", "--out", str(tmp_path / "x")], capsys),
+                      "no class 'nope'", "band0")
+    assert_user_error(*run(["replace", str(out), "--class", "band0", "--with", str(dec_b), "--out",
+                            str(tmp_path / "x")], capsys), "matches 2 modules")
+    assert_user_error(*run(["replace", str(out), "--class", f"{a}:band0", "--with", str(dec_b), "--out",
+                            str(tmp_path / "x")], capsys), "must be one module folder")
+    assert_user_error(*run(["replace", str(dec_a), "--class", "band0", "--with",
+                            str(dec_a / "modules" / "c02-band2"), "--out", str(tmp_path / "x")], capsys),
+                      "already")
+    assert not (tmp_path / "x").exists()
+
+
+def test_compose_refuses_other_shapes_and_duplicates(two_models, tmp_path, capsys):
+    dec_a, _, _, _ = two_models
+    c = f"npz:{write_npz(tmp_path / 'c.npz', classes=2, size=10, seed=3)}"
+    dec_c = train_and_decompose(tmp_path, "mc", c, capsys)
+    assert_user_error(*run(["compose", str(dec_a), str(dec_c), "--out", str(tmp_path / "x")], capsys),
+                      "input shapes", "1x10x10", "1x8x8")
+    assert_user_error(*run(["compose", str(dec_a), str(dec_a / "modules" / "c01-band1"), "--out",
+                            str(tmp_path / "x")], capsys), "two modules for class 1")
+    assert_user_error(*run(["compose", str(dec_a), "--out", str(tmp_path / "x"), "--continuous-learning"], capsys),
+                      "at least two data sets")
+    assert not (tmp_path / "x").exists()
+
+
+def test_continuous_learning_keeps_nodes_active_for_foreign_inputs(two_models, tmp_path, capsys):
+    dec_a, dec_b, a, b = two_models
+    out = tmp_path / "cl"
+    rc, _, err = run(["compose", str(dec_a), str(dec_b / "modules" / "c01-band1"), "--out", str(out),
+                      "--continuous-learning"], capsys)
+    assert rc == 0, err
+    before, after = cnnmod.load_modules(dec_a), cnnmod.load_modules(out)[:3]
+    foreign = cnnmod.data.load(b, "train", classes=[1])
+    for m0, m1 in zip(before, after, strict=True):
+        k = max(1, m0.settings["observed"] // 2)  # TI's budget: N_concerned / (n - 1), n = 3
+        first = class_order(foreign.labels, 1, m0.settings["seed"])[0][:k]
+        net, graph = m0.source.net, ModelGraph(m0.source.net, (1, 8, 8))
+        seen: dict[str, torch.Tensor] = {}
+        with hooks(net, graph.points, lambda p, o, seen=seen: seen.__setitem__(p.name, (o > 0).any(0))), \
+                torch.no_grad():
+            net(m0.prepare(foreign.images[first]))
+        for name in m0.masks:  # variant mc: exactly the old keep set plus what the foreign inputs activated
+            assert torch.equal(m1.masks[name], m0.masks[name] | seen[name]), name
+        assert m1.settings["continuous_learning"][0]["per_class"] == k
+    # the foreign module relearned the first model's classes
+    assert [e["data"] for e in cnnmod.load_modules(out)[3].settings["continuous_learning"]] == [a]
+
+
+def test_joined_data_sets_and_training_on_them(tmp_path, capsys):
+    a = f"npz:{write_npz(tmp_path / 'a.npz', classes=3, seed=0)}"
+    joined = cnnmod.data.load(f"digits:3,5+{a}", "test")
+    digits = cnnmod.data.load("digits:3,5", "test")
+    other = cnnmod.data.load(a, "test")
+    assert joined.class_names == ["digits:3", "digits:5", f"{a}:band0", f"{a}:band1", f"{a}:band2"]
+    assert joined.input_shape == (1, 8, 8) and len(joined) == len(digits) + len(other)
+    assert torch.equal(joined.labels, torch.cat([digits.labels, other.labels + 2]))
+    assert torch.equal(joined.images[:len(digits)], digits.images)
+    rc, stdout, err = run(["train", "--arch", "cnn", "--data", "digits:3,5", "--data", a, "--epochs", "1",
+                           "--out", str(tmp_path / "joined"), "--json"], capsys)
+    assert rc == 0, err
+    model = cnnmod.load_model(tmp_path / "joined")
+    assert model.class_names == joined.class_names and model.dataset == f"digits:3,5+{a}"
+    energy = json.loads(stdout)["energy"]
+    assert energy["training_to_best_epoch"]["kwh"] <= energy["training"]["kwh"]
+
+
+def test_resized_training(tmp_path, capsys):
+    rc, _, err = run(["train", "--arch", "cnn", "--data", "digits", "--input-size", "16x16", "--epochs", "1",
+                      "--out", str(tmp_path / "d16")], capsys)
+    assert rc == 0, err
+    model = cnnmod.load_model(tmp_path / "d16")
+    assert model.spec.shape == (1, 16, 16)
+    rc, _, err = run(["decompose", str(tmp_path / "d16"), "--out", str(tmp_path / "d16-dec"), "--ci-samples", "5"],
+                     capsys)
+    assert rc == 0, err
+    assert cnnmod.load_modules(tmp_path / "d16-dec")[0].points[0].shape[1:] == (16, 16)
+    assert_user_error(*run(["train", "--arch", "cnn", "--data", "digits", "--input-size", "big", "--out",
+                            str(tmp_path / "x")], capsys), "--input-size")
+
+
+def test_estimator_energy_is_power_times_time():
+    meter = EnergyMeter("FRA", "estimator", watts=36.0)
+    with meter.phase("work") as m:
+        torch.randn(200, 200) @ torch.randn(200, 200)
+    r = m.record
+    assert r.kwh == pytest.approx(36.0 * r.seconds / 3.6e6, rel=1e-3)
+    assert r.kg_co2e == pytest.approx(r.kwh * carbon_intensities()["FRA"] / 1000, rel=1e-9)
+    assert r.paper_formula_kg_co2e == pytest.approx(r.kwh * PAPER_PUE * PAPER_KG_PER_KWH, rel=1e-9)
+    assert not r.measured and r.power.startswith("estimated")
+    half = r.prorated(0.5, "half")
+    assert half.kwh == pytest.approx(r.kwh / 2) and half.phase == "half"
+
+
+def test_codecarbon_measures_a_phase():
+    meter = EnergyMeter("DEU", "codecarbon")
+    with meter.phase("work") as m:
+        x = torch.randn(300, 300)
+        for _ in range(200):
+            x = torch.tanh(x @ x.T / 300)
+    r = m.record
+    assert r.tracker == "codecarbon" and r.kwh > 0 and r.country == "DEU"
+    assert r.kg_co2e == pytest.approx(r.kwh * carbon_intensities()["DEU"] / 1000, rel=1e-9)
+    assert r.power.startswith(("measured", "estimated"))
+
+
+def test_unknown_country_is_a_user_error(tmp_path, capsys):
+    with pytest.raises(UserError, match="ISO 3166-1 alpha-3"):
+        EnergyMeter("XYZ")
+    assert_user_error(*run(["train", "--arch", "cnn", "--data", "digits", "--epochs", "1", "--country", "ZZZ",
+                            "--out", str(tmp_path / "x")], capsys), "unknown country code 'ZZZ'")
+    assert not (tmp_path / "x").exists()
