@@ -1,4 +1,4 @@
-# make demo: set everything up, then run cnnmod end to end on Fashion-MNIST.
+# make demo: set everything up, then run cnnmod's study end to end on Fashion-MNIST (quick preset).
 # make test: set everything up, then run the test suite.
 # Each target alone does all the set-up on a fresh Debian machine.
 
@@ -23,11 +23,10 @@ $(STAMP): pyproject.toml constraints.txt
 data: $(STAMP)
 	@bash scripts/ensure-fashion-mnist.sh $(BIN)/cnnmod
 
+# The study's quick preset: train, decompose, reuse, replace, measure energy, write runs/demo/report.html.
+# A second run resumes from what the first finished.
 demo: $(STAMP) data
-	$(BIN)/cnnmod train --arch resnet20 --data fashion-mnist --subset 20000 --epochs 3 --out $(DEMO)/model --overwrite
-	$(BIN)/cnnmod evaluate-model $(DEMO)/model
-	$(BIN)/cnnmod decompose $(DEMO)/model --out $(DEMO)/modules --overwrite
-	$(BIN)/cnnmod evaluate $(DEMO)/modules
+	$(BIN)/cnnmod reproduce --preset quick --out $(DEMO)
 
 test: $(STAMP) data
 	$(BIN)/python -m pytest -q

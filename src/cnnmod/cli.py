@@ -292,6 +292,32 @@ def remove_cmd(
     emit(result, as_json, f"removed {result['removed']}")
 
 
+@app.command("reproduce")
+def reproduce_cmd(
+    preset: str = typer.Option("quick", "--preset", help="quick (minutes on 2 CPU cores, small models) or full."),
+    out: Path = typer.Option(..., "--out", help="Study folder: caches, results.json, report.md, report.html."),
+    data: str = typer.Option("fashion-mnist", "--data", help="The main data set."),
+    second_data: str = typer.Option("digits", "--second-data", help="The second data set (inter-data-set scenarios)."),
+    resume: bool = typer.Option(True, "--resume/--no-resume", help="Go on with a study already in --out."),
+    seed: int = SEED, device: str = DEVICE, data_root: str = DATA_ROOT, country: str = COUNTRY,
+    as_json: bool = JSON,
+) -> None:
+    """The paper's whole study: decomposition cost, reuse, replacement, energy, the dense table; with a report."""
+    from .experiments.presets import preset as get_preset
+    from .experiments.study import Study
+    from .report import write_report
+
+    study = Study(out, get_preset(preset), data, second_data, country, seed, device, data_root, resume)
+    results = study.run()
+    results["command"] = " ".join(["cnnmod", "reproduce", "--preset", preset, "--data", data, "--second-data",
+                                   second_data, "--seed", str(seed), "--country", study.meter.country])
+    (Path(out) / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    md, page = write_report(results, Path(out))
+    summary = {"out": str(out), "preset": preset, "report": str(page), "markdown": str(md),
+               "seconds_this_run": results["seconds_this_run"], **results["summary"]}
+    emit(summary, as_json, f"study ({preset}) in {out}")
+
+
 @data_app.command("info")
 def data_info(name: str = typer.Argument(...), data_root: str = DATA_ROOT, as_json: bool = JSON) -> None:
     """Classes, sizes, input shape and folder of a data set."""

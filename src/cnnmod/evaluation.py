@@ -123,9 +123,10 @@ def evaluate_dir(paths: list[str | Path], data: str | None, data_root: str | Non
             "seconds": round(time.perf_counter() - started, 3)}
 
 
-def composition_test_sets(modules: list, data_root: str | None) -> list[tuple[ImageSet, torch.Tensor]]:
+def composition_test_sets(modules: list, data_root: str | None, per_class: int | None = None
+                          ) -> list[tuple[ImageSet, torch.Tensor]]:
     """The test images of a composition's classes, one chunk per data set, each with its labels mapped to the
-    composition's positions."""
+    composition's positions (at most ``per_class`` images of each class, in test-set order, when given)."""
     from .compose import base_dataset
 
     chunks = []
@@ -133,11 +134,14 @@ def composition_test_sets(modules: list, data_root: str | None) -> list[tuple[Im
     for name in datasets:
         positions = [i for i, m in enumerate(modules) if base_dataset(m) == name]
         test = load(name, "test", data_root).subset([modules[i].source_class for i in positions])
+        if per_class is not None:
+            test = test.first_per_class(per_class)
         chunks.append((test, torch.tensor(positions)[test.labels]))
     return chunks
 
 
-def evaluate_composition(modules: list, data_root: str | None, device: torch.device, batch_size: int = 512) -> dict:
+def evaluate_composition(modules: list, data_root: str | None, device: torch.device, batch_size: int = 512,
+                         per_class: int | None = None) -> dict:
     """A composition of modules from any models: top-1, top-5 and per-class accuracy on the union of its classes'
     test images, each from its own data set."""
     from .compose import compose, qualified_name
@@ -145,7 +149,7 @@ def evaluate_composition(modules: list, data_root: str | None, device: torch.dev
     composition = compose(modules).to(device).eval()
     scores, labels = [], []
     started = time.perf_counter()
-    for test, mapped in composition_test_sets(modules, data_root):
+    for test, mapped in composition_test_sets(modules, data_root, per_class):
         scores.append(predict_scores(composition, lambda x: x, test.images, device,
                                      max(8, batch_size // composition.max_group)))
         labels.append(mapped)
@@ -157,6 +161,8 @@ def evaluate_composition(modules: list, data_root: str | None, device: torch.dev
                   "composed_top1": report["per_class"][i]["top1"], "kept_fraction": round(m.kept_fraction(), 6),
                   **binary_report(scores_all, labels_all, i)} for i, m in enumerate(modules)]
     kept = [m.kept_fraction() for m in modules]
+    balanced = [c["top1"] for c in report["per_class"] if c["top1"] is not None]
     return {"composed_top1": report["top1"], "composed_top5": report["top5"],
+            "composed_balanced_top1": round(sum(balanced) / len(balanced), 4) if balanced else None,
             "jaccard_model_mean": round(sum(kept) / len(kept), 6), "test_images": int(labels_all.numel()),
             "composed_seconds": round(composed_seconds, 3), "per_class": per_class}

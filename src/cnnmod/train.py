@@ -41,7 +41,7 @@ class TrainSettings:
     val_split: float = 0.1
     epochs: int = 15
     batch_size: int = 128
-    lr: float | None = None  # sgd: 0.1, adam: 0.001
+    lr: float | None = None  # sgd: 0.1 (0.02 without BatchNorm), adam: 0.001
     optimizer: str = "sgd"
     weight_decay: float | None = None  # sgd: 5e-4, adam: 0
     augment: bool = True
@@ -61,7 +61,9 @@ class TrainSettings:
             raise UserError("--val-split must be in [0, 1)")
         if self.subset is not None and self.subset < 2:
             raise UserError("--subset must be at least 2 images")
-        lr = self.lr if self.lr is not None else (0.1 if self.optimizer == "sgd" else 1e-3)
+        # SGD at 0.1 suits BatchNorm; BatchNorm-free networks diverge there and train at 0.02
+        sgd_lr = 0.02 if self.arch_args.get("bn") is False else 0.1
+        lr = self.lr if self.lr is not None else (sgd_lr if self.optimizer == "sgd" else 1e-3)
         wd = self.weight_decay if self.weight_decay is not None else (5e-4 if self.optimizer == "sgd" else 0.0)
         if lr <= 0:
             raise UserError("--lr must be positive")

@@ -9,6 +9,7 @@ found where Debian's ``dataset-fashion-mnist`` package puts it.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,9 +68,12 @@ NAMES = sorted(KINDS) + ["folder:PATH", "npz:PATH"]
 
 
 def split_spec(spec: str) -> tuple[str, list[int] | None]:
-    """``"fashion-mnist:0,3"`` -> ``("fashion-mnist", [0, 3])``; paths after folder:/npz: are kept whole."""
-    if spec.startswith(("folder:", "npz:")) or "+" in spec:
+    """``"fashion-mnist:0,3"`` -> ``("fashion-mnist", [0, 3])``; ``npz:PATH:0,3`` -> ``("npz:PATH", [0, 3])``."""
+    if "+" in spec:
         return spec, None
+    if spec.startswith(("folder:", "npz:")):  # a path, then optionally :classes (npz:data.npz:0,3)
+        match = re.fullmatch(r"((?:folder|npz):.+?):(\d+(?:,\d+)*)", spec)
+        return (match.group(1), parse_class_list(match.group(2))) if match else (spec, None)
     name, _, classes = spec.partition(":")
     return name, parse_class_list(classes)
 
@@ -141,7 +145,7 @@ def load(spec: str, split: str = "train", data_root: str | os.PathLike | None = 
     """
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', not {split!r}")
-    if "+" in spec and not spec.startswith(("folder:", "npz:")):
+    if "+" in spec:
         joined = _load_union(spec, split, data_root)
         return joined.subset(classes) if classes is not None else joined
     name, spec_classes = split_spec(spec)
@@ -176,7 +180,7 @@ def _load_union(spec: str, split: str, data_root: str | os.PathLike | None) -> I
 
 
 def default_augment(spec: str, data_root: str | os.PathLike | None = None) -> Augment:
-    if "+" in spec and not spec.startswith(("folder:", "npz:")):
+    if "+" in spec:
         augments = [default_augment(p, data_root) for p in spec.split("+") if p]
         return Augment(min(a.crop_padding for a in augments), all(a.hflip for a in augments))
     name, _ = split_spec(spec)

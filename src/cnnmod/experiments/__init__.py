@@ -1,0 +1,1 @@
+"""The paper's study and its presets, built from library calls."""

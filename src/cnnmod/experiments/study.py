@@ -1,0 +1,353 @@
+"""The paper's whole study as one run of library calls (``cnnmod reproduce``).
+
+Parts (rows of ``results.json``): ``decomposition``, ``intra_reuse``, ``inter_reuse``, ``intra_replace``,
+``inter_replace``, ``energy``, ``dense``. Every trained model and every decomposition is cached under the
+study's folder by its settings, every finished part is saved, so an interrupted run resumes where it stopped.
+Energy is measured for every phase by one meter; the figures of a cached phase are kept with it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+from ..classifier import load_model
+from ..data import load
+from ..decompose import DecomposeSettings, decompose
+from ..energy import EnergyMeter
+from ..errors import UserError
+from ..evaluation import evaluate_composition, evaluate_modules, split_for
+from ..metrics import evaluate_classifier
+from ..module import Module
+from ..progress import say
+from ..reuse import continuous_learning
+from ..runtime import pick_device, seed_everything
+from ..store import load_modules, save_composition, save_decomposition
+from ..train import TrainSettings, train
+from .presets import Preset
+
+PAPER = {
+    "decomposition_cost_top1_pp": -1.77, "decomposition_cost_top5_pp": -0.85, "jaccard": 0.63,
+    "intra_reuse_pp": 2.5, "inter_reuse_pp": -12.06, "inter_reuse_cl_pp": -7.63,
+    "intra_replace_top1_pp": 0.7, "intra_replace_top5_pp": 1.0, "inter_replace_top1_pp": 2.5,
+    "inter_replace_top5_pp": -7.1, "co2_reuse_ratio": 23.7, "co2_replace_ratio": 42.0,
+    "dense_model": [85.82, 87.58, 87.09, 87.79], "dense_composed": [85.85, 87.56, 87.10, 87.95],
+}
+PARTS = ("decomposition", "intra_reuse", "inter_reuse", "intra_replace", "inter_replace", "energy", "dense")
+
+
+def _key(payload: dict) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def _mean(values: list[float]) -> float | None:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+class Study:
+    def __init__(self, out: str | Path, preset: Preset, data: str = "fashion-mnist", second: str = "digits",
+                 country: str | None = None, seed: int = 0, device: str = "auto", data_root: str | None = None,
+                 resume: bool = True) -> None:
+        self.out, self.p, self.data, self.second = Path(out), preset, data, second
+        self.seed, self.data_root = seed, data_root
+        self.device = pick_device(device)
+        self.meter = EnergyMeter(country)
+        self.header = json.loads(json.dumps({"preset": preset.to_dict(), "data": data, "second_data": second,
+                                             "seed": seed, "country": self.meter.country}))
+        self._check_folder(resume)
+        self.train_set = load(data, "train", data_root)
+        self.second_train = load(second, "train", data_root)
+        rng = random.Random(seed)
+        k = preset.reuse_classes
+        self.main_classes = sorted(rng.sample(range(self.train_set.num_classes), k))
+        self.second_classes = sorted(rng.sample(range(self.second_train.num_classes), k))
+
+    # ------------------------------------------------------------------ folder and cache
+    def _check_folder(self, resume: bool) -> None:
+        header_path = self.out / "study.json"
+        if header_path.is_file():
+            recorded = json.loads(header_path.read_text())
+            if recorded != self.header:
+                diff = [k for k in self.header if recorded.get(k) != self.header[k]]
+                raise UserError(f"{self.out} holds a study of other settings ({', '.join(diff)}: e.g. preset "
+                                f"{recorded.get('preset', {}).get('name')!r}); choose another --out or remove it")
+            if not resume:
+                raise UserError(f"{self.out} holds a study already; pass --resume to go on with it, or another --out")
+        elif self.out.exists() and any(self.out.iterdir()):
+            raise UserError(f"{self.out} exists and is not a study folder; choose another --out")
+        self.out.mkdir(parents=True, exist_ok=True)
+        header_path.write_text(json.dumps(self.header, indent=2) + "\n")
+
+    def _part_path(self, part: str) -> Path:
+        return self.out / "parts" / f"{part}.json"
+
+    def model(self, name: str, s: TrainSettings) -> tuple[Path, dict]:
+        """A trained model (cached by its settings) and the energy its training took."""
+        folder = self.out / "models" / f"{name}-{_key(asdict(s))}"
+        energy_path = folder / "energy.json"
+        if energy_path.is_file():
+            return folder, json.loads(energy_path.read_text())
+        say(f"[{self.p.name}] training {name}: {s.arch} on {s.data}" + (f" {s.classes}" if s.classes else ""))
+        with self.meter.phase(f"training {name}") as m:
+            result = train(s, folder, overwrite=True, show_progress=False)
+        history, best = result["history"], result["best_epoch"]
+        total = sum(h["seconds"] for h in history)
+        upto = sum(h["seconds"] for h in history if h["epoch"] <= best)
+        energy = {"training": m.record.to_dict(),
+                  "training_to_best_epoch": m.record.prorated(upto / total if total else 1.0, "to best").to_dict()}
+        energy_path.write_text(json.dumps(energy, indent=2) + "\n")
+        return folder, energy
+
+    def train_settings(self, data: str, epochs: int, subset: int | None, classes: list[int] | None = None,
+                       input_size: list[int] | None = None) -> TrainSettings:
+        return TrainSettings(arch=self.p.arch, data=data, arch_args=dict(self.p.arch_args), classes=classes,
+                             subset=subset, epochs=epochs, optimizer=self.p.optimizer, seed=self.seed,
+                             device=str(self.device), data_root=self.data_root, input_size=input_size)
+
+    def decomposition(self, name: str, model_dir: Path, variant: str = "mc-bln") -> tuple[list[Module], dict]:
+        """Modules of a model (cached by model and settings) and the energy decomposing took."""
+        s = DecomposeSettings(variant=variant, ci_samples=self.p.ci_samples, seed=self.seed)
+        folder = self.out / "decompositions" / f"{name}-{variant}-{_key({'model': str(model_dir), **asdict(s)})}"
+        energy_path = folder / "energy.json"
+        if not energy_path.is_file():
+            clf = load_model(model_dir, self.device)
+            train_set = split_for(clf, None, self.data_root, "train")
+            with self.meter.phase(f"decomposition {name}") as m:
+                modules = decompose(clf, train_set, settings=s, device=self.device, show_progress=False)
+            save_decomposition(modules, folder, overwrite=True)
+            energy_path.write_text(json.dumps({"decomposition": m.record.to_dict()}, indent=2) + "\n")
+        return load_modules(folder, self.device), json.loads(energy_path.read_text())
+
+    def compose_measured(self, modules: list[Module], name: str, relearn: bool = False) -> tuple[list[Module], dict]:
+        """Build (and save) a composition, with continuous learning when asked: the cost of reuse."""
+        folder = self.out / "compositions" / name
+        with self.meter.phase(f"composition {name}") as m:
+            if relearn:
+                modules = continuous_learning(modules, self.data_root, self.device)
+            save_composition(modules, folder, overwrite=True)
+        return modules, m.record.to_dict()
+
+    def tma(self, model_dir: Path) -> dict:
+        clf = load_model(model_dir, self.device)
+        test = split_for(clf, None, self.data_root, "test")
+        if self.p.test_per_class is not None:
+            test = test.first_per_class(self.p.test_per_class)
+        report = evaluate_classifier(clf, test, self.device)
+        return {"top1": report["top1"], "top5": report["top5"],
+                "balanced_top1": _mean([c["top1"] for c in report["per_class"]])}
+
+    def composed(self, modules: list[Module]) -> dict:
+        r = evaluate_composition(modules, self.data_root, self.device, per_class=self.p.test_per_class)
+        return {"top1": r["composed_top1"], "top5": r["composed_top5"], "balanced_top1": r["composed_balanced_top1"]}
+
+    # ------------------------------------------------------------------ the models everything starts from
+    def main_model(self) -> tuple[Path, dict]:
+        return self.model("main", self.train_settings(self.data, self.p.epochs, self.p.subset))
+
+    def weak_model(self) -> tuple[Path, dict]:
+        return self.model("weak", self.train_settings(self.data, self.p.weak_epochs, self.p.weak_subset))
+
+    def second_model(self) -> tuple[Path, dict]:
+        size = list(self.train_set.input_shape[1:])
+        return self.model("second", self.train_settings(self.second, self.p.second_epochs, None, input_size=size))
+
+    # ------------------------------------------------------------------ the parts
+    def part_decomposition(self) -> list[dict]:
+        model_dir, energy = self.main_model()
+        clf = load_model(model_dir, self.device)
+        test = split_for(clf, None, self.data_root, "test")
+        if self.p.test_per_class is not None:
+            test = test.first_per_class(self.p.test_per_class)
+        rows = []
+        for variant in self.p.variants:
+            modules, dec_energy = self.decomposition("main", model_dir, variant)
+            report = evaluate_modules(modules, test, self.device)
+            seconds = dec_energy["decomposition"]["seconds"]
+            rows.append({"model": f"{self.p.arch} on {self.data}", "variant": variant,
+                         **{k: v for k, v in report.items() if k != "per_class"}, "per_class": report["per_class"],
+                         "decomposition_seconds": round(seconds, 3),
+                         "training_seconds": round(energy["training"]["seconds"], 3),
+                         "decomposition_to_training": round(seconds / energy["training"]["seconds"], 6)})
+        return rows
+
+    def part_intra_reuse(self) -> list[dict]:
+        modules, _ = self.decomposition("main", self.main_model()[0])
+        rows = []
+        pairs = [(a, b) for i, a in enumerate(self.main_classes) for b in self.main_classes[i + 1:]]
+        for a, b in pairs:
+            tma_dir, train_energy = self.model(f"tma-{a}-{b}", self.train_settings(self.data, self.p.tma_epochs,
+                                                                                  self.p.tma_subset, [a, b]))
+            chosen, reuse_energy = self.compose_measured([modules[a], modules[b]], f"intra-{a}-{b}")
+            tma, ma = self.tma(tma_dir), self.composed(chosen)
+            rows.append({"classes": [a, b], "names": [modules[a].class_name, modules[b].class_name],
+                         "tma": tma["top1"], "ma": ma["top1"], "delta_pp": round(ma["top1"] - tma["top1"], 4),
+                         "training_energy": train_energy, "reuse_energy": reuse_energy})
+        return rows
+
+    def part_inter_reuse(self) -> list[dict]:
+        modules, _ = self.decomposition("main", self.main_model()[0])
+        second, _ = self.decomposition("second", self.second_model()[0])
+        rows = []
+        for a in self.main_classes:
+            for b in self.second_classes:
+                spec = f"{self.data}:{a}+{self.second}:{b}"
+                tma_dir, train_energy = self.model(f"tma-{a}-x{b}", self.train_settings(
+                    spec, self.p.tma_epochs, self.p.tma_subset))
+                plain, reuse_energy = self.compose_measured([modules[a], second[b]], f"inter-{a}-x{b}")
+                learned, cl_energy = self.compose_measured([modules[a], second[b]], f"inter-cl-{a}-x{b}", True)
+                tma, ma, mma = self.tma(tma_dir), self.composed(plain), self.composed(learned)
+                names = [f"{self.data}:{modules[a].class_name}", f"{self.second}:{second[b].class_name}"]
+                rows.append({"classes": names,
+                             "tma": tma["top1"], "ma": ma["top1"], "mma": mma["top1"],
+                             "tma_balanced": tma["balanced_top1"], "ma_balanced": ma["balanced_top1"],
+                             "mma_balanced": mma["balanced_top1"],
+                             "delta_pp": round(ma["top1"] - tma["top1"], 4),
+                             "delta_cl_pp": round(mma["top1"] - tma["top1"], 4),
+                             "training_energy": train_energy, "reuse_energy": reuse_energy,
+                             "reuse_cl_energy": cl_energy})
+        return rows
+
+    def part_intra_replace(self) -> list[dict]:
+        strong, _ = self.decomposition("main", self.main_model()[0])
+        weak, _ = self.decomposition("weak", self.weak_model()[0])
+        prior = self.composed(weak)
+        rows = []
+        for c in range(len(weak)):
+            swapped = list(weak)
+            swapped[c] = strong[c]
+            swapped, energy = self.compose_measured(swapped, f"intra-replace-{c}")
+            after = self.composed(swapped)
+            rows.append({"class": c, "name": weak[c].class_name, "prior_top1": prior["top1"], "top1": after["top1"],
+                         "prior_top5": prior["top5"], "top5": after["top5"],
+                         "gain_top1_pp": round(after["top1"] - prior["top1"], 4),
+                         "gain_top5_pp": round(after["top5"] - prior["top5"], 4), "replace_energy": energy})
+        return rows
+
+    def part_inter_replace(self) -> list[dict]:
+        main_dir = self.main_model()[0]
+        modules, _ = self.decomposition("main", main_dir)
+        second, _ = self.decomposition("second", self.second_model()[0])
+        rows = []
+        for a in self.main_classes:
+            for b in self.second_classes:
+                swapped = list(modules)
+                swapped[a] = second[b]
+                swapped, energy = self.compose_measured(swapped, f"inter-replace-{a}-x{b}")
+                kept = [c for c in range(len(modules)) if c != a]
+                spec = f"{self.data}:{','.join(map(str, kept))}+{self.second}:{b}"
+                tma_dir, train_energy = self.model(f"tma-replace-{a}-x{b}", self.train_settings(
+                    spec, self.p.tma_epochs, self.p.tma_subset))
+                tma, ma = self.tma(tma_dir), self.composed(swapped)
+                rows.append({"replaced": f"{self.data}:{modules[a].class_name}",
+                             "with": f"{self.second}:{second[b].class_name}",
+                             "tma_top1": tma["top1"], "top1": ma["top1"], "tma_top5": tma["top5"], "top5": ma["top5"],
+                             "delta_top1_pp": round(ma["top1"] - tma["top1"], 4),
+                             "delta_top5_pp": round(ma["top5"] - tma["top5"], 4),
+                             "training_energy": train_energy, "replace_energy": energy})
+        return rows
+
+    def part_energy(self, results: dict) -> list[dict]:
+        """Per scenario: training from scratch against reuse, from the figures measured in the other parts."""
+        decomposition = {name: self.decomposition(name, model)[1]["decomposition"]
+                         for name, model in (("main", self.main_model()[0]), ("second", self.second_model()[0]),
+                                             ("weak", self.weak_model()[0]))}
+        rows = []
+        scenarios = (("intra_reuse", "reuse_energy", ["main"]), ("inter_reuse", "reuse_energy", ["main", "second"]),
+                     ("inter_reuse (continuous learning)", "reuse_cl_energy", ["main", "second"]),
+                     ("intra_replace", "replace_energy", ["main", "weak"]),
+                     ("inter_replace", "replace_energy", ["main", "second"]))
+        for label, key, sources in scenarios:
+            part = results.get(label.split(" ")[0]) or []
+            with_training = [r for r in part if "training_energy" in r]
+            reuse = _mean([r[key]["kg_co2e"] for r in part])
+            reuse_kwh = _mean([r[key]["kwh"] for r in part])
+            one_time = sum(decomposition[s]["kg_co2e"] for s in sources)
+            if label == "intra_replace":  # the alternative to replacing modules: training a better model anew
+                main_energy = self.main_model()[1]
+                train_kg = main_energy["training"]["kg_co2e"]
+                best_kg = main_energy["training_to_best_epoch"]["kg_co2e"]
+            else:
+                train_kg = _mean([r["training_energy"]["training"]["kg_co2e"] for r in with_training])
+                best_kg = _mean([r["training_energy"]["training_to_best_epoch"]["kg_co2e"] for r in with_training])
+            rows.append({"scenario": label, "training_kg_co2e": train_kg, "training_to_best_kg_co2e": best_kg,
+                         "reuse_kg_co2e": reuse, "reuse_kwh": reuse_kwh, "decomposition_kg_co2e_once": one_time,
+                         "ratio_training_to_reuse": train_kg / reuse if reuse else None,
+                         "ratio_best_epoch_to_reuse": best_kg / reuse if reuse else None,
+                         "ratio_training_to_reuse_with_decomposition":
+                             train_kg / (reuse + one_time) if reuse is not None else None,
+                         "power": self.meter.records[-1].power if self.meter.records else None,
+                         "tracker": self.meter.backend})
+        return rows
+
+    def part_dense(self) -> list[dict]:
+        rows = []
+        for layers in range(1, 5):
+            s = replace(self.train_settings(self.data, self.p.dense_epochs, None), arch="mlp",
+                        arch_args={"hidden": [49] * layers}, optimizer="adam")
+            model_dir, _ = self.model(f"mlp-{layers}x49", s)
+            clf = load_model(model_dir, self.device)
+            test = split_for(clf, None, self.data_root, "test")
+            for variant in ("mc", "mc-bln"):
+                modules, _ = self.decomposition(f"mlp-{layers}x49", model_dir, variant)
+                r = evaluate_modules(modules, test, self.device)
+                rows.append({"hidden_layers": layers, "variant": variant, "model_top1": r["model_top1"],
+                             "composed_top1": r["composed_top1"], "delta_pp": r["decomposition_cost_top1_pp"],
+                             "jaccard": r["jaccard_model_mean"],
+                             "paper_model_top1": PAPER["dense_model"][layers - 1],
+                             "paper_composed_top1": PAPER["dense_composed"][layers - 1]})
+        return rows
+
+    # ------------------------------------------------------------------ running
+    def run(self, parts: tuple[str, ...] = PARTS) -> dict:
+        seed_everything(self.seed)
+        started = time.perf_counter()
+        results: dict = {}
+        for part in parts:
+            path = self._part_path(part)
+            if path.is_file():
+                results[part] = json.loads(path.read_text())
+                say(f"[{self.p.name}] {part}: done before, kept")
+                continue
+            t0 = time.perf_counter()
+            say(f"[{self.p.name}] {part} ...")
+            rows = self.part_energy(results) if part == "energy" else getattr(self, f"part_{part}")()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(rows, indent=2) + "\n")
+            tmp.replace(path)
+            results[part] = rows
+            say(f"[{self.p.name}] {part}: {time.perf_counter() - t0:.0f} s")
+        summary = summarise(results)
+        out = {**self.header, "main_classes": self.main_classes, "second_classes": self.second_classes,
+               "paper": PAPER, "summary": summary, **results,
+               "seconds_this_run": round(time.perf_counter() - started, 1)}
+        (self.out / "results.json").write_text(json.dumps(out, indent=2) + "\n")
+        return out
+
+
+def summarise(results: dict) -> dict:
+    dec = [r for r in results.get("decomposition", []) if r["variant"] == "mc-bln"]
+    s = {
+        "decomposition_cost_top1_pp": _mean([r["decomposition_cost_top1_pp"] for r in dec]),
+        "decomposition_cost_top5_pp": _mean([r["decomposition_cost_top5_pp"] for r in dec]),
+        "jaccard": _mean([r["jaccard_model_mean"] for r in dec]),
+        "intra_reuse_pp": _mean([r["delta_pp"] for r in results.get("intra_reuse", [])]),
+        "inter_reuse_pp": _mean([r["delta_pp"] for r in results.get("inter_reuse", [])]),
+        "inter_reuse_cl_pp": _mean([r["delta_cl_pp"] for r in results.get("inter_reuse", [])]),
+        "intra_replace_top1_pp": _mean([r["gain_top1_pp"] for r in results.get("intra_replace", [])]),
+        "intra_replace_top5_pp": _mean([r["gain_top5_pp"] for r in results.get("intra_replace", [])]),
+        "inter_replace_top1_pp": _mean([r["delta_top1_pp"] for r in results.get("inter_replace", [])]),
+        "inter_replace_top5_pp": _mean([r["delta_top5_pp"] for r in results.get("inter_replace", [])]),
+    }
+    energy = {r["scenario"]: r for r in results.get("energy", [])}
+    reuse = [energy[k]["ratio_training_to_reuse"] for k in ("intra_reuse", "inter_reuse") if k in energy]
+    replace_ = [energy[k]["ratio_training_to_reuse"] for k in ("intra_replace", "inter_replace") if k in energy]
+    s["co2_reuse_ratio"] = _mean(reuse)
+    s["co2_replace_ratio"] = _mean(replace_)
+    return s
+

@@ -1,0 +1,68 @@
+"""The study (``cnnmod reproduce``) on a tiny preset: every part, resuming, the report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import write_npz
+from test_cli import assert_user_error, run
+
+from cnnmod.errors import UserError
+from cnnmod.experiments.presets import Preset
+from cnnmod.experiments.study import Study
+from cnnmod.report import write_report
+
+TINY = Preset(name="tiny", arch="cnn", epochs=2, weak_epochs=1, weak_subset=30, second_epochs=2, tma_epochs=1,
+              optimizer="adam", ci_samples=20, reuse_classes=2, dense_epochs=1)
+
+
+@pytest.fixture
+def datasets(tmp_path: Path) -> tuple[str, str]:
+    return (f"npz:{write_npz(tmp_path / 'a.npz', classes=3, seed=0)}",
+            f"npz:{write_npz(tmp_path / 'b.npz', n_per_class=30, classes=2, seed=7)}")
+
+
+def test_every_part_then_resume_and_report(tmp_path, datasets):
+    a, b = datasets
+    out = tmp_path / "study"
+    study = Study(out, TINY, a, b, "FRA", seed=1, device="cpu")
+    results = study.run()
+    assert len(study.meter.records) > 0
+    assert len(results["decomposition"]) == 3 and {r["variant"] for r in results["decomposition"]} == {
+        "mc", "mc-bln", "mc-bi"}
+    assert len(results["intra_reuse"]) == 1            # C(2, 2) pairs of the 2 drawn classes
+    assert len(results["inter_reuse"]) == 4            # 2 x 2
+    assert len(results["intra_replace"]) == 3          # every class of the weak model, in turn
+    assert len(results["inter_replace"]) == 4
+    assert len(results["dense"]) == 8                  # 1-4 hidden layers x 2 variants
+    assert [e["scenario"] for e in results["energy"]][0] == "intra_reuse"
+    for row in results["intra_reuse"]:
+        assert row["delta_pp"] == pytest.approx(row["ma"] - row["tma"], abs=1e-3)
+        assert row["training_energy"]["training"]["kg_co2e"] > 0 and row["reuse_energy"]["kwh"] > 0
+    for row in results["intra_replace"]:
+        assert row["prior_top1"] == results["intra_replace"][0]["prior_top1"]  # the same weak composition
+    s = results["summary"]
+    assert s["intra_reuse_pp"] == pytest.approx(sum(r["delta_pp"] for r in results["intra_reuse"]), abs=1e-6)
+    # a second run resumes: nothing is trained or measured again, and the figures are the same
+    again = Study(out, TINY, a, b, "FRA", seed=1, device="cpu")
+    second = again.run()
+    assert again.meter.records == [] and second["summary"] == s
+    md, page = write_report(second, out)
+    text = md.read_text()
+    assert "## 1. Decomposition cost" in text and "| intra-data-set reuse, MA - TMA (pp) |" in text
+    assert page.read_text().count("data:image/png;base64,") == 4
+    # another preset's folder is refused, naming what differs
+    with pytest.raises(UserError, match="other settings"):
+        Study(out, Preset(name="other", arch="cnn"), a, b, "FRA", seed=1, device="cpu")
+
+
+def test_reproduce_command_bad_input(tmp_path, capsys):
+    assert_user_error(*run(["reproduce", "--preset", "huge", "--out", str(tmp_path / "s")], capsys),
+                      "unknown preset 'huge'")
+    assert_user_error(*run(["reproduce", "--out", str(tmp_path / "s"), "--country", "QQQ"], capsys),
+                      "unknown country code")
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "file").write_text("x")
+    assert_user_error(*run(["reproduce", "--out", str(tmp_path / "busy")], capsys), "not a study folder")
+    assert not (tmp_path / "s").exists()
