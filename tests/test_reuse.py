@@ -194,3 +194,43 @@ def test_unknown_country_is_a_user_error(tmp_path, capsys):
     assert_user_error(*run(["train", "--arch", "cnn", "--data", "digits", "--epochs", "1", "--country", "ZZZ",
                             "--out", str(tmp_path / "x")], capsys), "unknown country code 'ZZZ'")
     assert not (tmp_path / "x").exists()
+
+
+def test_calibration_fit_recovers_a_known_scale():
+    from cnnmod.calibrate import apply, fit
+
+    g = torch.Generator().manual_seed(0)
+    true_margin = torch.randn(20000, generator=g) * 2
+    targets = torch.rand(20000, generator=g) < torch.sigmoid(true_margin)
+    c = fit(5.0 * true_margin, targets)  # a module whose scores are 5x too confident
+    assert c["temperature"] == pytest.approx(5.0, rel=0.1)
+    assert c["platt"][0] == pytest.approx(0.2, rel=0.1) and abs(c["platt"][1]) < 0.1
+    assert c["loss_temperature"] < c["loss_none"]
+    m = torch.linspace(-3, 3, 13)
+    assert torch.equal(apply(m, c, "temperature") > 0.5, m > 0)  # a temperature never moves the vote threshold
+    assert torch.equal(apply(m, None, "platt"), torch.sigmoid(m))
+
+
+def test_calibrated_composition(two_models, tmp_path, capsys):
+    dec_a, dec_b, a, b = two_models
+    modules = cnnmod.load_modules(dec_a) + [cnnmod.load_module(dec_b / "modules" / "c01-band1")]
+    assert all(m.calibration and m.calibration["per_class"] == 100 for m in modules)
+    images = torch.randint(0, 256, (6, 1, 8, 8), dtype=torch.uint8)
+    for mode in ("none", "temperature", "platt"):
+        scores = cnnmod.compose(modules, calibration=mode)(images)
+        for i, m in enumerate(modules):
+            assert torch.allclose(scores[:, i], m.score(m.prepare(images), mode), atol=1e-6)
+    out = tmp_path / "calibrated"
+    rc, stdout, err = run(["compose", str(dec_a), str(dec_b / "modules" / "c01-band1"), "--out", str(out),
+                           "--calibration", "platt", "--json"], capsys)
+    assert rc == 0, err
+    rc, stdout, err = run(["evaluate", str(out), "--json"], capsys)
+    assert rc == 0 and json.loads(stdout)["calibration"] == "platt"
+    # modules made without calibration cannot be composed with it
+    rc, _, err = run(["decompose", str(tmp_path / "ma"), "--out", str(tmp_path / "nocal"), "--calibration-samples",
+                      "0"], capsys)
+    assert rc == 0, err
+    assert_user_error(*run(["compose", str(tmp_path / "nocal"), "--out", str(tmp_path / "x"), "--calibration",
+                            "platt"], capsys), "no calibration")
+    assert_user_error(*run(["compose", str(dec_a), "--out", str(tmp_path / "x"), "--calibration", "magic"], capsys),
+                      "unknown calibration")

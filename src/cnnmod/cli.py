@@ -204,6 +204,8 @@ def decompose_cmd(
     delta: float = typer.Option(0.5, "--delta", help="MC-BLN's weight threshold."),
     condition: str = typer.Option("pseudocode", "--condition",
                                   help="MC-BLN's marking rule: pseudocode (default) or prose."),
+    calibration_samples: int = typer.Option(100, "--calibration-samples",
+                                            help="Held-out training inputs per class to fit score calibration."),
     measure: bool = typer.Option(True, "--measure/--no-measure",
                                  help="Record each module's binary accuracy on the test split."),
     batch_size: int = typer.Option(256, "--batch-size"),
@@ -217,7 +219,8 @@ def decompose_cmd(
     from .workflows import decompose_dir
 
     settings = DecomposeSettings(variant=variant, delta=delta, condition=condition, ci_samples=ci_samples,
-                                 correct_only=correct_only, tau=tau, seed=seed)
+                                 correct_only=correct_only, tau=tau, seed=seed,
+                                 calibration_samples=calibration_samples)
     result = decompose_dir(model_dir, out, settings, data, parse_class_list(classes), data_root, device, batch_size,
                            measure, overwrite, EnergyMeter(country))
     if int(os.environ.get("RANK", "0")) == 0:
@@ -228,6 +231,8 @@ def decompose_cmd(
 def evaluate_cmd(
     paths: list[Path] = typer.Argument(..., help="A decomposition or composition folder, or module folders."),
     data: str = typer.Option(None, "--data", help="Test data for one model's modules (default: its data set)."),
+    calibration: str = typer.Option(None, "--calibration",
+                                    help="none, temperature or platt (default: the composition's own)."),
     batch_size: int = typer.Option(512, "--batch-size"),
     device: str = DEVICE, data_root: str = DATA_ROOT, country: str = COUNTRY, as_json: bool = JSON,
 ) -> None:
@@ -237,7 +242,7 @@ def evaluate_cmd(
     from .evaluation import evaluate_dir
 
     with EnergyMeter(country).phase("evaluation") as m:
-        result = evaluate_dir(paths, data, data_root, device, batch_size)
+        result = evaluate_dir(paths, data, data_root, device, batch_size, calibration)
     result["energy"] = {"evaluation": m.record.to_dict()}
     emit(result, as_json, "model vs composed modules")
 
@@ -249,6 +254,9 @@ def compose_cmd(
     out: Path = typer.Option(..., "--out", help="Output composition folder."),
     continuous_learning: bool = typer.Option(False, "--continuous-learning",
                                              help="Modules relearn the other data sets' classes (no training)."),
+    calibration: str = typer.Option("none", "--calibration",
+                                    help="Compare scores as they are (none, the paper) or calibrated: temperature, "
+                                    "platt."),
     batch_size: int = typer.Option(256, "--batch-size"),
     device: str = DEVICE, data_root: str = DATA_ROOT, overwrite: bool = OVERWRITE, country: str = COUNTRY,
     as_json: bool = JSON,
@@ -258,7 +266,7 @@ def compose_cmd(
     from .reuse import compose_dirs
 
     with EnergyMeter(country).phase("composition") as m:
-        result = compose_dirs(paths, out, continuous_learning, data_root, device, batch_size, overwrite)
+        result = compose_dirs(paths, out, continuous_learning, data_root, device, batch_size, overwrite, calibration)
     result["energy"] = {"composition": m.record.to_dict()}
     emit(result, as_json, f"composed {len(result['classes'])} modules into {out}")
 

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .calibrate import MODES, apply
 from .data.registry import split_spec
 from .errors import UserError
 from .module import Module, masked_features
@@ -55,6 +56,16 @@ def check_composable(modules: Sequence[Module], replacing: bool = False) -> None
             seen[key] = m
 
 
+def check_calibration(modules: Sequence[Module], calibration: str) -> None:
+    if calibration not in MODES:
+        raise UserError(f"unknown calibration {calibration!r}; choose {', '.join(MODES)}")
+    if calibration != "none":
+        missing = [m.class_name for m in modules if not m.calibration]
+        if missing:
+            raise UserError(f"the modules of {', '.join(missing[:3])} have no calibration; decompose with "
+                            "--calibration-samples N (N > 0), or compose with --calibration none")
+
+
 class Composition(nn.Module):
     """A classifier over its modules' classes: uint8 images (B, C, H, W) -> scores p_c (B, K).
 
@@ -62,9 +73,11 @@ class Composition(nn.Module):
     :meth:`predict` applies the voting rule.
     """
 
-    def __init__(self, modules: Sequence[Module], replacing: bool = False) -> None:
+    def __init__(self, modules: Sequence[Module], replacing: bool = False, calibration: str = "none") -> None:
         super().__init__()
         check_composable(modules, replacing)
+        check_calibration(modules, calibration)
+        self.calibration = calibration
         self.parts = nn.ModuleList(modules)
         groups: dict[int, list[int]] = {}
         for i, m in enumerate(modules):
@@ -109,7 +122,13 @@ class Composition(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         scores = torch.empty(images.shape[0], len(self.parts), device=images.device)
         for group in self.groups:
-            p = F.softmax(self.group_logits(group, images), dim=-1)[..., 0]  # (K, B)
+            logits = self.group_logits(group, images)
+            if self.calibration == "none":
+                p = F.softmax(logits, dim=-1)[..., 0]  # (K, B)
+            else:
+                margins = logits[..., 0] - logits[..., 1]
+                p = torch.stack([apply(margins[j], self.parts[i].calibration, self.calibration)
+                                 for j, i in enumerate(group)])
             scores[:, group] = p.T.to(scores.dtype)
         return scores
 
@@ -117,6 +136,7 @@ class Composition(nn.Module):
         return vote(self.forward(images))
 
 
-def compose(modules: Sequence[Module], replacing: bool = False) -> Composition:
-    """Compose modules (any classes, from any models that take the same input) into one classifier."""
-    return Composition(modules, replacing)
+def compose(modules: Sequence[Module], replacing: bool = False, calibration: str = "none") -> Composition:
+    """Compose modules (any classes, from any models that take the same input) into one classifier; with
+    ``calibration`` "temperature" or "platt" the modules' calibrated scores are compared."""
+    return Composition(modules, replacing, calibration)

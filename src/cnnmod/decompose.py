@@ -21,7 +21,7 @@ from .data.transforms import InputSpec
 from .errors import UserError
 from .graph import ModelGraph
 from .module import Module, binary_head
-from .observe import ActivationStats, observe
+from .observe import ActivationStats, class_order, observe
 from .runtime import Distributed
 
 VARIANTS = ("mc", "mc-bln", "mc-bi")
@@ -39,6 +39,7 @@ class DecomposeSettings:
     correct_only: bool = False      # observe only inputs the model classifies correctly
     tau: float = 0.0                # activation-rate threshold of concern identification (0: the paper)
     seed: int = 0
+    calibration_samples: int = 100  # held-out training inputs per class to fit score calibration (0: none)
 
     def check(self) -> None:
         if self.variant not in VARIANTS:
@@ -51,6 +52,8 @@ class DecomposeSettings:
             raise UserError(f"--delta must be >= 0, got {self.delta}")
         if self.ci_samples < 1:
             raise UserError(f"--ci-samples must be at least 1, got {self.ci_samples}")
+        if self.calibration_samples < 0:
+            raise UserError(f"--calibration-samples must be >= 0, got {self.calibration_samples}")
 
 
 def as_classifier(model: nn.Module, data: ImageSet) -> Classifier:
@@ -163,7 +166,40 @@ def decompose(model: nn.Module, data: ImageSet, variant: str | None = None, *, c
     for m in modules:
         m.metrics["kept_fraction"] = round(m.kept_fraction(), 6)
         m.settings["decomposition_seconds"] = round(seconds, 3)
+    if s.calibration_samples > 0:
+        started = time.perf_counter()
+        calibrate_modules(modules, data, s.calibration_samples, s.seed, batch_size)
+        for m in modules:
+            m.settings["calibration_seconds"] = round(time.perf_counter() - started, 3)
     return modules
+
+
+def calibration_set(data: ImageSet, per_class: int, seed: int) -> ImageSet:
+    """Held-out inputs for calibration: the last ``per_class`` of each class in the observation order, so they
+    are disjoint from the observed first N whenever a class has at least N + per_class inputs."""
+    order = class_order(data.labels, data.num_classes, seed)
+    return data.take(torch.cat([idx[-per_class:] for idx in order]))
+
+
+@torch.no_grad()
+def calibrate_modules(modules: list[Module], data: ImageSet, per_class: int, seed: int, batch_size: int = 256
+                      ) -> None:
+    """Fit every module's score calibration (temperature and Platt) on held-out training inputs, in one batched
+    pass of all modules."""
+    from .calibrate import fit
+    from .compose import Composition
+
+    held = calibration_set(data, per_class, seed)
+    comp = Composition(modules).eval()
+    device = modules[0].head_weight.device
+    margins = []
+    for start in range(0, len(held), max(8, batch_size // len(modules))):
+        images = held.images[start:start + max(8, batch_size // len(modules))].to(device)
+        logits = comp.group_logits(list(range(len(modules))), images)  # (K, B, 2)
+        margins.append((logits[..., 0] - logits[..., 1]).cpu())
+    margins_all = torch.cat(margins, dim=1)
+    for k, m in enumerate(modules):
+        m.calibration = {**fit(margins_all[k], held.labels == m.concerned), "per_class": per_class}
 
 
 def settings_of(module: Module) -> DecomposeSettings:
@@ -191,6 +227,7 @@ def relearn(module: Module, foreign: ImageSet, *, device: torch.device | None = 
     learned = list(module.settings.get("continuous_learning", [])) + [
         {"data": foreign.name, "classes": foreign.class_names, "per_class": k}]
     out = Module(module.source, module.graph, module.concerned, masks, module.head_weight.cpu(),
-                 module.head_bias.cpu(), {**module.settings, "continuous_learning": learned}, dict(module.metrics))
+                 module.head_bias.cpu(), {**module.settings, "continuous_learning": learned}, dict(module.metrics),
+                 module.calibration)  # fitted before relearning: the head and the source's data are unchanged
     out.metrics["kept_fraction"] = round(out.kept_fraction(), 6)
     return out.to(device)

@@ -64,7 +64,7 @@ def binary_report(scores: torch.Tensor, labels: torch.Tensor, column: int) -> di
 
 
 def evaluate_modules(modules: list, test: ImageSet, device: torch.device, batch_size: int = 512,
-                     show_progress: bool = False) -> dict:
+                     calibration: str = "none") -> dict:
     """Model vs the composition of ``modules`` (all of one source model) on ``test``, whose labels are the
     modules' positions. The model is scored on the same classes (its logits restricted to them)."""
     from .compose import compose
@@ -74,7 +74,7 @@ def evaluate_modules(modules: list, test: ImageSet, device: torch.device, batch_
     columns = torch.tensor([m.concerned for m in modules])
     model_scores = predict_scores(lambda x: source(x)[:, columns.to(x.device)], source.prepare, test.images,
                                   device, batch_size)
-    composition = compose(modules).to(device).eval()
+    composition = compose(modules, calibration=calibration).to(device).eval()
     started = time.perf_counter()
     composed_scores = predict_scores(composition, lambda x: x, test.images, device,
                                      max(8, batch_size // composition.max_group))
@@ -100,26 +100,30 @@ def evaluate_modules(modules: list, test: ImageSet, device: torch.device, batch_
 
 
 def evaluate_dir(paths: list[str | Path], data: str | None, data_root: str | None, device: str = "auto",
-                 batch_size: int = 512) -> dict:
+                 batch_size: int = 512, calibration: str | None = None) -> dict:
     """``cnnmod evaluate``: decomposition folders or module folders of one source model, on its test set."""
-    from .store import load_modules
+    from .store import calibration_of, load_modules
 
     started = time.perf_counter()
     dev = pick_device(device)
     modules = load_modules(paths, dev)
+    if calibration is None:  # a composition's own setting, else the paper's scores
+        recorded = {calibration_of(p) for p in paths}
+        calibration = recorded.pop() if len(recorded) == 1 else "none"
     sources = {id(m.source) for m in modules}
     if len(sources) > 1:
         if data is not None:
             raise UserError("--data applies to modules of one model; a composition across models is evaluated on "
                             "each class's own data set")
-        report = evaluate_composition(modules, data_root, dev, batch_size)
-        return {"paths": [str(p) for p in paths], "modules": len(modules), **report,
+        report = evaluate_composition(modules, data_root, dev, batch_size, calibration=calibration)
+        return {"paths": [str(p) for p in paths], "modules": len(modules), "calibration": calibration, **report,
                 "seconds": round(time.perf_counter() - started, 3)}
     clf = modules[0].source
     test = test_set_for(clf, data, data_root).subset([m.concerned for m in modules])
-    report = evaluate_modules(modules, test, dev, batch_size)
+    report = evaluate_modules(modules, test, dev, batch_size, calibration)
     return {"paths": [str(p) for p in paths], "data": data or clf.dataset,
-            "variant": modules[0].settings.get("variant"), "modules": len(modules), **report,
+            "variant": modules[0].settings.get("variant"), "modules": len(modules), "calibration": calibration,
+            **report,
             "seconds": round(time.perf_counter() - started, 3)}
 
 
@@ -141,12 +145,12 @@ def composition_test_sets(modules: list, data_root: str | None, per_class: int |
 
 
 def evaluate_composition(modules: list, data_root: str | None, device: torch.device, batch_size: int = 512,
-                         per_class: int | None = None) -> dict:
+                         per_class: int | None = None, calibration: str = "none") -> dict:
     """A composition of modules from any models: top-1, top-5 and per-class accuracy on the union of its classes'
     test images, each from its own data set."""
     from .compose import compose, qualified_name
 
-    composition = compose(modules).to(device).eval()
+    composition = compose(modules, calibration=calibration).to(device).eval()
     scores, labels = [], []
     started = time.perf_counter()
     for test, mapped in composition_test_sets(modules, data_root, per_class):

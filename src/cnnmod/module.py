@@ -62,7 +62,7 @@ class Module(nn.Module):
 
     def __init__(self, source: Classifier, graph: ModelGraph, concerned: int, masks: dict[str, torch.Tensor],
                  head_weight: torch.Tensor, head_bias: torch.Tensor, settings: dict | None = None,
-                 metrics: dict | None = None) -> None:
+                 metrics: dict | None = None, calibration: dict | None = None) -> None:
         super().__init__()
         self.source = source
         self.graph = graph
@@ -80,6 +80,7 @@ class Module(nn.Module):
         self.register_buffer("head_bias", head_bias.float(), persistent=False)
         self.settings = dict(settings or {})
         self.metrics = dict(metrics or {})
+        self.calibration = dict(calibration) if calibration else None  # see cnnmod.calibrate
 
     # ---------------------------------------------------------------- what it is
     @property
@@ -125,8 +126,14 @@ class Module(nn.Module):
         features = masked_features(self.source.net, self.points, self.classifier_name, masks, x)[0]
         return features @ self.head_weight.T + self.head_bias
 
-    def score(self, x: torch.Tensor) -> torch.Tensor:
-        return F.softmax(self.forward(x), dim=-1)[:, 0]
+    def score(self, x: torch.Tensor, calibration: str = "none") -> torch.Tensor:
+        """p_c; ``calibration`` "temperature" or "platt" applies the module's fitted calibration."""
+        if calibration == "none":
+            return F.softmax(self.forward(x), dim=-1)[:, 0]
+        from .calibrate import apply
+
+        logits = self.forward(x)
+        return apply(logits[:, 0] - logits[:, 1], self.calibration, calibration)
 
 
 def jaccard(a: torch.Tensor, b: torch.Tensor) -> float:

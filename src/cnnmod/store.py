@@ -78,6 +78,7 @@ def module_config(m: Module, source_rel: str, source_sha: str) -> dict:
                        "num_classes": m.source.num_classes},
             "points": [{"name": p.name, "shape": list(p.shape)} for p in m.points],
             "classifier": m.classifier_name, "settings": m.settings, "metrics": m.metrics,
+            "calibration": m.calibration,
             "kept_nodes": m.kept_nodes(), "total_nodes": m.total_nodes()}
 
 
@@ -217,7 +218,7 @@ def load_module(path: str | os.PathLike, device: torch.device | str = "cpu",
     except KeyError as e:
         raise UserError(f"{path}/model.safetensors lacks {e}; the module is damaged")
     m = Module(clf, graph, config["concerned_class"], masks, head_w, head_b, config.get("settings"),
-               config.get("metrics"))
+               config.get("metrics"), config.get("calibration"))
     return m.to(device)
 
 
@@ -241,6 +242,12 @@ def load_modules(paths: str | os.PathLike | Sequence[str | os.PathLike], device:
         paths = [paths]
     sources = SourceCache()
     return [load_module(p, device, sources) for path in paths for p in module_paths(path)]
+
+
+def calibration_of(path: str | os.PathLike) -> str:
+    """The calibration a composition folder was made with ("none" for anything else)."""
+    config = read_config(path)
+    return config.get("calibration", "none") if config["kind"] == "composition" else "none"
 
 
 def load_source_of(path: str | os.PathLike, device: torch.device | str = "cpu") -> Classifier | None:
