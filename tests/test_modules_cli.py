@@ -168,3 +168,26 @@ def test_torchrun_decomposition_equals_single_process(model_dir, decomposition, 
     single, sharded = cnnmod.load_modules(out), cnnmod.load_modules(tmp_path / "ddp")
     for a, b in zip(single, sharded, strict=True):
         assert all(torch.equal(a.masks[k], b.masks[k]) for k in a.masks)
+
+
+def test_cost_of_modules_and_compositions(decomposition, capsys):
+    from cnnmod.cost import cost_report, count_params
+
+    out, _ = decomposition
+    modules = cnnmod.load_modules(out)
+    source = modules[0].source
+    model_params = sum(p.numel() for p in source.net.parameters())
+    features = modules[0].head_weight.shape[1]
+    assert count_params(modules[0]) == model_params + 2 * features + 2  # node masks remove no weight
+    comp = cnnmod.compose(modules)
+    assert count_params(comp) == model_params + 3 * (2 * features + 2)  # the source once, three heads
+    images = torch.randint(0, 256, (16, 1, 8, 8), dtype=torch.uint8)
+    report = cost_report(comp, images)
+    assert report["flops_fraction"] == pytest.approx(3.0, rel=0.01)  # three model passes, batched
+    assert cost_report(modules[1], images)["flops_fraction"] == pytest.approx(1.0, rel=0.01)
+    rc, stdout, err = run(["evaluate", str(out), "--json", "--latency-batch", "8"], capsys)
+    assert rc == 0, err
+    cost = json.loads(stdout)["cost"]
+    assert cost["composition"]["latency_batch"] == 8 and cost["module_mean"]["params_fraction"] > 1
+    assert set(cost["composition"]) >= {"params", "flops", "latency_ms", "params_fraction", "flops_fraction",
+                                        "latency_fraction"}

@@ -233,6 +233,8 @@ def evaluate_cmd(
     data: str = typer.Option(None, "--data", help="Test data for one model's modules (default: its data set)."),
     calibration: str = typer.Option(None, "--calibration",
                                     help="none, temperature or platt (default: the composition's own)."),
+    cost: bool = typer.Option(True, "--cost/--no-cost", help="Measure parameters, FLOPs and latency too."),
+    latency_batch: int = typer.Option(256, "--latency-batch", help="Batch size of the latency measurement."),
     batch_size: int = typer.Option(512, "--batch-size"),
     device: str = DEVICE, data_root: str = DATA_ROOT, country: str = COUNTRY, as_json: bool = JSON,
 ) -> None:
@@ -242,7 +244,7 @@ def evaluate_cmd(
     from .evaluation import evaluate_dir
 
     with EnergyMeter(country).phase("evaluation") as m:
-        result = evaluate_dir(paths, data, data_root, device, batch_size, calibration)
+        result = evaluate_dir(paths, data, data_root, device, batch_size, calibration, cost, latency_batch)
     result["energy"] = {"evaluation": m.record.to_dict()}
     emit(result, as_json, "model vs composed modules")
 

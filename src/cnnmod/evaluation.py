@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from .artifacts import read_config
 from .classifier import Classifier, load_model
 from .data import load, split_spec
 from .data.dataset import ImageSet
@@ -99,8 +100,22 @@ def evaluate_modules(modules: list, test: ImageSet, device: torch.device, batch_
             "test_images": len(test), "composed_seconds": round(composed_seconds, 3), "per_class": per_class}
 
 
+def costs(modules: list, images: torch.Tensor, per_module: bool, calibration: str = "none") -> dict:
+    """Parameters, FLOPs and latency: of the composition as a whole and, with ``per_module``, the mean over the
+    modules (each against its source model)."""
+    from .compose import compose
+    from .cost import cost_report
+
+    out = {"composition": cost_report(compose(modules, calibration=calibration), images)}
+    if per_module:
+        reports = [cost_report(m, images) for m in modules]
+        out["module_mean"] = {k: round(sum(r[k] for r in reports) / len(reports), 4) for k in reports[0]}
+    return out
+
+
 def evaluate_dir(paths: list[str | Path], data: str | None, data_root: str | None, device: str = "auto",
-                 batch_size: int = 512, calibration: str | None = None) -> dict:
+                 batch_size: int = 512, calibration: str | None = None, cost: bool = True,
+                 latency_batch: int = 256) -> dict:
     """``cnnmod evaluate``: decomposition folders or module folders of one source model, on its test set."""
     from .store import calibration_of, load_modules
 
@@ -116,11 +131,18 @@ def evaluate_dir(paths: list[str | Path], data: str | None, data_root: str | Non
             raise UserError("--data applies to modules of one model; a composition across models is evaluated on "
                             "each class's own data set")
         report = evaluate_composition(modules, data_root, dev, batch_size, calibration=calibration)
+        if cost:
+            images = composition_test_sets(modules, data_root)[0][0].images[:latency_batch].to(dev)
+            report["cost"] = costs(modules, images, per_module=False, calibration=calibration)
         return {"paths": [str(p) for p in paths], "modules": len(modules), "calibration": calibration, **report,
                 "seconds": round(time.perf_counter() - started, 3)}
     clf = modules[0].source
     test = test_set_for(clf, data, data_root).subset([m.concerned for m in modules])
     report = evaluate_modules(modules, test, dev, batch_size, calibration)
+    if cost:
+        whole = any(read_config(p)["kind"] == "composition" for p in paths)
+        report["cost"] = costs(modules, test.images[:latency_batch].to(dev), per_module=not whole,
+                               calibration=calibration)
     return {"paths": [str(p) for p in paths], "data": data or clf.dataset,
             "variant": modules[0].settings.get("variant"), "modules": len(modules), "calibration": calibration,
             **report,

@@ -141,8 +141,9 @@ class Study:
         return {"top1": report["top1"], "top5": report["top5"],
                 "balanced_top1": _mean([c["top1"] for c in report["per_class"]])}
 
-    def composed(self, modules: list[Module]) -> dict:
-        r = evaluate_composition(modules, self.data_root, self.device, per_class=self.p.test_per_class)
+    def composed(self, modules: list[Module], calibration: str = "none") -> dict:
+        r = evaluate_composition(modules, self.data_root, self.device, per_class=self.p.test_per_class,
+                                 calibration=calibration)
         return {"top1": r["composed_top1"], "top5": r["composed_top5"], "balanced_top1": r["composed_balanced_top1"]}
 
     # ------------------------------------------------------------------ the models everything starts from
@@ -201,6 +202,7 @@ class Study:
                 plain, reuse_energy = self.compose_measured([modules[a], second[b]], f"inter-{a}-x{b}")
                 learned, cl_energy = self.compose_measured([modules[a], second[b]], f"inter-cl-{a}-x{b}", True)
                 tma, ma, mma = self.tma(tma_dir), self.composed(plain), self.composed(learned)
+                ma_cal, mma_cal = self.composed(plain, "platt"), self.composed(learned, "platt")
                 names = [f"{self.data}:{modules[a].class_name}", f"{self.second}:{second[b].class_name}"]
                 rows.append({"classes": names,
                              "tma": tma["top1"], "ma": ma["top1"], "mma": mma["top1"],
@@ -208,6 +210,9 @@ class Study:
                              "mma_balanced": mma["balanced_top1"],
                              "delta_pp": round(ma["top1"] - tma["top1"], 4),
                              "delta_cl_pp": round(mma["top1"] - tma["top1"], 4),
+                             "ma_calibrated": ma_cal["top1"], "mma_calibrated": mma_cal["top1"],
+                             "delta_calibrated_pp": round(ma_cal["top1"] - tma["top1"], 4),
+                             "delta_cl_calibrated_pp": round(mma_cal["top1"] - tma["top1"], 4),
                              "training_energy": train_energy, "reuse_energy": reuse_energy,
                              "reuse_cl_energy": cl_energy})
         return rows
@@ -215,17 +220,20 @@ class Study:
     def part_intra_replace(self) -> list[dict]:
         strong, _ = self.decomposition("main", self.main_model()[0])
         weak, _ = self.decomposition("weak", self.weak_model()[0])
-        prior = self.composed(weak)
+        prior, prior_cal = self.composed(weak), self.composed(weak, "platt")
         rows = []
         for c in range(len(weak)):
             swapped = list(weak)
             swapped[c] = strong[c]
             swapped, energy = self.compose_measured(swapped, f"intra-replace-{c}")
-            after = self.composed(swapped)
+            after, after_cal = self.composed(swapped), self.composed(swapped, "platt")
             rows.append({"class": c, "name": weak[c].class_name, "prior_top1": prior["top1"], "top1": after["top1"],
                          "prior_top5": prior["top5"], "top5": after["top5"],
                          "gain_top1_pp": round(after["top1"] - prior["top1"], 4),
-                         "gain_top5_pp": round(after["top5"] - prior["top5"], 4), "replace_energy": energy})
+                         "gain_top5_pp": round(after["top5"] - prior["top5"], 4),
+                         "prior_top1_calibrated": prior_cal["top1"], "top1_calibrated": after_cal["top1"],
+                         "gain_top1_calibrated_pp": round(after_cal["top1"] - prior_cal["top1"], 4),
+                         "replace_energy": energy})
         return rows
 
     def part_inter_replace(self) -> list[dict]:
@@ -242,12 +250,14 @@ class Study:
                 spec = f"{self.data}:{','.join(map(str, kept))}+{self.second}:{b}"
                 tma_dir, train_energy = self.model(f"tma-replace-{a}-x{b}", self.train_settings(
                     spec, self.p.tma_epochs, self.p.tma_subset))
-                tma, ma = self.tma(tma_dir), self.composed(swapped)
+                tma, ma, ma_cal = self.tma(tma_dir), self.composed(swapped), self.composed(swapped, "platt")
                 rows.append({"replaced": f"{self.data}:{modules[a].class_name}",
                              "with": f"{self.second}:{second[b].class_name}",
                              "tma_top1": tma["top1"], "top1": ma["top1"], "tma_top5": tma["top5"], "top5": ma["top5"],
                              "delta_top1_pp": round(ma["top1"] - tma["top1"], 4),
                              "delta_top5_pp": round(ma["top5"] - tma["top5"], 4),
+                             "top1_calibrated": ma_cal["top1"],
+                             "delta_top1_calibrated_pp": round(ma_cal["top1"] - tma["top1"], 4),
                              "training_energy": train_energy, "replace_energy": energy})
         return rows
 
@@ -343,6 +353,13 @@ def summarise(results: dict) -> dict:
         "intra_replace_top5_pp": _mean([r["gain_top5_pp"] for r in results.get("intra_replace", [])]),
         "inter_replace_top1_pp": _mean([r["delta_top1_pp"] for r in results.get("inter_replace", [])]),
         "inter_replace_top5_pp": _mean([r["delta_top5_pp"] for r in results.get("inter_replace", [])]),
+        "inter_reuse_calibrated_pp": _mean([r.get("delta_calibrated_pp") for r in results.get("inter_reuse", [])]),
+        "inter_reuse_cl_calibrated_pp": _mean([r.get("delta_cl_calibrated_pp")
+                                               for r in results.get("inter_reuse", [])]),
+        "intra_replace_top1_calibrated_pp": _mean([r.get("gain_top1_calibrated_pp")
+                                                   for r in results.get("intra_replace", [])]),
+        "inter_replace_top1_calibrated_pp": _mean([r.get("delta_top1_calibrated_pp")
+                                                   for r in results.get("inter_replace", [])]),
     }
     energy = {r["scenario"]: r for r in results.get("energy", [])}
     reuse = [energy[k]["ratio_training_to_reuse"] for k in ("intra_reuse", "inter_reuse") if k in energy]
