@@ -204,6 +204,14 @@ def decompose_cmd(
     delta: float = typer.Option(0.5, "--delta", help="MC-BLN's weight threshold."),
     condition: str = typer.Option("pseudocode", "--condition",
                                   help="MC-BLN's marking rule: pseudocode (default) or prose."),
+    granularity: str = typer.Option("node", "--granularity",
+                                    help="node (the paper's masks) or channel (slim modules, physically smaller)."),
+    size: float = typer.Option(None, "--size", help="Slim modules: target fraction of the model's parameters "
+                               "(default 0.5; with --max-loss, a floor)."),
+    max_loss: float = typer.Option(None, "--max-loss", help="Slim modules: the smallest module losing at most this "
+                                   "many pp of binary accuracy on held-out data."),
+    rule: str = typer.Option("taylor", "--rule", help="Slim modules: channel importance, taylor or activation."),
+    slim_samples: int = typer.Option(256, "--slim-samples", help="Slim modules: concerned inputs observed."),
     calibration_samples: int = typer.Option(100, "--calibration-samples",
                                             help="Held-out training inputs per class to fit score calibration."),
     measure: bool = typer.Option(True, "--measure/--no-measure",
@@ -221,8 +229,18 @@ def decompose_cmd(
     settings = DecomposeSettings(variant=variant, delta=delta, condition=condition, ci_samples=ci_samples,
                                  correct_only=correct_only, tau=tau, seed=seed,
                                  calibration_samples=calibration_samples)
+    if granularity not in ("node", "channel"):
+        raise UserError(f"unknown granularity {granularity!r}; use node or channel")
+    slim = None
+    if granularity == "channel":
+        from .slim import SlimSettings
+
+        slim = SlimSettings(size=size if size is not None else (0.01 if max_loss is not None else 0.5),
+                            max_loss=max_loss, rule=rule, samples=slim_samples, seed=seed)
+    elif size is not None or max_loss is not None:
+        raise UserError("--size and --max-loss apply to slim modules: add --granularity channel")
     result = decompose_dir(model_dir, out, settings, data, parse_class_list(classes), data_root, device, batch_size,
-                           measure, overwrite, EnergyMeter(country))
+                           measure, overwrite, EnergyMeter(country), slim)
     if int(os.environ.get("RANK", "0")) == 0:
         emit(result, as_json, f"decomposed {model_dir} into {out}")
 

@@ -27,7 +27,7 @@ def vote(scores: torch.Tensor) -> torch.Tensor:
 
 def base_dataset(m: Module) -> str:
     """The data set a module's class belongs to, without a class list (``fashion-mnist:0,3`` -> ``fashion-mnist``)."""
-    return split_spec(m.source.dataset)[0] if m.source.dataset else "custom"
+    return split_spec(m.dataset)[0] if m.dataset else "custom"
 
 
 def class_key(m: Module) -> tuple[str, int]:
@@ -42,7 +42,7 @@ def qualified_name(m: Module) -> str:
 def check_composable(modules: Sequence[Module], replacing: bool = False) -> None:
     if not modules:
         raise UserError("a composition needs at least one module")
-    shapes = {tuple(m.source.spec.shape) for m in modules}
+    shapes = {tuple(m.input_shape) for m in modules}
     if len(shapes) > 1:
         raise UserError("the modules take different input shapes (" + ", ".join("x".join(map(str, s)) for s in
                         sorted(shapes)) + "); compose modules whose models take the same input")
@@ -80,8 +80,8 @@ class Composition(nn.Module):
         self.calibration = calibration
         self.parts = nn.ModuleList(modules)
         groups: dict[int, list[int]] = {}
-        for i, m in enumerate(modules):
-            groups.setdefault(id(m.source), []).append(i)
+        for i, m in enumerate(modules):  # node-masked modules of one source run together; a slim module alone
+            groups.setdefault(id(m.source) if isinstance(m, Module) else id(m), []).append(i)
         self.groups = list(groups.values())
 
     @property
@@ -113,6 +113,8 @@ class Composition(nn.Module):
         parts = [self.parts[i] for i in group]
         first = parts[0]
         x = first.prepare(images)
+        if not isinstance(first, Module):  # a slim module: its own smaller network
+            return first(x).unsqueeze(0)
         masks = {name: torch.stack([p.masks[name] for p in parts]) for name in first.point_names}
         features = masked_features(first.source.net, first.points, first.classifier_name, masks, x)
         weight = torch.stack([p.head_weight for p in parts])  # (K, 2, F)

@@ -19,14 +19,17 @@ from .compose import Composition
 from .module import Module
 
 
-def count_params(obj: Classifier | Module | Composition) -> int:
-    """Parameters a classifier, module or composition needs: each source model's once, plus the binary heads."""
+def count_params(obj) -> int:
+    """Parameters a classifier, module or composition needs: each source model's once plus the binary heads for
+    node-masked modules; a slim module's own (smaller) network."""
     if isinstance(obj, Classifier):
         return sum(p.numel() for p in obj.net.parameters())
     parts = obj.modules_list if isinstance(obj, Composition) else [obj]
-    sources = {id(m.source): m.source for m in parts}
-    return sum(count_params(s) for s in sources.values()) + sum(m.head_weight.numel() + m.head_bias.numel()
-                                                                 for m in parts)
+    masked = [m for m in parts if isinstance(m, Module)]
+    sources = {id(m.source): m.source for m in masked}
+    return (sum(count_params(s) for s in sources.values())
+            + sum(m.head_weight.numel() + m.head_bias.numel() for m in masked)
+            + sum(m.params() for m in parts if not isinstance(m, Module)))
 
 
 @torch.no_grad()
@@ -57,14 +60,18 @@ def _model_fn(source: Classifier) -> Callable[[torch.Tensor], torch.Tensor]:
     return lambda images: source(source.prepare(images))
 
 
-def cost_report(target: Module | Composition, images: torch.Tensor, repeats: int = 3) -> dict:
-    """Parameters, FLOPs per image and latency of ``target`` on the batch ``images`` (uint8), with fractions of
-    its source model's (for a composition across models, of the sum of its source models')."""
+def cost_report(target, images: torch.Tensor, repeats: int = 3, source: Classifier | None = None) -> dict:
+    """Parameters, FLOPs per image and latency of ``target`` (a module or composition) on the batch ``images``
+    (uint8), with fractions of its source model's (for a composition across models, of the sum of its source
+    models'; slim modules carry no source: give it as ``source``)."""
     target = target.eval()
-    if isinstance(target, Composition):
-        fn, sources = target, {id(m.source): m.source for m in target.modules_list}
-    else:
-        fn, sources = (lambda imgs: target.score(target.prepare(imgs))), {id(target.source): target.source}
+    parts = target.modules_list if isinstance(target, Composition) else [target]
+    fn = target if isinstance(target, Composition) else (lambda imgs: target.score(target.prepare(imgs)))
+    sources = {id(m.source): m.source for m in parts if isinstance(m, Module)}
+    if source is not None:
+        sources.setdefault(id(source), source)
+    if not sources:
+        raise ValueError("cost_report needs the source model of slim modules")
     model_params = sum(count_params(s) for s in sources.values())
     model_flops = sum(count_flops(_model_fn(s), images[:1]) for s in sources.values())
     model_latency = sum(latency_ms(_model_fn(s), images, repeats) for s in sources.values())

@@ -65,13 +65,13 @@ def binary_report(scores: torch.Tensor, labels: torch.Tensor, column: int) -> di
 
 
 def evaluate_modules(modules: list, test: ImageSet, device: torch.device, batch_size: int = 512,
-                     calibration: str = "none") -> dict:
+                     calibration: str = "none", source: Classifier | None = None) -> dict:
     """Model vs the composition of ``modules`` (all of one source model) on ``test``, whose labels are the
     modules' positions. The model is scored on the same classes (its logits restricted to them)."""
     from .compose import compose
     from .module import pairwise_jaccard
 
-    source = modules[0].source.to(device).eval()
+    source = (source or modules[0].source).to(device).eval()
     columns = torch.tensor([m.concerned for m in modules])
     model_scores = predict_scores(lambda x: source(x)[:, columns.to(x.device)], source.prepare, test.images,
                                   device, batch_size)
@@ -90,7 +90,7 @@ def evaluate_modules(modules: list, test: ImageSet, device: torch.device, batch_
                           "kept_fraction": round(m.kept_fraction(), 6),
                           **binary_report(composed_scores, test.labels, i)})
     kept = [m.kept_fraction() for m in modules]
-    pairwise = pairwise_jaccard(modules)
+    pairwise = pairwise_jaccard(modules) if all(hasattr(m, "masks") for m in modules) else None
     return {"model_top1": model["top1"], "model_top5": model["top5"],
             "composed_top1": composed["top1"], "composed_top5": composed["top5"],
             "decomposition_cost_top1_pp": round(composed["top1"] - model["top1"], 4),
@@ -100,15 +100,16 @@ def evaluate_modules(modules: list, test: ImageSet, device: torch.device, batch_
             "test_images": len(test), "composed_seconds": round(composed_seconds, 3), "per_class": per_class}
 
 
-def costs(modules: list, images: torch.Tensor, per_module: bool, calibration: str = "none") -> dict:
+def costs(modules: list, images: torch.Tensor, per_module: bool, calibration: str = "none",
+          source: Classifier | None = None) -> dict:
     """Parameters, FLOPs and latency: of the composition as a whole and, with ``per_module``, the mean over the
     modules (each against its source model)."""
     from .compose import compose
     from .cost import cost_report
 
-    out = {"composition": cost_report(compose(modules, calibration=calibration), images)}
+    out = {"composition": cost_report(compose(modules, calibration=calibration), images, source=source)}
     if per_module:
-        reports = [cost_report(m, images) for m in modules]
+        reports = [cost_report(m, images, source=source) for m in modules]
         out["module_mean"] = {k: round(sum(r[k] for r in reports) / len(reports), 4) for k in reports[0]}
     return out
 
@@ -125,8 +126,16 @@ def evaluate_dir(paths: list[str | Path], data: str | None, data_root: str | Non
     if calibration is None:  # a composition's own setting, else the paper's scores
         recorded = {calibration_of(p) for p in paths}
         calibration = recorded.pop() if len(recorded) == 1 else "none"
-    sources = {id(m.source) for m in modules}
-    if len(sources) > 1:
+    from .module import Module
+
+    slim = [m for m in modules if not isinstance(m, Module)]
+    sources = {id(m.source) for m in modules if isinstance(m, Module)}
+    source = modules[0].source if not slim else None
+    if slim and not sources and len(paths) == 1:  # a slim decomposition: its folder holds the source model
+        from .store import load_source_of
+
+        source = load_source_of(paths[0], dev)
+    if len(sources) > 1 or source is None:
         if data is not None:
             raise UserError("--data applies to modules of one model; a composition across models is evaluated on "
                             "each class's own data set")
@@ -136,15 +145,16 @@ def evaluate_dir(paths: list[str | Path], data: str | None, data_root: str | Non
             report["cost"] = costs(modules, images, per_module=False, calibration=calibration)
         return {"paths": [str(p) for p in paths], "modules": len(modules), "calibration": calibration, **report,
                 "seconds": round(time.perf_counter() - started, 3)}
-    clf = modules[0].source
+    clf = source
     test = test_set_for(clf, data, data_root).subset([m.concerned for m in modules])
-    report = evaluate_modules(modules, test, dev, batch_size, calibration)
+    report = evaluate_modules(modules, test, dev, batch_size, calibration, source=clf)
     if cost:
         whole = any(read_config(p)["kind"] == "composition" for p in paths)
         report["cost"] = costs(modules, test.images[:latency_batch].to(dev), per_module=not whole,
-                               calibration=calibration)
+                               calibration=calibration, source=clf)
     return {"paths": [str(p) for p in paths], "data": data or clf.dataset,
-            "variant": modules[0].settings.get("variant"), "modules": len(modules), "calibration": calibration,
+            "variant": modules[0].settings.get("variant", modules[0].settings.get("granularity")),
+            "modules": len(modules), "calibration": calibration,
             **report,
             "seconds": round(time.perf_counter() - started, 3)}
 

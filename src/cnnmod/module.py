@@ -93,6 +93,14 @@ class Module(nn.Module):
         return self.source.source_classes[self.concerned]
 
     @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return self.source.spec.shape
+
+    @property
+    def dataset(self) -> str:
+        return self.source.dataset
+
+    @property
     def masks(self) -> dict[str, torch.Tensor]:
         return {n: getattr(self, f"mask_{i}") for i, n in enumerate(self.point_names)}
 

@@ -89,29 +89,66 @@ def module_tensors(m: Module) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def write_module(folder: Path, m: Module, source_rel: str, source_sha: str) -> dict:
+def write_module(folder: Path, m, source_rel: str | None = None, source_sha: str | None = None) -> dict:
+    """A module folder: a node-masked module points at its source model; a slim module holds its own network."""
+    from .slim import SlimModule
+
+    if isinstance(m, SlimModule):
+        return write_into(folder, "module", slim_config(m), m.net.state_dict(), slim_card(m))
     return write_into(folder, "module", module_config(m, source_rel, source_sha), module_tensors(m), module_card(m))
 
 
+def slim_config(m) -> dict:
+    return {"granularity": "channel", "concerned_class": m.concerned, "class_name": m.class_name,
+            "source_class": m.source_class, "dataset": m.dataset, "input": m.spec.to_dict(),
+            "source": m.source_info, "classifier": m.classifier_name, "removed": m.removed,
+            "settings": m.settings, "metrics": m.metrics, "calibration": m.calibration}
+
+
+def slim_card(m) -> str:
+    return "\n".join([f"# Slim module: {m.class_name} (class {m.concerned}) of {m.source_info['arch']} on "
+                      f"{m.dataset or 'custom data'}", "",
+                      "A cnnmod slim module: a physically smaller network (channels cut from the source model, "
+                      "no retraining) that says \"my class\" or \"not my class\". It loads without its source.", "",
+                      f"- parameters: {m.params()} ({100 * m.kept_fraction():.1f}% of the source model's)",
+                      f"- kept channels: {m.metrics.get('kept_channels')} of {m.metrics.get('channels')}",
+                      f"- importance rule: {m.settings.get('rule')}", ""])
+
+
+def load_slim(path: Path, config: dict, tensors: dict[str, torch.Tensor], device: torch.device | str):
+    from .classifier import load_weights
+    from .data.transforms import InputSpec
+    from .slim import SlimModule, build_sliced
+
+    net = build_sliced(config)
+    load_weights(net, tensors, f"slim {config['source']['arch']}", path)
+    m = SlimModule(net, config["classifier"], InputSpec.from_dict(config["input"]), config["class_name"],
+                   config["concerned_class"], config["source"], config["removed"], config.get("settings", {}),
+                   config.get("metrics"))
+    m.calibration = config.get("calibration")
+    return m.to(device).eval()
+
+
 def decomposition_card(config: dict) -> str:
-    s = config["settings"]
+    settings = ", ".join(f"{k} {v}" for k, v in config["settings"].items())
     lines = [f"# Decomposition of {config['source']['arch']} on {config['source']['dataset']}", "",
-             f"{len(config['modules'])} modules, variant {s['variant']} (delta {s['delta']}, condition "
-             f"{s['condition']}, {s['ci_samples']} inputs per class, tau {s['tau']}, seed {s['seed']}); "
-             f"made in {config['seconds']:.2f} s.", "", "| class | name | kept nodes | folder |", "|---|---|---|---|"]
+             f"{len(config['modules'])} modules ({settings}); made in {config['seconds']:.2f} s.", "",
+             "| class | name | kept | folder |", "|---|---|---|---|"]
     for m in config["modules"]:
         lines.append(f"| {m['class']} | {m['name']} | {100 * m['kept_fraction']:.2f}% | {m['path']} |")
-    lines += ["", "Evaluate with `cnnmod evaluate DIR`; load with `cnnmod.load_modules(DIR)`.", ""]
+    lines += ["", "Kept: nodes for node-level modules, parameters for slim (channel-level) ones.",
+              "Evaluate with `cnnmod evaluate DIR`; load with `cnnmod.load_modules(DIR)`.", ""]
     return "\n".join(lines)
 
 
 def save_decomposition(modules: Sequence[Module], out: str | os.PathLike, overwrite: bool = False,
-                       extra: dict | None = None) -> dict:
-    """Write the source model once and every module; returns the decomposition's config."""
+                       extra: dict | None = None, source: Classifier | None = None) -> dict:
+    """Write the source model once and every module; returns the decomposition's config. Slim modules need
+    their ``source`` given (it is written beside them, for comparison; they load without it)."""
     if not modules:
         raise UserError("nothing to save: no modules")
-    source = modules[0].source
-    if any(m.source is not source for m in modules):
+    source = source or modules[0].source
+    if any(getattr(m, "source", source) is not source for m in modules):
         raise UserError("a decomposition folder holds modules of one source model; save the others separately")
     with atomic_folder(out, overwrite) as tmp:
         model_config = save_into(source, tmp / MODEL_DIR)
@@ -122,9 +159,12 @@ def save_decomposition(modules: Sequence[Module], out: str | os.PathLike, overwr
             write_module(tmp / MODULES_DIR / name, m, f"../../{MODEL_DIR}", sha)
             entries.append({"class": m.concerned, "name": m.class_name, "path": f"{MODULES_DIR}/{name}",
                             "kept_fraction": round(m.kept_fraction(), 6)})
-        settings = {k: v for k, v in modules[0].settings.items() if k not in ("observed", "decomposition_seconds")}
-        config = {"format_version": 1, "kind": "decomposition", "settings": settings,
-                  "seconds": modules[0].settings.get("decomposition_seconds", 0.0),
+        settings = {k: v for k, v in modules[0].settings.items()
+                    if k not in ("observed", "decomposition_seconds", "calibration_seconds", "seconds")}
+        seconds = modules[0].settings.get("decomposition_seconds")
+        if seconds is None:  # slim modules are made one by one
+            seconds = sum(m.settings.get("seconds", 0.0) for m in modules)
+        config = {"format_version": 1, "kind": "decomposition", "settings": settings, "seconds": seconds,
                   "source": {"path": MODEL_DIR, "weights_sha256": sha, "arch": source.arch,
                              "dataset": source.dataset, "num_classes": source.num_classes},
                   "modules": entries, **(extra or {})}
@@ -153,7 +193,7 @@ def save_composition(modules: Sequence[Module], out: str | os.PathLike, overwrit
     with atomic_folder(out, overwrite) as tmp:
         written: dict[int, tuple[str, str]] = {}
         for m in modules:
-            if id(m.source) in written:
+            if not isinstance(m, Module) or id(m.source) in written:  # slim modules carry their own network
                 continue
             staging = tmp / SOURCES_DIR / f".staging-{len(written)}"
             sha = save_into(m.source, staging)["weights_sha256"]
@@ -166,7 +206,7 @@ def save_composition(modules: Sequence[Module], out: str | os.PathLike, overwrit
         entries = []
         for i, m in enumerate(modules):
             folder = f"{i:02d}-{slug(base_dataset(m))}-{slug(m.class_name)}"
-            source, sha = written[id(m.source)]
+            source, sha = written[id(m.source)] if isinstance(m, Module) else ("(slim: its own network)", "")
             write_module(tmp / MODULES_DIR / folder, m, f"../../{SOURCES_DIR}/{source}", sha)
             entries.append({"position": i, "name": qualified_name(m), "dataset": base_dataset(m),
                             "class": m.source_class, "path": f"{MODULES_DIR}/{folder}",
@@ -204,6 +244,8 @@ def load_module(path: str | os.PathLike, device: torch.device | str = "cpu",
     """A module folder, verified (its own checksum, its source's checksum and the masks' shapes)."""
     path = Path(path)
     config, tensors = read_artifact(path, "module")
+    if config.get("granularity") == "channel":
+        return load_slim(path, config, tensors, device)
     sources = sources or SourceCache()
     source_cfg = config["source"]
     clf, graph = sources.get(path / source_cfg["path"], source_cfg["weights_sha256"], device)

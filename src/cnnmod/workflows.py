@@ -11,15 +11,16 @@ from .decompose import DecomposeSettings, chosen_classes, decompose
 from .energy import EnergyMeter
 from .evaluation import binary_report, split_for
 from .metrics import predict_scores
-from .progress import say
+from .progress import progress_bar, say
 from .runtime import init_distributed, pick_device, seed_everything
+from .slim import SlimSettings, slim_module
 from .store import save_decomposition
 
 
 def decompose_dir(model_dir: str | Path, out: str | Path, settings: DecomposeSettings, data: str | None = None,
                   classes: list[int] | None = None, data_root: str | None = None, device: str = "auto",
                   batch_size: int = 256, measure: bool = True, overwrite: bool = False,
-                  meter: EnergyMeter | None = None) -> dict:
+                  meter: EnergyMeter | None = None, slim: SlimSettings | None = None) -> dict:
     """Decompose the model in ``model_dir`` into ``out``; with ``measure``, each module's binary accuracy on the
     test split is recorded in its config (one batched pass of all modules)."""
     settings.check()
@@ -30,14 +31,29 @@ def decompose_dir(model_dir: str | Path, out: str | Path, settings: DecomposeSet
     clf = load_model(model_dir, dev)
     chosen_classes(clf, classes)
     train = split_for(clf, data, data_root, "train")
-    say(f"decomposing {clf.arch} ({clf.num_classes} classes) with {settings.variant}: up to {settings.ci_samples} "
-        f"inputs per class of {train.name}")
     meter = meter or EnergyMeter()
-    with meter.phase("decomposition") as spent:
-        modules = decompose(clf, train, settings=settings, classes=classes, device=dev, batch_size=batch_size, dd=dd)
+    if slim is not None:
+        slim.check()
+        say(f"slimming {clf.arch} ({clf.num_classes} classes) to {slim.size:g} of its parameters"
+            + (f" within {slim.max_loss:g} pp" if slim.max_loss is not None else "") + f", {slim.rule} importance")
+        chosen = chosen_classes(clf, classes)
+        started = time.perf_counter()
+        with meter.phase("decomposition") as spent, progress_bar("slimming", len(chosen), dd.is_main) as step:
+            modules = []
+            for c in chosen:
+                modules.append(slim_module(clf, train, c, slim, batch_size))
+                step(params=f"{modules[-1].metrics['params_fraction']:.2f}")
+        seconds = round(time.perf_counter() - started, 3)
+        variant = "channel"
+    else:
+        say(f"decomposing {clf.arch} ({clf.num_classes} classes) with {settings.variant}: up to "
+            f"{settings.ci_samples} inputs per class of {train.name}")
+        with meter.phase("decomposition") as spent:
+            modules = decompose(clf, train, settings=settings, classes=classes, device=dev, batch_size=batch_size,
+                                dd=dd)
+        seconds, variant = modules[0].settings["decomposition_seconds"], settings.variant
     energy = {"decomposition": spent.record.to_dict()}
-    seconds = modules[0].settings["decomposition_seconds"]
-    result = {"out": str(out), "seconds": seconds, "variant": settings.variant}
+    result = {"out": str(out), "seconds": seconds, "variant": variant}
     if not dd.is_main:
         return result
     if measure:
@@ -56,7 +72,7 @@ def decompose_dir(model_dir: str | Path, out: str | Path, settings: DecomposeSet
     extra = {"training_seconds": training_seconds,
              "seconds_to_training": round(seconds / training_seconds, 6) if training_seconds else None,
              "energy": energy}
-    config = save_decomposition(modules, out, overwrite, extra)
+    config = save_decomposition(modules, out, overwrite, extra, source=clf)
     result.update(extra)
     result["modules"] = [{**e, "path": str(Path(out) / e["path"])} for e in config["modules"]]
     for entry, m in zip(result["modules"], modules, strict=True):

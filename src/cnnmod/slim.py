@@ -1,0 +1,444 @@
+"""Slim modules (METHOD.md section 8): a module cut physically to a smaller network, with no retraining.
+
+For module c, every prunable channel group of the source network (channels coupled through residual
+additions form one group, found with torch-pruning's dependency graph) gets a gate at the observation points
+of its layers. Iteratively:
+
+1. rank the kept channels by their importance to the module's own decision: the first-order (gradient x
+   gate) effect on the class-balanced binary loss of "class c vs the rest" (``rule="taylor"``), or, as the
+   post-hoc baseline of MODA and MwT, by how often they are active for the concerned inputs
+   (``rule="activation"``); importances are normalised within each group;
+2. close the gates of the least important ``step`` fraction of the kept channels (at least one channel of
+   every group stays);
+3. re-estimate BatchNorm statistics and refit the two-way head on the observation data.
+
+until the physically sliced network holds at most ``size`` of the source model's parameters (or, with
+``max_loss``, until the next step would lose more than that many points of binary accuracy on held-out
+data). The backbone's weights are never trained. The sliced network computes exactly what the gated one does.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .calibrate import _balanced_bce
+from .classifier import Classifier
+from .data.dataset import ImageSet
+from .errors import UserError
+from .graph import ModelGraph
+from .observe import class_order, hooks
+
+
+@dataclass(frozen=True)
+class SlimSettings:
+    size: float = 0.5               # target fraction of the source model's parameters, in (0, 1]
+    max_loss: float | None = None   # or: stop before losing more than this (pp of held-out binary accuracy)
+    step: float = 0.1               # fraction of kept channels closed per iteration
+    rule: str = "taylor"            # "taylor" or "activation"
+    samples: int = 256              # concerned inputs observed (and as many unconcerned, spread over classes)
+    held_out: int = 50              # held-out inputs per class for max_loss
+    seed: int = 0
+
+    def check(self) -> None:
+        if not 0 < self.size <= 1:
+            raise UserError(f"--size is a fraction of the model's parameters in (0, 1], got {self.size}")
+        if self.max_loss is not None and self.max_loss < 0:
+            raise UserError(f"--max-loss must be >= 0 pp, got {self.max_loss}")
+        if self.rule not in ("taylor", "activation"):
+            raise UserError(f"unknown importance rule {self.rule!r}; use taylor or activation")
+        if not 0 < self.step < 1:
+            raise UserError(f"the pruning step must be in (0, 1), got {self.step}")
+
+
+def _dependency_graph(net: nn.Module, input_shape: tuple[int, int, int]):
+    """torch-pruning's dependency graph of ``net`` (traced through autograd, so parameters must want gradients
+    while it is built; their flags are restored)."""
+    tp = _tp()
+    flags = [p.requires_grad for p in net.parameters()]
+    device = next(net.parameters()).device
+    try:
+        for p in net.parameters():
+            p.requires_grad_(True)
+        with torch.enable_grad():
+            return tp.DependencyGraph().build_dependency(net, example_inputs=torch.zeros(1, *input_shape,
+                                                                                         device=device))
+    finally:
+        for p, flag in zip(net.parameters(), flags, strict=True):
+            p.requires_grad_(flag)
+
+
+def _tp():
+    try:
+        import torch_pruning
+    except ImportError:
+        raise UserError("slim modules need torch-pruning: pip install torch-pruning")
+    return torch_pruning
+
+
+class ChannelGroups:
+    """Coupled channel groups of a network and the observation points that carry each group's channels."""
+
+    def __init__(self, net: nn.Module, graph: ModelGraph, input_shape: tuple[int, int, int]) -> None:
+        self.input_shape = input_shape
+        classifier = net.get_submodule(graph.classifier)
+        try:
+            dg = _dependency_graph(net, input_shape)
+            found = list(dg.get_all_groups(ignored_layers=[classifier], root_module_types=[nn.Conv2d, nn.Linear]))
+        except Exception as e:  # noqa: BLE001 - torch-pruning's failures all mean the same to the user
+            raise UserError(f"torch-pruning cannot trace {type(net).__name__} to slice it ({str(e)[:120]}); "
+                            "use --granularity node")
+        names = {m: n for n, m in net.named_modules()}
+        layer_points = {p.layer: p for p in graph.points}
+        self.groups: list[dict] = []
+        for group in found:
+            roots = [names[d.target.module] for d, _ in group
+                     if d.handler.__name__ == "prune_out_channels" and d.target.module is not classifier
+                     and isinstance(d.target.module, (nn.Conv2d, nn.Linear))]
+            points = [layer_points[r] for r in roots if r in layer_points]
+            if not points:
+                continue
+            channels = points[0].shape[0]
+            self.groups.append({"roots": roots, "points": [p.name for p in points], "channels": channels})
+        if not self.groups:
+            raise UserError(f"{type(net).__name__} has no channels that can be sliced")
+        self.point_group = {p: i for i, g in enumerate(self.groups) for p in g["points"]}
+
+
+def gated(net: nn.Module, graph: ModelGraph, groups: ChannelGroups, gates: list[torch.Tensor]):
+    """Context: ``net`` with each group's gate multiplied into its points' outputs (channel dimension)."""
+    def apply(p, out):
+        g = groups.point_group.get(p.name)
+        if g is None:
+            return out
+        gate = gates[g]
+        return out * gate.view(1, -1, *([1] * (out.dim() - 2))).to(out.dtype)
+    return hooks(net, graph.points, apply)
+
+
+def _features(net: nn.Module, classifier: str, fn) -> torch.Tensor:
+    captured = {}
+    handle = net.get_submodule(classifier).register_forward_pre_hook(lambda _m, i: captured.__setitem__("f", i[0]))
+    try:
+        fn()
+    finally:
+        handle.remove()
+    return captured["f"].flatten(1)
+
+
+def observation_data(data: ImageSet, concerned: int, samples: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``samples`` concerned inputs and about as many unconcerned, spread evenly, in the documented order."""
+    order = class_order(data.labels, data.num_classes, seed)
+    k = max(1, samples // max(data.num_classes - 1, 1))
+    idx = [order[concerned][:samples]] + [order[c][:k] for c in range(data.num_classes) if c != concerned]
+    idx_all = torch.cat(idx)
+    return data.images[idx_all], (data.labels[idx_all] == concerned)
+
+
+def held_out_data(data: ImageSet, concerned: int, per_class: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    order = class_order(data.labels, data.num_classes, seed)
+    idx = torch.cat([o[-per_class:] for o in order])
+    return data.images[idx], data.labels[idx] == concerned
+
+
+def reestimate_bn(net: nn.Module, run) -> None:
+    """Recompute every BatchNorm's running statistics from scratch on the data ``run`` feeds (weights frozen)."""
+    bns = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return
+    saved = [(m.momentum, m.training) for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the batches
+        m.train()
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        for m, (momentum, training) in zip(bns, saved, strict=True):
+            m.momentum = momentum
+            m.train(training)
+
+
+def fit_head(features: torch.Tensor, targets: torch.Tensor, init_w: torch.Tensor, init_b: float,
+             l2: float = 1e-4) -> tuple[torch.Tensor, float]:
+    """Class-balanced logistic regression of "mine" on the head's input features: the margin's weights."""
+    f = features.detach().double().cpu()
+    w = init_w.detach().double().cpu().clone().requires_grad_(True)
+    b = torch.tensor(float(init_b), dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], lr=0.5, max_iter=100, line_search_fn="strong_wolfe")
+    t = targets.cpu()
+
+    def closure():
+        opt.zero_grad()
+        loss = _balanced_bce(f @ w + b, t) + l2 * (w * w).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return w.detach().float(), float(b.detach())
+
+
+class SlimModule(nn.Module):
+    """A physically smaller network for one class: uint8-free, ``forward(x)`` -> logits (B, 2) [z_c, z_uc]."""
+
+    def __init__(self, net: nn.Module, classifier: str, spec, class_name: str, concerned: int, source_info: dict,
+                 removed: dict[str, list[int]], settings: dict, metrics: dict | None = None) -> None:
+        super().__init__()
+        self.net = net
+        self.classifier_name = classifier
+        self.spec = spec
+        self.class_name = class_name
+        self.concerned = concerned
+        self.source_info = dict(source_info)  # arch, args, dataset, class names, source classes, weights sha256
+        self.removed = {k: list(v) for k, v in removed.items()}
+        self.settings = dict(settings)
+        self.metrics = dict(metrics or {})
+        self.calibration = None
+
+    @property
+    def source_class(self) -> int:
+        return self.source_info["source_classes"][self.concerned]
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return self.spec.shape
+
+    @property
+    def dataset(self) -> str:
+        return self.source_info.get("dataset", "")
+
+    def kept_fraction(self) -> float:
+        """The share of the source model's parameters this module keeps."""
+        return self.params() / self.source_info["params"]
+
+    def prepare(self, images: torch.Tensor) -> torch.Tensor:
+        from .data.transforms import to_input
+
+        return to_input(images, self.spec)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def score(self, x: torch.Tensor, calibration: str = "none") -> torch.Tensor:
+        if calibration == "none":
+            return F.softmax(self.forward(x), dim=-1)[:, 0]
+        from .calibrate import apply
+
+        logits = self.forward(x)
+        return apply(logits[:, 0] - logits[:, 1], self.calibration, calibration)
+
+    def params(self) -> int:
+        return sum(p.numel() for p in self.net.parameters())
+
+
+def slice_network(net: nn.Module, input_shape: tuple[int, int, int], removed: dict[str, list[int]],
+                  classifier: str, head_w: torch.Tensor | None, head_b: torch.Tensor | None) -> nn.Module:
+    """A copy of ``net`` without the removed channels (coupled layers cut together), its classifier replaced by
+    the two-way head."""
+    tp = _tp()
+    sliced = copy.deepcopy(net).eval()
+    device = next(sliced.parameters()).device
+    dg = _dependency_graph(sliced, input_shape)
+    for root, idxs in removed.items():
+        if not idxs:
+            continue
+        layer = sliced.get_submodule(root)
+        handler = tp.prune_conv_out_channels if isinstance(layer, nn.Conv2d) else tp.prune_linear_out_channels
+        group = dg.get_pruning_group(layer, handler, idxs=list(idxs))
+        group.prune()
+    fc = sliced.get_submodule(classifier)
+    head = nn.Linear(fc.in_features, 2).to(device)
+    if head_w is not None and head_b is not None:
+        with torch.no_grad():
+            head.weight.copy_(head_w.to(device))
+            head.bias.copy_(head_b.to(device))
+    parent_name, _, attr = classifier.rpartition(".")
+    setattr(sliced.get_submodule(parent_name) if parent_name else sliced, attr, head)
+    return sliced
+
+
+def _head_rows(w: torch.Tensor, b: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Head rows whose softmax is sigmoid(w . f + b): [w, 0] and [b, 0]."""
+    return torch.stack([w, torch.zeros_like(w)]), torch.tensor([b, 0.0])
+
+
+def slim_module(source: Classifier, data: ImageSet, concerned: int, s: SlimSettings,
+                batch_size: int = 256) -> SlimModule:
+    """One slim module of ``source`` for class ``concerned``, observed on ``data`` (its training split)."""
+    s.check()
+    started = time.perf_counter()
+    graph = ModelGraph(source.net, source.spec.shape)
+    device = next(source.net.parameters()).device
+    net = copy.deepcopy(source.net).eval()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    groups = ChannelGroups(net, graph, source.spec.shape)
+    gates = [torch.ones(g["channels"], device=device) for g in groups.groups]
+    images, targets = observation_data(data, concerned, s.samples, s.seed)
+    x_obs = source.prepare(images.to(device))
+    targets = targets.to(device)
+    fc = net.get_submodule(graph.classifier)
+    weight, bias = fc.weight.detach(), fc.bias.detach() if fc.bias is not None else torch.zeros(fc.out_features)
+    others = [i for i in range(weight.shape[0]) if i != concerned]
+    w = (weight[concerned] - weight[others].mean(0)).cpu()
+    b = float(bias[concerned] - bias[others].mean())
+    total_params = sum(p.numel() for p in source.net.parameters())
+    held = held_out_data(data, concerned, s.held_out, s.seed) if s.max_loss is not None else None
+
+    def batches(x: torch.Tensor):
+        return [x[i:i + batch_size] for i in range(0, x.shape[0], batch_size)]
+
+    def features_of(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad(), gated(net, graph, groups, gates):
+            return torch.cat([_features(net, graph.classifier, lambda xb=xb: net(xb)) for xb in batches(x)])
+
+    def binary_accuracy(w_: torch.Tensor, b_: float) -> float:
+        x_h = source.prepare(held[0].to(device))  # held-out inputs: not among those observed
+        margin = features_of(x_h).cpu() @ w_ + b_
+        return 100.0 * float(((margin > 0) == held[1]).float().mean())
+
+    def activation_rates() -> list[torch.Tensor]:
+        """Per channel: the share of concerned inputs for which it is active somewhere."""
+        mine = x_obs[targets]
+        counts: dict[str, torch.Tensor] = {}
+
+        def count(p, out):
+            active = (out > 0).flatten(2).any(2) if out.dim() > 2 else out > 0
+            counts[p.name] = counts.get(p.name, 0) + active.float().sum(0).cpu()
+
+        with torch.no_grad(), hooks(net, graph.points, count), gated(net, graph, groups, gates):
+            for xb in batches(mine):
+                net(xb)
+        return [sum(counts[p] for p in g["points"]) / max(len(mine), 1) for g in groups.groups]
+
+    def taylor() -> list[torch.Tensor]:
+        """Per channel: |d loss / d gate|, the first-order effect of closing it on the binary loss."""
+        scores = [torch.zeros(g["channels"]) for g in groups.groups]
+        live = [g.clone().requires_grad_(True) for g in gates]
+        wd, bd = w.to(device), torch.tensor(b, device=device)
+        for xb, tb in zip(batches(x_obs), batches(targets), strict=True):
+            with gated(net, graph, groups, live):
+                f = _features(net, graph.classifier, lambda xb=xb: net(xb))
+            grads = torch.autograd.grad(_balanced_bce(f @ wd + bd, tb), live, allow_unused=True)
+            for i, gr in enumerate(grads):
+                if gr is not None:
+                    scores[i] += gr.abs().cpu()
+        return scores
+
+    def refresh() -> tuple[torch.Tensor, float]:
+        def run():
+            with gated(net, graph, groups, gates):
+                for xb in batches(x_obs):
+                    net(xb)
+        reestimate_bn(net, run)
+        return fit_head(features_of(x_obs), targets, w, b)
+
+    def removed_now() -> dict[str, list[int]]:
+        return {g["roots"][0]: [int(j) for j in torch.nonzero(gates[i] == 0).flatten()]
+                for i, g in enumerate(groups.groups)}
+
+    def sliced_now(w_: torch.Tensor, b_: float) -> nn.Module:
+        hw, hb = _head_rows(w_, b_)
+        hw = hw[:, _kept_features(groups, graph, [g.bool() for g in gates], w_.numel())]
+        return slice_network(net, source.spec.shape, removed_now(), graph.classifier, hw, hb)
+
+    def close_least_important() -> int:
+        scores = taylor() if s.rule == "taylor" else activation_rates()
+        candidates = []
+        for i, sc in enumerate(scores):
+            kept = torch.nonzero(gates[i].cpu() > 0).flatten()
+            if kept.numel() > 1:  # every group keeps at least one channel
+                normalised = sc[kept] / (sc[kept].mean() + 1e-12)
+                candidates += [(float(normalised[j]), i, int(kept[j])) for j in range(kept.numel())]
+        candidates.sort()
+        quota = {i: int(gates[i].sum()) - 1 for i in range(len(gates))}
+        budget = max(1, int(s.step * sum(int(g.sum()) for g in gates)))
+        closed = 0
+        for _, i, j in candidates:
+            if closed >= budget:
+                break
+            if quota[i] > 0:
+                gates[i][j] = 0.0
+                quota[i] -= 1
+                closed += 1
+        return closed
+
+    w, b = refresh()
+    history = []
+    base_accuracy = binary_accuracy(w, b) if held is not None else None
+    while True:
+        fraction = sum(p.numel() for p in sliced_now(w, b).parameters()) / total_params
+        history.append({"params_fraction": round(fraction, 4), "kept_channels": int(sum(g.sum() for g in gates))})
+        if fraction <= s.size:
+            break
+        previous = ([g.clone() for g in gates], w, b)
+        if close_least_important() == 0:
+            break
+        w, b = refresh()
+        if base_accuracy is not None and base_accuracy - binary_accuracy(w, b) > s.max_loss:
+            for g, old in zip(gates, previous[0], strict=True):
+                g.copy_(old)
+            w, b = refresh()
+            break
+    kept_masks = [g.bool() for g in gates]
+    hw, hb = _head_rows(w, b)
+    hw = hw[:, _kept_features(groups, graph, kept_masks, w.numel())]
+    sliced = slice_network(net, source.spec.shape, removed_now(), graph.classifier, hw, hb)
+    info = {"arch": source.arch, "arch_args": source.arch_args, "dataset": source.dataset,
+            "class_names": source.class_names, "source_classes": source.source_classes,
+            "weights_sha256": source.info.get("weights_sha256"), "params": total_params}
+    params = sum(p.numel() for p in sliced.parameters())
+    if base_accuracy is not None:
+        held_out = {"held_out_binary_accuracy_start": base_accuracy, "held_out_binary_accuracy": binary_accuracy(w, b)}
+    else:
+        held_out = {}
+    metrics = {**held_out, "params": params, "params_fraction": round(params / total_params, 4),
+               "kept_channels": int(sum(int(g.sum()) for g in gates)),
+               "channels": int(sum(g.numel() for g in gates)), "history": history}
+    settings = {**asdict(s), "granularity": "channel", "seconds": round(time.perf_counter() - started, 3)}
+    module = SlimModule(sliced, graph.classifier, source.spec, source.class_names[concerned], concerned, info,
+                        removed_now(), settings, metrics)
+    module.gated_reference = (net, graph, groups, [g.clone() for g in gates], hw, hb)  # for checks, not saved
+    return module.eval()
+
+
+def _kept_features(groups: ChannelGroups, graph: ModelGraph, kept: list[torch.Tensor], features: int
+                   ) -> torch.Tensor:
+    """Which of the head's input features survive slicing: those of the group feeding the classifier (through
+    pooling and flatten, each channel may stand for several features)."""
+    head_group = None
+    for i, g in enumerate(groups.groups):
+        for point in g["points"]:
+            shape = next(p.shape for p in graph.points if p.name == point)
+            if features % shape[0] == 0 and _feeds_head(graph, point):
+                head_group = i
+    if head_group is None:
+        return torch.ones(features, dtype=torch.bool)
+    channels = kept[head_group].cpu()
+    return channels.repeat_interleave(features // channels.numel())
+
+
+def _feeds_head(graph: ModelGraph, point: str) -> bool:
+    """Whether marks at the head's input reach ``point`` (it produces the classifier's input channels)."""
+    region = torch.ones(graph.head_features, dtype=torch.bool)
+    try:
+        return point in graph.mark_back(region, float("inf"))
+    except UserError:
+        return False
+
+
+def build_sliced(config: dict) -> nn.Module:
+    """The network of a saved slim module: its source architecture, sliced as recorded (weights to be loaded)."""
+    from .models import build
+
+    info = config["source"]
+    net = build(info["arch"], tuple(config["input"][k] for k in ("channels", "height", "width")),
+                len(info["class_names"]), **info["arch_args"])
+    return slice_network(net.eval(), tuple(config["input"][k] for k in ("channels", "height", "width")),
+                         config["removed"], config["classifier"], None, None)

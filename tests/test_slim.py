@@ -1,0 +1,115 @@
+"""Slim modules: physically smaller networks that compute exactly what the gated model computes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import cnnmod
+from cnnmod.classifier import Classifier
+from cnnmod.data.transforms import InputSpec
+from cnnmod.models import build
+from cnnmod.slim import SlimSettings, _features, gated, slim_module
+from test_cli import assert_user_error, run
+from test_decompose import random_data
+
+
+def source(arch: str, **kwargs) -> Classifier:
+    torch.manual_seed(0)
+    net = build(arch, (1, 12, 12), 4, **kwargs).eval()
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):  # non-trivial statistics, so re-estimating them matters
+                m.running_mean.normal_(0, 0.2)
+                m.running_var.uniform_(0.5, 2.0)
+    return Classifier(net, InputSpec(1, 12, 12, (0.5,), (0.25,)), [f"r{c}" for c in range(4)], "x", {}, "rand")
+
+
+@pytest.mark.parametrize("arch,kwargs", [("resnet20", {}), ("resnet20", {"bn": False}), ("vgg11", {}),
+                                         ("cnn", {}), ("mlp", {"hidden": [16, 12]})])
+def test_sliced_network_computes_what_the_gated_model_computes(arch, kwargs):
+    clf = source(arch, **kwargs)
+    data = random_data(per_class=20)
+    m = slim_module(clf, data, 1, SlimSettings(size=0.4, samples=40, step=0.2))
+    assert m.metrics["params_fraction"] <= 0.4
+    assert m.params() == sum(p.numel() for p in m.net.parameters()) < sum(p.numel() for p in clf.net.parameters())
+    net, graph, groups, gates, hw, hb = m.gated_reference
+    assert all(int(g.sum()) >= 1 for g in gates)  # every channel group keeps a channel
+    x = torch.randn(9, 1, 12, 12)
+    with torch.no_grad(), gated(net, graph, groups, gates):
+        features = _features(net, graph.classifier, lambda: net(x))
+    from cnnmod.slim import _kept_features
+
+    keep = _kept_features(groups, graph, [g.bool() for g in gates], features.shape[1])
+    expected = features[:, keep] @ hw.T + hb
+    with torch.no_grad():
+        assert torch.allclose(m(x), expected, atol=1e-4)
+    # the source model was not touched
+    assert sum(p.numel() for p in clf.net.parameters()) == sum(p.numel() for p in build(arch, (1, 12, 12), 4,
+                                                                                          **kwargs).parameters())
+
+
+def test_residual_channels_are_cut_together():
+    clf = source("resnet20")
+    m = slim_module(clf, random_data(per_class=20), 0, SlimSettings(size=0.3, samples=40, step=0.2))
+    net = m.net
+    for stage in (net.layer1, net.layer2, net.layer3):  # every block of a stage adds into the same channels
+        widths = {block.conv2.out_channels for block in stage}
+        assert len(widths) == 1
+    assert net.fc.out_features == 2 and net.fc.in_features == net.layer3[2].conv2.out_channels
+
+
+def test_max_loss_keeps_held_out_accuracy(tmp_path):
+    clf = source("cnn")
+    m = slim_module(clf, random_data(per_class=30), 2, SlimSettings(size=0.01, max_loss=0.0, samples=40,
+                                                                    held_out=10, step=0.2))
+    assert m.metrics["held_out_binary_accuracy"] >= m.metrics["held_out_binary_accuracy_start"]
+
+
+def test_slim_decomposition_command_and_artifacts(tmp_path, npz_data, capsys):
+    rc, _, err = run(["train", "--arch", "resnet20", "--data", npz_data, "--epochs", "2", "--batch-size", "16",
+                      "--out", str(tmp_path / "m")], capsys)
+    assert rc == 0, err
+    out = tmp_path / "slim"
+    rc, stdout, err = run(["decompose", str(tmp_path / "m"), "--out", str(out), "--granularity", "channel",
+                           "--size", "0.5", "--slim-samples", "30", "--json"], capsys)
+    assert rc == 0, err
+    result = json.loads(stdout)
+    assert result["variant"] == "channel" and all(e["params_fraction"] <= 0.5 for e in result["modules"])
+    modules = cnnmod.load_modules(out)
+    images = torch.randint(0, 256, (5, 1, 8, 8), dtype=torch.uint8)
+    scores = cnnmod.compose(modules)(images)
+    # a slim module loads without its source model and scores the same
+    alone = tmp_path / "alone"
+    shutil.copytree(out / "modules" / "c01-band1", alone)
+    moved = cnnmod.load_module(alone)
+    assert torch.equal(moved.score(moved.prepare(images)), scores[:, 1])
+    rc, stdout, err = run(["evaluate", str(out), "--json", "--latency-batch", "4"], capsys)
+    assert rc == 0, err
+    r = json.loads(stdout)
+    assert r["cost"]["module_mean"]["params_fraction"] <= 0.5 and r["model_top1"] is not None
+    # slim and node-level modules of one model compose together
+    rc, _, err = run(["decompose", str(tmp_path / "m"), "--out", str(tmp_path / "node")], capsys)
+    assert rc == 0, err
+    rc, _, err = run(["compose", str(out / "modules" / "c00-band0"), str(tmp_path / "node" / "modules" / "c02-band2"),
+                      "--out", str(tmp_path / "mixed")], capsys)
+    assert rc == 0, err
+    assert len(cnnmod.load_modules(tmp_path / "mixed")) == 2
+
+
+def test_slim_bad_input(tmp_path, npz_data, capsys):
+    rc, _, err = run(["train", "--arch", "cnn", "--data", npz_data, "--epochs", "1", "--out", str(tmp_path / "m")],
+                     capsys)
+    assert rc == 0, err
+    for args, needle in ((["--granularity", "channel", "--size", "0"], "--size"),
+                         (["--granularity", "channel", "--size", "1.5"], "--size"),
+                         (["--size", "0.5"], "--granularity channel"),
+                         (["--granularity", "edge"], "unknown granularity"),
+                         (["--granularity", "channel", "--rule", "magic"], "importance rule")):
+        assert_user_error(*run(["decompose", str(tmp_path / "m"), "--out", str(tmp_path / "x"), *args], capsys),
+                          needle)
+    assert not Path(tmp_path / "x").exists()
