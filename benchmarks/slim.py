@@ -1,0 +1,88 @@
+"""Slim modules against the paper's (issue: beyond the paper), built from library calls.
+
+    python benchmarks/slim.py runs/bench/resnet20-bn --sizes 0.5,0.25 --rules taylor,activation
+
+For each size and importance rule: slim modules of all classes; their mean parameter fraction; the composed
+top-1/top-5 against the model on the full test set; and, measured side by side in the same run, the latency
+at batch 256 of the model, of the paper's voting composition (node-level modules, one batched pass) and of
+the slim composition. Figures go to benchmarks/out/slim_<model>.json with a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+from common import record
+
+from cnnmod.classifier import load_model
+from cnnmod.compose import compose
+from cnnmod.cost import cost_report
+from cnnmod.data import load
+from cnnmod.decompose import DecomposeSettings, decompose
+from cnnmod.evaluation import evaluate_modules
+from cnnmod.slim import SlimSettings, slim_module
+
+
+def main(argv: list[str]) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", type=Path)
+    p.add_argument("--sizes", default="0.5,0.25")
+    p.add_argument("--rules", default="taylor")
+    p.add_argument("--samples", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    device = torch.device("cpu")
+    clf = load_model(args.model, device)
+    train, test = load(clf.dataset, "train"), load(clf.dataset, "test")
+    images = test.images[:256]
+    node = decompose(clf, train, settings=DecomposeSettings(calibration_samples=0), show_progress=False)
+    node_report = evaluate_modules(node, test, device)
+    node_cost = cost_report(compose(node), images)
+    rows = [{"kind": "node (the paper's, mc-bln)", "size": 1.0, "rule": "-", "seconds": None,
+             "params_fraction": cost_report(node[0], images)["params_fraction"],
+             "model_top1": node_report["model_top1"],
+             "composed_top1": node_report["composed_top1"], "composed_top5": node_report["composed_top5"],
+             "cost_top1_pp": node_report["decomposition_cost_top1_pp"],
+             "composition_latency_fraction": node_cost["latency_fraction"],
+             "composition_flops_fraction": node_cost["flops_fraction"]}]
+    print(rows[-1], flush=True)
+    for rule in args.rules.split(","):
+        for size in (float(v) for v in args.sizes.split(",")):
+            t0 = time.perf_counter()
+            s = SlimSettings(size=size, rule=rule, samples=args.samples, seed=args.seed)
+            modules = [slim_module(clf, train, c, s) for c in range(clf.num_classes)]
+            seconds = time.perf_counter() - t0
+            report = evaluate_modules(modules, test, device, source=clf)
+            cost = cost_report(compose(modules), images, source=clf)
+            rows.append({"kind": "slim (channel)", "size": size, "rule": rule, "seconds": round(seconds, 1),
+                         "params_fraction": sum(m.metrics["params_fraction"] for m in modules) / len(modules),
+                         "model_top1": report["model_top1"], "composed_top1": report["composed_top1"],
+                         "composed_top5": report["composed_top5"],
+                         "cost_top1_pp": report["decomposition_cost_top1_pp"],
+                         "composition_latency_fraction": cost["latency_fraction"],
+                         "composition_flops_fraction": cost["flops_fraction"]})
+            print(rows[-1], flush=True)
+    lines = ["| modules | size | rule | mean params (of model) | composed top-1 / top-5 | cost top-1 (pp) | "
+             "10-class composition latency / FLOPs (x model) | seconds |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['kind']} | {r['size']} | {r['rule']} | {100 * r['params_fraction']:.1f}% | "
+                     f"{r['composed_top1']:.2f} / {r['composed_top5']:.2f} | {r['cost_top1_pp']:+.2f} | "
+                     f"{r['composition_latency_fraction']:.2f} / {r['composition_flops_fraction']:.2f} | "
+                     f"{r['seconds'] if r['seconds'] is not None else '-'} |")
+    table = "\n".join(lines)
+    best = min((r for r in rows[1:] if r["cost_top1_pp"] >= -1.0), key=lambda r: r["params_fraction"], default=None)
+    summary = (f"{args.model.name}: model {rows[0]['model_top1']:.2f}%; " + (
+        f"smallest slim within 1 pp: {100 * best['params_fraction']:.1f}% of parameters, cost "
+        f"{best['cost_top1_pp']:+.2f} pp" if best else "no slim setting within 1 pp"))
+    path = record(f"slim_{args.model.name}", f"python benchmarks/slim.py {args.model} --sizes {args.sizes} "
+                  f"--rules {args.rules}", {"rows": rows, "table": table}, summary)
+    print(table)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
