@@ -113,3 +113,37 @@ def test_slim_bad_input(tmp_path, npz_data, capsys):
         assert_user_error(*run(["decompose", str(tmp_path / "m"), "--out", str(tmp_path / "x"), *args], capsys),
                           needle)
     assert not Path(tmp_path / "x").exists()
+
+
+def test_onnx_export_of_node_and_slim_compositions(tmp_path, npz_data, capsys):
+    onnxruntime = pytest.importorskip("onnxruntime")  # the dev extra installs it; CI runs this test
+    rc, _, err = run(["train", "--arch", "resnet20", "--data", npz_data, "--epochs", "1", "--out",
+                      str(tmp_path / "m")], capsys)
+    assert rc == 0, err
+    rc, _, err = run(["decompose", str(tmp_path / "m"), "--out", str(tmp_path / "node")], capsys)
+    assert rc == 0, err
+    rc, _, err = run(["decompose", str(tmp_path / "m"), "--out", str(tmp_path / "slim"), "--granularity", "channel",
+                      "--slim-samples", "20"], capsys)
+    assert rc == 0, err
+    images = torch.randint(0, 256, (6, 1, 8, 8), dtype=torch.uint8)
+    for name in ("node", "slim"):
+        file = tmp_path / f"{name}.onnx"
+        rc, stdout, err = run(["export", str(tmp_path / name), "--onnx", str(file), "--json"], capsys)
+        assert rc == 0, err
+        result = json.loads(stdout)
+        assert result["max_abs_difference"] <= 1e-4 and len(result["classes"]) == 3
+        session = onnxruntime.InferenceSession(str(file), providers=["CPUExecutionProvider"])
+        got = torch.from_numpy(session.run(None, {"images": images.numpy()})[0])
+        with torch.no_grad():
+            expected = cnnmod.compose(cnnmod.load_modules(tmp_path / name))(images)
+        assert torch.allclose(got, expected, atol=1e-4)
+    assert_user_error(*run(["export", str(tmp_path / "node"), "--onnx", str(tmp_path / "node.onnx")], capsys),
+                      "--overwrite")
+
+
+def test_export_without_the_onnx_extra_says_how_to_install(tmp_path, monkeypatch, capsys):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "onnx", None)  # as if not installed
+    assert_user_error(*run(["export", str(tmp_path), "--onnx", str(tmp_path / "x.onnx")], capsys),
+                      "pip install 'cnnmod[onnx]'")

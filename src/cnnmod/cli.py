@@ -346,6 +346,21 @@ def reproduce_cmd(
     emit(summary, as_json, f"study ({preset}) in {out}")
 
 
+@app.command("export")
+def export_cmd(
+    paths: list[Path] = typer.Argument(..., help="A module, decomposition or composition folder (or several)."),
+    onnx: Path = typer.Option(..., "--onnx", help="The ONNX file to write."),
+    calibration: str = typer.Option(None, "--calibration", help="none, temperature or platt (default: as made)."),
+    check: bool = typer.Option(True, "--check/--no-check", help="Compare onnxruntime's scores with cnnmod's."),
+    overwrite: bool = OVERWRITE, as_json: bool = JSON,
+) -> None:
+    """Export a module or composition as one ONNX file: uint8 images in, scores p_c out."""
+    from .export import export_onnx
+
+    result = export_onnx(paths, onnx, overwrite, check, calibration)
+    emit(result, as_json, f"exported {onnx}")
+
+
 @data_app.command("info")
 def data_info(name: str = typer.Argument(...), data_root: str = DATA_ROOT, as_json: bool = JSON) -> None:
     """Classes, sizes, input shape and folder of a data set."""

@@ -1,0 +1,68 @@
+"""ONNX export of a module or a composition: uint8 images (B, C, H, W) in, scores p_c (B, K) out."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+from .compose import compose
+from .errors import UserError
+from .store import calibration_of, load_modules
+
+
+def export_onnx(paths: list[str | Path], out: str | Path, overwrite: bool = False, check: bool = True,
+                calibration: str | None = None) -> dict:
+    """Export the composition of the modules at ``paths`` (one module folder gives a one-column classifier);
+    with ``check``, onnxruntime's scores are compared with cnnmod's on a random batch of another size."""
+    try:
+        import onnx  # noqa: F401
+    except ImportError:
+        raise UserError("exporting to ONNX needs the onnx extra: pip install 'cnnmod[onnx]' (onnx and onnxruntime)")
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise UserError(f"{out} exists already; choose another file or pass --overwrite")
+    modules = load_modules(paths, "cpu")
+    if calibration is None:
+        recorded = {calibration_of(p) for p in paths}
+        calibration = recorded.pop() if len(recorded) == 1 else "none"
+    comp = compose(modules, calibration=calibration).eval()
+    shape = tuple(modules[0].input_shape)
+    example = torch.randint(0, 256, (2, *shape), dtype=torch.uint8)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
+    os.close(fd)
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(comp, (example,), tmp, dynamo=False, input_names=["images"], output_names=["scores"],
+                              dynamic_axes={"images": {0: "batch"}, "scores": {0: "batch"}})
+        result = {"out": str(out), "classes": [f"{c}" for c in comp.qualified_names], "input_shape": list(shape),
+                  "input": "uint8 images (batch, channels, height, width)", "output": "scores p_c (batch, classes)",
+                  "calibration": calibration, "bytes": Path(tmp).stat().st_size}
+        if check:
+            result["max_abs_difference"] = _check(tmp, comp, shape)
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return result
+
+
+def _check(path: str, comp, shape: tuple[int, int, int]) -> float | None:
+    try:
+        import onnxruntime
+    except ImportError:
+        return None
+    images = torch.randint(0, 256, (5, *shape), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    got = torch.from_numpy(session.run(None, {"images": images.numpy()})[0])
+    with torch.no_grad():
+        expected = comp(images)
+    diff = float((got - expected).abs().max())
+    if diff > 1e-4:
+        raise UserError(f"the exported ONNX model disagrees with cnnmod by {diff:.2g}; please report this model")
+    return diff
