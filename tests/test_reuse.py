@@ -234,3 +234,33 @@ def test_calibrated_composition(two_models, tmp_path, capsys):
                             "platt"], capsys), "no calibration")
     assert_user_error(*run(["compose", str(dec_a), "--out", str(tmp_path / "x"), "--calibration", "magic"], capsys),
                       "unknown calibration")
+
+
+def test_merged_and_fused_compositions(two_models, tmp_path, capsys):
+    from cnnmod.cost import cost_report
+    from cnnmod.module import Module
+
+    dec_a, dec_b, a, b = two_models
+    modules = cnnmod.load_modules(dec_a)
+    images = torch.randint(0, 256, (7, 1, 8, 8), dtype=torch.uint8)
+    merged = cnnmod.compose(modules, mode="merged")
+    union = {k: torch.stack([m.masks[k] for m in modules]).any(0) for k in modules[0].masks}
+    for i, m in enumerate(modules):  # each column: the module's head on the union-masked network
+        alone = Module(m.source, m.graph, m.concerned, union, m.head_weight, m.head_bias)
+        assert torch.allclose(merged(images)[:, i], alone.score(alone.prepare(images)), atol=1e-6)
+    assert cost_report(merged, images)["flops_fraction"] == pytest.approx(1.0, rel=0.01)   # one pass
+    assert cost_report(cnnmod.compose(modules), images)["flops_fraction"] == pytest.approx(3.0, rel=0.01)
+    other = cnnmod.load_module(dec_b / "modules" / "c01-band1")
+    with pytest.raises(UserError, match="--mode fused"):
+        cnnmod.compose(modules + [other], mode="merged")
+    fused = cnnmod.compose(modules + [other], mode="fused")
+    assert torch.allclose(fused(images)[:, :3], merged(images), atol=1e-6)
+    assert torch.allclose(fused(images)[:, 3], other.score(other.prepare(images)), atol=1e-6)
+    out = tmp_path / "merged"
+    rc, _, err = run(["compose", str(dec_a), "--mode", "merged", "--out", str(out)], capsys)
+    assert rc == 0, err
+    rc, stdout, err = run(["evaluate", str(out), "--json", "--latency-batch", "4"], capsys)
+    assert rc == 0, err
+    assert json.loads(stdout)["mode"] == "merged"
+    assert_user_error(*run(["compose", str(dec_a), "--mode", "blend", "--out", str(tmp_path / "x")], capsys),
+                      "unknown composition mode")

@@ -251,6 +251,7 @@ def evaluate_cmd(
     data: str = typer.Option(None, "--data", help="Test data for one model's modules (default: its data set)."),
     calibration: str = typer.Option(None, "--calibration",
                                     help="none, temperature or platt (default: the composition's own)."),
+    mode: str = typer.Option(None, "--mode", help="vote, merged or fused (default: the composition's own)."),
     cost: bool = typer.Option(True, "--cost/--no-cost", help="Measure parameters, FLOPs and latency too."),
     latency_batch: int = typer.Option(256, "--latency-batch", help="Batch size of the latency measurement."),
     batch_size: int = typer.Option(512, "--batch-size"),
@@ -262,7 +263,7 @@ def evaluate_cmd(
     from .evaluation import evaluate_dir
 
     with EnergyMeter(country).phase("evaluation") as m:
-        result = evaluate_dir(paths, data, data_root, device, batch_size, calibration, cost, latency_batch)
+        result = evaluate_dir(paths, data, data_root, device, batch_size, calibration, cost, latency_batch, mode)
     result["energy"] = {"evaluation": m.record.to_dict()}
     emit(result, as_json, "model vs composed modules")
 
@@ -277,6 +278,8 @@ def compose_cmd(
     calibration: str = typer.Option("none", "--calibration",
                                     help="Compare scores as they are (none, the paper) or calibrated: temperature, "
                                     "platt."),
+    mode: str = typer.Option("vote", "--mode", help="vote (the paper: a pass per module), merged (one model's "
+                             "modules as one network, one pass) or fused (one merged pass per source model)."),
     batch_size: int = typer.Option(256, "--batch-size"),
     device: str = DEVICE, data_root: str = DATA_ROOT, overwrite: bool = OVERWRITE, country: str = COUNTRY,
     as_json: bool = JSON,
@@ -286,7 +289,8 @@ def compose_cmd(
     from .reuse import compose_dirs
 
     with EnergyMeter(country).phase("composition") as m:
-        result = compose_dirs(paths, out, continuous_learning, data_root, device, batch_size, overwrite, calibration)
+        result = compose_dirs(paths, out, continuous_learning, data_root, device, batch_size, overwrite, calibration,
+                              mode)
     result["energy"] = {"composition": m.record.to_dict()}
     emit(result, as_json, f"composed {len(result['classes'])} modules into {out}")
 

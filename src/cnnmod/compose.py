@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .calibrate import MODES, apply
+from .calibrate import MODES as CALIBRATIONS
+from .calibrate import apply
 from .data.registry import split_spec
 from .errors import UserError
 from .module import Module, masked_features
@@ -57,13 +58,32 @@ def check_composable(modules: Sequence[Module], replacing: bool = False) -> None
 
 
 def check_calibration(modules: Sequence[Module], calibration: str) -> None:
-    if calibration not in MODES:
-        raise UserError(f"unknown calibration {calibration!r}; choose {', '.join(MODES)}")
+    if calibration not in CALIBRATIONS:
+        raise UserError(f"unknown calibration {calibration!r}; choose {', '.join(CALIBRATIONS)}")
     if calibration != "none":
         missing = [m.class_name for m in modules if not m.calibration]
         if missing:
             raise UserError(f"the modules of {', '.join(missing[:3])} have no calibration; decompose with "
                             "--calibration-samples N (N > 0), or compose with --calibration none")
+
+
+MODES = ("vote", "merged", "fused")
+
+
+def check_mode(modules: Sequence[Module], mode: str) -> None:
+    """``vote``: the paper's (one masked pass per module, batched); ``merged``: the modules of one source model
+    as one network (the union of their kept nodes, their heads), one pass; ``fused``: one merged pass per
+    source model, their scores side by side."""
+    if mode not in MODES:
+        raise UserError(f"unknown composition mode {mode!r}; choose {', '.join(MODES)}")
+    if mode == "vote":
+        return
+    if any(not isinstance(m, Module) for m in modules):
+        raise UserError(f"--mode {mode} merges node-level modules; slim modules run their own networks: use "
+                        "--mode vote for them")
+    if mode == "merged" and len({id(m.source) for m in modules}) > 1:
+        raise UserError("--mode merged needs modules of one source model; these come from several: use --mode fused "
+                        "(one merged network per source model, their scores fused)")
 
 
 class Composition(nn.Module):
@@ -73,11 +93,14 @@ class Composition(nn.Module):
     :meth:`predict` applies the voting rule.
     """
 
-    def __init__(self, modules: Sequence[Module], replacing: bool = False, calibration: str = "none") -> None:
+    def __init__(self, modules: Sequence[Module], replacing: bool = False, calibration: str = "none",
+                 mode: str = "vote") -> None:
         super().__init__()
         check_composable(modules, replacing)
         check_calibration(modules, calibration)
+        check_mode(modules, mode)
         self.calibration = calibration
+        self.mode = mode
         self.parts = nn.ModuleList(modules)
         groups: dict[int, list[int]] = {}
         for i, m in enumerate(modules):  # node-masked modules of one source run together; a slim module alone
@@ -115,8 +138,13 @@ class Composition(nn.Module):
         x = first.prepare(images)
         if not isinstance(first, Module):  # a slim module: its own smaller network
             return first(x).unsqueeze(0)
-        masks = {name: torch.stack([p.masks[name] for p in parts]) for name in first.point_names}
+        if self.mode == "vote":  # the paper: every module its own masked pass (batched)
+            masks = {name: torch.stack([p.masks[name] for p in parts]) for name in first.point_names}
+        else:  # one pass with the union of the modules' kept nodes, every head on the same features
+            masks = {name: torch.stack([p.masks[name] for p in parts]).any(0, keepdim=True)
+                     for name in first.point_names}
         features = masked_features(first.source.net, first.points, first.classifier_name, masks, x)
+        features = features.expand(len(parts), -1, -1)
         weight = torch.stack([p.head_weight for p in parts])  # (K, 2, F)
         bias = torch.stack([p.head_bias for p in parts])      # (K, 2)
         return torch.einsum("kbf,kjf->kbj", features, weight) + bias[:, None, :]
@@ -138,7 +166,9 @@ class Composition(nn.Module):
         return vote(self.forward(images))
 
 
-def compose(modules: Sequence[Module], replacing: bool = False, calibration: str = "none") -> Composition:
+def compose(modules: Sequence[Module], replacing: bool = False, calibration: str = "none",
+            mode: str = "vote") -> Composition:
     """Compose modules (any classes, from any models that take the same input) into one classifier; with
-    ``calibration`` "temperature" or "platt" the modules' calibrated scores are compared."""
-    return Composition(modules, replacing, calibration)
+    ``calibration`` "temperature" or "platt" the modules' calibrated scores are compared; ``mode`` "merged" or
+    "fused" runs each source model's modules as one network (see :func:`check_mode`)."""
+    return Composition(modules, replacing, calibration, mode)

@@ -65,7 +65,7 @@ def binary_report(scores: torch.Tensor, labels: torch.Tensor, column: int) -> di
 
 
 def evaluate_modules(modules: list, test: ImageSet, device: torch.device, batch_size: int = 512,
-                     calibration: str = "none", source: Classifier | None = None) -> dict:
+                     calibration: str = "none", source: Classifier | None = None, mode: str = "vote") -> dict:
     """Model vs the composition of ``modules`` (all of one source model) on ``test``, whose labels are the
     modules' positions. The model is scored on the same classes (its logits restricted to them)."""
     from .compose import compose
@@ -75,7 +75,7 @@ def evaluate_modules(modules: list, test: ImageSet, device: torch.device, batch_
     columns = torch.tensor([m.concerned for m in modules])
     model_scores = predict_scores(lambda x: source(x)[:, columns.to(x.device)], source.prepare, test.images,
                                   device, batch_size)
-    composition = compose(modules, calibration=calibration).to(device).eval()
+    composition = compose(modules, calibration=calibration, mode=mode).to(device).eval()
     started = time.perf_counter()
     composed_scores = predict_scores(composition, lambda x: x, test.images, device,
                                      max(8, batch_size // composition.max_group))
@@ -101,13 +101,13 @@ def evaluate_modules(modules: list, test: ImageSet, device: torch.device, batch_
 
 
 def costs(modules: list, images: torch.Tensor, per_module: bool, calibration: str = "none",
-          source: Classifier | None = None) -> dict:
+          source: Classifier | None = None, mode: str = "vote") -> dict:
     """Parameters, FLOPs and latency: of the composition as a whole and, with ``per_module``, the mean over the
     modules (each against its source model)."""
     from .compose import compose
     from .cost import cost_report
 
-    out = {"composition": cost_report(compose(modules, calibration=calibration), images, source=source)}
+    out = {"composition": cost_report(compose(modules, calibration=calibration, mode=mode), images, source=source)}
     if per_module:
         reports = [cost_report(m, images, source=source) for m in modules]
         out["module_mean"] = {k: round(sum(r[k] for r in reports) / len(reports), 4) for k in reports[0]}
@@ -116,9 +116,9 @@ def costs(modules: list, images: torch.Tensor, per_module: bool, calibration: st
 
 def evaluate_dir(paths: list[str | Path], data: str | None, data_root: str | None, device: str = "auto",
                  batch_size: int = 512, calibration: str | None = None, cost: bool = True,
-                 latency_batch: int = 256) -> dict:
+                 latency_batch: int = 256, mode: str | None = None) -> dict:
     """``cnnmod evaluate``: decomposition folders or module folders of one source model, on its test set."""
-    from .store import calibration_of, load_modules
+    from .store import calibration_of, load_modules, mode_of
 
     started = time.perf_counter()
     dev = pick_device(device)
@@ -126,6 +126,9 @@ def evaluate_dir(paths: list[str | Path], data: str | None, data_root: str | Non
     if calibration is None:  # a composition's own setting, else the paper's scores
         recorded = {calibration_of(p) for p in paths}
         calibration = recorded.pop() if len(recorded) == 1 else "none"
+    if mode is None:
+        recorded = {mode_of(p) for p in paths}
+        mode = recorded.pop() if len(recorded) == 1 else "vote"
     from .module import Module
 
     slim = [m for m in modules if not isinstance(m, Module)]
@@ -139,22 +142,23 @@ def evaluate_dir(paths: list[str | Path], data: str | None, data_root: str | Non
         if data is not None:
             raise UserError("--data applies to modules of one model; a composition across models is evaluated on "
                             "each class's own data set")
-        report = evaluate_composition(modules, data_root, dev, batch_size, calibration=calibration)
+        report = evaluate_composition(modules, data_root, dev, batch_size, calibration=calibration, mode=mode)
         if cost:
             images = composition_test_sets(modules, data_root)[0][0].images[:latency_batch].to(dev)
-            report["cost"] = costs(modules, images, per_module=False, calibration=calibration)
-        return {"paths": [str(p) for p in paths], "modules": len(modules), "calibration": calibration, **report,
+            report["cost"] = costs(modules, images, per_module=False, calibration=calibration, mode=mode)
+        return {"paths": [str(p) for p in paths], "modules": len(modules), "calibration": calibration,
+                "mode": mode, **report,
                 "seconds": round(time.perf_counter() - started, 3)}
     clf = source
     test = test_set_for(clf, data, data_root).subset([m.concerned for m in modules])
-    report = evaluate_modules(modules, test, dev, batch_size, calibration, source=clf)
+    report = evaluate_modules(modules, test, dev, batch_size, calibration, source=clf, mode=mode)
     if cost:
         whole = any(read_config(p)["kind"] == "composition" for p in paths)
         report["cost"] = costs(modules, test.images[:latency_batch].to(dev), per_module=not whole,
-                               calibration=calibration, source=clf)
+                               calibration=calibration, source=clf, mode=mode)
     return {"paths": [str(p) for p in paths], "data": data or clf.dataset,
             "variant": modules[0].settings.get("variant", modules[0].settings.get("granularity")),
-            "modules": len(modules), "calibration": calibration,
+            "modules": len(modules), "calibration": calibration, "mode": mode,
             **report,
             "seconds": round(time.perf_counter() - started, 3)}
 
@@ -177,12 +181,12 @@ def composition_test_sets(modules: list, data_root: str | None, per_class: int |
 
 
 def evaluate_composition(modules: list, data_root: str | None, device: torch.device, batch_size: int = 512,
-                         per_class: int | None = None, calibration: str = "none") -> dict:
+                         per_class: int | None = None, calibration: str = "none", mode: str = "vote") -> dict:
     """A composition of modules from any models: top-1, top-5 and per-class accuracy on the union of its classes'
     test images, each from its own data set."""
     from .compose import compose, qualified_name
 
-    composition = compose(modules, calibration=calibration).to(device).eval()
+    composition = compose(modules, calibration=calibration, mode=mode).to(device).eval()
     scores, labels = [], []
     started = time.perf_counter()
     for test, mapped in composition_test_sets(modules, data_root, per_class):

@@ -11,7 +11,7 @@ import torch
 
 from .compose import compose
 from .errors import UserError
-from .store import calibration_of, load_modules
+from .store import calibration_of, load_modules, mode_of
 
 
 def export_onnx(paths: list[str | Path], out: str | Path, overwrite: bool = False, check: bool = True,
@@ -29,7 +29,8 @@ def export_onnx(paths: list[str | Path], out: str | Path, overwrite: bool = Fals
     if calibration is None:
         recorded = {calibration_of(p) for p in paths}
         calibration = recorded.pop() if len(recorded) == 1 else "none"
-    comp = compose(modules, calibration=calibration).eval()
+    modes = {mode_of(p) for p in paths}
+    comp = compose(modules, calibration=calibration, mode=modes.pop() if len(modes) == 1 else "vote").eval()
     shape = tuple(modules[0].input_shape)
     example = torch.randint(0, 256, (2, *shape), dtype=torch.uint8)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -13,14 +13,14 @@ from pathlib import Path
 import torch
 
 from .artifacts import check_output
-from .compose import base_dataset, check_calibration, check_composable, class_key, qualified_name
+from .compose import base_dataset, check_calibration, check_composable, check_mode, class_key, qualified_name
 from .data import load
 from .decompose import relearn
 from .errors import UserError
 from .module import Module
 from .progress import progress_bar
 from .runtime import pick_device
-from .store import calibration_of, load_modules, save_composition
+from .store import calibration_of, load_modules, mode_of, save_composition
 
 
 def find_class(modules: Sequence[Module], text: str) -> int:
@@ -76,7 +76,7 @@ def _summary(config: dict, out: Path, started: float) -> dict:
 
 def compose_dirs(paths: Sequence[str | Path], out: str | Path, relearn_foreign: bool = False,
                  data_root: str | None = None, device: str = "auto", batch_size: int = 256,
-                 overwrite: bool = False, calibration: str = "none") -> dict:
+                 overwrite: bool = False, calibration: str = "none", mode: str = "vote") -> dict:
     """``cnnmod compose``: the modules of ``paths`` as one composition folder."""
     started = time.perf_counter()
     check_output(Path(out), overwrite)
@@ -84,12 +84,13 @@ def compose_dirs(paths: Sequence[str | Path], out: str | Path, relearn_foreign: 
     modules = load_modules(paths, dev)
     check_composable(modules)
     check_calibration(modules, calibration)
+    check_mode(modules, mode)
     if relearn_foreign:
         modules = continuous_learning(modules, data_root, dev, batch_size)
     config = save_composition(modules, out, overwrite, {"continuous_learning": relearn_foreign,
-                                                        "calibration": calibration,
+                                                        "calibration": calibration, "mode": mode,
                                                         "made_from": [str(p) for p in paths]})
-    return {**_summary(config, Path(out), started), "calibration": calibration}
+    return {**_summary(config, Path(out), started), "calibration": calibration, "mode": mode}
 
 
 def replace_dir(target: str | Path, cls: str, replacement: str | Path, out: str | Path,
@@ -111,6 +112,7 @@ def replace_dir(target: str | Path, cls: str, replacement: str | Path, out: str 
         raise UserError(f"the composition has class {qualified_name(new[0])} already; replace that class instead")
     config = save_composition(modules, out, overwrite, {"made_from": [str(target)],
                                                         "calibration": calibration_of(target),
+                                                        "mode": mode_of(target),
                                                         "replaced": {"class": qualified_name(old),
                                                                      "with": str(replacement)}})
     return {**_summary(config, Path(out), started), "replaced": qualified_name(old),
@@ -128,5 +130,6 @@ def remove_dir(target: str | Path, cls: str, out: str | Path, overwrite: bool = 
     removed = modules.pop(position)
     config = save_composition(modules, out, overwrite, {"made_from": [str(target)],
                                                         "calibration": calibration_of(target),
+                                                        "mode": mode_of(target),
                                                         "removed": qualified_name(removed)})
     return {**_summary(config, Path(out), started), "removed": qualified_name(removed)}

@@ -292,6 +292,12 @@ def calibration_of(path: str | os.PathLike) -> str:
     return config.get("calibration", "none") if config["kind"] == "composition" else "none"
 
 
+def mode_of(path: str | os.PathLike) -> str:
+    """How a composition folder runs its modules ("vote" for anything else)."""
+    config = read_config(path)
+    return config.get("mode", "vote") if config["kind"] == "composition" else "vote"
+
+
 def load_source_of(path: str | os.PathLike, device: torch.device | str = "cpu") -> Classifier | None:
     """The source model of a decomposition folder (None for anything else)."""
     path = Path(path)
