@@ -147,3 +147,38 @@ def test_export_without_the_onnx_extra_says_how_to_install(tmp_path, monkeypatch
     monkeypatch.setitem(sys.modules, "onnx", None)  # as if not installed
     assert_user_error(*run(["export", str(tmp_path), "--onnx", str(tmp_path / "x.onnx")], capsys),
                       "pip install 'cnnmod[onnx]'")
+
+
+def test_merged_slim_composition(tmp_path, npz_data, capsys):
+    rc, _, err = run(["train", "--arch", "resnet20", "--data", npz_data, "--epochs", "2", "--out", str(tmp_path / "m")],
+                     capsys)
+    assert rc == 0, err
+    rc, _, err = run(["decompose", str(tmp_path / "m"), "--out", str(tmp_path / "slim"), "--granularity", "channel",
+                      "--size", "0.3", "--slim-samples", "30"], capsys)
+    assert rc == 0, err
+    modules = cnnmod.load_modules(tmp_path / "slim")
+    out = tmp_path / "merged"
+    rc, stdout, err = run(["compose", str(tmp_path / "slim" / "modules" / "c00-band0"),
+                           str(tmp_path / "slim" / "modules" / "c02-band2"), "--mode", "merged", "--out", str(out),
+                           "--json"], capsys)
+    assert rc == 0, err
+    from cnnmod.store import load_merged_slim
+
+    merged, source = load_merged_slim(out)
+    assert merged.concerned == [0, 2] and merged.qualified_names[1].endswith(":band2")
+    for root, removed in merged.removed.items():  # the union of the two modules' kept channels
+        kept_by_either = set(range(10_000)) - (set(modules[0].removed[root]) & set(modules[2].removed[root]))
+        assert set(removed) == set(range(10_000)) - kept_by_either
+    assert merged.params() < sum(p.numel() for p in source.net.parameters())
+    images = torch.randint(0, 256, (5, 1, 8, 8), dtype=torch.uint8)
+    scores = merged(images)
+    assert scores.shape == (5, 2) and bool(((scores >= 0) & (scores <= 1)).all())
+    rc, stdout, err = run(["evaluate", str(out), "--json", "--latency-batch", "4"], capsys)
+    assert rc == 0, err
+    r = json.loads(stdout)
+    assert r["mode"] == "merged" and r["cost"]["composition"]["flops_fraction"] < 1.0
+    assert [c["class"] for c in r["per_class"]] == [0, 2]
+    # a merged network is one network: it cannot be taken apart into modules
+    assert_user_error(*run(["compose", str(out), "--out", str(tmp_path / "x")], capsys), "merged slim composition")
+    assert_user_error(*run(["compose", str(tmp_path / "slim"), str(tmp_path / "slim"),
+                            "--mode", "fused", "--out", str(tmp_path / "x")], capsys), "two modules for class 0")

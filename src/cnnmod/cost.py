@@ -24,6 +24,8 @@ def count_params(obj) -> int:
     node-masked modules; a slim module's own (smaller) network."""
     if isinstance(obj, Classifier):
         return sum(p.numel() for p in obj.net.parameters())
+    if not isinstance(obj, (Composition, Module)) and callable(getattr(obj, "params", None)):
+        return obj.params()  # a slim module, or slim modules merged into one network
     parts = obj.modules_list if isinstance(obj, Composition) else [obj]
     masked = [m for m in parts if isinstance(m, Module)]
     sources = {id(m.source): m.source for m in masked}
@@ -65,8 +67,9 @@ def cost_report(target, images: torch.Tensor, repeats: int = 3, source: Classifi
     (uint8), with fractions of its source model's (for a composition across models, of the sum of its source
     models'; slim modules carry no source: give it as ``source``)."""
     target = target.eval()
-    parts = target.modules_list if isinstance(target, Composition) else [target]
-    fn = target if isinstance(target, Composition) else (lambda imgs: target.score(target.prepare(imgs)))
+    merged = not isinstance(target, (Composition, Module)) and not hasattr(target, "score")
+    parts = target.modules_list if isinstance(target, Composition) else [] if merged else [target]
+    fn = target if isinstance(target, Composition) or merged else (lambda imgs: target.score(target.prepare(imgs)))
     sources = {id(m.source): m.source for m in parts if isinstance(m, Module)}
     if source is not None:
         sources.setdefault(id(source), source)

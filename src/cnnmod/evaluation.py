@@ -65,9 +65,11 @@ def binary_report(scores: torch.Tensor, labels: torch.Tensor, column: int) -> di
 
 
 def evaluate_modules(modules: list, test: ImageSet, device: torch.device, batch_size: int = 512,
-                     calibration: str = "none", source: Classifier | None = None, mode: str = "vote") -> dict:
+                     calibration: str = "none", source: Classifier | None = None, mode: str = "vote",
+                     composition=None) -> dict:
     """Model vs the composition of ``modules`` (all of one source model) on ``test``, whose labels are the
-    modules' positions. The model is scored on the same classes (its logits restricted to them)."""
+    modules' positions. The model is scored on the same classes (its logits restricted to them). A prebuilt
+    ``composition`` (uint8 images -> scores, e.g. a merged slim network) replaces composing ``modules``."""
     from .compose import compose
     from .module import pairwise_jaccard
 
@@ -75,10 +77,12 @@ def evaluate_modules(modules: list, test: ImageSet, device: torch.device, batch_
     columns = torch.tensor([m.concerned for m in modules])
     model_scores = predict_scores(lambda x: source(x)[:, columns.to(x.device)], source.prepare, test.images,
                                   device, batch_size)
-    composition = compose(modules, calibration=calibration, mode=mode).to(device).eval()
+    if composition is None:
+        composition = compose(modules, calibration=calibration, mode=mode)
+    composition = composition.to(device).eval()
     started = time.perf_counter()
     composed_scores = predict_scores(composition, lambda x: x, test.images, device,
-                                     max(8, batch_size // composition.max_group))
+                                     max(8, batch_size // getattr(composition, "max_group", 1)))
     composed_seconds = time.perf_counter() - started
     model = accuracy_report(model_scores, test.labels, test.class_names)
     composed = accuracy_report(composed_scores, test.labels, test.class_names)
@@ -118,10 +122,12 @@ def evaluate_dir(paths: list[str | Path], data: str | None, data_root: str | Non
                  batch_size: int = 512, calibration: str | None = None, cost: bool = True,
                  latency_batch: int = 256, mode: str | None = None) -> dict:
     """``cnnmod evaluate``: decomposition folders or module folders of one source model, on its test set."""
-    from .store import calibration_of, load_modules, mode_of
+    from .store import calibration_of, is_merged_slim, load_modules, mode_of
 
     started = time.perf_counter()
     dev = pick_device(device)
+    if len(paths) == 1 and is_merged_slim(paths[0]):
+        return evaluate_merged_slim(paths[0], data, data_root, dev, batch_size, cost, latency_batch, started)
     modules = load_modules(paths, dev)
     if calibration is None:  # a composition's own setting, else the paper's scores
         recorded = {calibration_of(p) for p in paths}
@@ -206,3 +212,22 @@ def evaluate_composition(modules: list, data_root: str | None, device: torch.dev
             "composed_balanced_top1": round(sum(balanced) / len(balanced), 4) if balanced else None,
             "jaccard_model_mean": round(sum(kept) / len(kept), 6), "test_images": int(labels_all.numel()),
             "composed_seconds": round(composed_seconds, 3), "per_class": per_class}
+
+
+def evaluate_merged_slim(path, data: str | None, data_root: str | None, device: torch.device, batch_size: int,
+                         cost: bool, latency_batch: int, started: float) -> dict:
+    """A merged slim composition against its source model on the same test images."""
+    from types import SimpleNamespace
+
+    from .cost import cost_report
+    from .store import load_merged_slim
+
+    merged, source = load_merged_slim(path, device)
+    test = test_set_for(source, data, data_root).subset(merged.concerned)
+    parts = [SimpleNamespace(concerned=c, class_name=n, kept_fraction=lambda: merged.metrics["params_fraction"])
+             for c, n in zip(merged.concerned, merged.class_names, strict=True)]
+    report = evaluate_modules(parts, test, device, batch_size, source=source, composition=merged)
+    if cost:
+        report["cost"] = {"composition": cost_report(merged, test.images[:latency_batch].to(device), source=source)}
+    return {"paths": [str(path)], "data": data or source.dataset, "variant": "channel", "modules": len(parts),
+            "calibration": "none", "mode": "merged", **report, "seconds": round(time.perf_counter() - started, 3)}

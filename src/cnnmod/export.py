@@ -11,7 +11,7 @@ import torch
 
 from .compose import compose
 from .errors import UserError
-from .store import calibration_of, load_modules, mode_of
+from .store import calibration_of, is_merged_slim, load_merged_slim, load_modules, mode_of
 
 
 def export_onnx(paths: list[str | Path], out: str | Path, overwrite: bool = False, check: bool = True,
@@ -25,13 +25,16 @@ def export_onnx(paths: list[str | Path], out: str | Path, overwrite: bool = Fals
     out = Path(out)
     if out.exists() and not overwrite:
         raise UserError(f"{out} exists already; choose another file or pass --overwrite")
-    modules = load_modules(paths, "cpu")
-    if calibration is None:
-        recorded = {calibration_of(p) for p in paths}
-        calibration = recorded.pop() if len(recorded) == 1 else "none"
-    modes = {mode_of(p) for p in paths}
-    comp = compose(modules, calibration=calibration, mode=modes.pop() if len(modes) == 1 else "vote").eval()
-    shape = tuple(modules[0].input_shape)
+    if len(paths) == 1 and is_merged_slim(paths[0]):
+        comp, calibration = load_merged_slim(paths[0], "cpu")[0], "none"
+    else:
+        modules = load_modules(paths, "cpu")
+        if calibration is None:
+            recorded = {calibration_of(p) for p in paths}
+            calibration = recorded.pop() if len(recorded) == 1 else "none"
+        modes = {mode_of(p) for p in paths}
+        comp = compose(modules, calibration=calibration, mode=modes.pop() if len(modes) == 1 else "vote").eval()
+    shape = tuple(comp.input_shape if hasattr(comp, "input_shape") else comp.modules_list[0].input_shape)
     example = torch.randint(0, 256, (2, *shape), dtype=torch.uint8)
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)

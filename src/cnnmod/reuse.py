@@ -20,7 +20,8 @@ from .errors import UserError
 from .module import Module
 from .progress import progress_bar
 from .runtime import pick_device
-from .store import calibration_of, load_modules, mode_of, save_composition
+from .slim import SlimModule
+from .store import calibration_of, load_modules, mode_of, save_composition, save_merged_slim, slim_source_of
 
 
 def find_class(modules: Sequence[Module], text: str) -> int:
@@ -83,6 +84,8 @@ def compose_dirs(paths: Sequence[str | Path], out: str | Path, relearn_foreign: 
     dev = pick_device(device)
     modules = load_modules(paths, dev)
     check_composable(modules)
+    if mode == "merged" and all(isinstance(m, SlimModule) for m in modules):
+        return merge_slim_dirs(paths, modules, out, data_root, dev, batch_size, overwrite, started)
     check_calibration(modules, calibration)
     check_mode(modules, mode)
     if relearn_foreign:
@@ -91,6 +94,20 @@ def compose_dirs(paths: Sequence[str | Path], out: str | Path, relearn_foreign: 
                                                         "calibration": calibration, "mode": mode,
                                                         "made_from": [str(p) for p in paths]})
     return {**_summary(config, Path(out), started), "calibration": calibration, "mode": mode}
+
+
+def merge_slim_dirs(paths, modules: list, out: str | Path, data_root: str | None, device, batch_size: int,
+                    overwrite: bool, started: float) -> dict:
+    """Slim modules of one decomposition merged into one network (the union of their kept channels)."""
+    from .evaluation import split_for
+    from .slim import merge_slim
+
+    source = slim_source_of(paths, device)
+    train = split_for(source, None, data_root, "train")
+    merged = merge_slim(modules, source, train, batch_size=batch_size)
+    save_merged_slim(merged, source, out, overwrite, {"made_from": [str(p) for p in paths]})
+    return {"out": str(out), "classes": merged.qualified_names, "mode": "merged", "granularity": "channel",
+            "params_fraction": merged.metrics["params_fraction"], "seconds": round(time.perf_counter() - started, 3)}
 
 
 def replace_dir(target: str | Path, cls: str, replacement: str | Path, out: str | Path,

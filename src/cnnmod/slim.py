@@ -442,3 +442,144 @@ def build_sliced(config: dict) -> nn.Module:
                 len(info["class_names"]), **info["arch_args"])
     return slice_network(net.eval(), tuple(config["input"][k] for k in ("channels", "height", "width")),
                          config["removed"], config["classifier"], None, None)
+
+
+class MergedSlim(nn.Module):
+    """Slim modules of one source model as one network: the union of their kept channels, BatchNorm statistics
+    re-estimated on it, and one refitted head row per class (its margin, class c vs the rest). ``forward`` takes
+    uint8 images and returns scores p_c (B, K), like a composition."""
+
+    def __init__(self, net: nn.Module, classifier: str, spec, concerned: list[int], source_info: dict,
+                 removed: dict[str, list[int]], settings: dict, metrics: dict | None = None) -> None:
+        super().__init__()
+        self.net = net
+        self.classifier_name = classifier
+        self.spec = spec
+        self.concerned = list(concerned)
+        self.source_info = dict(source_info)
+        self.removed = {k: list(v) for k, v in removed.items()}
+        self.settings = dict(settings)
+        self.metrics = dict(metrics or {})
+
+    @property
+    def class_names(self) -> list[str]:
+        return [self.source_info["class_names"][c] for c in self.concerned]
+
+    @property
+    def classes(self) -> list[int]:
+        return [self.source_info["source_classes"][c] for c in self.concerned]
+
+    @property
+    def qualified_names(self) -> list[str]:
+        from .data.registry import split_spec
+
+        dataset = split_spec(self.source_info.get("dataset") or "custom")[0]
+        return [f"{dataset}:{n}" for n in self.class_names]
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return self.spec.shape
+
+    def params(self) -> int:
+        return sum(p.numel() for p in self.net.parameters())
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        from .data.transforms import to_input
+
+        return torch.sigmoid(self.net(to_input(images, self.spec)))
+
+    def predict(self, images: torch.Tensor) -> torch.Tensor:
+        return self.forward(images).argmax(1)
+
+
+def merge_slim(modules: list[SlimModule], source: Classifier, data: ImageSet, samples: int = 256, seed: int = 0,
+               batch_size: int = 256) -> MergedSlim:
+    """Merge slim modules of ``source`` into one network (the union of their kept channels) and refit every
+    class's head row on it, observed on ``data`` (the source's training split). The backbone is not trained."""
+    if not modules:
+        raise UserError("nothing to merge: no modules")
+    sha = source.info.get("weights_sha256")
+    if any(m.source_info.get("weights_sha256") != sha for m in modules):
+        raise UserError("--mode merged needs slim modules of one source model; these come from several")
+    started = time.perf_counter()
+    graph = ModelGraph(source.net, source.spec.shape)
+    device = next(source.net.parameters()).device
+    net = copy.deepcopy(source.net).eval()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    groups = ChannelGroups(net, graph, source.spec.shape)
+    gates = []
+    for g in groups.groups:
+        gate = torch.zeros(g["channels"], device=device)
+        for m in modules:
+            kept = torch.ones(g["channels"], dtype=torch.bool)
+            kept[m.removed.get(g["roots"][0], [])] = False
+            gate[kept.to(device)] = 1.0
+        gates.append(gate)
+    order = class_order(data.labels, data.num_classes, seed)
+    per_class = max(1, samples // max(data.num_classes - 1, 1))
+    chosen = [m.concerned for m in modules]
+    idx = torch.cat([order[c][:samples if c in chosen else per_class] for c in range(data.num_classes)])
+    x_obs = source.prepare(data.images[idx].to(device))
+    labels = data.labels[idx]
+    batches = [x_obs[i:i + batch_size] for i in range(0, x_obs.shape[0], batch_size)]
+
+    def run():
+        with gated(net, graph, groups, gates):
+            for xb in batches:
+                net(xb)
+
+    reestimate_bn(net, run)
+    with torch.no_grad(), gated(net, graph, groups, gates):
+        features = torch.cat([_features(net, graph.classifier, lambda xb=xb: net(xb)) for xb in batches])
+    fc = net.get_submodule(graph.classifier)
+    weight = fc.weight.detach().cpu()
+    bias = fc.bias.detach().cpu() if fc.bias is not None else torch.zeros(weight.shape[0])
+    rows, biases = [], []
+    for c in chosen:
+        others = [i for i in range(weight.shape[0]) if i != c]
+        w, b = fit_head(features, labels == c, weight[c] - weight[others].mean(0), float(bias[c] - bias[others].mean()))
+        rows.append(w)
+        biases.append(b)
+    head_w, head_b = torch.stack(rows), torch.tensor(biases)
+    keep = _kept_features(groups, graph, [g.bool() for g in gates], head_w.shape[1])
+    removed = {g["roots"][0]: [int(j) for j in torch.nonzero(gates[i] == 0).flatten()]
+               for i, g in enumerate(groups.groups)}
+    sliced = _slice_with_head(net, source.spec.shape, removed, graph.classifier, head_w[:, keep], head_b)
+    info = {"arch": source.arch, "arch_args": source.arch_args, "dataset": source.dataset,
+            "class_names": source.class_names, "source_classes": source.source_classes, "weights_sha256": sha,
+            "params": sum(p.numel() for p in source.net.parameters())}
+    params = sum(p.numel() for p in sliced.parameters())
+    metrics = {"params": params, "params_fraction": round(params / info["params"], 4),
+               "kept_channels": int(sum(int(g.sum()) for g in gates)), "channels": int(sum(g.numel() for g in gates))}
+    settings = {"granularity": "channel", "mode": "merged", "samples": samples, "seed": seed,
+                "seconds": round(time.perf_counter() - started, 3)}
+    return MergedSlim(sliced, graph.classifier, source.spec, chosen, info, removed, settings, metrics).eval()
+
+
+def _slice_with_head(net: nn.Module, input_shape: tuple[int, int, int], removed: dict[str, list[int]],
+                     classifier: str, head_w: torch.Tensor | None, head_b: torch.Tensor | None,
+                     outputs: int | None = None) -> nn.Module:
+    """``slice_network`` with a head of any number of rows (``outputs``, or as many as ``head_w`` has)."""
+    sliced = slice_network(net, input_shape, removed, classifier, None, None)
+    rows = head_w.shape[0] if head_w is not None else int(outputs)
+    old = sliced.get_submodule(classifier)
+    head = nn.Linear(old.in_features, rows).to(old.weight.device)
+    if head_w is not None and head_b is not None:
+        with torch.no_grad():
+            head.weight.copy_(head_w.to(head.weight.device))
+            head.bias.copy_(head_b.to(head.weight.device))
+    parent_name, _, attr = classifier.rpartition(".")
+    setattr(sliced.get_submodule(parent_name) if parent_name else sliced, attr, head)
+    return sliced
+
+
+def build_merged(config: dict) -> nn.Module:
+    """The network of a saved merged slim composition (weights to be loaded)."""
+    from .models import build
+
+    info = config["source"]
+    shape = tuple(config["input"][k] for k in ("channels", "height", "width"))
+    net = build(info["arch"], shape, len(info["class_names"]), **info["arch_args"]).eval()
+    return _slice_with_head(net, shape, config["removed"], config["classifier"], None, None,
+                            outputs=len(config["concerned"]))

@@ -271,6 +271,9 @@ def module_paths(path: str | os.PathLike) -> list[Path]:
     if config["kind"] == "decomposition":
         return [path / m["path"] for m in config["modules"]]
     if config["kind"] == "composition":
+        if config.get("granularity") == "channel":
+            raise UserError(f"{path} is a merged slim composition: one network, not separate modules; evaluate or "
+                            "export it as it is")
         return [path / m["path"] for m in config["classes"]]
     if config["kind"] == "module":
         return [path]
@@ -305,3 +308,61 @@ def load_source_of(path: str | os.PathLike, device: torch.device | str = "cpu") 
     if config["kind"] != "decomposition":
         return None
     return load_model(path / config["source"]["path"], device)
+
+
+def save_merged_slim(merged, source: Classifier, out: str | os.PathLike, overwrite: bool = False,
+                     extra: dict | None = None) -> dict:
+    """A merged slim composition: one network (``model.safetensors``) and its source model under ``sources/``
+    (for comparisons; the network loads without it)."""
+    with atomic_folder(out, overwrite) as tmp:
+        sha = save_into(source, tmp / SOURCES_DIR / "source")["weights_sha256"]
+        classes = [{"position": i, "name": n, "class": c, "concerned": k}
+                   for i, (n, c, k) in enumerate(zip(merged.qualified_names, merged.classes, merged.concerned,
+                                                     strict=True))]
+        config = {"granularity": "channel", "mode": "merged", "classes": classes, "concerned": merged.concerned,
+                  "input": merged.spec.to_dict(), "source": merged.source_info, "source_path": f"{SOURCES_DIR}/source",
+                  "source_sha256": sha, "classifier": merged.classifier_name, "removed": merged.removed,
+                  "settings": merged.settings, "metrics": merged.metrics, **(extra or {})}
+        card = "\n".join([f"# Merged slim composition of {len(classes)} classes", "",
+                          "Slim modules of one model merged into one network (the union of their kept channels), "
+                          "one pass for all classes; no retraining of the backbone.", "",
+                          f"- classes: {', '.join(merged.qualified_names)}",
+                          f"- parameters: {merged.params()} ({100 * merged.metrics['params_fraction']:.1f}% of the "
+                          "source model's)", ""])
+        return write_into(tmp, "composition", config, merged.net.state_dict(), card)
+
+
+def load_merged_slim(path: str | os.PathLike, device: torch.device | str = "cpu"):
+    """The merged slim composition at ``path`` and its source model."""
+    from .classifier import load_weights
+    from .data.transforms import InputSpec
+    from .slim import MergedSlim, build_merged
+
+    path = Path(path)
+    config, tensors = read_artifact(path, "composition")
+    net = build_merged(config)
+    load_weights(net, tensors, f"merged {config['source']['arch']}", path)
+    merged = MergedSlim(net, config["classifier"], InputSpec.from_dict(config["input"]), config["concerned"],
+                        config["source"], config["removed"], config.get("settings", {}), config.get("metrics"))
+    return merged.to(device).eval(), load_model(path / config["source_path"], device)
+
+
+def is_merged_slim(path: str | os.PathLike) -> bool:
+    config = read_config(path)
+    return config["kind"] == "composition" and config.get("granularity") == "channel"
+
+
+def slim_source_of(paths: Sequence[str | os.PathLike], device: torch.device | str = "cpu") -> Classifier:
+    """The source model of slim modules given as a decomposition folder or module folders inside one."""
+    found = set()
+    for p in paths:
+        p = Path(p)
+        config = read_config(p)
+        candidate = p / MODEL_DIR if config["kind"] == "decomposition" else p.parent.parent / MODEL_DIR
+        if not (candidate / CONFIG).is_file():
+            raise UserError(f"cannot find the source model of {p}: merging slim modules needs their decomposition "
+                            "folder (it holds the model)")
+        found.add(candidate.resolve())
+    if len(found) != 1:
+        raise UserError("--mode merged needs slim modules of one decomposition folder")
+    return load_model(found.pop(), device)
