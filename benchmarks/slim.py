@@ -24,7 +24,7 @@ from cnnmod.cost import cost_report
 from cnnmod.data import load
 from cnnmod.decompose import DecomposeSettings, decompose
 from cnnmod.evaluation import evaluate_modules
-from cnnmod.slim import SlimSettings, slim_module
+from cnnmod.slim import SlimSettings, merge_slim, slim_module
 
 
 def main(argv: list[str]) -> None:
@@ -34,21 +34,29 @@ def main(argv: list[str]) -> None:
     p.add_argument("--rules", default="taylor")
     p.add_argument("--samples", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--pair", default="0,7", help="the two classes of the 2-class merged composition")
     args = p.parse_args(argv)
     device = torch.device("cpu")
     clf = load_model(args.model, device)
     train, test = load(clf.dataset, "train"), load(clf.dataset, "test")
     images = test.images[:256]
+    pair = [int(v) for v in args.pair.split(",")]
+    pair_test = test.subset(pair)
     node = decompose(clf, train, settings=DecomposeSettings(calibration_samples=0), show_progress=False)
     node_report = evaluate_modules(node, test, device)
     node_cost = cost_report(compose(node), images)
+    merged_node = evaluate_modules(node, test, device, mode="merged")
+    merged_node_cost = cost_report(compose(node, mode="merged"), images)
     rows = [{"kind": "node (the paper's, mc-bln)", "size": 1.0, "rule": "-", "seconds": None,
              "params_fraction": cost_report(node[0], images)["params_fraction"],
              "model_top1": node_report["model_top1"],
              "composed_top1": node_report["composed_top1"], "composed_top5": node_report["composed_top5"],
              "cost_top1_pp": node_report["decomposition_cost_top1_pp"],
              "composition_latency_fraction": node_cost["latency_fraction"],
-             "composition_flops_fraction": node_cost["flops_fraction"]}]
+             "composition_flops_fraction": node_cost["flops_fraction"],
+             "merged_top1": merged_node["composed_top1"],
+             "merged_latency_fraction": merged_node_cost["latency_fraction"],
+             "merged_params_fraction": merged_node_cost["params_fraction"]}]
     print(rows[-1], flush=True)
     for rule in args.rules.split(","):
         for size in (float(v) for v in args.sizes.split(",")):
@@ -58,21 +66,39 @@ def main(argv: list[str]) -> None:
             seconds = time.perf_counter() - t0
             report = evaluate_modules(modules, test, device, source=clf)
             cost = cost_report(compose(modules), images, source=clf)
+            merged = merge_slim(modules, clf, train, seed=args.seed)
+            merged_report = evaluate_modules(modules, test, device, source=clf, composition=merged)
+            merged_cost = cost_report(merged, images, source=clf)
+            two = merge_slim([modules[c] for c in pair], clf, train, seed=args.seed)
+            two_report = evaluate_modules([modules[c] for c in pair], pair_test, device, source=clf, composition=two)
+            two_cost = cost_report(two, images, source=clf)
             rows.append({"kind": "slim (channel)", "size": size, "rule": rule, "seconds": round(seconds, 1),
                          "params_fraction": sum(m.metrics["params_fraction"] for m in modules) / len(modules),
                          "model_top1": report["model_top1"], "composed_top1": report["composed_top1"],
                          "composed_top5": report["composed_top5"],
                          "cost_top1_pp": report["decomposition_cost_top1_pp"],
                          "composition_latency_fraction": cost["latency_fraction"],
-                         "composition_flops_fraction": cost["flops_fraction"]})
+                         "composition_flops_fraction": cost["flops_fraction"],
+                         "merged_top1": merged_report["composed_top1"],
+                         "merged_latency_fraction": merged_cost["latency_fraction"],
+                         "merged_params_fraction": merged_cost["params_fraction"],
+                         "pair": pair, "pair_model_top1": two_report["model_top1"],
+                         "pair_merged_top1": two_report["composed_top1"],
+                         "pair_merged_latency_fraction": two_cost["latency_fraction"],
+                         "pair_merged_params_fraction": two_cost["params_fraction"]})
             print(rows[-1], flush=True)
-    lines = ["| modules | size | rule | mean params (of model) | composed top-1 / top-5 | cost top-1 (pp) | "
-             "10-class composition latency / FLOPs (x model) | seconds |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| modules | size | rule | mean params (of model) | voting composition: top-1 / top-5, cost (pp), "
+             "latency / FLOPs (x model) | merged 10-class: top-1, params, latency (x model) | merged 2-class: top-1 "
+             "(model), params, latency | seconds |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        pair_cell = (f"{r['pair_merged_top1']:.2f} ({r['pair_model_top1']:.2f}), "
+                     f"{r['pair_merged_params_fraction']:.2f}, {r['pair_merged_latency_fraction']:.2f}"
+                     if "pair" in r else "-")
         lines.append(f"| {r['kind']} | {r['size']} | {r['rule']} | {100 * r['params_fraction']:.1f}% | "
-                     f"{r['composed_top1']:.2f} / {r['composed_top5']:.2f} | {r['cost_top1_pp']:+.2f} | "
+                     f"{r['composed_top1']:.2f} / {r['composed_top5']:.2f}, {r['cost_top1_pp']:+.2f}, "
                      f"{r['composition_latency_fraction']:.2f} / {r['composition_flops_fraction']:.2f} | "
-                     f"{r['seconds'] if r['seconds'] is not None else '-'} |")
+                     f"{r['merged_top1']:.2f}, {r['merged_params_fraction']:.2f}, {r['merged_latency_fraction']:.2f} | "
+                     f"{pair_cell} | {r['seconds'] if r['seconds'] is not None else '-'} |")
     table = "\n".join(lines)
     best = min((r for r in rows[1:] if r["cost_top1_pp"] >= -1.0), key=lambda r: r["params_fraction"], default=None)
     summary = (f"{args.model.name}: model {rows[0]['model_top1']:.2f}%; " + (
