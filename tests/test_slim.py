@@ -8,14 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_cli import assert_user_error, run
+from test_decompose import random_data
 
 import cnnmod
 from cnnmod.classifier import Classifier
 from cnnmod.data.transforms import InputSpec
 from cnnmod.models import build
 from cnnmod.slim import SlimSettings, _features, gated, slim_module
-from test_cli import assert_user_error, run
-from test_decompose import random_data
 
 
 def source(arch: str, **kwargs) -> Classifier:
