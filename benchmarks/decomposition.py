@@ -46,7 +46,8 @@ def model_for(name: str, arch: str, args: dict, epochs: int, subset: int | None,
     return out
 
 
-def study(model_dir: Path, variants: tuple[str, ...], samples: int, seed: int) -> list[dict]:
+def study(model_dir: Path, variants: tuple[str, ...], samples: int, seed: int, condition: str = "pseudocode"
+          ) -> list[dict]:
     clf = load_model(model_dir)
     train_set, test = load("fashion-mnist", "train"), load("fashion-mnist", "test")
     graph = ModelGraph(clf.net, clf.spec.shape)
@@ -57,11 +58,13 @@ def study(model_dir: Path, variants: tuple[str, ...], samples: int, seed: int) -
     rows = []
     for variant in variants:
         t0 = time.perf_counter()
-        modules = decompose(clf, train_set, settings=DecomposeSettings(variant=variant, ci_samples=samples, seed=seed),
-                            stats=stats, show_progress=False)
+        s = DecomposeSettings(variant=variant, ci_samples=samples, seed=seed, condition=condition,
+                              calibration_samples=0)
+        modules = decompose(clf, train_set, settings=s, stats=stats, show_progress=False)
         seconds = observe_seconds + time.perf_counter() - t0
         report = evaluate_modules(modules, test, torch.device("cpu"), 512)
-        row = {"model": model_dir.name, "arch": clf.arch, "bn": clf.arch_args.get("bn", None), "variant": variant,
+        row = {"model": model_dir.name, "arch": clf.arch, "bn": clf.arch_args.get("bn", None),
+               "variant": variant if condition == "pseudocode" else f"{variant} ({condition})",
                "training_epochs": training.get("epochs"), "training_subset": training.get("subset"),
                "training_seconds": training.get("seconds"), "decomposition_seconds": round(seconds, 3),
                "observe_seconds": round(observe_seconds, 3),
@@ -99,12 +102,14 @@ def cnn(args) -> None:
         arch, arch_args, epochs, subset, optimizer = CNN_MODELS[name]
         model_dir = model_for(name, arch, arch_args, args.epochs or epochs, subset, optimizer, True, args.seed,
                               args.runs)
-        rows += study(model_dir, tuple(args.variants.split(",")), args.samples, args.seed)
-    bln = [r for r in rows if r["variant"] == "mc-bln"]
+        rows += study(model_dir, tuple(args.variants.split(",")), args.samples, args.seed, args.condition)
+    bln = [r for r in rows if r["variant"].startswith("mc-bln")]
     figures = {"rows": rows, "mean_cost_mc_bln_top1_pp": mean([r["decomposition_cost_top1_pp"] for r in bln]),
                "mean_cost_mc_bln_top5_pp": mean([r["decomposition_cost_top5_pp"] for r in bln]),
                "mean_jaccard_mc_bln": mean([r["jaccard_model_mean"] for r in bln]), "table": table(rows)}
-    path = record("decomposition_cnn", f"python benchmarks/decomposition.py cnn --models {args.models}", figures,
+    suffix = "" if args.condition == "pseudocode" else f"_{args.condition}"
+    path = record(f"decomposition_cnn{suffix}", f"python benchmarks/decomposition.py cnn --models {args.models} "
+                  f"--variants {args.variants} --condition {args.condition}", figures,
                   f"MC-BLN mean cost {figures['mean_cost_mc_bln_top1_pp']:+.2f} pp top-1, "
                   f"{figures['mean_cost_mc_bln_top5_pp']:+.2f} pp top-5; mean Jaccard "
                   f"{figures['mean_jaccard_mc_bln']:.3f} over {len(bln)} models")
@@ -136,6 +141,7 @@ def main(argv: list[str]) -> None:
     p.add_argument("--samples", type=int, default=1000)
     p.add_argument("--epochs", type=int, default=None, help="override every model's training epochs")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--condition", default="pseudocode", choices=["pseudocode", "prose"])
     p.add_argument("--runs", type=Path, default=ROOT / "runs" / "bench")
     args = p.parse_args(argv)
     {"cnn": cnn, "dense": dense}[args.part](args)
