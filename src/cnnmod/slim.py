@@ -268,17 +268,29 @@ def _head_rows(w: torch.Tensor, b: float) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack([w, torch.zeros_like(w)]), torch.tensor([b, 0.0])
 
 
+def _frozen_copy(source: Classifier) -> tuple[ModelGraph, nn.Module, ChannelGroups]:
+    """The source's graph, a frozen copy of its network to gate and re-estimate, and its channel groups."""
+    graph = ModelGraph(source.net, source.spec.shape)
+    net = copy.deepcopy(source.net).eval()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    return graph, net, ChannelGroups(net, graph, source.spec.shape)
+
+
+def _source_info(source: Classifier) -> dict:
+    return {"arch": source.arch, "arch_args": source.arch_args, "dataset": source.dataset,
+            "class_names": source.class_names, "source_classes": source.source_classes,
+            "weights_sha256": source.info.get("weights_sha256"),
+            "params": sum(p.numel() for p in source.net.parameters())}
+
+
 def slim_module(source: Classifier, data: ImageSet, concerned: int, s: SlimSettings,
                 batch_size: int = 256) -> SlimModule:
     """One slim module of ``source`` for class ``concerned``, observed on ``data`` (its training split)."""
     s.check()
     started = time.perf_counter()
-    graph = ModelGraph(source.net, source.spec.shape)
-    device = next(source.net.parameters()).device
-    net = copy.deepcopy(source.net).eval()
-    for p in net.parameters():
-        p.requires_grad_(False)
-    groups = ChannelGroups(net, graph, source.spec.shape)
+    graph, net, groups = _frozen_copy(source)
+    device = next(net.parameters()).device
     gates = [torch.ones(g["channels"], device=device) for g in groups.groups]
     images, targets = observation_data(data, concerned, s.samples, s.seed)
     x_obs = source.prepare(images.to(device))
@@ -390,9 +402,7 @@ def slim_module(source: Classifier, data: ImageSet, concerned: int, s: SlimSetti
     hw, hb = _head_rows(w, b)
     hw = hw[:, _kept_features(groups, graph, kept_masks, w.numel())]
     sliced = slice_network(net, source.spec.shape, removed_now(), graph.classifier, hw, hb)
-    info = {"arch": source.arch, "arch_args": source.arch_args, "dataset": source.dataset,
-            "class_names": source.class_names, "source_classes": source.source_classes,
-            "weights_sha256": source.info.get("weights_sha256"), "params": total_params}
+    info = _source_info(source)
     params = sum(p.numel() for p in sliced.parameters())
     if base_accuracy is not None:
         held_out = {"held_out_binary_accuracy_start": base_accuracy, "held_out_binary_accuracy": binary_accuracy(w, b)}
@@ -502,12 +512,8 @@ def merge_slim(modules: list[SlimModule], source: Classifier, data: ImageSet, sa
     if any(m.source_info.get("weights_sha256") != sha for m in modules):
         raise UserError("--mode merged needs slim modules of one source model; these come from several")
     started = time.perf_counter()
-    graph = ModelGraph(source.net, source.spec.shape)
-    device = next(source.net.parameters()).device
-    net = copy.deepcopy(source.net).eval()
-    for p in net.parameters():
-        p.requires_grad_(False)
-    groups = ChannelGroups(net, graph, source.spec.shape)
+    graph, net, groups = _frozen_copy(source)
+    device = next(net.parameters()).device
     gates = []
     for g in groups.groups:
         gate = torch.zeros(g["channels"], device=device)
@@ -546,9 +552,7 @@ def merge_slim(modules: list[SlimModule], source: Classifier, data: ImageSet, sa
     removed = {g["roots"][0]: [int(j) for j in torch.nonzero(gates[i] == 0).flatten()]
                for i, g in enumerate(groups.groups)}
     sliced = _slice_with_head(net, source.spec.shape, removed, graph.classifier, head_w[:, keep], head_b)
-    info = {"arch": source.arch, "arch_args": source.arch_args, "dataset": source.dataset,
-            "class_names": source.class_names, "source_classes": source.source_classes, "weights_sha256": sha,
-            "params": sum(p.numel() for p in source.net.parameters())}
+    info = _source_info(source)
     params = sum(p.numel() for p in sliced.parameters())
     metrics = {"params": params, "params_fraction": round(params / info["params"], 4),
                "kept_channels": int(sum(int(g.sum()) for g in gates)), "channels": int(sum(g.numel() for g in gates))}
