@@ -107,7 +107,7 @@ def cnn(args) -> None:
     figures = {"rows": rows, "mean_cost_mc_bln_top1_pp": mean([r["decomposition_cost_top1_pp"] for r in bln]),
                "mean_cost_mc_bln_top5_pp": mean([r["decomposition_cost_top5_pp"] for r in bln]),
                "mean_jaccard_mc_bln": mean([r["jaccard_model_mean"] for r in bln]), "table": table(rows)}
-    suffix = "" if args.condition == "pseudocode" else f"_{args.condition}"
+    suffix = ("" if args.condition == "pseudocode" else f"_{args.condition}") + "_" + "_".join(names)
     path = record(f"decomposition_cnn{suffix}", f"python benchmarks/decomposition.py cnn --models {args.models} "
                   f"--variants {args.variants} --condition {args.condition}", figures,
                   f"MC-BLN mean cost {figures['mean_cost_mc_bln_top1_pp']:+.2f} pp top-1, "
