@@ -32,13 +32,18 @@ def assert_user_error(rc: int, out: str, err: str, *needles: str) -> None:
         assert n in lines[0], lines[0]
 
 
+def train_small_cnn(out: Path, data: str, capsys, epochs: int) -> dict:
+    """``cnnmod train`` of the small CNN (Adam, lr 0.01, batch 16) into ``out``; its JSON result."""
+    rc, stdout, err = run(["train", "--arch", "cnn", "--data", data, "--epochs", str(epochs), "--batch-size", "16",
+                           "--optimizer", "adam", "--lr", "0.01", "--out", str(out), "--json"], capsys)
+    assert rc == 0, err
+    return json.loads(stdout)
+
+
 @pytest.fixture
 def trained(tmp_path: Path, npz_data: str, capsys) -> Path:
     out = tmp_path / "model"
-    rc, stdout, err = run(["train", "--arch", "cnn", "--data", npz_data, "--epochs", "2", "--batch-size", "16",
-                           "--optimizer", "adam", "--lr", "0.01", "--out", str(out), "--json"], capsys)
-    assert rc == 0, err
-    result = json.loads(stdout)
+    result = train_small_cnn(out, npz_data, capsys, epochs=2)
     assert set(result) >= {"out", "epochs", "best_epoch", "test_top1", "test_top5", "seconds", "images_per_second"}
     return out
 

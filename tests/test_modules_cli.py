@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_cli import assert_user_error, run
+from test_cli import assert_user_error, run, train_small_cnn
 
 import cnnmod
 from cnnmod.store import pack_mask, unpack_mask
@@ -17,9 +17,7 @@ from cnnmod.store import pack_mask, unpack_mask
 @pytest.fixture
 def model_dir(tmp_path: Path, npz_data: str, capsys) -> Path:
     out = tmp_path / "model"
-    rc, _, err = run(["train", "--arch", "cnn", "--data", npz_data, "--epochs", "3", "--batch-size", "16",
-                      "--optimizer", "adam", "--lr", "0.01", "--out", str(out), "--json"], capsys)
-    assert rc == 0, err
+    train_small_cnn(out, npz_data, capsys, epochs=3)
     return out
 
 

@@ -34,7 +34,7 @@ def source(arch: str, **kwargs) -> Classifier:
 def test_sliced_network_computes_what_the_gated_model_computes(arch, kwargs):
     clf = source(arch, **kwargs)
     data = random_data(per_class=20)
-    m = slim_module(clf, data, 1, SlimSettings(size=0.4, samples=40, step=0.2))
+    m = slim_module(clf, data, 1, SlimSettings(size=0.4, samples=40, step=0.2), keep_reference=True)
     assert m.metrics["params_fraction"] <= 0.4
     assert m.params() == sum(p.numel() for p in m.net.parameters()) < sum(p.numel() for p in clf.net.parameters())
     net, graph, groups, gates, hw, hb = m.gated_reference

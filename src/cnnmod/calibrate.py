@@ -59,6 +59,12 @@ def fit(margins: torch.Tensor, targets: torch.Tensor) -> dict:
             "loss_platt": float(_balanced_bce(a * m + b, t))}
 
 
+def score(logits: torch.Tensor, calibration: dict | None, mode: str = "none") -> torch.Tensor:
+    """p_c from two-way logits (..., 2) [z_c, z_uc]: softmax([z_c, z_uc])[0] = sigmoid(z_c - z_uc), calibrated
+    as ``mode`` asks."""
+    return apply(logits[..., 0] - logits[..., 1], calibration, mode)
+
+
 def apply(margins: torch.Tensor, calibration: dict | None, mode: str) -> torch.Tensor:
     """p_c from margins (any shape) under ``mode``; a module without a fit keeps the paper's score."""
     if mode == "none" or not calibration:

@@ -57,14 +57,6 @@ def emit(result: dict, as_json: bool, title: str = "") -> None:
             console.print(rows)
 
 
-def training_energy(record, history: list[dict], best_epoch: int) -> dict:
-    """The whole run's energy, and its share up to the best epoch (prorated by the epochs' seconds)."""
-    total = sum(h.get("seconds", 0.0) for h in history)
-    upto = sum(h.get("seconds", 0.0) for h in history if h["epoch"] <= best_epoch)
-    best = record.prorated(upto / total if total else 1.0, "training up to the best epoch")
-    return {"training": record.to_dict(), "training_to_best_epoch": best.to_dict()}
-
-
 def parse_size(text: str | None) -> list[int] | None:
     if text is None:
         return None
@@ -135,7 +127,7 @@ def train(
 ) -> None:
     """Train a model from scratch, keeping the best-validation checkpoint (and the last epoch)."""
     from .data import parse_class_list
-    from .energy import EnergyMeter
+    from .energy import EnergyMeter, training_energy
     from .train import TrainSettings
     from .train import train as run_train
 

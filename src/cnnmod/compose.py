@@ -9,11 +9,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .calibrate import MODES as CALIBRATIONS
-from .calibrate import apply
+from .calibrate import score
 from .data.registry import split_spec
 from .errors import UserError
 from .module import Module, masked_features
@@ -152,13 +151,9 @@ class Composition(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         scores = torch.empty(images.shape[0], len(self.parts), device=images.device)
         for group in self.groups:
-            logits = self.group_logits(group, images)
-            if self.calibration == "none":
-                p = F.softmax(logits, dim=-1)[..., 0]  # (K, B)
-            else:
-                margins = logits[..., 0] - logits[..., 1]
-                p = torch.stack([apply(margins[j], self.parts[i].calibration, self.calibration)
-                                 for j, i in enumerate(group)])
+            logits = self.group_logits(group, images)  # (K, B, 2)
+            p = torch.stack([score(logits[j], self.parts[i].calibration, self.calibration)
+                             for j, i in enumerate(group)])
             scores[:, group] = p.T.to(scores.dtype)
         return scores
 

@@ -17,6 +17,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from .classifier import Classifier
 from .compose import Composition
 from .module import Module
+from .slim import MergedSlim, SlimModule
 
 
 def count_params(obj) -> int:
@@ -24,14 +25,14 @@ def count_params(obj) -> int:
     node-masked modules; a slim module's own (smaller) network."""
     if isinstance(obj, Classifier):
         return sum(p.numel() for p in obj.net.parameters())
-    if not isinstance(obj, (Composition, Module)) and callable(getattr(obj, "params", None)):
-        return obj.params()  # a slim module, or slim modules merged into one network
+    if isinstance(obj, (SlimModule, MergedSlim)):
+        return obj.params()  # its own (smaller) network
     parts = obj.modules_list if isinstance(obj, Composition) else [obj]
     masked = [m for m in parts if isinstance(m, Module)]
     sources = {id(m.source): m.source for m in masked}
     return (sum(count_params(s) for s in sources.values())
             + sum(m.head_weight.numel() + m.head_bias.numel() for m in masked)
-            + sum(m.params() for m in parts if not isinstance(m, Module)))
+            + sum(m.params() for m in parts if isinstance(m, SlimModule)))
 
 
 @torch.no_grad()
@@ -67,7 +68,7 @@ def cost_report(target, images: torch.Tensor, repeats: int = 3, source: Classifi
     (uint8), with fractions of its source model's (for a composition across models, of the sum of its source
     models'; slim modules carry no source: give it as ``source``)."""
     target = target.eval()
-    merged = not isinstance(target, (Composition, Module)) and not hasattr(target, "score")
+    merged = isinstance(target, MergedSlim)
     parts = target.modules_list if isinstance(target, Composition) else [] if merged else [target]
     fn = target if isinstance(target, Composition) or merged else (lambda imgs: target.score(target.prepare(imgs)))
     sources = {id(m.source): m.source for m in parts if isinstance(m, Module)}

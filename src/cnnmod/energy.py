@@ -164,6 +164,14 @@ class EnergyMeter:
                                            measure_power_secs=1, tracking_mode="process", allow_multiple_runs=True)
 
 
+def training_energy(record: EnergyRecord, history: list[dict], best_epoch: int) -> dict:
+    """A training run's energy, and its share up to the best epoch (prorated by the epochs' seconds)."""
+    total = sum(h.get("seconds", 0.0) for h in history)
+    upto = sum(h.get("seconds", 0.0) for h in history if h["epoch"] <= best_epoch)
+    best = record.prorated(upto / total if total else 1.0, "training up to the best epoch")
+    return {"training": record.to_dict(), "training_to_best_epoch": best.to_dict()}
+
+
 def ratio(a: EnergyRecord | dict, b: EnergyRecord | dict, key: str = "kg_co2e") -> float | None:
     """a / b of one quantity (how many times more a phase cost), None where b is zero."""
     av = a[key] if isinstance(a, dict) else getattr(a, key)

@@ -122,21 +122,16 @@ def evaluate_dir(paths: list[str | Path], data: str | None, data_root: str | Non
                  batch_size: int = 512, calibration: str | None = None, cost: bool = True,
                  latency_batch: int = 256, mode: str | None = None) -> dict:
     """``cnnmod evaluate``: decomposition folders or module folders of one source model, on its test set."""
-    from .store import calibration_of, is_merged_slim, load_modules, mode_of
+    from .module import Module
+    from .store import composition_setting, is_merged_slim, load_modules
 
     started = time.perf_counter()
     dev = pick_device(device)
     if len(paths) == 1 and is_merged_slim(paths[0]):
         return evaluate_merged_slim(paths[0], data, data_root, dev, batch_size, cost, latency_batch, started)
     modules = load_modules(paths, dev)
-    if calibration is None:  # a composition's own setting, else the paper's scores
-        recorded = {calibration_of(p) for p in paths}
-        calibration = recorded.pop() if len(recorded) == 1 else "none"
-    if mode is None:
-        recorded = {mode_of(p) for p in paths}
-        mode = recorded.pop() if len(recorded) == 1 else "vote"
-    from .module import Module
-
+    calibration = calibration or composition_setting(paths, "calibration", "none")  # else the paper's scores
+    mode = mode or composition_setting(paths, "mode", "vote")
     slim = [m for m in modules if not isinstance(m, Module)]
     sources = {id(m.source) for m in modules if isinstance(m, Module)}
     source = modules[0].source if not slim else None

@@ -11,7 +11,7 @@ import torch
 
 from .compose import compose
 from .errors import UserError
-from .store import calibration_of, is_merged_slim, load_merged_slim, load_modules, mode_of
+from .store import composition_setting, is_merged_slim, load_merged_slim, load_modules
 
 
 def export_onnx(paths: list[str | Path], out: str | Path, overwrite: bool = False, check: bool = True,
@@ -29,11 +29,8 @@ def export_onnx(paths: list[str | Path], out: str | Path, overwrite: bool = Fals
         comp, calibration = load_merged_slim(paths[0], "cpu")[0], "none"
     else:
         modules = load_modules(paths, "cpu")
-        if calibration is None:
-            recorded = {calibration_of(p) for p in paths}
-            calibration = recorded.pop() if len(recorded) == 1 else "none"
-        modes = {mode_of(p) for p in paths}
-        comp = compose(modules, calibration=calibration, mode=modes.pop() if len(modes) == 1 else "vote").eval()
+        calibration = calibration or composition_setting(paths, "calibration", "none")
+        comp = compose(modules, calibration=calibration, mode=composition_setting(paths, "mode", "vote")).eval()
     shape = tuple(comp.input_shape if hasattr(comp, "input_shape") else comp.modules_list[0].input_shape)
     example = torch.randint(0, 256, (2, *shape), dtype=torch.uint8)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -13,7 +13,6 @@ import math
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .classifier import Classifier
@@ -136,12 +135,9 @@ class Module(nn.Module):
 
     def score(self, x: torch.Tensor, calibration: str = "none") -> torch.Tensor:
         """p_c; ``calibration`` "temperature" or "platt" applies the module's fitted calibration."""
-        if calibration == "none":
-            return F.softmax(self.forward(x), dim=-1)[:, 0]
-        from .calibrate import apply
+        from .calibrate import score
 
-        logits = self.forward(x)
-        return apply(logits[:, 0] - logits[:, 1], self.calibration, calibration)
+        return score(self.forward(x), self.calibration, calibration)
 
 
 def jaccard(a: torch.Tensor, b: torch.Tensor) -> float:

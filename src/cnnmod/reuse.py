@@ -21,7 +21,7 @@ from .module import Module
 from .progress import progress_bar
 from .runtime import pick_device
 from .slim import SlimModule
-from .store import calibration_of, load_modules, mode_of, save_composition, save_merged_slim, slim_source_of
+from .store import composition_setting, load_modules, save_composition, save_merged_slim, slim_source_of
 
 
 def find_class(modules: Sequence[Module], text: str) -> int:
@@ -110,6 +110,12 @@ def merge_slim_dirs(paths, modules: list, out: str | Path, data_root: str | None
             "params_fraction": merged.metrics["params_fraction"], "seconds": round(time.perf_counter() - started, 3)}
 
 
+def inherited_settings(target: str | Path) -> dict:
+    """What a composition made from ``target`` keeps of it: how its scores are compared and run."""
+    return {"calibration": composition_setting([target], "calibration", "none"),
+            "mode": composition_setting([target], "mode", "vote")}
+
+
 def replace_dir(target: str | Path, cls: str, replacement: str | Path, out: str | Path,
                 overwrite: bool = False, device: str = "auto") -> dict:
     """``cnnmod replace``: the module of class ``cls`` swapped for the one module at ``replacement``."""
@@ -128,8 +134,7 @@ def replace_dir(target: str | Path, cls: str, replacement: str | Path, out: str 
     if class_key(new[0]) in others:
         raise UserError(f"the composition has class {qualified_name(new[0])} already; replace that class instead")
     config = save_composition(modules, out, overwrite, {"made_from": [str(target)],
-                                                        "calibration": calibration_of(target),
-                                                        "mode": mode_of(target),
+                                                        **inherited_settings(target),
                                                         "replaced": {"class": qualified_name(old),
                                                                      "with": str(replacement)}})
     return {**_summary(config, Path(out), started), "replaced": qualified_name(old),
@@ -146,7 +151,6 @@ def remove_dir(target: str | Path, cls: str, out: str | Path, overwrite: bool = 
         raise UserError("that is the composition's only module; nothing would be left")
     removed = modules.pop(position)
     config = save_composition(modules, out, overwrite, {"made_from": [str(target)],
-                                                        "calibration": calibration_of(target),
-                                                        "mode": mode_of(target),
+                                                        **inherited_settings(target),
                                                         "removed": qualified_name(removed)})
     return {**_summary(config, Path(out), started), "removed": qualified_name(removed)}

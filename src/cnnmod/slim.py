@@ -24,7 +24,6 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .calibrate import _balanced_bce
@@ -226,21 +225,19 @@ class SlimModule(nn.Module):
         return self.net(x)
 
     def score(self, x: torch.Tensor, calibration: str = "none") -> torch.Tensor:
-        if calibration == "none":
-            return F.softmax(self.forward(x), dim=-1)[:, 0]
-        from .calibrate import apply
+        from .calibrate import score
 
-        logits = self.forward(x)
-        return apply(logits[:, 0] - logits[:, 1], self.calibration, calibration)
+        return score(self.forward(x), self.calibration, calibration)
 
     def params(self) -> int:
         return sum(p.numel() for p in self.net.parameters())
 
 
 def slice_network(net: nn.Module, input_shape: tuple[int, int, int], removed: dict[str, list[int]],
-                  classifier: str, head_w: torch.Tensor | None, head_b: torch.Tensor | None) -> nn.Module:
+                  classifier: str, head_w: torch.Tensor | None, head_b: torch.Tensor | None,
+                  outputs: int = 2) -> nn.Module:
     """A copy of ``net`` without the removed channels (coupled layers cut together), its classifier replaced by
-    the two-way head."""
+    a head of ``head_w``'s rows (or ``outputs`` rows, left to be loaded, when none are given)."""
     tp = _tp()
     sliced = copy.deepcopy(net).eval()
     device = next(sliced.parameters()).device
@@ -253,7 +250,7 @@ def slice_network(net: nn.Module, input_shape: tuple[int, int, int], removed: di
         group = dg.get_pruning_group(layer, handler, idxs=list(idxs))
         group.prune()
     fc = sliced.get_submodule(classifier)
-    head = nn.Linear(fc.in_features, 2).to(device)
+    head = nn.Linear(fc.in_features, head_w.shape[0] if head_w is not None else outputs).to(device)
     if head_w is not None and head_b is not None:
         with torch.no_grad():
             head.weight.copy_(head_w.to(device))
@@ -285,8 +282,9 @@ def _source_info(source: Classifier) -> dict:
 
 
 def slim_module(source: Classifier, data: ImageSet, concerned: int, s: SlimSettings,
-                batch_size: int = 256) -> SlimModule:
-    """One slim module of ``source`` for class ``concerned``, observed on ``data`` (its training split)."""
+                batch_size: int = 256, keep_reference: bool = False) -> SlimModule:
+    """One slim module of ``source`` for class ``concerned``, observed on ``data`` (its training split).
+    ``keep_reference`` keeps the gated full network it was cut from as ``gated_reference``, for checks."""
     s.check()
     started = time.perf_counter()
     graph, net, groups = _frozen_copy(source)
@@ -414,7 +412,8 @@ def slim_module(source: Classifier, data: ImageSet, concerned: int, s: SlimSetti
     settings = {**asdict(s), "granularity": "channel", "seconds": round(time.perf_counter() - started, 3)}
     module = SlimModule(sliced, graph.classifier, source.spec, source.class_names[concerned], concerned, info,
                         removed_now(), settings, metrics)
-    module.gated_reference = (net, graph, groups, [g.clone() for g in gates], hw, hb)  # for checks, not saved
+    if keep_reference:  # a full copy of the model: only for checks, never saved
+        module.gated_reference = (net, graph, groups, [g.clone() for g in gates], hw, hb)
     return module.eval()
 
 
@@ -551,7 +550,7 @@ def merge_slim(modules: list[SlimModule], source: Classifier, data: ImageSet, sa
     keep = _kept_features(groups, graph, [g.bool() for g in gates], head_w.shape[1])
     removed = {g["roots"][0]: [int(j) for j in torch.nonzero(gates[i] == 0).flatten()]
                for i, g in enumerate(groups.groups)}
-    sliced = _slice_with_head(net, source.spec.shape, removed, graph.classifier, head_w[:, keep], head_b)
+    sliced = slice_network(net, source.spec.shape, removed, graph.classifier, head_w[:, keep], head_b)
     info = _source_info(source)
     params = sum(p.numel() for p in sliced.parameters())
     metrics = {"params": params, "params_fraction": round(params / info["params"], 4),
@@ -561,23 +560,6 @@ def merge_slim(modules: list[SlimModule], source: Classifier, data: ImageSet, sa
     return MergedSlim(sliced, graph.classifier, source.spec, chosen, info, removed, settings, metrics).eval()
 
 
-def _slice_with_head(net: nn.Module, input_shape: tuple[int, int, int], removed: dict[str, list[int]],
-                     classifier: str, head_w: torch.Tensor | None, head_b: torch.Tensor | None,
-                     outputs: int | None = None) -> nn.Module:
-    """``slice_network`` with a head of any number of rows (``outputs``, or as many as ``head_w`` has)."""
-    sliced = slice_network(net, input_shape, removed, classifier, None, None)
-    rows = head_w.shape[0] if head_w is not None else int(outputs)
-    old = sliced.get_submodule(classifier)
-    head = nn.Linear(old.in_features, rows).to(old.weight.device)
-    if head_w is not None and head_b is not None:
-        with torch.no_grad():
-            head.weight.copy_(head_w.to(head.weight.device))
-            head.bias.copy_(head_b.to(head.weight.device))
-    parent_name, _, attr = classifier.rpartition(".")
-    setattr(sliced.get_submodule(parent_name) if parent_name else sliced, attr, head)
-    return sliced
-
-
 def build_merged(config: dict) -> nn.Module:
     """The network of a saved merged slim composition (weights to be loaded)."""
     from .models import build
@@ -585,5 +567,5 @@ def build_merged(config: dict) -> nn.Module:
     info = config["source"]
     shape = tuple(config["input"][k] for k in ("channels", "height", "width"))
     net = build(info["arch"], shape, len(info["class_names"]), **info["arch_args"]).eval()
-    return _slice_with_head(net, shape, config["removed"], config["classifier"], None, None,
-                            outputs=len(config["concerned"]))
+    return slice_network(net, shape, config["removed"], config["classifier"], None, None,
+                         outputs=len(config["concerned"]))

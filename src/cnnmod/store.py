@@ -289,16 +289,14 @@ def load_modules(paths: str | os.PathLike | Sequence[str | os.PathLike], device:
     return [load_module(p, device, sources) for path in paths for p in module_paths(path)]
 
 
-def calibration_of(path: str | os.PathLike) -> str:
-    """The calibration a composition folder was made with ("none" for anything else)."""
-    config = read_config(path)
-    return config.get("calibration", "none") if config["kind"] == "composition" else "none"
-
-
-def mode_of(path: str | os.PathLike) -> str:
-    """How a composition folder runs its modules ("vote" for anything else)."""
-    config = read_config(path)
-    return config.get("mode", "vote") if config["kind"] == "composition" else "vote"
+def composition_setting(paths: Sequence[str | os.PathLike], key: str, default: str) -> str:
+    """A setting the composition folders among ``paths`` were made with (``calibration``, ``mode``); ``default``
+    for other folders, or where they disagree."""
+    values = set()
+    for p in paths:
+        config = read_config(p)
+        values.add(config.get(key, default) if config["kind"] == "composition" else default)
+    return values.pop() if len(values) == 1 else default
 
 
 def load_source_of(path: str | os.PathLike, device: torch.device | str = "cpu") -> Classifier | None:

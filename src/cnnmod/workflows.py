@@ -29,14 +29,13 @@ def decompose_dir(model_dir: str | Path, out: str | Path, settings: DecomposeSet
         check_output(Path(out), overwrite)
     seed_everything(settings.seed)
     clf = load_model(model_dir, dev)
-    chosen_classes(clf, classes)
+    chosen = chosen_classes(clf, classes)
     train = split_for(clf, data, data_root, "train")
     meter = meter or EnergyMeter()
     if slim is not None:
         slim.check()
         say(f"slimming {clf.arch} ({clf.num_classes} classes) to {slim.size:g} of its parameters"
             + (f" within {slim.max_loss:g} pp" if slim.max_loss is not None else "") + f", {slim.rule} importance")
-        chosen = chosen_classes(clf, classes)
         started = time.perf_counter()
         with meter.phase("decomposition") as spent, progress_bar("slimming", len(chosen), dd.is_main) as step:
             modules = []

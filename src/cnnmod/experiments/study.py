@@ -16,9 +16,9 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from ..classifier import load_model
-from ..data import load
+from ..data import ImageSet, load
 from ..decompose import DecomposeSettings, decompose
-from ..energy import EnergyMeter
+from ..energy import EnergyMeter, training_energy
 from ..errors import UserError
 from ..evaluation import evaluate_composition, evaluate_modules, split_for
 from ..metrics import evaluate_classifier
@@ -95,11 +95,7 @@ class Study:
         say(f"[{self.p.name}] training {name}: {s.arch} on {s.data}" + (f" {s.classes}" if s.classes else ""))
         with self.meter.phase(f"training {name}") as m:
             result = train(s, folder, overwrite=True, show_progress=False)
-        history, best = result["history"], result["best_epoch"]
-        total = sum(h["seconds"] for h in history)
-        upto = sum(h["seconds"] for h in history if h["epoch"] <= best)
-        energy = {"training": m.record.to_dict(),
-                  "training_to_best_epoch": m.record.prorated(upto / total if total else 1.0, "to best").to_dict()}
+        energy = training_energy(m.record, result["history"], result["best_epoch"])
         energy_path.write_text(json.dumps(energy, indent=2) + "\n")
         return folder, energy
 
@@ -132,11 +128,14 @@ class Study:
             save_composition(modules, folder, overwrite=True)
         return modules, m.record.to_dict()
 
+    def test_split(self, clf) -> ImageSet:
+        """A model's test split, capped at the preset's images per class."""
+        test = split_for(clf, None, self.data_root, "test")
+        return test.first_per_class(self.p.test_per_class) if self.p.test_per_class is not None else test
+
     def tma(self, model_dir: Path) -> dict:
         clf = load_model(model_dir, self.device)
-        test = split_for(clf, None, self.data_root, "test")
-        if self.p.test_per_class is not None:
-            test = test.first_per_class(self.p.test_per_class)
+        test = self.test_split(clf)
         report = evaluate_classifier(clf, test, self.device)
         return {"top1": report["top1"], "top5": report["top5"],
                 "balanced_top1": _mean([c["top1"] for c in report["per_class"]])}
@@ -161,9 +160,7 @@ class Study:
     def part_decomposition(self) -> list[dict]:
         model_dir, energy = self.main_model()
         clf = load_model(model_dir, self.device)
-        test = split_for(clf, None, self.data_root, "test")
-        if self.p.test_per_class is not None:
-            test = test.first_per_class(self.p.test_per_class)
+        test = self.test_split(clf)
         rows = []
         for variant in self.p.variants:
             modules, dec_energy = self.decomposition("main", model_dir, variant)
