@@ -9,13 +9,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from cnnmod.classifier import load_model
 from cnnmod.data import load
 from cnnmod.metrics import evaluate_classifier
 from cnnmod.runtime import Distributed
-from cnnmod.train import TrainSettings, epoch_batches, train
+from cnnmod.data.dataset import ImageSet
+from cnnmod.data.transforms import InputSpec
+from cnnmod.train import TrainSettings, _val_accuracy, class_weights, epoch_batches, train
 
 
 def _settings(data: str, **kw) -> TrainSettings:
@@ -57,6 +60,38 @@ def test_distributed_batches_partition_the_epoch() -> None:
     seen = torch.cat([torch.cat(b) for b in ranks])
     assert len(seen) == 12 and set(seen.tolist()) == set(range(10))  # padded by two repeats
     assert len({sum(len(b) for b in r) for r in ranks}) == 1  # same number of steps on every rank
+
+
+def test_balanced_draws_give_every_class_an_equal_share() -> None:
+    labels = torch.tensor([0] * 900 + [1] * 90 + [2] * 10)
+    drawn = torch.cat([torch.cat(epoch_batches(len(labels), 50, e, 0, Distributed(), class_weights(labels)))
+                       for e in range(1, 21)])
+    assert len(drawn) == 20 * len(labels)  # an epoch keeps its length
+    share = torch.bincount(labels[drawn], minlength=3).float() / len(drawn)
+    assert torch.allclose(share, torch.full((3,), 1 / 3), atol=0.02), share  # plain draws: 0.90 / 0.09 / 0.01
+    rare = drawn[labels[drawn] == 2]
+    assert set(rare.tolist()) == set(range(990, 1000))  # every rare image is drawn, none invented
+
+
+class _AlwaysFirst(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tensor([1.0, 0.0]).expand(x.shape[0], 2)
+
+
+def test_balanced_validation_is_the_mean_of_per_class_accuracy() -> None:
+    labels = torch.tensor([0] * 9 + [1] * 1)
+    val = ImageSet("v", "val", torch.zeros(10, 1, 4, 4, dtype=torch.uint8), labels, ["a", "b"], (0.5,), (0.5,))
+    spec = InputSpec(1, 4, 4, (0.5,), (0.5,))
+    assert _val_accuracy(_AlwaysFirst(), val, spec, torch.device("cpu"), Distributed()) == pytest.approx(90.0)
+    assert _val_accuracy(_AlwaysFirst(), val, spec, torch.device("cpu"), Distributed(), balanced=True) == pytest.approx(50.0)
+
+
+def test_balanced_training_runs_and_is_recorded(tmp_path: Path, npz_data: str) -> None:
+    plain = train(_settings(npz_data, epochs=1), None, show_progress=False)["model"]
+    r = train(_settings(npz_data, epochs=1, balanced=True), None, show_progress=False)
+    assert r["model"].info["training"]["balanced"] is True
+    a, b = plain.net.state_dict(), r["model"].net.state_dict()
+    assert not all(torch.equal(a[k], b[k]) for k in a)  # other draws, other weights
 
 
 def _free_port() -> int:

@@ -120,6 +120,8 @@ def train(
     weight_decay: float = typer.Option(None, "--weight-decay"),
     augment: bool = typer.Option(True, "--augment/--no-augment",
                                  help="Random crop (and flip where it suits the data)."),
+    balanced: bool = typer.Option(False, "--balanced", help="Draw each epoch's images class-balanced and keep the "
+                                  "checkpoint of best balanced validation accuracy (for imbalanced data)."),
     bn: bool = typer.Option(None, "--bn/--no-bn", help="BatchNorm on or off (architectures that have it)."),
     arch_arg: list[str] = ARCH_ARG,
     seed: int = SEED, device: str = DEVICE, data_root: str = DATA_ROOT, overwrite: bool = OVERWRITE,
@@ -136,7 +138,7 @@ def train(
                              input_size=parse_size(input_size),
                              classes=parse_class_list(classes), subset=subset, val_split=val_split, epochs=epochs,
                              batch_size=batch_size, lr=lr, optimizer=optimizer, weight_decay=weight_decay,
-                             augment=augment, seed=seed, device=device, data_root=data_root)
+                             augment=augment, balanced=balanced, seed=seed, device=device, data_root=data_root)
     meter = EnergyMeter(country)
     with meter.phase("training") as m:
         result = run_train(settings, out, overwrite=overwrite)

@@ -49,6 +49,7 @@ class TrainSettings:
     device: str = "auto"
     data_root: str | None = None
     input_size: list[int] | None = None  # (height, width) the model takes; images are resized to it
+    balanced: bool = False  # draw every epoch's images class-balanced (with replacement); select on balanced val
 
     def resolved(self) -> TrainSettings:
         if self.optimizer not in ("sgd", "adam"):
@@ -100,9 +101,21 @@ def make_optimizer(model: nn.Module, s: TrainSettings) -> torch.optim.Optimizer:
     return torch.optim.Adam(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
 
 
-def epoch_batches(n: int, batch_size: int, epoch: int, seed: int, dd: Distributed) -> list[torch.Tensor]:
-    """This rank's batches of one epoch: a seeded permutation, padded to a multiple of the world size."""
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+def class_weights(labels: torch.Tensor) -> torch.Tensor:
+    """Per image: 1 / (images of its class), so every class is drawn equally often."""
+    counts = torch.bincount(labels.cpu())
+    return 1.0 / counts[labels.cpu()].double()
+
+
+def epoch_batches(n: int, batch_size: int, epoch: int, seed: int, dd: Distributed,
+                  weights: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """This rank's batches of one epoch: a seeded permutation (or, with per-image ``weights``, n seeded draws
+    with replacement), padded to a multiple of the world size."""
+    gen = torch.Generator().manual_seed(seed * 100003 + epoch)
+    if weights is None:
+        perm = torch.randperm(n, generator=gen)
+    else:
+        perm = torch.multinomial(weights, n, replacement=True, generator=gen)
     if dd.active:
         pad = (-n) % dd.world
         perm = torch.cat([perm, perm[:pad]])[dd.rank::dd.world]
@@ -113,13 +126,21 @@ def epoch_batches(n: int, batch_size: int, epoch: int, seed: int, dd: Distribute
 
 
 @torch.no_grad()
-def _val_accuracy(model: nn.Module, val: ImageSet, spec: InputSpec, device: torch.device, dd: Distributed) -> float:
+def _val_accuracy(model: nn.Module, val: ImageSet, spec: InputSpec, device: torch.device, dd: Distributed,
+                  balanced: bool = False) -> float:
+    """Validation top-1 (``balanced``: the mean over classes of each class's top-1)."""
     model.eval()
     idx = torch.arange(len(val))[dd.rank::dd.world]
     scores = predict_scores(model, lambda x: to_input(x, spec), val.images[idx], device)
-    counts = torch.tensor([float(topk_correct(scores, val.labels[idx], 1).sum()), float(idx.numel())])
+    hits = topk_correct(scores, val.labels[idx], 1).float().cpu()
+    labels = val.labels[idx].cpu()
+    k = val.num_classes
+    counts = torch.stack([torch.zeros(k).index_add_(0, labels, hits), torch.bincount(labels, minlength=k).float()])
     counts = dd.all_reduce_sum(counts)
-    return 100.0 * float(counts[0] / counts[1].clamp(min=1))
+    if balanced:
+        present = counts[1] > 0
+        return 100.0 * float((counts[0][present] / counts[1][present]).mean())
+    return 100.0 * float(counts[0].sum() / counts[1].sum().clamp(min=1))
 
 
 def fit(model: nn.Module, train: ImageSet, val: ImageSet | None, spec: InputSpec, s: TrainSettings, augment: Augment,
@@ -129,7 +150,8 @@ def fit(model: nn.Module, train: ImageSet, val: ImageSet | None, spec: InputSpec
     if dd.active:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     opt = make_optimizer(model, s)
-    steps_per_epoch = len(epoch_batches(len(train), s.batch_size, 0, s.seed, dd))
+    weights = class_weights(train.labels) if s.balanced else None
+    steps_per_epoch = len(epoch_batches(len(train), s.batch_size, 0, s.seed, dd, weights))
     total = steps_per_epoch * s.epochs
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(total, min(steps_per_epoch, total // 10)))
     images = train.images.to(device) if device.type == "cuda" else train.images
@@ -142,7 +164,7 @@ def fit(model: nn.Module, train: ImageSet, val: ImageSet | None, spec: InputSpec
             net.train()
             t0 = time.perf_counter()
             loss_sum, correct, count = torch.zeros((), device=device), torch.zeros((), device=device), 0
-            for batch in epoch_batches(len(train), s.batch_size, epoch, s.seed, dd):
+            for batch in epoch_batches(len(train), s.batch_size, epoch, s.seed, dd, weights):
                 xb = images[batch.to(images.device)].to(device, non_blocking=True)
                 if s.augment:
                     xb = augment(xb, gen)
@@ -167,7 +189,7 @@ def fit(model: nn.Module, train: ImageSet, val: ImageSet | None, spec: InputSpec
                    "train_top1": round(100.0 * float(correct) / max(count, 1), 3),
                    "seconds": round(time.perf_counter() - t0, 3)}
             if val is not None:
-                row["val_top1"] = round(_val_accuracy(model, val, spec, device, dd), 3)
+                row["val_top1"] = round(_val_accuracy(model, val, spec, device, dd, s.balanced), 3)
                 if row["val_top1"] > best_val:
                     best_val, best_epoch = row["val_top1"], epoch
                     best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})

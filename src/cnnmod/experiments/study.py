@@ -101,9 +101,12 @@ class Study:
 
     def train_settings(self, data: str, epochs: int, subset: int | None, classes: list[int] | None = None,
                        input_size: list[int] | None = None) -> TrainSettings:
+        # a baseline on joined data sets (a few hundred digits beside thousands of Fashion-MNIST images) is
+        # trained class-balanced: otherwise it learns to ignore the small data set's classes
         return TrainSettings(arch=self.p.arch, data=data, arch_args=dict(self.p.arch_args), classes=classes,
                              subset=subset, epochs=epochs, optimizer=self.p.optimizer, seed=self.seed,
-                             device=str(self.device), data_root=self.data_root, input_size=input_size)
+                             device=str(self.device), data_root=self.data_root, input_size=input_size,
+                             balanced="+" in data)
 
     def decomposition(self, name: str, model_dir: Path, variant: str = "mc-bln") -> tuple[list[Module], dict]:
         """Modules of a model (cached by model and settings) and the energy decomposing took."""
