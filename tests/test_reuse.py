@@ -128,7 +128,31 @@ def test_continuous_learning_keeps_nodes_active_for_foreign_inputs(two_models, t
             assert torch.equal(m1.masks[name], m0.masks[name] | seen[name]), name
         assert m1.settings["continuous_learning"][0]["per_class"] == k
     # the foreign module relearned the first model's classes
-    assert [e["data"] for e in cnnmod.load_modules(out)[3].settings["continuous_learning"]] == [a]
+    relearned = cnnmod.load_modules(out)
+    assert [e["data"] for e in relearned[3].settings["continuous_learning"]] == [a]
+    # every calibration was refitted on the composition's classes of both data sets: on those held-out inputs
+    # its Platt loss is the optimum, no worse than the calibration fitted on the module's own data set alone
+    from cnnmod.calibrate import _balanced_bce
+    from cnnmod.compose import base_dataset
+    from cnnmod.decompose import calibration_set
+
+    made = cnnmod.load_modules(dec_a) + [cnnmod.load_module(dec_b / "modules" / "c01-band1")]
+    held = {a: calibration_set(cnnmod.data.load(a, "train"), 100, 0),
+            b: calibration_set(cnnmod.data.load(b, "train", classes=[1]), 100, 0)}
+    for m, m0 in zip(relearned, made, strict=True):
+        assert sorted(m.calibration["fitted_on"]) == sorted([f"{a}:0,1,2", f"{b}:1"])
+        margins, mine = [], []
+        for name, data in held.items():
+            with torch.no_grad():
+                logits = m(m.prepare(data.images))
+            margins.append(logits[:, 0] - logits[:, 1])
+            source = torch.tensor(data.source_classes)[data.labels]
+            mine.append((source == m.source_class) & (name == base_dataset(m)))
+        margin, target = torch.cat(margins).double(), torch.cat(mine)
+        (a_new, b_new), (a_old, b_old) = m.calibration["platt"], m0.calibration["platt"]
+        new_loss = float(_balanced_bce(a_new * margin + b_new, target))
+        assert new_loss <= float(_balanced_bce(a_old * margin + b_old, target)) + 1e-6
+        assert new_loss == pytest.approx(m.calibration["loss_platt"], abs=1e-5)
 
 
 def test_joined_data_sets_and_training_on_them(tmp_path, capsys):

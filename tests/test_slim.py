@@ -15,7 +15,7 @@ import cnnmod
 from cnnmod.classifier import Classifier
 from cnnmod.data.transforms import InputSpec
 from cnnmod.models import build
-from cnnmod.slim import SlimSettings, _features, gated, slim_module
+from cnnmod.slim import SlimSettings, _features, _params_per_channel, fit_head, gated, slim_module, source_log_odds
 
 
 def source(arch: str, **kwargs) -> Classifier:
@@ -51,6 +51,37 @@ def test_sliced_network_computes_what_the_gated_model_computes(arch, kwargs):
     # the source model was not touched
     assert sum(p.numel() for p in clf.net.parameters()) == sum(p.numel() for p in build(arch, (1, 12, 12), 4,
                                                                                           **kwargs).parameters())
+
+
+def test_log_odds_are_the_softmax_probability_of_each_class():
+    torch.manual_seed(1)
+    net = torch.nn.Linear(5, 4)
+    x = torch.randn(30, 5)
+    p = torch.softmax(net(x).double(), 1)
+    assert torch.allclose(torch.sigmoid(source_log_odds(net, x, batch_size=7).double()), p, atol=1e-6)
+
+
+def test_head_fitted_to_a_teachers_probabilities_recovers_the_teacher():
+    torch.manual_seed(2)
+    f = torch.randn(4000, 6)
+    w_true, b_true = torch.tensor([1.5, -2.0, 0.0, 0.5, 1.0, -0.7]), -0.4
+    soft = torch.sigmoid(f @ w_true + b_true)
+    mine = soft > 0.5
+    w, b = fit_head(f, mine, torch.zeros(6), 0.0, l2=0.0, soft=soft)
+    # class balancing reweights the inputs, not the teacher: the teacher's own weights are the optimum
+    assert torch.allclose(w, w_true, atol=0.02) and abs(b - b_true) < 0.02
+
+
+def test_params_per_channel_counts_every_coupled_layer():
+    clf = source("cnn")  # 1x12x12 -> conv 16 (3x3) -> pool -> conv 32 (3x3) -> pool -> 32x3x3 -> dense 64 -> head
+    from cnnmod.slim import _frozen_copy
+
+    graph, net, groups = _frozen_copy(clf)
+    per_channel = dict(zip([g["roots"][0] for g in groups.groups],
+                           _params_per_channel(net, groups, clf.spec.shape, graph.classifier), strict=True))
+    assert per_channel["conv1"] == 1 * 9 + 1 + 32 * 9         # its kernel and bias, and conv2's input slice
+    assert per_channel["conv2"] == 16 * 9 + 1 + 3 * 3 * 64    # its kernel and bias, 9 flattened inputs of the dense
+    assert per_channel["fc1"] == 32 * 9 + 1 + 2               # a hidden unit: its row, bias, and the 2-way head's column
 
 
 def test_residual_channels_are_cut_together():

@@ -17,9 +17,12 @@ import torch
 MODES = ("none", "temperature", "platt")
 
 
-def _balanced_bce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def _balanced_bce(logits: torch.Tensor, targets: torch.Tensor, soft: torch.Tensor | None = None) -> torch.Tensor:
+    """Binary cross-entropy in which the inputs of the class (``targets``) weigh as much as all the others;
+    ``soft`` replaces the hard targets by probabilities (a teacher's), keeping the weighting."""
     pos, neg = targets, ~targets
-    loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, targets.to(logits.dtype), reduction="none")
+    goal = targets.to(logits.dtype) if soft is None else soft.to(logits.dtype)
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, goal, reduction="none")
     total = logits.new_zeros(())
     if pos.any():
         total = total + 0.5 * loss[pos].mean()

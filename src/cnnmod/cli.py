@@ -205,7 +205,7 @@ def decompose_cmd(
     max_loss: float = typer.Option(None, "--max-loss", help="Slim modules: the smallest module losing at most this "
                                    "many pp of binary accuracy on held-out data."),
     rule: str = typer.Option("taylor", "--rule", help="Slim modules: channel importance, taylor or activation."),
-    slim_samples: int = typer.Option(256, "--slim-samples", help="Slim modules: concerned inputs observed."),
+    slim_samples: int = typer.Option(1024, "--slim-samples", help="Slim modules: concerned inputs observed."),
     calibration_samples: int = typer.Option(100, "--calibration-samples",
                                             help="Held-out training inputs per class to fit score calibration."),
     measure: bool = typer.Option(True, "--measure/--no-measure",

@@ -15,6 +15,7 @@ import torch
 from .artifacts import check_output
 from .compose import base_dataset, check_calibration, check_composable, check_mode, class_key, qualified_name
 from .data import load
+from .data.dataset import ImageSet
 from .decompose import relearn
 from .errors import UserError
 from .module import Module
@@ -66,7 +67,42 @@ def continuous_learning(modules: Sequence[Module], data_root: str | None = None,
                     learned = relearn(learned, data, device=device, batch_size=batch_size)
             out.append(learned)
             step()
+    recalibrate(out, foreign_sets, batch_size=batch_size)
     return out
+
+
+@torch.no_grad()
+def recalibrate(modules: Sequence, sets: dict[str, ImageSet], per_class: int | None = None, seed: int | None = None,
+                batch_size: int = 256) -> None:
+    """Refit every module's score calibration on held-out training inputs of the composition's own classes,
+    from every data set they come from (``sets``: data set name -> its training split, restricted to the
+    composition's classes). A module of one data set never saw the others' images: calibrated on its own data
+    set only, it can be confidently wrong on them. Fitted at decomposition, a module's calibration knew only
+    its own data set; this is the same fit (METHOD.md, calibrated scores), on the classes it now competes with.
+    No weight of any network changes."""
+    from .calibrate import fit
+    from .decompose import calibration_set
+
+    for m in modules:
+        made = m.calibration or {}
+        k = per_class or made.get("per_class", 100)
+        margins, targets = [], []
+        for name, data in sets.items():
+            held = calibration_set(data, k, seed if seed is not None else m.settings.get("seed", 0))
+            source_of = torch.tensor(held.source_classes)[held.labels]
+            for start in range(0, len(held), batch_size):
+                logits = m(m.prepare(held.images[start:start + batch_size].to(_device_of(m))))
+                margins.append((logits[:, 0] - logits[:, 1]).cpu())
+            mine = (source_of == m.source_class) if name == base_dataset(m) else torch.zeros(len(held), dtype=bool)
+            targets.append(mine)
+        m.calibration = {**fit(torch.cat(margins), torch.cat(targets)), "per_class": k,
+                         "fitted_on": sorted(f"{n}:{','.join(map(str, d.source_classes))}" for n, d in sets.items())}
+
+
+def _device_of(m) -> torch.device:
+    for t in (*m.buffers(), *m.parameters()):
+        return t.device
+    return torch.device("cpu")
 
 
 def _summary(config: dict, out: Path, started: float) -> dict:
@@ -104,7 +140,9 @@ def merge_slim_dirs(paths, modules: list, out: str | Path, data_root: str | None
 
     source = slim_source_of(paths, device)
     train = split_for(source, None, data_root, "train")
-    merged = merge_slim(modules, source, train, batch_size=batch_size)
+    made = modules[0].settings  # observed as the modules were: as many inputs, the same objective
+    merged = merge_slim(modules, source, train, samples=made.get("samples", 256), seed=made.get("seed", 0),
+                        batch_size=batch_size, objective=made.get("objective", "labels"))
     save_merged_slim(merged, source, out, overwrite, {"made_from": [str(p) for p in paths]})
     return {"out": str(out), "classes": merged.qualified_names, "mode": "merged", "granularity": "channel",
             "params_fraction": merged.metrics["params_fraction"], "seconds": round(time.perf_counter() - started, 3)}

@@ -40,7 +40,9 @@ class SlimSettings:
     max_loss: float | None = None   # or: stop before losing more than this (pp of held-out binary accuracy)
     step: float = 0.1               # fraction of kept channels closed per iteration
     rule: str = "taylor"            # "taylor" or "activation"
-    samples: int = 256              # concerned inputs observed (and as many unconcerned, spread over classes)
+    objective: str = "distill"      # the binary loss ranked and refitted on: the source's p_c ("distill") or labels
+    cost_aware: bool = True         # rank channels by importance per parameter they cost (else within each group)
+    samples: int = 1024             # concerned inputs observed (and as many unconcerned, spread over classes)
     held_out: int = 50              # held-out inputs per class for max_loss
     seed: int = 0
 
@@ -51,6 +53,8 @@ class SlimSettings:
             raise UserError(f"--max-loss must be >= 0 pp, got {self.max_loss}")
         if self.rule not in ("taylor", "activation"):
             raise UserError(f"unknown importance rule {self.rule!r}; use taylor or activation")
+        if self.objective not in ("distill", "labels"):
+            raise UserError(f"unknown slim objective {self.objective!r}; use distill or labels")
         if not 0 < self.step < 1:
             raise UserError(f"the pruning step must be in (0, 1), got {self.step}")
 
@@ -165,17 +169,19 @@ def reestimate_bn(net: nn.Module, run) -> None:
 
 
 def fit_head(features: torch.Tensor, targets: torch.Tensor, init_w: torch.Tensor, init_b: float,
-             l2: float = 1e-4) -> tuple[torch.Tensor, float]:
-    """Class-balanced logistic regression of "mine" on the head's input features: the margin's weights."""
+             l2: float = 1e-4, soft: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
+    """Class-balanced logistic regression of "mine" on the head's input features: the margin's weights
+    (with ``soft``, of the teacher's probabilities that each input is of the class)."""
     f = features.detach().double().cpu()
     w = init_w.detach().double().cpu().clone().requires_grad_(True)
     b = torch.tensor(float(init_b), dtype=torch.float64, requires_grad=True)
     opt = torch.optim.LBFGS([w, b], lr=0.5, max_iter=100, line_search_fn="strong_wolfe")
     t = targets.cpu()
+    p = soft.detach().double().cpu() if soft is not None else None
 
     def closure():
         opt.zero_grad()
-        loss = _balanced_bce(f @ w + b, t) + l2 * (w * w).sum()
+        loss = _balanced_bce(f @ w + b, t, p) + l2 * (w * w).sum()
         loss.backward()
         return loss
 
@@ -304,6 +310,11 @@ def slim_module(source: Classifier, data: ImageSet, concerned: int, s: SlimSetti
     def batches(x: torch.Tensor):
         return [x[i:i + batch_size] for i in range(0, x.shape[0], batch_size)]
 
+    soft = None
+    if s.objective == "distill":  # the source's p_c, before any BatchNorm statistics change
+        soft = torch.sigmoid(source_log_odds(net, x_obs, batch_size)[:, concerned])
+    per_channel = _params_per_channel(net, groups, source.spec.shape, graph.classifier) if s.cost_aware else None
+
     def features_of(x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad(), gated(net, graph, groups, gates):
             return torch.cat([_features(net, graph.classifier, lambda xb=xb: net(xb)) for xb in batches(x)])
@@ -332,10 +343,11 @@ def slim_module(source: Classifier, data: ImageSet, concerned: int, s: SlimSetti
         scores = [torch.zeros(g["channels"]) for g in groups.groups]
         live = [g.clone().requires_grad_(True) for g in gates]
         wd, bd = w.to(device), torch.tensor(b, device=device)
-        for xb, tb in zip(batches(x_obs), batches(targets), strict=True):
+        softs = batches(soft) if soft is not None else [None] * len(batches(targets))
+        for xb, tb, sb in zip(batches(x_obs), batches(targets), softs, strict=True):
             with gated(net, graph, groups, live):
                 f = _features(net, graph.classifier, lambda xb=xb: net(xb))
-            grads = torch.autograd.grad(_balanced_bce(f @ wd + bd, tb), live, allow_unused=True)
+            grads = torch.autograd.grad(_balanced_bce(f @ wd + bd, tb, sb), live, allow_unused=True)
             for i, gr in enumerate(grads):
                 if gr is not None:
                     scores[i] += gr.abs().cpu()
@@ -347,7 +359,7 @@ def slim_module(source: Classifier, data: ImageSet, concerned: int, s: SlimSetti
                 for xb in batches(x_obs):
                     net(xb)
         reestimate_bn(net, run)
-        return fit_head(features_of(x_obs), targets, w, b)
+        return fit_head(features_of(x_obs), targets, w, b, soft=soft)
 
     def removed_now() -> dict[str, list[int]]:
         return {g["roots"][0]: [int(j) for j in torch.nonzero(gates[i] == 0).flatten()]
@@ -358,25 +370,31 @@ def slim_module(source: Classifier, data: ImageSet, concerned: int, s: SlimSetti
         hw = hw[:, _kept_features(groups, graph, [g.bool() for g in gates], w_.numel())]
         return slice_network(net, source.spec.shape, removed_now(), graph.classifier, hw, hb)
 
-    def close_least_important() -> int:
+    def close_least_important(fraction: float) -> int:
+        """Close the least important channels: ``step`` of the kept channels, or with ``cost_aware`` those of
+        least importance per parameter until ``step`` of the kept parameters (never below ``size``) are cut."""
         scores = taylor() if s.rule == "taylor" else activation_rates()
         candidates = []
         for i, sc in enumerate(scores):
             kept = torch.nonzero(gates[i].cpu() > 0).flatten()
             if kept.numel() > 1:  # every group keeps at least one channel
-                normalised = sc[kept] / (sc[kept].mean() + 1e-12)
-                candidates += [(float(normalised[j]), i, int(kept[j])) for j in range(kept.numel())]
+                value = sc[kept] / per_channel[i] if per_channel is not None else sc[kept] / (sc[kept].mean() + 1e-12)
+                candidates += [(float(value[j]), i, int(kept[j])) for j in range(kept.numel())]
         candidates.sort()
         quota = {i: int(gates[i].sum()) - 1 for i in range(len(gates))}
-        budget = max(1, int(s.step * sum(int(g.sum()) for g in gates)))
-        closed = 0
+        if per_channel is not None:
+            budget = min(s.step * fraction, max(fraction - s.size, s.step * fraction / 4)) * total_params
+        else:
+            budget = max(1, int(s.step * sum(int(g.sum()) for g in gates)))
+        closed, spent = 0, 0.0
         for _, i, j in candidates:
-            if closed >= budget:
+            if spent >= budget:
                 break
             if quota[i] > 0:
                 gates[i][j] = 0.0
                 quota[i] -= 1
                 closed += 1
+                spent += per_channel[i] if per_channel is not None else 1
         return closed
 
     w, b = refresh()
@@ -388,7 +406,7 @@ def slim_module(source: Classifier, data: ImageSet, concerned: int, s: SlimSetti
         if fraction <= s.size:
             break
         previous = ([g.clone() for g in gates], w, b)
-        if close_least_important() == 0:
+        if close_least_important(fraction) == 0:
             break
         w, b = refresh()
         if base_accuracy is not None and base_accuracy - binary_accuracy(w, b) > s.max_loss:
@@ -415,6 +433,16 @@ def slim_module(source: Classifier, data: ImageSet, concerned: int, s: SlimSetti
     if keep_reference:  # a full copy of the model: only for checks, never saved
         module.gated_reference = (net, graph, groups, [g.clone() for g in gates], hw, hb)
     return module.eval()
+
+
+def _params_per_channel(net: nn.Module, groups: ChannelGroups, input_shape: tuple[int, int, int],
+                        classifier: str) -> list[float]:
+    """Per channel group: the parameters that slicing one of its channels removes (all coupled layers)."""
+    def count(removed: dict[str, list[int]]) -> int:
+        return sum(p.numel() for p in slice_network(net, input_shape, removed, classifier, None, None).parameters())
+
+    whole = count({})
+    return [float(whole - count({g["roots"][0]: [0]})) for g in groups.groups]
 
 
 def _kept_features(groups: ChannelGroups, graph: ModelGraph, kept: list[torch.Tensor], features: int
@@ -501,10 +529,21 @@ class MergedSlim(nn.Module):
         return self.forward(images).argmax(1)
 
 
+def source_log_odds(net: nn.Module, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """(N, K): for every input and class c, the network's log-odds of c against all other classes
+    (z_c - logsumexp of the others): sigmoid of it is the network's p_c."""
+    with torch.no_grad():
+        z = torch.cat([net(x[i:i + batch_size]) for i in range(0, x.shape[0], batch_size)]).double()
+    eye = torch.eye(z.shape[1], dtype=torch.bool, device=z.device)
+    rest = torch.logsumexp(z.unsqueeze(1).masked_fill(eye, float("-inf")), 2)
+    return (z - rest).float()
+
+
 def merge_slim(modules: list[SlimModule], source: Classifier, data: ImageSet, samples: int = 256, seed: int = 0,
-               batch_size: int = 256) -> MergedSlim:
+               batch_size: int = 256, objective: str = "distill") -> MergedSlim:
     """Merge slim modules of ``source`` into one network (the union of their kept channels) and refit every
-    class's head row on it, observed on ``data`` (the source's training split). The backbone is not trained."""
+    class's head row on it, observed on ``data`` (the source's training split), to the source's p_c
+    (``objective="distill"``) or to the labels. The backbone is not trained."""
     if not modules:
         raise UserError("nothing to merge: no modules")
     sha = source.info.get("weights_sha256")
@@ -528,6 +567,7 @@ def merge_slim(modules: list[SlimModule], source: Classifier, data: ImageSet, sa
     x_obs = source.prepare(data.images[idx].to(device))
     labels = data.labels[idx]
     batches = [x_obs[i:i + batch_size] for i in range(0, x_obs.shape[0], batch_size)]
+    teacher = torch.sigmoid(source_log_odds(net, x_obs, batch_size)).cpu() if objective == "distill" else None
 
     def run():
         with gated(net, graph, groups, gates):
@@ -543,7 +583,8 @@ def merge_slim(modules: list[SlimModule], source: Classifier, data: ImageSet, sa
     rows, biases = [], []
     for c in chosen:
         others = [i for i in range(weight.shape[0]) if i != c]
-        w, b = fit_head(features, labels == c, weight[c] - weight[others].mean(0), float(bias[c] - bias[others].mean()))
+        w, b = fit_head(features, labels == c, weight[c] - weight[others].mean(0), float(bias[c] - bias[others].mean()),
+                        soft=teacher[:, c] if teacher is not None else None)
         rows.append(w)
         biases.append(b)
     head_w, head_b = torch.stack(rows), torch.tensor(biases)
@@ -555,7 +596,7 @@ def merge_slim(modules: list[SlimModule], source: Classifier, data: ImageSet, sa
     params = sum(p.numel() for p in sliced.parameters())
     metrics = {"params": params, "params_fraction": round(params / info["params"], 4),
                "kept_channels": int(sum(int(g.sum()) for g in gates)), "channels": int(sum(g.numel() for g in gates))}
-    settings = {"granularity": "channel", "mode": "merged", "samples": samples, "seed": seed,
+    settings = {"granularity": "channel", "mode": "merged", "samples": samples, "seed": seed, "objective": objective,
                 "seconds": round(time.perf_counter() - started, 3)}
     return MergedSlim(sliced, graph.classifier, source.spec, chosen, info, removed, settings, metrics).eval()
 

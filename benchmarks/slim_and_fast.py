@@ -1,6 +1,6 @@
 """Slim modules against the paper's (issue: beyond the paper), built from library calls.
 
-    python benchmarks/slim.py runs/bench/resnet20-bn --sizes 0.5,0.25 --rules taylor,activation
+    python benchmarks/slim_and_fast.py runs/bench/resnet20-bn --sizes 0.5,0.25 --rules taylor,activation
 
 For each size and importance rule: slim modules of all classes; their mean parameter fraction; the composed
 top-1/top-5 against the model on the full test set; and, measured side by side in the same run, the latency
@@ -30,11 +30,11 @@ from cnnmod.slim import SlimSettings, merge_slim, slim_module
 def main(argv: list[str]) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", type=Path)
-    p.add_argument("--sizes", default="0.5,0.25")
+    p.add_argument("--sizes", default="0.75,0.5,0.35,0.25")
     p.add_argument("--rules", default="taylor")
-    p.add_argument("--samples", type=int, default=256)
+    p.add_argument("--samples", type=int, default=SlimSettings.samples)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--pair", default="0,7", help="the two classes of the 2-class merged composition")
+    p.add_argument("--pair", default="0,6", help="the two classes of the 2-class merged composition")
     args = p.parse_args(argv)
     device = torch.device("cpu")
     clf = load_model(args.model, device)
@@ -66,10 +66,10 @@ def main(argv: list[str]) -> None:
             seconds = time.perf_counter() - t0
             report = evaluate_modules(modules, test, device, source=clf)
             cost = cost_report(compose(modules), images, source=clf)
-            merged = merge_slim(modules, clf, train, seed=args.seed)
+            merged = merge_slim(modules, clf, train, samples=args.samples, seed=args.seed)
             merged_report = evaluate_modules(modules, test, device, source=clf, composition=merged)
             merged_cost = cost_report(merged, images, source=clf)
-            two = merge_slim([modules[c] for c in pair], clf, train, seed=args.seed)
+            two = merge_slim([modules[c] for c in pair], clf, train, samples=args.samples, seed=args.seed)
             two_report = evaluate_modules([modules[c] for c in pair], pair_test, device, source=clf, composition=two)
             two_cost = cost_report(two, images, source=clf)
             rows.append({"kind": "slim (channel)", "size": size, "rule": rule, "seconds": round(seconds, 1),
@@ -104,8 +104,9 @@ def main(argv: list[str]) -> None:
     summary = (f"{args.model.name}: model {rows[0]['model_top1']:.2f}%; " + (
         f"smallest slim within 1 pp: {100 * best['params_fraction']:.1f}% of parameters, cost "
         f"{best['cost_top1_pp']:+.2f} pp" if best else "no slim setting within 1 pp"))
-    path = record(f"slim_{args.model.name}", f"python benchmarks/slim.py {args.model} --sizes {args.sizes} "
-                  f"--rules {args.rules}", {"rows": rows, "table": table}, summary)
+    path = record(f"slim_{args.model.name}", f"python benchmarks/slim_and_fast.py {args.model} --sizes {args.sizes} "
+                  f"--rules {args.rules} --samples {args.samples} --pair {args.pair}", {"rows": rows, "table": table},
+                  summary)
     print(table)
     print(f"wrote {path}")
 
