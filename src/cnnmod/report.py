@@ -77,7 +77,10 @@ def markdown(r: dict) -> str:
                     [[" + ".join(x["names"]), _f(x["tma"]), _f(x["ma"]), _f(x["delta_pp"], 2, True)]
                      for x in r.get("intra_reuse", [])])
     lines += ["", "## 3. Inter-data-set reuse (MMA: with continuous learning)", "",
-              "Accuracy over the union of the two classes' test images; balanced (mean per class) in brackets.", ""]
+              "Accuracy over the union of the two classes' test images; balanced (mean per class) in brackets. "
+              "TMA: trained from scratch on the two classes, class-balanced. Calibrated (Platt): MA with each "
+              "module's calibration fitted at decomposition on its own data set; MMA with it refitted, during "
+              "continuous learning, on the composition's two classes.", ""]
     lines += _table(["classes", "TMA", "MA", "MMA", "MA - TMA", "MMA - TMA", "MA / MMA calibrated"],
                     [[" + ".join(x["classes"]), f"{x['tma']:.2f} ({x['tma_balanced']:.1f})",
                       f"{x['ma']:.2f} ({x['ma_balanced']:.1f})", f"{x['mma']:.2f} ({x['mma_balanced']:.1f})",
