@@ -81,7 +81,7 @@ def test_params_per_channel_counts_every_coupled_layer():
                            _params_per_channel(net, groups, clf.spec.shape, graph.classifier), strict=True))
     assert per_channel["conv1"] == 1 * 9 + 1 + 32 * 9         # its kernel and bias, and conv2's input slice
     assert per_channel["conv2"] == 16 * 9 + 1 + 3 * 3 * 64    # its kernel and bias, 9 flattened inputs of the dense
-    assert per_channel["fc1"] == 32 * 9 + 1 + 2               # a hidden unit: its row, bias, and the 2-way head's column
+    assert per_channel["fc1"] == 32 * 9 + 1 + 2               # a hidden unit: row, bias, the 2-way head's column
 
 
 def test_residual_channels_are_cut_together():

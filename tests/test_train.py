@@ -14,10 +14,10 @@ import torch
 
 from cnnmod.classifier import load_model
 from cnnmod.data import load
-from cnnmod.metrics import evaluate_classifier
-from cnnmod.runtime import Distributed
 from cnnmod.data.dataset import ImageSet
 from cnnmod.data.transforms import InputSpec
+from cnnmod.metrics import evaluate_classifier
+from cnnmod.runtime import Distributed
 from cnnmod.train import TrainSettings, _val_accuracy, class_weights, epoch_batches, train
 
 
@@ -82,8 +82,9 @@ def test_balanced_validation_is_the_mean_of_per_class_accuracy() -> None:
     labels = torch.tensor([0] * 9 + [1] * 1)
     val = ImageSet("v", "val", torch.zeros(10, 1, 4, 4, dtype=torch.uint8), labels, ["a", "b"], (0.5,), (0.5,))
     spec = InputSpec(1, 4, 4, (0.5,), (0.5,))
-    assert _val_accuracy(_AlwaysFirst(), val, spec, torch.device("cpu"), Distributed()) == pytest.approx(90.0)
-    assert _val_accuracy(_AlwaysFirst(), val, spec, torch.device("cpu"), Distributed(), balanced=True) == pytest.approx(50.0)
+    cpu, one = torch.device("cpu"), Distributed()
+    assert _val_accuracy(_AlwaysFirst(), val, spec, cpu, one) == pytest.approx(90.0)
+    assert _val_accuracy(_AlwaysFirst(), val, spec, cpu, one, balanced=True) == pytest.approx(50.0)
 
 
 def test_balanced_training_runs_and_is_recorded(tmp_path: Path, npz_data: str) -> None:

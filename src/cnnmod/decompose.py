@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, replace
+from itertools import chain
 
 import torch
 from torch import nn
@@ -168,7 +169,9 @@ def decompose(model: nn.Module, data: ImageSet, variant: str | None = None, *, c
         m.settings["decomposition_seconds"] = round(seconds, 3)
     if s.calibration_samples > 0:
         started = time.perf_counter()
-        calibrate_modules(modules, data, s.calibration_samples, s.seed, batch_size)
+        from .compose import base_dataset
+
+        calibrate_modules(modules, {base_dataset(modules[0]): data}, s.calibration_samples, s.seed, batch_size)
         for m in modules:
             m.settings["calibration_seconds"] = round(time.perf_counter() - started, 3)
     return modules
@@ -182,24 +185,31 @@ def calibration_set(data: ImageSet, per_class: int, seed: int) -> ImageSet:
 
 
 @torch.no_grad()
-def calibrate_modules(modules: list[Module], data: ImageSet, per_class: int, seed: int, batch_size: int = 256
+def calibrate_modules(modules: list, sets: dict[str, ImageSet], per_class: int, seed: int, batch_size: int = 256
                       ) -> None:
-    """Fit every module's score calibration (temperature and Platt) on held-out training inputs, in one batched
-    pass of all modules."""
+    """Fit every module's score calibration (temperature and Platt) on held-out training inputs of ``sets``
+    (data set name -> training split, possibly restricted to some classes); an input is the module's own when it
+    is of the module's class of the module's data set. Modules of one source run in one batched pass."""
     from .calibrate import fit
-    from .compose import Composition
+    from .compose import Composition, base_dataset
 
-    held = calibration_set(data, per_class, seed)
     comp = Composition(modules).eval()
-    device = modules[0].head_weight.device
-    margins = []
-    for start in range(0, len(held), max(8, batch_size // len(modules))):
-        images = held.images[start:start + max(8, batch_size // len(modules))].to(device)
-        logits = comp.group_logits(list(range(len(modules))), images)  # (K, B, 2)
-        margins.append((logits[..., 0] - logits[..., 1]).cpu())
-    margins_all = torch.cat(margins, dim=1)
-    for k, m in enumerate(modules):
-        m.calibration = {**fit(margins_all[k], held.labels == m.concerned), "per_class": per_class}
+    device = next(chain(comp.buffers(), comp.parameters())).device
+    margins: list[list[torch.Tensor]] = [[] for _ in modules]
+    mine: list[list[torch.Tensor]] = [[] for _ in modules]
+    for name, data in sets.items():
+        held = calibration_set(data, per_class, seed)
+        source_of = torch.tensor(held.source_classes)[held.labels]
+        for group in comp.groups:
+            step = max(8, batch_size // len(group))
+            for start in range(0, len(held), step):
+                logits = comp.group_logits(group, held.images[start:start + step].to(device))  # (K, B, 2)
+                for j, i in enumerate(group):
+                    margins[i].append((logits[j, :, 0] - logits[j, :, 1]).cpu())
+        for i, m in enumerate(modules):
+            mine[i].append((source_of == m.source_class) & (name == base_dataset(m)))
+    for i, m in enumerate(modules):
+        m.calibration = {**fit(torch.cat(margins[i]), torch.cat(mine[i])), "per_class": per_class}
 
 
 def settings_of(module: Module) -> DecomposeSettings:

@@ -16,7 +16,7 @@ from .artifacts import check_output
 from .compose import base_dataset, check_calibration, check_composable, check_mode, class_key, qualified_name
 from .data import load
 from .data.dataset import ImageSet
-from .decompose import relearn
+from .decompose import calibrate_modules, relearn
 from .errors import UserError
 from .module import Module
 from .progress import progress_bar
@@ -71,38 +71,23 @@ def continuous_learning(modules: Sequence[Module], data_root: str | None = None,
     return out
 
 
-@torch.no_grad()
-def recalibrate(modules: Sequence, sets: dict[str, ImageSet], per_class: int | None = None, seed: int | None = None,
-                batch_size: int = 256) -> None:
+def recalibrate(modules: Sequence, sets: dict[str, ImageSet], batch_size: int = 256) -> None:
     """Refit every module's score calibration on held-out training inputs of the composition's own classes,
     from every data set they come from (``sets``: data set name -> its training split, restricted to the
     composition's classes). A module of one data set never saw the others' images: calibrated on its own data
     set only, it can be confidently wrong on them. Fitted at decomposition, a module's calibration knew only
-    its own data set; this is the same fit (METHOD.md, calibrated scores), on the classes it now competes with.
-    No weight of any network changes."""
-    from .calibrate import fit
-    from .decompose import calibration_set
-
+    its own data set; this is the same fit (METHOD.md, calibrated scores), with as many inputs per class and the
+    same seed as the module was made with, on the classes it now competes with. No weight of any network
+    changes."""
+    by_making: dict[tuple[int, int], list] = {}
     for m in modules:
-        made = m.calibration or {}
-        k = per_class or made.get("per_class", 100)
-        margins, targets = [], []
-        for name, data in sets.items():
-            held = calibration_set(data, k, seed if seed is not None else m.settings.get("seed", 0))
-            source_of = torch.tensor(held.source_classes)[held.labels]
-            for start in range(0, len(held), batch_size):
-                logits = m(m.prepare(held.images[start:start + batch_size].to(_device_of(m))))
-                margins.append((logits[:, 0] - logits[:, 1]).cpu())
-            mine = (source_of == m.source_class) if name == base_dataset(m) else torch.zeros(len(held), dtype=bool)
-            targets.append(mine)
-        m.calibration = {**fit(torch.cat(margins), torch.cat(targets)), "per_class": k,
-                         "fitted_on": sorted(f"{n}:{','.join(map(str, d.source_classes))}" for n, d in sets.items())}
-
-
-def _device_of(m) -> torch.device:
-    for t in (*m.buffers(), *m.parameters()):
-        return t.device
-    return torch.device("cpu")
+        key = ((m.calibration or {}).get("per_class", 100), m.settings.get("seed", 0))
+        by_making.setdefault(key, []).append(m)
+    for (per_class, seed), group in by_making.items():
+        calibrate_modules(group, sets, per_class, seed, batch_size)
+    fitted_on = sorted(f"{n}:{','.join(map(str, d.source_classes))}" for n, d in sets.items())
+    for m in modules:
+        m.calibration["fitted_on"] = fitted_on
 
 
 def _summary(config: dict, out: Path, started: float) -> dict:

@@ -31,6 +31,7 @@ from .classifier import Classifier
 from .data.dataset import ImageSet
 from .errors import UserError
 from .graph import ModelGraph
+from .module import binary_head
 from .observe import class_order, hooks
 
 
@@ -271,6 +272,20 @@ def _head_rows(w: torch.Tensor, b: float) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack([w, torch.zeros_like(w)]), torch.tensor([b, 0.0])
 
 
+def _source_margin(fc: nn.Linear, concerned: int) -> tuple[torch.Tensor, float]:
+    """The margin z_c - z_uc of the paper's binary head (METHOD.md section 5) on the source's classifier, as the
+    weights and bias a slim module's head starts from."""
+    bias = fc.bias if fc.bias is not None else torch.zeros(fc.out_features, device=fc.weight.device)
+    hw, hb = binary_head(fc.weight.detach(), bias.detach(), concerned)
+    return (hw[0] - hw[1]).cpu(), float(hb[0] - hb[1])
+
+
+def _removed(groups: ChannelGroups, gates: list[torch.Tensor]) -> dict[str, list[int]]:
+    """The closed channels of every group, by the group's first root layer (what slicing takes)."""
+    return {g["roots"][0]: [int(j) for j in torch.nonzero(gate == 0).flatten()]
+            for g, gate in zip(groups.groups, gates, strict=True)}
+
+
 def _frozen_copy(source: Classifier) -> tuple[ModelGraph, nn.Module, ChannelGroups]:
     """The source's graph, a frozen copy of its network to gate and re-estimate, and its channel groups."""
     graph = ModelGraph(source.net, source.spec.shape)
@@ -299,11 +314,7 @@ def slim_module(source: Classifier, data: ImageSet, concerned: int, s: SlimSetti
     images, targets = observation_data(data, concerned, s.samples, s.seed)
     x_obs = source.prepare(images.to(device))
     targets = targets.to(device)
-    fc = net.get_submodule(graph.classifier)
-    weight, bias = fc.weight.detach(), fc.bias.detach() if fc.bias is not None else torch.zeros(fc.out_features)
-    others = [i for i in range(weight.shape[0]) if i != concerned]
-    w = (weight[concerned] - weight[others].mean(0)).cpu()
-    b = float(bias[concerned] - bias[others].mean())
+    w, b = _source_margin(net.get_submodule(graph.classifier), concerned)
     total_params = sum(p.numel() for p in source.net.parameters())
     held = held_out_data(data, concerned, s.held_out, s.seed) if s.max_loss is not None else None
 
@@ -362,8 +373,7 @@ def slim_module(source: Classifier, data: ImageSet, concerned: int, s: SlimSetti
         return fit_head(features_of(x_obs), targets, w, b, soft=soft)
 
     def removed_now() -> dict[str, list[int]]:
-        return {g["roots"][0]: [int(j) for j in torch.nonzero(gates[i] == 0).flatten()]
-                for i, g in enumerate(groups.groups)}
+        return _removed(groups, gates)
 
     def sliced_now(w_: torch.Tensor, b_: float) -> nn.Module:
         hw, hb = _head_rows(w_, b_)
@@ -578,19 +588,15 @@ def merge_slim(modules: list[SlimModule], source: Classifier, data: ImageSet, sa
     with torch.no_grad(), gated(net, graph, groups, gates):
         features = torch.cat([_features(net, graph.classifier, lambda xb=xb: net(xb)) for xb in batches])
     fc = net.get_submodule(graph.classifier)
-    weight = fc.weight.detach().cpu()
-    bias = fc.bias.detach().cpu() if fc.bias is not None else torch.zeros(weight.shape[0])
     rows, biases = [], []
     for c in chosen:
-        others = [i for i in range(weight.shape[0]) if i != c]
-        w, b = fit_head(features, labels == c, weight[c] - weight[others].mean(0), float(bias[c] - bias[others].mean()),
+        w, b = fit_head(features, labels == c, *_source_margin(fc, c),
                         soft=teacher[:, c] if teacher is not None else None)
         rows.append(w)
         biases.append(b)
     head_w, head_b = torch.stack(rows), torch.tensor(biases)
     keep = _kept_features(groups, graph, [g.bool() for g in gates], head_w.shape[1])
-    removed = {g["roots"][0]: [int(j) for j in torch.nonzero(gates[i] == 0).flatten()]
-               for i, g in enumerate(groups.groups)}
+    removed = _removed(groups, gates)
     sliced = slice_network(net, source.spec.shape, removed, graph.classifier, head_w[:, keep], head_b)
     info = _source_info(source)
     params = sum(p.numel() for p in sliced.parameters())
