@@ -66,3 +66,17 @@ def test_reproduce_command_bad_input(tmp_path, capsys):
     (tmp_path / "busy" / "file").write_text("x")
     assert_user_error(*run(["reproduce", "--out", str(tmp_path / "busy")], capsys), "not a study folder")
     assert not (tmp_path / "s").exists()
+
+
+def test_cache_keys_ignore_fields_left_at_their_defaults():
+    from cnnmod.experiments.study import _key, _settings
+    from cnnmod.train import TrainSettings
+
+    base = TrainSettings(arch="cnn", data="fashion-mnist", epochs=3)
+    # a field at its default (as a field added later would be) does not enter the key ...
+    assert _settings(base) == {"arch": "cnn", "data": "fashion-mnist", "epochs": 3}
+    assert _key(_settings(base)) == _key({"arch": "cnn", "data": "fashion-mnist", "epochs": 3})
+    # ... one set away from its default does, and so does every required field
+    assert _key(_settings(TrainSettings(arch="cnn", data="fashion-mnist", epochs=3, balanced=True))) != \
+        _key(_settings(base))
+    assert _key(_settings(TrainSettings(arch="cnn", data="digits", epochs=3))) != _key(_settings(base))

@@ -12,7 +12,7 @@ import hashlib
 import json
 import random
 import time
-from dataclasses import asdict, replace
+from dataclasses import MISSING, fields, replace
 from pathlib import Path
 
 from ..classifier import load_model
@@ -42,6 +42,18 @@ PARTS = ("decomposition", "intra_reuse", "inter_reuse", "intra_replace", "inter_
 
 def _key(payload: dict) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def _settings(s) -> dict:
+    """A settings dataclass as the fields that differ from their defaults: a field added later (with a default
+    that keeps the old behaviour) leaves the keys of cached models and decompositions as they were."""
+    out = {}
+    for f in fields(s):
+        default = f.default_factory() if f.default_factory is not MISSING else f.default
+        value = getattr(s, f.name)
+        if f.default is MISSING and f.default_factory is MISSING or value != default:
+            out[f.name] = value
+    return out
 
 
 def _mean(values: list[float]) -> float | None:
@@ -88,7 +100,7 @@ class Study:
 
     def model(self, name: str, s: TrainSettings) -> tuple[Path, dict]:
         """A trained model (cached by its settings) and the energy its training took."""
-        folder = self.out / "models" / f"{name}-{_key(asdict(s))}"
+        folder = self.out / "models" / f"{name}-{_key(_settings(s))}"
         energy_path = folder / "energy.json"
         if energy_path.is_file():
             return folder, json.loads(energy_path.read_text())
@@ -111,7 +123,7 @@ class Study:
     def decomposition(self, name: str, model_dir: Path, variant: str = "mc-bln") -> tuple[list[Module], dict]:
         """Modules of a model (cached by model and settings) and the energy decomposing took."""
         s = DecomposeSettings(variant=variant, ci_samples=self.p.ci_samples, seed=self.seed)
-        folder = self.out / "decompositions" / f"{name}-{variant}-{_key({'model': str(model_dir), **asdict(s)})}"
+        folder = self.out / "decompositions" / f"{name}-{variant}-{_key({'model': str(model_dir), **_settings(s)})}"
         energy_path = folder / "energy.json"
         if not energy_path.is_file():
             clf = load_model(model_dir, self.device)
