@@ -155,6 +155,56 @@ def test_continuous_learning_keeps_nodes_active_for_foreign_inputs(two_models, t
         assert new_loss == pytest.approx(m.calibration["loss_platt"], abs=1e-5)
 
 
+def test_refit_heads_is_the_balanced_logistic_optimum_on_the_composition_classes(two_models, tmp_path, capsys):
+    from cnnmod.calibrate import _balanced_bce
+    from cnnmod.compose import base_dataset
+    from cnnmod.decompose import observation_set
+    from cnnmod.module import masked_features
+
+    dec_a, dec_b, a, b = two_models
+    parts = [str(dec_a / "modules" / "c00-band0"), str(dec_b / "modules" / "c01-band1")]
+    rc, _, err = run(["compose", *parts, "--out", str(tmp_path / "cl"), "--continuous-learning"], capsys)
+    assert rc == 0, err
+    rc, _, err = run(["compose", *parts, "--out", str(tmp_path / "refit"), "--continuous-learning",
+                      "--refit-heads"], capsys)
+    assert rc == 0, err
+    learned, refit = cnnmod.load_modules(tmp_path / "cl"), cnnmod.load_modules(tmp_path / "refit")
+    sets = {a: cnnmod.data.load(a, "train", classes=[0]), b: cnnmod.data.load(b, "train", classes=[1])}
+    for m0, m in zip(learned, refit, strict=True):
+        for name in m0.masks:  # the masks are continuous learning's; only the head changed
+            assert torch.equal(m.masks[name], m0.masks[name])
+        assert torch.equal(m.head_weight[1], m0.head_weight[1]) and m.head_bias[1] == m0.head_bias[1]
+        per_class = m.settings["head_refit"]["per_class"]
+        assert per_class == m.settings["observed"]
+        feats, mine = [], []
+        for name, data in sets.items():
+            seen = observation_set(data, per_class, m.settings["seed"])
+            masks = {k: v.unsqueeze(0) for k, v in m.masks.items()}
+            with torch.no_grad():
+                feats.append(masked_features(m.source.net, m.points, m.classifier_name, masks,
+                                             m.prepare(seen.images))[0])
+            source = torch.tensor(seen.source_classes)[seen.labels]
+            mine.append((source == m.source_class) & (name == base_dataset(m)))
+        f, t = torch.cat(feats).double(), torch.cat(mine)
+        l2 = m.settings["head_refit"]["l2"]
+        w = (m.head_weight[0] - m.head_weight[1]).double().requires_grad_(True)
+        bias = (m.head_bias[0] - m.head_bias[1]).double().requires_grad_(True)
+        loss = _balanced_bce(f @ w + bias, t) + l2 * (w * w).sum()
+        grads = torch.autograd.grad(loss, [w, bias])
+        # stationary: the refitted margin is the optimum of the class-balanced logistic loss (with its L2 term) ...
+        assert max(float(g.abs().max()) for g in grads) < 1e-3
+        # ... so no worse than the paper's head on the same inputs
+        w0 = (m0.head_weight[0] - m0.head_weight[1]).double()
+        b0 = (m0.head_bias[0] - m0.head_bias[1]).double()
+        assert float(loss.detach()) <= float(_balanced_bce(f @ w0 + b0, t) + l2 * (w0 * w0).sum()) + 1e-9
+    # on one data set, without continuous learning; the composition records it
+    rc, _, err = run(["compose", str(dec_a), "--out", str(tmp_path / "intra"), "--refit-heads"], capsys)
+    assert rc == 0, err
+    config = json.loads((tmp_path / "intra" / "config.json").read_text())
+    assert config["refit_heads"] is True and config["continuous_learning"] is False
+    assert all(m.settings["head_refit"]["fitted_on"] == [f"{a}:0,1,2"] for m in cnnmod.load_modules(tmp_path / "intra"))
+
+
 def test_joined_data_sets_and_training_on_them(tmp_path, capsys):
     a = f"npz:{write_npz(tmp_path / 'a.npz', classes=3, seed=0)}"
     joined = cnnmod.data.load(f"digits:3,5+{a}", "test")

@@ -213,3 +213,7 @@ def test_merged_slim_composition(tmp_path, npz_data, capsys):
     assert_user_error(*run(["compose", str(out), "--out", str(tmp_path / "x")], capsys), "merged slim composition")
     assert_user_error(*run(["compose", str(tmp_path / "slim"), str(tmp_path / "slim"),
                             "--mode", "fused", "--out", str(tmp_path / "x")], capsys), "two modules for class 0")
+    # a slim module's head was fitted when it was made: no refitting, no relearning of its nodes
+    assert_user_error(*run(["compose", str(tmp_path / "slim"), "--refit-heads", "--out", str(tmp_path / "x")],
+                           capsys), "--refit-heads works on node-level modules")
+    assert not (tmp_path / "x").exists()

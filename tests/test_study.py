@@ -40,6 +40,11 @@ def test_every_part_then_resume_and_report(tmp_path, datasets):
     for row in results["intra_reuse"]:
         assert row["delta_pp"] == pytest.approx(row["ma"] - row["tma"], abs=1e-3)
         assert row["training_energy"]["training"]["kg_co2e"] > 0 and row["reuse_energy"]["kwh"] > 0
+    for row in results["inter_reuse"]:  # the refitted composition is measured, and differs from MMA's only by it
+        assert row["delta_refit_pp"] == pytest.approx(row["mma_refit"] - row["tma"], abs=1e-3)
+        assert row["reuse_refit_energy"]["kwh"] > 0
+    assert results["summary"]["inter_reuse_refit_pp"] == pytest.approx(
+        sum(r["delta_refit_pp"] for r in results["inter_reuse"]) / 4, abs=1e-6)
     for row in results["intra_replace"]:
         assert row["prior_top1"] == results["intra_replace"][0]["prior_top1"]  # the same weak composition
     s = results["summary"]
@@ -51,6 +56,7 @@ def test_every_part_then_resume_and_report(tmp_path, datasets):
     md, page = write_report(second, out)
     text = md.read_text()
     assert "## 1. Decomposition cost" in text and "| intra-data-set reuse, MA - TMA (pp) |" in text
+    assert "| inter-data-set reuse, CL + heads refitted (pp; ours) |" in text
     assert page.read_text().count("data:image/png;base64,") == 4
     # another preset's folder is refused, naming what differs
     with pytest.raises(UserError, match="other settings"):

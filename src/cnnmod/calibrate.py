@@ -62,6 +62,27 @@ def fit(margins: torch.Tensor, targets: torch.Tensor) -> dict:
             "loss_platt": float(_balanced_bce(a * m + b, t))}
 
 
+def fit_head(features: torch.Tensor, targets: torch.Tensor, init_w: torch.Tensor, init_b: float,
+             l2: float = 1e-4, soft: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
+    """Class-balanced logistic regression of "mine" on the head's input features: the margin's weights
+    (with ``soft``, of the teacher's probabilities that each input is of the class)."""
+    f = features.detach().double().cpu()
+    w = init_w.detach().double().cpu().clone().requires_grad_(True)
+    b = torch.tensor(float(init_b), dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], lr=0.5, max_iter=100, line_search_fn="strong_wolfe")
+    t = targets.cpu()
+    p = soft.detach().double().cpu() if soft is not None else None
+
+    def closure():
+        opt.zero_grad()
+        loss = _balanced_bce(f @ w + b, t, p) + l2 * (w * w).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return w.detach().float(), float(b.detach())
+
+
 def score(logits: torch.Tensor, calibration: dict | None, mode: str = "none") -> torch.Tensor:
     """p_c from two-way logits (..., 2) [z_c, z_uc]: softmax([z_c, z_uc])[0] = sigmoid(z_c - z_uc), calibrated
     as ``mode`` asks."""

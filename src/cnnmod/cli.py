@@ -269,6 +269,10 @@ def compose_cmd(
     out: Path = typer.Option(..., "--out", help="Output composition folder."),
     continuous_learning: bool = typer.Option(False, "--continuous-learning",
                                              help="Modules relearn the other data sets' classes (no training)."),
+    refit_heads: bool = typer.Option(False, "--refit-heads",
+                                     help="Beyond the paper: refit each module's two-way head on the composition's "
+                                     "classes (a linear fit on the features it already computes; no network "
+                                     "weight changes), then its calibration."),
     calibration: str = typer.Option("none", "--calibration",
                                     help="Compare scores as they are (none, the paper) or calibrated: temperature, "
                                     "platt."),
@@ -284,7 +288,7 @@ def compose_cmd(
 
     with EnergyMeter(country).phase("composition") as m:
         result = compose_dirs(paths, out, continuous_learning, data_root, device, batch_size, overwrite, calibration,
-                              mode)
+                              mode, refit_heads)
     result["energy"] = {"composition": m.record.to_dict()}
     emit(result, as_json, f"composed {len(result['classes'])} modules into {out}")
 

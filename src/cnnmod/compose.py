@@ -133,20 +133,25 @@ class Composition(nn.Module):
     def group_logits(self, group: list[int], images: torch.Tensor) -> torch.Tensor:
         """Two-way logits (K, B, 2) of one source model's modules, in one batched pass."""
         parts = [self.parts[i] for i in group]
+        if not isinstance(parts[0], Module):  # a slim module: its own smaller network
+            return parts[0](parts[0].prepare(images)).unsqueeze(0)
+        features = self.group_features(group, images)
+        weight = torch.stack([p.head_weight for p in parts])  # (K, 2, F)
+        bias = torch.stack([p.head_bias for p in parts])      # (K, 2)
+        return torch.einsum("kbf,kjf->kbj", features, weight) + bias[:, None, :]
+
+    def group_features(self, group: list[int], images: torch.Tensor) -> torch.Tensor:
+        """What the heads of one source model's node-masked modules see: (K, B, F), in one batched pass."""
+        parts = [self.parts[i] for i in group]
         first = parts[0]
         x = first.prepare(images)
-        if not isinstance(first, Module):  # a slim module: its own smaller network
-            return first(x).unsqueeze(0)
         if self.mode == "vote":  # the paper: every module its own masked pass (batched)
             masks = {name: torch.stack([p.masks[name] for p in parts]) for name in first.point_names}
         else:  # one pass with the union of the modules' kept nodes, every head on the same features
             masks = {name: torch.stack([p.masks[name] for p in parts]).any(0, keepdim=True)
                      for name in first.point_names}
         features = masked_features(first.source.net, first.points, first.classifier_name, masks, x)
-        features = features.expand(len(parts), -1, -1)
-        weight = torch.stack([p.head_weight for p in parts])  # (K, 2, F)
-        bias = torch.stack([p.head_bias for p in parts])      # (K, 2)
-        return torch.einsum("kbf,kjf->kbj", features, weight) + bias[:, None, :]
+        return features.expand(len(parts), -1, -1)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         scores = torch.empty(images.shape[0], len(self.parts), device=images.device)

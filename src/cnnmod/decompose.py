@@ -212,6 +212,54 @@ def calibrate_modules(modules: list, sets: dict[str, ImageSet], per_class: int, 
         m.calibration = {**fit(torch.cat(margins[i]), torch.cat(mine[i])), "per_class": per_class}
 
 
+def observation_set(data: ImageSet, per_class: int, seed: int) -> ImageSet:
+    """The first ``per_class`` inputs of each class in the observation order: what a module was observed on."""
+    order = class_order(data.labels, data.num_classes, seed)
+    return data.take(torch.cat([idx[:per_class] for idx in order]))
+
+
+def refit_heads(modules: list[Module], sets: dict[str, ImageSet], per_class: int, seed: int,
+                batch_size: int = 256, l2: float = 1e-4) -> list[Module]:
+    """Beyond the paper: each module's two-way head refitted on the composition's own classes, from every data
+    set in it (``sets`` as for :func:`calibrate_modules`; the first ``per_class`` inputs of each class in the
+    observation order, disjoint from the calibration inputs). A monotone recalibration cannot stop a module from
+    ranking a foreign image above its own class's images; a new margin direction can. The margin's weights
+    ``w_c - w_uc`` are a class-balanced logistic regression ("mine" vs the composition's other classes) on the
+    features the module already computes, started from the paper's head; the "not mine" row stays. No weight
+    of the network changes; the masks stay."""
+    from .calibrate import fit_head
+    from .compose import Composition, base_dataset
+
+    comp = Composition(modules).eval()
+    device = next(chain(comp.buffers(), comp.parameters())).device
+    features: list[list[torch.Tensor]] = [[] for _ in modules]
+    mine: list[list[torch.Tensor]] = [[] for _ in modules]
+    for name, data in sets.items():
+        seen = observation_set(data, per_class, seed)
+        source_of = torch.tensor(seen.source_classes)[seen.labels]
+        for group in comp.groups:
+            step = max(8, batch_size // len(group))
+            for start in range(0, len(seen), step):
+                with torch.no_grad():
+                    f = comp.group_features(group, seen.images[start:start + step].to(device))
+                for j, i in enumerate(group):
+                    features[i].append(f[j].cpu())
+        for i, m in enumerate(modules):
+            mine[i].append((source_of == m.source_class) & (name == base_dataset(m)))
+    out = []
+    fitted_on = sorted(f"{n}:{','.join(map(str, d.source_classes))}" for n, d in sets.items())
+    for i, m in enumerate(modules):
+        w0, b0 = m.head_weight.cpu(), m.head_bias.cpu()
+        w, b = fit_head(torch.cat(features[i]), torch.cat(mine[i]), w0[0] - w0[1], float(b0[0] - b0[1]), l2)
+        head_w = torch.stack([w0[1] + w, w0[1]])
+        head_b = torch.stack([b0[1] + b, b0[1]])
+        settings = {**m.settings, "head_refit": {"fitted_on": fitted_on, "per_class": per_class, "l2": l2}}
+        refit = Module(m.source, m.graph, m.concerned, {k: v.cpu() for k, v in m.masks.items()}, head_w, head_b,
+                       settings, dict(m.metrics), m.calibration)
+        out.append(refit.to(device))
+    return out
+
+
 def settings_of(module: Module) -> DecomposeSettings:
     """The settings a module was made with (as recorded in it)."""
     names = set(DecomposeSettings.__dataclass_fields__)

@@ -16,7 +16,7 @@ from .artifacts import check_output
 from .compose import base_dataset, check_calibration, check_composable, check_mode, class_key, qualified_name
 from .data import load
 from .data.dataset import ImageSet
-from .decompose import calibrate_modules, relearn
+from .decompose import calibrate_modules, refit_heads, relearn
 from .errors import UserError
 from .module import Module
 from .progress import progress_bar
@@ -46,28 +46,64 @@ def find_class(modules: Sequence[Module], text: str) -> int:
     return candidates[0]
 
 
-def continuous_learning(modules: Sequence[Module], data_root: str | None = None, device: torch.device | None = None,
-                        batch_size: int = 256) -> list[Module]:
-    """Each module relearns the composition's classes from data sets other than its own (METHOD.md section 7)."""
+def composition_sets(modules: Sequence[Module], data_root: str | None = None) -> dict[str, ImageSet]:
+    """The training split of every data set of a composition's modules, restricted to the composition's classes."""
     by_dataset: dict[str, list[int]] = {}
     for m in modules:
         by_dataset.setdefault(base_dataset(m), [])
         if m.source_class not in by_dataset[base_dataset(m)]:
             by_dataset[base_dataset(m)].append(m.source_class)
-    if len(by_dataset) < 2:
+    return {name: load(name, "train", data_root, classes) for name, classes in by_dataset.items()}
+
+
+def continuous_learning(modules: Sequence[Module], data_root: str | None = None, device: torch.device | None = None,
+                        batch_size: int = 256, refit: bool = False) -> list[Module]:
+    """Each module relearns the composition's classes from data sets other than its own (METHOD.md section 7),
+    and its score calibration is refitted on them; with ``refit`` (beyond the paper) its two-way head too."""
+    sets = composition_sets(modules, data_root)
+    if len(sets) < 2:
         raise UserError("continuous learning needs modules from at least two data sets; all of these come from "
-                        f"{next(iter(by_dataset))}")
-    foreign_sets = {name: load(name, "train", data_root, classes) for name, classes in by_dataset.items()}
+                        f"{next(iter(sets))}")
     out = []
     with progress_bar("continuous learning", len(modules)) as step:
         for m in modules:
             learned = m
-            for name, data in foreign_sets.items():
+            for name, data in sets.items():
                 if name != base_dataset(m):
                     learned = relearn(learned, data, device=device, batch_size=batch_size)
             out.append(learned)
             step()
-    recalibrate(out, foreign_sets, batch_size=batch_size)
+    if refit:
+        out = refit_heads_on(out, sets, batch_size)
+    recalibrate(out, sets, batch_size=batch_size)
+    return out
+
+
+def refit_composition(modules: Sequence[Module], data_root: str | None = None, batch_size: int = 256) -> list[Module]:
+    """Beyond the paper: every module's head refitted on the composition's classes (:func:`refit_heads_on`),
+    then its calibration (:func:`recalibrate`); for modules of one data set or several, with no relearning."""
+    sets = composition_sets(modules, data_root)
+    out = refit_heads_on(modules, sets, batch_size)
+    recalibrate(out, sets, batch_size=batch_size)
+    return out
+
+
+def _by_making(modules: Sequence, per_class) -> dict[tuple[int, int], list[int]]:
+    """Positions of the modules grouped by (inputs per class, seed) as they were made with."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, m in enumerate(modules):
+        groups.setdefault((per_class(m), m.settings.get("seed", 0)), []).append(i)
+    return groups
+
+
+def refit_heads_on(modules: Sequence[Module], sets: dict[str, ImageSet], batch_size: int = 256) -> list[Module]:
+    """Every module's head refitted (:func:`cnnmod.decompose.refit_heads`) on as many inputs per class of the
+    composition's classes as the module was observed on, in the same seeded order."""
+    out = list(modules)
+    observed = _by_making(modules, lambda m: int(m.settings.get("observed", m.settings.get("ci_samples", 1000))))
+    for (per_class, seed), where in observed.items():
+        for i, m in zip(where, refit_heads([modules[i] for i in where], sets, per_class, seed, batch_size), strict=True):
+            out[i] = m
     return out
 
 
@@ -79,12 +115,8 @@ def recalibrate(modules: Sequence, sets: dict[str, ImageSet], batch_size: int = 
     its own data set; this is the same fit (METHOD.md, calibrated scores), with as many inputs per class and the
     same seed as the module was made with, on the classes it now competes with. No weight of any network
     changes."""
-    by_making: dict[tuple[int, int], list] = {}
-    for m in modules:
-        key = ((m.calibration or {}).get("per_class", 100), m.settings.get("seed", 0))
-        by_making.setdefault(key, []).append(m)
-    for (per_class, seed), group in by_making.items():
-        calibrate_modules(group, sets, per_class, seed, batch_size)
+    for (per_class, seed), where in _by_making(modules, lambda m: (m.calibration or {}).get("per_class", 100)).items():
+        calibrate_modules([modules[i] for i in where], sets, per_class, seed, batch_size)
     fitted_on = sorted(f"{n}:{','.join(map(str, d.source_classes))}" for n, d in sets.items())
     for m in modules:
         m.calibration["fitted_on"] = fitted_on
@@ -98,20 +130,29 @@ def _summary(config: dict, out: Path, started: float) -> dict:
 
 def compose_dirs(paths: Sequence[str | Path], out: str | Path, relearn_foreign: bool = False,
                  data_root: str | None = None, device: str = "auto", batch_size: int = 256,
-                 overwrite: bool = False, calibration: str = "none", mode: str = "vote") -> dict:
+                 overwrite: bool = False, calibration: str = "none", mode: str = "vote",
+                 refit_heads: bool = False) -> dict:
     """``cnnmod compose``: the modules of ``paths`` as one composition folder."""
     started = time.perf_counter()
     check_output(Path(out), overwrite)
     dev = pick_device(device)
     modules = load_modules(paths, dev)
     check_composable(modules)
-    if mode == "merged" and all(isinstance(m, SlimModule) for m in modules):
+    slim = [qualified_name(m) for m in modules if isinstance(m, SlimModule)]
+    if (refit_heads or relearn_foreign) and slim:
+        what = "--refit-heads" if refit_heads else "--continuous-learning"
+        raise UserError(f"{what} works on node-level modules; {slim[0]} is a slim module (its head was fitted "
+                        "when it was made): compose node-level modules, or drop the option")
+    if mode == "merged" and slim and len(slim) == len(modules):
         return merge_slim_dirs(paths, modules, out, data_root, dev, batch_size, overwrite, started)
     check_calibration(modules, calibration)
     check_mode(modules, mode)
     if relearn_foreign:
-        modules = continuous_learning(modules, data_root, dev, batch_size)
+        modules = continuous_learning(modules, data_root, dev, batch_size, refit=refit_heads)
+    elif refit_heads:
+        modules = refit_composition(modules, data_root, batch_size)
     config = save_composition(modules, out, overwrite, {"continuous_learning": relearn_foreign,
+                                                        "refit_heads": refit_heads,
                                                         "calibration": calibration, "mode": mode,
                                                         "made_from": [str(p) for p in paths]})
     return {**_summary(config, Path(out), started), "calibration": calibration, "mode": mode}

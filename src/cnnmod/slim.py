@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from .calibrate import _balanced_bce
+from .calibrate import _balanced_bce, fit_head
 from .classifier import Classifier
 from .data.dataset import ImageSet
 from .errors import UserError
@@ -167,27 +167,6 @@ def reestimate_bn(net: nn.Module, run) -> None:
         for m, (momentum, training) in zip(bns, saved, strict=True):
             m.momentum = momentum
             m.train(training)
-
-
-def fit_head(features: torch.Tensor, targets: torch.Tensor, init_w: torch.Tensor, init_b: float,
-             l2: float = 1e-4, soft: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
-    """Class-balanced logistic regression of "mine" on the head's input features: the margin's weights
-    (with ``soft``, of the teacher's probabilities that each input is of the class)."""
-    f = features.detach().double().cpu()
-    w = init_w.detach().double().cpu().clone().requires_grad_(True)
-    b = torch.tensor(float(init_b), dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], lr=0.5, max_iter=100, line_search_fn="strong_wolfe")
-    t = targets.cpu()
-    p = soft.detach().double().cpu() if soft is not None else None
-
-    def closure():
-        opt.zero_grad()
-        loss = _balanced_bce(f @ w + b, t, p) + l2 * (w * w).sum()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    return w.detach().float(), float(b.detach())
 
 
 class SlimModule(nn.Module):

@@ -24,7 +24,7 @@ from ..evaluation import evaluate_composition, evaluate_modules, split_for
 from ..metrics import evaluate_classifier
 from ..module import Module
 from ..progress import say
-from ..reuse import continuous_learning
+from ..reuse import continuous_learning, refit_composition
 from ..runtime import pick_device, seed_everything
 from ..store import load_modules, save_composition, save_decomposition
 from ..train import TrainSettings, train
@@ -134,12 +134,16 @@ class Study:
             energy_path.write_text(json.dumps({"decomposition": m.record.to_dict()}, indent=2) + "\n")
         return load_modules(folder, self.device), json.loads(energy_path.read_text())
 
-    def compose_measured(self, modules: list[Module], name: str, relearn: bool = False) -> tuple[list[Module], dict]:
-        """Build (and save) a composition, with continuous learning when asked: the cost of reuse."""
+    def compose_measured(self, modules: list[Module], name: str, relearn: bool = False,
+                         refit: bool = False) -> tuple[list[Module], dict]:
+        """Build (and save) a composition, with continuous learning and the heads refitted (beyond the paper)
+        when asked: the cost of reuse."""
         folder = self.out / "compositions" / name
         with self.meter.phase(f"composition {name}") as m:
             if relearn:
-                modules = continuous_learning(modules, self.data_root, self.device)
+                modules = continuous_learning(modules, self.data_root, self.device, refit=refit)
+            elif refit:
+                modules = refit_composition(modules, self.data_root)
             save_composition(modules, folder, overwrite=True)
         return modules, m.record.to_dict()
 
@@ -196,10 +200,13 @@ class Study:
             tma_dir, train_energy = self.model(f"tma-{a}-{b}", self.train_settings(self.data, self.p.tma_epochs,
                                                                                   self.p.tma_subset, [a, b]))
             chosen, reuse_energy = self.compose_measured([modules[a], modules[b]], f"intra-{a}-{b}")
-            tma, ma = self.tma(tma_dir), self.composed(chosen)
+            refit, refit_energy = self.compose_measured([modules[a], modules[b]], f"intra-refit-{a}-{b}", refit=True)
+            tma, ma, ma_refit = self.tma(tma_dir), self.composed(chosen), self.composed(refit)
             rows.append({"classes": [a, b], "names": [modules[a].class_name, modules[b].class_name],
                          "tma": tma["top1"], "ma": ma["top1"], "delta_pp": round(ma["top1"] - tma["top1"], 4),
-                         "training_energy": train_energy, "reuse_energy": reuse_energy})
+                         "ma_refit": ma_refit["top1"], "delta_refit_pp": round(ma_refit["top1"] - tma["top1"], 4),
+                         "training_energy": train_energy, "reuse_energy": reuse_energy,
+                         "reuse_refit_energy": refit_energy})
         return rows
 
     def part_inter_reuse(self) -> list[dict]:
@@ -213,7 +220,10 @@ class Study:
                     spec, self.p.tma_epochs, self.p.tma_subset))
                 plain, reuse_energy = self.compose_measured([modules[a], second[b]], f"inter-{a}-x{b}")
                 learned, cl_energy = self.compose_measured([modules[a], second[b]], f"inter-cl-{a}-x{b}", True)
+                refit, refit_energy = self.compose_measured([modules[a], second[b]], f"inter-refit-{a}-x{b}", True,
+                                                            refit=True)
                 tma, ma, mma = self.tma(tma_dir), self.composed(plain), self.composed(learned)
+                mma_refit = self.composed(refit)
                 ma_cal, mma_cal = self.composed(plain, "platt"), self.composed(learned, "platt")
                 names = [f"{self.data}:{modules[a].class_name}", f"{self.second}:{second[b].class_name}"]
                 rows.append({"classes": names,
@@ -225,8 +235,10 @@ class Study:
                              "ma_calibrated": ma_cal["top1"], "mma_calibrated": mma_cal["top1"],
                              "delta_calibrated_pp": round(ma_cal["top1"] - tma["top1"], 4),
                              "delta_cl_calibrated_pp": round(mma_cal["top1"] - tma["top1"], 4),
+                             "mma_refit": mma_refit["top1"], "mma_refit_balanced": mma_refit["balanced_top1"],
+                             "delta_refit_pp": round(mma_refit["top1"] - tma["top1"], 4),
                              "training_energy": train_energy, "reuse_energy": reuse_energy,
-                             "reuse_cl_energy": cl_energy})
+                             "reuse_cl_energy": cl_energy, "reuse_refit_energy": refit_energy})
         return rows
 
     def part_intra_replace(self) -> list[dict]:
@@ -262,7 +274,9 @@ class Study:
                 spec = f"{self.data}:{','.join(map(str, kept))}+{self.second}:{b}"
                 tma_dir, train_energy = self.model(f"tma-replace-{a}-x{b}", self.train_settings(
                     spec, self.p.tma_epochs, self.p.tma_subset))
+                refit, refit_energy = self.compose_measured(swapped, f"inter-replace-refit-{a}-x{b}", refit=True)
                 tma, ma, ma_cal = self.tma(tma_dir), self.composed(swapped), self.composed(swapped, "platt")
+                ma_refit = self.composed(refit)
                 rows.append({"replaced": f"{self.data}:{modules[a].class_name}",
                              "with": f"{self.second}:{second[b].class_name}",
                              "tma_top1": tma["top1"], "top1": ma["top1"], "tma_top5": tma["top5"], "top5": ma["top5"],
@@ -270,7 +284,10 @@ class Study:
                              "delta_top5_pp": round(ma["top5"] - tma["top5"], 4),
                              "top1_calibrated": ma_cal["top1"],
                              "delta_top1_calibrated_pp": round(ma_cal["top1"] - tma["top1"], 4),
-                             "training_energy": train_energy, "replace_energy": energy})
+                             "top1_refit": ma_refit["top1"],
+                             "delta_top1_refit_pp": round(ma_refit["top1"] - tma["top1"], 4),
+                             "training_energy": train_energy, "replace_energy": energy,
+                             "replace_refit_energy": refit_energy})
         return rows
 
     def part_energy(self, results: dict) -> list[dict]:
@@ -281,13 +298,14 @@ class Study:
         rows = []
         scenarios = (("intra_reuse", "reuse_energy", ["main"]), ("inter_reuse", "reuse_energy", ["main", "second"]),
                      ("inter_reuse (continuous learning)", "reuse_cl_energy", ["main", "second"]),
+                     ("inter_reuse (heads refitted)", "reuse_refit_energy", ["main", "second"]),
                      ("intra_replace", "replace_energy", ["main", "weak"]),
                      ("inter_replace", "replace_energy", ["main", "second"]))
         for label, key, sources in scenarios:
             part = results.get(label.split(" ")[0]) or []
             with_training = [r for r in part if "training_energy" in r]
-            reuse = _mean([r[key]["kg_co2e"] for r in part])
-            reuse_kwh = _mean([r[key]["kwh"] for r in part])
+            reuse = _mean([r[key]["kg_co2e"] for r in part if key in r])
+            reuse_kwh = _mean([r[key]["kwh"] for r in part if key in r])
             one_time = sum(decomposition[s]["kg_co2e"] for s in sources)
             if label == "intra_replace":  # the alternative to replacing modules: training a better model anew
                 main_energy = self.main_model()[1]
@@ -372,6 +390,10 @@ def summarise(results: dict) -> dict:
                                                    for r in results.get("intra_replace", [])]),
         "inter_replace_top1_calibrated_pp": _mean([r.get("delta_top1_calibrated_pp")
                                                    for r in results.get("inter_replace", [])]),
+        # beyond the paper: heads refitted on the composition's classes (compose --refit-heads)
+        "intra_reuse_refit_pp": _mean([r.get("delta_refit_pp") for r in results.get("intra_reuse", [])]),
+        "inter_reuse_refit_pp": _mean([r.get("delta_refit_pp") for r in results.get("inter_reuse", [])]),
+        "inter_replace_top1_refit_pp": _mean([r.get("delta_top1_refit_pp") for r in results.get("inter_replace", [])]),
     }
     energy = {r["scenario"]: r for r in results.get("energy", [])}
     reuse = [energy[k]["ratio_training_to_reuse"] for k in ("intra_reuse", "inter_reuse") if k in energy]
