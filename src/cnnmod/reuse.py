@@ -102,7 +102,8 @@ def refit_heads_on(modules: Sequence[Module], sets: dict[str, ImageSet], batch_s
     out = list(modules)
     observed = _by_making(modules, lambda m: int(m.settings.get("observed", m.settings.get("ci_samples", 1000))))
     for (per_class, seed), where in observed.items():
-        for i, m in zip(where, refit_heads([modules[i] for i in where], sets, per_class, seed, batch_size), strict=True):
+        fitted = refit_heads([modules[i] for i in where], sets, per_class, seed, batch_size)
+        for i, m in zip(where, fitted, strict=True):
             out[i] = m
     return out
 
