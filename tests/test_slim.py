@@ -15,7 +15,7 @@ import cnnmod
 from cnnmod.classifier import Classifier
 from cnnmod.data.transforms import InputSpec
 from cnnmod.models import build
-from cnnmod.slim import SlimSettings, _features, _params_per_channel, fit_head, gated, slim_module, source_log_odds
+from cnnmod.slim import SlimSettings, _features, _cost_per_channel, fit_head, gated, slim_module, source_log_odds
 
 
 def source(arch: str, **kwargs) -> Classifier:
@@ -72,16 +72,21 @@ def test_head_fitted_to_a_teachers_probabilities_recovers_the_teacher():
     assert torch.allclose(w, w_true, atol=0.02) and abs(b - b_true) < 0.02
 
 
-def test_params_per_channel_counts_every_coupled_layer():
+def test_cost_per_channel_counts_every_coupled_layer():
     clf = source("cnn")  # 1x12x12 -> conv 16 (3x3) -> pool -> conv 32 (3x3) -> pool -> 32x3x3 -> dense 64 -> head
     from cnnmod.slim import _frozen_copy
 
     graph, net, groups = _frozen_copy(clf)
-    per_channel = dict(zip([g["roots"][0] for g in groups.groups],
-                           _params_per_channel(net, groups, clf.spec.shape, graph.classifier), strict=True))
-    assert per_channel["conv1"] == 1 * 9 + 1 + 32 * 9         # its kernel and bias, and conv2's input slice
-    assert per_channel["conv2"] == 16 * 9 + 1 + 3 * 3 * 64    # its kernel and bias, 9 flattened inputs of the dense
-    assert per_channel["fc1"] == 32 * 9 + 1 + 2               # a hidden unit: row, bias, the 2-way head's column
+    roots = [g["roots"][0] for g in groups.groups]
+    params = dict(zip(roots, _cost_per_channel(net, groups, clf.spec.shape, graph.classifier, "params"), strict=True))
+    assert params["conv1"] == 1 * 9 + 1 + 32 * 9         # its kernel and bias, and conv2's input slice
+    assert params["conv2"] == 16 * 9 + 1 + 3 * 3 * 64    # its kernel and bias, 9 flattened inputs of the dense
+    assert params["fc1"] == 32 * 9 + 1 + 2               # a hidden unit: row, bias, the 2-way head's column
+    # FLOPs per image (2 per multiply-add): a channel's own outputs and the next layer's work on them
+    flops = dict(zip(roots, _cost_per_channel(net, groups, clf.spec.shape, graph.classifier, "flops"), strict=True))
+    assert flops["conv1"] == 2 * 9 * 12 * 12 + 2 * 32 * 9 * 6 * 6   # 3x3 at 12x12; conv2 reads it at 6x6
+    assert flops["conv2"] == 2 * 16 * 9 * 6 * 6 + 2 * 9 * 64        # 16 inputs at 6x6; 9 features into the dense
+    assert flops["fc1"] == 2 * 32 * 9 + 2 * 2
 
 
 def test_residual_channels_are_cut_together():
@@ -140,7 +145,8 @@ def test_slim_bad_input(tmp_path, npz_data, capsys):
                          (["--granularity", "channel", "--size", "1.5"], "--size"),
                          (["--size", "0.5"], "--granularity channel"),
                          (["--granularity", "edge"], "unknown granularity"),
-                         (["--granularity", "channel", "--rule", "magic"], "importance rule")):
+                         (["--granularity", "channel", "--rule", "magic"], "importance rule"),
+                         (["--granularity", "channel", "--slim-cost", "watts"], "unknown slim cost 'watts'")):
         assert_user_error(*run(["decompose", str(tmp_path / "m"), "--out", str(tmp_path / "x"), *args], capsys),
                           needle)
     assert not Path(tmp_path / "x").exists()

@@ -206,6 +206,9 @@ def decompose_cmd(
                                    "many pp of binary accuracy on held-out data."),
     rule: str = typer.Option("taylor", "--rule", help="Slim modules: channel importance, taylor or activation."),
     slim_samples: int = typer.Option(1024, "--slim-samples", help="Slim modules: concerned inputs observed."),
+    slim_cost: str = typer.Option("params", "--slim-cost", help="Slim modules: rank channels by importance per "
+                                  "parameter (params), per FLOP (flops), per their share of both (both), or within "
+                                  "each layer (none)."),
     calibration_samples: int = typer.Option(100, "--calibration-samples",
                                             help="Held-out training inputs per class to fit score calibration."),
     measure: bool = typer.Option(True, "--measure/--no-measure",
@@ -230,7 +233,7 @@ def decompose_cmd(
         from .slim import SlimSettings
 
         slim = SlimSettings(size=size if size is not None else (0.01 if max_loss is not None else 0.5),
-                            max_loss=max_loss, rule=rule, samples=slim_samples, seed=seed)
+                            max_loss=max_loss, rule=rule, samples=slim_samples, cost=slim_cost, seed=seed)
     elif size is not None or max_loss is not None:
         raise UserError("--size and --max-loss apply to slim modules: add --granularity channel")
     result = decompose_dir(model_dir, out, settings, data, parse_class_list(classes), data_root, device, batch_size,

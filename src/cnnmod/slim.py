@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from .calibrate import _balanced_bce, fit_head
 from .classifier import Classifier
@@ -35,6 +36,9 @@ from .module import binary_head
 from .observe import class_order, hooks
 
 
+COSTS = ("params", "flops", "both", "none")
+
+
 @dataclass(frozen=True)
 class SlimSettings:
     size: float = 0.5               # target fraction of the source model's parameters, in (0, 1]
@@ -42,7 +46,8 @@ class SlimSettings:
     step: float = 0.1               # fraction of kept channels closed per iteration
     rule: str = "taylor"            # "taylor" or "activation"
     objective: str = "distill"      # the binary loss ranked and refitted on: the source's p_c ("distill") or labels
-    cost_aware: bool = True         # rank channels by importance per parameter they cost (else within each group)
+    cost: str = "params"            # rank channels by importance per what they cost: params, flops, both (the sum
+                                    # of their shares of each), or none (rank within each group)
     samples: int = 1024             # concerned inputs observed (and as many unconcerned, spread over classes)
     held_out: int = 50              # held-out inputs per class for max_loss
     seed: int = 0
@@ -56,6 +61,8 @@ class SlimSettings:
             raise UserError(f"unknown importance rule {self.rule!r}; use taylor or activation")
         if self.objective not in ("distill", "labels"):
             raise UserError(f"unknown slim objective {self.objective!r}; use distill or labels")
+        if self.cost not in COSTS:
+            raise UserError(f"unknown slim cost {self.cost!r}; use {', '.join(COSTS)}")
         if not 0 < self.step < 1:
             raise UserError(f"the pruning step must be in (0, 1), got {self.step}")
 
@@ -303,7 +310,15 @@ def slim_module(source: Classifier, data: ImageSet, concerned: int, s: SlimSetti
     soft = None
     if s.objective == "distill":  # the source's p_c, before any BatchNorm statistics change
         soft = torch.sigmoid(source_log_odds(net, x_obs, batch_size)[:, concerned])
-    per_channel = _params_per_channel(net, groups, source.spec.shape, graph.classifier) if s.cost_aware else None
+    per_channel = rank_cost = None
+    if s.cost != "none":
+        per_channel = _cost_per_channel(net, groups, source.spec.shape, graph.classifier, "params")
+        rank_cost = per_channel
+        if s.cost != "params":
+            flops = _cost_per_channel(net, groups, source.spec.shape, graph.classifier, "flops")
+            total_flops = _sliced_cost(net, source.spec.shape, {}, graph.classifier, "flops")
+            rank_cost = [f / total_flops for f in flops] if s.cost == "flops" else [
+                p / total_params + f / total_flops for p, f in zip(per_channel, flops, strict=True)]
 
     def features_of(x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad(), gated(net, graph, groups, gates):
@@ -360,14 +375,14 @@ def slim_module(source: Classifier, data: ImageSet, concerned: int, s: SlimSetti
         return slice_network(net, source.spec.shape, removed_now(), graph.classifier, hw, hb)
 
     def close_least_important(fraction: float) -> int:
-        """Close the least important channels: ``step`` of the kept channels, or with ``cost_aware`` those of
-        least importance per parameter until ``step`` of the kept parameters (never below ``size``) are cut."""
+        """Close the least important channels: with a ``cost``, those of least importance per their cost until
+        ``step`` of the kept parameters (never below ``size``) are cut; without, ``step`` of the kept channels."""
         scores = taylor() if s.rule == "taylor" else activation_rates()
         candidates = []
         for i, sc in enumerate(scores):
             kept = torch.nonzero(gates[i].cpu() > 0).flatten()
             if kept.numel() > 1:  # every group keeps at least one channel
-                value = sc[kept] / per_channel[i] if per_channel is not None else sc[kept] / (sc[kept].mean() + 1e-12)
+                value = sc[kept] / rank_cost[i] if rank_cost is not None else sc[kept] / (sc[kept].mean() + 1e-12)
                 candidates += [(float(value[j]), i, int(kept[j])) for j in range(kept.numel())]
         candidates.sort()
         quota = {i: int(gates[i].sum()) - 1 for i in range(len(gates))}
@@ -424,14 +439,24 @@ def slim_module(source: Classifier, data: ImageSet, concerned: int, s: SlimSetti
     return module.eval()
 
 
-def _params_per_channel(net: nn.Module, groups: ChannelGroups, input_shape: tuple[int, int, int],
-                        classifier: str) -> list[float]:
-    """Per channel group: the parameters that slicing one of its channels removes (all coupled layers)."""
-    def count(removed: dict[str, list[int]]) -> int:
-        return sum(p.numel() for p in slice_network(net, input_shape, removed, classifier, None, None).parameters())
+def _sliced_cost(net: nn.Module, input_shape: tuple[int, int, int], removed: dict[str, list[int]], classifier: str,
+                 what: str) -> float:
+    """Parameters, or FLOPs per image, of ``net`` with the ``removed`` channels sliced away."""
+    sliced = slice_network(net, input_shape, removed, classifier, None, None)
+    if what == "params":
+        return float(sum(p.numel() for p in sliced.parameters()))
+    x = torch.zeros(1, *input_shape, device=next(net.parameters()).device)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        sliced.eval()(x)
+    return float(counter.get_total_flops())
 
-    whole = count({})
-    return [float(whole - count({g["roots"][0]: [0]})) for g in groups.groups]
+
+def _cost_per_channel(net: nn.Module, groups: ChannelGroups, input_shape: tuple[int, int, int], classifier: str,
+                      what: str) -> list[float]:
+    """Per channel group: the parameters (or FLOPs per image) that slicing one of its channels saves, in all the
+    coupled layers."""
+    whole = _sliced_cost(net, input_shape, {}, classifier, what)
+    return [whole - _sliced_cost(net, input_shape, {g["roots"][0]: [0]}, classifier, what) for g in groups.groups]
 
 
 def _kept_features(groups: ChannelGroups, graph: ModelGraph, kept: list[torch.Tensor], features: int
