@@ -15,7 +15,7 @@ import cnnmod
 from cnnmod.classifier import Classifier
 from cnnmod.data.transforms import InputSpec
 from cnnmod.models import build
-from cnnmod.slim import SlimSettings, _features, _cost_per_channel, fit_head, gated, slim_module, source_log_odds
+from cnnmod.slim import SlimSettings, _cost_per_channel, _features, fit_head, gated, slim_module, source_log_odds
 
 
 def source(arch: str, **kwargs) -> Classifier:

@@ -35,7 +35,6 @@ from .graph import ModelGraph
 from .module import binary_head
 from .observe import class_order, hooks
 
-
 COSTS = ("params", "flops", "both", "none")
 
 
