@@ -1,11 +1,14 @@
 """Slim modules against the paper's (issue: beyond the paper), built from library calls.
 
     python benchmarks/slim_and_fast.py runs/bench/resnet20-bn --sizes 0.5,0.25 --rules taylor,activation
+    python benchmarks/slim_and_fast.py runs/bench/resnet20-bn --sizes 0.35,0.25 --costs params,both --pair-only
 
 For each size and importance rule: slim modules of all classes; their mean parameter fraction; the composed
 top-1/top-5 against the model on the full test set; and, measured side by side in the same run, the latency
 at batch 256 of the model, of the paper's voting composition (node-level modules, one batched pass) and of
-the slim composition. Figures go to benchmarks/out/slim_<model>.json with a markdown table.
+the slim composition. ``--costs`` compares channel costs (params, flops, both: ``SlimSettings.cost``);
+``--pair-only`` makes only the pair's modules and measures only its 2-class merged composition. Figures go to
+benchmarks/out/slim_<model>.json (``slim_pair_<model>.json`` with ``--pair-only``) with a markdown table.
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ def main(argv: list[str]) -> None:
     p.add_argument("--samples", type=int, default=SlimSettings.samples)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--pair", default="0,6", help="the two classes of the 2-class merged composition")
+    p.add_argument("--costs", default="params", help="channel costs to rank by (SlimSettings.cost), comma-separated")
+    p.add_argument("--pair-only", action="store_true", help="only the pair's modules and 2-class composition")
     args = p.parse_args(argv)
     device = torch.device("cpu")
     clf = load_model(args.model, device)
@@ -42,73 +47,114 @@ def main(argv: list[str]) -> None:
     images = test.images[:256]
     pair = [int(v) for v in args.pair.split(",")]
     pair_test = test.subset(pair)
+    rows = [] if args.pair_only else [node_row(clf, train, test, images, device)]
+    for rule in args.rules.split(","):
+        for cost in args.costs.split(","):
+            for size in (float(v) for v in args.sizes.split(",")):
+                t0 = time.perf_counter()
+                s = SlimSettings(size=size, rule=rule, samples=args.samples, seed=args.seed, cost=cost)
+                classes = pair if args.pair_only else list(range(clf.num_classes))
+                modules = {c: slim_module(clf, train, c, s) for c in classes}
+                row = {"kind": "slim (channel)", "size": size, "rule": rule, "cost": cost,
+                       "seconds": round(time.perf_counter() - t0, 1),
+                       "params_fraction": sum(m.metrics["params_fraction"] for m in modules.values()) / len(modules)}
+                if not args.pair_only:
+                    row.update(all_classes(clf, train, test, images, device, list(modules.values()), args))
+                two = merge_slim([modules[c] for c in pair], clf, train, samples=args.samples, seed=args.seed)
+                two_report = evaluate_modules([modules[c] for c in pair], pair_test, device, source=clf,
+                                              composition=two)
+                two_cost = cost_report(two, images, source=clf)
+                row.update({"pair": pair, "pair_model_top1": two_report["model_top1"],
+                            "pair_merged_top1": two_report["composed_top1"],
+                            "pair_merged_latency_fraction": two_cost["latency_fraction"],
+                            "pair_merged_flops_fraction": two_cost["flops_fraction"],
+                            "pair_merged_params_fraction": two_cost["params_fraction"]})
+                rows.append(row)
+                print(row, flush=True)
+    table = pair_table(rows) if args.pair_only else full_table(rows)
+    command = (f"python benchmarks/slim_and_fast.py {args.model} --sizes {args.sizes} --rules {args.rules} "
+               f"--costs {args.costs} --samples {args.samples} --pair {args.pair}"
+               + (" --pair-only" if args.pair_only else ""))
+    if args.pair_only:
+        best = min(rows, key=lambda r: r["pair_merged_latency_fraction"])
+        summary = (f"{args.model.name}, classes {pair} (model {best['pair_model_top1']:.2f}%): fastest merged pair "
+                   f"{best['pair_merged_top1']:.2f}% at {best['pair_merged_latency_fraction']:.2f}x latency "
+                   f"(cost {best['cost']}, size {best['size']})")
+        name = f"slim_pair_{args.model.name}"
+    else:
+        within = [r for r in rows[1:] if r["cost_top1_pp"] >= -1.0]
+        best = min(within, key=lambda r: r["params_fraction"], default=None)
+        summary = (f"{args.model.name}: model {rows[0]['model_top1']:.2f}%; " + (
+            f"smallest slim within 1 pp: {100 * best['params_fraction']:.1f}% of parameters, cost "
+            f"{best['cost_top1_pp']:+.2f} pp" if best else "no slim setting within 1 pp"))
+        name = f"slim_{args.model.name}"
+    path = record(name, command, {"rows": rows, "table": table}, summary)
+    print(table)
+    print(f"wrote {path}")
+
+
+def node_row(clf, train, test, images, device) -> dict:
+    """The paper's modules (node level, mc-bln): voting and merged compositions of all classes."""
     node = decompose(clf, train, settings=DecomposeSettings(calibration_samples=0), show_progress=False)
     node_report = evaluate_modules(node, test, device)
     node_cost = cost_report(compose(node), images)
     merged_node = evaluate_modules(node, test, device, mode="merged")
     merged_node_cost = cost_report(compose(node, mode="merged"), images)
-    rows = [{"kind": "node (the paper's, mc-bln)", "size": 1.0, "rule": "-", "seconds": None,
-             "params_fraction": cost_report(node[0], images)["params_fraction"],
-             "model_top1": node_report["model_top1"],
-             "composed_top1": node_report["composed_top1"], "composed_top5": node_report["composed_top5"],
-             "cost_top1_pp": node_report["decomposition_cost_top1_pp"],
-             "composition_latency_fraction": node_cost["latency_fraction"],
-             "composition_flops_fraction": node_cost["flops_fraction"],
-             "merged_top1": merged_node["composed_top1"],
-             "merged_latency_fraction": merged_node_cost["latency_fraction"],
-             "merged_params_fraction": merged_node_cost["params_fraction"]}]
-    print(rows[-1], flush=True)
-    for rule in args.rules.split(","):
-        for size in (float(v) for v in args.sizes.split(",")):
-            t0 = time.perf_counter()
-            s = SlimSettings(size=size, rule=rule, samples=args.samples, seed=args.seed)
-            modules = [slim_module(clf, train, c, s) for c in range(clf.num_classes)]
-            seconds = time.perf_counter() - t0
-            report = evaluate_modules(modules, test, device, source=clf)
-            cost = cost_report(compose(modules), images, source=clf)
-            merged = merge_slim(modules, clf, train, samples=args.samples, seed=args.seed)
-            merged_report = evaluate_modules(modules, test, device, source=clf, composition=merged)
-            merged_cost = cost_report(merged, images, source=clf)
-            two = merge_slim([modules[c] for c in pair], clf, train, samples=args.samples, seed=args.seed)
-            two_report = evaluate_modules([modules[c] for c in pair], pair_test, device, source=clf, composition=two)
-            two_cost = cost_report(two, images, source=clf)
-            rows.append({"kind": "slim (channel)", "size": size, "rule": rule, "seconds": round(seconds, 1),
-                         "params_fraction": sum(m.metrics["params_fraction"] for m in modules) / len(modules),
-                         "model_top1": report["model_top1"], "composed_top1": report["composed_top1"],
-                         "composed_top5": report["composed_top5"],
-                         "cost_top1_pp": report["decomposition_cost_top1_pp"],
-                         "composition_latency_fraction": cost["latency_fraction"],
-                         "composition_flops_fraction": cost["flops_fraction"],
-                         "merged_top1": merged_report["composed_top1"],
-                         "merged_latency_fraction": merged_cost["latency_fraction"],
-                         "merged_params_fraction": merged_cost["params_fraction"],
-                         "pair": pair, "pair_model_top1": two_report["model_top1"],
-                         "pair_merged_top1": two_report["composed_top1"],
-                         "pair_merged_latency_fraction": two_cost["latency_fraction"],
-                         "pair_merged_params_fraction": two_cost["params_fraction"]})
-            print(rows[-1], flush=True)
-    lines = ["| modules | size | rule | mean params (of model) | voting composition: top-1 / top-5, cost (pp), "
+    row = {"kind": "node (the paper's, mc-bln)", "size": 1.0, "rule": "-", "cost": "-", "seconds": None,
+           "params_fraction": cost_report(node[0], images)["params_fraction"],
+           "model_top1": node_report["model_top1"],
+           "composed_top1": node_report["composed_top1"], "composed_top5": node_report["composed_top5"],
+           "cost_top1_pp": node_report["decomposition_cost_top1_pp"],
+           "composition_latency_fraction": node_cost["latency_fraction"],
+           "composition_flops_fraction": node_cost["flops_fraction"],
+           "merged_top1": merged_node["composed_top1"],
+           "merged_latency_fraction": merged_node_cost["latency_fraction"],
+           "merged_params_fraction": merged_node_cost["params_fraction"]}
+    print(row, flush=True)
+    return row
+
+
+def all_classes(clf, train, test, images, device, modules: list, args) -> dict:
+    """Slim modules of every class: their voting composition and their merged one."""
+    report = evaluate_modules(modules, test, device, source=clf)
+    cost = cost_report(compose(modules), images, source=clf)
+    merged = merge_slim(modules, clf, train, samples=args.samples, seed=args.seed)
+    merged_report = evaluate_modules(modules, test, device, source=clf, composition=merged)
+    merged_cost = cost_report(merged, images, source=clf)
+    return {"model_top1": report["model_top1"], "composed_top1": report["composed_top1"],
+            "composed_top5": report["composed_top5"], "cost_top1_pp": report["decomposition_cost_top1_pp"],
+            "composition_latency_fraction": cost["latency_fraction"],
+            "composition_flops_fraction": cost["flops_fraction"],
+            "merged_top1": merged_report["composed_top1"],
+            "merged_latency_fraction": merged_cost["latency_fraction"],
+            "merged_params_fraction": merged_cost["params_fraction"]}
+
+
+def full_table(rows: list[dict]) -> str:
+    lines = ["| modules | size | rule / cost | mean params (of model) | voting composition: top-1 / top-5, cost (pp), "
              "latency / FLOPs (x model) | merged 10-class: top-1, params, latency (x model) | merged 2-class: top-1 "
              "(model), params, latency | seconds |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         pair_cell = (f"{r['pair_merged_top1']:.2f} ({r['pair_model_top1']:.2f}), "
                      f"{r['pair_merged_params_fraction']:.2f}, {r['pair_merged_latency_fraction']:.2f}"
                      if "pair" in r else "-")
-        lines.append(f"| {r['kind']} | {r['size']} | {r['rule']} | {100 * r['params_fraction']:.1f}% | "
+        lines.append(f"| {r['kind']} | {r['size']} | {r['rule']} / {r['cost']} | {100 * r['params_fraction']:.1f}% | "
                      f"{r['composed_top1']:.2f} / {r['composed_top5']:.2f}, {r['cost_top1_pp']:+.2f}, "
                      f"{r['composition_latency_fraction']:.2f} / {r['composition_flops_fraction']:.2f} | "
                      f"{r['merged_top1']:.2f}, {r['merged_params_fraction']:.2f}, {r['merged_latency_fraction']:.2f} | "
                      f"{pair_cell} | {r['seconds'] if r['seconds'] is not None else '-'} |")
-    table = "\n".join(lines)
-    best = min((r for r in rows[1:] if r["cost_top1_pp"] >= -1.0), key=lambda r: r["params_fraction"], default=None)
-    summary = (f"{args.model.name}: model {rows[0]['model_top1']:.2f}%; " + (
-        f"smallest slim within 1 pp: {100 * best['params_fraction']:.1f}% of parameters, cost "
-        f"{best['cost_top1_pp']:+.2f} pp" if best else "no slim setting within 1 pp"))
-    path = record(f"slim_{args.model.name}", f"python benchmarks/slim_and_fast.py {args.model} --sizes {args.sizes} "
-                  f"--rules {args.rules} --samples {args.samples} --pair {args.pair}", {"rows": rows, "table": table},
-                  summary)
-    print(table)
-    print(f"wrote {path}")
+    return "\n".join(lines)
+
+
+def pair_table(rows: list[dict]) -> str:
+    lines = ["| size | rule / cost | modules' mean params (of model) | merged 2-class: top-1 (model restricted) | "
+             "params / FLOPs / latency (x model) | seconds |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['size']} | {r['rule']} / {r['cost']} | {100 * r['params_fraction']:.1f}% | "
+                     f"{r['pair_merged_top1']:.2f} ({r['pair_model_top1']:.2f}) | "
+                     f"{r['pair_merged_params_fraction']:.2f} / {r['pair_merged_flops_fraction']:.2f} / "
+                     f"{r['pair_merged_latency_fraction']:.2f} | {r['seconds']} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

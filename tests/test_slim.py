@@ -59,6 +59,9 @@ def test_log_odds_are_the_softmax_probability_of_each_class():
     x = torch.randn(30, 5)
     p = torch.softmax(net(x).double(), 1)
     assert torch.allclose(torch.sigmoid(source_log_odds(net, x, batch_size=7).double()), p, atol=1e-6)
+    # among some classes only: the model restricted to them, its softmax over their logits, in their order
+    restricted = torch.softmax(net(x).double()[:, [3, 1]], 1)
+    assert torch.allclose(torch.sigmoid(source_log_odds(net, x, 7, [3, 1]).double()), restricted, atol=1e-6)
 
 
 def test_head_fitted_to_a_teachers_probabilities_recovers_the_teacher():
@@ -215,6 +218,22 @@ def test_merged_slim_composition(tmp_path, npz_data, capsys):
     r = json.loads(stdout)
     assert r["mode"] == "merged" and r["cost"]["composition"]["flops_fraction"] < 1.0
     assert [c["class"] for c in r["per_class"]] == [0, 2]
+    assert merged.settings["world"] == [0, 2]  # its heads were fitted on its own classes' inputs
+    # pruned further for its two classes, to a size: smaller, and no bigger than asked
+    rc, stdout, err = run(["compose", str(tmp_path / "slim" / "modules" / "c00-band0"),
+                           str(tmp_path / "slim" / "modules" / "c02-band2"), "--mode", "merged", "--size", "0.1",
+                           "--slim-cost", "both", "--out", str(tmp_path / "pruned"), "--json"], capsys)
+    assert rc == 0, err
+    pruned, _ = load_merged_slim(tmp_path / "pruned")
+    assert pruned.params() <= 0.1 * sum(p.numel() for p in source.net.parameters()) < merged.params()
+    for root, removed in merged.removed.items():  # it started from the union: what that closed stays closed
+        assert set(removed) <= set(pruned.removed[root])
+    assert pruned.settings["size"] == 0.1 and pruned.settings["cost"] == "both"
+    assert json.loads(stdout)["params_fraction"] == pruned.metrics["params_fraction"] <= 0.1
+    assert_user_error(*run(["compose", str(tmp_path / "slim"), "--size", "0.5", "--out", str(tmp_path / "x")],
+                           capsys), "--size prunes a merged slim composition")
+    assert_user_error(*run(["compose", str(tmp_path / "slim"), "--mode", "merged", "--size", "2", "--out",
+                            str(tmp_path / "x")], capsys), "--size")
     # a merged network is one network: it cannot be taken apart into modules
     assert_user_error(*run(["compose", str(out), "--out", str(tmp_path / "x")], capsys), "merged slim composition")
     assert_user_error(*run(["compose", str(tmp_path / "slim"), str(tmp_path / "slim"),

@@ -281,6 +281,10 @@ def compose_cmd(
                                     "platt."),
     mode: str = typer.Option("vote", "--mode", help="vote (the paper: a pass per module), merged (one model's "
                              "modules as one network, one pass) or fused (one merged pass per source model)."),
+    size: float = typer.Option(None, "--size", help="Merged slim compositions: prune the merged network further, "
+                               "for the composition's own classes, to this fraction of the model's parameters."),
+    slim_cost: str = typer.Option("params", "--slim-cost", help="With --size: rank channels per parameter, flops, "
+                                  "both or none (as for decompose)."),
     batch_size: int = typer.Option(256, "--batch-size"),
     device: str = DEVICE, data_root: str = DATA_ROOT, overwrite: bool = OVERWRITE, country: str = COUNTRY,
     as_json: bool = JSON,
@@ -291,7 +295,7 @@ def compose_cmd(
 
     with EnergyMeter(country).phase("composition") as m:
         result = compose_dirs(paths, out, continuous_learning, data_root, device, batch_size, overwrite, calibration,
-                              mode, refit_heads)
+                              mode, refit_heads, size, slim_cost)
     result["energy"] = {"composition": m.record.to_dict()}
     emit(result, as_json, f"composed {len(result['classes'])} modules into {out}")
 

@@ -132,7 +132,7 @@ def _summary(config: dict, out: Path, started: float) -> dict:
 def compose_dirs(paths: Sequence[str | Path], out: str | Path, relearn_foreign: bool = False,
                  data_root: str | None = None, device: str = "auto", batch_size: int = 256,
                  overwrite: bool = False, calibration: str = "none", mode: str = "vote",
-                 refit_heads: bool = False) -> dict:
+                 refit_heads: bool = False, size: float | None = None, cost: str = "params") -> dict:
     """``cnnmod compose``: the modules of ``paths`` as one composition folder."""
     started = time.perf_counter()
     check_output(Path(out), overwrite)
@@ -145,7 +145,10 @@ def compose_dirs(paths: Sequence[str | Path], out: str | Path, relearn_foreign: 
         raise UserError(f"{what} works on node-level modules; {slim[0]} is a slim module (its head was fitted "
                         "when it was made): compose node-level modules, or drop the option")
     if mode == "merged" and slim and len(slim) == len(modules):
-        return merge_slim_dirs(paths, modules, out, data_root, dev, batch_size, overwrite, started)
+        return merge_slim_dirs(paths, modules, out, data_root, dev, batch_size, overwrite, started, size, cost)
+    if size is not None:
+        raise UserError("--size prunes a merged slim composition: compose slim modules of one model with "
+                        "--mode merged")
     check_calibration(modules, calibration)
     check_mode(modules, mode)
     if relearn_foreign:
@@ -160,8 +163,9 @@ def compose_dirs(paths: Sequence[str | Path], out: str | Path, relearn_foreign: 
 
 
 def merge_slim_dirs(paths, modules: list, out: str | Path, data_root: str | None, device, batch_size: int,
-                    overwrite: bool, started: float) -> dict:
-    """Slim modules of one decomposition merged into one network (the union of their kept channels)."""
+                    overwrite: bool, started: float, size: float | None = None, cost: str = "params") -> dict:
+    """Slim modules of one decomposition merged into one network (the union of their kept channels), fitted
+    to the composition's classes; with ``size``, pruned further to that fraction of the model's parameters."""
     from .evaluation import split_for
     from .slim import merge_slim
 
@@ -169,7 +173,7 @@ def merge_slim_dirs(paths, modules: list, out: str | Path, data_root: str | None
     train = split_for(source, None, data_root, "train")
     made = modules[0].settings  # observed as the modules were: as many inputs, the same objective
     merged = merge_slim(modules, source, train, samples=made.get("samples", 256), seed=made.get("seed", 0),
-                        batch_size=batch_size, objective=made.get("objective", "labels"))
+                        batch_size=batch_size, objective=made.get("objective", "labels"), size=size, cost=cost)
     save_merged_slim(merged, source, out, overwrite, {"made_from": [str(p) for p in paths]})
     return {"out": str(out), "classes": merged.qualified_names, "mode": "merged", "granularity": "channel",
             "params_fraction": merged.metrics["params_fraction"], "seconds": round(time.perf_counter() - started, 3)}

@@ -287,106 +287,123 @@ def _source_info(source: Classifier) -> dict:
             "params": sum(p.numel() for p in source.net.parameters())}
 
 
-def slim_module(source: Classifier, data: ImageSet, concerned: int, s: SlimSettings,
-                batch_size: int = 256, keep_reference: bool = False) -> SlimModule:
-    """One slim module of ``source`` for class ``concerned``, observed on ``data`` (its training split).
-    ``keep_reference`` keeps the gated full network it was cut from as ``gated_reference``, for checks."""
-    s.check()
-    started = time.perf_counter()
-    graph, net, groups = _frozen_copy(source)
-    device = next(net.parameters()).device
-    gates = [torch.ones(g["channels"], device=device) for g in groups.groups]
-    images, targets = observation_data(data, concerned, s.samples, s.seed)
-    x_obs = source.prepare(images.to(device))
-    targets = targets.to(device)
-    w, b = _source_margin(net.get_submodule(graph.classifier), concerned)
-    total_params = sum(p.numel() for p in source.net.parameters())
-    held = held_out_data(data, concerned, s.held_out, s.seed) if s.max_loss is not None else None
+class Pruner:
+    """Channel gates on a frozen copy of ``source``'s network, closed iteratively for K margins at once (METHOD.md,
+    slim modules): row k of the head is a binary margin, "class k" against the others of the observed world,
+    fitted on observed inputs ``x_obs`` to ``targets`` (N, K) or, when ``soft`` is given, to the source's
+    probabilities (N, K). A slim module has one row; a slim merged composition one per class. ``gates`` start
+    all open, or as given (a merged composition starts from the union of its modules' channels)."""
 
-    def batches(x: torch.Tensor):
-        return [x[i:i + batch_size] for i in range(0, x.shape[0], batch_size)]
+    def __init__(self, source: Classifier, s: SlimSettings, x_obs: torch.Tensor, targets: torch.Tensor,
+                 soft: torch.Tensor | None, w: torch.Tensor, b: torch.Tensor, batch_size: int = 256,
+                 frozen: tuple | None = None, gates: list[torch.Tensor] | None = None) -> None:
+        self.source, self.s, self.batch_size = source, s, batch_size
+        self.graph, self.net, self.groups = frozen or _frozen_copy(source)
+        device = next(self.net.parameters()).device
+        self.gates = gates or [torch.ones(g["channels"], device=device) for g in self.groups.groups]
+        self.x_obs, self.targets, self.soft = x_obs, targets, soft
+        self.w, self.b = w.cpu(), b.cpu().double()
+        self.total_params = sum(p.numel() for p in source.net.parameters())
+        self.per_channel = self.rank_cost = None
+        if s.cost != "none":
+            shape, classifier = source.spec.shape, self.graph.classifier
+            self.per_channel = _cost_per_channel(self.net, self.groups, shape, classifier, "params")
+            self.rank_cost = self.per_channel
+            if s.cost != "params":
+                flops = _cost_per_channel(self.net, self.groups, shape, classifier, "flops")
+                total_flops = _sliced_cost(self.net, shape, {}, classifier, "flops")
+                self.rank_cost = [f / total_flops for f in flops] if s.cost == "flops" else [
+                    p / self.total_params + f / total_flops for p, f in zip(self.per_channel, flops, strict=True)]
 
-    soft = None
-    if s.objective == "distill":  # the source's p_c, before any BatchNorm statistics change
-        soft = torch.sigmoid(source_log_odds(net, x_obs, batch_size)[:, concerned])
-    per_channel = rank_cost = None
-    if s.cost != "none":
-        per_channel = _cost_per_channel(net, groups, source.spec.shape, graph.classifier, "params")
-        rank_cost = per_channel
-        if s.cost != "params":
-            flops = _cost_per_channel(net, groups, source.spec.shape, graph.classifier, "flops")
-            total_flops = _sliced_cost(net, source.spec.shape, {}, graph.classifier, "flops")
-            rank_cost = [f / total_flops for f in flops] if s.cost == "flops" else [
-                p / total_params + f / total_flops for p, f in zip(per_channel, flops, strict=True)]
+    def batches(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return [x[i:i + self.batch_size] for i in range(0, x.shape[0], self.batch_size)]
 
-    def features_of(x: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad(), gated(net, graph, groups, gates):
-            return torch.cat([_features(net, graph.classifier, lambda xb=xb: net(xb)) for xb in batches(x)])
+    def features_of(self, x: torch.Tensor) -> torch.Tensor:
+        net, classifier = self.net, self.graph.classifier
+        with torch.no_grad(), gated(net, self.graph, self.groups, self.gates):
+            return torch.cat([_features(net, classifier, lambda xb=xb: net(xb)) for xb in self.batches(x)])
 
-    def binary_accuracy(w_: torch.Tensor, b_: float) -> float:
-        x_h = source.prepare(held[0].to(device))  # held-out inputs: not among those observed
-        margin = features_of(x_h).cpu() @ w_ + b_
-        return 100.0 * float(((margin > 0) == held[1]).float().mean())
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor, soft: torch.Tensor | None) -> torch.Tensor:
+        """The rows' class-balanced binary losses, summed."""
+        return sum(_balanced_bce(logits[:, k], targets[:, k], soft[:, k] if soft is not None else None)
+                   for k in range(logits.shape[1]))
 
-    def activation_rates() -> list[torch.Tensor]:
-        """Per channel: the share of concerned inputs for which it is active somewhere."""
-        mine = x_obs[targets]
+    def taylor(self) -> list[torch.Tensor]:
+        """Per channel: |d loss / d gate|, the first-order effect of closing it on the margins' loss."""
+        scores = [torch.zeros(g["channels"]) for g in self.groups.groups]
+        live = [g.clone().requires_grad_(True) for g in self.gates]
+        device = self.x_obs.device
+        wd, bd = self.w.to(device), self.b.to(device, torch.float32)
+        softs = self.batches(self.soft) if self.soft is not None else [None] * len(self.batches(self.targets))
+        for xb, tb, sb in zip(self.batches(self.x_obs), self.batches(self.targets), softs, strict=True):
+            with gated(self.net, self.graph, self.groups, live):
+                f = _features(self.net, self.graph.classifier, lambda xb=xb: self.net(xb))
+            logits = torch.stack([f @ wd[k] + bd[k] for k in range(wd.shape[0])], 1)
+            grads = torch.autograd.grad(self.loss(logits, tb, sb), live, allow_unused=True)
+            for i, gr in enumerate(grads):
+                if gr is not None:
+                    scores[i] += gr.abs().cpu()
+        return scores
+
+    def activation_rates(self) -> list[torch.Tensor]:
+        """Per channel: the share of the rows' own inputs for which it is active somewhere."""
+        mine = self.x_obs[self.targets.any(1)]
         counts: dict[str, torch.Tensor] = {}
 
         def count(p, out):
             active = (out > 0).flatten(2).any(2) if out.dim() > 2 else out > 0
             counts[p.name] = counts.get(p.name, 0) + active.float().sum(0).cpu()
 
-        with torch.no_grad(), hooks(net, graph.points, count), gated(net, graph, groups, gates):
-            for xb in batches(mine):
-                net(xb)
-        return [sum(counts[p] for p in g["points"]) / max(len(mine), 1) for g in groups.groups]
+        with torch.no_grad(), hooks(self.net, self.graph.points, count), \
+                gated(self.net, self.graph, self.groups, self.gates):
+            for xb in self.batches(mine):
+                self.net(xb)
+        return [sum(counts[p] for p in g["points"]) / max(len(mine), 1) for g in self.groups.groups]
 
-    def taylor() -> list[torch.Tensor]:
-        """Per channel: |d loss / d gate|, the first-order effect of closing it on the binary loss."""
-        scores = [torch.zeros(g["channels"]) for g in groups.groups]
-        live = [g.clone().requires_grad_(True) for g in gates]
-        wd, bd = w.to(device), torch.tensor(b, device=device)
-        softs = batches(soft) if soft is not None else [None] * len(batches(targets))
-        for xb, tb, sb in zip(batches(x_obs), batches(targets), softs, strict=True):
-            with gated(net, graph, groups, live):
-                f = _features(net, graph.classifier, lambda xb=xb: net(xb))
-            grads = torch.autograd.grad(_balanced_bce(f @ wd + bd, tb, sb), live, allow_unused=True)
-            for i, gr in enumerate(grads):
-                if gr is not None:
-                    scores[i] += gr.abs().cpu()
-        return scores
-
-    def refresh() -> tuple[torch.Tensor, float]:
+    def refresh(self) -> None:
+        """BatchNorm statistics re-estimated on the observed inputs, then every row refitted."""
         def run():
-            with gated(net, graph, groups, gates):
-                for xb in batches(x_obs):
-                    net(xb)
-        reestimate_bn(net, run)
-        return fit_head(features_of(x_obs), targets, w, b, soft=soft)
+            with gated(self.net, self.graph, self.groups, self.gates):
+                for xb in self.batches(self.x_obs):
+                    self.net(xb)
+        reestimate_bn(self.net, run)
+        features = self.features_of(self.x_obs)
+        fitted = [fit_head(features, self.targets[:, k], self.w[k], float(self.b[k]),
+                           soft=self.soft[:, k] if self.soft is not None else None) for k in range(self.w.shape[0])]
+        self.w = torch.stack([w for w, _ in fitted])
+        self.b = torch.tensor([b for _, b in fitted], dtype=torch.float64)  # as fitted: no rounding
 
-    def removed_now() -> dict[str, list[int]]:
-        return _removed(groups, gates)
+    def removed(self) -> dict[str, list[int]]:
+        return _removed(self.groups, self.gates)
 
-    def sliced_now(w_: torch.Tensor, b_: float) -> nn.Module:
-        hw, hb = _head_rows(w_, b_)
-        hw = hw[:, _kept_features(groups, graph, [g.bool() for g in gates], w_.numel())]
-        return slice_network(net, source.spec.shape, removed_now(), graph.classifier, hw, hb)
+    def head(self, binary: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """The sliced network's head: a module's two rows [margin, 0], or a composition's K margins."""
+        w, b = (_head_rows(self.w[0], float(self.b[0])) if binary else (self.w, self.b.float()))
+        return w[:, _kept_features(self.groups, self.graph, [g.bool() for g in self.gates], self.w.shape[1])], b
 
-    def close_least_important(fraction: float) -> int:
+    def sliced(self, binary: bool) -> nn.Module:
+        return slice_network(self.net, self.source.spec.shape, self.removed(), self.graph.classifier,
+                             *self.head(binary))
+
+    def fraction(self, binary: bool) -> float:
+        return sum(p.numel() for p in self.sliced(binary).parameters()) / self.total_params
+
+    def close_least_important(self, fraction: float) -> int:
         """Close the least important channels: with a ``cost``, those of least importance per their cost until
         ``step`` of the kept parameters (never below ``size``) are cut; without, ``step`` of the kept channels."""
-        scores = taylor() if s.rule == "taylor" else activation_rates()
+        s, gates = self.s, self.gates
+        scores = self.taylor() if s.rule == "taylor" else self.activation_rates()
         candidates = []
         for i, sc in enumerate(scores):
             kept = torch.nonzero(gates[i].cpu() > 0).flatten()
             if kept.numel() > 1:  # every group keeps at least one channel
-                value = sc[kept] / rank_cost[i] if rank_cost is not None else sc[kept] / (sc[kept].mean() + 1e-12)
+                value = (sc[kept] / self.rank_cost[i] if self.rank_cost is not None
+                         else sc[kept] / (sc[kept].mean() + 1e-12))
                 candidates += [(float(value[j]), i, int(kept[j])) for j in range(kept.numel())]
         candidates.sort()
         quota = {i: int(gates[i].sum()) - 1 for i in range(len(gates))}
-        if per_channel is not None:
-            budget = min(s.step * fraction, max(fraction - s.size, s.step * fraction / 4)) * total_params
+        if self.per_channel is not None:
+            budget = min(s.step * fraction, max(fraction - s.size, s.step * fraction / 4)) * self.total_params
         else:
             budget = max(1, int(s.step * sum(int(g.sum()) for g in gates)))
         closed, spent = 0, 0.0
@@ -397,44 +414,72 @@ def slim_module(source: Classifier, data: ImageSet, concerned: int, s: SlimSetti
                 gates[i][j] = 0.0
                 quota[i] -= 1
                 closed += 1
-                spent += per_channel[i] if per_channel is not None else 1
+                spent += self.per_channel[i] if self.per_channel is not None else 1
         return closed
 
-    w, b = refresh()
-    history = []
-    base_accuracy = binary_accuracy(w, b) if held is not None else None
-    while True:
-        fraction = sum(p.numel() for p in sliced_now(w, b).parameters()) / total_params
-        history.append({"params_fraction": round(fraction, 4), "kept_channels": int(sum(g.sum() for g in gates))})
-        if fraction <= s.size:
-            break
-        previous = ([g.clone() for g in gates], w, b)
-        if close_least_important(fraction) == 0:
-            break
-        w, b = refresh()
-        if base_accuracy is not None and base_accuracy - binary_accuracy(w, b) > s.max_loss:
-            for g, old in zip(gates, previous[0], strict=True):
-                g.copy_(old)
-            w, b = refresh()
-            break
-    kept_masks = [g.bool() for g in gates]
-    hw, hb = _head_rows(w, b)
-    hw = hw[:, _kept_features(groups, graph, kept_masks, w.numel())]
-    sliced = slice_network(net, source.spec.shape, removed_now(), graph.classifier, hw, hb)
+    def prune(self, binary: bool, accuracy=None) -> list[dict]:
+        """Close channels until the sliced network holds at most ``size`` of the model's parameters, or (with
+        ``accuracy``, a function of the current state, and ``max_loss``) until the next step would lose more than
+        ``max_loss`` points of it; the history of the way down."""
+        history = []
+        start = accuracy() if accuracy is not None else None
+        while True:
+            fraction = self.fraction(binary)
+            history.append({"params_fraction": round(fraction, 4),
+                            "kept_channels": int(sum(g.sum() for g in self.gates))})
+            if fraction <= self.s.size:
+                break
+            previous = ([g.clone() for g in self.gates], self.w, self.b)
+            if self.close_least_important(fraction) == 0:
+                break
+            self.refresh()
+            if start is not None and start - accuracy() > self.s.max_loss:
+                for g, old in zip(self.gates, previous[0], strict=True):
+                    g.copy_(old)
+                self.refresh()
+                break
+        return history
+
+
+def slim_module(source: Classifier, data: ImageSet, concerned: int, s: SlimSettings,
+                batch_size: int = 256, keep_reference: bool = False) -> SlimModule:
+    """One slim module of ``source`` for class ``concerned``, observed on ``data`` (its training split).
+    ``keep_reference`` keeps the gated full network it was cut from as ``gated_reference``, for checks."""
+    s.check()
+    started = time.perf_counter()
+    frozen = _frozen_copy(source)
+    graph, net, _ = frozen
+    device = next(net.parameters()).device
+    images, targets = observation_data(data, concerned, s.samples, s.seed)
+    x_obs = source.prepare(images.to(device))
+    soft = None
+    if s.objective == "distill":  # the source's p_c, before any BatchNorm statistics change
+        soft = torch.sigmoid(source_log_odds(net, x_obs, batch_size)[:, concerned:concerned + 1])
+    w, b = _source_margin(net.get_submodule(graph.classifier), concerned)
+    p = Pruner(source, s, x_obs, targets.to(device)[:, None], soft, w[None], torch.tensor([b]), batch_size, frozen)
+    held = held_out_data(data, concerned, s.held_out, s.seed) if s.max_loss is not None else None
+
+    def binary_accuracy() -> float:
+        x_h = source.prepare(held[0].to(device))  # held-out inputs: not among those observed
+        margin = p.features_of(x_h).cpu() @ p.w[0] + float(p.b[0])
+        return 100.0 * float(((margin > 0) == held[1]).float().mean())
+
+    p.refresh()
+    base_accuracy = binary_accuracy() if held is not None else None
+    history = p.prune(True, binary_accuracy if held is not None else None)
+    sliced = p.sliced(True)
     info = _source_info(source)
-    params = sum(p.numel() for p in sliced.parameters())
-    if base_accuracy is not None:
-        held_out = {"held_out_binary_accuracy_start": base_accuracy, "held_out_binary_accuracy": binary_accuracy(w, b)}
-    else:
-        held_out = {}
-    metrics = {**held_out, "params": params, "params_fraction": round(params / total_params, 4),
-               "kept_channels": int(sum(int(g.sum()) for g in gates)),
-               "channels": int(sum(g.numel() for g in gates)), "history": history}
+    params = sum(q.numel() for q in sliced.parameters())
+    held_out = {} if held is None else {"held_out_binary_accuracy_start": base_accuracy,
+                                        "held_out_binary_accuracy": binary_accuracy()}
+    metrics = {**held_out, "params": params, "params_fraction": round(params / p.total_params, 4),
+               "kept_channels": int(sum(int(g.sum()) for g in p.gates)),
+               "channels": int(sum(g.numel() for g in p.gates)), "history": history}
     settings = {**asdict(s), "granularity": "channel", "seconds": round(time.perf_counter() - started, 3)}
     module = SlimModule(sliced, graph.classifier, source.spec, source.class_names[concerned], concerned, info,
-                        removed_now(), settings, metrics)
+                        p.removed(), settings, metrics)
     if keep_reference:  # a full copy of the model: only for checks, never saved
-        module.gated_reference = (net, graph, groups, [g.clone() for g in gates], hw, hb)
+        module.gated_reference = (net, graph, p.groups, [g.clone() for g in p.gates], *p.head(True))
     return module.eval()
 
 
@@ -542,28 +587,40 @@ class MergedSlim(nn.Module):
         return self.forward(images).argmax(1)
 
 
-def source_log_odds(net: nn.Module, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+def source_log_odds(net: nn.Module, x: torch.Tensor, batch_size: int = 256,
+                    classes: list[int] | None = None) -> torch.Tensor:
     """(N, K): for every input and class c, the network's log-odds of c against all other classes
-    (z_c - logsumexp of the others): sigmoid of it is the network's p_c."""
+    (z_c - logsumexp of the others): sigmoid of it is the network's p_c. With ``classes``, among those only
+    (columns in their order): the model restricted to them."""
     with torch.no_grad():
         z = torch.cat([net(x[i:i + batch_size]) for i in range(0, x.shape[0], batch_size)]).double()
+    if classes is not None:
+        z = z[:, classes]
     eye = torch.eye(z.shape[1], dtype=torch.bool, device=z.device)
     rest = torch.logsumexp(z.unsqueeze(1).masked_fill(eye, float("-inf")), 2)
     return (z - rest).float()
 
 
 def merge_slim(modules: list[SlimModule], source: Classifier, data: ImageSet, samples: int = 256, seed: int = 0,
-               batch_size: int = 256, objective: str = "distill") -> MergedSlim:
+               batch_size: int = 256, objective: str = "distill", size: float | None = None,
+               cost: str = "params") -> MergedSlim:
     """Merge slim modules of ``source`` into one network (the union of their kept channels) and refit every
-    class's head row on it, observed on ``data`` (the source's training split), to the source's p_c
-    (``objective="distill"``) or to the labels. The backbone is not trained."""
+    class's head row on it: class c against the composition's other classes (the composition's world: inputs of
+    its classes, ``samples`` of each from ``data``, the source's training split), to the source's p_c among
+    them (``objective="distill"``) or to the labels. With ``size``, channels are then closed, as for a slim
+    module (ranked by ``cost``), until the network holds at most ``size`` of the model's parameters. The
+    backbone is not trained."""
     if not modules:
         raise UserError("nothing to merge: no modules")
     sha = source.info.get("weights_sha256")
     if any(m.source_info.get("weights_sha256") != sha for m in modules):
         raise UserError("--mode merged needs slim modules of one source model; these come from several")
     started = time.perf_counter()
-    graph, net, groups = _frozen_copy(source)
+    s = SlimSettings(size=size if size is not None else 1.0, objective=objective, cost=cost, samples=samples,
+                     seed=seed)
+    s.check()
+    frozen = _frozen_copy(source)
+    graph, net, groups = frozen
     device = next(net.parameters()).device
     gates = []
     for g in groups.groups:
@@ -573,41 +630,31 @@ def merge_slim(modules: list[SlimModule], source: Classifier, data: ImageSet, sa
             kept[m.removed.get(g["roots"][0], [])] = False
             gate[kept.to(device)] = 1.0
         gates.append(gate)
-    order = class_order(data.labels, data.num_classes, seed)
-    per_class = max(1, samples // max(data.num_classes - 1, 1))
     chosen = [m.concerned for m in modules]
-    idx = torch.cat([order[c][:samples if c in chosen else per_class] for c in range(data.num_classes)])
+    world = chosen if len(chosen) > 1 else list(range(data.num_classes))  # one class alone: against all
+    order = class_order(data.labels, data.num_classes, seed)
+    idx = torch.cat([order[c][:samples] for c in world])
     x_obs = source.prepare(data.images[idx].to(device))
-    labels = data.labels[idx]
-    batches = [x_obs[i:i + batch_size] for i in range(0, x_obs.shape[0], batch_size)]
-    teacher = torch.sigmoid(source_log_odds(net, x_obs, batch_size)).cpu() if objective == "distill" else None
-
-    def run():
-        with gated(net, graph, groups, gates):
-            for xb in batches:
-                net(xb)
-
-    reestimate_bn(net, run)
-    with torch.no_grad(), gated(net, graph, groups, gates):
-        features = torch.cat([_features(net, graph.classifier, lambda xb=xb: net(xb)) for xb in batches])
-    fc = net.get_submodule(graph.classifier)
-    rows, biases = [], []
-    for c in chosen:
-        w, b = fit_head(features, labels == c, *_source_margin(fc, c),
-                        soft=teacher[:, c] if teacher is not None else None)
-        rows.append(w)
-        biases.append(b)
-    head_w, head_b = torch.stack(rows), torch.tensor(biases)
-    keep = _kept_features(groups, graph, [g.bool() for g in gates], head_w.shape[1])
-    removed = _removed(groups, gates)
-    sliced = slice_network(net, source.spec.shape, removed, graph.classifier, head_w[:, keep], head_b)
+    targets = data.labels[idx].to(device)[:, None] == torch.tensor(chosen, device=device)[None, :]
+    soft = None
+    if objective == "distill":
+        odds = source_log_odds(net, x_obs, batch_size, world)
+        soft = torch.sigmoid(odds[:, [world.index(c) for c in chosen]])
+    margins = [_source_margin(net.get_submodule(graph.classifier), c) for c in chosen]
+    p = Pruner(source, s, x_obs, targets, soft, torch.stack([w for w, _ in margins]),
+               torch.tensor([b for _, b in margins]), batch_size, frozen, gates)
+    p.refresh()
+    history = p.prune(False) if size is not None else []
+    sliced = p.sliced(False)
     info = _source_info(source)
-    params = sum(p.numel() for p in sliced.parameters())
+    params = sum(q.numel() for q in sliced.parameters())
     metrics = {"params": params, "params_fraction": round(params / info["params"], 4),
-               "kept_channels": int(sum(int(g.sum()) for g in gates)), "channels": int(sum(g.numel() for g in gates))}
+               "kept_channels": int(sum(int(g.sum()) for g in p.gates)),
+               "channels": int(sum(g.numel() for g in p.gates)), "history": history}
     settings = {"granularity": "channel", "mode": "merged", "samples": samples, "seed": seed, "objective": objective,
+                "world": [info["source_classes"][c] for c in world], "size": size, "cost": cost,
                 "seconds": round(time.perf_counter() - started, 3)}
-    return MergedSlim(sliced, graph.classifier, source.spec, chosen, info, removed, settings, metrics).eval()
+    return MergedSlim(sliced, graph.classifier, source.spec, chosen, info, p.removed(), settings, metrics).eval()
 
 
 def build_merged(config: dict) -> nn.Module:
