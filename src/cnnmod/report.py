@@ -39,6 +39,7 @@ SCENARIOS = [("decomposition cost, top-1 (pp)", "decomposition_cost_top1_pp"),
              ("inter-data-set reuse, calibrated scores (pp; ours)", "inter_reuse_calibrated_pp"),
              ("inter-data-set reuse, CL + calibrated (pp; ours)", "inter_reuse_cl_calibrated_pp"),
              ("inter-data-set reuse, CL + heads refitted (pp; ours)", "inter_reuse_refit_pp"),
+             ("inter-data-set reuse, CL + heads refitted, calibrated (pp; ours)", "inter_reuse_refit_calibrated_pp"),
              ("intra-data-set reuse, heads refitted (pp; ours)", "intra_reuse_refit_pp"),
              ("intra-data-set replace, top-1 gain (pp)", "intra_replace_top1_pp"),
              ("intra-data-set replace, top-5 gain (pp)", "intra_replace_top5_pp"),
@@ -91,12 +92,13 @@ def markdown(r: dict) -> str:
               "continuous learning with each module's two-way head refitted on the two classes' training inputs "
               "(`compose --continuous-learning --refit-heads`).", ""]
     lines += _table(["classes", "TMA", "MA", "MMA", "MA - TMA", "MMA - TMA", "MA / MMA calibrated",
-                     "MMA refitted (delta)"],
+                     "MMA refitted (delta)", "MMA refitted, calibrated (delta)"],
                     [[" + ".join(x["classes"]), f"{x['tma']:.2f} ({x['tma_balanced']:.1f})",
                       f"{x['ma']:.2f} ({x['ma_balanced']:.1f})", f"{x['mma']:.2f} ({x['mma_balanced']:.1f})",
                       _f(x["delta_pp"], 2, True), _f(x["delta_cl_pp"], 2, True),
                       f"{_f(x.get('ma_calibrated'))} / {_f(x.get('mma_calibrated'))}",
-                      f"{_f(x.get('mma_refit'))} ({_f(x.get('delta_refit_pp'), 2, True)})"]
+                      f"{_f(x.get('mma_refit'))} ({_f(x.get('delta_refit_pp'), 2, True)})",
+                      f"{_f(x.get('mma_refit_calibrated'))} ({_f(x.get('delta_refit_calibrated_pp'), 2, True)})"]
                      for x in r.get("inter_reuse", [])])
     lines += ["", "## 4. Intra-data-set replacement (weak model's module replaced by the stronger model's)", ""]
     lines += _table(["class", "prior top-1", "top-1", "prior top-5", "top-5", "gain top-1 (pp)",

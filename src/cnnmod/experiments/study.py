@@ -223,7 +223,7 @@ class Study:
                 refit, refit_energy = self.compose_measured([modules[a], second[b]], f"inter-refit-{a}-x{b}", True,
                                                             refit=True)
                 tma, ma, mma = self.tma(tma_dir), self.composed(plain), self.composed(learned)
-                mma_refit = self.composed(refit)
+                mma_refit, mma_refit_cal = self.composed(refit), self.composed(refit, "platt")
                 ma_cal, mma_cal = self.composed(plain, "platt"), self.composed(learned, "platt")
                 names = [f"{self.data}:{modules[a].class_name}", f"{self.second}:{second[b].class_name}"]
                 rows.append({"classes": names,
@@ -237,6 +237,8 @@ class Study:
                              "delta_cl_calibrated_pp": round(mma_cal["top1"] - tma["top1"], 4),
                              "mma_refit": mma_refit["top1"], "mma_refit_balanced": mma_refit["balanced_top1"],
                              "delta_refit_pp": round(mma_refit["top1"] - tma["top1"], 4),
+                             "mma_refit_calibrated": mma_refit_cal["top1"],
+                             "delta_refit_calibrated_pp": round(mma_refit_cal["top1"] - tma["top1"], 4),
                              "training_energy": train_energy, "reuse_energy": reuse_energy,
                              "reuse_cl_energy": cl_energy, "reuse_refit_energy": refit_energy})
         return rows
@@ -393,6 +395,8 @@ def summarise(results: dict) -> dict:
         # beyond the paper: heads refitted on the composition's classes (compose --refit-heads)
         "intra_reuse_refit_pp": _mean([r.get("delta_refit_pp") for r in results.get("intra_reuse", [])]),
         "inter_reuse_refit_pp": _mean([r.get("delta_refit_pp") for r in results.get("inter_reuse", [])]),
+        "inter_reuse_refit_calibrated_pp": _mean([r.get("delta_refit_calibrated_pp")
+                                                  for r in results.get("inter_reuse", [])]),
         "inter_replace_top1_refit_pp": _mean([r.get("delta_top1_refit_pp") for r in results.get("inter_replace", [])]),
     }
     energy = {r["scenario"]: r for r in results.get("energy", [])}
