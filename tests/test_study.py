@@ -53,6 +53,10 @@ def test_every_part_then_resume_and_report(tmp_path, datasets):
     again = Study(out, TINY, a, b, "FRA", seed=1, device="cpu")
     second = again.run()
     assert again.meter.records == [] and second["summary"] == s
+    # the time each part took is kept from the run that did it
+    assert set(second["part_seconds"]) == set(results["part_seconds"]) == {
+        "decomposition", "intra_reuse", "inter_reuse", "intra_replace", "inter_replace", "energy", "dense"}
+    assert second["part_seconds"] == results["part_seconds"] and second["seconds_all_runs"] > 0
     md, page = write_report(second, out)
     text = md.read_text()
     assert "## 1. Decomposition cost" in text and "| intra-data-set reuse, MA - TMA (pp) |" in text

@@ -131,6 +131,10 @@ def markdown(r: dict) -> str:
                     [[x["hidden_layers"], x["variant"], _f(x["model_top1"]), _f(x["composed_top1"]),
                       _f(x["delta_pp"], 2, True), _f(x["jaccard"], 3), _f(x["paper_model_top1"]),
                       _f(x["paper_composed_top1"])] for x in r.get("dense", [])])
+    if r.get("part_seconds"):
+        parts = ", ".join(f"{k} {v:.0f} s" for k, v in r["part_seconds"].items())
+        lines += ["", f"Wall-clock time of the parts, as the runs that finished them measured it: "
+                  f"{r['seconds_all_runs']:.0f} s in all ({parts})."]
     lines += ["", f"Made by `{r.get('command', 'cnnmod reproduce')}`.", ""]
     return "\n".join(lines)
 

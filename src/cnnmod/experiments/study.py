@@ -98,6 +98,20 @@ class Study:
     def _part_path(self, part: str) -> Path:
         return self.out / "parts" / f"{part}.json"
 
+    def _part_seconds(self) -> dict[str, float]:
+        """Wall-clock seconds of the run that finished each part. Models an earlier, interrupted run had trained
+        were cached and are not counted again here; their own seconds are in their energy records."""
+        path = self.out / "parts" / "seconds.json"
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+    def _record_seconds(self, part: str, seconds: float) -> None:
+        recorded = self._part_seconds()
+        recorded[part] = round(seconds, 1)
+        path = self.out / "parts" / "seconds.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(recorded, indent=2) + "\n")
+        tmp.replace(path)
+
     def model(self, name: str, s: TrainSettings) -> tuple[Path, dict]:
         """A trained model (cached by its settings) and the energy its training took."""
         folder = self.out / "models" / f"{name}-{_key(_settings(s))}"
@@ -363,11 +377,15 @@ class Study:
             tmp.write_text(json.dumps(rows, indent=2) + "\n")
             tmp.replace(path)
             results[part] = rows
-            say(f"[{self.p.name}] {part}: {time.perf_counter() - t0:.0f} s")
+            seconds = time.perf_counter() - t0
+            self._record_seconds(part, seconds)
+            say(f"[{self.p.name}] {part}: {seconds:.0f} s")
         summary = summarise(results)
+        part_seconds = self._part_seconds()
         out = {**self.header, "main_classes": self.main_classes, "second_classes": self.second_classes,
                "paper": PAPER, "summary": summary, **results,
-               "seconds_this_run": round(time.perf_counter() - started, 1)}
+               "seconds_this_run": round(time.perf_counter() - started, 1),
+               "part_seconds": part_seconds, "seconds_all_runs": round(sum(part_seconds.values()), 1)}
         (self.out / "results.json").write_text(json.dumps(out, indent=2) + "\n")
         return out
 
