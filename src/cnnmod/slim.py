@@ -1,16 +1,16 @@
 """Slim modules (METHOD.md section 8): a module cut physically to a smaller network, with no retraining.
 
-For module c, every prunable channel group of the source network (channels coupled through residual
-additions form one group, found with torch-pruning's dependency graph) gets a gate at the observation points
-of its layers. Iteratively:
+Every prunable channel group of the source network (see :mod:`cnnmod.channels`) gets a gate. A
+:class:`Pruner` closes gates iteratively for K binary margins at once (a slim module: one, "class c vs the
+rest"; a merged composition: one per class, against the composition's other classes):
 
-1. rank the kept channels by their importance to the module's own decision: the first-order (gradient x
-   gate) effect on the class-balanced binary loss of "class c vs the rest" (``rule="taylor"``), or, as the
-   post-hoc baseline of MODA and MwT, by how often they are active for the concerned inputs
-   (``rule="activation"``); importances are normalised within each group;
-2. close the gates of the least important ``step`` fraction of the kept channels (at least one channel of
-   every group stays);
-3. re-estimate BatchNorm statistics and refit the two-way head on the observation data.
+1. rank the open channels by their importance to the margins: the first-order (gradient x gate) effect on
+   the margins' class-balanced binary loss, distilled from the source's probabilities or fitted to labels
+   (``rule="taylor"``), or, as the post-hoc baseline of MODA and MwT, how often they are active for the
+   margins' own inputs (``rule="activation"``); per the parameters or FLOPs each channel costs (``cost``);
+2. close the least important until ``step`` of the kept parameters are cut (never below ``size``; at
+   least one channel of every group stays);
+3. re-estimate BatchNorm statistics and refit the head rows on the observation data.
 
 until the physically sliced network holds at most ``size`` of the source model's parameters (or, with
 ``max_loss``, until the next step would lose more than that many points of binary accuracy on held-out
@@ -19,19 +19,27 @@ data). The backbone's weights are never trained. The sliced network computes exa
 
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from .calibrate import _balanced_bce, fit_head
+from .channels import (
+    classifier_input,
+    closed_channels,
+    cost_per_channel,
+    frozen_copy,
+    gated,
+    kept_features,
+    reestimate_bn,
+    slice_network,
+    sliced_cost,
+)
 from .classifier import Classifier
 from .data.dataset import ImageSet
 from .errors import UserError
-from .graph import ModelGraph
 from .module import binary_head
 from .observe import class_order, hooks
 
@@ -66,81 +74,6 @@ class SlimSettings:
             raise UserError(f"the pruning step must be in (0, 1), got {self.step}")
 
 
-def _dependency_graph(net: nn.Module, input_shape: tuple[int, int, int]):
-    """torch-pruning's dependency graph of ``net`` (traced through autograd, so parameters must want gradients
-    while it is built; their flags are restored)."""
-    tp = _tp()
-    flags = [p.requires_grad for p in net.parameters()]
-    device = next(net.parameters()).device
-    try:
-        for p in net.parameters():
-            p.requires_grad_(True)
-        with torch.enable_grad():
-            return tp.DependencyGraph().build_dependency(net, example_inputs=torch.zeros(1, *input_shape,
-                                                                                         device=device))
-    finally:
-        for p, flag in zip(net.parameters(), flags, strict=True):
-            p.requires_grad_(flag)
-
-
-def _tp():
-    try:
-        import torch_pruning
-    except ImportError:
-        raise UserError("slim modules need torch-pruning: pip install torch-pruning")
-    return torch_pruning
-
-
-class ChannelGroups:
-    """Coupled channel groups of a network and the observation points that carry each group's channels."""
-
-    def __init__(self, net: nn.Module, graph: ModelGraph, input_shape: tuple[int, int, int]) -> None:
-        self.input_shape = input_shape
-        classifier = net.get_submodule(graph.classifier)
-        try:
-            dg = _dependency_graph(net, input_shape)
-            found = list(dg.get_all_groups(ignored_layers=[classifier], root_module_types=[nn.Conv2d, nn.Linear]))
-        except Exception as e:  # noqa: BLE001 - torch-pruning's failures all mean the same to the user
-            raise UserError(f"torch-pruning cannot trace {type(net).__name__} to slice it ({str(e)[:120]}); "
-                            "use --granularity node")
-        names = {m: n for n, m in net.named_modules()}
-        layer_points = {p.layer: p for p in graph.points}
-        self.groups: list[dict] = []
-        for group in found:
-            roots = [names[d.target.module] for d, _ in group
-                     if d.handler.__name__ == "prune_out_channels" and d.target.module is not classifier
-                     and isinstance(d.target.module, (nn.Conv2d, nn.Linear))]
-            points = [layer_points[r] for r in roots if r in layer_points]
-            if not points:
-                continue
-            channels = points[0].shape[0]
-            self.groups.append({"roots": roots, "points": [p.name for p in points], "channels": channels})
-        if not self.groups:
-            raise UserError(f"{type(net).__name__} has no channels that can be sliced")
-        self.point_group = {p: i for i, g in enumerate(self.groups) for p in g["points"]}
-
-
-def gated(net: nn.Module, graph: ModelGraph, groups: ChannelGroups, gates: list[torch.Tensor]):
-    """Context: ``net`` with each group's gate multiplied into its points' outputs (channel dimension)."""
-    def apply(p, out):
-        g = groups.point_group.get(p.name)
-        if g is None:
-            return out
-        gate = gates[g]
-        return out * gate.view(1, -1, *([1] * (out.dim() - 2))).to(out.dtype)
-    return hooks(net, graph.points, apply)
-
-
-def _features(net: nn.Module, classifier: str, fn) -> torch.Tensor:
-    captured = {}
-    handle = net.get_submodule(classifier).register_forward_pre_hook(lambda _m, i: captured.__setitem__("f", i[0]))
-    try:
-        fn()
-    finally:
-        handle.remove()
-    return captured["f"].flatten(1)
-
-
 def observation_data(data: ImageSet, concerned: int, samples: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``samples`` concerned inputs and about as many unconcerned, spread evenly, in the documented order."""
     order = class_order(data.labels, data.num_classes, seed)
@@ -154,25 +87,6 @@ def held_out_data(data: ImageSet, concerned: int, per_class: int, seed: int) -> 
     order = class_order(data.labels, data.num_classes, seed)
     idx = torch.cat([o[-per_class:] for o in order])
     return data.images[idx], data.labels[idx] == concerned
-
-
-def reestimate_bn(net: nn.Module, run) -> None:
-    """Recompute every BatchNorm's running statistics from scratch on the data ``run`` feeds (weights frozen)."""
-    bns = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if not bns:
-        return
-    saved = [(m.momentum, m.training) for m in bns]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative average over the batches
-        m.train()
-    try:
-        with torch.no_grad():
-            run()
-    finally:
-        for m, (momentum, training) in zip(bns, saved, strict=True):
-            m.momentum = momentum
-            m.train(training)
 
 
 class SlimModule(nn.Module):
@@ -225,33 +139,6 @@ class SlimModule(nn.Module):
         return sum(p.numel() for p in self.net.parameters())
 
 
-def slice_network(net: nn.Module, input_shape: tuple[int, int, int], removed: dict[str, list[int]],
-                  classifier: str, head_w: torch.Tensor | None, head_b: torch.Tensor | None,
-                  outputs: int = 2) -> nn.Module:
-    """A copy of ``net`` without the removed channels (coupled layers cut together), its classifier replaced by
-    a head of ``head_w``'s rows (or ``outputs`` rows, left to be loaded, when none are given)."""
-    tp = _tp()
-    sliced = copy.deepcopy(net).eval()
-    device = next(sliced.parameters()).device
-    dg = _dependency_graph(sliced, input_shape)
-    for root, idxs in removed.items():
-        if not idxs:
-            continue
-        layer = sliced.get_submodule(root)
-        handler = tp.prune_conv_out_channels if isinstance(layer, nn.Conv2d) else tp.prune_linear_out_channels
-        group = dg.get_pruning_group(layer, handler, idxs=list(idxs))
-        group.prune()
-    fc = sliced.get_submodule(classifier)
-    head = nn.Linear(fc.in_features, head_w.shape[0] if head_w is not None else outputs).to(device)
-    if head_w is not None and head_b is not None:
-        with torch.no_grad():
-            head.weight.copy_(head_w.to(device))
-            head.bias.copy_(head_b.to(device))
-    parent_name, _, attr = classifier.rpartition(".")
-    setattr(sliced.get_submodule(parent_name) if parent_name else sliced, attr, head)
-    return sliced
-
-
 def _head_rows(w: torch.Tensor, b: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Head rows whose softmax is sigmoid(w . f + b): [w, 0] and [b, 0]."""
     return torch.stack([w, torch.zeros_like(w)]), torch.tensor([b, 0.0])
@@ -263,21 +150,6 @@ def _source_margin(fc: nn.Linear, concerned: int) -> tuple[torch.Tensor, float]:
     bias = fc.bias if fc.bias is not None else torch.zeros(fc.out_features, device=fc.weight.device)
     hw, hb = binary_head(fc.weight.detach(), bias.detach(), concerned)
     return (hw[0] - hw[1]).cpu(), float(hb[0] - hb[1])
-
-
-def _removed(groups: ChannelGroups, gates: list[torch.Tensor]) -> dict[str, list[int]]:
-    """The closed channels of every group, by the group's first root layer (what slicing takes)."""
-    return {g["roots"][0]: [int(j) for j in torch.nonzero(gate == 0).flatten()]
-            for g, gate in zip(groups.groups, gates, strict=True)}
-
-
-def _frozen_copy(source: Classifier) -> tuple[ModelGraph, nn.Module, ChannelGroups]:
-    """The source's graph, a frozen copy of its network to gate and re-estimate, and its channel groups."""
-    graph = ModelGraph(source.net, source.spec.shape)
-    net = copy.deepcopy(source.net).eval()
-    for p in net.parameters():
-        p.requires_grad_(False)
-    return graph, net, ChannelGroups(net, graph, source.spec.shape)
 
 
 def _source_info(source: Classifier) -> dict:
@@ -298,7 +170,7 @@ class Pruner:
                  soft: torch.Tensor | None, w: torch.Tensor, b: torch.Tensor, batch_size: int = 256,
                  frozen: tuple | None = None, gates: list[torch.Tensor] | None = None) -> None:
         self.source, self.s, self.batch_size = source, s, batch_size
-        self.graph, self.net, self.groups = frozen or _frozen_copy(source)
+        self.graph, self.net, self.groups = frozen or frozen_copy(source)
         device = next(self.net.parameters()).device
         self.gates = gates or [torch.ones(g["channels"], device=device) for g in self.groups.groups]
         self.x_obs, self.targets, self.soft = x_obs, targets, soft
@@ -307,11 +179,11 @@ class Pruner:
         self.per_channel = self.rank_cost = None
         if s.cost != "none":
             shape, classifier = source.spec.shape, self.graph.classifier
-            self.per_channel = _cost_per_channel(self.net, self.groups, shape, classifier, "params")
+            self.per_channel = cost_per_channel(self.net, self.groups, shape, classifier, "params")
             self.rank_cost = self.per_channel
             if s.cost != "params":
-                flops = _cost_per_channel(self.net, self.groups, shape, classifier, "flops")
-                total_flops = _sliced_cost(self.net, shape, {}, classifier, "flops")
+                flops = cost_per_channel(self.net, self.groups, shape, classifier, "flops")
+                total_flops = sliced_cost(self.net, shape, {}, classifier, "flops")
                 self.rank_cost = [f / total_flops for f in flops] if s.cost == "flops" else [
                     p / self.total_params + f / total_flops for p, f in zip(self.per_channel, flops, strict=True)]
 
@@ -321,7 +193,7 @@ class Pruner:
     def features_of(self, x: torch.Tensor) -> torch.Tensor:
         net, classifier = self.net, self.graph.classifier
         with torch.no_grad(), gated(net, self.graph, self.groups, self.gates):
-            return torch.cat([_features(net, classifier, lambda xb=xb: net(xb)) for xb in self.batches(x)])
+            return torch.cat([classifier_input(net, classifier, lambda xb=xb: net(xb)) for xb in self.batches(x)])
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor, soft: torch.Tensor | None) -> torch.Tensor:
         """The rows' class-balanced binary losses, summed."""
@@ -337,7 +209,7 @@ class Pruner:
         softs = self.batches(self.soft) if self.soft is not None else [None] * len(self.batches(self.targets))
         for xb, tb, sb in zip(self.batches(self.x_obs), self.batches(self.targets), softs, strict=True):
             with gated(self.net, self.graph, self.groups, live):
-                f = _features(self.net, self.graph.classifier, lambda xb=xb: self.net(xb))
+                f = classifier_input(self.net, self.graph.classifier, lambda xb=xb: self.net(xb))
             logits = torch.stack([f @ wd[k] + bd[k] for k in range(wd.shape[0])], 1)
             grads = torch.autograd.grad(self.loss(logits, tb, sb), live, allow_unused=True)
             for i, gr in enumerate(grads):
@@ -374,12 +246,12 @@ class Pruner:
         self.b = torch.tensor([b for _, b in fitted], dtype=torch.float64)  # as fitted: no rounding
 
     def removed(self) -> dict[str, list[int]]:
-        return _removed(self.groups, self.gates)
+        return closed_channels(self.groups, self.gates)
 
     def head(self, binary: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """The sliced network's head: a module's two rows [margin, 0], or a composition's K margins."""
         w, b = (_head_rows(self.w[0], float(self.b[0])) if binary else (self.w, self.b.float()))
-        return w[:, _kept_features(self.groups, self.graph, [g.bool() for g in self.gates], self.w.shape[1])], b
+        return w[:, kept_features(self.groups, self.graph, [g.bool() for g in self.gates], self.w.shape[1])], b
 
     def sliced(self, binary: bool) -> nn.Module:
         return slice_network(self.net, self.source.spec.shape, self.removed(), self.graph.classifier,
@@ -447,7 +319,7 @@ def slim_module(source: Classifier, data: ImageSet, concerned: int, s: SlimSetti
     ``keep_reference`` keeps the gated full network it was cut from as ``gated_reference``, for checks."""
     s.check()
     started = time.perf_counter()
-    frozen = _frozen_copy(source)
+    frozen = frozen_copy(source)
     graph, net, _ = frozen
     device = next(net.parameters()).device
     images, targets = observation_data(data, concerned, s.samples, s.seed)
@@ -481,51 +353,6 @@ def slim_module(source: Classifier, data: ImageSet, concerned: int, s: SlimSetti
     if keep_reference:  # a full copy of the model: only for checks, never saved
         module.gated_reference = (net, graph, p.groups, [g.clone() for g in p.gates], *p.head(True))
     return module.eval()
-
-
-def _sliced_cost(net: nn.Module, input_shape: tuple[int, int, int], removed: dict[str, list[int]], classifier: str,
-                 what: str) -> float:
-    """Parameters, or FLOPs per image, of ``net`` with the ``removed`` channels sliced away."""
-    sliced = slice_network(net, input_shape, removed, classifier, None, None)
-    if what == "params":
-        return float(sum(p.numel() for p in sliced.parameters()))
-    x = torch.zeros(1, *input_shape, device=next(net.parameters()).device)
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        sliced.eval()(x)
-    return float(counter.get_total_flops())
-
-
-def _cost_per_channel(net: nn.Module, groups: ChannelGroups, input_shape: tuple[int, int, int], classifier: str,
-                      what: str) -> list[float]:
-    """Per channel group: the parameters (or FLOPs per image) that slicing one of its channels saves, in all the
-    coupled layers."""
-    whole = _sliced_cost(net, input_shape, {}, classifier, what)
-    return [whole - _sliced_cost(net, input_shape, {g["roots"][0]: [0]}, classifier, what) for g in groups.groups]
-
-
-def _kept_features(groups: ChannelGroups, graph: ModelGraph, kept: list[torch.Tensor], features: int
-                   ) -> torch.Tensor:
-    """Which of the head's input features survive slicing: those of the group feeding the classifier (through
-    pooling and flatten, each channel may stand for several features)."""
-    head_group = None
-    for i, g in enumerate(groups.groups):
-        for point in g["points"]:
-            shape = next(p.shape for p in graph.points if p.name == point)
-            if features % shape[0] == 0 and _feeds_head(graph, point):
-                head_group = i
-    if head_group is None:
-        return torch.ones(features, dtype=torch.bool)
-    channels = kept[head_group].cpu()
-    return channels.repeat_interleave(features // channels.numel())
-
-
-def _feeds_head(graph: ModelGraph, point: str) -> bool:
-    """Whether marks at the head's input reach ``point`` (it produces the classifier's input channels)."""
-    region = torch.ones(graph.head_features, dtype=torch.bool)
-    try:
-        return point in graph.mark_back(region, float("inf"))
-    except UserError:
-        return False
 
 
 def build_sliced(config: dict) -> nn.Module:
@@ -619,7 +446,7 @@ def merge_slim(modules: list[SlimModule], source: Classifier, data: ImageSet, sa
     s = SlimSettings(size=size if size is not None else 1.0, objective=objective, cost=cost, samples=samples,
                      seed=seed)
     s.check()
-    frozen = _frozen_copy(source)
+    frozen = frozen_copy(source)
     graph, net, groups = frozen
     device = next(net.parameters()).device
     gates = []

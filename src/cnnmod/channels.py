@@ -1,0 +1,198 @@
+"""Channel groups of a network (METHOD.md section 8, slim modules): which channels must be cut together (those
+coupled through residual additions, found with torch-pruning's dependency graph), gating them at the
+observation points, slicing a network physically to the open channels, and what each channel costs in
+parameters and FLOPs."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from .classifier import Classifier
+from .errors import UserError
+from .graph import ModelGraph
+from .observe import hooks
+
+
+def _dependency_graph(net: nn.Module, input_shape: tuple[int, int, int]):
+    """torch-pruning's dependency graph of ``net`` (traced through autograd, so parameters must want gradients
+    while it is built; their flags are restored)."""
+    tp = _tp()
+    flags = [p.requires_grad for p in net.parameters()]
+    device = next(net.parameters()).device
+    try:
+        for p in net.parameters():
+            p.requires_grad_(True)
+        with torch.enable_grad():
+            return tp.DependencyGraph().build_dependency(net, example_inputs=torch.zeros(1, *input_shape,
+                                                                                         device=device))
+    finally:
+        for p, flag in zip(net.parameters(), flags, strict=True):
+            p.requires_grad_(flag)
+
+
+def _tp():
+    try:
+        import torch_pruning
+    except ImportError:
+        raise UserError("slim modules need torch-pruning: pip install torch-pruning")
+    return torch_pruning
+
+
+class ChannelGroups:
+    """Coupled channel groups of a network and the observation points that carry each group's channels."""
+
+    def __init__(self, net: nn.Module, graph: ModelGraph, input_shape: tuple[int, int, int]) -> None:
+        self.input_shape = input_shape
+        classifier = net.get_submodule(graph.classifier)
+        try:
+            dg = _dependency_graph(net, input_shape)
+            found = list(dg.get_all_groups(ignored_layers=[classifier], root_module_types=[nn.Conv2d, nn.Linear]))
+        except Exception as e:  # noqa: BLE001 - torch-pruning's failures all mean the same to the user
+            raise UserError(f"torch-pruning cannot trace {type(net).__name__} to slice it ({str(e)[:120]}); "
+                            "use --granularity node")
+        names = {m: n for n, m in net.named_modules()}
+        layer_points = {p.layer: p for p in graph.points}
+        self.groups: list[dict] = []
+        for group in found:
+            roots = [names[d.target.module] for d, _ in group
+                     if d.handler.__name__ == "prune_out_channels" and d.target.module is not classifier
+                     and isinstance(d.target.module, (nn.Conv2d, nn.Linear))]
+            points = [layer_points[r] for r in roots if r in layer_points]
+            if not points:
+                continue
+            channels = points[0].shape[0]
+            self.groups.append({"roots": roots, "points": [p.name for p in points], "channels": channels})
+        if not self.groups:
+            raise UserError(f"{type(net).__name__} has no channels that can be sliced")
+        self.point_group = {p: i for i, g in enumerate(self.groups) for p in g["points"]}
+
+
+def gated(net: nn.Module, graph: ModelGraph, groups: ChannelGroups, gates: list[torch.Tensor]):
+    """Context: ``net`` with each group's gate multiplied into its points' outputs (channel dimension)."""
+    def apply(p, out):
+        g = groups.point_group.get(p.name)
+        if g is None:
+            return out
+        gate = gates[g]
+        return out * gate.view(1, -1, *([1] * (out.dim() - 2))).to(out.dtype)
+    return hooks(net, graph.points, apply)
+
+
+def classifier_input(net: nn.Module, classifier: str, fn) -> torch.Tensor:
+    captured = {}
+    handle = net.get_submodule(classifier).register_forward_pre_hook(lambda _m, i: captured.__setitem__("f", i[0]))
+    try:
+        fn()
+    finally:
+        handle.remove()
+    return captured["f"].flatten(1)
+
+
+def reestimate_bn(net: nn.Module, run) -> None:
+    """Recompute every BatchNorm's running statistics from scratch on the data ``run`` feeds (weights frozen)."""
+    bns = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return
+    saved = [(m.momentum, m.training) for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the batches
+        m.train()
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        for m, (momentum, training) in zip(bns, saved, strict=True):
+            m.momentum = momentum
+            m.train(training)
+
+
+def slice_network(net: nn.Module, input_shape: tuple[int, int, int], removed: dict[str, list[int]],
+                  classifier: str, head_w: torch.Tensor | None, head_b: torch.Tensor | None,
+                  outputs: int = 2) -> nn.Module:
+    """A copy of ``net`` without the removed channels (coupled layers cut together), its classifier replaced by
+    a head of ``head_w``'s rows (or ``outputs`` rows, left to be loaded, when none are given)."""
+    tp = _tp()
+    sliced = copy.deepcopy(net).eval()
+    device = next(sliced.parameters()).device
+    dg = _dependency_graph(sliced, input_shape)
+    for root, idxs in removed.items():
+        if not idxs:
+            continue
+        layer = sliced.get_submodule(root)
+        handler = tp.prune_conv_out_channels if isinstance(layer, nn.Conv2d) else tp.prune_linear_out_channels
+        group = dg.get_pruning_group(layer, handler, idxs=list(idxs))
+        group.prune()
+    fc = sliced.get_submodule(classifier)
+    head = nn.Linear(fc.in_features, head_w.shape[0] if head_w is not None else outputs).to(device)
+    if head_w is not None and head_b is not None:
+        with torch.no_grad():
+            head.weight.copy_(head_w.to(device))
+            head.bias.copy_(head_b.to(device))
+    parent_name, _, attr = classifier.rpartition(".")
+    setattr(sliced.get_submodule(parent_name) if parent_name else sliced, attr, head)
+    return sliced
+
+
+def closed_channels(groups: ChannelGroups, gates: list[torch.Tensor]) -> dict[str, list[int]]:
+    """The closed channels of every group, by the group's first root layer (what slicing takes)."""
+    return {g["roots"][0]: [int(j) for j in torch.nonzero(gate == 0).flatten()]
+            for g, gate in zip(groups.groups, gates, strict=True)}
+
+
+def frozen_copy(source: Classifier) -> tuple[ModelGraph, nn.Module, ChannelGroups]:
+    """The source's graph, a frozen copy of its network to gate and re-estimate, and its channel groups."""
+    graph = ModelGraph(source.net, source.spec.shape)
+    net = copy.deepcopy(source.net).eval()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    return graph, net, ChannelGroups(net, graph, source.spec.shape)
+
+
+def sliced_cost(net: nn.Module, input_shape: tuple[int, int, int], removed: dict[str, list[int]], classifier: str,
+                 what: str) -> float:
+    """Parameters, or FLOPs per image, of ``net`` with the ``removed`` channels sliced away."""
+    sliced = slice_network(net, input_shape, removed, classifier, None, None)
+    if what == "params":
+        return float(sum(p.numel() for p in sliced.parameters()))
+    x = torch.zeros(1, *input_shape, device=next(net.parameters()).device)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        sliced.eval()(x)
+    return float(counter.get_total_flops())
+
+
+def cost_per_channel(net: nn.Module, groups: ChannelGroups, input_shape: tuple[int, int, int], classifier: str,
+                      what: str) -> list[float]:
+    """Per channel group: the parameters (or FLOPs per image) that slicing one of its channels saves, in all the
+    coupled layers."""
+    whole = sliced_cost(net, input_shape, {}, classifier, what)
+    return [whole - sliced_cost(net, input_shape, {g["roots"][0]: [0]}, classifier, what) for g in groups.groups]
+
+
+def kept_features(groups: ChannelGroups, graph: ModelGraph, kept: list[torch.Tensor], features: int
+                   ) -> torch.Tensor:
+    """Which of the head's input features survive slicing: those of the group feeding the classifier (through
+    pooling and flatten, each channel may stand for several features)."""
+    head_group = None
+    for i, g in enumerate(groups.groups):
+        for point in g["points"]:
+            shape = next(p.shape for p in graph.points if p.name == point)
+            if features % shape[0] == 0 and _feeds_head(graph, point):
+                head_group = i
+    if head_group is None:
+        return torch.ones(features, dtype=torch.bool)
+    channels = kept[head_group].cpu()
+    return channels.repeat_interleave(features // channels.numel())
+
+
+def _feeds_head(graph: ModelGraph, point: str) -> bool:
+    """Whether marks at the head's input reach ``point`` (it produces the classifier's input channels)."""
+    region = torch.ones(graph.head_features, dtype=torch.bool)
+    try:
+        return point in graph.mark_back(region, float("inf"))
+    except UserError:
+        return False
