@@ -185,31 +185,46 @@ def calibration_set(data: ImageSet, per_class: int, seed: int) -> ImageSet:
 
 
 @torch.no_grad()
-def calibrate_modules(modules: list, sets: dict[str, ImageSet], per_class: int, seed: int, batch_size: int = 256
-                      ) -> None:
-    """Fit every module's score calibration (temperature and Platt) on held-out training inputs of ``sets``
-    (data set name -> training split, possibly restricted to some classes); an input is the module's own when it
-    is of the module's class of the module's data set. Modules of one source run in one batched pass."""
-    from .calibrate import fit
+def _module_outputs(modules: list, sets: dict[str, ImageSet], choose, per_class: int, seed: int, batch_size: int,
+                    features: bool) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """For every module, over the inputs ``choose(data, per_class, seed)`` picks from each of ``sets``: its
+    margins ``z_c - z_uc`` (or, with ``features``, its head's inputs) and whether each input is its own (of the
+    module's class of the module's data set). Modules of one source run in one batched pass."""
     from .compose import Composition, base_dataset
 
     comp = Composition(modules).eval()
     device = next(chain(comp.buffers(), comp.parameters())).device
-    margins: list[list[torch.Tensor]] = [[] for _ in modules]
+    outputs: list[list[torch.Tensor]] = [[] for _ in modules]
     mine: list[list[torch.Tensor]] = [[] for _ in modules]
     for name, data in sets.items():
-        held = calibration_set(data, per_class, seed)
-        source_of = torch.tensor(held.source_classes)[held.labels]
+        chosen = choose(data, per_class, seed)
+        source_of = torch.tensor(chosen.source_classes)[chosen.labels]
         for group in comp.groups:
             step = max(8, batch_size // len(group))
-            for start in range(0, len(held), step):
-                logits = comp.group_logits(group, held.images[start:start + step].to(device))  # (K, B, 2)
+            for start in range(0, len(chosen), step):
+                images = chosen.images[start:start + step].to(device)
+                if features:
+                    out = comp.group_features(group, images)  # (K, B, F)
+                else:
+                    logits = comp.group_logits(group, images)  # (K, B, 2)
+                    out = logits[..., 0] - logits[..., 1]
                 for j, i in enumerate(group):
-                    margins[i].append((logits[j, :, 0] - logits[j, :, 1]).cpu())
+                    outputs[i].append(out[j].cpu())
         for i, m in enumerate(modules):
             mine[i].append((source_of == m.source_class) & (name == base_dataset(m)))
-    for i, m in enumerate(modules):
-        m.calibration = {**fit(torch.cat(margins[i]), torch.cat(mine[i])), "per_class": per_class}
+    return [torch.cat(o) for o in outputs], [torch.cat(t) for t in mine]
+
+
+def calibrate_modules(modules: list, sets: dict[str, ImageSet], per_class: int, seed: int, batch_size: int = 256
+                      ) -> None:
+    """Fit every module's score calibration (temperature and Platt) on held-out training inputs of ``sets``
+    (data set name -> training split, possibly restricted to some classes); an input is the module's own when it
+    is of the module's class of the module's data set."""
+    from .calibrate import fit
+
+    margins, mine = _module_outputs(modules, sets, calibration_set, per_class, seed, batch_size, features=False)
+    for m, margin, own in zip(modules, margins, mine, strict=True):
+        m.calibration = {**fit(margin, own), "per_class": per_class}
 
 
 def observation_set(data: ImageSet, per_class: int, seed: int) -> ImageSet:
@@ -228,35 +243,19 @@ def refit_heads(modules: list[Module], sets: dict[str, ImageSet], per_class: int
     features the module already computes, started from the paper's head; the "not mine" row stays. No weight
     of the network changes; the masks stay."""
     from .calibrate import fit_head
-    from .compose import Composition, base_dataset
 
-    comp = Composition(modules).eval()
-    device = next(chain(comp.buffers(), comp.parameters())).device
-    features: list[list[torch.Tensor]] = [[] for _ in modules]
-    mine: list[list[torch.Tensor]] = [[] for _ in modules]
-    for name, data in sets.items():
-        seen = observation_set(data, per_class, seed)
-        source_of = torch.tensor(seen.source_classes)[seen.labels]
-        for group in comp.groups:
-            step = max(8, batch_size // len(group))
-            for start in range(0, len(seen), step):
-                with torch.no_grad():
-                    f = comp.group_features(group, seen.images[start:start + step].to(device))
-                for j, i in enumerate(group):
-                    features[i].append(f[j].cpu())
-        for i, m in enumerate(modules):
-            mine[i].append((source_of == m.source_class) & (name == base_dataset(m)))
+    features, mine = _module_outputs(modules, sets, observation_set, per_class, seed, batch_size, features=True)
     out = []
     fitted_on = sorted(f"{n}:{','.join(map(str, d.source_classes))}" for n, d in sets.items())
     for i, m in enumerate(modules):
         w0, b0 = m.head_weight.cpu(), m.head_bias.cpu()
-        w, b = fit_head(torch.cat(features[i]), torch.cat(mine[i]), w0[0] - w0[1], float(b0[0] - b0[1]), l2)
+        w, b = fit_head(features[i], mine[i], w0[0] - w0[1], float(b0[0] - b0[1]), l2)
         head_w = torch.stack([w0[1] + w, w0[1]])
         head_b = torch.stack([b0[1] + b, b0[1]])
         settings = {**m.settings, "head_refit": {"fitted_on": fitted_on, "per_class": per_class, "l2": l2}}
         refit = Module(m.source, m.graph, m.concerned, {k: v.cpu() for k, v in m.masks.items()}, head_w, head_b,
                        settings, dict(m.metrics), m.calibration)
-        out.append(refit.to(device))
+        out.append(refit.to(m.head_weight.device))
     return out
 
 
