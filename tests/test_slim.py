@@ -233,6 +233,8 @@ def test_merged_slim_composition(tmp_path, npz_data, capsys):
     assert json.loads(stdout)["params_fraction"] == pruned.metrics["params_fraction"] <= 0.1
     assert_user_error(*run(["compose", str(tmp_path / "slim"), "--size", "0.5", "--out", str(tmp_path / "x")],
                            capsys), "--size prunes a merged slim composition")
+    assert_user_error(*run(["compose", str(tmp_path / "slim"), "--mode", "merged", "--slim-cost", "flops", "--out",
+                            str(tmp_path / "x")], capsys), "give --size too")
     assert_user_error(*run(["compose", str(tmp_path / "slim"), "--mode", "merged", "--size", "2", "--out",
                             str(tmp_path / "x")], capsys), "--size")
     # a merged network is one network: it cannot be taken apart into modules

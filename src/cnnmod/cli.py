@@ -283,8 +283,8 @@ def compose_cmd(
                              "modules as one network, one pass) or fused (one merged pass per source model)."),
     size: float = typer.Option(None, "--size", help="Merged slim compositions: prune the merged network further, "
                                "for the composition's own classes, to this fraction of the model's parameters."),
-    slim_cost: str = typer.Option("params", "--slim-cost", help="With --size: rank channels per parameter, flops, "
-                                  "both or none (as for decompose)."),
+    slim_cost: str = typer.Option(None, "--slim-cost", help="With --size: rank channels per parameter, flops, "
+                                  "both or none (as for decompose; default params)."),
     batch_size: int = typer.Option(256, "--batch-size"),
     device: str = DEVICE, data_root: str = DATA_ROOT, overwrite: bool = OVERWRITE, country: str = COUNTRY,
     as_json: bool = JSON,

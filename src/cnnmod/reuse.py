@@ -132,13 +132,16 @@ def _summary(config: dict, out: Path, started: float) -> dict:
 def compose_dirs(paths: Sequence[str | Path], out: str | Path, relearn_foreign: bool = False,
                  data_root: str | None = None, device: str = "auto", batch_size: int = 256,
                  overwrite: bool = False, calibration: str = "none", mode: str = "vote",
-                 refit_heads: bool = False, size: float | None = None, cost: str = "params") -> dict:
+                 refit_heads: bool = False, size: float | None = None, cost: str | None = None) -> dict:
     """``cnnmod compose``: the modules of ``paths`` as one composition folder."""
     started = time.perf_counter()
     check_output(Path(out), overwrite)
     dev = pick_device(device)
     modules = load_modules(paths, dev)
     check_composable(modules)
+    if cost is not None and size is None:
+        raise UserError("--slim-cost ranks the channels that --size prunes: give --size too, or drop it")
+    cost = cost or "params"
     slim = [qualified_name(m) for m in modules if isinstance(m, SlimModule)]
     if (refit_heads or relearn_foreign) and slim:
         what = "--refit-heads" if refit_heads else "--continuous-learning"
