@@ -41,6 +41,7 @@ def main(argv: list[str]) -> None:
     p.add_argument("--costs", default="params", help="channel costs to rank by (SlimSettings.cost), comma-separated")
     p.add_argument("--pair-only", action="store_true", help="only the pair's modules and 2-class composition")
     p.add_argument("--merge-sizes", default="", help="also prune the pair's merged composition to these sizes")
+    p.add_argument("--no-node", action="store_true", help="leave out the paper's node-level modules (measured before)")
     args = p.parse_args(argv)
     device = torch.device("cpu")
     clf = load_model(args.model, device)
@@ -48,7 +49,7 @@ def main(argv: list[str]) -> None:
     images = test.images[:256]
     pair = [int(v) for v in args.pair.split(",")]
     pair_test = test.subset(pair)
-    rows = [] if args.pair_only else [node_row(clf, train, test, images, device)]
+    rows = [] if args.pair_only or args.no_node else [node_row(clf, train, test, images, device)]
     for rule in args.rules.split(","):
         for cost in args.costs.split(","):
             for size in (float(v) for v in args.sizes.split(",")):
@@ -78,7 +79,8 @@ def main(argv: list[str]) -> None:
     command = (f"python benchmarks/slim_and_fast.py {args.model} --sizes {args.sizes} --rules {args.rules} "
                f"--costs {args.costs} --samples {args.samples} --pair {args.pair}"
                + (" --pair-only" if args.pair_only else "")
-               + (f" --merge-sizes {args.merge_sizes}" if args.merge_sizes else ""))
+               + (f" --merge-sizes {args.merge_sizes}" if args.merge_sizes else "")
+               + (" --no-node" if args.no_node else ""))
     if args.pair_only:
         within = [r for r in rows if r["pair_merged_top1"] >= r["pair_model_top1"] - 1.0]
         best = min(within or rows, key=lambda r: r["pair_merged_latency_fraction"])
@@ -88,7 +90,7 @@ def main(argv: list[str]) -> None:
                    f"FLOPs (cost {best['cost']}, modules {best['size']}, merged pruned to {best['merge_size']})")
         name = f"slim_pair_{args.model.name}"
     else:
-        within = [r for r in rows[1:] if r["cost_top1_pp"] >= -1.0]
+        within = [r for r in rows if r["kind"] != "node (the paper's, mc-bln)" and r["cost_top1_pp"] >= -1.0]
         best = min(within, key=lambda r: r["params_fraction"], default=None)
         summary = (f"{args.model.name}: model {rows[0]['model_top1']:.2f}%; " + (
             f"smallest slim within 1 pp: {100 * best['params_fraction']:.1f}% of parameters, cost "
