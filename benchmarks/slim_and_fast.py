@@ -41,6 +41,7 @@ def main(argv: list[str]) -> None:
     p.add_argument("--costs", default="params", help="channel costs to rank by (SlimSettings.cost), comma-separated")
     p.add_argument("--pair-only", action="store_true", help="only the pair's modules and 2-class composition")
     p.add_argument("--merge-sizes", default="", help="also prune the pair's merged composition to these sizes")
+    p.add_argument("--multiple", type=int, default=1, help="keep channel counts a multiple of this (SlimSettings)")
     p.add_argument("--no-node", action="store_true", help="leave out the paper's node-level modules (measured before)")
     args = p.parse_args(argv)
     device = torch.device("cpu")
@@ -54,17 +55,18 @@ def main(argv: list[str]) -> None:
         for cost in args.costs.split(","):
             for size in (float(v) for v in args.sizes.split(",")):
                 t0 = time.perf_counter()
-                s = SlimSettings(size=size, rule=rule, samples=args.samples, seed=args.seed, cost=cost)
+                s = SlimSettings(size=size, rule=rule, samples=args.samples, seed=args.seed, cost=cost,
+                                 multiple=args.multiple)
                 classes = pair if args.pair_only else list(range(clf.num_classes))
                 modules = {c: slim_module(clf, train, c, s) for c in classes}
-                row = {"kind": "slim (channel)", "size": size, "rule": rule, "cost": cost,
+                row = {"kind": "slim (channel)", "size": size, "rule": rule, "cost": cost, "multiple": args.multiple,
                        "seconds": round(time.perf_counter() - t0, 1),
                        "params_fraction": sum(m.metrics["params_fraction"] for m in modules.values()) / len(modules)}
                 if not args.pair_only:
                     row.update(all_classes(clf, train, test, images, device, list(modules.values()), args))
                 for merge_size in [None] + [float(v) for v in args.merge_sizes.split(",") if v]:
                     two = merge_slim([modules[c] for c in pair], clf, train, samples=args.samples, seed=args.seed,
-                                     size=merge_size, cost=cost)
+                                     size=merge_size, cost=cost, multiple=args.multiple)
                     two_report = evaluate_modules([modules[c] for c in pair], pair_test, device, source=clf,
                                                   composition=two)
                     two_cost = cost_report(two, images, source=clf)
@@ -80,7 +82,7 @@ def main(argv: list[str]) -> None:
                f"--costs {args.costs} --samples {args.samples} --pair {args.pair}"
                + (" --pair-only" if args.pair_only else "")
                + (f" --merge-sizes {args.merge_sizes}" if args.merge_sizes else "")
-               + (" --no-node" if args.no_node else ""))
+               + (" --no-node" if args.no_node else "") + (f" --multiple {args.multiple}" if args.multiple > 1 else ""))
     if args.pair_only:
         within = [r for r in rows if r["pair_merged_top1"] >= r["pair_model_top1"] - 1.0]
         best = min(within or rows, key=lambda r: r["pair_merged_latency_fraction"])

@@ -93,6 +93,19 @@ def test_cost_per_channel_counts_every_coupled_layer():
     assert flops["fc1"] == 2 * 32 * 9 + 2 * 2
 
 
+def test_channel_counts_stay_multiples_when_asked():
+    clf = source("cnn")
+    data = random_data(per_class=20)
+    for multiple in (1, 4):
+        m = slim_module(clf, data, 1, SlimSettings(size=0.2, samples=40, step=0.2, multiple=multiple))
+        widths = [m.net.conv1.out_channels, m.net.conv2.out_channels, m.net.fc1.out_features]
+        assert m.metrics["params_fraction"] <= 0.2
+        if multiple == 1:  # left to itself the pruner lands on counts of any kind
+            assert any(w > 4 and w % 4 for w in widths), widths
+        else:  # above the multiple, every layer keeps a multiple of it
+            assert all(w <= 4 or w % 4 == 0 for w in widths), widths
+
+
 def test_residual_channels_are_cut_together():
     clf = source("resnet20")
     m = slim_module(clf, random_data(per_class=20), 0, SlimSettings(size=0.3, samples=40, step=0.2))

@@ -209,6 +209,8 @@ def decompose_cmd(
     slim_cost: str = typer.Option("params", "--slim-cost", help="Slim modules: rank channels by importance per "
                                   "parameter (params), per FLOP (flops), per their share of both (both), or within "
                                   "each layer (none)."),
+    slim_multiple: int = typer.Option(1, "--slim-multiple", help="Slim modules: keep every layer's channel count a "
+                                      "multiple of this when above it (8 suits CPU convolutions)."),
     calibration_samples: int = typer.Option(100, "--calibration-samples",
                                             help="Held-out training inputs per class to fit score calibration."),
     measure: bool = typer.Option(True, "--measure/--no-measure",
@@ -233,7 +235,8 @@ def decompose_cmd(
         from .slim import SlimSettings
 
         slim = SlimSettings(size=size if size is not None else (0.01 if max_loss is not None else 0.5),
-                            max_loss=max_loss, rule=rule, samples=slim_samples, cost=slim_cost, seed=seed)
+                            max_loss=max_loss, rule=rule, samples=slim_samples, cost=slim_cost,
+                            multiple=slim_multiple, seed=seed)
     elif size is not None or max_loss is not None:
         raise UserError("--size and --max-loss apply to slim modules: add --granularity channel")
     result = decompose_dir(model_dir, out, settings, data, parse_class_list(classes), data_root, device, batch_size,
@@ -285,6 +288,8 @@ def compose_cmd(
                                "for the composition's own classes, to this fraction of the model's parameters."),
     slim_cost: str = typer.Option(None, "--slim-cost", help="With --size: rank channels per parameter, flops, "
                                   "both or none (as for decompose; default params)."),
+    slim_multiple: int = typer.Option(1, "--slim-multiple", help="With --size: keep channel counts a multiple of "
+                                      "this (as for decompose)."),
     batch_size: int = typer.Option(256, "--batch-size"),
     device: str = DEVICE, data_root: str = DATA_ROOT, overwrite: bool = OVERWRITE, country: str = COUNTRY,
     as_json: bool = JSON,
@@ -295,7 +300,7 @@ def compose_cmd(
 
     with EnergyMeter(country).phase("composition") as m:
         result = compose_dirs(paths, out, continuous_learning, data_root, device, batch_size, overwrite, calibration,
-                              mode, refit_heads, size, slim_cost)
+                              mode, refit_heads, size, slim_cost, slim_multiple)
     result["energy"] = {"composition": m.record.to_dict()}
     emit(result, as_json, f"composed {len(result['classes'])} modules into {out}")
 

@@ -132,15 +132,17 @@ def _summary(config: dict, out: Path, started: float) -> dict:
 def compose_dirs(paths: Sequence[str | Path], out: str | Path, relearn_foreign: bool = False,
                  data_root: str | None = None, device: str = "auto", batch_size: int = 256,
                  overwrite: bool = False, calibration: str = "none", mode: str = "vote",
-                 refit_heads: bool = False, size: float | None = None, cost: str | None = None) -> dict:
+                 refit_heads: bool = False, size: float | None = None, cost: str | None = None,
+                 multiple: int = 1) -> dict:
     """``cnnmod compose``: the modules of ``paths`` as one composition folder."""
     started = time.perf_counter()
     check_output(Path(out), overwrite)
     dev = pick_device(device)
     modules = load_modules(paths, dev)
     check_composable(modules)
-    if cost is not None and size is None:
-        raise UserError("--slim-cost ranks the channels that --size prunes: give --size too, or drop it")
+    if (cost is not None or multiple != 1) and size is None:
+        what = "--slim-cost" if cost is not None else "--slim-multiple"
+        raise UserError(f"{what} shapes how --size prunes a merged slim composition: give --size too, or drop it")
     cost = cost or "params"
     slim = [qualified_name(m) for m in modules if isinstance(m, SlimModule)]
     if (refit_heads or relearn_foreign) and slim:
@@ -148,7 +150,8 @@ def compose_dirs(paths: Sequence[str | Path], out: str | Path, relearn_foreign: 
         raise UserError(f"{what} works on node-level modules; {slim[0]} is a slim module (its head was fitted "
                         "when it was made): compose node-level modules, or drop the option")
     if mode == "merged" and slim and len(slim) == len(modules):
-        return merge_slim_dirs(paths, modules, out, data_root, dev, batch_size, overwrite, started, size, cost)
+        return merge_slim_dirs(paths, modules, out, data_root, dev, batch_size, overwrite, started, size, cost,
+                               multiple)
     if size is not None:
         raise UserError("--size prunes a merged slim composition: compose slim modules of one model with "
                         "--mode merged")
@@ -166,7 +169,8 @@ def compose_dirs(paths: Sequence[str | Path], out: str | Path, relearn_foreign: 
 
 
 def merge_slim_dirs(paths, modules: list, out: str | Path, data_root: str | None, device, batch_size: int,
-                    overwrite: bool, started: float, size: float | None = None, cost: str = "params") -> dict:
+                    overwrite: bool, started: float, size: float | None = None, cost: str = "params",
+                    multiple: int = 1) -> dict:
     """Slim modules of one decomposition merged into one network (the union of their kept channels), fitted
     to the composition's classes; with ``size``, pruned further to that fraction of the model's parameters."""
     from .evaluation import split_for
@@ -176,7 +180,8 @@ def merge_slim_dirs(paths, modules: list, out: str | Path, data_root: str | None
     train = split_for(source, None, data_root, "train")
     made = modules[0].settings  # observed as the modules were: as many inputs, the same objective
     merged = merge_slim(modules, source, train, samples=made.get("samples", 256), seed=made.get("seed", 0),
-                        batch_size=batch_size, objective=made.get("objective", "labels"), size=size, cost=cost)
+                        batch_size=batch_size, objective=made.get("objective", "labels"), size=size, cost=cost,
+                        multiple=multiple)
     save_merged_slim(merged, source, out, overwrite, {"made_from": [str(p) for p in paths]})
     return {"out": str(out), "classes": merged.qualified_names, "mode": "merged", "granularity": "channel",
             "params_fraction": merged.metrics["params_fraction"], "seconds": round(time.perf_counter() - started, 3)}

@@ -56,6 +56,7 @@ class SlimSettings:
     cost: str = "params"            # rank channels by importance per what they cost: params, flops, both (the sum
                                     # of their shares of each), or none (rank within each group)
     samples: int = 1024             # concerned inputs observed (and as many unconcerned, spread over classes)
+    multiple: int = 1               # keep each group's channel count a multiple of this (when above it)
     held_out: int = 50              # held-out inputs per class for max_loss
     seed: int = 0
 
@@ -70,6 +71,8 @@ class SlimSettings:
             raise UserError(f"unknown slim objective {self.objective!r}; use distill or labels")
         if self.cost not in COSTS:
             raise UserError(f"unknown slim cost {self.cost!r}; use {', '.join(COSTS)}")
+        if self.multiple < 1:
+            raise UserError(f"the channel multiple must be at least 1, got {self.multiple}")
         if not 0 < self.step < 1:
             raise UserError(f"the pruning step must be in (0, 1), got {self.step}")
 
@@ -287,6 +290,20 @@ class Pruner:
                 quota[i] -= 1
                 closed += 1
                 spent += self.per_channel[i] if self.per_channel is not None else 1
+        if s.multiple > 1:  # above it, channel counts a multiple of it: convolutions cost in blocks of channels
+            least_first: dict[int, list[int]] = {}
+            for _, i, j in candidates:
+                least_first.setdefault(i, []).append(j)
+            for i, gate in enumerate(gates):
+                kept = int(gate.sum())
+                extra = kept % s.multiple if kept > s.multiple else 0
+                for j in least_first.get(i, []):
+                    if extra == 0:
+                        break
+                    if gate[j] > 0:
+                        gate[j] = 0.0
+                        extra -= 1
+                        closed += 1
         return closed
 
     def prune(self, binary: bool, accuracy=None) -> list[dict]:
@@ -430,7 +447,7 @@ def source_log_odds(net: nn.Module, x: torch.Tensor, batch_size: int = 256,
 
 def merge_slim(modules: list[SlimModule], source: Classifier, data: ImageSet, samples: int = 256, seed: int = 0,
                batch_size: int = 256, objective: str = "distill", size: float | None = None,
-               cost: str = "params") -> MergedSlim:
+               cost: str = "params", multiple: int = 1) -> MergedSlim:
     """Merge slim modules of ``source`` into one network (the union of their kept channels) and refit every
     class's head row on it: class c against the composition's other classes (the composition's world: inputs of
     its classes, ``samples`` of each from ``data``, the source's training split), to the source's p_c among
@@ -444,7 +461,7 @@ def merge_slim(modules: list[SlimModule], source: Classifier, data: ImageSet, sa
         raise UserError("--mode merged needs slim modules of one source model; these come from several")
     started = time.perf_counter()
     s = SlimSettings(size=size if size is not None else 1.0, objective=objective, cost=cost, samples=samples,
-                     seed=seed)
+                     seed=seed, multiple=multiple)
     s.check()
     frozen = frozen_copy(source)
     graph, net, groups = frozen
@@ -479,7 +496,7 @@ def merge_slim(modules: list[SlimModule], source: Classifier, data: ImageSet, sa
                "kept_channels": int(sum(int(g.sum()) for g in p.gates)),
                "channels": int(sum(g.numel() for g in p.gates)), "history": history}
     settings = {"granularity": "channel", "mode": "merged", "samples": samples, "seed": seed, "objective": objective,
-                "world": [info["source_classes"][c] for c in world], "size": size, "cost": cost,
+                "world": [info["source_classes"][c] for c in world], "size": size, "cost": cost, "multiple": multiple,
                 "seconds": round(time.perf_counter() - started, 3)}
     return MergedSlim(sliced, graph.classifier, source.spec, chosen, info, p.removed(), settings, metrics).eval()
 
