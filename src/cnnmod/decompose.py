@@ -227,6 +227,11 @@ def calibrate_modules(modules: list, sets: dict[str, ImageSet], per_class: int, 
         m.calibration = {**fit(margin, own), "per_class": per_class}
 
 
+def fitted_on(sets: dict[str, ImageSet]) -> list[str]:
+    """The classes a calibration or head refit was fitted on, as ``dataset:indices``."""
+    return sorted(f"{n}:{','.join(map(str, d.source_classes))}" for n, d in sets.items())
+
+
 def observation_set(data: ImageSet, per_class: int, seed: int) -> ImageSet:
     """The first ``per_class`` inputs of each class in the observation order: what a module was observed on."""
     order = class_order(data.labels, data.num_classes, seed)
@@ -246,13 +251,13 @@ def refit_heads(modules: list[Module], sets: dict[str, ImageSet], per_class: int
 
     features, mine = _module_outputs(modules, sets, observation_set, per_class, seed, batch_size, features=True)
     out = []
-    fitted_on = sorted(f"{n}:{','.join(map(str, d.source_classes))}" for n, d in sets.items())
+    classes = fitted_on(sets)
     for i, m in enumerate(modules):
         w0, b0 = m.head_weight.cpu(), m.head_bias.cpu()
         w, b = fit_head(features[i], mine[i], w0[0] - w0[1], float(b0[0] - b0[1]), l2)
         head_w = torch.stack([w0[1] + w, w0[1]])
         head_b = torch.stack([b0[1] + b, b0[1]])
-        settings = {**m.settings, "head_refit": {"fitted_on": fitted_on, "per_class": per_class, "l2": l2}}
+        settings = {**m.settings, "head_refit": {"fitted_on": classes, "per_class": per_class, "l2": l2}}
         refit = Module(m.source, m.graph, m.concerned, {k: v.cpu() for k, v in m.masks.items()}, head_w, head_b,
                        settings, dict(m.metrics), m.calibration)
         out.append(refit.to(m.head_weight.device))

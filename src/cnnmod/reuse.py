@@ -16,7 +16,7 @@ from .artifacts import check_output
 from .compose import base_dataset, check_calibration, check_composable, check_mode, class_key, qualified_name
 from .data import load
 from .data.dataset import ImageSet
-from .decompose import calibrate_modules, refit_heads, relearn
+from .decompose import calibrate_modules, fitted_on, refit_heads, relearn
 from .errors import UserError
 from .module import Module
 from .progress import progress_bar
@@ -73,17 +73,18 @@ def continuous_learning(modules: Sequence[Module], data_root: str | None = None,
                     learned = relearn(learned, data, device=device, batch_size=batch_size)
             out.append(learned)
             step()
-    if refit:
-        out = refit_heads_on(out, sets, batch_size)
-    recalibrate(out, sets, batch_size=batch_size)
-    return out
+    return _fit_to(out, sets, refit, batch_size)
 
 
 def refit_composition(modules: Sequence[Module], data_root: str | None = None, batch_size: int = 256) -> list[Module]:
     """Beyond the paper: every module's head refitted on the composition's classes (:func:`refit_heads_on`),
     then its calibration (:func:`recalibrate`); for modules of one data set or several, with no relearning."""
-    sets = composition_sets(modules, data_root)
-    out = refit_heads_on(modules, sets, batch_size)
+    return _fit_to(modules, composition_sets(modules, data_root), True, batch_size)
+
+
+def _fit_to(modules: Sequence[Module], sets: dict[str, ImageSet], refit: bool, batch_size: int) -> list[Module]:
+    """The modules' heads refitted on ``sets`` when asked, then their calibrations."""
+    out = refit_heads_on(modules, sets, batch_size) if refit else list(modules)
     recalibrate(out, sets, batch_size=batch_size)
     return out
 
@@ -118,9 +119,9 @@ def recalibrate(modules: Sequence, sets: dict[str, ImageSet], batch_size: int = 
     changes."""
     for (per_class, seed), where in _by_making(modules, lambda m: (m.calibration or {}).get("per_class", 100)).items():
         calibrate_modules([modules[i] for i in where], sets, per_class, seed, batch_size)
-    fitted_on = sorted(f"{n}:{','.join(map(str, d.source_classes))}" for n, d in sets.items())
+    classes = fitted_on(sets)
     for m in modules:
-        m.calibration["fitted_on"] = fitted_on
+        m.calibration["fitted_on"] = classes
 
 
 def _summary(config: dict, out: Path, started: float) -> dict:
