@@ -290,7 +290,8 @@ def test_calibrated_composition(two_models, tmp_path, capsys):
     modules = cnnmod.load_modules(dec_a) + [cnnmod.load_module(dec_b / "modules" / "c01-band1")]
     assert all(m.calibration and m.calibration["per_class"] == 100 for m in modules)
     images = torch.randint(0, 256, (6, 1, 8, 8), dtype=torch.uint8)
-    for mode in ("none", "temperature", "platt"):
+    assert all(m.typical is not None for m in modules)  # saved and loaded with the module
+    for mode in ("none", "temperature", "platt", "platt-ood"):
         scores = cnnmod.compose(modules, calibration=mode)(images)
         for i, m in enumerate(modules):
             assert torch.allclose(scores[:, i], m.score(m.prepare(images), mode), atol=1e-6)
@@ -308,6 +309,69 @@ def test_calibrated_composition(two_models, tmp_path, capsys):
                             "platt"], capsys), "no calibration")
     assert_user_error(*run(["compose", str(dec_a), "--out", str(tmp_path / "x"), "--calibration", "magic"], capsys),
                       "unknown calibration")
+    assert_user_error(*run(["compose", str(dec_a), "--out", str(tmp_path / "x"), "--calibration", "platt-ood",
+                            "--mode", "merged"], capsys), "--mode vote")
+    assert not (tmp_path / "x").exists()
+
+
+def test_typical_distances_match_a_hand_computation():
+    """Two layers, two classes: the fitted distances are the Mahalanobis distances to the nearest class mean
+    under the pooled covariance (computed here in numpy), and the p-values rank the held-out inputs."""
+    import numpy as np
+
+    from cnnmod.calibrate import _RIDGE, TYPICAL_ALPHA, _distances, fit_typical, typicality
+
+    g = torch.Generator().manual_seed(1)
+    labels = torch.arange(2).repeat_interleave(300)
+    centre = torch.tensor([[0.0, 0.0], [10.0, 0.0]])
+    layer0 = centre[labels] + torch.randn(600, 2, generator=g) * torch.tensor([1.0, 2.0])
+    layer1 = torch.randn(600, 3, generator=g) + labels[:, None] * 5.0
+    held = [centre[labels[:200]] + torch.randn(200, 2, generator=g) * torch.tensor([1.0, 2.0]),
+            torch.randn(200, 3, generator=g) + labels[:200, None] * 5.0]
+    stats = fit_typical([layer0, layer1], labels, held)
+    x0, lab = layer0.double().numpy(), labels.numpy()
+    means = np.stack([x0[lab == c].mean(0) for c in (0, 1)])
+    r = x0 - means[lab]
+    cov = r.T @ r / len(r)
+    cov += _RIDGE * np.trace(cov) / 2 * np.eye(2)
+    probe = np.array([[0.5, -1.0], [9.0, 3.0], [30.0, 30.0]])
+    expected = np.stack([np.einsum("bi,ij,bj->b", probe - mu, np.linalg.inv(cov), probe - mu) for mu in means]).min(0)
+    got = _distances(stats, 0, torch.tensor(probe, dtype=torch.float32))
+    assert np.allclose(got.numpy(), expected, rtol=1e-4)
+    # on the held-out inputs themselves the p-values are their ranks: (M - i + 1) / (M + 1), i-th nearest
+    gate = typicality(stats, held).sort(descending=True).values
+    m = len(held[0])
+    ranks = ((m - torch.arange(m) + 1) / (m + 1) / TYPICAL_ALPHA).clamp(max=1)
+    assert torch.allclose(gate, ranks, atol=1.01 / ((m + 1) * TYPICAL_ALPHA))
+    assert float((gate == 1).float().mean()) == pytest.approx(1 - TYPICAL_ALPHA, abs=2 / m)
+    far = [torch.full((1, 2), 50.0), torch.full((1, 3), 50.0)]
+    assert float(typicality(stats, far)) == pytest.approx(1 / ((m + 1) * TYPICAL_ALPHA))
+
+
+def test_platt_ood_passes_own_images_and_stops_foreign_ones(two_models):
+    """A module's in-distribution test, measured through a composition, scores its own held-out training
+    inputs by rank (as fitted) and pushes noise images, which no training set holds, to the floor."""
+    from cnnmod.calibrate import TYPICAL_ALPHA, apply, typicality
+    from cnnmod.decompose import calibration_set
+
+    dec_a, _, a, _ = two_models
+    modules = cnnmod.load_modules(dec_a)
+    held = calibration_set(cnnmod.data.load(a, "train"), modules[0].calibration["per_class"], 0)
+    noise = torch.randint(0, 256, (64, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    comp = cnnmod.compose(modules, calibration="platt-ood")
+    with torch.no_grad():
+        for images, own in ((held.images, True), (noise, False)):
+            per_module = comp.group_layers(comp.groups[0], images)
+            gates = torch.stack([typicality(m.typical, layers) for m, layers in zip(modules, per_module, strict=True)])
+            platt = torch.stack([apply(layers[-1] @ (m.head_weight[0] - m.head_weight[1]) + m.head_bias[0]
+                                       - m.head_bias[1], m.calibration, "platt")
+                                 for m, layers in zip(modules, per_module, strict=True)])
+            assert torch.allclose(comp(images).T, platt * gates, atol=1e-6)  # the scores: Platt times the gate
+            m = int(modules[0].typical["held"].numel())
+            if own:
+                assert float((gates > 0.999).float().mean()) == pytest.approx(1 - TYPICAL_ALPHA, abs=0.05)
+            else:
+                assert float(gates.max()) < 2 / ((m + 1) * TYPICAL_ALPHA)
 
 
 def test_merged_and_fused_compositions(two_models, tmp_path, capsys):

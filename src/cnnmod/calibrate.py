@@ -5,7 +5,19 @@ training data of its source model, class-balanced (the module's class weighs as 
     temperature   p = sigmoid(m / T)
     platt         p = sigmoid(a * m + b)
 
-A composition picks one with ``calibration="none" | "temperature" | "platt"`` ("none" is the paper's p_c).
+A composition picks one with ``calibration="none" | "temperature" | "platt" | "platt-ood"`` ("none" is the
+paper's p_c).
+
+"platt-ood" (beyond the paper) multiplies the Platt score by an in-distribution test, for compositions across
+data sets: a module has only ever seen its own data set, and on another one's images its margin means nothing
+(a digits module can be sure a T-shirt is an "8"). At decomposition each module also gets, per observation
+point and for its head's input, class means and a shared covariance of its own (masked) activations, averaged
+over positions, fitted on the observed inputs of its source's training set (:func:`fit_typical`). An input's
+distance is the sum over those layers of its Mahalanobis distance to the nearest class mean, each layer's
+divided by its median on the held-out calibration inputs; its p-value is the share of held-out inputs at
+least as far (a conformal p-value: uniform on the module's own data), and the score is multiplied by
+min(1, p / TYPICAL_ALPHA). Modules of one source see nearly the same activations, so their scores are scaled
+alike and their vote hardly changes; a module shown another data set's images gets a p-value near 0.
 """
 
 from __future__ import annotations
@@ -14,7 +26,9 @@ import math
 
 import torch
 
-MODES = ("none", "temperature", "platt")
+MODES = ("none", "temperature", "platt", "platt-ood")
+TYPICAL_ALPHA = 0.2  # p-values above it leave the score as it is (0.05, 0.2 and 1 compared on the quick study)
+_RIDGE = 1e-3        # covariance + _RIDGE * mean variance * I: masked (constant) channels stay invertible
 
 
 def _balanced_bce(logits: torch.Tensor, targets: torch.Tensor, soft: torch.Tensor | None = None) -> torch.Tensor:
@@ -83,17 +97,75 @@ def fit_head(features: torch.Tensor, targets: torch.Tensor, init_w: torch.Tensor
     return w.detach().float(), float(b.detach())
 
 
+def _distances(stats: dict[str, torch.Tensor], layer: int, x: torch.Tensor) -> torch.Tensor:
+    """Squared Mahalanobis distance of rows ``x`` (B, F) to the nearest class mean of one layer: (B,)."""
+    mean, precision = stats[f"mean.{layer}"].to(x), stats[f"precision.{layer}"].to(x)
+    xp = x @ precision
+    d = (xp * x).sum(1, keepdim=True) - 2 * xp @ mean.T + ((mean @ precision) * mean).sum(1)[None]
+    return d.min(1).values.clamp(min=0)
+
+
+def _total_distance(stats: dict[str, torch.Tensor], layers: list[torch.Tensor]) -> torch.Tensor:
+    x = [t.reshape(t.shape[0], -1).double() for t in layers]
+    if len(x) != int(stats["layers"]):
+        raise ValueError(f"the in-distribution test was fitted on {int(stats['layers'])} layers, given {len(x)}")
+    return sum(_distances(stats, i, t) / stats[f"scale.{i}"].to(t) for i, t in enumerate(x))
+
+
+def fit_typical(fit_layers: list[torch.Tensor], labels: torch.Tensor, held_layers: list[torch.Tensor]
+                ) -> dict[str, torch.Tensor]:
+    """The in-distribution test of one module: per layer, class means (C, F) and the precision (F, F) of the
+    activations ``fit_layers`` (each (N, F); ``labels`` (N,) their classes) about their class means; the median
+    distance on the held-out ``held_layers`` (each (M, F)) as the layer's scale; and the held-out inputs'
+    summed distances, sorted, for the p-values."""
+    stats: dict[str, torch.Tensor] = {"layers": torch.tensor(len(fit_layers))}
+    labels = labels.cpu()
+    classes = labels.unique()
+    for i, f in enumerate(fit_layers):
+        f = f.reshape(f.shape[0], -1).double().cpu()
+        mean = torch.stack([f[labels == c].mean(0) for c in classes])
+        centred = f - mean[torch.searchsorted(classes, labels)]
+        cov = centred.T @ centred / len(f)
+        ridge = max(_RIDGE * float(cov.diagonal().mean()), 1e-12)
+        stats[f"mean.{i}"] = mean
+        stats[f"precision.{i}"] = torch.linalg.inv(cov + ridge * torch.eye(cov.shape[0], dtype=cov.dtype))
+        held = held_layers[i].reshape(held_layers[i].shape[0], -1).double().cpu()
+        stats[f"scale.{i}"] = _distances(stats, i, held).median().clamp(min=1e-12)
+    stats["held"] = _total_distance(stats, held_layers).sort().values
+    return {k: v.float() if v.is_floating_point() else v for k, v in stats.items()}
+
+
+def typicality(stats: dict[str, torch.Tensor] | None, layers: list[torch.Tensor]) -> torch.Tensor:
+    """min(1, p / TYPICAL_ALPHA) for each input, p its conformal p-value of being of the module's data set:
+    (1 + held-out inputs at least as far) / (held-out inputs + 1). ``layers``: the pooled activations of every
+    observation point, then the head's input, each (B, F)."""
+    if stats is None:
+        raise ValueError("the module has no in-distribution test; decompose it with --calibration-samples N > 0")
+    distance = _total_distance(stats, layers)
+    held = stats["held"].to(distance)
+    at_least_as_far = (held[None, :] >= distance[:, None]).sum(1)  # a comparison, not searchsorted: ONNX has it
+    p = (1 + at_least_as_far).to(distance) / (held.numel() + 1)
+    return (p / TYPICAL_ALPHA).clamp(max=1).float()
+
+
 def score(logits: torch.Tensor, calibration: dict | None, mode: str = "none") -> torch.Tensor:
     """p_c from two-way logits (..., 2) [z_c, z_uc]: softmax([z_c, z_uc])[0] = sigmoid(z_c - z_uc), calibrated
     as ``mode`` asks."""
     return apply(logits[..., 0] - logits[..., 1], calibration, mode)
 
 
-def apply(margins: torch.Tensor, calibration: dict | None, mode: str) -> torch.Tensor:
-    """p_c from margins (any shape) under ``mode``; a module without a fit keeps the paper's score."""
+def apply(margins: torch.Tensor, calibration: dict | None, mode: str, gate: torch.Tensor | None = None
+          ) -> torch.Tensor:
+    """p_c from margins (any shape) under ``mode``; a module without a fit keeps the paper's score. "platt-ood"
+    needs the inputs' ``gate`` (:func:`typicality`)."""
     if mode == "none" or not calibration:
         return torch.sigmoid(margins)
     if mode == "temperature":
         return torch.sigmoid(margins / calibration["temperature"])
     a, b = calibration["platt"]
-    return torch.sigmoid(a * margins + b)
+    p = torch.sigmoid(a * margins + b)
+    if mode == "platt-ood":
+        if gate is None:
+            raise ValueError("platt-ood scores need the inputs' in-distribution gate")
+        p = p * gate.to(p)
+    return p

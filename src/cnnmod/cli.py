@@ -250,7 +250,8 @@ def evaluate_cmd(
     paths: list[Path] = typer.Argument(..., help="A decomposition or composition folder, or module folders."),
     data: str = typer.Option(None, "--data", help="Test data for one model's modules (default: its data set)."),
     calibration: str = typer.Option(None, "--calibration",
-                                    help="none, temperature or platt (default: the composition's own)."),
+                                    help="none, temperature, platt or platt-ood (default: the "
+                                    "composition's own)."),
     mode: str = typer.Option(None, "--mode", help="vote, merged or fused (default: the composition's own)."),
     cost: bool = typer.Option(True, "--cost/--no-cost", help="Measure parameters, FLOPs and latency too."),
     latency_batch: int = typer.Option(256, "--latency-batch", help="Batch size of the latency measurement."),
@@ -281,7 +282,8 @@ def compose_cmd(
                                      "weight changes), then its calibration."),
     calibration: str = typer.Option("none", "--calibration",
                                     help="Compare scores as they are (none, the paper) or calibrated: temperature, "
-                                    "platt."),
+                                    "platt, or platt-ood (Platt times each module's in-distribution test; for "
+                                    "modules of several data sets)."),
     mode: str = typer.Option("vote", "--mode", help="vote (the paper: a pass per module), merged (one model's "
                              "modules as one network, one pass) or fused (one merged pass per source model)."),
     size: float = typer.Option(None, "--size", help="Merged slim compositions: prune the merged network further, "
@@ -364,7 +366,8 @@ def reproduce_cmd(
 def export_cmd(
     paths: list[Path] = typer.Argument(..., help="A module, decomposition or composition folder (or several)."),
     onnx: Path = typer.Option(..., "--onnx", help="The ONNX file to write."),
-    calibration: str = typer.Option(None, "--calibration", help="none, temperature or platt (default: as made)."),
+    calibration: str = typer.Option(None, "--calibration",
+                                    help="none, temperature, platt or platt-ood (default: as made)."),
     check: bool = typer.Option(True, "--check/--no-check", help="Compare onnxruntime's scores with cnnmod's."),
     overwrite: bool = OVERWRITE, as_json: bool = JSON,
 ) -> None:

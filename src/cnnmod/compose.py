@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .calibrate import MODES as CALIBRATIONS
-from .calibrate import score
+from .calibrate import apply, score, typicality
 from .data.registry import split_spec
 from .errors import UserError
 from .module import Module, masked_features
@@ -56,7 +56,7 @@ def check_composable(modules: Sequence[Module], replacing: bool = False) -> None
             seen[key] = m
 
 
-def check_calibration(modules: Sequence[Module], calibration: str) -> None:
+def check_calibration(modules: Sequence[Module], calibration: str, mode: str = "vote") -> None:
     if calibration not in CALIBRATIONS:
         raise UserError(f"unknown calibration {calibration!r}; choose {', '.join(CALIBRATIONS)}")
     if calibration != "none":
@@ -64,6 +64,14 @@ def check_calibration(modules: Sequence[Module], calibration: str) -> None:
         if missing:
             raise UserError(f"the modules of {', '.join(missing[:3])} have no calibration; decompose with "
                             "--calibration-samples N (N > 0), or compose with --calibration none")
+    if calibration == "platt-ood":
+        missing = [m.class_name for m in modules if getattr(m, "typical", None) is None]
+        if missing:
+            raise UserError(f"the modules of {', '.join(missing[:3])} have no in-distribution test (slim modules "
+                            "and modules made before it have none); use --calibration platt, or decompose again")
+        if mode != "vote":
+            raise UserError("--calibration platt-ood measures each module's own activations: compose with --mode "
+                            "vote")
 
 
 MODES = ("vote", "merged", "fused")
@@ -96,8 +104,8 @@ class Composition(nn.Module):
                  mode: str = "vote") -> None:
         super().__init__()
         check_composable(modules, replacing)
-        check_calibration(modules, calibration)
         check_mode(modules, mode)
+        check_calibration(modules, calibration, mode)
         self.calibration = calibration
         self.mode = mode
         self.parts = nn.ModuleList(modules)
@@ -140,8 +148,9 @@ class Composition(nn.Module):
         bias = torch.stack([p.head_bias for p in parts])      # (K, 2)
         return torch.einsum("kbf,kjf->kbj", features, weight) + bias[:, None, :]
 
-    def group_features(self, group: list[int], images: torch.Tensor) -> torch.Tensor:
-        """What the heads of one source model's node-masked modules see: (K, B, F), in one batched pass."""
+    def group_features(self, group: list[int], images: torch.Tensor, pooled: list | None = None) -> torch.Tensor:
+        """What the heads of one source model's node-masked modules see: (K, B, F), in one batched pass
+        (``pooled``: see :func:`masked_features`)."""
         parts = [self.parts[i] for i in group]
         first = parts[0]
         x = first.prepare(images)
@@ -150,12 +159,27 @@ class Composition(nn.Module):
         else:  # one pass with the union of the modules' kept nodes, every head on the same features
             masks = {name: torch.stack([p.masks[name] for p in parts]).any(0, keepdim=True)
                      for name in first.point_names}
-        features = masked_features(first.source.net, first.points, first.classifier_name, masks, x)
+        features = masked_features(first.source.net, first.points, first.classifier_name, masks, x, pooled)
         return features.expand(len(parts), -1, -1)
+
+    def group_layers(self, group: list[int], images: torch.Tensor) -> list[list[torch.Tensor]]:
+        """For each of one source's modules, in one batched pass: every observation point's pooled masked
+        output, then the head's input, each (B, F): what the in-distribution test (platt-ood) measures."""
+        pooled: list[torch.Tensor] = []
+        features = self.group_features(group, images, pooled)
+        return [[p[j] for p in pooled] + [features[j]] for j in range(len(group))]
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         scores = torch.empty(images.shape[0], len(self.parts), device=images.device)
         for group in self.groups:
+            if self.calibration == "platt-ood":
+                parts = [self.parts[i] for i in group]
+                layers = self.group_layers(group, images)
+                p = torch.stack([apply(layer[-1] @ (m.head_weight[0] - m.head_weight[1]) + m.head_bias[0]
+                                       - m.head_bias[1], m.calibration, self.calibration, typicality(m.typical, layer))
+                                 for m, layer in zip(parts, layers, strict=True)])
+                scores[:, group] = p.T.to(scores.dtype)
+                continue
             logits = self.group_logits(group, images)  # (K, B, 2)
             p = torch.stack([score(logits[j], self.parts[i].calibration, self.calibration)
                              for j, i in enumerate(group)])
@@ -169,6 +193,6 @@ class Composition(nn.Module):
 def compose(modules: Sequence[Module], replacing: bool = False, calibration: str = "none",
             mode: str = "vote") -> Composition:
     """Compose modules (any classes, from any models that take the same input) into one classifier; with
-    ``calibration`` "temperature" or "platt" the modules' calibrated scores are compared; ``mode`` "merged" or
-    "fused" runs each source model's modules as one network (see :func:`check_mode`)."""
+    ``calibration`` "temperature", "platt" or "platt-ood" the modules' calibrated scores are compared; ``mode``
+    "merged" or "fused" runs each source model's modules as one network (see :func:`check_mode`)."""
     return Composition(modules, replacing, calibration, mode)

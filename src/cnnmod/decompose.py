@@ -172,6 +172,7 @@ def decompose(model: nn.Module, data: ImageSet, variant: str | None = None, *, c
         from .compose import base_dataset
 
         calibrate_modules(modules, {base_dataset(modules[0]): data}, s.calibration_samples, s.seed, batch_size)
+        fit_typical_modules(modules, data, s.calibration_samples, s.seed, batch_size)
         for m in modules:
             m.settings["calibration_seconds"] = round(time.perf_counter() - started, 3)
     return modules
@@ -186,10 +187,11 @@ def calibration_set(data: ImageSet, per_class: int, seed: int) -> ImageSet:
 
 @torch.no_grad()
 def _module_outputs(modules: list, sets: dict[str, ImageSet], choose, per_class: int, seed: int, batch_size: int,
-                    features: bool) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+                    features: bool, layers: bool = False) -> tuple[list, list[torch.Tensor]]:
     """For every module, over the inputs ``choose(data, per_class, seed)`` picks from each of ``sets``: its
-    margins ``z_c - z_uc`` (or, with ``features``, its head's inputs) and whether each input is its own (of the
-    module's class of the module's data set). Modules of one source run in one batched pass."""
+    margins ``z_c - z_uc`` (with ``features``, its head's inputs; with ``layers``, the list of its pooled
+    activations, :meth:`Composition.group_layers`) and whether each input is its own (of the module's class of
+    the module's data set). Modules of one source run in one batched pass."""
     from .compose import Composition, base_dataset
 
     comp = Composition(modules).eval()
@@ -203,15 +205,19 @@ def _module_outputs(modules: list, sets: dict[str, ImageSet], choose, per_class:
             step = max(8, batch_size // len(group))
             for start in range(0, len(chosen), step):
                 images = chosen.images[start:start + step].to(device)
-                if features:
+                if layers:
+                    out = comp.group_layers(group, images)  # K lists of (B, F_l)
+                elif features:
                     out = comp.group_features(group, images)  # (K, B, F)
                 else:
                     logits = comp.group_logits(group, images)  # (K, B, 2)
                     out = logits[..., 0] - logits[..., 1]
                 for j, i in enumerate(group):
-                    outputs[i].append(out[j].cpu())
+                    outputs[i].append([t.cpu() for t in out[j]] if layers else out[j].cpu())
         for i, m in enumerate(modules):
             mine[i].append((source_of == m.source_class) & (name == base_dataset(m)))
+    if layers:
+        return [[torch.cat(chunk) for chunk in zip(*o, strict=True)] for o in outputs], [torch.cat(t) for t in mine]
     return [torch.cat(o) for o in outputs], [torch.cat(t) for t in mine]
 
 
@@ -225,6 +231,21 @@ def calibrate_modules(modules: list, sets: dict[str, ImageSet], per_class: int, 
     margins, mine = _module_outputs(modules, sets, calibration_set, per_class, seed, batch_size, features=False)
     for m, margin, own in zip(modules, margins, mine, strict=True):
         m.calibration = {**fit(margin, own), "per_class": per_class}
+
+
+def fit_typical_modules(modules: list, data: ImageSet, per_class: int, seed: int, batch_size: int = 256) -> None:
+    """Fit every module's in-distribution test (:func:`cnnmod.calibrate.fit_typical`) on its source's training
+    split ``data``: class statistics from the first ``per_class`` inputs of each class in the observation
+    order, the p-values' reference from the last ``per_class`` (the calibration inputs)."""
+    from .calibrate import fit_typical
+    from .compose import base_dataset
+
+    sets = {base_dataset(modules[0]): data}
+    fit, _ = _module_outputs(modules, sets, observation_set, per_class, seed, batch_size, False, layers=True)
+    held, _ = _module_outputs(modules, sets, calibration_set, per_class, seed, batch_size, False, layers=True)
+    labels = observation_set(data, per_class, seed).labels
+    for m, f, h in zip(modules, fit, held, strict=True):
+        m.typical = fit_typical(f, labels, h)
 
 
 def fitted_on(sets: dict[str, ImageSet]) -> list[str]:
@@ -259,7 +280,7 @@ def refit_heads(modules: list[Module], sets: dict[str, ImageSet], per_class: int
         head_b = torch.stack([b0[1] + b, b0[1]])
         settings = {**m.settings, "head_refit": {"fitted_on": classes, "per_class": per_class, "l2": l2}}
         refit = Module(m.source, m.graph, m.concerned, {k: v.cpu() for k, v in m.masks.items()}, head_w, head_b,
-                       settings, dict(m.metrics), m.calibration)
+                       settings, dict(m.metrics), m.calibration, m.typical)
         out.append(refit.to(m.head_weight.device))
     return out
 
@@ -290,6 +311,7 @@ def relearn(module: Module, foreign: ImageSet, *, device: torch.device | None = 
         {"data": foreign.name, "classes": foreign.class_names, "per_class": k}]
     out = Module(module.source, module.graph, module.concerned, masks, module.head_weight.cpu(),
                  module.head_bias.cpu(), {**module.settings, "continuous_learning": learned}, dict(module.metrics),
-                 module.calibration)  # fitted before relearning: the head and the source's data are unchanged
+                 module.calibration, module.typical)  # fitted before relearning: the head and the source's data
+    # are unchanged; the in-distribution test measures the activations of the module as it was made
     out.metrics["kept_fraction"] = round(out.kept_fraction(), 6)
     return out.to(device)

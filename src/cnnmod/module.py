@@ -21,8 +21,11 @@ from .observe import hooks
 
 
 def masked_features(net: nn.Module, points: Sequence[ObservationPoint], classifier: str,
-                    masks: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """Run ``net`` once per mask set, batched: masks (K, *shape) per point; returns head inputs (K, B, F)."""
+                    masks: dict[str, torch.Tensor], x: torch.Tensor, pooled: list | None = None) -> torch.Tensor:
+    """Run ``net`` once per mask set, batched: masks (K, *shape) per point; returns head inputs (K, B, F).
+
+    A list given as ``pooled`` receives every point's masked output, averaged over its spatial positions:
+    (K, B, channels), in point order (what :mod:`cnnmod.calibrate`'s in-distribution test measures)."""
     k = next(iter(masks.values())).shape[0]
     b = x.shape[0]
     xk = x.repeat(k, *([1] * (x.dim() - 1))) if k > 1 else x
@@ -30,7 +33,10 @@ def masked_features(net: nn.Module, points: Sequence[ObservationPoint], classifi
 
     def apply(p: ObservationPoint, out: torch.Tensor) -> torch.Tensor:
         m = masks[p.name]
-        return (out.reshape(k, b, *p.shape) * m.unsqueeze(1).to(out.dtype)).reshape(k * b, *p.shape)
+        kept = out.reshape(k, b, *p.shape) * m.unsqueeze(1).to(out.dtype)
+        if pooled is not None:
+            pooled.append(kept.reshape(k, b, p.shape[0], -1).mean(-1))
+        return kept.reshape(k * b, *p.shape)
 
     def capture(_m, inputs):
         captured["features"] = inputs[0]
@@ -61,7 +67,8 @@ class Module(nn.Module):
 
     def __init__(self, source: Classifier, graph: ModelGraph, concerned: int, masks: dict[str, torch.Tensor],
                  head_weight: torch.Tensor, head_bias: torch.Tensor, settings: dict | None = None,
-                 metrics: dict | None = None, calibration: dict | None = None) -> None:
+                 metrics: dict | None = None, calibration: dict | None = None,
+                 typical: dict[str, torch.Tensor] | None = None) -> None:
         super().__init__()
         self.source = source
         self.graph = graph
@@ -80,6 +87,21 @@ class Module(nn.Module):
         self.settings = dict(settings or {})
         self.metrics = dict(metrics or {})
         self.calibration = dict(calibration) if calibration else None  # see cnnmod.calibrate
+        self.typical = typical  # the in-distribution test's statistics (cnnmod.calibrate.fit_typical)
+
+    @property
+    def typical(self) -> dict[str, torch.Tensor] | None:
+        names = self._typical_names
+        return {k: getattr(self, f"typical_{i}") for i, k in enumerate(names)} if names else None
+
+    @typical.setter
+    def typical(self, stats: dict[str, torch.Tensor] | None) -> None:
+        for i in range(len(getattr(self, "_typical_names", []))):
+            delattr(self, f"typical_{i}")
+        self._typical_names = list(stats) if stats else []
+        device = self.head_weight.device
+        for i, k in enumerate(self._typical_names):
+            self.register_buffer(f"typical_{i}", stats[k].to(device), persistent=False)
 
     # ---------------------------------------------------------------- what it is
     @property
@@ -134,10 +156,15 @@ class Module(nn.Module):
         return features @ self.head_weight.T + self.head_bias
 
     def score(self, x: torch.Tensor, calibration: str = "none") -> torch.Tensor:
-        """p_c; ``calibration`` "temperature" or "platt" applies the module's fitted calibration."""
-        from .calibrate import score
+        """p_c; ``calibration`` "temperature", "platt" or "platt-ood" applies the module's fitted calibration."""
+        from .calibrate import apply, typicality
 
-        return score(self.forward(x), self.calibration, calibration)
+        pooled = [] if calibration == "platt-ood" else None
+        masks = {n: m.unsqueeze(0) for n, m in self.masks.items()}
+        features = masked_features(self.source.net, self.points, self.classifier_name, masks, x, pooled)[0]
+        logits = features @ self.head_weight.T + self.head_bias
+        gate = typicality(self.typical, [p[0] for p in pooled] + [features]) if pooled is not None else None
+        return apply(logits[:, 0] - logits[:, 1], self.calibration, calibration, gate)
 
 
 def jaccard(a: torch.Tensor, b: torch.Tensor) -> float:

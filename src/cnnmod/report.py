@@ -37,6 +37,7 @@ SCENARIOS = [("decomposition cost, top-1 (pp)", "decomposition_cost_top1_pp"),
              ("inter-data-set reuse, MA - TMA (pp)", "inter_reuse_pp"),
              ("inter-data-set reuse with continuous learning (pp)", "inter_reuse_cl_pp"),
              ("inter-data-set reuse, calibrated scores (pp; ours)", "inter_reuse_calibrated_pp"),
+             ("inter-data-set reuse, calibrated + in-distribution test (pp; ours)", "inter_reuse_ood_pp"),
              ("inter-data-set reuse, CL + calibrated (pp; ours)", "inter_reuse_cl_calibrated_pp"),
              ("inter-data-set reuse, CL + heads refitted (pp; ours)", "inter_reuse_refit_pp"),
              ("inter-data-set reuse, CL + heads refitted, calibrated (pp; ours)", "inter_reuse_refit_calibrated_pp"),
@@ -44,9 +45,13 @@ SCENARIOS = [("decomposition cost, top-1 (pp)", "decomposition_cost_top1_pp"),
              ("intra-data-set replace, top-1 gain (pp)", "intra_replace_top1_pp"),
              ("intra-data-set replace, top-5 gain (pp)", "intra_replace_top5_pp"),
              ("intra-data-set replace, calibrated, top-1 gain (pp; ours)", "intra_replace_top1_calibrated_pp"),
+             ("intra-data-set replace, calibrated + in-distribution test, top-1 gain (pp; ours)",
+              "intra_replace_top1_ood_pp"),
              ("inter-data-set replace vs TMA, top-1 (pp)", "inter_replace_top1_pp"),
              ("inter-data-set replace vs TMA, top-5 (pp)", "inter_replace_top5_pp"),
              ("inter-data-set replace, calibrated, top-1 (pp; ours)", "inter_replace_top1_calibrated_pp"),
+             ("inter-data-set replace, calibrated + in-distribution test, top-1 (pp; ours)",
+              "inter_replace_top1_ood_pp"),
              ("inter-data-set replace, heads refitted, top-1 (pp; ours)", "inter_replace_top1_refit_pp"),
              ("CO2e, training / reuse (x)", "co2_reuse_ratio"),
              ("CO2e, training / replace (x)", "co2_replace_ratio"),
@@ -88,31 +93,37 @@ def markdown(r: dict) -> str:
               "Accuracy over the union of the two classes' test images; balanced (mean per class) in brackets. "
               "TMA: trained from scratch on the two classes, class-balanced. Calibrated (Platt): MA with each "
               "module's calibration fitted at decomposition on its own data set; MMA with it refitted, during "
-              "continuous learning, on the composition's two classes. MMA refitted (ours, beyond the paper): "
+              "continuous learning, on the composition's two classes. MA platt-ood (ours): MA's Platt scores times "
+              "each module's in-distribution test, fitted at decomposition on its own data set (`--calibration "
+              "platt-ood`). MMA refitted (ours, beyond the paper): "
               "continuous learning with each module's two-way head refitted on the two classes' training inputs "
               "(`compose --continuous-learning --refit-heads`).", ""]
     lines += _table(["classes", "TMA", "MA", "MMA", "MA - TMA", "MMA - TMA", "MA / MMA calibrated",
-                     "MMA refitted (delta)", "MMA refitted, calibrated (delta)"],
+                     "MA platt-ood (delta)", "MMA refitted (delta)", "MMA refitted, calibrated (delta)"],
                     [[" + ".join(x["classes"]), f"{x['tma']:.2f} ({x['tma_balanced']:.1f})",
                       f"{x['ma']:.2f} ({x['ma_balanced']:.1f})", f"{x['mma']:.2f} ({x['mma_balanced']:.1f})",
                       _f(x["delta_pp"], 2, True), _f(x["delta_cl_pp"], 2, True),
                       f"{_f(x.get('ma_calibrated'))} / {_f(x.get('mma_calibrated'))}",
+                      f"{_f(x.get('ma_ood'))} ({_f(x.get('delta_ood_pp'), 2, True)})",
                       f"{_f(x.get('mma_refit'))} ({_f(x.get('delta_refit_pp'), 2, True)})",
                       f"{_f(x.get('mma_refit_calibrated'))} ({_f(x.get('delta_refit_calibrated_pp'), 2, True)})"]
                      for x in r.get("inter_reuse", [])])
     lines += ["", "## 4. Intra-data-set replacement (weak model's module replaced by the stronger model's)", ""]
     lines += _table(["class", "prior top-1", "top-1", "prior top-5", "top-5", "gain top-1 (pp)",
-                     "calibrated: prior / top-1 / gain"],
+                     "calibrated: prior / top-1 / gain", "platt-ood: prior / top-1 / gain"],
                     [[x["name"], _f(x["prior_top1"]), _f(x["top1"]), _f(x["prior_top5"]), _f(x["top5"]),
                       _f(x["gain_top1_pp"], 2, True), f"{_f(x.get('prior_top1_calibrated'))} / "
-                      f"{_f(x.get('top1_calibrated'))} / {_f(x.get('gain_top1_calibrated_pp'), 2, True)}"]
+                      f"{_f(x.get('top1_calibrated'))} / {_f(x.get('gain_top1_calibrated_pp'), 2, True)}",
+                      f"{_f(x.get('prior_top1_ood'))} / {_f(x.get('top1_ood'))} / "
+                      f"{_f(x.get('gain_top1_ood_pp'), 2, True)}"]
                      for x in r.get("intra_replace", [])])
     lines += ["", "## 5. Inter-data-set replacement (vs a model trained from scratch on the resulting classes)", ""]
     lines += _table(["replaced", "with", "TMA top-1/top-5", "composed top-1/top-5", "delta top-1 (pp)",
-                     "calibrated top-1 (delta)", "heads refitted top-1 (delta)"],
+                     "calibrated top-1 (delta)", "platt-ood top-1 (delta)", "heads refitted top-1 (delta)"],
                     [[x["replaced"], x["with"], f"{x['tma_top1']:.2f} / {x['tma_top5']:.2f}",
                       f"{x['top1']:.2f} / {x['top5']:.2f}", _f(x["delta_top1_pp"], 2, True),
                       f"{_f(x.get('top1_calibrated'))} ({_f(x.get('delta_top1_calibrated_pp'), 2, True)})",
+                      f"{_f(x.get('top1_ood'))} ({_f(x.get('delta_top1_ood_pp'), 2, True)})",
                       f"{_f(x.get('top1_refit'))} ({_f(x.get('delta_top1_refit_pp'), 2, True)})"]
                      for x in r.get("inter_replace", [])])
     lines += ["", "## 6. Energy and CO2e (kg), measured", ""]

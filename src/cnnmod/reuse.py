@@ -156,8 +156,8 @@ def compose_dirs(paths: Sequence[str | Path], out: str | Path, relearn_foreign: 
     if size is not None:
         raise UserError("--size prunes a merged slim composition: compose slim modules of one model with "
                         "--mode merged")
-    check_calibration(modules, calibration)
     check_mode(modules, mode)
+    check_calibration(modules, calibration, mode)
     if relearn_foreign:
         modules = continuous_learning(modules, data_root, dev, batch_size, refit=refit_heads)
     elif refit_heads:

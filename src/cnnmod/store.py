@@ -86,6 +86,8 @@ def module_tensors(m: Module) -> dict[str, torch.Tensor]:
     tensors = {f"mask.{name}": pack_mask(mask) for name, mask in m.masks.items()}
     tensors["head.weight"] = m.head_weight
     tensors["head.bias"] = m.head_bias
+    for k, v in (m.typical or {}).items():
+        tensors[f"typical.{k}"] = v
     return tensors
 
 
@@ -259,8 +261,9 @@ def load_module(path: str | os.PathLike, device: torch.device | str = "cpu",
         head_w, head_b = tensors["head.weight"], tensors["head.bias"]
     except KeyError as e:
         raise UserError(f"{path}/model.safetensors lacks {e}; the module is damaged")
+    typical = {k[len("typical."):]: v for k, v in tensors.items() if k.startswith("typical.")} or None
     m = Module(clf, graph, config["concerned_class"], masks, head_w, head_b, config.get("settings"),
-               config.get("metrics"), config.get("calibration"))
+               config.get("metrics"), config.get("calibration"), typical)
     return m.to(device)
 
 

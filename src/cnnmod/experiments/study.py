@@ -137,7 +137,9 @@ class Study:
     def decomposition(self, name: str, model_dir: Path, variant: str = "mc-bln") -> tuple[list[Module], dict]:
         """Modules of a model (cached by model and settings) and the energy decomposing took."""
         s = DecomposeSettings(variant=variant, ci_samples=self.p.ci_samples, seed=self.seed)
-        folder = self.out / "decompositions" / f"{name}-{variant}-{_key({'model': str(model_dir), **_settings(s)})}"
+        # "typical": modules made before the in-distribution test (platt-ood) lack it: decompose those again
+        key = _key({"model": str(model_dir), **_settings(s), "typical": 1})
+        folder = self.out / "decompositions" / f"{name}-{variant}-{key}"
         energy_path = folder / "energy.json"
         if not energy_path.is_file():
             clf = load_model(model_dir, self.device)
@@ -239,6 +241,7 @@ class Study:
                 tma, ma, mma = self.tma(tma_dir), self.composed(plain), self.composed(learned)
                 mma_refit, mma_refit_cal = self.composed(refit), self.composed(refit, "platt")
                 ma_cal, mma_cal = self.composed(plain, "platt"), self.composed(learned, "platt")
+                ma_ood = self.composed(plain, "platt-ood")
                 names = [f"{self.data}:{modules[a].class_name}", f"{self.second}:{second[b].class_name}"]
                 rows.append({"classes": names,
                              "tma": tma["top1"], "ma": ma["top1"], "mma": mma["top1"],
@@ -253,6 +256,7 @@ class Study:
                              "delta_refit_pp": round(mma_refit["top1"] - tma["top1"], 4),
                              "mma_refit_calibrated": mma_refit_cal["top1"],
                              "delta_refit_calibrated_pp": round(mma_refit_cal["top1"] - tma["top1"], 4),
+                             "ma_ood": ma_ood["top1"], "delta_ood_pp": round(ma_ood["top1"] - tma["top1"], 4),
                              "training_energy": train_energy, "reuse_energy": reuse_energy,
                              "reuse_cl_energy": cl_energy, "reuse_refit_energy": refit_energy})
         return rows
@@ -261,18 +265,22 @@ class Study:
         strong, _ = self.decomposition("main", self.main_model()[0])
         weak, _ = self.decomposition("weak", self.weak_model()[0])
         prior, prior_cal = self.composed(weak), self.composed(weak, "platt")
+        prior_ood = self.composed(weak, "platt-ood")
         rows = []
         for c in range(len(weak)):
             swapped = list(weak)
             swapped[c] = strong[c]
             swapped, energy = self.compose_measured(swapped, f"intra-replace-{c}")
             after, after_cal = self.composed(swapped), self.composed(swapped, "platt")
+            after_ood = self.composed(swapped, "platt-ood")
             rows.append({"class": c, "name": weak[c].class_name, "prior_top1": prior["top1"], "top1": after["top1"],
                          "prior_top5": prior["top5"], "top5": after["top5"],
                          "gain_top1_pp": round(after["top1"] - prior["top1"], 4),
                          "gain_top5_pp": round(after["top5"] - prior["top5"], 4),
                          "prior_top1_calibrated": prior_cal["top1"], "top1_calibrated": after_cal["top1"],
                          "gain_top1_calibrated_pp": round(after_cal["top1"] - prior_cal["top1"], 4),
+                         "prior_top1_ood": prior_ood["top1"], "top1_ood": after_ood["top1"],
+                         "gain_top1_ood_pp": round(after_ood["top1"] - prior_ood["top1"], 4),
                          "replace_energy": energy})
         return rows
 
@@ -293,6 +301,7 @@ class Study:
                 refit, refit_energy = self.compose_measured(swapped, f"inter-replace-refit-{a}-x{b}", refit=True)
                 tma, ma, ma_cal = self.tma(tma_dir), self.composed(swapped), self.composed(swapped, "platt")
                 ma_refit = self.composed(refit)
+                ma_ood = self.composed(swapped, "platt-ood")
                 rows.append({"replaced": f"{self.data}:{modules[a].class_name}",
                              "with": f"{self.second}:{second[b].class_name}",
                              "tma_top1": tma["top1"], "top1": ma["top1"], "tma_top5": tma["top5"], "top5": ma["top5"],
@@ -300,6 +309,7 @@ class Study:
                              "delta_top5_pp": round(ma["top5"] - tma["top5"], 4),
                              "top1_calibrated": ma_cal["top1"],
                              "delta_top1_calibrated_pp": round(ma_cal["top1"] - tma["top1"], 4),
+                             "top1_ood": ma_ood["top1"], "delta_top1_ood_pp": round(ma_ood["top1"] - tma["top1"], 4),
                              "top1_refit": ma_refit["top1"],
                              "delta_top1_refit_pp": round(ma_refit["top1"] - tma["top1"], 4),
                              "training_energy": train_energy, "replace_energy": energy,
@@ -416,6 +426,10 @@ def summarise(results: dict) -> dict:
         "inter_reuse_refit_calibrated_pp": _mean([r.get("delta_refit_calibrated_pp")
                                                   for r in results.get("inter_reuse", [])]),
         "inter_replace_top1_refit_pp": _mean([r.get("delta_top1_refit_pp") for r in results.get("inter_replace", [])]),
+        # beyond the paper: Platt scores times each module's in-distribution test (--calibration platt-ood)
+        "inter_reuse_ood_pp": _mean([r.get("delta_ood_pp") for r in results.get("inter_reuse", [])]),
+        "intra_replace_top1_ood_pp": _mean([r.get("gain_top1_ood_pp") for r in results.get("intra_replace", [])]),
+        "inter_replace_top1_ood_pp": _mean([r.get("delta_top1_ood_pp") for r in results.get("inter_replace", [])]),
     }
     energy = {r["scenario"]: r for r in results.get("energy", [])}
     reuse = [energy[k]["ratio_training_to_reuse"] for k in ("intra_reuse", "inter_reuse") if k in energy]
