@@ -10,7 +10,7 @@ from test_cli import assert_user_error, run
 
 from cnnmod.errors import UserError
 from cnnmod.experiments.presets import Preset
-from cnnmod.experiments.study import Study
+from cnnmod.experiments.study import PARTS, Study
 from cnnmod.report import write_report
 
 TINY = Preset(name="tiny", arch="cnn", epochs=2, weak_epochs=1, weak_subset=30, second_epochs=2, tma_epochs=1,
@@ -27,8 +27,15 @@ def test_every_part_then_resume_and_report(tmp_path, datasets):
     a, b = datasets
     out = tmp_path / "study"
     study = Study(out, TINY, a, b, "FRA", seed=1, device="cpu")
-    results = study.run()
+    snapshots: list[dict] = []
+    results = study.run(on_part=lambda r: snapshots.append(dict(r)))
     assert len(study.meter.records) > 0
+    # the results so far before every part after the first, then the whole: each lists what is still to come
+    assert [s["unfinished"] for s in snapshots] == [list(PARTS[i:]) for i in range(1, len(PARTS) + 1)]
+    assert "intra_reuse" not in snapshots[0] and snapshots[-1] == results
+    (tmp_path / "partial").mkdir()
+    partial, _ = write_report(snapshots[1], tmp_path / "partial")
+    assert "**Unfinished:** inter_reuse, intra_replace" in partial.read_text()
     assert len(results["decomposition"]) == 3 and {r["variant"] for r in results["decomposition"]} == {
         "mc", "mc-bln", "mc-bi"}
     assert len(results["intra_reuse"]) == 1            # C(2, 2) pairs of the 2 drawn classes
@@ -43,6 +50,7 @@ def test_every_part_then_resume_and_report(tmp_path, datasets):
     for row in results["inter_reuse"]:  # the refitted composition is measured, and differs from MMA's only by it
         assert row["delta_refit_pp"] == pytest.approx(row["mma_refit"] - row["tma"], abs=1e-3)
         assert row["reuse_refit_energy"]["kwh"] > 0
+        assert row["delta_ood_pp"] == pytest.approx(row["ma_ood"] - row["tma"], abs=1e-3)
     assert results["summary"]["inter_reuse_refit_pp"] == pytest.approx(
         sum(r["delta_refit_pp"] for r in results["inter_reuse"]) / 4, abs=1e-6)
     for row in results["intra_replace"]:

@@ -352,11 +352,17 @@ def reproduce_cmd(
     from .report import write_report
 
     study = Study(out, get_preset(preset), data, second_data, country, seed, device, data_root, resume)
-    results = study.run()
-    results["command"] = " ".join(["cnnmod", "reproduce", "--preset", preset, "--data", data, "--second-data",
-                                   second_data, "--seed", str(seed), "--country", study.meter.country])
-    (Path(out) / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    md, page = write_report(results, Path(out))
+    command = " ".join(["cnnmod", "reproduce", "--preset", preset, "--data", data, "--second-data", second_data,
+                        "--seed", str(seed), "--country", study.meter.country])
+    written: list[Path] = []
+
+    def report(results: dict) -> None:  # after every part: results.json and the report so far
+        results["command"] = command
+        (Path(out) / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        written[:] = write_report(results, Path(out))
+
+    results = study.run(on_part=report)
+    md, page = written
     summary = {"out": str(out), "preset": preset, "report": str(page), "markdown": str(md),
                "seconds_this_run": results["seconds_this_run"], **results["summary"]}
     emit(summary, as_json, f"study ({preset}) in {out}")

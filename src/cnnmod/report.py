@@ -65,6 +65,9 @@ def markdown(r: dict) -> str:
              f"{r['second_classes']}); models: {p['arch']} ({p['epochs']} epochs"
              + (f", {p['subset']} training images" if p.get("subset") else "") + f"); seed {r['seed']}; "
              f"carbon intensity of {r['country']}."]
+    if r.get("unfinished"):
+        lines += ["", f"**Unfinished:** {', '.join(r['unfinished'])}. This report shows the parts finished so far; "
+                  f"`{r.get('command', 'cnnmod reproduce')} --out DIR` resumes from what is cached."]
     if p["name"] == "quick":
         lines += ["", "**Quick preset:** small models, few epochs, subsets and capped test sets; its numbers show "
                   "that the pipeline works and how the scenarios compare, not the method's best."]

@@ -369,7 +369,9 @@ class Study:
         return rows
 
     # ------------------------------------------------------------------ running
-    def run(self, parts: tuple[str, ...] = PARTS) -> dict:
+    def run(self, parts: tuple[str, ...] = PARTS, on_part=None) -> dict:
+        """Run (or resume) the study's parts; ``on_part(results)`` is called with the results so far after each
+        part that was computed (their ``unfinished`` lists the parts still to come), and at the end."""
         seed_everything(self.seed)
         started = time.perf_counter()
         results: dict = {}
@@ -379,6 +381,8 @@ class Study:
                 results[part] = json.loads(path.read_text())
                 say(f"[{self.p.name}] {part}: done before, kept")
                 continue
+            if on_part is not None and results:  # the report so far, before a part that may take hours
+                on_part(self._results(results, parts, started))
             t0 = time.perf_counter()
             say(f"[{self.p.name}] {part} ...")
             rows = self.part_energy(results) if part == "energy" else getattr(self, f"part_{part}")()
@@ -390,10 +394,16 @@ class Study:
             seconds = time.perf_counter() - t0
             self._record_seconds(part, seconds)
             say(f"[{self.p.name}] {part}: {seconds:.0f} s")
-        summary = summarise(results)
+        out = self._results(results, parts, started)
+        if on_part is not None:
+            on_part(out)
+        return out
+
+    def _results(self, results: dict, parts: tuple[str, ...], started: float) -> dict:
         part_seconds = self._part_seconds()
         out = {**self.header, "main_classes": self.main_classes, "second_classes": self.second_classes,
-               "paper": PAPER, "summary": summary, **results,
+               "paper": PAPER, "summary": summarise(results), **results,
+               "unfinished": [p for p in parts if p not in results],
                "seconds_this_run": round(time.perf_counter() - started, 1),
                "part_seconds": part_seconds, "seconds_all_runs": round(sum(part_seconds.values()), 1)}
         (self.out / "results.json").write_text(json.dumps(out, indent=2) + "\n")
