@@ -191,6 +191,17 @@ def test_onnx_export_of_node_and_slim_compositions(tmp_path, npz_data, capsys):
         with torch.no_grad():
             expected = cnnmod.compose(cnnmod.load_modules(tmp_path / name))(images)
         assert torch.allclose(got, expected, atol=1e-4)
+    # the in-distribution test exports too (a comparison and a sum, no searchsorted)
+    file = tmp_path / "ood.onnx"
+    rc, stdout, err = run(["export", str(tmp_path / "node"), "--onnx", str(file), "--calibration", "platt-ood"],
+                          capsys)
+    assert rc == 0, err
+    session = onnxruntime.InferenceSession(str(file), providers=["CPUExecutionProvider"])
+    got = torch.from_numpy(session.run(None, {"images": images.numpy()})[0])
+    with torch.no_grad():
+        expected = cnnmod.compose(cnnmod.load_modules(tmp_path / "node"), calibration="platt-ood")(images)
+    assert torch.allclose(got, expected, atol=1e-4) and not torch.allclose(
+        expected, cnnmod.compose(cnnmod.load_modules(tmp_path / "node"), calibration="platt")(images))
     assert_user_error(*run(["export", str(tmp_path / "node"), "--onnx", str(tmp_path / "node.onnx")], capsys),
                       "--overwrite")
 
