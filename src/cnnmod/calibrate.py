@@ -148,6 +148,14 @@ def typicality(stats: dict[str, torch.Tensor] | None, layers: list[torch.Tensor]
     return (p / TYPICAL_ALPHA).clamp(max=1).float()
 
 
+def gated_score(module, layers: list[torch.Tensor]) -> torch.Tensor:
+    """A node-level module's "platt-ood" p_c from ``layers``: its pooled activations at every observation point,
+    then its head's input (the margin's), each (B, F)."""
+    w, b = module.head_weight, module.head_bias
+    margin = layers[-1] @ (w[0] - w[1]) + b[0] - b[1]
+    return apply(margin, module.calibration, "platt-ood", typicality(module.typical, layers))
+
+
 def score(logits: torch.Tensor, calibration: dict | None, mode: str = "none") -> torch.Tensor:
     """p_c from two-way logits (..., 2) [z_c, z_uc]: softmax([z_c, z_uc])[0] = sigmoid(z_c - z_uc), calibrated
     as ``mode`` asks."""

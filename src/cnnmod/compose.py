@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .calibrate import MODES as CALIBRATIONS
-from .calibrate import apply, score, typicality
+from .calibrate import gated_score, score
 from .data.registry import split_spec
 from .errors import UserError
 from .module import Module, masked_features
@@ -175,9 +175,7 @@ class Composition(nn.Module):
             if self.calibration == "platt-ood":
                 parts = [self.parts[i] for i in group]
                 layers = self.group_layers(group, images)
-                p = torch.stack([apply(layer[-1] @ (m.head_weight[0] - m.head_weight[1]) + m.head_bias[0]
-                                       - m.head_bias[1], m.calibration, self.calibration, typicality(m.typical, layer))
-                                 for m, layer in zip(parts, layers, strict=True)])
+                p = torch.stack([gated_score(m, layer) for m, layer in zip(parts, layers, strict=True)])
                 scores[:, group] = p.T.to(scores.dtype)
                 continue
             logits = self.group_logits(group, images)  # (K, B, 2)

@@ -157,14 +157,14 @@ class Module(nn.Module):
 
     def score(self, x: torch.Tensor, calibration: str = "none") -> torch.Tensor:
         """p_c; ``calibration`` "temperature", "platt" or "platt-ood" applies the module's fitted calibration."""
-        from .calibrate import apply, typicality
+        from .calibrate import gated_score, score
 
-        pooled = [] if calibration == "platt-ood" else None
+        if calibration != "platt-ood":
+            return score(self.forward(x), self.calibration, calibration)
+        pooled: list[torch.Tensor] = []
         masks = {n: m.unsqueeze(0) for n, m in self.masks.items()}
         features = masked_features(self.source.net, self.points, self.classifier_name, masks, x, pooled)[0]
-        logits = features @ self.head_weight.T + self.head_bias
-        gate = typicality(self.typical, [p[0] for p in pooled] + [features]) if pooled is not None else None
-        return apply(logits[:, 0] - logits[:, 1], self.calibration, calibration, gate)
+        return gated_score(self, [p[0] for p in pooled] + [features])
 
 
 def jaccard(a: torch.Tensor, b: torch.Tensor) -> float:
