@@ -167,6 +167,7 @@ class Composition(nn.Module):
         output, then the head's input, each (B, F): what the in-distribution test (platt-ood) measures."""
         pooled: list[torch.Tensor] = []
         features = self.group_features(group, images, pooled)
+        pooled = [p.expand(len(group), -1, -1) for p in pooled]  # merged: one pass for every module
         return [[p[j] for p in pooled] + [features[j]] for j in range(len(group))]
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
