@@ -12,9 +12,11 @@ from test_cli import assert_user_error, run
 from test_decompose import random_data
 
 import cnnmod
+from cnnmod.calibrate import TYPICAL_ALPHA, typicality
 from cnnmod.channels import classifier_input, cost_per_channel, gated
 from cnnmod.classifier import Classifier
 from cnnmod.data.transforms import InputSpec
+from cnnmod.decompose import calibration_set
 from cnnmod.models import build
 from cnnmod.slim import SlimSettings, fit_head, slim_module, source_log_odds
 
@@ -141,6 +143,17 @@ def test_slim_decomposition_command_and_artifacts(tmp_path, npz_data, capsys):
     shutil.copytree(out / "modules" / "c01-band1", alone)
     moved = cnnmod.load_module(alone)
     assert torch.equal(moved.score(moved.prepare(images)), scores[:, 1])
+    # calibrated as node-level modules are: Platt fits and the in-distribution test, saved with the module
+    assert all(m.calibration and m.typical is not None for m in modules) and moved.typical is not None
+    comp = cnnmod.compose(modules, calibration="platt-ood")
+    with torch.no_grad():
+        assert torch.allclose(moved.score(moved.prepare(images), "platt-ood"), comp(images)[:, 1], atol=1e-6)
+        held = calibration_set(cnnmod.data.load(npz_data, "train"), 100, 0)
+        noise = torch.randint(0, 256, (64, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+        own_gate, noise_gate = (typicality(modules[0].typical, comp.group_layers(comp.groups[0], x)[0])
+                                for x in (held.images, noise))
+    assert float((own_gate > 0.999).float().mean()) == pytest.approx(1 - TYPICAL_ALPHA, abs=0.05)
+    assert float(noise_gate.max()) < 2 / ((modules[0].typical["held"].numel() + 1) * TYPICAL_ALPHA)
     rc, stdout, err = run(["evaluate", str(out), "--json", "--latency-batch", "4"], capsys)
     assert rc == 0, err
     r = json.loads(stdout)
@@ -192,16 +205,17 @@ def test_onnx_export_of_node_and_slim_compositions(tmp_path, npz_data, capsys):
             expected = cnnmod.compose(cnnmod.load_modules(tmp_path / name))(images)
         assert torch.allclose(got, expected, atol=1e-4)
     # the in-distribution test exports too (a comparison and a sum, no searchsorted)
-    file = tmp_path / "ood.onnx"
-    rc, stdout, err = run(["export", str(tmp_path / "node"), "--onnx", str(file), "--calibration", "platt-ood"],
-                          capsys)
-    assert rc == 0, err
-    session = onnxruntime.InferenceSession(str(file), providers=["CPUExecutionProvider"])
-    got = torch.from_numpy(session.run(None, {"images": images.numpy()})[0])
-    with torch.no_grad():
-        expected = cnnmod.compose(cnnmod.load_modules(tmp_path / "node"), calibration="platt-ood")(images)
-    assert torch.allclose(got, expected, atol=1e-4) and not torch.allclose(
-        expected, cnnmod.compose(cnnmod.load_modules(tmp_path / "node"), calibration="platt")(images))
+    for name in ("node", "slim"):
+        file = tmp_path / f"{name}-ood.onnx"
+        rc, stdout, err = run(["export", str(tmp_path / name), "--onnx", str(file), "--calibration", "platt-ood"],
+                              capsys)
+        assert rc == 0, err
+        session = onnxruntime.InferenceSession(str(file), providers=["CPUExecutionProvider"])
+        got = torch.from_numpy(session.run(None, {"images": images.numpy()})[0])
+        with torch.no_grad():
+            expected = cnnmod.compose(cnnmod.load_modules(tmp_path / name), calibration="platt-ood")(images)
+            platt = cnnmod.compose(cnnmod.load_modules(tmp_path / name), calibration="platt")(images)
+        assert torch.allclose(got, expected, atol=1e-4) and not torch.allclose(expected, platt)
     assert_user_error(*run(["export", str(tmp_path / "node"), "--onnx", str(tmp_path / "node.onnx")], capsys),
                       "--overwrite")
 

@@ -97,6 +97,24 @@ def fit_head(features: torch.Tensor, targets: torch.Tensor, init_w: torch.Tensor
     return w.detach().float(), float(b.detach())
 
 
+class Typical:
+    """A module's in-distribution test (:func:`fit_typical`) as ``typical``: a dict of tensors, or None; kept
+    as buffers so that moving the module moves them. For :class:`torch.nn.Module` subclasses."""
+
+    @property
+    def typical(self) -> dict[str, torch.Tensor] | None:
+        names = getattr(self, "_typical_names", [])
+        return {k: getattr(self, f"typical_{i}") for i, k in enumerate(names)} if names else None
+
+    @typical.setter
+    def typical(self, stats: dict[str, torch.Tensor] | None) -> None:
+        for i in range(len(getattr(self, "_typical_names", []))):
+            delattr(self, f"typical_{i}")
+        self._typical_names = list(stats) if stats else []
+        for i, k in enumerate(self._typical_names):
+            self.register_buffer(f"typical_{i}", stats[k], persistent=False)
+
+
 def _distances(stats: dict[str, torch.Tensor], layer: int, x: torch.Tensor) -> torch.Tensor:
     """Squared Mahalanobis distance of rows ``x`` (B, F) to the nearest class mean of one layer: (B,)."""
     mean, precision = stats[f"mean.{layer}"].to(x), stats[f"precision.{layer}"].to(x)

@@ -67,8 +67,8 @@ def check_calibration(modules: Sequence[Module], calibration: str, mode: str = "
     if calibration == "platt-ood":
         missing = [m.class_name for m in modules if getattr(m, "typical", None) is None]
         if missing:
-            raise UserError(f"the modules of {', '.join(missing[:3])} have no in-distribution test (slim modules "
-                            "and modules made before it have none); use --calibration platt, or decompose again")
+            raise UserError(f"the modules of {', '.join(missing[:3])} have no in-distribution test (modules made "
+                            "before cnnmod had it have none): use --calibration platt, or decompose again")
         if mode != "vote":
             raise UserError("--calibration platt-ood measures each module's own activations: compose with --mode "
                             "vote")
@@ -109,6 +109,10 @@ class Composition(nn.Module):
         self.calibration = calibration
         self.mode = mode
         self.parts = nn.ModuleList(modules)
+        if calibration == "platt-ood":
+            for m in modules:
+                if not isinstance(m, Module):
+                    m.points()
         groups: dict[int, list[int]] = {}
         for i, m in enumerate(modules):  # node-masked modules of one source run together; a slim module alone
             groups.setdefault(id(m.source) if isinstance(m, Module) else id(m), []).append(i)
@@ -149,11 +153,13 @@ class Composition(nn.Module):
         return torch.einsum("kbf,kjf->kbj", features, weight) + bias[:, None, :]
 
     def group_features(self, group: list[int], images: torch.Tensor, pooled: list | None = None) -> torch.Tensor:
-        """What the heads of one source model's node-masked modules see: (K, B, F), in one batched pass
-        (``pooled``: see :func:`masked_features`)."""
+        """What the heads of one source model's node-masked modules see: (K, B, F), in one batched pass, or a
+        slim module's head (1, B, F) (``pooled``: see :func:`masked_features`)."""
         parts = [self.parts[i] for i in group]
         first = parts[0]
         x = first.prepare(images)
+        if not isinstance(first, Module):  # a slim module: its own smaller network
+            return first.features(x, pooled)
         if self.mode == "vote":  # the paper: every module its own masked pass (batched)
             masks = {name: torch.stack([p.masks[name] for p in parts]) for name in first.point_names}
         else:  # one pass with the union of the modules' kept nodes, every head on the same features

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from .calibrate import Typical
 from .classifier import Classifier
 from .graph import ModelGraph, ObservationPoint
 from .observe import hooks
@@ -58,7 +59,7 @@ def binary_head(weight: torch.Tensor, bias: torch.Tensor, concerned: int) -> tup
     return w.detach().clone(), b.detach().clone()
 
 
-class Module(nn.Module):
+class Module(Typical, nn.Module):
     """A binary classifier for one class of a source model: masks at the observation points plus a two-way head.
 
     ``forward`` takes the source model's normalised input and returns logits (B, 2): [z_c, z_uc];
@@ -88,20 +89,6 @@ class Module(nn.Module):
         self.metrics = dict(metrics or {})
         self.calibration = dict(calibration) if calibration else None  # see cnnmod.calibrate
         self.typical = typical  # the in-distribution test's statistics (cnnmod.calibrate.fit_typical)
-
-    @property
-    def typical(self) -> dict[str, torch.Tensor] | None:
-        names = self._typical_names
-        return {k: getattr(self, f"typical_{i}") for i, k in enumerate(names)} if names else None
-
-    @typical.setter
-    def typical(self, stats: dict[str, torch.Tensor] | None) -> None:
-        for i in range(len(getattr(self, "_typical_names", []))):
-            delattr(self, f"typical_{i}")
-        self._typical_names = list(stats) if stats else []
-        device = self.head_weight.device
-        for i, k in enumerate(self._typical_names):
-            self.register_buffer(f"typical_{i}", stats[k].to(device), persistent=False)
 
     # ---------------------------------------------------------------- what it is
     @property

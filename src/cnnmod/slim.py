@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from .calibrate import _balanced_bce, fit_head
+from .calibrate import Typical, _balanced_bce, fit_head
 from .channels import (
     classifier_input,
     closed_channels,
@@ -92,7 +92,7 @@ def held_out_data(data: ImageSet, concerned: int, per_class: int, seed: int) -> 
     return data.images[idx], data.labels[idx] == concerned
 
 
-class SlimModule(nn.Module):
+class SlimModule(Typical, nn.Module):
     """A physically smaller network for one class: uint8-free, ``forward(x)`` -> logits (B, 2) [z_c, z_uc]."""
 
     def __init__(self, net: nn.Module, classifier: str, spec, class_name: str, concerned: int, source_info: dict,
@@ -133,10 +133,41 @@ class SlimModule(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
-    def score(self, x: torch.Tensor, calibration: str = "none") -> torch.Tensor:
-        from .calibrate import score
+    @property
+    def head_weight(self) -> torch.Tensor:
+        """The two-way head's rows (2, F): [z_c, z_uc]."""
+        return self.net.get_submodule(self.classifier_name).weight
 
-        return score(self.forward(x), self.calibration, calibration)
+    @property
+    def head_bias(self) -> torch.Tensor:
+        return self.net.get_submodule(self.classifier_name).bias
+
+    def features(self, x: torch.Tensor, pooled: list | None = None) -> torch.Tensor:
+        """The head's input (1, B, F); ``pooled`` receives every observation point's output of this smaller
+        network, averaged over positions, (1, B, channels) (as :func:`cnnmod.module.masked_features`)."""
+        from .module import masked_features
+
+        points = self.points()
+        masks = {p.name: torch.ones(1, *p.shape, dtype=torch.bool, device=x.device) for p in points}
+        return masked_features(self.net, points, self.classifier_name, masks, x, pooled)
+
+    def points(self) -> list:
+        """Its own network's observation points (traced on first use; a composition traces them when it is
+        made, so that exporting it never traces inside a trace)."""
+        from .graph import ModelGraph
+
+        if not hasattr(self, "_points"):
+            self._points = ModelGraph(self.net, self.spec.shape).points
+        return self._points
+
+    def score(self, x: torch.Tensor, calibration: str = "none") -> torch.Tensor:
+        from .calibrate import gated_score, score
+
+        if calibration != "platt-ood":
+            return score(self.forward(x), self.calibration, calibration)
+        pooled: list[torch.Tensor] = []
+        features = self.features(x, pooled)[0]
+        return gated_score(self, [p[0] for p in pooled] + [features])
 
     def params(self) -> int:
         return sum(p.numel() for p in self.net.parameters())

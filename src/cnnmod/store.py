@@ -96,7 +96,8 @@ def write_module(folder: Path, m, source_rel: str | None = None, source_sha: str
     from .slim import SlimModule
 
     if isinstance(m, SlimModule):
-        return write_into(folder, "module", slim_config(m), m.net.state_dict(), slim_card(m))
+        typical = {f"typical.{k}": v for k, v in (m.typical or {}).items()}
+        return write_into(folder, "module", slim_config(m), {**m.net.state_dict(), **typical}, slim_card(m))
     return write_into(folder, "module", module_config(m, source_rel, source_sha), module_tensors(m), module_card(m))
 
 
@@ -123,11 +124,14 @@ def load_slim(path: Path, config: dict, tensors: dict[str, torch.Tensor], device
     from .slim import SlimModule, build_sliced
 
     net = build_sliced(config)
-    load_weights(net, tensors, f"slim {config['source']['arch']}", path)
+    typical = {k[len("typical."):]: v for k, v in tensors.items() if k.startswith("typical.")} or None
+    load_weights(net, {k: v for k, v in tensors.items() if not k.startswith("typical.")},
+                 f"slim {config['source']['arch']}", path)
     m = SlimModule(net, config["classifier"], InputSpec.from_dict(config["input"]), config["class_name"],
                    config["concerned_class"], config["source"], config["removed"], config.get("settings", {}),
                    config.get("metrics"))
     m.calibration = config.get("calibration")
+    m.typical = typical
     return m.to(device).eval()
 
 
