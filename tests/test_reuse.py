@@ -402,3 +402,23 @@ def test_merged_and_fused_compositions(two_models, tmp_path, capsys):
     assert json.loads(stdout)["mode"] == "merged"
     assert_user_error(*run(["compose", str(dec_a), "--mode", "blend", "--out", str(tmp_path / "x")], capsys),
                       "unknown composition mode")
+
+
+def test_cached_module_scores_give_the_composition_figures(two_models):
+    """A study's cache of each module's test scores changes no figure of any composition that reuses them."""
+    from cnnmod.evaluation import evaluate_composition
+
+    dec_a, dec_b, _, _ = two_models
+    a, b = cnnmod.load_modules(dec_a), cnnmod.load_modules(dec_b)
+    cache: dict = {}
+    for calibration in ("none", "platt-ood"):
+        for modules in ([a[0], a[1], b[1]], [a[0], a[2], b[1]], [a[2], b[0]]):
+            fresh = evaluate_composition(modules, None, torch.device("cpu"), calibration=calibration)
+            cached = evaluate_composition(modules, None, torch.device("cpu"), calibration=calibration, cache=cache)
+            for key in ("composed_top1", "composed_top5", "composed_balanced_top1", "test_images"):
+                assert cached[key] == pytest.approx(fresh[key], abs=1e-9), key
+            assert [c["binary_accuracy"] for c in cached["per_class"]] == pytest.approx(
+                [c["binary_accuracy"] for c in fresh["per_class"]], abs=1e-9)
+    # each module's scores on each test chunk once: per calibration, the first composition scores 2 chunks x 3
+    # modules, the second reuses a[0] and b[1] on b's chunk (3 + 1 new), the third 2 chunks x 2 modules
+    assert len(cache) == 2 * (6 + 4 + 4)

@@ -182,17 +182,32 @@ def composition_test_sets(modules: list, data_root: str | None, per_class: int |
 
 
 def evaluate_composition(modules: list, data_root: str | None, device: torch.device, batch_size: int = 512,
-                         per_class: int | None = None, calibration: str = "none", mode: str = "vote") -> dict:
+                         per_class: int | None = None, calibration: str = "none", mode: str = "vote",
+                         cache: dict | None = None) -> dict:
     """A composition of modules from any models: top-1, top-5 and per-class accuracy on the union of its classes'
-    test images, each from its own data set."""
+    test images, each from its own data set.
+
+    A voting composition's scores are its modules' scores side by side; given a ``cache`` (a dict kept by the
+    caller), each module's scores on each test chunk are computed once and reused by later compositions that
+    hold the same module object (a study evaluates many compositions that share most of their modules)."""
     from .compose import compose, qualified_name
 
     composition = compose(modules, calibration=calibration, mode=mode).to(device).eval()
     scores, labels = [], []
     started = time.perf_counter()
     for test, mapped in composition_test_sets(modules, data_root, per_class):
-        scores.append(predict_scores(composition, lambda x: x, test.images, device,
-                                     max(8, batch_size // composition.max_group)))
+        if cache is None or mode != "vote":
+            scores.append(predict_scores(composition, lambda x: x, test.images, device,
+                                         max(8, batch_size // composition.max_group)))
+        else:
+            columns = []
+            for m in modules:
+                key = (id(m), calibration, test.name, tuple(test.source_classes), per_class)
+                if key not in cache:  # the module is kept with its scores, so its id is not reused
+                    alone = compose([m], calibration=calibration).to(device).eval()
+                    cache[key] = (m, predict_scores(alone, lambda x: x, test.images, device, batch_size)[:, 0])
+                columns.append(cache[key][1])
+            scores.append(torch.stack(columns, 1))
         labels.append(mapped)
     composed_seconds = time.perf_counter() - started
     scores_all, labels_all = torch.cat(scores), torch.cat(labels)

@@ -67,6 +67,7 @@ class Study:
                  resume: bool = True) -> None:
         self.out, self.p, self.data, self.second = Path(out), preset, data, second
         self.seed, self.data_root = seed, data_root
+        self.scores: dict = {}  # each module's test scores, computed once (evaluate_composition's cache)
         self.device = pick_device(device)
         self.meter = EnergyMeter(country)
         self.header = json.loads(json.dumps({"preset": preset.to_dict(), "data": data, "second_data": second,
@@ -177,7 +178,7 @@ class Study:
 
     def composed(self, modules: list[Module], calibration: str = "none") -> dict:
         r = evaluate_composition(modules, self.data_root, self.device, per_class=self.p.test_per_class,
-                                 calibration=calibration)
+                                 calibration=calibration, cache=self.scores)
         return {"top1": r["composed_top1"], "top5": r["composed_top5"], "balanced_top1": r["composed_balanced_top1"]}
 
     # ------------------------------------------------------------------ the models everything starts from
