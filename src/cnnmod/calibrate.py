@@ -167,7 +167,7 @@ def typicality(stats: dict[str, torch.Tensor] | None, layers: list[torch.Tensor]
 
 
 def gated_score(module, layers: list[torch.Tensor]) -> torch.Tensor:
-    """A node-level module's "platt-ood" p_c from ``layers``: its pooled activations at every observation point,
+    """A module's "platt-ood" p_c (node-level or slim) from ``layers``: its pooled activations at every point,
     then its head's input (the margin's), each (B, F)."""
     w, b = module.head_weight, module.head_bias
     margin = layers[-1] @ (w[0] - w[1]) + b[0] - b[1]
