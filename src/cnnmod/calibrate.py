@@ -166,12 +166,26 @@ def typicality(stats: dict[str, torch.Tensor] | None, layers: list[torch.Tensor]
     return (p / TYPICAL_ALPHA).clamp(max=1).float()
 
 
+def margin(module, features: torch.Tensor) -> torch.Tensor:
+    """``z_c - z_uc`` of a module's two-way head (``head_weight`` (2, F), ``head_bias`` (2,)) on its input (B, F)."""
+    w, b = module.head_weight, module.head_bias
+    return features @ (w[0] - w[1]) + b[0] - b[1]
+
+
 def gated_score(module, layers: list[torch.Tensor]) -> torch.Tensor:
     """A module's "platt-ood" p_c (node-level or slim) from ``layers``: its pooled activations at every point,
-    then its head's input (the margin's), each (B, F)."""
-    w, b = module.head_weight, module.head_bias
-    margin = layers[-1] @ (w[0] - w[1]) + b[0] - b[1]
-    return apply(margin, module.calibration, "platt-ood", typicality(module.typical, layers))
+    then its head's input, each (B, F)."""
+    return apply(margin(module, layers[-1]), module.calibration, "platt-ood", typicality(module.typical, layers))
+
+
+def module_score(module, x: torch.Tensor, mode: str) -> torch.Tensor:
+    """p_c of a module (node-level or slim: ``forward``, ``features``, ``calibration``) on its prepared input
+    ``x`` under ``mode``."""
+    if mode != "platt-ood":
+        return score(module(x), module.calibration, mode)
+    pooled: list[torch.Tensor] = []
+    features = module.features(x, pooled)[0]
+    return gated_score(module, [p[0] for p in pooled] + [features])
 
 
 def score(logits: torch.Tensor, calibration: dict | None, mode: str = "none") -> torch.Tensor:

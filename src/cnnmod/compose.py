@@ -65,7 +65,7 @@ def check_calibration(modules: Sequence[Module], calibration: str, mode: str = "
             raise UserError(f"the modules of {', '.join(missing[:3])} have no calibration; decompose with "
                             "--calibration-samples N (N > 0), or compose with --calibration none")
     if calibration == "platt-ood":
-        missing = [m.class_name for m in modules if getattr(m, "typical", None) is None]
+        missing = [m.class_name for m in modules if m.typical is None]
         if missing:
             raise UserError(f"the modules of {', '.join(missing[:3])} have no in-distribution test (modules made "
                             "before cnnmod had it have none): use --calibration platt, or decompose again")

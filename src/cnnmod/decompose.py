@@ -169,10 +169,7 @@ def decompose(model: nn.Module, data: ImageSet, variant: str | None = None, *, c
         m.settings["decomposition_seconds"] = round(seconds, 3)
     if s.calibration_samples > 0:
         started = time.perf_counter()
-        from .compose import base_dataset
-
-        calibrate_modules(modules, {base_dataset(modules[0]): data}, s.calibration_samples, s.seed, batch_size)
-        fit_typical_modules(modules, data, s.calibration_samples, s.seed, batch_size)
+        calibrate_decomposition(modules, data, s.calibration_samples, s.seed, batch_size)
         for m in modules:
             m.settings["calibration_seconds"] = round(time.perf_counter() - started, 3)
     return modules
@@ -233,18 +230,22 @@ def calibrate_modules(modules: list, sets: dict[str, ImageSet], per_class: int, 
         m.calibration = {**fit(margin, own), "per_class": per_class}
 
 
-def fit_typical_modules(modules: list, data: ImageSet, per_class: int, seed: int, batch_size: int = 256) -> None:
-    """Fit every module's in-distribution test (:func:`cnnmod.calibrate.fit_typical`) on its source's training
-    split ``data``: class statistics from the first ``per_class`` inputs of each class in the observation
-    order, the p-values' reference from the last ``per_class`` (the calibration inputs)."""
-    from .calibrate import fit_typical
+def calibrate_decomposition(modules: list, data: ImageSet, per_class: int, seed: int, batch_size: int = 256
+                            ) -> None:
+    """At decomposition, on the source's training split ``data``: every module's score calibration (as
+    :func:`calibrate_modules`, on the last ``per_class`` inputs of each class in the observation order) and its
+    in-distribution test (:func:`cnnmod.calibrate.fit_typical`: class statistics from the first ``per_class``,
+    the p-values' reference from the calibration inputs). One pass over the calibration inputs serves both: the
+    margins are the head's rows applied to the last of its layers."""
+    from .calibrate import fit, fit_typical, margin
     from .compose import base_dataset
 
     sets = {base_dataset(modules[0]): data}
-    fit, _ = _module_outputs(modules, sets, observation_set, per_class, seed, batch_size, False, layers=True)
-    held, _ = _module_outputs(modules, sets, calibration_set, per_class, seed, batch_size, False, layers=True)
+    fit_on, _ = _module_outputs(modules, sets, observation_set, per_class, seed, batch_size, False, layers=True)
+    held, mine = _module_outputs(modules, sets, calibration_set, per_class, seed, batch_size, False, layers=True)
     labels = observation_set(data, per_class, seed).labels
-    for m, f, h in zip(modules, fit, held, strict=True):
+    for m, f, h, own in zip(modules, fit_on, held, mine, strict=True):
+        m.calibration = {**fit(margin(m, h[-1].to(m.head_weight)).cpu(), own), "per_class": per_class}
         m.typical = fit_typical(f, labels, h)
 
 

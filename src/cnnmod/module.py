@@ -137,21 +137,19 @@ class Module(Typical, nn.Module):
     def prepare(self, images: torch.Tensor) -> torch.Tensor:
         return self.source.prepare(images)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def features(self, x: torch.Tensor, pooled: list | None = None) -> torch.Tensor:
+        """The head's input (1, B, F), from one masked pass (``pooled``: see :func:`masked_features`)."""
         masks = {n: m.unsqueeze(0) for n, m in self.masks.items()}
-        features = masked_features(self.source.net, self.points, self.classifier_name, masks, x)[0]
-        return features @ self.head_weight.T + self.head_bias
+        return masked_features(self.source.net, self.points, self.classifier_name, masks, x, pooled)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)[0] @ self.head_weight.T + self.head_bias
 
     def score(self, x: torch.Tensor, calibration: str = "none") -> torch.Tensor:
         """p_c; ``calibration`` "temperature", "platt" or "platt-ood" applies the module's fitted calibration."""
-        from .calibrate import gated_score, score
+        from .calibrate import module_score
 
-        if calibration != "platt-ood":
-            return score(self.forward(x), self.calibration, calibration)
-        pooled: list[torch.Tensor] = []
-        masks = {n: m.unsqueeze(0) for n, m in self.masks.items()}
-        features = masked_features(self.source.net, self.points, self.classifier_name, masks, x, pooled)[0]
-        return gated_score(self, [p[0] for p in pooled] + [features])
+        return module_score(self, x, calibration)
 
 
 def jaccard(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -161,13 +161,9 @@ class SlimModule(Typical, nn.Module):
         return self._points
 
     def score(self, x: torch.Tensor, calibration: str = "none") -> torch.Tensor:
-        from .calibrate import gated_score, score
+        from .calibrate import module_score
 
-        if calibration != "platt-ood":
-            return score(self.forward(x), self.calibration, calibration)
-        pooled: list[torch.Tensor] = []
-        features = self.features(x, pooled)[0]
-        return gated_score(self, [p[0] for p in pooled] + [features])
+        return module_score(self, x, calibration)
 
     def params(self) -> int:
         return sum(p.numel() for p in self.net.parameters())

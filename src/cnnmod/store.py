@@ -86,9 +86,16 @@ def module_tensors(m: Module) -> dict[str, torch.Tensor]:
     tensors = {f"mask.{name}": pack_mask(mask) for name, mask in m.masks.items()}
     tensors["head.weight"] = m.head_weight
     tensors["head.bias"] = m.head_bias
-    for k, v in (m.typical or {}).items():
-        tensors[f"typical.{k}"] = v
-    return tensors
+    return {**tensors, **typical_tensors(m)}
+
+
+def typical_tensors(m) -> dict[str, torch.Tensor]:
+    """A module's in-distribution test as ``typical.*`` tensors (none when it has no test)."""
+    return {f"typical.{k}": v for k, v in (m.typical or {}).items()}
+
+
+def typical_of(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+    return {k[len("typical."):]: v for k, v in tensors.items() if k.startswith("typical.")} or None
 
 
 def write_module(folder: Path, m, source_rel: str | None = None, source_sha: str | None = None) -> dict:
@@ -96,8 +103,8 @@ def write_module(folder: Path, m, source_rel: str | None = None, source_sha: str
     from .slim import SlimModule
 
     if isinstance(m, SlimModule):
-        typical = {f"typical.{k}": v for k, v in (m.typical or {}).items()}
-        return write_into(folder, "module", slim_config(m), {**m.net.state_dict(), **typical}, slim_card(m))
+        return write_into(folder, "module", slim_config(m), {**m.net.state_dict(), **typical_tensors(m)},
+                          slim_card(m))
     return write_into(folder, "module", module_config(m, source_rel, source_sha), module_tensors(m), module_card(m))
 
 
@@ -124,7 +131,7 @@ def load_slim(path: Path, config: dict, tensors: dict[str, torch.Tensor], device
     from .slim import SlimModule, build_sliced
 
     net = build_sliced(config)
-    typical = {k[len("typical."):]: v for k, v in tensors.items() if k.startswith("typical.")} or None
+    typical = typical_of(tensors)
     load_weights(net, {k: v for k, v in tensors.items() if not k.startswith("typical.")},
                  f"slim {config['source']['arch']}", path)
     m = SlimModule(net, config["classifier"], InputSpec.from_dict(config["input"]), config["class_name"],
@@ -265,7 +272,7 @@ def load_module(path: str | os.PathLike, device: torch.device | str = "cpu",
         head_w, head_b = tensors["head.weight"], tensors["head.bias"]
     except KeyError as e:
         raise UserError(f"{path}/model.safetensors lacks {e}; the module is damaged")
-    typical = {k[len("typical."):]: v for k, v in tensors.items() if k.startswith("typical.")} or None
+    typical = typical_of(tensors)
     m = Module(clf, graph, config["concerned_class"], masks, head_w, head_b, config.get("settings"),
                config.get("metrics"), config.get("calibration"), typical)
     return m.to(device)

@@ -7,8 +7,7 @@ from pathlib import Path
 
 from .artifacts import check_output
 from .classifier import load_model
-from .compose import base_dataset
-from .decompose import DecomposeSettings, calibrate_modules, chosen_classes, decompose, fit_typical_modules
+from .decompose import DecomposeSettings, calibrate_decomposition, chosen_classes, decompose
 from .energy import EnergyMeter
 from .evaluation import binary_report, split_for
 from .metrics import predict_scores
@@ -44,9 +43,7 @@ def decompose_dir(model_dir: str | Path, out: str | Path, settings: DecomposeSet
                 modules.append(slim_module(clf, train, c, slim, batch_size))
                 step(params=f"{modules[-1].metrics['params_fraction']:.2f}")
             if settings.calibration_samples > 0:  # as for node-level modules: scores and in-distribution test
-                calibrate_modules(modules, {base_dataset(modules[0]): train}, settings.calibration_samples,
-                                  settings.seed, batch_size)
-                fit_typical_modules(modules, train, settings.calibration_samples, settings.seed, batch_size)
+                calibrate_decomposition(modules, train, settings.calibration_samples, settings.seed, batch_size)
         seconds = round(time.perf_counter() - started, 3)
         variant = "channel"
     else:
