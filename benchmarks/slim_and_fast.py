@@ -2,18 +2,23 @@
 
     python benchmarks/slim_and_fast.py runs/bench/resnet20-bn --sizes 0.5,0.25 --rules taylor,activation
     python benchmarks/slim_and_fast.py runs/bench/resnet20-bn --sizes 0.35,0.25 --costs params,both --pair-only
+    python benchmarks/slim_and_fast.py runs/bench/resnet20-bn --sizes 0.5 --costs both --pair-only --pair 0,6 \
+        --random-pairs 6 --merge-sizes 0.3,0.2 --multiple 8
 
 For each size and importance rule: slim modules of all classes; their mean parameter fraction; the composed
 top-1/top-5 against the model on the full test set; and, measured side by side in the same run, the latency
 at batch 256 of the model, of the paper's voting composition (node-level modules, one batched pass) and of
 the slim composition. ``--costs`` compares channel costs (params, flops, both: ``SlimSettings.cost``);
-``--pair-only`` makes only the pair's modules and measures only its 2-class merged composition. Figures go to
+``--pair-only`` makes only the pairs' modules and measures only their 2-class merged compositions (``--pair``
+repeats; ``--random-pairs N`` adds N pairs drawn with ``--seed``). Figures go to
 benchmarks/out/slim_<model>.json (``slim_pair_<model>.json`` with ``--pair-only``) with a markdown table.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
+import random
 import sys
 import time
 from pathlib import Path
@@ -37,7 +42,9 @@ def main(argv: list[str]) -> None:
     p.add_argument("--rules", default="taylor")
     p.add_argument("--samples", type=int, default=SlimSettings.samples)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--pair", default="0,6", help="the two classes of the 2-class merged composition")
+    p.add_argument("--pair", action="append", help="the two classes of a 2-class merged composition (repeatable; "
+                   "default 0,6)")
+    p.add_argument("--random-pairs", type=int, default=0, help="also this many pairs drawn with --seed")
     p.add_argument("--costs", default="params", help="channel costs to rank by (SlimSettings.cost), comma-separated")
     p.add_argument("--pair-only", action="store_true", help="only the pair's modules and 2-class composition")
     p.add_argument("--merge-sizes", default="", help="also prune the pair's merged composition to these sizes")
@@ -48,8 +55,9 @@ def main(argv: list[str]) -> None:
     clf = load_model(args.model, device)
     train, test = load(clf.dataset, "train"), load(clf.dataset, "test")
     images = test.images[:256]
-    pair = [int(v) for v in args.pair.split(",")]
-    pair_test = test.subset(pair)
+    pairs = [[int(v) for v in text.split(",")] for text in (args.pair or ["0,6"])]
+    drawn = [list(q) for q in itertools.combinations(range(clf.num_classes), 2) if list(q) not in pairs]
+    pairs += sorted(random.Random(args.seed).sample(drawn, args.random_pairs))
     rows = [] if args.pair_only or args.no_node else [node_row(clf, train, test, images, device)]
     for rule in args.rules.split(","):
         for cost in args.costs.split(","):
@@ -57,39 +65,25 @@ def main(argv: list[str]) -> None:
                 t0 = time.perf_counter()
                 s = SlimSettings(size=size, rule=rule, samples=args.samples, seed=args.seed, cost=cost,
                                  multiple=args.multiple)
-                classes = pair if args.pair_only else list(range(clf.num_classes))
+                classes = sorted({c for q in pairs for c in q}) if args.pair_only else list(range(clf.num_classes))
                 modules = {c: slim_module(clf, train, c, s) for c in classes}
                 row = {"kind": "slim (channel)", "size": size, "rule": rule, "cost": cost, "multiple": args.multiple,
                        "seconds": round(time.perf_counter() - t0, 1),
                        "params_fraction": sum(m.metrics["params_fraction"] for m in modules.values()) / len(modules)}
                 if not args.pair_only:
                     row.update(all_classes(clf, train, test, images, device, list(modules.values()), args))
-                for merge_size in [None] + [float(v) for v in args.merge_sizes.split(",") if v]:
-                    two = merge_slim([modules[c] for c in pair], clf, train, samples=args.samples, seed=args.seed,
-                                     size=merge_size, cost=cost, multiple=args.multiple)
-                    two_report = evaluate_modules([modules[c] for c in pair], pair_test, device, source=clf,
-                                                  composition=two)
-                    two_cost = cost_report(two, images, source=clf)
-                    rows.append({**row, "merge_size": merge_size, "pair": pair,
-                                 "pair_model_top1": two_report["model_top1"],
-                                 "pair_merged_top1": two_report["composed_top1"],
-                                 "pair_merged_latency_fraction": two_cost["latency_fraction"],
-                                 "pair_merged_flops_fraction": two_cost["flops_fraction"],
-                                 "pair_merged_params_fraction": two_cost["params_fraction"]})
-                    print(rows[-1], flush=True)
+                for pair in pairs if args.pair_only else pairs[:1]:
+                    rows += pair_rows(clf, train, test.subset(pair), images, device, row, modules, pair, args)
     table = pair_table(rows) if args.pair_only else full_table(rows)
     command = (f"python benchmarks/slim_and_fast.py {args.model} --sizes {args.sizes} --rules {args.rules} "
-               f"--costs {args.costs} --samples {args.samples} --pair {args.pair}"
+               f"--costs {args.costs} --samples {args.samples}"
+               + "".join(f" --pair {text}" for text in args.pair or [])
+               + (f" --random-pairs {args.random_pairs} --seed {args.seed}" if args.random_pairs else "")
                + (" --pair-only" if args.pair_only else "")
                + (f" --merge-sizes {args.merge_sizes}" if args.merge_sizes else "")
                + (" --no-node" if args.no_node else "") + (f" --multiple {args.multiple}" if args.multiple > 1 else ""))
     if args.pair_only:
-        within = [r for r in rows if r["pair_merged_top1"] >= r["pair_model_top1"] - 1.0]
-        best = min(within or rows, key=lambda r: r["pair_merged_latency_fraction"])
-        summary = (f"{args.model.name}, classes {pair} (model {best['pair_model_top1']:.2f}%): fastest merged pair"
-                   f"{' within 1 pp' if within else ''}: {best['pair_merged_top1']:.2f}% at "
-                   f"{best['pair_merged_latency_fraction']:.2f}x latency, {best['pair_merged_flops_fraction']:.2f}x "
-                   f"FLOPs (cost {best['cost']}, modules {best['size']}, merged pruned to {best['merge_size']})")
+        summary = pair_summary(args.model.name, pairs, rows)
         name = f"slim_pair_{args.model.name}"
     else:
         within = [r for r in rows if r["kind"] != "node (the paper's, mc-bln)" and r["cost_top1_pp"] >= -1.0]
@@ -101,6 +95,37 @@ def main(argv: list[str]) -> None:
     path = record(name, command, {"rows": rows, "table": table}, summary)
     print(table)
     print(f"wrote {path}")
+
+
+def pair_rows(clf, train, pair_test, images, device, row: dict, modules: dict, pair: list[int], args) -> list[dict]:
+    """The pair's merged composition, as merged and pruned further to each of ``--merge-sizes``."""
+    rows = []
+    for merge_size in [None] + [float(v) for v in args.merge_sizes.split(",") if v]:
+        two = merge_slim([modules[c] for c in pair], clf, train, samples=args.samples, seed=args.seed,
+                         size=merge_size, cost=row["cost"], multiple=args.multiple)
+        two_report = evaluate_modules([modules[c] for c in pair], pair_test, device, source=clf, composition=two)
+        two_cost = cost_report(two, images, source=clf)
+        rows.append({**row, "merge_size": merge_size, "pair": pair,
+                     "pair_model_top1": two_report["model_top1"],
+                     "pair_merged_top1": two_report["composed_top1"],
+                     "pair_merged_latency_fraction": two_cost["latency_fraction"],
+                     "pair_merged_flops_fraction": two_cost["flops_fraction"],
+                     "pair_merged_params_fraction": two_cost["params_fraction"]})
+        print(rows[-1], flush=True)
+    return rows
+
+
+def pair_summary(name: str, pairs: list[list[int]], rows: list[dict]) -> str:
+    """Per pair, the fastest merged composition within 1 pp of the model restricted to it (else the fastest)."""
+    parts, met = [], 0
+    for pair in pairs:
+        mine = [r for r in rows if r["pair"] == pair]
+        within = [r for r in mine if r["pair_merged_top1"] >= r["pair_model_top1"] - 1.0]
+        best = min(within or mine, key=lambda r: r["pair_merged_latency_fraction"])
+        met += bool(within) and best["pair_merged_latency_fraction"] <= 0.5
+        parts.append(f"{pair}: {best['pair_merged_top1']:.2f}% (model {best['pair_model_top1']:.2f}) at "
+                     f"{best['pair_merged_latency_fraction']:.2f}x latency{'' if within else ' (none within 1 pp)'}")
+    return f"{name}: {met} of {len(pairs)} pairs within 1 pp at <= 0.5x latency; " + "; ".join(parts)
 
 
 def node_row(clf, train, test, images, device) -> dict:
@@ -157,11 +182,11 @@ def full_table(rows: list[dict]) -> str:
 
 
 def pair_table(rows: list[dict]) -> str:
-    lines = ["| modules' size | rule / cost | modules' mean params (of model) | merged, pruned to | merged 2-class: "
-             "top-1 (model restricted) | params / FLOPs / latency (x model) | seconds (modules) |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| pair | modules' size | rule / cost | modules' mean params (of model) | merged, pruned to | merged "
+             "2-class: top-1 (model restricted) | params / FLOPs / latency (x model) | seconds (modules) |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['size']} | {r['rule']} / {r['cost']} | {100 * r['params_fraction']:.1f}% | "
+        lines.append(f"| {r['pair'][0]},{r['pair'][1]} | {r['size']} | {r['rule']} / {r['cost']} | {100 * r['params_fraction']:.1f}% | "
                      f"{r['merge_size'] or '-'} | "
                      f"{r['pair_merged_top1']:.2f} ({r['pair_model_top1']:.2f}) | "
                      f"{r['pair_merged_params_fraction']:.2f} / {r['pair_merged_flops_fraction']:.2f} / "

@@ -11,7 +11,7 @@ from test_cli import assert_user_error, run
 from cnnmod.errors import UserError
 from cnnmod.experiments.presets import Preset
 from cnnmod.experiments.study import PARTS, Study
-from cnnmod.report import write_report
+from cnnmod.report import charted, figures, write_report
 
 TINY = Preset(name="tiny", arch="cnn", epochs=2, weak_epochs=1, weak_subset=30, second_epochs=2, tma_epochs=1,
               optimizer="adam", ci_samples=20, reuse_classes=2, dense_epochs=1)
@@ -36,6 +36,11 @@ def test_every_part_then_resume_and_report(tmp_path, datasets):
     (tmp_path / "partial").mkdir()
     partial, _ = write_report(snapshots[1], tmp_path / "partial")
     assert "**Unfinished:** inter_reuse, intra_replace" in partial.read_text()
+    # the accuracy chart holds the scenarios measured so far (and only those): no bars of 0 for the rest
+    assert [key for _, key in charted(snapshots[1]["summary"])] == [
+        "decomposition_cost_top1_pp", "decomposition_cost_top5_pp", "intra_reuse_pp", "intra_reuse_refit_pp"]
+    assert "accuracy" in figures(snapshots[1]) and "accuracy" not in figures(
+        {**snapshots[1], "summary": {k: None for k in snapshots[1]["summary"]}})
     assert len(results["decomposition"]) == 3 and {r["variant"] for r in results["decomposition"]} == {
         "mc", "mc-bln", "mc-bi"}
     assert len(results["intra_reuse"]) == 1            # C(2, 2) pairs of the 2 drawn classes

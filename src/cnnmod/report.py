@@ -160,21 +160,29 @@ def _png(fig) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
+def charted(summary: dict) -> list[tuple[str, str]]:
+    """The scenarios of the accuracy chart: those in percentage points measured so far, in the report's order."""
+    return [(label, key) for label, key in SCENARIOS if key.endswith("_pp") and summary.get(key) is not None]
+
+
 def figures(r: dict) -> dict[str, str]:
     """name -> base64 PNG of each plot."""
     out = {}
     s, paper = r["summary"], r["paper"]
-    keys = [(label, key) for label, key in SCENARIOS if key.endswith("_pp")]
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    ys = range(len(keys))
-    ax.barh([y + 0.2 for y in ys], [s.get(k) or 0 for _, k in keys], height=0.4, label="cnnmod", color="#2b6cb0")
-    ax.barh([y - 0.2 for y in ys], [paper.get(k) or 0 for _, k in keys], height=0.4, label="paper", color="#bbbbbb")
-    ax.set_yticks(list(ys), [label for label, _ in keys], fontsize=8)
-    ax.axvline(0, color="black", lw=0.8)
-    ax.set_xlabel("percentage points")
-    ax.legend()
-    ax.set_title("Accuracy per scenario, ours beside the paper's")
-    out["accuracy"] = _png(fig)
+    keys = charted(s)
+    if keys:  # the scenarios measured so far, the first at the top; the paper's bar where it has the figure
+        fig, ax = plt.subplots(figsize=(8, 0.8 + 0.3 * len(keys)))
+        ys = range(len(keys))
+        ax.barh([y - 0.2 for y in ys], [s[k] for _, k in keys], height=0.4, label="cnnmod", color="#2b6cb0")
+        ax.barh([y + 0.2 for y in ys], [paper.get(k) or 0 for _, k in keys], height=0.4, label="paper",
+                color="#bbbbbb")
+        ax.set_yticks(list(ys), [label for label, _ in keys], fontsize=8)
+        ax.invert_yaxis()
+        ax.axvline(0, color="black", lw=0.8)
+        ax.set_xlabel("percentage points")
+        ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
+        ax.set_title("Accuracy per scenario, ours beside the paper's")
+        out["accuracy"] = _png(fig)
 
     energy = r.get("energy", [])
     if energy:
@@ -201,7 +209,7 @@ def figures(r: dict) -> dict[str, str]:
         ax.bar([i + 0.2 for i in x], [c["composed_top1"] or 0 for c in pc], width=0.4, label="composed modules")
         ax.set_xticks(list(x), [c["name"] for c in pc], rotation=30, fontsize=8, ha="right")
         ax.set_ylabel("top-1 (%)")
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
         ax.set_title("Per-class accuracy, model vs composition (MC-BLN)")
         out["per_class"] = _png(fig)
 
@@ -214,7 +222,7 @@ def figures(r: dict) -> dict[str, str]:
         ax.set_xticks(list(x), [c["name"] for c in pc], rotation=30, fontsize=8, ha="right")
         ax.set_ylabel("kept nodes (%)")
         ax.set_ylim(0, 100)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
         ax.set_title("Module sizes: share of the model's nodes each module keeps")
         out["module_sizes"] = _png(fig)
     return out
