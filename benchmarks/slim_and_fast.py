@@ -186,7 +186,8 @@ def pair_table(rows: list[dict]) -> str:
              "2-class: top-1 (model restricted) | params / FLOPs / latency (x model) | seconds (modules) |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['pair'][0]},{r['pair'][1]} | {r['size']} | {r['rule']} / {r['cost']} | {100 * r['params_fraction']:.1f}% | "
+        lines.append(f"| {r['pair'][0]},{r['pair'][1]} | {r['size']} | {r['rule']} / {r['cost']} | "
+                     f"{100 * r['params_fraction']:.1f}% | "
                      f"{r['merge_size'] or '-'} | "
                      f"{r['pair_merged_top1']:.2f} ({r['pair_model_top1']:.2f}) | "
                      f"{r['pair_merged_params_fraction']:.2f} / {r['pair_merged_flops_fraction']:.2f} / "
