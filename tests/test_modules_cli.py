@@ -189,3 +189,25 @@ def test_cost_of_modules_and_compositions(decomposition, capsys):
     assert cost["composition"]["latency_batch"] == 8 and cost["module_mean"]["params_fraction"] > 1
     assert set(cost["composition"]) >= {"params", "flops", "latency_ms", "params_fraction", "flops_fraction",
                                         "latency_fraction"}
+
+
+def test_latency_measured_side_by_side():
+    """Each round times every function in turn; the fraction is the median of the rounds' ratios, so a round
+    where the machine is busy for both sides (here: both 10x slower) leaves it unchanged."""
+    import time
+
+    from cnnmod.cost import latency_side_by_side
+
+    calls = {"n": 0}
+
+    def sleeper(ms: float):
+        def fn(_):
+            calls["n"] += 1
+            busy = 10 if 3 <= calls["n"] <= 6 else 1  # the warm-ups are calls 1-2; rounds 1-2 are busy
+            time.sleep(busy * ms / 1000)
+        return fn
+
+    (target, model), fraction = latency_side_by_side([sleeper(20), sleeper(10)], torch.zeros(1), repeats=5)
+    assert calls["n"] == 2 + 2 * 5
+    assert fraction == pytest.approx(2.0, rel=0.25)
+    assert target >= 20 and model >= 10

@@ -43,30 +43,45 @@ def count_flops(fn: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor
     return int(counter.get_total_flops() // max(images.shape[0], 1))
 
 
+def _timed(fn: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor) -> float:
+    if images.device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn(images)
+    if images.device.type == "cuda":
+        torch.cuda.synchronize()
+    return 1000.0 * (time.perf_counter() - t0)
+
+
 @torch.no_grad()
 def latency_ms(fn: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, repeats: int = 3) -> float:
     """Median wall-clock milliseconds of ``fn`` on the batch ``images`` (after one warm-up run)."""
     fn(images)
-    times = []
-    for _ in range(repeats):
-        if images.device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
+    return statistics.median(_timed(fn, images) for _ in range(repeats))
+
+
+@torch.no_grad()
+def latency_side_by_side(fns: list[Callable[[torch.Tensor], torch.Tensor]], images: torch.Tensor,
+                         repeats: int = 5) -> tuple[list[float], float]:
+    """The median milliseconds of each of ``fns`` on ``images``, and the median over rounds of the ratio of the
+    first's time to the sum of the others' (a target against its source models). Each round runs every function
+    once, in turn, so that a burst of other work on the machine slows both sides of a ratio alike."""
+    for fn in fns:
         fn(images)
-        if images.device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(1000.0 * (time.perf_counter() - t0))
-    return statistics.median(times)
+    rounds = [[_timed(fn, images) for fn in fns] for _ in range(repeats)]
+    medians = [statistics.median(r[i] for r in rounds) for i in range(len(fns))]
+    return medians, statistics.median(r[0] / sum(r[1:]) for r in rounds)
 
 
 def _model_fn(source: Classifier) -> Callable[[torch.Tensor], torch.Tensor]:
     return lambda images: source(source.prepare(images))
 
 
-def cost_report(target, images: torch.Tensor, repeats: int = 3, source: Classifier | None = None) -> dict:
+def cost_report(target, images: torch.Tensor, repeats: int = 5, source: Classifier | None = None) -> dict:
     """Parameters, FLOPs per image and latency of ``target`` (a module or composition) on the batch ``images``
     (uint8), with fractions of its source model's (for a composition across models, of the sum of its source
-    models'; slim modules carry no source: give it as ``source``)."""
+    models'; slim modules carry no source: give it as ``source``). The latencies are measured side by side
+    (:func:`latency_side_by_side`): ``latency_fraction`` is the median of the rounds' ratios."""
     target = target.eval()
     merged = isinstance(target, MergedSlim)
     parts = target.modules_list if isinstance(target, Composition) else [] if merged else [target]
@@ -78,9 +93,10 @@ def cost_report(target, images: torch.Tensor, repeats: int = 3, source: Classifi
         raise ValueError("cost_report needs the source model of slim modules")
     model_params = sum(count_params(s) for s in sources.values())
     model_flops = sum(count_flops(_model_fn(s), images[:1]) for s in sources.values())
-    model_latency = sum(latency_ms(_model_fn(s), images, repeats) for s in sources.values())
-    params, flops, latency = count_params(target), count_flops(fn, images[:1]), latency_ms(fn, images, repeats)
+    params, flops = count_params(target), count_flops(fn, images[:1])
+    times, latency_fraction = latency_side_by_side([fn] + [_model_fn(s) for s in sources.values()], images, repeats)
+    latency, model_latency = times[0], sum(times[1:])
     return {"params": params, "flops": flops, "latency_ms": round(latency, 3),
             "params_fraction": round(params / model_params, 4), "flops_fraction": round(flops / model_flops, 4),
-            "latency_fraction": round(latency / model_latency, 4), "latency_batch": int(images.shape[0]),
+            "latency_fraction": round(latency_fraction, 4), "latency_batch": int(images.shape[0]),
             "model_params": model_params, "model_flops": model_flops, "model_latency_ms": round(model_latency, 3)}
