@@ -18,6 +18,7 @@ from cnnmod.classifier import Classifier
 from cnnmod.data.transforms import InputSpec
 from cnnmod.decompose import calibration_set
 from cnnmod.models import build
+from cnnmod.observe import class_order
 from cnnmod.slim import SlimSettings, fit_head, slim_module, source_log_odds
 
 
@@ -269,6 +270,28 @@ def test_merged_slim_composition(tmp_path, npz_data, capsys):
         assert set(removed) <= set(pruned.removed[root])
     assert pruned.settings["size"] == 0.1 and pruned.settings["cost"] == "both"
     assert json.loads(stdout)["params_fraction"] == pruned.metrics["params_fraction"] <= 0.1
+    # pruned as far as the held-out top-1 among its classes allows: with no loss allowed, it loses none, and the
+    # saved network scores what was recorded; with any loss allowed, it goes down to the floor
+    pair = [str(tmp_path / "slim" / "modules" / "c00-band0"), str(tmp_path / "slim" / "modules" / "c02-band2")]
+    rc, stdout, err = run(["compose", *pair, "--mode", "merged", "--max-loss", "0", "--out",
+                           str(tmp_path / "careful"), "--json"], capsys)
+    assert rc == 0, err
+    careful, _ = load_merged_slim(tmp_path / "careful")
+    assert careful.metrics["held_out_top1"] >= careful.metrics["held_out_top1_start"]
+    assert json.loads(stdout)["held_out_top1"] == careful.metrics["held_out_top1"]
+    train = cnnmod.data.load(npz_data, "train")
+    order = class_order(train.labels, train.num_classes, careful.settings["seed"])
+    held = torch.cat([order[c][-careful.metrics["held_out_per_class"]:] for c in (0, 2)])
+    right = torch.tensor([0, 2])[careful.predict(train.images[held])] == train.labels[held]
+    assert 100.0 * float(right.float().mean()) == pytest.approx(careful.metrics["held_out_top1"], abs=1e-6)
+    rc, _, err = run(["compose", *pair, "--mode", "merged", "--max-loss", "100", "--size", "0.05", "--out",
+                      str(tmp_path / "reckless")], capsys)
+    assert rc == 0, err
+    reckless, _ = load_merged_slim(tmp_path / "reckless")
+    assert reckless.metrics["params_fraction"] <= 0.05 < careful.metrics["params_fraction"]
+    assert reckless.settings["max_loss"] == 100
+    assert_user_error(*run(["compose", str(tmp_path / "slim"), "--max-loss", "1", "--out", str(tmp_path / "x")],
+                           capsys), "--max-loss prunes a merged slim composition")
     assert_user_error(*run(["compose", str(tmp_path / "slim"), "--size", "0.5", "--out", str(tmp_path / "x")],
                            capsys), "--size prunes a merged slim composition")
     assert_user_error(*run(["compose", str(tmp_path / "slim"), "--mode", "merged", "--slim-cost", "flops", "--out",

@@ -292,6 +292,9 @@ def compose_cmd(
                                   "both or none (as for decompose; default params)."),
     slim_multiple: int = typer.Option(1, "--slim-multiple", help="With --size: keep channel counts a multiple of "
                                       "this (as for decompose)."),
+    max_loss: float = typer.Option(None, "--max-loss", help="Merged slim compositions: prune the merged network "
+                                   "as far as it loses at most this many points of top-1 among its classes on "
+                                   "held-out training inputs (--size is then a floor)."),
     batch_size: int = typer.Option(256, "--batch-size"),
     device: str = DEVICE, data_root: str = DATA_ROOT, overwrite: bool = OVERWRITE, country: str = COUNTRY,
     as_json: bool = JSON,
@@ -302,7 +305,7 @@ def compose_cmd(
 
     with EnergyMeter(country).phase("composition") as m:
         result = compose_dirs(paths, out, continuous_learning, data_root, device, batch_size, overwrite, calibration,
-                              mode, refit_heads, size, slim_cost, slim_multiple)
+                              mode, refit_heads, size, slim_cost, slim_multiple, max_loss)
     result["energy"] = {"composition": m.record.to_dict()}
     emit(result, as_json, f"composed {len(result['classes'])} modules into {out}")
 

@@ -134,14 +134,14 @@ def compose_dirs(paths: Sequence[str | Path], out: str | Path, relearn_foreign: 
                  data_root: str | None = None, device: str = "auto", batch_size: int = 256,
                  overwrite: bool = False, calibration: str = "none", mode: str = "vote",
                  refit_heads: bool = False, size: float | None = None, cost: str | None = None,
-                 multiple: int = 1) -> dict:
+                 multiple: int = 1, max_loss: float | None = None) -> dict:
     """``cnnmod compose``: the modules of ``paths`` as one composition folder."""
     started = time.perf_counter()
     check_output(Path(out), overwrite)
     dev = pick_device(device)
     modules = load_modules(paths, dev)
     check_composable(modules)
-    if (cost is not None or multiple != 1) and size is None:
+    if (cost is not None or multiple != 1) and size is None and max_loss is None:
         what = "--slim-cost" if cost is not None else "--slim-multiple"
         raise UserError(f"{what} shapes how --size prunes a merged slim composition: give --size too, or drop it")
     cost = cost or "params"
@@ -152,9 +152,10 @@ def compose_dirs(paths: Sequence[str | Path], out: str | Path, relearn_foreign: 
                         "when it was made): compose node-level modules, or drop the option")
     if mode == "merged" and slim and len(slim) == len(modules):
         return merge_slim_dirs(paths, modules, out, data_root, dev, batch_size, overwrite, started, size, cost,
-                               multiple)
-    if size is not None:
-        raise UserError("--size prunes a merged slim composition: compose slim modules of one model with "
+                               multiple, max_loss)
+    if size is not None or max_loss is not None:
+        what = "--size" if size is not None else "--max-loss"
+        raise UserError(f"{what} prunes a merged slim composition: compose slim modules of one model with "
                         "--mode merged")
     check_mode(modules, mode)
     check_calibration(modules, calibration, mode)
@@ -171,9 +172,10 @@ def compose_dirs(paths: Sequence[str | Path], out: str | Path, relearn_foreign: 
 
 def merge_slim_dirs(paths, modules: list, out: str | Path, data_root: str | None, device, batch_size: int,
                     overwrite: bool, started: float, size: float | None = None, cost: str = "params",
-                    multiple: int = 1) -> dict:
+                    multiple: int = 1, max_loss: float | None = None) -> dict:
     """Slim modules of one decomposition merged into one network (the union of their kept channels), fitted
-    to the composition's classes; with ``size``, pruned further to that fraction of the model's parameters."""
+    to the composition's classes; with ``size``, pruned further to that fraction of the model's parameters;
+    with ``max_loss``, as far as it loses at most that many points of held-out top-1 among its classes."""
     from .evaluation import split_for
     from .slim import merge_slim
 
@@ -182,10 +184,12 @@ def merge_slim_dirs(paths, modules: list, out: str | Path, data_root: str | None
     made = modules[0].settings  # observed as the modules were: as many inputs, the same objective
     merged = merge_slim(modules, source, train, samples=made.get("samples", 256), seed=made.get("seed", 0),
                         batch_size=batch_size, objective=made.get("objective", "labels"), size=size, cost=cost,
-                        multiple=multiple)
+                        multiple=multiple, max_loss=max_loss)
     save_merged_slim(merged, source, out, overwrite, {"made_from": [str(p) for p in paths]})
     return {"out": str(out), "classes": merged.qualified_names, "mode": "merged", "granularity": "channel",
-            "params_fraction": merged.metrics["params_fraction"], "seconds": round(time.perf_counter() - started, 3)}
+            "params_fraction": merged.metrics["params_fraction"],
+            **{k: merged.metrics[k] for k in ("held_out_top1_start", "held_out_top1") if k in merged.metrics},
+            "seconds": round(time.perf_counter() - started, 3)}
 
 
 def inherited_settings(target: str | Path) -> dict:

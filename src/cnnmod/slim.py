@@ -474,21 +474,25 @@ def source_log_odds(net: nn.Module, x: torch.Tensor, batch_size: int = 256,
 
 def merge_slim(modules: list[SlimModule], source: Classifier, data: ImageSet, samples: int = 256, seed: int = 0,
                batch_size: int = 256, objective: str = "distill", size: float | None = None,
-               cost: str = "params", multiple: int = 1) -> MergedSlim:
+               cost: str = "params", multiple: int = 1, max_loss: float | None = None,
+               held_out: int = 250) -> MergedSlim:
     """Merge slim modules of ``source`` into one network (the union of their kept channels) and refit every
     class's head row on it: class c against the composition's other classes (the composition's world: inputs of
     its classes, ``samples`` of each from ``data``, the source's training split), to the source's p_c among
     them (``objective="distill"``) or to the labels. With ``size``, channels are then closed, as for a slim
-    module (ranked by ``cost``), until the network holds at most ``size`` of the model's parameters. The
-    backbone is not trained."""
+    module (ranked by ``cost``), until the network holds at most ``size`` of the model's parameters; with
+    ``max_loss``, until the next step would lose more than that many points of the composition's top-1 among its
+    classes on ``held_out`` held-out inputs per class (the last of each class's seeded order, never observed;
+    ``size`` is then a floor). The backbone is not trained."""
     if not modules:
         raise UserError("nothing to merge: no modules")
     sha = source.info.get("weights_sha256")
     if any(m.source_info.get("weights_sha256") != sha for m in modules):
         raise UserError("--mode merged needs slim modules of one source model; these come from several")
     started = time.perf_counter()
-    s = SlimSettings(size=size if size is not None else 1.0, objective=objective, cost=cost, samples=samples,
-                     seed=seed, multiple=multiple)
+    floor = size if size is not None else (0.01 if max_loss is not None else 1.0)
+    s = SlimSettings(size=floor, max_loss=max_loss, objective=objective, cost=cost, samples=samples, seed=seed,
+                     multiple=multiple)
     s.check()
     frozen = frozen_copy(source)
     graph, net, groups = frozen
@@ -514,16 +518,32 @@ def merge_slim(modules: list[SlimModule], source: Classifier, data: ImageSet, sa
     margins = [_source_margin(net.get_submodule(graph.classifier), c) for c in chosen]
     p = Pruner(source, s, x_obs, targets, soft, torch.stack([w for w, _ in margins]),
                torch.tensor([b for _, b in margins]), batch_size, frozen, gates)
+    held = [order[c][-held_out:] for c in world]
+    x_held = source.prepare(data.images[torch.cat(held)].to(device))
+    y_held = data.labels[torch.cat(held)]
+
+    def top1() -> float:
+        """The composition's top-1 among its classes (one class alone: its binary accuracy) on held-out inputs."""
+        z = p.features_of(x_held).cpu().double() @ p.w.double().T + p.b
+        right = (z[:, 0] > 0) == (y_held == chosen[0]) if len(chosen) == 1 else (
+            torch.tensor(chosen)[z.argmax(1)] == y_held)
+        return 100.0 * float(right.float().mean())
+
     p.refresh()
-    history = p.prune(False) if size is not None else []
+    start = top1() if max_loss is not None else None
+    history = p.prune(False, top1 if max_loss is not None else None) if size is not None or max_loss is not None \
+        else []
     sliced = p.sliced(False)
     info = _source_info(source)
     params = sum(q.numel() for q in sliced.parameters())
-    metrics = {"params": params, "params_fraction": round(params / info["params"], 4),
+    held_metrics = {} if start is None else {"held_out_top1_start": start, "held_out_top1": top1(),
+                                             "held_out_per_class": held_out}
+    metrics = {**held_metrics, "params": params, "params_fraction": round(params / info["params"], 4),
                "kept_channels": int(sum(int(g.sum()) for g in p.gates)),
                "channels": int(sum(g.numel() for g in p.gates)), "history": history}
     settings = {"granularity": "channel", "mode": "merged", "samples": samples, "seed": seed, "objective": objective,
-                "world": [info["source_classes"][c] for c in world], "size": size, "cost": cost, "multiple": multiple,
+                "world": [info["source_classes"][c] for c in world], "size": size, "max_loss": max_loss, "cost": cost,
+                "multiple": multiple,
                 "seconds": round(time.perf_counter() - started, 3)}
     return MergedSlim(sliced, graph.classifier, source.spec, chosen, info, p.removed(), settings, metrics).eval()
 
