@@ -48,6 +48,8 @@ def main(argv: list[str]) -> None:
     p.add_argument("--costs", default="params", help="channel costs to rank by (SlimSettings.cost), comma-separated")
     p.add_argument("--pair-only", action="store_true", help="only the pair's modules and 2-class composition")
     p.add_argument("--merge-sizes", default="", help="also prune the pair's merged composition to these sizes")
+    p.add_argument("--merge-max-loss", type=float, default=None,
+                   help="also prune it as far as it loses at most this many points of held-out top-1")
     p.add_argument("--multiple", type=int, default=1, help="keep channel counts a multiple of this (SlimSettings)")
     p.add_argument("--no-node", action="store_true", help="leave out the paper's node-level modules (measured before)")
     args = p.parse_args(argv)
@@ -81,6 +83,7 @@ def main(argv: list[str]) -> None:
                + (f" --random-pairs {args.random_pairs} --seed {args.seed}" if args.random_pairs else "")
                + (" --pair-only" if args.pair_only else "")
                + (f" --merge-sizes {args.merge_sizes}" if args.merge_sizes else "")
+               + (f" --merge-max-loss {args.merge_max_loss:g}" if args.merge_max_loss is not None else "")
                + (" --no-node" if args.no_node else "") + (f" --multiple {args.multiple}" if args.multiple > 1 else ""))
     if args.pair_only:
         summary = pair_summary(args.model.name, pairs, rows)
@@ -98,14 +101,19 @@ def main(argv: list[str]) -> None:
 
 
 def pair_rows(clf, train, pair_test, images, device, row: dict, modules: dict, pair: list[int], args) -> list[dict]:
-    """The pair's merged composition, as merged and pruned further to each of ``--merge-sizes``."""
+    """The pair's merged composition, as merged, pruned further to each of ``--merge-sizes``, and as far as
+    ``--merge-max-loss`` allows."""
     rows = []
-    for merge_size in [None] + [float(v) for v in args.merge_sizes.split(",") if v]:
+    prunings = [(None, None)] + [(float(v), None) for v in args.merge_sizes.split(",") if v]
+    if args.merge_max_loss is not None:
+        prunings.append((None, args.merge_max_loss))
+    for merge_size, max_loss in prunings:
         two = merge_slim([modules[c] for c in pair], clf, train, samples=args.samples, seed=args.seed,
-                         size=merge_size, cost=row["cost"], multiple=args.multiple)
+                         size=merge_size, cost=row["cost"], multiple=args.multiple, max_loss=max_loss)
         two_report = evaluate_modules([modules[c] for c in pair], pair_test, device, source=clf, composition=two)
         two_cost = cost_report(two, images, source=clf)
-        rows.append({**row, "merge_size": merge_size, "pair": pair,
+        rows.append({**row, "merge_size": merge_size, "merge_max_loss": max_loss, "pair": pair,
+                     "held_out_top1": two.metrics.get("held_out_top1"),
                      "pair_model_top1": two_report["model_top1"],
                      "pair_merged_top1": two_report["composed_top1"],
                      "pair_merged_latency_fraction": two_cost["latency_fraction"],
@@ -124,7 +132,8 @@ def pair_summary(name: str, pairs: list[list[int]], rows: list[dict]) -> str:
         best = min(within or mine, key=lambda r: r["pair_merged_latency_fraction"])
         met += bool(within) and best["pair_merged_latency_fraction"] <= 0.5
         parts.append(f"{pair}: {best['pair_merged_top1']:.2f}% (model {best['pair_model_top1']:.2f}) at "
-                     f"{best['pair_merged_latency_fraction']:.2f}x latency{'' if within else ' (none within 1 pp)'}")
+                     f"{best['pair_merged_latency_fraction']:.2f}x latency, pruned to {pruned_to(best)}"
+                     f"{'' if within else ' (none within 1 pp)'}")
     return f"{name}: {met} of {len(pairs)} pairs within 1 pp at <= 0.5x latency; " + "; ".join(parts)
 
 
@@ -181,6 +190,12 @@ def full_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def pruned_to(r: dict) -> str:
+    if r.get("merge_max_loss") is not None:
+        return f"max-loss {r['merge_max_loss']:g} ({r['pair_merged_params_fraction']:.2f})"
+    return str(r["merge_size"] or "-")
+
+
 def pair_table(rows: list[dict]) -> str:
     lines = ["| pair | modules' size | rule / cost | modules' mean params (of model) | merged, pruned to | merged "
              "2-class: top-1 (model restricted) | params / FLOPs / latency (x model) | seconds (modules) |",
@@ -188,7 +203,7 @@ def pair_table(rows: list[dict]) -> str:
     for r in rows:
         lines.append(f"| {r['pair'][0]},{r['pair'][1]} | {r['size']} | {r['rule']} / {r['cost']} | "
                      f"{100 * r['params_fraction']:.1f}% | "
-                     f"{r['merge_size'] or '-'} | "
+                     f"{pruned_to(r)} | "
                      f"{r['pair_merged_top1']:.2f} ({r['pair_model_top1']:.2f}) | "
                      f"{r['pair_merged_params_fraction']:.2f} / {r['pair_merged_flops_fraction']:.2f} / "
                      f"{r['pair_merged_latency_fraction']:.2f} | {r['seconds']} |")
