@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import record
+from common import OUT, record
 
 from cnnmod.classifier import load_model
 from cnnmod.compose import compose
@@ -33,6 +33,7 @@ from cnnmod.data import load
 from cnnmod.decompose import DecomposeSettings, decompose
 from cnnmod.evaluation import evaluate_modules
 from cnnmod.slim import SlimSettings, merge_slim, slim_module
+from cnnmod.store import load_merged_slim, save_merged_slim
 
 
 def main(argv: list[str]) -> None:
@@ -52,7 +53,12 @@ def main(argv: list[str]) -> None:
                    help="also prune it as far as it loses at most this many points of held-out top-1")
     p.add_argument("--multiple", type=int, default=1, help="keep channel counts a multiple of this (SlimSettings)")
     p.add_argument("--no-node", action="store_true", help="leave out the paper's node-level modules (measured before)")
+    p.add_argument("--retime", action="store_true", help="with --pair-only: measure again the latency of the merged "
+                   "pairs that the last run with these settings saved (on a quiet machine, or at a higher priority "
+                   "than the other work on it), and rewrite its figures")
     args = p.parse_args(argv)
+    if args.retime:
+        return retime(args)
     device = torch.device("cpu")
     clf = load_model(args.model, device)
     train, test = load(clf.dataset, "train"), load(clf.dataset, "test")
@@ -112,7 +118,11 @@ def pair_rows(clf, train, pair_test, images, device, row: dict, modules: dict, p
                          size=merge_size, cost=row["cost"], multiple=args.multiple, max_loss=max_loss)
         two_report = evaluate_modules([modules[c] for c in pair], pair_test, device, source=clf, composition=two)
         two_cost = cost_report(two, images, source=clf)
-        rows.append({**row, "merge_size": merge_size, "merge_max_loss": max_loss, "pair": pair,
+        label = "union" if merge_size is None and max_loss is None else (
+            f"size{merge_size:g}" if max_loss is None else f"max-loss{max_loss:g}")
+        saved = OUT / "pairs" / args.model.name / f"{pair[0]}-{pair[1]}-{row['cost']}-m{args.multiple}-{label}"
+        save_merged_slim(two, clf, saved, overwrite=True)
+        rows.append({**row, "merge_size": merge_size, "merge_max_loss": max_loss, "pair": pair, "saved": str(saved),
                      "held_out_top1": two.metrics.get("held_out_top1"),
                      "pair_model_top1": two_report["model_top1"],
                      "pair_merged_top1": two_report["composed_top1"],
@@ -188,6 +198,26 @@ def full_table(rows: list[dict]) -> str:
                      f"{r['merged_top1']:.2f}, {r['merged_params_fraction']:.2f}, {r['merged_latency_fraction']:.2f} | "
                      f"{pair_cell} | {r['seconds'] if r['seconds'] is not None else '-'} |")
     return "\n".join(lines)
+
+
+def retime(args) -> None:
+    """The saved merged pairs of ``benchmarks/out/slim_pair_<model>.json``, timed again side by side with their
+    source model; every figure but the latencies stays as that run measured it."""
+    import json
+
+    path = OUT / f"slim_pair_{args.model.name}.json"
+    payload = json.loads(path.read_text())
+    rows = payload["figures"]["rows"]
+    for r in rows:
+        merged, source = load_merged_slim(r["saved"])
+        images = load(source.dataset, "test").images[:256]
+        r["pair_merged_latency_fraction"] = cost_report(merged, images, source=source)["latency_fraction"]
+        print(r["pair"], pruned_to(r), r["pair_merged_latency_fraction"], flush=True)
+    pairs = [list(q) for q in dict.fromkeys(tuple(r["pair"]) for r in rows)]
+    table = pair_table(rows)
+    record(path.stem, payload["command"] + "  # latencies: --retime", {"rows": rows, "table": table},
+           pair_summary(args.model.name, pairs, rows))
+    print(table)
 
 
 def pruned_to(r: dict) -> str:
