@@ -270,20 +270,27 @@ def test_merged_slim_composition(tmp_path, npz_data, capsys):
         assert set(removed) <= set(pruned.removed[root])
     assert pruned.settings["size"] == 0.1 and pruned.settings["cost"] == "both"
     assert json.loads(stdout)["params_fraction"] == pruned.metrics["params_fraction"] <= 0.1
-    # pruned as far as the held-out top-1 among its classes allows: with no loss allowed, it loses none, and the
-    # saved network scores what was recorded; with any loss allowed, it goes down to the floor
+    # pruned as far as the held-out top-1 among its classes allows: with no loss allowed against the model
+    # restricted to them, it loses none, and the saved network and the model score what was recorded on the
+    # held-out inputs (the last of each class's seeded order); with any loss allowed, down to the floor
     pair = [str(tmp_path / "slim" / "modules" / "c00-band0"), str(tmp_path / "slim" / "modules" / "c02-band2")]
     rc, stdout, err = run(["compose", *pair, "--mode", "merged", "--max-loss", "0", "--out",
                            str(tmp_path / "careful"), "--json"], capsys)
     assert rc == 0, err
-    careful, _ = load_merged_slim(tmp_path / "careful")
-    assert careful.metrics["held_out_top1"] >= careful.metrics["held_out_top1_start"]
+    careful, careful_source = load_merged_slim(tmp_path / "careful")
+    assert careful.metrics["held_out_top1"] >= careful.metrics["held_out_model_top1"]
     assert json.loads(stdout)["held_out_top1"] == careful.metrics["held_out_top1"]
     train = cnnmod.data.load(npz_data, "train")
     order = class_order(train.labels, train.num_classes, careful.settings["seed"])
-    held = torch.cat([order[c][-careful.metrics["held_out_per_class"]:] for c in (0, 2)])
+    held = torch.cat([order[c][-250:] for c in (0, 2)])
+    assert len(held) == careful.metrics["held_out_images"]
     right = torch.tensor([0, 2])[careful.predict(train.images[held])] == train.labels[held]
     assert 100.0 * float(right.float().mean()) == pytest.approx(careful.metrics["held_out_top1"], abs=1e-6)
+    with torch.no_grad():
+        model_right = torch.tensor([0, 2])[careful_source(careful_source.prepare(train.images[held]))[:, [0, 2]]
+                                           .argmax(1)] == train.labels[held]
+    assert 100.0 * float(model_right.float().mean()) == pytest.approx(careful.metrics["held_out_model_top1"],
+                                                                      abs=1e-6)
     rc, _, err = run(["compose", *pair, "--mode", "merged", "--max-loss", "100", "--size", "0.05", "--out",
                       str(tmp_path / "reckless")], capsys)
     assert rc == 0, err

@@ -188,7 +188,7 @@ def merge_slim_dirs(paths, modules: list, out: str | Path, data_root: str | None
     save_merged_slim(merged, source, out, overwrite, {"made_from": [str(p) for p in paths]})
     return {"out": str(out), "classes": merged.qualified_names, "mode": "merged", "granularity": "channel",
             "params_fraction": merged.metrics["params_fraction"],
-            **{k: merged.metrics[k] for k in ("held_out_top1_start", "held_out_top1") if k in merged.metrics},
+            **{k: merged.metrics[k] for k in ("held_out_model_top1", "held_out_top1") if k in merged.metrics},
             "seconds": round(time.perf_counter() - started, 3)}
 
 

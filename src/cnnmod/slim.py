@@ -77,19 +77,20 @@ class SlimSettings:
             raise UserError(f"the pruning step must be in (0, 1), got {self.step}")
 
 
-def observation_data(data: ImageSet, concerned: int, samples: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def observation_indices(data: ImageSet, concerned: int, samples: int, seed: int) -> torch.Tensor:
     """``samples`` concerned inputs and about as many unconcerned, spread evenly, in the documented order."""
     order = class_order(data.labels, data.num_classes, seed)
     k = max(1, samples // max(data.num_classes - 1, 1))
-    idx = [order[concerned][:samples]] + [order[c][:k] for c in range(data.num_classes) if c != concerned]
-    idx_all = torch.cat(idx)
-    return data.images[idx_all], (data.labels[idx_all] == concerned)
+    return torch.cat([order[concerned][:samples]] + [order[c][:k] for c in range(data.num_classes) if c != concerned])
 
 
-def held_out_data(data: ImageSet, concerned: int, per_class: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def held_out(data: ImageSet, classes: list[int], per_class: int, seed: int) -> torch.Tensor:
+    """Indices into ``data`` of ``per_class`` held-out inputs of each of ``classes``: the last of each class's
+    seeded order, never among those observed (the first) while a class has ``samples + per_class`` images. They
+    are training images: the model's weights saw them, and a pruned network's losses show less on them than on
+    new images."""
     order = class_order(data.labels, data.num_classes, seed)
-    idx = torch.cat([o[-per_class:] for o in order])
-    return data.images[idx], data.labels[idx] == concerned
+    return torch.cat([order[c][-per_class:] for c in classes])
 
 
 class SlimModule(Typical, nn.Module):
@@ -333,12 +334,13 @@ class Pruner:
                         closed += 1
         return closed
 
-    def prune(self, binary: bool, accuracy=None) -> list[dict]:
+    def prune(self, binary: bool, accuracy=None, reference: float | None = None) -> list[dict]:
         """Close channels until the sliced network holds at most ``size`` of the model's parameters, or (with
-        ``accuracy``, a function of the current state, and ``max_loss``) until the next step would lose more than
-        ``max_loss`` points of it; the history of the way down."""
+        ``accuracy``, a function of the current state, and ``max_loss``) until the next step would put it more
+        than ``max_loss`` points under ``reference`` (default: its accuracy before pruning); the history of the
+        way down."""
         history = []
-        start = accuracy() if accuracy is not None else None
+        start = (reference if reference is not None else accuracy()) if accuracy is not None else None
         while True:
             fraction = self.fraction(binary)
             history.append({"params_fraction": round(fraction, 4),
@@ -366,19 +368,20 @@ def slim_module(source: Classifier, data: ImageSet, concerned: int, s: SlimSetti
     frozen = frozen_copy(source)
     graph, net, _ = frozen
     device = next(net.parameters()).device
-    images, targets = observation_data(data, concerned, s.samples, s.seed)
+    observed = observation_indices(data, concerned, s.samples, s.seed)
+    images, targets = data.images[observed], data.labels[observed] == concerned
     x_obs = source.prepare(images.to(device))
     soft = None
     if s.objective == "distill":  # the source's p_c, before any BatchNorm statistics change
         soft = torch.sigmoid(source_log_odds(net, x_obs, batch_size)[:, concerned:concerned + 1])
     w, b = _source_margin(net.get_submodule(graph.classifier), concerned)
     p = Pruner(source, s, x_obs, targets.to(device)[:, None], soft, w[None], torch.tensor([b]), batch_size, frozen)
-    held = held_out_data(data, concerned, s.held_out, s.seed) if s.max_loss is not None else None
+    held = held_out(data, list(range(data.num_classes)), s.held_out, s.seed) if s.max_loss is not None else None
 
     def binary_accuracy() -> float:
-        x_h = source.prepare(held[0].to(device))  # held-out inputs: not among those observed
+        x_h = source.prepare(data.images[held].to(device))  # held-out inputs: not among those observed
         margin = p.features_of(x_h).cpu() @ p.w[0] + float(p.b[0])
-        return 100.0 * float(((margin > 0) == held[1]).float().mean())
+        return 100.0 * float(((margin > 0) == (data.labels[held] == concerned)).float().mean())
 
     p.refresh()
     base_accuracy = binary_accuracy() if held is not None else None
@@ -386,9 +389,9 @@ def slim_module(source: Classifier, data: ImageSet, concerned: int, s: SlimSetti
     sliced = p.sliced(True)
     info = _source_info(source)
     params = sum(q.numel() for q in sliced.parameters())
-    held_out = {} if held is None else {"held_out_binary_accuracy_start": base_accuracy,
-                                        "held_out_binary_accuracy": binary_accuracy()}
-    metrics = {**held_out, "params": params, "params_fraction": round(params / p.total_params, 4),
+    held_metrics = {} if held is None else {"held_out_binary_accuracy_start": base_accuracy,
+                                            "held_out_binary_accuracy": binary_accuracy()}
+    metrics = {**held_metrics, "params": params, "params_fraction": round(params / p.total_params, 4),
                "kept_channels": int(sum(int(g.sum()) for g in p.gates)),
                "channels": int(sum(g.numel() for g in p.gates)), "history": history}
     settings = {**asdict(s), "granularity": "channel", "seconds": round(time.perf_counter() - started, 3)}
@@ -475,15 +478,15 @@ def source_log_odds(net: nn.Module, x: torch.Tensor, batch_size: int = 256,
 def merge_slim(modules: list[SlimModule], source: Classifier, data: ImageSet, samples: int = 256, seed: int = 0,
                batch_size: int = 256, objective: str = "distill", size: float | None = None,
                cost: str = "params", multiple: int = 1, max_loss: float | None = None,
-               held_out: int = 250) -> MergedSlim:
+               held_per_class: int = 250) -> MergedSlim:
     """Merge slim modules of ``source`` into one network (the union of their kept channels) and refit every
     class's head row on it: class c against the composition's other classes (the composition's world: inputs of
     its classes, ``samples`` of each from ``data``, the source's training split), to the source's p_c among
     them (``objective="distill"``) or to the labels. With ``size``, channels are then closed, as for a slim
     module (ranked by ``cost``), until the network holds at most ``size`` of the model's parameters; with
-    ``max_loss``, until the next step would lose more than that many points of the composition's top-1 among its
-    classes on ``held_out`` held-out inputs per class (the last of each class's seeded order, never observed;
-    ``size`` is then a floor). The backbone is not trained."""
+    ``max_loss``, until the next step would put its top-1 among its classes more than that many points under the
+    model's restricted to them, on ``held_per_class`` held-out inputs of each class (:func:`held_out`; ``size``
+    is then a floor). The backbone is not trained."""
     if not modules:
         raise UserError("nothing to merge: no modules")
     sha = source.info.get("weights_sha256")
@@ -518,26 +521,31 @@ def merge_slim(modules: list[SlimModule], source: Classifier, data: ImageSet, sa
     margins = [_source_margin(net.get_submodule(graph.classifier), c) for c in chosen]
     p = Pruner(source, s, x_obs, targets, soft, torch.stack([w for w, _ in margins]),
                torch.tensor([b for _, b in margins]), batch_size, frozen, gates)
-    held = [order[c][-held_out:] for c in world]
-    x_held = source.prepare(data.images[torch.cat(held)].to(device))
-    y_held = data.labels[torch.cat(held)]
+    if max_loss is not None:
+        held = held_out(data, world, held_per_class, seed)
+        x_held, y_held = source.prepare(data.images[held].to(device)), data.labels[held]
+        model_odds = source_log_odds(net, x_held, batch_size, world)[:, [world.index(c) for c in chosen]].cpu()
 
-    def top1() -> float:
-        """The composition's top-1 among its classes (one class alone: its binary accuracy) on held-out inputs."""
-        z = p.features_of(x_held).cpu().double() @ p.w.double().T + p.b
+    def top1(z: torch.Tensor | None = None) -> float:
+        """Top-1 among the composition's classes (one class alone: binary accuracy) on the held-out inputs, of
+        the merged network or of the margins ``z`` given."""
+        if z is None:
+            z = p.features_of(x_held).cpu().double() @ p.w.double().T + p.b
         right = (z[:, 0] > 0) == (y_held == chosen[0]) if len(chosen) == 1 else (
             torch.tensor(chosen)[z.argmax(1)] == y_held)
         return 100.0 * float(right.float().mean())
 
     p.refresh()
-    start = top1() if max_loss is not None else None
-    history = p.prune(False, top1 if max_loss is not None else None) if size is not None or max_loss is not None \
-        else []
+    # the reference is the model restricted to the composition's classes: a union that already loses more than
+    # max_loss against it is not pruned further
+    start = top1(model_odds) if max_loss is not None else None
+    history = p.prune(False, top1 if max_loss is not None else None, start) \
+        if size is not None or max_loss is not None else []
     sliced = p.sliced(False)
     info = _source_info(source)
     params = sum(q.numel() for q in sliced.parameters())
-    held_metrics = {} if start is None else {"held_out_top1_start": start, "held_out_top1": top1(),
-                                             "held_out_per_class": held_out}
+    held_metrics = {} if start is None else {"held_out_model_top1": start, "held_out_top1": top1(),
+                                             "held_out_images": len(y_held)}
     metrics = {**held_metrics, "params": params, "params_fraction": round(params / info["params"], 4),
                "kept_channels": int(sum(int(g.sum()) for g in p.gates)),
                "channels": int(sum(g.numel() for g in p.gates)), "history": history}
