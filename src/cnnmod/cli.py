@@ -293,8 +293,8 @@ def compose_cmd(
     slim_multiple: int = typer.Option(1, "--slim-multiple", help="With --size: keep channel counts a multiple of "
                                       "this (as for decompose)."),
     max_loss: float = typer.Option(None, "--max-loss", help="Merged slim compositions: prune the merged network "
-                                   "as far as it loses at most this many points of top-1 among its classes on "
-                                   "held-out training inputs (--size is then a floor)."),
+                                   "as far as its top-1 among its classes stays within this many points of the "
+                                   "model's, on held-out training inputs (--size is then a floor)."),
     batch_size: int = typer.Option(256, "--batch-size"),
     device: str = DEVICE, data_root: str = DATA_ROOT, overwrite: bool = OVERWRITE, country: str = COUNTRY,
     as_json: bool = JSON,

@@ -175,7 +175,8 @@ def merge_slim_dirs(paths, modules: list, out: str | Path, data_root: str | None
                     multiple: int = 1, max_loss: float | None = None) -> dict:
     """Slim modules of one decomposition merged into one network (the union of their kept channels), fitted
     to the composition's classes; with ``size``, pruned further to that fraction of the model's parameters;
-    with ``max_loss``, as far as it loses at most that many points of held-out top-1 among its classes."""
+    with ``max_loss``, as far as its held-out top-1 among its classes stays within that many points of the
+    model's restricted to them."""
     from .evaluation import split_for
     from .slim import merge_slim
 
