@@ -208,9 +208,9 @@ def retime(args) -> None:
     path = OUT / f"slim_pair_{args.model.name}.json"
     payload = json.loads(path.read_text())
     rows = payload["figures"]["rows"]
+    images = load(load_model(args.model).dataset, "test").images[:256]
     for r in rows:
         merged, source = load_merged_slim(r["saved"])
-        images = load(source.dataset, "test").images[:256]
         r["pair_merged_latency_fraction"] = cost_report(merged, images, source=source)["latency_fraction"]
         print(r["pair"], pruned_to(r), r["pair_merged_latency_fraction"], flush=True)
     pairs = [list(q) for q in dict.fromkeys(tuple(r["pair"]) for r in rows)]

@@ -226,6 +226,15 @@ class Pruner:
         with torch.no_grad(), gated(net, self.graph, self.groups, self.gates):
             return torch.cat([classifier_input(net, classifier, lambda xb=xb: net(xb)) for xb in self.batches(x)])
 
+    def top1(self, x: torch.Tensor, labels: torch.Tensor, classes: list[int], z: torch.Tensor | None = None) -> float:
+        """Top-1 among ``classes`` (row k of the head is class ``classes[k]``; one row alone: its binary accuracy,
+        "mine or not") on inputs ``x`` with ``labels``, of the current network and head, or of the margins ``z``."""
+        if z is None:
+            z = self.features_of(x).cpu().double() @ self.w.double().T + self.b
+        right = (z[:, 0] > 0) == (labels == classes[0]) if len(classes) == 1 else (
+            torch.tensor(classes)[z.argmax(1)] == labels)
+        return 100.0 * float(right.float().mean())
+
     def loss(self, logits: torch.Tensor, targets: torch.Tensor, soft: torch.Tensor | None) -> torch.Tensor:
         """The rows' class-balanced binary losses, summed."""
         return sum(_balanced_bce(logits[:, k], targets[:, k], soft[:, k] if soft is not None else None)
@@ -377,11 +386,11 @@ def slim_module(source: Classifier, data: ImageSet, concerned: int, s: SlimSetti
     w, b = _source_margin(net.get_submodule(graph.classifier), concerned)
     p = Pruner(source, s, x_obs, targets.to(device)[:, None], soft, w[None], torch.tensor([b]), batch_size, frozen)
     held = held_out(data, list(range(data.num_classes)), s.held_out, s.seed) if s.max_loss is not None else None
+    if held is not None:  # held-out inputs: not among those observed
+        x_held, y_held = source.prepare(data.images[held].to(device)), data.labels[held]
 
     def binary_accuracy() -> float:
-        x_h = source.prepare(data.images[held].to(device))  # held-out inputs: not among those observed
-        margin = p.features_of(x_h).cpu() @ p.w[0] + float(p.b[0])
-        return 100.0 * float(((margin > 0) == (data.labels[held] == concerned)).float().mean())
+        return p.top1(x_held, y_held, [concerned])
 
     p.refresh()
     base_accuracy = binary_accuracy() if held is not None else None
@@ -527,13 +536,7 @@ def merge_slim(modules: list[SlimModule], source: Classifier, data: ImageSet, sa
         model_odds = source_log_odds(net, x_held, batch_size, world)[:, [world.index(c) for c in chosen]].cpu()
 
     def top1(z: torch.Tensor | None = None) -> float:
-        """Top-1 among the composition's classes (one class alone: binary accuracy) on the held-out inputs, of
-        the merged network or of the margins ``z`` given."""
-        if z is None:
-            z = p.features_of(x_held).cpu().double() @ p.w.double().T + p.b
-        right = (z[:, 0] > 0) == (y_held == chosen[0]) if len(chosen) == 1 else (
-            torch.tensor(chosen)[z.argmax(1)] == y_held)
-        return 100.0 * float(right.float().mean())
+        return p.top1(x_held, y_held, chosen, z)
 
     p.refresh()
     # the reference is the model restricted to the composition's classes: a union that already loses more than
