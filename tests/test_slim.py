@@ -19,7 +19,8 @@ from cnnmod.data.transforms import InputSpec
 from cnnmod.decompose import calibration_set
 from cnnmod.models import build
 from cnnmod.observe import class_order
-from cnnmod.slim import SlimSettings, fit_head, slim_module, source_log_odds
+from cnnmod.slim import Pools, SlimSettings, fit_head, slim_module, source_log_odds
+from cnnmod.train import split_train_val
 
 
 def source(arch: str, **kwargs) -> Classifier:
@@ -124,6 +125,36 @@ def test_max_loss_keeps_held_out_accuracy(tmp_path):
     m = slim_module(clf, random_data(per_class=30), 2, SlimSettings(size=0.01, max_loss=0.0, samples=40,
                                                                     held_out=10, step=0.2))
     assert m.metrics["held_out_binary_accuracy"] >= m.metrics["held_out_binary_accuracy_start"]
+
+
+def test_observed_inputs_are_trained_on_and_held_out_ones_never():
+    """With the model's validation split on record, slim modules observe only images it was trained on and
+    measure their losses only on images it never trained on; without, held out are the last of each class."""
+    data = random_data(per_class=30)
+    clf = source("cnn")
+    pools = Pools(clf, data, seed=3)
+    order = class_order(data.labels, data.num_classes, 3)
+    assert pools.held_out_from == "training"
+    assert pools.held_out([1], 5).tolist() == order[1][-5:].flip(0).tolist()
+    assert pools.observation(2, 8).tolist() == torch.cat([order[2][:8]] + [order[c][:2] for c in (0, 1, 3)]).tolist()
+    clf.info["training"] = {"data": "rand", "val_split": 0.25, "seed": 7, "subset": None}
+    pools = Pools(clf, data, seed=3)
+    trained, validated = split_train_val(data, 0.25, None, 7)  # as training split it
+    fingerprint = {bytes(x.numpy()): "trained" for x in trained.images} | {
+        bytes(x.numpy()): "validated" for x in validated.images}
+    assert pools.held_out_from == "validation"
+    observed = pools.observation(0, 1000)
+    held = pools.held_out([0, 1, 2, 3], 1000)
+    assert {fingerprint[bytes(data.images[i].numpy())] for i in observed} == {"trained"}
+    assert {fingerprint[bytes(data.images[i].numpy())] for i in held} == {"validated"}
+    assert len(held) == len(validated) and len(observed) == len(trained)  # all of both, asked for more
+    for c in range(4):  # each pool keeps the seeded order
+        kept = [i for i in order[c].tolist() if i in set(pools.held_out([c], 1000).tolist())]
+        assert kept == pools.held_out([c], 1000).tolist()
+    # another data set or other classes than the model's: no split to go by
+    assert Pools(clf, data.subset([0, 1, 2]), 3).held_out_from == "training"
+    clf.info["training"]["data"] = "other"
+    assert Pools(clf, data, 3).held_out_from == "training"
 
 
 def test_slim_decomposition_command_and_artifacts(tmp_path, npz_data, capsys):
@@ -272,18 +303,25 @@ def test_merged_slim_composition(tmp_path, npz_data, capsys):
     assert json.loads(stdout)["params_fraction"] == pruned.metrics["params_fraction"] <= 0.1
     # pruned as far as the held-out top-1 among its classes allows: with no loss allowed against the model
     # restricted to them, it loses none, and the saved network and the model score what was recorded on the
-    # held-out inputs (the last of each class's seeded order); with any loss allowed, down to the floor
+    # held-out inputs (the model's validation images, in each class's seeded order); with any loss allowed, down
+    # to the floor
     pair = [str(tmp_path / "slim" / "modules" / "c00-band0"), str(tmp_path / "slim" / "modules" / "c02-band2")]
     rc, stdout, err = run(["compose", *pair, "--mode", "merged", "--max-loss", "0", "--out",
                            str(tmp_path / "careful"), "--json"], capsys)
     assert rc == 0, err
     careful, careful_source = load_merged_slim(tmp_path / "careful")
-    assert careful.metrics["held_out_top1"] >= careful.metrics["held_out_model_top1"]
+    # no step loses: it ends no worse than the model, or, when the union already was, as the union
+    assert careful.metrics["held_out_top1"] >= careful.metrics["held_out_model_top1"] or (
+        careful.removed == merged.removed and careful.metrics["history"] == [careful.metrics["history"][0]])
     assert json.loads(stdout)["held_out_top1"] == careful.metrics["held_out_top1"]
     train = cnnmod.data.load(npz_data, "train")
     order = class_order(train.labels, train.num_classes, careful.settings["seed"])
-    held = torch.cat([order[c][-250:] for c in (0, 2)])
-    assert len(held) == careful.metrics["held_out_images"]
+    _, validation = split_train_val(train, 0.1, None, 0)  # as `train` split it: the images it never trained on
+    never_trained = {bytes(x.numpy()) for x in validation.images}
+    held = torch.cat([torch.tensor([i for i in order[c] if bytes(train.images[i].numpy()) in never_trained])
+                      for c in (0, 2)])
+    assert careful.metrics["held_out_from"] == "validation"
+    assert len(held) == careful.metrics["held_out_images"] > 0
     right = torch.tensor([0, 2])[careful.predict(train.images[held])] == train.labels[held]
     assert 100.0 * float(right.float().mean()) == pytest.approx(careful.metrics["held_out_top1"], abs=1e-6)
     with torch.no_grad():

@@ -77,20 +77,53 @@ class SlimSettings:
             raise UserError(f"the pruning step must be in (0, 1), got {self.step}")
 
 
-def observation_indices(data: ImageSet, concerned: int, samples: int, seed: int) -> torch.Tensor:
-    """``samples`` concerned inputs and about as many unconcerned, spread evenly, in the documented order."""
-    order = class_order(data.labels, data.num_classes, seed)
-    k = max(1, samples // max(data.num_classes - 1, 1))
-    return torch.cat([order[concerned][:samples]] + [order[c][:k] for c in range(data.num_classes) if c != concerned])
+class Pools:
+    """Per class, in a seeded order, the inputs a slim module or merged composition observes and those held out
+    to measure its losses (``max_loss``). With the model's validation split recorded in its config and ``data``
+    the set it was split from: observed among the images the model was trained on, held out among those it was
+    only validated on (``held_out_from="validation"``). Otherwise both from the whole set, held out the last of
+    each class's order (``"training"``: the model's weights saw them, so losses show less on them than on new
+    images)."""
+
+    def __init__(self, source: Classifier, data: ImageSet, seed: int) -> None:
+        order = class_order(data.labels, data.num_classes, seed)
+        validated = validation_indices(source, data)
+        if validated is None:
+            self.observed, self.held = order, [o.flip(0) for o in order]
+            self.held_out_from = "training"
+        else:
+            val = torch.zeros(len(data), dtype=torch.bool)
+            val[validated] = True
+            self.observed, self.held = [o[~val[o]] for o in order], [o[val[o]] for o in order]
+            self.held_out_from = "validation"
+
+    def observation(self, concerned: int, samples: int) -> torch.Tensor:
+        """``samples`` concerned inputs and about as many unconcerned, spread evenly over the other classes."""
+        n = len(self.observed)
+        k = max(1, samples // max(n - 1, 1))
+        return torch.cat([self.observed[concerned][:samples]] +
+                         [self.observed[c][:k] for c in range(n) if c != concerned])
+
+    def first(self, classes: list[int], per_class: int) -> torch.Tensor:
+        """The first ``per_class`` observed inputs of each of ``classes``."""
+        return torch.cat([self.observed[c][:per_class] for c in classes])
+
+    def held_out(self, classes: list[int], per_class: int) -> torch.Tensor:
+        """``per_class`` held-out inputs of each of ``classes`` (fewer where a class has fewer)."""
+        return torch.cat([self.held[c][:per_class] for c in classes])
 
 
-def held_out(data: ImageSet, classes: list[int], per_class: int, seed: int) -> torch.Tensor:
-    """Indices into ``data`` of ``per_class`` held-out inputs of each of ``classes``: the last of each class's
-    seeded order, never among those observed (the first) while a class has ``samples + per_class`` images. They
-    are training images: the model's weights saw them, and a pruned network's losses show less on them than on
-    new images."""
-    order = class_order(data.labels, data.num_classes, seed)
-    return torch.cat([order[c][-per_class:] for c in classes])
+def validation_indices(source: Classifier, data: ImageSet) -> torch.Tensor | None:
+    """Indices into ``data`` of the images ``source`` was validated on and never trained on, from the split its
+    config records, when ``data`` is the training split it was made from (its data set and classes); else None."""
+    from .data.registry import split_spec
+    from .train import split_indices
+
+    t = source.info.get("training") or {}
+    if not t.get("val_split") or data.split != "train" or "seed" not in t or \
+            split_spec(str(t.get("data", "")))[0] != data.name or list(data.source_classes) != source.source_classes:
+        return None
+    return split_indices(len(data), t["val_split"], t.get("subset"), t["seed"])[1]
 
 
 class SlimModule(Typical, nn.Module):
@@ -377,7 +410,8 @@ def slim_module(source: Classifier, data: ImageSet, concerned: int, s: SlimSetti
     frozen = frozen_copy(source)
     graph, net, _ = frozen
     device = next(net.parameters()).device
-    observed = observation_indices(data, concerned, s.samples, s.seed)
+    pools = Pools(source, data, s.seed)
+    observed = pools.observation(concerned, s.samples)
     images, targets = data.images[observed], data.labels[observed] == concerned
     x_obs = source.prepare(images.to(device))
     soft = None
@@ -385,8 +419,8 @@ def slim_module(source: Classifier, data: ImageSet, concerned: int, s: SlimSetti
         soft = torch.sigmoid(source_log_odds(net, x_obs, batch_size)[:, concerned:concerned + 1])
     w, b = _source_margin(net.get_submodule(graph.classifier), concerned)
     p = Pruner(source, s, x_obs, targets.to(device)[:, None], soft, w[None], torch.tensor([b]), batch_size, frozen)
-    held = held_out(data, list(range(data.num_classes)), s.held_out, s.seed) if s.max_loss is not None else None
-    if held is not None:  # held-out inputs: not among those observed
+    held = pools.held_out(list(range(data.num_classes)), s.held_out) if s.max_loss is not None else None
+    if held is not None:
         x_held, y_held = source.prepare(data.images[held].to(device)), data.labels[held]
 
     def binary_accuracy() -> float:
@@ -399,7 +433,8 @@ def slim_module(source: Classifier, data: ImageSet, concerned: int, s: SlimSetti
     info = _source_info(source)
     params = sum(q.numel() for q in sliced.parameters())
     held_metrics = {} if held is None else {"held_out_binary_accuracy_start": base_accuracy,
-                                            "held_out_binary_accuracy": binary_accuracy()}
+                                            "held_out_binary_accuracy": binary_accuracy(),
+                                            "held_out_images": len(held), "held_out_from": pools.held_out_from}
     metrics = {**held_metrics, "params": params, "params_fraction": round(params / p.total_params, 4),
                "kept_channels": int(sum(int(g.sum()) for g in p.gates)),
                "channels": int(sum(g.numel() for g in p.gates)), "history": history}
@@ -494,7 +529,7 @@ def merge_slim(modules: list[SlimModule], source: Classifier, data: ImageSet, sa
     them (``objective="distill"``) or to the labels. With ``size``, channels are then closed, as for a slim
     module (ranked by ``cost``), until the network holds at most ``size`` of the model's parameters; with
     ``max_loss``, until the next step would put its top-1 among its classes more than that many points under the
-    model's restricted to them, on ``held_per_class`` held-out inputs of each class (:func:`held_out`; ``size``
+    model's restricted to them, on ``held_per_class`` held-out inputs of each class (:class:`Pools`; ``size``
     is then a floor). The backbone is not trained."""
     if not modules:
         raise UserError("nothing to merge: no modules")
@@ -519,8 +554,8 @@ def merge_slim(modules: list[SlimModule], source: Classifier, data: ImageSet, sa
         gates.append(gate)
     chosen = [m.concerned for m in modules]
     world = chosen if len(chosen) > 1 else list(range(data.num_classes))  # one class alone: against all
-    order = class_order(data.labels, data.num_classes, seed)
-    idx = torch.cat([order[c][:samples] for c in world])
+    pools = Pools(source, data, seed)
+    idx = pools.first(world, samples)
     x_obs = source.prepare(data.images[idx].to(device))
     targets = data.labels[idx].to(device)[:, None] == torch.tensor(chosen, device=device)[None, :]
     soft = None
@@ -531,7 +566,7 @@ def merge_slim(modules: list[SlimModule], source: Classifier, data: ImageSet, sa
     p = Pruner(source, s, x_obs, targets, soft, torch.stack([w for w, _ in margins]),
                torch.tensor([b for _, b in margins]), batch_size, frozen, gates)
     if max_loss is not None:
-        held = held_out(data, world, held_per_class, seed)
+        held = pools.held_out(world, held_per_class)
         x_held, y_held = source.prepare(data.images[held].to(device)), data.labels[held]
         model_odds = source_log_odds(net, x_held, batch_size, world)[:, [world.index(c) for c in chosen]].cpu()
 
@@ -548,7 +583,7 @@ def merge_slim(modules: list[SlimModule], source: Classifier, data: ImageSet, sa
     info = _source_info(source)
     params = sum(q.numel() for q in sliced.parameters())
     held_metrics = {} if start is None else {"held_out_model_top1": start, "held_out_top1": top1(),
-                                             "held_out_images": len(y_held)}
+                                             "held_out_images": len(y_held), "held_out_from": pools.held_out_from}
     metrics = {**held_metrics, "params": params, "params_fraction": round(params / info["params"], 4),
                "kept_channels": int(sum(int(g.sum()) for g in p.gates)),
                "channels": int(sum(g.numel() for g in p.gates)), "history": history}
