@@ -49,8 +49,9 @@ def main(argv: list[str]) -> None:
     p.add_argument("--costs", default="params", help="channel costs to rank by (SlimSettings.cost), comma-separated")
     p.add_argument("--pair-only", action="store_true", help="only the pair's modules and 2-class composition")
     p.add_argument("--merge-sizes", default="", help="also prune the pair's merged composition to these sizes")
-    p.add_argument("--merge-max-loss", type=float, default=None,
-                   help="also prune it as far as it loses at most this many points of held-out top-1")
+    p.add_argument("--merge-max-loss", default="",
+                   help="also prune it as far as it loses at most this many points of held-out top-1 "
+                        "(comma-separated: one composition each)")
     p.add_argument("--multiple", type=int, default=1, help="keep channel counts a multiple of this (SlimSettings)")
     p.add_argument("--no-node", action="store_true", help="leave out the paper's node-level modules (measured before)")
     p.add_argument("--retime", action="store_true", help="with --pair-only: measure again the latency of the merged "
@@ -89,7 +90,7 @@ def main(argv: list[str]) -> None:
                + (f" --random-pairs {args.random_pairs} --seed {args.seed}" if args.random_pairs else "")
                + (" --pair-only" if args.pair_only else "")
                + (f" --merge-sizes {args.merge_sizes}" if args.merge_sizes else "")
-               + (f" --merge-max-loss {args.merge_max_loss:g}" if args.merge_max_loss is not None else "")
+               + (f" --merge-max-loss {args.merge_max_loss}" if args.merge_max_loss else "")
                + (" --no-node" if args.no_node else "") + (f" --multiple {args.multiple}" if args.multiple > 1 else ""))
     if args.pair_only:
         summary = pair_summary(args.model.name, pairs, rows)
@@ -111,8 +112,7 @@ def pair_rows(clf, train, pair_test, images, device, row: dict, modules: dict, p
     ``--merge-max-loss`` allows."""
     rows = []
     prunings = [(None, None)] + [(float(v), None) for v in args.merge_sizes.split(",") if v]
-    if args.merge_max_loss is not None:
-        prunings.append((None, args.merge_max_loss))
+    prunings += [(None, float(v)) for v in args.merge_max_loss.split(",") if v]
     for merge_size, max_loss in prunings:
         two = merge_slim([modules[c] for c in pair], clf, train, samples=args.samples, seed=args.seed,
                          size=merge_size, cost=row["cost"], multiple=args.multiple, max_loss=max_loss)
@@ -124,6 +124,8 @@ def pair_rows(clf, train, pair_test, images, device, row: dict, modules: dict, p
         save_merged_slim(two, clf, saved, overwrite=True)
         rows.append({**row, "merge_size": merge_size, "merge_max_loss": max_loss, "pair": pair, "saved": str(saved),
                      "held_out_top1": two.metrics.get("held_out_top1"),
+                     "held_out_model_top1": two.metrics.get("held_out_model_top1"),
+                     "held_out_from": two.metrics.get("held_out_from"),
                      "pair_model_top1": two_report["model_top1"],
                      "pair_merged_top1": two_report["composed_top1"],
                      "pair_merged_latency_fraction": two_cost["latency_fraction"],

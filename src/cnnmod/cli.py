@@ -203,7 +203,7 @@ def decompose_cmd(
     size: float = typer.Option(None, "--size", help="Slim modules: target fraction of the model's parameters "
                                "(default 0.5; with --max-loss, a floor)."),
     max_loss: float = typer.Option(None, "--max-loss", help="Slim modules: the smallest module losing at most this "
-                                   "many pp of binary accuracy on held-out data."),
+                                   "many pp of binary accuracy on the model's validation images."),
     rule: str = typer.Option("taylor", "--rule", help="Slim modules: channel importance, taylor or activation."),
     slim_samples: int = typer.Option(1024, "--slim-samples", help="Slim modules: concerned inputs observed."),
     slim_cost: str = typer.Option("params", "--slim-cost", help="Slim modules: rank channels by importance per "
@@ -294,7 +294,7 @@ def compose_cmd(
                                       "this (as for decompose)."),
     max_loss: float = typer.Option(None, "--max-loss", help="Merged slim compositions: prune the merged network "
                                    "as far as its top-1 among its classes stays within this many points of the "
-                                   "model's, on held-out training inputs (--size is then a floor)."),
+                                   "model's, on its validation images (--size is then a floor)."),
     batch_size: int = typer.Option(256, "--batch-size"),
     device: str = DEVICE, data_root: str = DATA_ROOT, overwrite: bool = OVERWRITE, country: str = COUNTRY,
     as_json: bool = JSON,
