@@ -522,7 +522,7 @@ def source_log_odds(net: nn.Module, x: torch.Tensor, batch_size: int = 256,
 def merge_slim(modules: list[SlimModule], source: Classifier, data: ImageSet, samples: int = 256, seed: int = 0,
                batch_size: int = 256, objective: str = "distill", size: float | None = None,
                cost: str = "params", multiple: int = 1, max_loss: float | None = None,
-               held_per_class: int = 250) -> MergedSlim:
+               held_per_class: int = 1000) -> MergedSlim:
     """Merge slim modules of ``source`` into one network (the union of their kept channels) and refit every
     class's head row on it: class c against the composition's other classes (the composition's world: inputs of
     its classes, ``samples`` of each from ``data``, the source's training split), to the source's p_c among
