@@ -127,10 +127,9 @@ def test_max_loss_keeps_held_out_accuracy(tmp_path):
     assert m.metrics["held_out_binary_accuracy"] >= m.metrics["held_out_binary_accuracy_start"]
 
 
-def test_held_out_inputs_are_validation_images_never_observed():
-    """With the model's validation split on record, slim modules hold out half of each class's validation
-    images (never observed) and observe the other half first, then images the model trained on; without, held
-    out are the last of each class."""
+def test_observed_inputs_are_trained_on_and_held_out_ones_never():
+    """With the model's validation split on record, slim modules observe only images it was trained on and
+    measure their losses only on images it never trained on; without, held out are the last of each class."""
     data = random_data(per_class=30)
     clf = source("cnn")
     pools = Pools(clf, data, seed=3)
@@ -143,19 +142,15 @@ def test_held_out_inputs_are_validation_images_never_observed():
     trained, validated = split_train_val(data, 0.25, None, 7)  # as training split it
     fingerprint = {bytes(x.numpy()): "trained" for x in trained.images} | {
         bytes(x.numpy()): "validated" for x in validated.images}
-    seen = [fingerprint[bytes(x.numpy())] for x in data.images]
     assert pools.held_out_from == "validation"
-    held = pools.held_out([0, 1, 2, 3], 1000).tolist()
-    assert {seen[i] for i in held} == {"validated"}
-    for c in range(4):
-        mine_validated = [i for i in order[c].tolist() if seen[i] == "validated"]
-        assert pools.held_out([c], 1000).tolist() == mine_validated[len(mine_validated) - len(mine_validated) // 2:]
-        observed = pools.observation(c, 1000)
-        mine = observed[data.labels[observed] == c].tolist()
-        assert not set(observed.tolist()) & set(held) and len(mine) + len(mine_validated) // 2 == 30
-        # the validation images kept for observation come first, each part in the seeded order
-        assert mine == [i for i in mine_validated if i not in held] + [
-            i for i in order[c].tolist() if seen[i] == "trained"]
+    observed = pools.observation(0, 1000)
+    held = pools.held_out([0, 1, 2, 3], 1000)
+    assert {fingerprint[bytes(data.images[i].numpy())] for i in observed} == {"trained"}
+    assert {fingerprint[bytes(data.images[i].numpy())] for i in held} == {"validated"}
+    assert len(held) == len(validated) and len(observed) == len(trained)  # all of both, asked for more
+    for c in range(4):  # each pool keeps the seeded order
+        kept = [i for i in order[c].tolist() if i in set(pools.held_out([c], 1000).tolist())]
+        assert kept == pools.held_out([c], 1000).tolist()
     # another data set or other classes than the model's: no split to go by
     assert Pools(clf, data.subset([0, 1, 2]), 3).held_out_from == "training"
     clf.info["training"]["data"] = "other"
@@ -308,8 +303,8 @@ def test_merged_slim_composition(tmp_path, npz_data, capsys):
     assert json.loads(stdout)["params_fraction"] == pruned.metrics["params_fraction"] <= 0.1
     # pruned as far as the held-out top-1 among its classes allows: with no loss allowed against the model
     # restricted to them, it loses none, and the saved network and the model score what was recorded on the
-    # held-out inputs (half the model's validation images of each class); with any loss allowed, down to the
-    # floor
+    # held-out inputs (the model's validation images, in each class's seeded order); with any loss allowed, down
+    # to the floor
     pair = [str(tmp_path / "slim" / "modules" / "c00-band0"), str(tmp_path / "slim" / "modules" / "c02-band2")]
     rc, stdout, err = run(["compose", *pair, "--mode", "merged", "--max-loss", "0", "--out",
                            str(tmp_path / "careful"), "--json"], capsys)
@@ -323,8 +318,8 @@ def test_merged_slim_composition(tmp_path, npz_data, capsys):
     order = class_order(train.labels, train.num_classes, careful.settings["seed"])
     _, validation = split_train_val(train, 0.1, None, 0)  # as `train` split it: the images it never trained on
     never_trained = {bytes(x.numpy()) for x in validation.images}
-    mine = [[int(i) for i in order[c] if bytes(train.images[i].numpy()) in never_trained] for c in (0, 2)]
-    held = torch.tensor([i for m in mine for i in m[len(m) - len(m) // 2:]])  # the second half of each class's
+    held = torch.cat([torch.tensor([i for i in order[c] if bytes(train.images[i].numpy()) in never_trained])
+                      for c in (0, 2)])
     assert careful.metrics["held_out_from"] == "validation"
     assert len(held) == careful.metrics["held_out_images"] > 0
     right = torch.tensor([0, 2])[careful.predict(train.images[held])] == train.labels[held]

@@ -80,13 +80,10 @@ class SlimSettings:
 class Pools:
     """Per class, in a seeded order, the inputs a slim module or merged composition observes and those held out
     to measure its losses (``max_loss``). With the model's validation split recorded in its config and ``data``
-    the set it was split from, the images the model never trained on are the better ones for both: the second
-    half of each class's validation images (in the seeded order) is held out and never observed
-    (``held_out_from="validation"``); the first half is observed first, then the images it was trained on. (The
-    model's probabilities on images it trained on are near 0 or 1, and modules distilled from them lose more:
-    on the ResNet-20 of BENCHMARKS.md, -1.06 points for all ten at 0.5 of the parameters against -0.62.)
-    Otherwise both come from the whole set, held out the last of each class's order (``"training"``: the
-    model's weights saw them, so losses show less on them than on new images)."""
+    the set it was split from: observed among the images the model was trained on, held out among those it was
+    only validated on (``held_out_from="validation"``). Otherwise both from the whole set, held out the last of
+    each class's order (``"training"``: the model's weights saw them, so losses show less on them than on new
+    images)."""
 
     def __init__(self, source: Classifier, data: ImageSet, seed: int) -> None:
         order = class_order(data.labels, data.num_classes, seed)
@@ -94,16 +91,11 @@ class Pools:
         if validated is None:
             self.observed, self.held = order, [o.flip(0) for o in order]
             self.held_out_from = "training"
-            return
-        val = torch.zeros(len(data), dtype=torch.bool)
-        val[validated] = True
-        self.observed, self.held = [], []
-        for o in order:
-            v = o[val[o]]
-            kept = len(v) - len(v) // 2
-            self.observed.append(torch.cat([v[:kept], o[~val[o]]]))
-            self.held.append(v[kept:])
-        self.held_out_from = "validation"
+        else:
+            val = torch.zeros(len(data), dtype=torch.bool)
+            val[validated] = True
+            self.observed, self.held = [o[~val[o]] for o in order], [o[val[o]] for o in order]
+            self.held_out_from = "validation"
 
     def observation(self, concerned: int, samples: int) -> torch.Tensor:
         """``samples`` concerned inputs and about as many unconcerned, spread evenly over the other classes."""
