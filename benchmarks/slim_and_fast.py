@@ -4,6 +4,7 @@
     python benchmarks/slim_and_fast.py runs/bench/resnet20-bn --sizes 0.35,0.25 --costs params,both --pair-only
     python benchmarks/slim_and_fast.py runs/bench/resnet20-bn --sizes 0.5 --costs both --pair-only --pair 0,6 \
         --random-pairs 6 --merge-sizes 0.3,0.2 --multiple 8
+    python benchmarks/slim_and_fast.py runs/bench/resnet20-bn --sizes 0.5 --device cuda --repeats 50 --name-suffix _cuda
 
 For each size and importance rule: slim modules of all classes; their mean parameter fraction; the composed
 top-1/top-5 against the model on the full test set; and, measured side by side in the same run, the latency
@@ -11,7 +12,9 @@ at batch 256 of the model, of the paper's voting composition (node-level modules
 the slim composition. ``--costs`` compares channel costs (params, flops, both: ``SlimSettings.cost``);
 ``--pair-only`` makes only the pairs' modules and measures only their 2-class merged compositions (``--pair``
 repeats; ``--random-pairs N`` adds N pairs drawn with ``--seed``). Figures go to
-benchmarks/out/slim_<model>.json (``slim_pair_<model>.json`` with ``--pair-only``) with a markdown table.
+benchmarks/out/slim_<model><suffix>.json (``slim_pair_<model><suffix>.json`` with ``--pair-only``) with a
+markdown table. ``--device cuda`` builds, evaluates and times everything on the GPU (latency with CUDA
+synchronisation around each pass; ``--repeats`` rounds, median).
 """
 
 from __future__ import annotations
@@ -23,7 +26,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 from common import OUT, record
 
 from cnnmod.classifier import load_model
@@ -32,6 +34,7 @@ from cnnmod.cost import cost_report
 from cnnmod.data import load
 from cnnmod.decompose import DecomposeSettings, decompose
 from cnnmod.evaluation import evaluate_modules
+from cnnmod.runtime import pick_device
 from cnnmod.slim import SlimSettings, merge_slim, slim_module
 from cnnmod.store import load_merged_slim, save_merged_slim
 
@@ -54,20 +57,23 @@ def main(argv: list[str]) -> None:
                         "(comma-separated: one composition each)")
     p.add_argument("--multiple", type=int, default=1, help="keep channel counts a multiple of this (SlimSettings)")
     p.add_argument("--no-node", action="store_true", help="leave out the paper's node-level modules (measured before)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or auto: where modules are made, evaluated and timed")
+    p.add_argument("--repeats", type=int, default=5, help="latency rounds (side by side; the median is kept)")
+    p.add_argument("--name-suffix", default="", help="appended to the output file's name (e.g. _cuda)")
     p.add_argument("--retime", action="store_true", help="with --pair-only: measure again the latency of the merged "
                    "pairs that the last run with these settings saved (on a quiet machine, or at a higher priority "
                    "than the other work on it), and rewrite its figures")
     args = p.parse_args(argv)
     if args.retime:
         return retime(args)
-    device = torch.device("cpu")
+    device = pick_device(args.device)
     clf = load_model(args.model, device)
     train, test = load(clf.dataset, "train"), load(clf.dataset, "test")
-    images = test.images[:256]
+    images = test.images[:256].to(device)
     pairs = [[int(v) for v in text.split(",")] for text in (args.pair or ["0,6"])]
     drawn = [list(q) for q in itertools.combinations(range(clf.num_classes), 2) if list(q) not in pairs]
     pairs += sorted(random.Random(args.seed).sample(drawn, args.random_pairs))
-    rows = [] if args.pair_only or args.no_node else [node_row(clf, train, test, images, device)]
+    rows = [] if args.pair_only or args.no_node else [node_row(clf, train, test, images, device, args.repeats)]
     for rule in args.rules.split(","):
         for cost in args.costs.split(","):
             for size in (float(v) for v in args.sizes.split(",")):
@@ -91,17 +97,19 @@ def main(argv: list[str]) -> None:
                + (" --pair-only" if args.pair_only else "")
                + (f" --merge-sizes {args.merge_sizes}" if args.merge_sizes else "")
                + (f" --merge-max-loss {args.merge_max_loss}" if args.merge_max_loss else "")
-               + (" --no-node" if args.no_node else "") + (f" --multiple {args.multiple}" if args.multiple > 1 else ""))
+               + (" --no-node" if args.no_node else "") + (f" --multiple {args.multiple}" if args.multiple > 1 else "")
+               + (f" --device {args.device} --repeats {args.repeats}" if device.type != "cpu" else "")
+               + (f" --name-suffix {args.name_suffix}" if args.name_suffix else ""))
     if args.pair_only:
         summary = pair_summary(args.model.name, pairs, rows)
-        name = f"slim_pair_{args.model.name}"
+        name = f"slim_pair_{args.model.name}{args.name_suffix}"
     else:
         within = [r for r in rows if r["kind"] != "node (the paper's, mc-bln)" and r["cost_top1_pp"] >= -1.0]
         best = min(within, key=lambda r: r["params_fraction"], default=None)
         summary = (f"{args.model.name}: model {rows[0]['model_top1']:.2f}%; " + (
             f"smallest slim within 1 pp: {100 * best['params_fraction']:.1f}% of parameters, cost "
             f"{best['cost_top1_pp']:+.2f} pp" if best else "no slim setting within 1 pp"))
-        name = f"slim_{args.model.name}"
+        name = f"slim_{args.model.name}{args.name_suffix}"
     path = record(name, command, {"rows": rows, "table": table}, summary)
     print(table)
     print(f"wrote {path}")
@@ -117,10 +125,11 @@ def pair_rows(clf, train, pair_test, images, device, row: dict, modules: dict, p
         two = merge_slim([modules[c] for c in pair], clf, train, samples=args.samples, seed=args.seed,
                          size=merge_size, cost=row["cost"], multiple=args.multiple, max_loss=max_loss)
         two_report = evaluate_modules([modules[c] for c in pair], pair_test, device, source=clf, composition=two)
-        two_cost = cost_report(two, images, source=clf)
+        two_cost = cost_report(two, images, args.repeats, source=clf)
         label = "union" if merge_size is None and max_loss is None else (
             f"size{merge_size:g}" if max_loss is None else f"max-loss{max_loss:g}")
-        saved = OUT / "pairs" / args.model.name / f"{pair[0]}-{pair[1]}-{row['cost']}-m{args.multiple}-{label}"
+        saved = (OUT / "pairs" / f"{args.model.name}{args.name_suffix}"
+                 / f"{pair[0]}-{pair[1]}-{row['cost']}-m{args.multiple}-{label}")
         save_merged_slim(two, clf, saved, overwrite=True)
         rows.append({**row, "merge_size": merge_size, "merge_max_loss": max_loss, "pair": pair, "saved": str(saved),
                      "held_out_top1": two.metrics.get("held_out_top1"),
@@ -149,13 +158,13 @@ def pair_summary(name: str, pairs: list[list[int]], rows: list[dict]) -> str:
     return f"{name}: {met} of {len(pairs)} pairs within 1 pp at <= 0.5x latency; " + "; ".join(parts)
 
 
-def node_row(clf, train, test, images, device) -> dict:
+def node_row(clf, train, test, images, device, repeats: int) -> dict:
     """The paper's modules (node level, mc-bln): voting and merged compositions of all classes."""
-    node = decompose(clf, train, settings=DecomposeSettings(calibration_samples=0), show_progress=False)
+    node = decompose(clf, train, settings=DecomposeSettings(calibration_samples=0), device=device, show_progress=False)
     node_report = evaluate_modules(node, test, device)
-    node_cost = cost_report(compose(node), images)
+    node_cost = cost_report(compose(node), images, repeats)
     merged_node = evaluate_modules(node, test, device, mode="merged")
-    merged_node_cost = cost_report(compose(node, mode="merged"), images)
+    merged_node_cost = cost_report(compose(node, mode="merged"), images, repeats)
     row = {"kind": "node (the paper's, mc-bln)", "size": 1.0, "rule": "-", "cost": "-", "seconds": None,
            "params_fraction": cost_report(node[0], images)["params_fraction"],
            "model_top1": node_report["model_top1"],
@@ -173,10 +182,10 @@ def node_row(clf, train, test, images, device) -> dict:
 def all_classes(clf, train, test, images, device, modules: list, args) -> dict:
     """Slim modules of every class: their voting composition and their merged one."""
     report = evaluate_modules(modules, test, device, source=clf)
-    cost = cost_report(compose(modules), images, source=clf)
+    cost = cost_report(compose(modules), images, args.repeats, source=clf)
     merged = merge_slim(modules, clf, train, samples=args.samples, seed=args.seed)
     merged_report = evaluate_modules(modules, test, device, source=clf, composition=merged)
-    merged_cost = cost_report(merged, images, source=clf)
+    merged_cost = cost_report(merged, images, args.repeats, source=clf)
     return {"model_top1": report["model_top1"], "composed_top1": report["composed_top1"],
             "composed_top5": report["composed_top5"], "cost_top1_pp": report["decomposition_cost_top1_pp"],
             "composition_latency_fraction": cost["latency_fraction"],
@@ -207,13 +216,14 @@ def retime(args) -> None:
     source model; every figure but the latencies stays as that run measured it."""
     import json
 
-    path = OUT / f"slim_pair_{args.model.name}.json"
+    path = OUT / f"slim_pair_{args.model.name}{args.name_suffix}.json"
     payload = json.loads(path.read_text())
     rows = payload["figures"]["rows"]
-    images = load(load_model(args.model).dataset, "test").images[:256]
+    device = pick_device(args.device)
+    images = load(load_model(args.model).dataset, "test").images[:256].to(device)
     for r in rows:
-        merged, source = load_merged_slim(r["saved"])
-        r["pair_merged_latency_fraction"] = cost_report(merged, images, source=source)["latency_fraction"]
+        merged, source = load_merged_slim(r["saved"], device)
+        r["pair_merged_latency_fraction"] = cost_report(merged, images, args.repeats, source=source)["latency_fraction"]
         print(r["pair"], pruned_to(r), r["pair_merged_latency_fraction"], flush=True)
     pairs = [list(q) for q in dict.fromkeys(tuple(r["pair"]) for r in rows)]
     table = pair_table(rows)
