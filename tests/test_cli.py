@@ -76,8 +76,8 @@ def test_user_errors(tmp_path: Path, trained: Path, npz_data: str, capsys) -> No
     assert_user_error(*run(["train", "--arch", "cnn", "--data", npz_data, "--out", str(trained)], capsys),
                       "exists already", "--overwrite")
     assert_user_error(*run(base + ["--data", npz_data, "--arch-arg", "depth"], capsys), "KEY=VALUE")
-    assert_user_error(*run(base + ["--data", npz_data, "--device", "cuda:7" if torch.cuda.is_available() else "tpu"],
-                           capsys), "device")
+    assert_user_error(*run(base + ["--data", npz_data, "--device", "tpu"], capsys), "unknown device 'tpu'")
+    assert_user_error(*run(base + ["--data", npz_data, "--device", "cuda:7"], capsys), "cuda:7", "CUDA device")
     assert not (tmp_path / "new").exists()
     # evaluating against a data set of another class count
     assert_user_error(*run(["evaluate-model", str(trained), "--data", "digits"], capsys), "3 classes", "10")

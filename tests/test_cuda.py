@@ -71,6 +71,7 @@ def test_slim_module_made_on_cuda_is_its_gated_network_and_moves_to_cpu():
 
 def test_merged_slim_on_cuda_saves_and_loads_on_cpu(tmp_path):
     clf, data = source("resnet20").to("cuda"), random_data(per_class=20)
+    clf.arch = "resnet20"  # so that the saved network can be rebuilt
     modules = [slim_module(clf, data, c, SlimSettings(size=0.5, samples=40, step=0.2)) for c in (0, 2)]
     merged = merge_slim(modules, clf, data, samples=20, size=0.3)
     assert merged.params() <= 0.3 * sum(p.numel() for p in clf.net.parameters())
