@@ -17,6 +17,7 @@ from cnnmod.channels import classifier_input, cost_per_channel, gated
 from cnnmod.classifier import Classifier
 from cnnmod.data.transforms import InputSpec
 from cnnmod.decompose import calibration_set
+from cnnmod.errors import UserError
 from cnnmod.models import build
 from cnnmod.observe import class_order
 from cnnmod.slim import Pools, SlimSettings, fit_head, slim_module, source_log_odds
@@ -155,6 +156,29 @@ def test_observed_inputs_are_trained_on_and_held_out_ones_never():
     assert Pools(clf, data.subset([0, 1, 2]), 3).held_out_from == "training"
     clf.info["training"]["data"] = "other"
     assert Pools(clf, data, 3).held_out_from == "training"
+
+
+class FixedShuffle(torch.nn.Module):
+    """A channel shuffle written for exactly 8 channels: torch-pruning slices it without complaint, and the
+    sliced network then fails."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.relu1 = torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.ReLU()
+        self.conv2, self.relu2 = torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.ReLU()
+        self.pool, self.fc = torch.nn.AdaptiveAvgPool2d(1), torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = self.relu1(self.conv1(x))
+        x = x.view(x.size(0), 2, 4, 12, 12).transpose(1, 2).reshape(x.size(0), 8, 12, 12)
+        return self.fc(self.pool(self.relu2(self.conv2(x))).flatten(1))
+
+
+def test_a_network_that_cannot_be_sliced_is_named_with_its_layer():
+    torch.manual_seed(0)
+    clf = Classifier(FixedShuffle().eval(), InputSpec(1, 12, 12, (0.5,), (0.25,)), [f"r{c}" for c in range(4)])
+    with pytest.raises(UserError, match=r"cannot slice FixedShuffle: .* after layer 'relu1' .*--granularity node"):
+        slim_module(clf, random_data(per_class=20), 1, SlimSettings(size=0.4, samples=40, step=0.2))
 
 
 def test_slim_decomposition_command_and_artifacts(tmp_path, npz_data, capsys):

@@ -138,6 +138,29 @@ def slice_network(net: nn.Module, input_shape: tuple[int, int, int], removed: di
     return sliced
 
 
+def verify_sliced(sliced: nn.Module, x: torch.Tensor, expected: torch.Tensor, name: str) -> None:
+    """A one-line error when the sliced network fails on ``x`` (naming the layer after which it fails) or
+    computes other outputs than ``expected`` (what the gated network computes)."""
+    done: list[str] = []
+    handles = [m.register_forward_hook(lambda _m, _i, _o, n=n: done.append(n))
+               for n, m in sliced.named_modules() if n]
+    try:
+        with torch.no_grad():
+            out = sliced(x)
+    except Exception as e:  # noqa: BLE001 - any failure here means the same to the user
+        where = f"after layer {done[-1]!r}" if done else "at its first layer"
+        raise UserError(f"torch-pruning cannot slice {name}: with channels cut, it fails {where} "
+                        f"({str(e)[:120]}), where an operation depends on the channel count; "
+                        "use --granularity node")
+    finally:
+        for h in handles:
+            h.remove()
+    gap = float((out - expected).abs().max())
+    if gap > 1e-2 * (float(expected.abs().max()) + 1.0):  # loose enough for TF32 on a GPU
+        raise UserError(f"torch-pruning cannot slice {name} faithfully: the sliced network's outputs differ from "
+                        f"the gated model's by {gap:.3g}; use --granularity node")
+
+
 def closed_channels(groups: ChannelGroups, gates: list[torch.Tensor]) -> dict[str, list[int]]:
     """The closed channels of every group, by the group's first root layer (what slicing takes)."""
     return {g["roots"][0]: [int(j) for j in torch.nonzero(gate == 0).flatten()]

@@ -36,6 +36,7 @@ from .channels import (
     reestimate_bn,
     slice_network,
     sliced_cost,
+    verify_sliced,
 )
 from .classifier import Classifier
 from .data.dataset import ImageSet
@@ -241,6 +242,7 @@ class Pruner:
         self.w, self.b = w.cpu(), b.cpu().double()
         self.total_params = sum(p.numel() for p in source.net.parameters())
         self.per_channel = self.rank_cost = None
+        self._checked = False  # the first sliced network with channels cut is verified (then the last)
         if s.cost != "none":
             shape, classifier = source.spec.shape, self.graph.classifier
             self.per_channel = cost_per_channel(self.net, self.groups, shape, classifier, "params")
@@ -326,12 +328,26 @@ class Pruner:
         w, b = (_head_rows(self.w[0], float(self.b[0])) if binary else (self.w, self.b.float()))
         return w[:, kept_features(self.groups, self.graph, [g.bool() for g in self.gates], self.w.shape[1])], b
 
-    def sliced(self, binary: bool) -> nn.Module:
-        return slice_network(self.net, self.source.spec.shape, self.removed(), self.graph.classifier,
-                             *self.head(binary))
+    def sliced(self, binary: bool, check: bool = False) -> nn.Module:
+        """The network cut to the open channels; with ``check``, verified on a few observed inputs against the
+        gated network (torch-pruning slices what its dependency graph understands: an operation that depends
+        on a channel count, such as a reshape to a fixed shape, breaks a sliced network silently)."""
+        sliced = slice_network(self.net, self.source.spec.shape, self.removed(), self.graph.classifier,
+                               *self.head(binary))
+        if check:
+            x = self.x_obs[:8]
+            with torch.no_grad(), gated(self.net, self.graph, self.groups, self.gates):
+                f = classifier_input(self.net, self.graph.classifier, lambda: self.net(x))
+            w, b = self.head(binary)
+            keep = kept_features(self.groups, self.graph, [g.bool() for g in self.gates], self.w.shape[1])
+            expected = f[:, keep.to(f.device)] @ w.to(f.device, f.dtype).T + b.to(f.device, f.dtype)
+            verify_sliced(sliced, x, expected, type(self.source.net).__name__)
+        return sliced
 
     def fraction(self, binary: bool) -> float:
-        return sum(p.numel() for p in self.sliced(binary).parameters()) / self.total_params
+        first_cut = not self._checked and any(bool((g == 0).any()) for g in self.gates)
+        self._checked = self._checked or first_cut
+        return sum(p.numel() for p in self.sliced(binary, check=first_cut).parameters()) / self.total_params
 
     def close_least_important(self, fraction: float) -> int:
         """Close the least important channels: with a ``cost``, those of least importance per their cost until
@@ -429,7 +445,7 @@ def slim_module(source: Classifier, data: ImageSet, concerned: int, s: SlimSetti
     p.refresh()
     base_accuracy = binary_accuracy() if held is not None else None
     history = p.prune(True, binary_accuracy if held is not None else None)
-    sliced = p.sliced(True)
+    sliced = p.sliced(True, check=True)
     info = _source_info(source)
     params = sum(q.numel() for q in sliced.parameters())
     held_metrics = {} if held is None else {"held_out_binary_accuracy_start": base_accuracy,
@@ -579,7 +595,7 @@ def merge_slim(modules: list[SlimModule], source: Classifier, data: ImageSet, sa
     start = top1(model_odds) if max_loss is not None else None
     history = p.prune(False, top1 if max_loss is not None else None, start) \
         if size is not None or max_loss is not None else []
-    sliced = p.sliced(False)
+    sliced = p.sliced(False, check=True)
     info = _source_info(source)
     params = sum(q.numel() for q in sliced.parameters())
     held_metrics = {} if start is None else {"held_out_model_top1": start, "held_out_top1": top1(),
