@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from test_cli import assert_user_error, run
@@ -375,3 +376,65 @@ def test_merged_slim_composition(tmp_path, npz_data, capsys):
     assert_user_error(*run(["compose", str(tmp_path / "slim"), "--refit-heads", "--out", str(tmp_path / "x")],
                            capsys), "--refit-heads works on node-level modules")
     assert not (tmp_path / "x").exists()
+
+
+def test_fused_slim_composition_of_two_models(tmp_path, npz_data, capsys):
+    """Slim modules of two models of two data sets (horizontal bands, vertical bands): one merged network per
+    model, each fitted against the other model's classes too, so that a class of one data set is not claimed by
+    the other's network."""
+    from conftest import synthetic_arrays
+
+    from cnnmod.store import load_fused_slim
+
+    x_train, y_train = synthetic_arrays(40, 3, 8, seed=7)
+    x_test, y_test = synthetic_arrays(10, 3, 8, seed=8)
+    vertical = tmp_path / "vertical.npz"
+    np.savez(vertical, x_train=x_train.transpose(0, 2, 1), y_train=y_train, x_test=x_test.transpose(0, 2, 1),
+             y_test=y_test, class_names=np.array([f"column{c}" for c in range(3)]))
+    for name, data in (("a", npz_data), ("b", f"npz:{vertical}")):
+        rc, _, err = run(["train", "--arch", "cnn", "--data", data, "--epochs", "4", "--out", str(tmp_path / name)],
+                         capsys)
+        assert rc == 0, err
+        rc, _, err = run(["decompose", str(tmp_path / name), "--out", str(tmp_path / f"{name}-slim"),
+                          "--granularity", "channel", "--size", "0.5", "--slim-samples", "30"], capsys)
+        assert rc == 0, err
+    picked = [str(tmp_path / "a-slim" / "modules" / "c00-band0"), str(tmp_path / "a-slim" / "modules" / "c02-band2"),
+              str(tmp_path / "b-slim" / "modules" / "c01-column1")]
+    assert_user_error(*run(["compose", *picked, "--mode", "merged", "--out", str(tmp_path / "m")], capsys),
+                      "--mode fused")
+    assert_user_error(*run(["compose", *picked, "--mode", "fused", "--size", "0.3", "--out", str(tmp_path / "m")],
+                           capsys), "--size")
+    rc, stdout, err = run(["compose", *picked, "--mode", "fused", "--out", str(tmp_path / "fused"), "--json"], capsys)
+    assert rc == 0, err
+    made = json.loads(stdout)
+    assert made["parts"] == 2 and made["classes"][2].endswith("vertical.npz:column1")
+    fused, sources = load_fused_slim(tmp_path / "fused")
+    a, b = fused.parts
+    assert a.concerned == [0, 2] and b.concerned == [1] and len(sources) == 2
+    assert a.settings["foreign"] == [f"npz:{vertical}:1"] and b.settings["foreign"] == [f"{npz_data}:0,2"]
+    modules = cnnmod.load_modules(tmp_path / "a-slim")
+    for root, removed in a.removed.items():  # the union of the two modules' kept channels
+        assert set(removed) == set(modules[0].removed[root]) & set(modules[2].removed[root])
+    # each network claims its own classes and leaves the other data set's images alone
+    with torch.no_grad():
+        on_vertical = fused(torch.from_numpy(x_test.transpose(0, 2, 1)[y_test == 1].copy())[:, None])
+        on_bands = fused(torch.from_numpy(x_test[np.isin(y_test, [0, 2])].copy())[:, None])
+    assert float(on_vertical[:, :2].max(1).values.mean()) < 0.5 and float(on_bands[:, 2].mean()) < 0.5
+    assert float((on_vertical.argmax(1) == 2).float().mean()) >= 0.9
+    assert float((on_bands.argmax(1) < 2).float().mean()) >= 0.9
+    rc, stdout, err = run(["evaluate", str(tmp_path / "fused"), "--json", "--latency-batch", "4"], capsys)
+    assert rc == 0, err
+    r = json.loads(stdout)
+    assert r["mode"] == "fused" and r["test_images"] == 30 and r["composed_top1"] >= 90.0
+    assert [c["name"] for c in r["per_class"]] == made["classes"]
+    total = sum(sum(p.numel() for p in s.net.parameters()) for s in sources)
+    assert r["cost"]["composition"]["params_fraction"] == pytest.approx(fused.params() / total, abs=1e-4)
+    assert fused.params() < total
+    assert r["cost"]["composition"]["model_params"] == total
+    assert_user_error(*run(["evaluate", str(tmp_path / "fused"), "--data", npz_data], capsys), "--data")
+    onnx = pytest.importorskip("onnx")
+    assert onnx is not None
+    rc, stdout, err = run(["export", str(tmp_path / "fused"), "--onnx", str(tmp_path / "fused.onnx"), "--json"],
+                          capsys)
+    assert rc == 0, err
+    assert json.loads(stdout)["classes"] == made["classes"]

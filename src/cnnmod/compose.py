@@ -86,8 +86,9 @@ def check_mode(modules: Sequence[Module], mode: str) -> None:
     if mode == "vote":
         return
     if any(not isinstance(m, Module) for m in modules):
-        raise UserError(f"--mode {mode} of this composition merges node-level modules; slim modules of one "
-                        "decomposition merge with cnnmod compose --mode merged, others run with --mode vote")
+        raise UserError(f"--mode {mode} of this composition merges node-level modules; slim modules merge with "
+                        "cnnmod compose --mode merged (one model) or --mode fused (several), and slim and "
+                        "node-level modules together run with --mode vote")
     if mode == "merged" and len({id(m.source) for m in modules}) > 1:
         raise UserError("--mode merged needs modules of one source model; these come from several: use --mode fused "
                         "(one merged network per source model, their scores fused)")

@@ -17,7 +17,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from .classifier import Classifier
 from .compose import Composition
 from .module import Module
-from .slim import MergedSlim, SlimModule
+from .slim import FusedSlim, MergedSlim, SlimModule
 
 
 def count_params(obj) -> int:
@@ -25,7 +25,7 @@ def count_params(obj) -> int:
     node-masked modules; a slim module's own (smaller) network."""
     if isinstance(obj, Classifier):
         return sum(p.numel() for p in obj.net.parameters())
-    if isinstance(obj, (SlimModule, MergedSlim)):
+    if isinstance(obj, (SlimModule, MergedSlim, FusedSlim)):
         return obj.params()  # its own (smaller) network
     parts = obj.modules_list if isinstance(obj, Composition) else [obj]
     masked = [m for m in parts if isinstance(m, Module)]
@@ -77,18 +77,20 @@ def _model_fn(source: Classifier) -> Callable[[torch.Tensor], torch.Tensor]:
     return lambda images: source(source.prepare(images))
 
 
-def cost_report(target, images: torch.Tensor, repeats: int = 5, source: Classifier | None = None) -> dict:
+def cost_report(target, images: torch.Tensor, repeats: int = 5,
+                source: Classifier | list[Classifier] | None = None) -> dict:
     """Parameters, FLOPs per image and latency of ``target`` (a module or composition) on the batch ``images``
     (uint8), with fractions of its source model's (for a composition across models, of the sum of its source
-    models'; slim modules carry no source: give it as ``source``). The latencies are measured side by side
-    (:func:`latency_side_by_side`): ``latency_fraction`` is the median of the rounds' ratios."""
+    models'; slim modules carry no source: give it, or the list of them, as ``source``). The latencies are
+    measured side by side (:func:`latency_side_by_side`): ``latency_fraction`` is the median of the rounds'
+    ratios."""
     target = target.eval()
-    merged = isinstance(target, MergedSlim)
+    merged = isinstance(target, (MergedSlim, FusedSlim))
     parts = target.modules_list if isinstance(target, Composition) else [] if merged else [target]
     fn = target if isinstance(target, Composition) or merged else (lambda imgs: target.score(target.prepare(imgs)))
     sources = {id(m.source): m.source for m in parts if isinstance(m, Module)}
-    if source is not None:
-        sources.setdefault(id(source), source)
+    for s in [] if source is None else source if isinstance(source, list) else [source]:
+        sources.setdefault(id(s), s)
     if not sources:
         raise ValueError("cost_report needs the source model of slim modules")
     model_params = sum(count_params(s) for s in sources.values())

@@ -123,12 +123,14 @@ def evaluate_dir(paths: list[str | Path], data: str | None, data_root: str | Non
                  latency_batch: int = 256, mode: str | None = None) -> dict:
     """``cnnmod evaluate``: decomposition folders or module folders of one source model, on its test set."""
     from .module import Module
-    from .store import composition_setting, is_merged_slim, load_modules
+    from .store import composition_setting, is_fused_slim, is_merged_slim, load_modules
 
     started = time.perf_counter()
     dev = pick_device(device)
     if len(paths) == 1 and is_merged_slim(paths[0]):
         return evaluate_merged_slim(paths[0], data, data_root, dev, batch_size, cost, latency_batch, started)
+    if len(paths) == 1 and is_fused_slim(paths[0]):
+        return evaluate_fused_slim(paths[0], data, data_root, dev, batch_size, cost, latency_batch, started)
     modules = load_modules(paths, dev)
     calibration = calibration or composition_setting(paths, "calibration", "none")  # else the paper's scores
     mode = mode or composition_setting(paths, "mode", "vote")
@@ -183,22 +185,26 @@ def composition_test_sets(modules: list, data_root: str | None, per_class: int |
 
 def evaluate_composition(modules: list, data_root: str | None, device: torch.device, batch_size: int = 512,
                          per_class: int | None = None, calibration: str = "none", mode: str = "vote",
-                         cache: dict | None = None) -> dict:
+                         cache: dict | None = None, composition=None) -> dict:
     """A composition of modules from any models: top-1, top-5 and per-class accuracy on the union of its classes'
     test images, each from its own data set.
 
     A voting composition's scores are its modules' scores side by side; given a ``cache`` (a dict kept by the
     caller), each module's scores on each test chunk are computed once and reused by later compositions that
-    hold the same module object (a study evaluates many compositions that share most of their modules)."""
+    hold the same module object (a study evaluates many compositions that share most of their modules). A
+    prebuilt ``composition`` (uint8 images -> scores of ``modules``' classes, e.g. a fused slim network)
+    replaces composing ``modules``."""
     from .compose import compose, qualified_name
 
-    composition = compose(modules, calibration=calibration, mode=mode).to(device).eval()
+    if composition is None:
+        composition = compose(modules, calibration=calibration, mode=mode)
+    composition = composition.to(device).eval()
     scores, labels = [], []
     started = time.perf_counter()
     for test, mapped in composition_test_sets(modules, data_root, per_class):
         if cache is None or mode != "vote":
             scores.append(predict_scores(composition, lambda x: x, test.images, device,
-                                         max(8, batch_size // composition.max_group)))
+                                         max(8, batch_size // getattr(composition, "max_group", 1))))
         else:
             columns = []
             for m in modules:
@@ -241,3 +247,27 @@ def evaluate_merged_slim(path, data: str | None, data_root: str | None, device: 
         report["cost"] = {"composition": cost_report(merged, test.images[:latency_batch].to(device), source=source)}
     return {"paths": [str(path)], "data": data or source.dataset, "variant": "channel", "modules": len(parts),
             "calibration": "none", "mode": "merged", **report, "seconds": round(time.perf_counter() - started, 3)}
+
+
+def evaluate_fused_slim(path, data: str | None, data_root: str | None, device: torch.device, batch_size: int,
+                        cost: bool, latency_batch: int, started: float) -> dict:
+    """A fused slim composition (merged slim networks of several models) on the union of its classes' test
+    images, each from its own data set; its cost against the sum of its source models'."""
+    from types import SimpleNamespace
+
+    from .cost import cost_report
+    from .store import load_fused_slim
+
+    if data is not None:
+        raise UserError("--data applies to modules of one model; a composition across models is evaluated on each "
+                        "class's own data set")
+    fused, sources = load_fused_slim(path, device)
+    classes = [SimpleNamespace(dataset=part.source_info.get("dataset", ""), source_class=c, class_name=n,
+                               kept_fraction=lambda part=part: part.metrics["params_fraction"])
+               for part in fused.parts for c, n in zip(part.classes, part.class_names, strict=True)]
+    report = evaluate_composition(classes, data_root, device, batch_size, composition=fused)
+    if cost:
+        images = composition_test_sets(classes, data_root)[0][0].images[:latency_batch].to(device)
+        report["cost"] = {"composition": cost_report(fused, images, source=sources)}
+    return {"paths": [str(path)], "variant": "channel", "modules": len(classes), "parts": len(fused.parts),
+            "calibration": "none", "mode": "fused", **report, "seconds": round(time.perf_counter() - started, 3)}

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from .artifacts import check_output
+from .classifier import load_model
 from .compose import base_dataset, check_calibration, check_composable, check_mode, class_key, qualified_name
 from .data import load
 from .data.dataset import ImageSet
@@ -22,7 +23,15 @@ from .module import Module
 from .progress import progress_bar
 from .runtime import pick_device
 from .slim import SlimModule
-from .store import composition_setting, load_modules, save_composition, save_merged_slim, slim_source_of
+from .store import (
+    composition_setting,
+    load_modules,
+    save_composition,
+    save_fused_slim,
+    save_merged_slim,
+    slim_source_dir,
+    slim_source_of,
+)
 
 
 def find_class(modules: Sequence[Module], text: str) -> int:
@@ -157,6 +166,8 @@ def compose_dirs(paths: Sequence[str | Path], out: str | Path, relearn_foreign: 
         what = "--size" if size is not None else "--max-loss"
         raise UserError(f"{what} prunes a merged slim composition: compose slim modules of one model with "
                         "--mode merged")
+    if mode == "fused" and slim and len(slim) == len(modules):
+        return fuse_slim_dirs(paths, out, data_root, dev, batch_size, overwrite, started)
     check_mode(modules, mode)
     check_calibration(modules, calibration, mode)
     if relearn_foreign:
@@ -190,6 +201,38 @@ def merge_slim_dirs(paths, modules: list, out: str | Path, data_root: str | None
     return {"out": str(out), "classes": merged.qualified_names, "mode": "merged", "granularity": "channel",
             "params_fraction": merged.metrics["params_fraction"],
             **{k: merged.metrics[k] for k in ("held_out_model_top1", "held_out_top1") if k in merged.metrics},
+            "seconds": round(time.perf_counter() - started, 3)}
+
+
+def fuse_slim_dirs(paths, out: str | Path, data_root: str | None, device, batch_size: int, overwrite: bool,
+                   started: float) -> dict:
+    """Slim modules of several models: each model's merged into one network (:func:`merge_slim`) whose head rows
+    are also fitted on the other models' classes (their training images, as inputs of none of its classes), run
+    side by side (:class:`cnnmod.slim.FusedSlim`)."""
+    from .evaluation import split_for
+    from .slim import FusedSlim, merge_slim
+
+    groups: dict[Path, list] = {}
+    for p in paths:
+        groups.setdefault(slim_source_dir(p), []).append(p)
+    loaded = {folder: load_modules(group, device) for folder, group in groups.items()}
+    parts, sources = [], []
+    with progress_bar("fusing", len(groups)) as step:
+        for folder, modules in loaded.items():
+            source = load_model(folder, device)
+            others = [m for other, ms in loaded.items() if other != folder for m in ms]
+            made = modules[0].settings
+            parts.append(merge_slim(modules, source, split_for(source, None, data_root, "train"),
+                                    samples=made.get("samples", 256), seed=made.get("seed", 0), batch_size=batch_size,
+                                    objective=made.get("objective", "labels"),
+                                    foreign=list(composition_sets(others, data_root).values())))
+            sources.append(source)
+            step()
+    fused = FusedSlim(parts)
+    save_fused_slim(fused, sources, out, overwrite, {"made_from": [str(p) for p in paths]})
+    total = sum(sum(p.numel() for p in s.net.parameters()) for s in sources)
+    return {"out": str(out), "classes": fused.qualified_names, "mode": "fused", "granularity": "channel",
+            "parts": len(parts), "params_fraction": round(fused.params() / total, 4),
             "seconds": round(time.perf_counter() - started, 3)}
 
 

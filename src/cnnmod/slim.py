@@ -233,12 +233,14 @@ class Pruner:
 
     def __init__(self, source: Classifier, s: SlimSettings, x_obs: torch.Tensor, targets: torch.Tensor,
                  soft: torch.Tensor | None, w: torch.Tensor, b: torch.Tensor, batch_size: int = 256,
-                 frozen: tuple | None = None, gates: list[torch.Tensor] | None = None) -> None:
+                 frozen: tuple | None = None, gates: list[torch.Tensor] | None = None,
+                 bn_rows: int | None = None) -> None:
         self.source, self.s, self.batch_size = source, s, batch_size
         self.graph, self.net, self.groups = frozen or frozen_copy(source)
         device = next(self.net.parameters()).device
         self.gates = gates or [torch.ones(g["channels"], device=device) for g in self.groups.groups]
         self.x_obs, self.targets, self.soft = x_obs, targets, soft
+        self.bn_rows = bn_rows  # BatchNorm statistics from the first bn_rows observed inputs (default: all)
         self.w, self.b = w.cpu(), b.cpu().double()
         self.total_params = sum(p.numel() for p in source.net.parameters())
         self.per_channel = self.rank_cost = None
@@ -308,10 +310,11 @@ class Pruner:
         return [sum(counts[p] for p in g["points"]) / max(len(mine), 1) for g in self.groups.groups]
 
     def refresh(self) -> None:
-        """BatchNorm statistics re-estimated on the observed inputs, then every row refitted."""
+        """BatchNorm statistics re-estimated on the observed inputs (the first ``bn_rows``), then every row
+        refitted."""
         def run():
             with gated(self.net, self.graph, self.groups, self.gates):
-                for xb in self.batches(self.x_obs):
+                for xb in self.batches(self.x_obs[:self.bn_rows]):
                     self.net(xb)
         reestimate_bn(self.net, run)
         features = self.features_of(self.x_obs)
@@ -521,6 +524,34 @@ class MergedSlim(nn.Module):
         return self.forward(images).argmax(1)
 
 
+class FusedSlim(nn.Module):
+    """Merged slim networks of several source models side by side (``compose --mode fused``): one pass of each,
+    each scoring its own classes, fitted against all of the composition's other classes (its own model's and
+    the other models'). ``forward`` takes uint8 images and returns the scores p_c (B, K) of every class, in the
+    order of its parts."""
+
+    def __init__(self, parts: list[MergedSlim]) -> None:
+        super().__init__()
+        self.parts = nn.ModuleList(parts)
+
+    @property
+    def qualified_names(self) -> list[str]:
+        return [n for p in self.parts for n in p.qualified_names]
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return self.parts[0].input_shape
+
+    def params(self) -> int:
+        return sum(p.params() for p in self.parts)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.cat([p(images) for p in self.parts], 1)
+
+    def predict(self, images: torch.Tensor) -> torch.Tensor:
+        return self.forward(images).argmax(1)
+
+
 def source_log_odds(net: nn.Module, x: torch.Tensor, batch_size: int = 256,
                     classes: list[int] | None = None) -> torch.Tensor:
     """(N, K): for every input and class c, the network's log-odds of c against all other classes
@@ -538,7 +569,7 @@ def source_log_odds(net: nn.Module, x: torch.Tensor, batch_size: int = 256,
 def merge_slim(modules: list[SlimModule], source: Classifier, data: ImageSet, samples: int = 256, seed: int = 0,
                batch_size: int = 256, objective: str = "distill", size: float | None = None,
                cost: str = "params", multiple: int = 1, max_loss: float | None = None,
-               held_per_class: int = 1000) -> MergedSlim:
+               held_per_class: int = 1000, foreign: list[ImageSet] | None = None) -> MergedSlim:
     """Merge slim modules of ``source`` into one network (the union of their kept channels) and refit every
     class's head row on it: class c against the composition's other classes (the composition's world: inputs of
     its classes, ``samples`` of each from ``data``, the source's training split), to the source's p_c among
@@ -546,7 +577,10 @@ def merge_slim(modules: list[SlimModule], source: Classifier, data: ImageSet, sa
     module (ranked by ``cost``), until the network holds at most ``size`` of the model's parameters; with
     ``max_loss``, until the next step would put its top-1 among its classes more than that many points under the
     model's restricted to them, on ``held_per_class`` held-out inputs of each class (:class:`Pools`; ``size``
-    is then a floor). The backbone is not trained."""
+    is then a floor). ``foreign``: for a fused composition (:class:`FusedSlim`), the training images of the
+    classes it takes from other models (one set per data set, restricted to those classes): ``samples`` of each
+    of their classes are observed too, as inputs of none of this network's classes, so that its scores stay low
+    on them (BatchNorm statistics still come from its own classes' inputs). The backbone is not trained."""
     if not modules:
         raise UserError("nothing to merge: no modules")
     sha = source.info.get("weights_sha256")
@@ -578,9 +612,16 @@ def merge_slim(modules: list[SlimModule], source: Classifier, data: ImageSet, sa
     if objective == "distill":
         odds = source_log_odds(net, x_obs, batch_size, world)
         soft = torch.sigmoid(odds[:, [world.index(c) for c in chosen]])
+    own = x_obs.shape[0]
+    for f in foreign or []:
+        order = class_order(f.labels, f.num_classes, seed)
+        x_obs = torch.cat([x_obs, source.prepare(f.images[torch.cat([o[:samples] for o in order])].to(device))])
+    if x_obs.shape[0] > own:  # none of them is of this network's classes
+        targets = torch.cat([targets, targets.new_zeros(x_obs.shape[0] - own, len(chosen))])
+        soft = torch.cat([soft, soft.new_zeros(x_obs.shape[0] - own, len(chosen))]) if soft is not None else None
     margins = [_source_margin(net.get_submodule(graph.classifier), c) for c in chosen]
     p = Pruner(source, s, x_obs, targets, soft, torch.stack([w for w, _ in margins]),
-               torch.tensor([b for _, b in margins]), batch_size, frozen, gates)
+               torch.tensor([b for _, b in margins]), batch_size, frozen, gates, bn_rows=own)
     if max_loss is not None:
         held = pools.held_out(world, held_per_class)
         x_held, y_held = source.prepare(data.images[held].to(device)), data.labels[held]
@@ -604,7 +645,9 @@ def merge_slim(modules: list[SlimModule], source: Classifier, data: ImageSet, sa
                "kept_channels": int(sum(int(g.sum()) for g in p.gates)),
                "channels": int(sum(g.numel() for g in p.gates)), "history": history}
     settings = {"granularity": "channel", "mode": "merged", "samples": samples, "seed": seed, "objective": objective,
-                "world": [info["source_classes"][c] for c in world], "size": size, "max_loss": max_loss, "cost": cost,
+                "world": [info["source_classes"][c] for c in world],
+                "foreign": [f"{f.name}:{','.join(map(str, f.source_classes))}" for f in foreign or []],
+                "size": size, "max_loss": max_loss, "cost": cost,
                 "multiple": multiple,
                 "seconds": round(time.perf_counter() - started, 3)}
     return MergedSlim(sliced, graph.classifier, source.spec, chosen, info, p.removed(), settings, metrics).eval()

@@ -35,6 +35,7 @@ from .module import Module
 MODEL_DIR = "model"
 MODULES_DIR = "modules"
 SOURCES_DIR = "sources"
+PARTS_DIR = "parts"
 
 
 def pack_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -327,21 +328,55 @@ def save_merged_slim(merged, source: Classifier, out: str | os.PathLike, overwri
     """A merged slim composition: one network (``model.safetensors``) and its source model under ``sources/``
     (for comparisons; the network loads without it)."""
     with atomic_folder(out, overwrite) as tmp:
-        sha = save_into(source, tmp / SOURCES_DIR / "source")["weights_sha256"]
-        classes = [{"position": i, "name": n, "class": c, "concerned": k}
-                   for i, (n, c, k) in enumerate(zip(merged.qualified_names, merged.classes, merged.concerned,
-                                                     strict=True))]
-        config = {"granularity": "channel", "mode": "merged", "classes": classes, "concerned": merged.concerned,
-                  "input": merged.spec.to_dict(), "source": merged.source_info, "source_path": f"{SOURCES_DIR}/source",
-                  "source_sha256": sha, "classifier": merged.classifier_name, "removed": merged.removed,
-                  "settings": merged.settings, "metrics": merged.metrics, **(extra or {})}
-        card = "\n".join([f"# Merged slim composition of {len(classes)} classes", "",
-                          "Slim modules of one model merged into one network (the union of their kept channels), "
-                          "one pass for all classes; no retraining of the backbone.", "",
-                          f"- classes: {', '.join(merged.qualified_names)}",
-                          f"- parameters: {merged.params()} ({100 * merged.metrics['params_fraction']:.1f}% of the "
-                          "source model's)", ""])
-        return write_into(tmp, "composition", config, merged.net.state_dict(), card)
+        return _write_merged(tmp, merged, source, extra)
+
+
+def _write_merged(folder: Path, merged, source: Classifier, extra: dict | None = None) -> dict:
+    sha = save_into(source, folder / SOURCES_DIR / "source")["weights_sha256"]
+    classes = [{"position": i, "name": n, "class": c, "concerned": k}
+               for i, (n, c, k) in enumerate(zip(merged.qualified_names, merged.classes, merged.concerned,
+                                                 strict=True))]
+    config = {"granularity": "channel", "mode": "merged", "classes": classes, "concerned": merged.concerned,
+              "input": merged.spec.to_dict(), "source": merged.source_info, "source_path": f"{SOURCES_DIR}/source",
+              "source_sha256": sha, "classifier": merged.classifier_name, "removed": merged.removed,
+              "settings": merged.settings, "metrics": merged.metrics, **(extra or {})}
+    card = "\n".join([f"# Merged slim composition of {len(classes)} classes", "",
+                      "Slim modules of one model merged into one network (the union of their kept channels), "
+                      "one pass for all classes; no retraining of the backbone.", "",
+                      f"- classes: {', '.join(merged.qualified_names)}",
+                      f"- parameters: {merged.params()} ({100 * merged.metrics['params_fraction']:.1f}% of the "
+                      "source model's)", ""])
+    return write_into(folder, "composition", config, merged.net.state_dict(), card)
+
+
+def save_fused_slim(fused, sources: Sequence[Classifier], out: str | os.PathLike, overwrite: bool = False,
+                    extra: dict | None = None) -> dict:
+    """A fused slim composition: one merged slim composition per source model under ``parts/p0``, ``parts/p1``,
+    ... (each with its source model), and a config naming the classes in order."""
+    with atomic_folder(out, overwrite) as tmp:
+        parts = []
+        for i, (part, source) in enumerate(zip(fused.parts, sources, strict=True)):
+            _write_merged(tmp / PARTS_DIR / f"p{i}", part, source)
+            parts.append(f"{PARTS_DIR}/p{i}")
+        classes = [{"position": i, "name": n} for i, n in enumerate(fused.qualified_names)]
+        config = {"granularity": "channel", "mode": "fused", "classes": classes, "parts": parts,
+                  "input_shape": list(fused.input_shape), **(extra or {})}
+        card = "\n".join([f"# Fused slim composition of {len(classes)} classes", "",
+                          f"One merged slim network per source model ({len(parts)}), run side by side; each scores "
+                          "its own classes against all the others. No retraining of any backbone.", "",
+                          f"- classes: {', '.join(fused.qualified_names)}",
+                          f"- parameters: {fused.params()}", ""])
+        return write_into(tmp, "composition", config, {}, card)
+
+
+def load_fused_slim(path: str | os.PathLike, device: torch.device | str = "cpu"):
+    """The fused slim composition at ``path`` and its parts' source models."""
+    from .slim import FusedSlim
+
+    path = Path(path)
+    config, _ = read_artifact(path, "composition")
+    loaded = [load_merged_slim(path / part, device) for part in config["parts"]]
+    return FusedSlim([m for m, _ in loaded]).to(device).eval(), [s for _, s in loaded]
 
 
 def load_merged_slim(path: str | os.PathLike, device: torch.device | str = "cpu"):
@@ -361,20 +396,30 @@ def load_merged_slim(path: str | os.PathLike, device: torch.device | str = "cpu"
 
 def is_merged_slim(path: str | os.PathLike) -> bool:
     config = read_config(path)
-    return config["kind"] == "composition" and config.get("granularity") == "channel"
+    return config["kind"] == "composition" and config.get("granularity") == "channel" and \
+        config.get("mode", "merged") == "merged"
+
+
+def is_fused_slim(path: str | os.PathLike) -> bool:
+    config = read_config(path)
+    return config["kind"] == "composition" and config.get("granularity") == "channel" and config.get("mode") == "fused"
+
+
+def slim_source_dir(path: str | os.PathLike) -> Path:
+    """The folder of the source model of slim modules given as a decomposition folder or a module folder in one."""
+    p = Path(path)
+    config = read_config(p)
+    candidate = p / MODEL_DIR if config["kind"] == "decomposition" else p.parent.parent / MODEL_DIR
+    if not (candidate / CONFIG).is_file():
+        raise UserError(f"cannot find the source model of {p}: merging slim modules needs their decomposition "
+                        "folder (it holds the model)")
+    return candidate.resolve()
 
 
 def slim_source_of(paths: Sequence[str | os.PathLike], device: torch.device | str = "cpu") -> Classifier:
-    """The source model of slim modules given as a decomposition folder or module folders inside one."""
-    found = set()
-    for p in paths:
-        p = Path(p)
-        config = read_config(p)
-        candidate = p / MODEL_DIR if config["kind"] == "decomposition" else p.parent.parent / MODEL_DIR
-        if not (candidate / CONFIG).is_file():
-            raise UserError(f"cannot find the source model of {p}: merging slim modules needs their decomposition "
-                            "folder (it holds the model)")
-        found.add(candidate.resolve())
+    """The source model of slim modules given as decomposition folders or module folders inside one."""
+    found = {slim_source_dir(p) for p in paths}
     if len(found) != 1:
-        raise UserError("--mode merged needs slim modules of one decomposition folder")
+        raise UserError("--mode merged needs slim modules of one decomposition folder; these come from "
+                        f"{len(found)}: use --mode fused (one merged network per model, their scores side by side)")
     return load_model(found.pop(), device)
