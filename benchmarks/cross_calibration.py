@@ -5,7 +5,9 @@
 Every module of A is composed with every module of B (node-level or slim, any mix); each pair is evaluated on
 its two classes' test images (at most --per-class of each, as the study does) with the paper's scores
 ("none") and each calibration the modules carry (temperature, platt, platt-ood). Decompose with
---calibration-samples N > 0 (the default) so that they carry them.
+--calibration-samples N > 0 (the default) so that they carry them. For two slim decompositions, also "fused":
+each pair as a fused slim composition (`compose --mode fused`: one merged network per model, each fitted
+against the other model's class too).
 """
 
 from __future__ import annotations
@@ -19,8 +21,10 @@ from common import record
 
 from cnnmod.calibrate import MODES
 from cnnmod.compose import qualified_name
-from cnnmod.evaluation import evaluate_composition
-from cnnmod.store import load_modules
+from cnnmod.evaluation import evaluate_composition, evaluate_fused
+from cnnmod.reuse import fuse_slim
+from cnnmod.slim import SlimModule
+from cnnmod.store import load_modules, load_source_of
 
 
 def main(argv: list[str]) -> None:
@@ -31,6 +35,9 @@ def main(argv: list[str]) -> None:
     p.add_argument("--name", default=None, help="Benchmark name (default: from the two folders).")
     args = p.parse_args(argv)
     first, second = load_modules(args.a), load_modules(args.b)
+    slim = all(isinstance(m, SlimModule) for m in first + second)
+    sources = (load_source_of(args.a), load_source_of(args.b)) if slim else None
+    modes = list(MODES) + (["fused"] if slim else [])
     rows = []
     for a in first:
         for b in second:
@@ -40,15 +47,19 @@ def main(argv: list[str]) -> None:
                 r = evaluate_composition([a, b], None, torch.device("cpu"), per_class=args.per_class,
                                          calibration=mode)
                 row[mode] = r["composed_top1"]
+            if slim:
+                fused = fuse_slim([([a], sources[0]), ([b], sources[1])])
+                r = evaluate_fused(fused, None, torch.device("cpu"), per_class=args.per_class)
+                row["fused"] = r["composed_top1"]
             rows.append(row)
             print(row, flush=True)
-    mean = {mode: round(sum(r[mode] for r in rows) / len(rows), 2) for mode in MODES}
-    table = "\n".join(["| pair | " + " | ".join(MODES) + " |", "|---|" + "---|" * len(MODES)]
-                      + [f"| {' + '.join(r['classes'])} | " + " | ".join(f"{r[m]:.2f}" for m in MODES) + " |"
+    mean = {mode: round(sum(r[mode] for r in rows) / len(rows), 2) for mode in modes}
+    table = "\n".join(["| pair | " + " | ".join(modes) + " |", "|---|" + "---|" * len(modes)]
+                      + [f"| {' + '.join(r['classes'])} | " + " | ".join(f"{r[m]:.2f}" for m in modes) + " |"
                          for r in rows]
-                      + ["| **mean** | " + " | ".join(f"**{mean[m]:.2f}**" for m in MODES) + " |"])
+                      + ["| **mean** | " + " | ".join(f"**{mean[m]:.2f}**" for m in modes) + " |"])
     name = args.name or f"cross_calibration_{args.a.name}_{args.b.name}"
-    summary = f"{len(rows)} pairs, mean top-1: " + ", ".join(f"{m} {mean[m]:.2f}" for m in MODES)
+    summary = f"{len(rows)} pairs, mean top-1: " + ", ".join(f"{m} {mean[m]:.2f}" for m in modes)
     path = record(name, f"python benchmarks/cross_calibration.py {args.a} {args.b} --per-class {args.per_class}",
                   {"rows": rows, "mean": mean, "table": table}, summary)
     print(table)

@@ -249,12 +249,27 @@ def evaluate_merged_slim(path, data: str | None, data_root: str | None, device: 
             "calibration": "none", "mode": "merged", **report, "seconds": round(time.perf_counter() - started, 3)}
 
 
+def fused_classes(fused) -> list:
+    """A fused slim composition's classes as :func:`evaluate_composition` reads modules: data set, class, name."""
+    from types import SimpleNamespace
+
+    return [SimpleNamespace(dataset=part.source_info.get("dataset", ""), source_class=c, class_name=n,
+                            kept_fraction=lambda part=part: part.metrics["params_fraction"])
+            for part in fused.parts for c, n in zip(part.classes, part.class_names, strict=True)]
+
+
+def evaluate_fused(fused, data_root: str | None, device: torch.device, batch_size: int = 512,
+                   per_class: int | None = None) -> dict:
+    """A fused slim composition's top-1, top-5 and per-class accuracy on its classes' test images."""
+    classes = fused_classes(fused)
+    return {**evaluate_composition(classes, data_root, device, batch_size, per_class=per_class, composition=fused),
+            "modules": len(classes)}
+
+
 def evaluate_fused_slim(path, data: str | None, data_root: str | None, device: torch.device, batch_size: int,
                         cost: bool, latency_batch: int, started: float) -> dict:
     """A fused slim composition (merged slim networks of several models) on the union of its classes' test
     images, each from its own data set; its cost against the sum of its source models'."""
-    from types import SimpleNamespace
-
     from .cost import cost_report
     from .store import load_fused_slim
 
@@ -262,12 +277,9 @@ def evaluate_fused_slim(path, data: str | None, data_root: str | None, device: t
         raise UserError("--data applies to modules of one model; a composition across models is evaluated on each "
                         "class's own data set")
     fused, sources = load_fused_slim(path, device)
-    classes = [SimpleNamespace(dataset=part.source_info.get("dataset", ""), source_class=c, class_name=n,
-                               kept_fraction=lambda part=part: part.metrics["params_fraction"])
-               for part in fused.parts for c, n in zip(part.classes, part.class_names, strict=True)]
-    report = evaluate_composition(classes, data_root, device, batch_size, composition=fused)
+    report = evaluate_fused(fused, data_root, device, batch_size)
     if cost:
-        images = composition_test_sets(classes, data_root)[0][0].images[:latency_batch].to(device)
+        images = composition_test_sets(fused_classes(fused), data_root)[0][0].images[:latency_batch].to(device)
         report["cost"] = {"composition": cost_report(fused, images, source=sources)}
-    return {"paths": [str(path)], "variant": "channel", "modules": len(classes), "parts": len(fused.parts),
+    return {"paths": [str(path)], "variant": "channel", "modules": report["modules"], "parts": len(fused.parts),
             "calibration": "none", "mode": "fused", **report, "seconds": round(time.perf_counter() - started, 3)}

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from .artifacts import check_output
-from .classifier import load_model
+from .classifier import Classifier, load_model
 from .compose import base_dataset, check_calibration, check_composable, check_mode, class_key, qualified_name
 from .data import load
 from .data.dataset import ImageSet
@@ -22,7 +22,7 @@ from .errors import UserError
 from .module import Module
 from .progress import progress_bar
 from .runtime import pick_device
-from .slim import SlimModule
+from .slim import FusedSlim, SlimModule, merge_slim
 from .store import (
     composition_setting,
     load_modules,
@@ -189,7 +189,6 @@ def merge_slim_dirs(paths, modules: list, out: str | Path, data_root: str | None
     with ``max_loss``, as far as its held-out top-1 among its classes stays within that many points of the
     model's restricted to them."""
     from .evaluation import split_for
-    from .slim import merge_slim
 
     source = slim_source_of(paths, device)
     train = split_for(source, None, data_root, "train")
@@ -204,35 +203,39 @@ def merge_slim_dirs(paths, modules: list, out: str | Path, data_root: str | None
             "seconds": round(time.perf_counter() - started, 3)}
 
 
-def fuse_slim_dirs(paths, out: str | Path, data_root: str | None, device, batch_size: int, overwrite: bool,
-                   started: float) -> dict:
-    """Slim modules of several models: each model's merged into one network (:func:`merge_slim`) whose head rows
-    are also fitted on the other models' classes (their training images, as inputs of none of its classes), run
-    side by side (:class:`cnnmod.slim.FusedSlim`)."""
+def fuse_slim(groups: list[tuple[list[SlimModule], Classifier]], data_root: str | None = None,
+              batch_size: int = 256) -> FusedSlim:
+    """Slim modules of several models (``groups``: each model's modules and the model): each model's merged into
+    one network (:func:`merge_slim`, observed as its modules were) whose head rows are also fitted on the other
+    models' classes (their training images, as inputs of none of its classes), run side by side."""
     from .evaluation import split_for
-    from .slim import FusedSlim, merge_slim
 
-    groups: dict[Path, list] = {}
-    for p in paths:
-        groups.setdefault(slim_source_dir(p), []).append(p)
-    loaded = {folder: load_modules(group, device) for folder, group in groups.items()}
-    parts, sources = [], []
+    parts = []
     with progress_bar("fusing", len(groups)) as step:
-        for folder, modules in loaded.items():
-            source = load_model(folder, device)
-            others = [m for other, ms in loaded.items() if other != folder for m in ms]
+        for i, (modules, source) in enumerate(groups):
+            others = [m for j, (ms, _) in enumerate(groups) if j != i for m in ms]
             made = modules[0].settings
             parts.append(merge_slim(modules, source, split_for(source, None, data_root, "train"),
                                     samples=made.get("samples", 256), seed=made.get("seed", 0), batch_size=batch_size,
                                     objective=made.get("objective", "labels"),
                                     foreign=list(composition_sets(others, data_root).values())))
-            sources.append(source)
             step()
-    fused = FusedSlim(parts)
+    return FusedSlim(parts)
+
+
+def fuse_slim_dirs(paths, out: str | Path, data_root: str | None, device, batch_size: int, overwrite: bool,
+                   started: float) -> dict:
+    """``compose --mode fused`` of slim modules: :func:`fuse_slim` of the models of ``paths``, saved."""
+    folders: dict[Path, list] = {}
+    for p in paths:
+        folders.setdefault(slim_source_dir(p), []).append(p)
+    groups = [(load_modules(group, device), load_model(folder, device)) for folder, group in folders.items()]
+    fused = fuse_slim(groups, data_root, batch_size)
+    sources = [source for _, source in groups]
     save_fused_slim(fused, sources, out, overwrite, {"made_from": [str(p) for p in paths]})
     total = sum(sum(p.numel() for p in s.net.parameters()) for s in sources)
     return {"out": str(out), "classes": fused.qualified_names, "mode": "fused", "granularity": "channel",
-            "parts": len(parts), "params_fraction": round(fused.params() / total, 4),
+            "parts": len(fused.parts), "params_fraction": round(fused.params() / total, 4),
             "seconds": round(time.perf_counter() - started, 3)}
 
 
