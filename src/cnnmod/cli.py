@@ -205,7 +205,7 @@ def decompose_cmd(
     max_loss: float = typer.Option(None, "--max-loss", help="Slim modules: the smallest module losing at most this "
                                    "many pp of binary accuracy on the model's validation images."),
     rule: str = typer.Option("taylor", "--rule", help="Slim modules: channel importance, taylor or activation."),
-    slim_samples: int = typer.Option(1024, "--slim-samples", help="Slim modules: concerned inputs observed."),
+    slim_samples: int = typer.Option(2048, "--slim-samples", help="Slim modules: concerned inputs observed."),
     slim_cost: str = typer.Option("params", "--slim-cost", help="Slim modules: rank channels by importance per "
                                   "parameter (params), per FLOP (flops), per their share of both (both), or within "
                                   "each layer (none)."),

@@ -56,7 +56,7 @@ class SlimSettings:
     objective: str = "distill"      # the binary loss ranked and refitted on: the source's p_c ("distill") or labels
     cost: str = "params"            # rank channels by importance per what they cost: params, flops, both (the sum
                                     # of their shares of each), or none (rank within each group)
-    samples: int = 1024             # concerned inputs observed (and as many unconcerned, spread over classes)
+    samples: int = 2048             # concerned inputs observed (and as many unconcerned, spread over classes)
     multiple: int = 1               # keep each group's channel count a multiple of this (when above it)
     held_out: int = 50              # held-out inputs per class for max_loss
     seed: int = 0
