@@ -123,14 +123,14 @@ def evaluate_dir(paths: list[str | Path], data: str | None, data_root: str | Non
                  latency_batch: int = 256, mode: str | None = None) -> dict:
     """``cnnmod evaluate``: decomposition folders or module folders of one source model, on its test set."""
     from .module import Module
-    from .store import composition_setting, is_fused_slim, is_merged_slim, load_modules
+    from .store import composition_setting, load_modules, slim_composition
 
     started = time.perf_counter()
     dev = pick_device(device)
-    if len(paths) == 1 and is_merged_slim(paths[0]):
-        return evaluate_merged_slim(paths[0], data, data_root, dev, batch_size, cost, latency_batch, started)
-    if len(paths) == 1 and is_fused_slim(paths[0]):
-        return evaluate_fused_slim(paths[0], data, data_root, dev, batch_size, cost, latency_batch, started)
+    whole = slim_composition(paths)
+    if whole is not None:
+        evaluate = evaluate_fused_slim if whole == "fused" else evaluate_merged_slim
+        return evaluate(paths[0], data, data_root, dev, batch_size, cost, latency_batch, started)
     modules = load_modules(paths, dev)
     calibration = calibration or composition_setting(paths, "calibration", "none")  # else the paper's scores
     mode = mode or composition_setting(paths, "mode", "vote")

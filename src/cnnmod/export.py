@@ -11,7 +11,7 @@ import torch
 
 from .compose import compose
 from .errors import UserError
-from .store import composition_setting, is_fused_slim, is_merged_slim, load_fused_slim, load_merged_slim, load_modules
+from .store import composition_setting, load_fused_slim, load_merged_slim, load_modules, slim_composition
 
 
 def export_onnx(paths: list[str | Path], out: str | Path, overwrite: bool = False, check: bool = True,
@@ -25,10 +25,9 @@ def export_onnx(paths: list[str | Path], out: str | Path, overwrite: bool = Fals
     out = Path(out)
     if out.exists() and not overwrite:
         raise UserError(f"{out} exists already; choose another file or pass --overwrite")
-    if len(paths) == 1 and is_merged_slim(paths[0]):
-        comp, calibration = load_merged_slim(paths[0], "cpu")[0], "none"
-    elif len(paths) == 1 and is_fused_slim(paths[0]):
-        comp, calibration = load_fused_slim(paths[0], "cpu")[0], "none"
+    whole = slim_composition(paths)
+    if whole is not None:
+        comp, calibration = (load_fused_slim if whole == "fused" else load_merged_slim)(paths[0], "cpu")[0], "none"
     else:
         modules = load_modules(paths, "cpu")
         calibration = calibration or composition_setting(paths, "calibration", "none")

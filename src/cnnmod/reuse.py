@@ -167,7 +167,7 @@ def compose_dirs(paths: Sequence[str | Path], out: str | Path, relearn_foreign: 
         raise UserError(f"{what} prunes a merged slim composition: compose slim modules of one model with "
                         "--mode merged")
     if mode == "fused" and slim and len(slim) == len(modules):
-        return fuse_slim_dirs(paths, out, data_root, dev, batch_size, overwrite, started)
+        return fuse_slim_dirs(paths, modules, out, data_root, dev, batch_size, overwrite, started)
     check_mode(modules, mode)
     check_calibration(modules, calibration, mode)
     if relearn_foreign:
@@ -223,13 +223,19 @@ def fuse_slim(groups: list[tuple[list[SlimModule], Classifier]], data_root: str 
     return FusedSlim(parts)
 
 
-def fuse_slim_dirs(paths, out: str | Path, data_root: str | None, device, batch_size: int, overwrite: bool,
-                   started: float) -> dict:
-    """``compose --mode fused`` of slim modules: :func:`fuse_slim` of the models of ``paths``, saved."""
-    folders: dict[Path, list] = {}
-    for p in paths:
-        folders.setdefault(slim_source_dir(p), []).append(p)
-    groups = [(load_modules(group, device), load_model(folder, device)) for folder, group in folders.items()]
+def fuse_slim_dirs(paths, modules: list, out: str | Path, data_root: str | None, device, batch_size: int,
+                   overwrite: bool, started: float) -> dict:
+    """``compose --mode fused`` of the slim ``modules`` at ``paths``: :func:`fuse_slim`, grouped by model (in the
+    order their modules come), saved."""
+    models = {m.info["weights_sha256"]: m for m in (load_model(f, device) for f in {slim_source_dir(p) for p in paths})}
+    by_model: dict[str, list] = {}
+    for m in modules:
+        by_model.setdefault(m.source_info["weights_sha256"], []).append(m)
+    missing = [ms[0] for sha, ms in by_model.items() if sha not in models]
+    if missing:
+        raise UserError(f"the source model of {qualified_name(missing[0])} is not in its decomposition folder (its "
+                        "weights differ): fuse modules with the folders they were decomposed into")
+    groups = [(ms, models[sha]) for sha, ms in by_model.items()]
     fused = fuse_slim(groups, data_root, batch_size)
     sources = [source for _, source in groups]
     save_fused_slim(fused, sources, out, overwrite, {"made_from": [str(p) for p in paths]})

@@ -326,23 +326,26 @@ class Pruner:
     def removed(self) -> dict[str, list[int]]:
         return closed_channels(self.groups, self.gates)
 
-    def head(self, binary: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def kept(self) -> torch.Tensor:
+        """Which of the head's input features the open channels keep."""
+        return kept_features(self.groups, self.graph, [g.bool() for g in self.gates], self.w.shape[1])
+
+    def head(self, binary: bool, kept: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The sliced network's head: a module's two rows [margin, 0], or a composition's K margins."""
         w, b = (_head_rows(self.w[0], float(self.b[0])) if binary else (self.w, self.b.float()))
-        return w[:, kept_features(self.groups, self.graph, [g.bool() for g in self.gates], self.w.shape[1])], b
+        return w[:, self.kept() if kept is None else kept], b
 
     def sliced(self, binary: bool, check: bool = False) -> nn.Module:
         """The network cut to the open channels; with ``check``, verified on a few observed inputs against the
         gated network (torch-pruning slices what its dependency graph understands: an operation that depends
         on a channel count, such as a reshape to a fixed shape, breaks a sliced network silently)."""
-        sliced = slice_network(self.net, self.source.spec.shape, self.removed(), self.graph.classifier,
-                               *self.head(binary))
+        keep = self.kept()
+        w, b = self.head(binary, keep)
+        sliced = slice_network(self.net, self.source.spec.shape, self.removed(), self.graph.classifier, w, b)
         if check:
             x = self.x_obs[:8]
             with torch.no_grad(), gated(self.net, self.graph, self.groups, self.gates):
                 f = classifier_input(self.net, self.graph.classifier, lambda: self.net(x))
-            w, b = self.head(binary)
-            keep = kept_features(self.groups, self.graph, [g.bool() for g in self.gates], self.w.shape[1])
             expected = f[:, keep.to(f.device)] @ w.to(f.device, f.dtype).T + b.to(f.device, f.dtype)
             verify_sliced(sliced, x, expected, type(self.source.net).__name__)
         return sliced

@@ -394,15 +394,15 @@ def load_merged_slim(path: str | os.PathLike, device: torch.device | str = "cpu"
     return merged.to(device).eval(), load_model(path / config["source_path"], device)
 
 
-def is_merged_slim(path: str | os.PathLike) -> bool:
-    config = read_config(path)
-    return config["kind"] == "composition" and config.get("granularity") == "channel" and \
-        config.get("mode", "merged") == "merged"
-
-
-def is_fused_slim(path: str | os.PathLike) -> bool:
-    config = read_config(path)
-    return config["kind"] == "composition" and config.get("granularity") == "channel" and config.get("mode") == "fused"
+def slim_composition(paths: Sequence[str | os.PathLike]) -> str | None:
+    """``"merged"`` or ``"fused"`` when ``paths`` is one slim composition folder (one network, or one per model),
+    else None (module folders, which load as modules)."""
+    if len(paths) != 1:
+        return None
+    config = read_config(paths[0])
+    if config["kind"] != "composition" or config.get("granularity") != "channel":
+        return None
+    return config.get("mode", "merged")
 
 
 def slim_source_dir(path: str | os.PathLike) -> Path:
