@@ -49,6 +49,15 @@ def test_every_part_then_resume_and_report(tmp_path, datasets):
     assert len(results["inter_replace"]) == 4
     assert len(results["dense"]) == 8                  # 1-4 hidden layers x 2 variants
     assert [e["scenario"] for e in results["energy"]][0] == "intra_reuse"
+    # the scenario as a whole: every TMA trained against every composition plus the one decomposition they share
+    inter = next(e for e in results["energy"] if e["scenario"] == "inter_reuse")
+    trained = sum(r["training_energy"]["training"]["kg_co2e"] for r in results["inter_reuse"])
+    reused = sum(r["reuse_energy"]["kg_co2e"] for r in results["inter_reuse"])
+    assert (inter["models_trained"], inter["compositions"]) == (4, 4)
+    assert inter["ratio_all_training_to_all_reuse_with_decomposition"] == pytest.approx(
+        trained / (reused + inter["decomposition_kg_co2e_once"]))
+    replace_row = next(e for e in results["energy"] if e["scenario"] == "intra_replace")
+    assert (replace_row["models_trained"], replace_row["compositions"]) == (1, 3)  # one better model, trained once
     for row in results["intra_reuse"]:
         assert row["delta_pp"] == pytest.approx(row["ma"] - row["tma"], abs=1e-3)
         assert row["training_energy"]["training"]["kg_co2e"] > 0 and row["reuse_energy"]["kwh"] > 0

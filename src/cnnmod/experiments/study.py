@@ -338,15 +338,23 @@ class Study:
                 main_energy = self.main_model()[1]
                 train_kg = main_energy["training"]["kg_co2e"]
                 best_kg = main_energy["training_to_best_epoch"]["kg_co2e"]
+                trained = [train_kg]  # once, for every replacement
             else:
-                train_kg = _mean([r["training_energy"]["training"]["kg_co2e"] for r in with_training])
+                trained = [r["training_energy"]["training"]["kg_co2e"] for r in with_training]
+                train_kg = _mean(trained)
                 best_kg = _mean([r["training_energy"]["training_to_best_epoch"]["kg_co2e"] for r in with_training])
+            reused = [r[key]["kg_co2e"] for r in part if key in r]
             rows.append({"scenario": label, "training_kg_co2e": train_kg, "training_to_best_kg_co2e": best_kg,
                          "reuse_kg_co2e": reuse, "reuse_kwh": reuse_kwh, "decomposition_kg_co2e_once": one_time,
                          "ratio_training_to_reuse": train_kg / reuse if reuse else None,
                          "ratio_best_epoch_to_reuse": best_kg / reuse if reuse else None,
                          "ratio_training_to_reuse_with_decomposition":
                              train_kg / (reuse + one_time) if reuse is not None else None,
+                         # the scenario as a whole: every model it trained from scratch against every composition
+                         # it built plus the one decomposition of each source that all of them share
+                         "models_trained": len(trained), "compositions": len(reused),
+                         "ratio_all_training_to_all_reuse_with_decomposition":
+                             sum(trained) / (sum(reused) + one_time) if reused and trained else None,
                          "power": self.meter.records[-1].power if self.meter.records else None,
                          "tracker": self.meter.backend})
         return rows
@@ -447,5 +455,10 @@ def summarise(results: dict) -> dict:
     replace_ = [energy[k]["ratio_training_to_reuse"] for k in ("intra_replace", "inter_replace") if k in energy]
     s["co2_reuse_ratio"] = _mean(reuse)
     s["co2_replace_ratio"] = _mean(replace_)
+    whole = "ratio_all_training_to_all_reuse_with_decomposition"
+    s["co2_reuse_ratio_with_decomposition"] = _mean([energy[k].get(whole) for k in ("intra_reuse", "inter_reuse")
+                                                     if k in energy])
+    s["co2_replace_ratio_with_decomposition"] = _mean([energy[k].get(whole) for k in ("intra_replace", "inter_replace")
+                                                       if k in energy])
     return s
 
