@@ -237,6 +237,16 @@ def test_resized_training(tmp_path, capsys):
                             str(tmp_path / "x")], capsys), "--input-size")
 
 
+def test_power_source_says_how_power_was_known():
+    from cnnmod.energy import _power_source
+
+    text, measured = _power_source(["RAM()", "CPU(Cpu Load)"])  # what codecarbon names on a machine without RAPL
+    assert not measured and text.startswith("estimated: RAM, CPU(Cpu Load) (")
+    assert _power_source(["CPU(Intel RAPL)"]) == ("measured: CPU(Intel RAPL)", True)
+    text, measured = _power_source(["GPU(NVIDIA H100)", "CPU(Cpu Load)"])
+    assert not measured and text.startswith("measured GPU counters, estimated CPU")
+
+
 def test_estimator_energy_is_power_times_time():
     meter = EnergyMeter("FRA", "estimator", watts=36.0)
     with meter.phase("work") as m:

@@ -88,7 +88,9 @@ class Measurement:
 
 
 def _power_source(hardware: list[str]) -> tuple[str, bool]:
-    text = ", ".join(hardware)
+    """How codecarbon knew the power of the hardware it tracked (its names, e.g. "CPU(Cpu Load)", "RAM()"),
+    and whether it was measured."""
+    text = ", ".join(h.replace("()", "") for h in hardware)
     lowered = text.lower()
     if "rapl" in lowered or "powergadget" in lowered or "powermetrics" in lowered:
         return f"measured: {text}", True
