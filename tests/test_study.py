@@ -84,6 +84,14 @@ def test_every_part_then_resume_and_report(tmp_path, datasets):
     assert "## 1. Decomposition cost" in text and "| intra-data-set reuse, MA - TMA (pp) |" in text
     assert "| inter-data-set reuse, CL + heads refitted (pp; ours) |" in text
     assert page.read_text().count("data:image/png;base64,") == 4
+    # a run interrupted inside a part keeps the rows it finished: a resumed run builds and measures none again
+    for part in ("inter_reuse", "inter_replace"):
+        (out / "parts" / f"{part}.json").unlink()
+    assert len(list((out / "parts" / "inter_replace").glob("*.json"))) == 4
+    third = Study(out, TINY, a, b, "FRA", seed=1, device="cpu")
+    resumed = third.run()
+    assert third.meter.records == [] and resumed["summary"] == s
+    assert resumed["inter_replace"] == results["inter_replace"]
     # another preset's folder is refused, naming what differs
     with pytest.raises(UserError, match="other settings"):
         Study(out, Preset(name="other", arch="cnn"), a, b, "FRA", seed=1, device="cpu")

@@ -99,6 +99,22 @@ class Study:
     def _part_path(self, part: str) -> Path:
         return self.out / "parts" / f"{part}.json"
 
+    def _row_path(self, part: str, name: str) -> Path:
+        return self.out / "parts" / part / f"{name}.json"
+
+    def _done_row(self, part: str, name: str) -> dict | None:
+        """A row of a part that an earlier, interrupted run finished: a resumed run does not compute it again."""
+        path = self._row_path(part, name)
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def _keep_row(self, part: str, name: str, row: dict) -> dict:
+        path = self._row_path(part, name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(row, indent=2) + "\n")
+        tmp.replace(path)
+        return row
+
     def _part_seconds(self) -> dict[str, float]:
         """Wall-clock seconds of the run that finished each part. Models an earlier, interrupted run had trained
         were cached and are not counted again here; their own seconds are in their energy records."""
@@ -214,16 +230,20 @@ class Study:
         rows = []
         pairs = [(a, b) for i, a in enumerate(self.main_classes) for b in self.main_classes[i + 1:]]
         for a, b in pairs:
+            if (done := self._done_row("intra_reuse", f"{a}-{b}")) is not None:
+                rows.append(done)
+                continue
             tma_dir, train_energy = self.model(f"tma-{a}-{b}", self.train_settings(self.data, self.p.tma_epochs,
                                                                                   self.p.tma_subset, [a, b]))
             chosen, reuse_energy = self.compose_measured([modules[a], modules[b]], f"intra-{a}-{b}")
             refit, refit_energy = self.compose_measured([modules[a], modules[b]], f"intra-refit-{a}-{b}", refit=True)
             tma, ma, ma_refit = self.tma(tma_dir), self.composed(chosen), self.composed(refit)
-            rows.append({"classes": [a, b], "names": [modules[a].class_name, modules[b].class_name],
+            rows.append(self._keep_row("intra_reuse", f"{a}-{b}", {
+                         "classes": [a, b], "names": [modules[a].class_name, modules[b].class_name],
                          "tma": tma["top1"], "ma": ma["top1"], "delta_pp": round(ma["top1"] - tma["top1"], 4),
                          "ma_refit": ma_refit["top1"], "delta_refit_pp": round(ma_refit["top1"] - tma["top1"], 4),
                          "training_energy": train_energy, "reuse_energy": reuse_energy,
-                         "reuse_refit_energy": refit_energy})
+                         "reuse_refit_energy": refit_energy}))
         return rows
 
     def part_inter_reuse(self) -> list[dict]:
@@ -232,6 +252,9 @@ class Study:
         rows = []
         for a in self.main_classes:
             for b in self.second_classes:
+                if (done := self._done_row("inter_reuse", f"{a}-x{b}")) is not None:
+                    rows.append(done)
+                    continue
                 spec = f"{self.data}:{a}+{self.second}:{b}"
                 tma_dir, train_energy = self.model(f"tma-{a}-x{b}", self.train_settings(
                     spec, self.p.tma_epochs, self.p.tma_subset))
@@ -244,7 +267,7 @@ class Study:
                 ma_cal, mma_cal = self.composed(plain, "platt"), self.composed(learned, "platt")
                 ma_ood = self.composed(plain, "platt-ood")
                 names = [f"{self.data}:{modules[a].class_name}", f"{self.second}:{second[b].class_name}"]
-                rows.append({"classes": names,
+                rows.append(self._keep_row("inter_reuse", f"{a}-x{b}", {"classes": names,
                              "tma": tma["top1"], "ma": ma["top1"], "mma": mma["top1"],
                              "tma_balanced": tma["balanced_top1"], "ma_balanced": ma["balanced_top1"],
                              "mma_balanced": mma["balanced_top1"],
@@ -259,7 +282,7 @@ class Study:
                              "delta_refit_calibrated_pp": round(mma_refit_cal["top1"] - tma["top1"], 4),
                              "ma_ood": ma_ood["top1"], "delta_ood_pp": round(ma_ood["top1"] - tma["top1"], 4),
                              "training_energy": train_energy, "reuse_energy": reuse_energy,
-                             "reuse_cl_energy": cl_energy, "reuse_refit_energy": refit_energy})
+                             "reuse_cl_energy": cl_energy, "reuse_refit_energy": refit_energy}))
         return rows
 
     def part_intra_replace(self) -> list[dict]:
@@ -269,12 +292,16 @@ class Study:
         prior_ood = self.composed(weak, "platt-ood")
         rows = []
         for c in range(len(weak)):
+            if (done := self._done_row("intra_replace", str(c))) is not None:
+                rows.append(done)
+                continue
             swapped = list(weak)
             swapped[c] = strong[c]
             swapped, energy = self.compose_measured(swapped, f"intra-replace-{c}")
             after, after_cal = self.composed(swapped), self.composed(swapped, "platt")
             after_ood = self.composed(swapped, "platt-ood")
-            rows.append({"class": c, "name": weak[c].class_name, "prior_top1": prior["top1"], "top1": after["top1"],
+            rows.append(self._keep_row("intra_replace", str(c), {
+                         "class": c, "name": weak[c].class_name, "prior_top1": prior["top1"], "top1": after["top1"],
                          "prior_top5": prior["top5"], "top5": after["top5"],
                          "gain_top1_pp": round(after["top1"] - prior["top1"], 4),
                          "gain_top5_pp": round(after["top5"] - prior["top5"], 4),
@@ -282,7 +309,7 @@ class Study:
                          "gain_top1_calibrated_pp": round(after_cal["top1"] - prior_cal["top1"], 4),
                          "prior_top1_ood": prior_ood["top1"], "top1_ood": after_ood["top1"],
                          "gain_top1_ood_pp": round(after_ood["top1"] - prior_ood["top1"], 4),
-                         "replace_energy": energy})
+                         "replace_energy": energy}))
         return rows
 
     def part_inter_replace(self) -> list[dict]:
@@ -292,6 +319,9 @@ class Study:
         rows = []
         for a in self.main_classes:
             for b in self.second_classes:
+                if (done := self._done_row("inter_replace", f"{a}-x{b}")) is not None:
+                    rows.append(done)
+                    continue
                 swapped = list(modules)
                 swapped[a] = second[b]
                 swapped, energy = self.compose_measured(swapped, f"inter-replace-{a}-x{b}")
@@ -303,7 +333,8 @@ class Study:
                 tma, ma, ma_cal = self.tma(tma_dir), self.composed(swapped), self.composed(swapped, "platt")
                 ma_refit = self.composed(refit)
                 ma_ood = self.composed(swapped, "platt-ood")
-                rows.append({"replaced": f"{self.data}:{modules[a].class_name}",
+                rows.append(self._keep_row("inter_replace", f"{a}-x{b}", {
+                             "replaced": f"{self.data}:{modules[a].class_name}",
                              "with": f"{self.second}:{second[b].class_name}",
                              "tma_top1": tma["top1"], "top1": ma["top1"], "tma_top5": tma["top5"], "top5": ma["top5"],
                              "delta_top1_pp": round(ma["top1"] - tma["top1"], 4),
@@ -314,7 +345,7 @@ class Study:
                              "top1_refit": ma_refit["top1"],
                              "delta_top1_refit_pp": round(ma_refit["top1"] - tma["top1"], 4),
                              "training_energy": train_energy, "replace_energy": energy,
-                             "replace_refit_energy": refit_energy})
+                             "replace_refit_energy": refit_energy}))
         return rows
 
     def part_energy(self, results: dict) -> list[dict]:
