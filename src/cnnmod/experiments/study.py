@@ -61,6 +61,14 @@ def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
+def _write_json(path: Path, value) -> None:
+    """Write ``value`` as JSON so that a run stopped midway leaves the old file or the new one, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(value, indent=2) + "\n")
+    tmp.replace(path)
+
+
 class Study:
     def __init__(self, out: str | Path, preset: Preset, data: str = "fashion-mnist", second: str = "digits",
                  country: str | None = None, seed: int = 0, device: str = "auto", data_root: str | None = None,
@@ -108,11 +116,7 @@ class Study:
         return json.loads(path.read_text()) if path.is_file() else None
 
     def _keep_row(self, part: str, name: str, row: dict) -> dict:
-        path = self._row_path(part, name)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(row, indent=2) + "\n")
-        tmp.replace(path)
+        _write_json(self._row_path(part, name), row)
         return row
 
     def _part_seconds(self) -> dict[str, float]:
@@ -124,10 +128,7 @@ class Study:
     def _record_seconds(self, part: str, seconds: float) -> None:
         recorded = self._part_seconds()
         recorded[part] = round(seconds, 1)
-        path = self.out / "parts" / "seconds.json"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(recorded, indent=2) + "\n")
-        tmp.replace(path)
+        _write_json(self.out / "parts" / "seconds.json", recorded)
 
     def model(self, name: str, s: TrainSettings) -> tuple[Path, dict]:
         """A trained model (cached by its settings) and the energy its training took."""
@@ -362,7 +363,8 @@ class Study:
         for label, key, sources in scenarios:
             part = results.get(label.split(" ")[0]) or []
             with_training = [r for r in part if "training_energy" in r]
-            reuse = _mean([r[key]["kg_co2e"] for r in part if key in r])
+            reused = [r[key]["kg_co2e"] for r in part if key in r]
+            reuse = _mean(reused)
             reuse_kwh = _mean([r[key]["kwh"] for r in part if key in r])
             one_time = sum(decomposition[s]["kg_co2e"] for s in sources)
             if label == "intra_replace":  # the alternative to replacing modules: training a better model anew
@@ -374,7 +376,6 @@ class Study:
                 trained = [r["training_energy"]["training"]["kg_co2e"] for r in with_training]
                 train_kg = _mean(trained)
                 best_kg = _mean([r["training_energy"]["training_to_best_epoch"]["kg_co2e"] for r in with_training])
-            reused = [r[key]["kg_co2e"] for r in part if key in r]
             rows.append({"scenario": label, "training_kg_co2e": train_kg, "training_to_best_kg_co2e": best_kg,
                          "reuse_kg_co2e": reuse, "reuse_kwh": reuse_kwh, "decomposition_kg_co2e_once": one_time,
                          "ratio_training_to_reuse": train_kg / reuse if reuse else None,
@@ -426,10 +427,7 @@ class Study:
             t0 = time.perf_counter()
             say(f"[{self.p.name}] {part} ...")
             rows = self.part_energy(results) if part == "energy" else getattr(self, f"part_{part}")()
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(rows, indent=2) + "\n")
-            tmp.replace(path)
+            _write_json(path, rows)
             results[part] = rows
             seconds = time.perf_counter() - t0
             self._record_seconds(part, seconds)
