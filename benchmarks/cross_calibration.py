@@ -19,12 +19,11 @@ from pathlib import Path
 import torch
 from common import record
 
-from cnnmod.calibrate import MODES
-from cnnmod.compose import qualified_name
-from cnnmod.evaluation import evaluate_composition, evaluate_fused
-from cnnmod.reuse import fuse_slim
-from cnnmod.slim import SlimModule
-from cnnmod.store import load_modules, load_source_of
+from cnnmod.compose.evaluate import evaluate_composition
+from cnnmod.compose.reuse import fuse_slim
+from cnnmod.compose.voting import compose
+from cnnmod.core.calibrate import MODES
+from cnnmod.io.store import load_modules, load_source_of
 
 
 def main(argv: list[str]) -> None:
@@ -35,21 +34,21 @@ def main(argv: list[str]) -> None:
     p.add_argument("--name", default=None, help="Benchmark name (default: from the two folders).")
     args = p.parse_args(argv)
     first, second = load_modules(args.a), load_modules(args.b)
-    slim = all(isinstance(m, SlimModule) for m in first + second)
+    slim = all(m.granularity == "channel" for m in first + second)
     sources = (load_source_of(args.a), load_source_of(args.b)) if slim else None
     modes = list(MODES) + (["fused"] if slim else [])
     rows = []
     for a in first:
         for b in second:
-            row = {"classes": [qualified_name(a), qualified_name(b)],
+            row = {"classes": [a.ref.qualified, b.ref.qualified],
                    "params_fraction": [round(m.kept_fraction(), 4) for m in (a, b)]}
             for mode in MODES:
-                r = evaluate_composition([a, b], None, torch.device("cpu"), per_class=args.per_class,
-                                         calibration=mode)
+                r = evaluate_composition(compose([a, b], calibration=mode), None, torch.device("cpu"),
+                                         per_class=args.per_class)
                 row[mode] = r["composed_top1"]
             if slim:
                 fused = fuse_slim([([a], sources[0]), ([b], sources[1])])
-                r = evaluate_fused(fused, None, torch.device("cpu"), per_class=args.per_class)
+                r = evaluate_composition(fused, None, torch.device("cpu"), per_class=args.per_class)
                 row["fused"] = r["composed_top1"]
             rows.append(row)
             print(row, flush=True)

@@ -18,13 +18,15 @@ from pathlib import Path
 import torch
 from common import ROOT, record
 
-from cnnmod.classifier import load_model
+from cnnmod.compose.evaluate import evaluate_against_model
+from cnnmod.compose.voting import compose
+from cnnmod.core.graph import ModelGraph
+from cnnmod.core.observe import observe
 from cnnmod.data import load
-from cnnmod.decompose import VARIANTS, DecomposeSettings, decompose
-from cnnmod.evaluation import evaluate_modules
-from cnnmod.graph import ModelGraph
-from cnnmod.observe import observe
-from cnnmod.train import TrainSettings, train
+from cnnmod.decompose.paper import VARIANTS, DecomposeSettings, decompose
+from cnnmod.io.models import load_model
+from cnnmod.jobs.train import train
+from cnnmod.models.train import TrainSettings
 
 CNN_MODELS = {
     # name: (arch, arch args, epochs, subset, optimizer). BatchNorm-free ResNets train with Adam (lr 1e-3), as
@@ -62,7 +64,7 @@ def study(model_dir: Path, variants: tuple[str, ...], samples: int, seed: int, c
                               calibration_samples=0)
         modules = decompose(clf, train_set, settings=s, stats=stats, show_progress=False)
         seconds = observe_seconds + time.perf_counter() - t0
-        report = evaluate_modules(modules, test, torch.device("cpu"), 512)
+        report = evaluate_against_model(compose(modules), clf, test, torch.device("cpu"), 512)
         row = {"model": model_dir.name, "arch": clf.arch, "bn": clf.arch_args.get("bn", None),
                "variant": variant if condition == "pseudocode" else f"{variant} ({condition})",
                "training_epochs": training.get("epochs"), "training_subset": training.get("subset"),

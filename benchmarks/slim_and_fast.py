@@ -28,15 +28,15 @@ from pathlib import Path
 
 from common import OUT, record
 
-from cnnmod.classifier import load_model
-from cnnmod.compose import compose
-from cnnmod.cost import cost_report
+from cnnmod.compose.evaluate import evaluate_against_model
+from cnnmod.compose.voting import compose
+from cnnmod.core.cost import cost_report
 from cnnmod.data import load
-from cnnmod.decompose import DecomposeSettings, decompose
-from cnnmod.evaluation import evaluate_modules
+from cnnmod.decompose.paper import DecomposeSettings, decompose
+from cnnmod.decompose.slim import SlimSettings, merge_slim, slim_module
+from cnnmod.io.models import load_model
+from cnnmod.io.store import load_merged_slim, save_merged_slim
 from cnnmod.runtime import pick_device
-from cnnmod.slim import SlimSettings, merge_slim, slim_module
-from cnnmod.store import load_merged_slim, save_merged_slim
 
 
 def main(argv: list[str]) -> None:
@@ -122,9 +122,10 @@ def pair_rows(clf, train, pair_test, images, device, row: dict, modules: dict, p
     prunings = [(None, None)] + [(float(v), None) for v in args.merge_sizes.split(",") if v]
     prunings += [(None, float(v)) for v in args.merge_max_loss.split(",") if v]
     for merge_size, max_loss in prunings:
-        two = merge_slim([modules[c] for c in pair], clf, train, samples=args.samples, seed=args.seed,
-                         size=merge_size, cost=row["cost"], multiple=args.multiple, max_loss=max_loss)
-        two_report = evaluate_modules([modules[c] for c in pair], pair_test, device, source=clf, composition=two)
+        two = merge_slim([modules[c] for c in pair], clf, train,
+                         SlimSettings(samples=args.samples, seed=args.seed, size=merge_size, cost=row["cost"],
+                                      multiple=args.multiple, max_loss=max_loss))
+        two_report = evaluate_against_model(two, clf, pair_test, device)
         two_cost = cost_report(two, images, args.repeats, source=clf)
         label = "union" if merge_size is None and max_loss is None else (
             f"size{merge_size:g}" if max_loss is None else f"max-loss{max_loss:g}")
@@ -161,12 +162,12 @@ def pair_summary(name: str, pairs: list[list[int]], rows: list[dict]) -> str:
 def node_row(clf, train, test, images, device, repeats: int) -> dict:
     """The paper's modules (node level, mc-bln): voting and merged compositions of all classes."""
     node = decompose(clf, train, settings=DecomposeSettings(calibration_samples=0), device=device, show_progress=False)
-    node_report = evaluate_modules(node, test, device)
+    node_report = evaluate_against_model(compose(node), clf, test, device)
     node_cost = cost_report(compose(node), images, repeats)
-    merged_node = evaluate_modules(node, test, device, mode="merged")
+    merged_node = evaluate_against_model(compose(node, mode="merged"), clf, test, device)
     merged_node_cost = cost_report(compose(node, mode="merged"), images, repeats)
     row = {"kind": "node (the paper's, mc-bln)", "size": 1.0, "rule": "-", "cost": "-", "seconds": None,
-           "params_fraction": cost_report(node[0], images)["params_fraction"],
+           "params_fraction": cost_report(compose(node[:1]), images)["params_fraction"],
            "model_top1": node_report["model_top1"],
            "composed_top1": node_report["composed_top1"], "composed_top5": node_report["composed_top5"],
            "cost_top1_pp": node_report["decomposition_cost_top1_pp"],
@@ -181,10 +182,10 @@ def node_row(clf, train, test, images, device, repeats: int) -> dict:
 
 def all_classes(clf, train, test, images, device, modules: list, args) -> dict:
     """Slim modules of every class: their voting composition and their merged one."""
-    report = evaluate_modules(modules, test, device, source=clf)
+    report = evaluate_against_model(compose(modules), clf, test, device)
     cost = cost_report(compose(modules), images, args.repeats, source=clf)
-    merged = merge_slim(modules, clf, train, samples=args.samples, seed=args.seed)
-    merged_report = evaluate_modules(modules, test, device, source=clf, composition=merged)
+    merged = merge_slim(modules, clf, train, SlimSettings(samples=args.samples, seed=args.seed))
+    merged_report = evaluate_against_model(merged, clf, test, device)
     merged_cost = cost_report(merged, images, args.repeats, source=clf)
     return {"model_top1": report["model_top1"], "composed_top1": report["composed_top1"],
             "composed_top5": report["composed_top5"], "cost_top1_pp": report["decomposition_cost_top1_pp"],

@@ -19,9 +19,10 @@ from common import record
 
 from cnnmod.data import load
 from cnnmod.data.transforms import Augment, InputSpec, to_input
+from cnnmod.jobs.train import train
 from cnnmod.models import build
+from cnnmod.models.train import TrainSettings, fit
 from cnnmod.runtime import Distributed, seed_everything
-from cnnmod.train import TrainSettings, fit, train
 
 
 def accuracy(args) -> None:

@@ -17,9 +17,9 @@ import torch
 from common import record
 from torch.profiler import ProfilerActivity, profile
 
-from cnnmod.classifier import load_model
-from cnnmod.cost import count_flops, latency_ms
+from cnnmod.core.cost import count_flops, latency_ms
 from cnnmod.data import load
+from cnnmod.io.models import load_model
 from cnnmod.models import build
 
 

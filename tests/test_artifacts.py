@@ -8,11 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from cnnmod.artifacts import atomic_folder
-from cnnmod.classifier import Classifier, load_model, save_model
 from cnnmod.data.transforms import InputSpec
 from cnnmod.errors import UserError
+from cnnmod.io.artifacts import atomic_folder
+from cnnmod.io.models import load_model, save_model
 from cnnmod.models import build
+from cnnmod.models.classifier import Classifier
 
 
 def _classifier(seed: int = 0) -> Classifier:

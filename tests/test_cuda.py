@@ -14,11 +14,11 @@ from test_decompose import random_data
 from test_slim import source
 
 import cnnmod
-from cnnmod.channels import classifier_input, gated, kept_features
-from cnnmod.cost import cost_report
-from cnnmod.decompose import DecomposeSettings, decompose
-from cnnmod.slim import SlimSettings, merge_slim, slim_module
-from cnnmod.store import load_merged_slim, save_merged_slim
+from cnnmod.core.channels import classifier_input, gated, kept_features
+from cnnmod.core.cost import cost_report
+from cnnmod.decompose.paper import DecomposeSettings, decompose
+from cnnmod.decompose.slim import SlimSettings, merge_slim, slim_module
+from cnnmod.io.store import load_merged_slim, save_merged_slim
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -73,7 +73,7 @@ def test_merged_slim_on_cuda_saves_and_loads_on_cpu(tmp_path):
     clf, data = source("resnet20").to("cuda"), random_data(per_class=20)
     clf.arch = "resnet20"  # so that the saved network can be rebuilt
     modules = [slim_module(clf, data, c, SlimSettings(size=0.5, samples=40, step=0.2)) for c in (0, 2)]
-    merged = merge_slim(modules, clf, data, samples=20, size=0.3)
+    merged = merge_slim(modules, clf, data, SlimSettings(samples=20, size=0.3))
     assert merged.params() <= 0.3 * sum(p.numel() for p in clf.net.parameters())
     x = images()
     with torch.no_grad():

@@ -8,15 +8,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from cnnmod import UserError
-from cnnmod.classifier import Classifier
-from cnnmod.compose import compose, vote
+from cnnmod.compose.base import vote
+from cnnmod.compose.voting import compose
+from cnnmod.core.graph import ModelGraph, _transpose_cover
+from cnnmod.core.observe import NEVER, class_order, hooks, observe
 from cnnmod.data.dataset import ImageSet
 from cnnmod.data.transforms import InputSpec, to_input
-from cnnmod.decompose import DecomposeSettings, decompose
-from cnnmod.graph import ModelGraph, _transpose_cover
+from cnnmod.decompose.paper import DecomposeSettings, decompose
 from cnnmod.models import build
-from cnnmod.module import Module, binary_head
-from cnnmod.observe import NEVER, class_order, hooks, observe
+from cnnmod.models.classifier import Classifier
+from cnnmod.modules.masked import Module, binary_head
 
 # Inputs are given as raw pixel values; this spec makes the model's input x = pixel - 128.
 PIXEL_SPEC = dict(mean=(128 / 255,), std=(1 / 255,))
@@ -143,7 +144,7 @@ def test_bln_walks_back_through_hidden_dense_layers():
     # module of class 1: w_c = fc[1] = [1, 0], w_uc = mean(fc[0], fc[2]) = [-0.5, 0]: feature 0 marked;
     # below it, l1 unit 0 feeds l2 unit 0 with weight -1 <= -0.5: marked; unit 1 (weight 1) is not
     hw, _ = binary_head(g.module("fc").weight.detach(), g.module("fc").bias.detach(), 1)
-    from cnnmod.decompose import marked_features
+    from cnnmod.decompose.paper import marked_features
 
     marked = marked_features(hw, 0.5)
     assert marked.tolist() == [True, False]
@@ -347,8 +348,8 @@ def test_marked_features_are_exactly_zero_for_any_input(arch, kwargs):
     data = random_data()
     modules = decompose(net, data, "mc-bln", show_progress=False)
     x = torch.randn(16, 1, 12, 12) * 2
-    from cnnmod.decompose import marked_features
-    from cnnmod.module import masked_features
+    from cnnmod.decompose.paper import marked_features
+    from cnnmod.modules.masked import masked_features
 
     some_marked = False
     for m in modules:

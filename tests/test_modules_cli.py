@@ -11,7 +11,7 @@ import torch
 from test_cli import assert_user_error, run, train_small_cnn
 
 import cnnmod
-from cnnmod.store import pack_mask, unpack_mask
+from cnnmod.io.store import pack_mask, unpack_mask
 
 
 @pytest.fixture
@@ -169,7 +169,7 @@ def test_torchrun_decomposition_equals_single_process(model_dir, decomposition, 
 
 
 def test_cost_of_modules_and_compositions(decomposition, capsys):
-    from cnnmod.cost import cost_report, count_params
+    from cnnmod.core.cost import cost_report, count_params
 
     out, _ = decomposition
     modules = cnnmod.load_modules(out)
@@ -182,7 +182,7 @@ def test_cost_of_modules_and_compositions(decomposition, capsys):
     images = torch.randint(0, 256, (16, 1, 8, 8), dtype=torch.uint8)
     report = cost_report(comp, images)
     assert report["flops_fraction"] == pytest.approx(3.0, rel=0.01)  # three model passes, batched
-    assert cost_report(modules[1], images)["flops_fraction"] == pytest.approx(1.0, rel=0.01)
+    assert cost_report(cnnmod.compose([modules[1]]), images)["flops_fraction"] == pytest.approx(1.0, rel=0.01)
     rc, stdout, err = run(["evaluate", str(out), "--json", "--latency-batch", "8"], capsys)
     assert rc == 0, err
     cost = json.loads(stdout)["cost"]
@@ -196,7 +196,7 @@ def test_latency_measured_side_by_side():
     where the machine is busy for both sides (here: both 10x slower) leaves it unchanged."""
     import time
 
-    from cnnmod.cost import latency_side_by_side
+    from cnnmod.core.cost import latency_side_by_side
 
     calls = {"n": 0}
 

@@ -11,10 +11,10 @@ from conftest import write_npz
 from test_cli import assert_user_error, run
 
 import cnnmod
+from cnnmod.core.graph import ModelGraph
+from cnnmod.core.observe import class_order, hooks
 from cnnmod.energy import PAPER_KG_PER_KWH, PAPER_PUE, EnergyMeter, carbon_intensities
 from cnnmod.errors import UserError
-from cnnmod.graph import ModelGraph
-from cnnmod.observe import class_order, hooks
 
 
 def train_and_decompose(tmp_path: Path, name: str, data: str, capsys, variant: str = "mc") -> Path:
@@ -132,9 +132,8 @@ def test_continuous_learning_keeps_nodes_active_for_foreign_inputs(two_models, t
     assert [e["data"] for e in relearned[3].settings["continuous_learning"]] == [a]
     # every calibration was refitted on the composition's classes of both data sets: on those held-out inputs
     # its Platt loss is the optimum, no worse than the calibration fitted on the module's own data set alone
-    from cnnmod.calibrate import _balanced_bce
-    from cnnmod.compose import base_dataset
-    from cnnmod.decompose import calibration_set
+    from cnnmod.core.calibrate import _balanced_bce
+    from cnnmod.decompose.fitting import calibration_set
 
     made = cnnmod.load_modules(dec_a) + [cnnmod.load_module(dec_b / "modules" / "c01-band1")]
     held = {a: calibration_set(cnnmod.data.load(a, "train"), 100, 0),
@@ -147,7 +146,7 @@ def test_continuous_learning_keeps_nodes_active_for_foreign_inputs(two_models, t
                 logits = m(m.prepare(data.images))
             margins.append(logits[:, 0] - logits[:, 1])
             source = torch.tensor(data.source_classes)[data.labels]
-            mine.append((source == m.source_class) & (name == base_dataset(m)))
+            mine.append((source == m.source_class) & (name == m.ref.dataset))
         margin, target = torch.cat(margins).double(), torch.cat(mine)
         (a_new, b_new), (a_old, b_old) = m.calibration["platt"], m0.calibration["platt"]
         new_loss = float(_balanced_bce(a_new * margin + b_new, target))
@@ -156,10 +155,9 @@ def test_continuous_learning_keeps_nodes_active_for_foreign_inputs(two_models, t
 
 
 def test_refit_heads_is_the_balanced_logistic_optimum_on_the_composition_classes(two_models, tmp_path, capsys):
-    from cnnmod.calibrate import _balanced_bce
-    from cnnmod.compose import base_dataset
-    from cnnmod.decompose import observation_set
-    from cnnmod.module import masked_features
+    from cnnmod.core.calibrate import _balanced_bce
+    from cnnmod.decompose.fitting import observation_set
+    from cnnmod.modules.masked import masked_features
 
     dec_a, dec_b, a, b = two_models
     parts = [str(dec_a / "modules" / "c00-band0"), str(dec_b / "modules" / "c01-band1")]
@@ -184,7 +182,7 @@ def test_refit_heads_is_the_balanced_logistic_optimum_on_the_composition_classes
                 feats.append(masked_features(m.source.net, m.points, m.classifier_name, masks,
                                              m.prepare(seen.images))[0])
             source = torch.tensor(seen.source_classes)[seen.labels]
-            mine.append((source == m.source_class) & (name == base_dataset(m)))
+            mine.append((source == m.source_class) & (name == m.ref.dataset))
         f, t = torch.cat(feats).double(), torch.cat(mine)
         l2 = m.settings["head_refit"]["l2"]
         w = (m.head_weight[0] - m.head_weight[1]).double().requires_grad_(True)
@@ -281,7 +279,7 @@ def test_unknown_country_is_a_user_error(tmp_path, capsys):
 
 
 def test_calibration_fit_recovers_a_known_scale():
-    from cnnmod.calibrate import apply, fit
+    from cnnmod.core.calibrate import apply, fit
 
     g = torch.Generator().manual_seed(0)
     true_margin = torch.randn(20000, generator=g) * 2
@@ -329,7 +327,7 @@ def test_typical_distances_match_a_hand_computation():
     under the pooled covariance (computed here in numpy), and the p-values rank the held-out inputs."""
     import numpy as np
 
-    from cnnmod.calibrate import _RIDGE, TYPICAL_ALPHA, _distances, fit_typical, typicality
+    from cnnmod.core.calibrate import _RIDGE, TYPICAL_ALPHA, _distances, fit_typical, typicality
 
     g = torch.Generator().manual_seed(1)
     labels = torch.arange(2).repeat_interleave(300)
@@ -361,8 +359,8 @@ def test_typical_distances_match_a_hand_computation():
 def test_platt_ood_passes_own_images_and_stops_foreign_ones(two_models):
     """A module's in-distribution test, measured through a composition, scores its own held-out training
     inputs by rank (as fitted) and pushes noise images, which no training set holds, to the floor."""
-    from cnnmod.calibrate import TYPICAL_ALPHA, apply, typicality
-    from cnnmod.decompose import calibration_set
+    from cnnmod.core.calibrate import TYPICAL_ALPHA, apply, typicality
+    from cnnmod.decompose.fitting import calibration_set
 
     dec_a, _, a, _ = two_models
     modules = cnnmod.load_modules(dec_a)
@@ -385,8 +383,8 @@ def test_platt_ood_passes_own_images_and_stops_foreign_ones(two_models):
 
 
 def test_merged_and_fused_compositions(two_models, tmp_path, capsys):
-    from cnnmod.cost import cost_report
-    from cnnmod.module import Module
+    from cnnmod.core.cost import cost_report
+    from cnnmod.modules.masked import Module
 
     dec_a, dec_b, a, b = two_models
     modules = cnnmod.load_modules(dec_a)
@@ -416,15 +414,16 @@ def test_merged_and_fused_compositions(two_models, tmp_path, capsys):
 
 def test_cached_module_scores_give_the_composition_figures(two_models):
     """A study's cache of each module's test scores changes no figure of any composition that reuses them."""
-    from cnnmod.evaluation import evaluate_composition
+    from cnnmod.compose.evaluate import evaluate_composition
 
     dec_a, dec_b, _, _ = two_models
     a, b = cnnmod.load_modules(dec_a), cnnmod.load_modules(dec_b)
     cache: dict = {}
     for calibration in ("none", "platt-ood"):
         for modules in ([a[0], a[1], b[1]], [a[0], a[2], b[1]], [a[2], b[0]]):
-            fresh = evaluate_composition(modules, None, torch.device("cpu"), calibration=calibration)
-            cached = evaluate_composition(modules, None, torch.device("cpu"), calibration=calibration, cache=cache)
+            comp = cnnmod.compose(modules, calibration=calibration)
+            fresh = evaluate_composition(comp, None, torch.device("cpu"))
+            cached = evaluate_composition(comp, None, torch.device("cpu"), cache=cache)
             for key in ("composed_top1", "composed_top5", "composed_balanced_top1", "test_images"):
                 assert cached[key] == pytest.approx(fresh[key], abs=1e-9), key
             assert [c["binary_accuracy"] for c in cached["per_class"]] == pytest.approx(

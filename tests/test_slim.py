@@ -13,16 +13,16 @@ from test_cli import assert_user_error, run
 from test_decompose import random_data
 
 import cnnmod
-from cnnmod.calibrate import TYPICAL_ALPHA, typicality
-from cnnmod.channels import classifier_input, cost_per_channel, gated
-from cnnmod.classifier import Classifier
+from cnnmod.core.calibrate import TYPICAL_ALPHA, typicality
+from cnnmod.core.channels import classifier_input, cost_per_channel, gated
+from cnnmod.core.observe import class_order
 from cnnmod.data.transforms import InputSpec
-from cnnmod.decompose import calibration_set
+from cnnmod.decompose.fitting import calibration_set
+from cnnmod.decompose.slim import Pools, SlimSettings, fit_head, slim_module, source_log_odds
 from cnnmod.errors import UserError
 from cnnmod.models import build
-from cnnmod.observe import class_order
-from cnnmod.slim import Pools, SlimSettings, fit_head, slim_module, source_log_odds
-from cnnmod.train import split_train_val
+from cnnmod.models.classifier import Classifier
+from cnnmod.models.train import split_train_val
 
 
 def source(arch: str, **kwargs) -> Classifier:
@@ -49,7 +49,7 @@ def test_sliced_network_computes_what_the_gated_model_computes(arch, kwargs):
     x = torch.randn(9, 1, 12, 12)
     with torch.no_grad(), gated(net, graph, groups, gates):
         features = classifier_input(net, graph.classifier, lambda: net(x))
-    from cnnmod.channels import kept_features
+    from cnnmod.core.channels import kept_features
 
     keep = kept_features(groups, graph, [g.bool() for g in gates], features.shape[1])
     expected = features[:, keep] @ hw.T + hb
@@ -84,7 +84,7 @@ def test_head_fitted_to_a_teachers_probabilities_recovers_the_teacher():
 
 def test_cost_per_channel_counts_every_coupled_layer():
     clf = source("cnn")  # 1x12x12 -> conv 16 (3x3) -> pool -> conv 32 (3x3) -> pool -> 32x3x3 -> dense 64 -> head
-    from cnnmod.channels import frozen_copy
+    from cnnmod.core.channels import frozen_copy
 
     graph, net, groups = frozen_copy(clf)
     roots = [g["roots"][0] for g in groups.groups]
@@ -298,7 +298,7 @@ def test_merged_slim_composition(tmp_path, npz_data, capsys):
                            str(tmp_path / "slim" / "modules" / "c02-band2"), "--mode", "merged", "--out", str(out),
                            "--json"], capsys)
     assert rc == 0, err
-    from cnnmod.store import load_merged_slim
+    from cnnmod.io.store import load_merged_slim
 
     merged, source = load_merged_slim(out)
     assert merged.concerned == [0, 2] and merged.qualified_names[1].endswith(":band2")
@@ -384,7 +384,7 @@ def test_fused_slim_composition_of_two_models(tmp_path, npz_data, capsys):
     the other's network."""
     from conftest import synthetic_arrays
 
-    from cnnmod.store import load_fused_slim
+    from cnnmod.io.store import load_fused_slim
 
     x_train, y_train = synthetic_arrays(40, 3, 8, seed=7)
     x_test, y_test = synthetic_arrays(10, 3, 8, seed=8)

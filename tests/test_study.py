@@ -10,8 +10,8 @@ from test_cli import assert_user_error, run
 
 from cnnmod.errors import UserError
 from cnnmod.experiments.presets import Preset
+from cnnmod.experiments.report import charted, figures, write_report
 from cnnmod.experiments.study import PARTS, Study
-from cnnmod.report import charted, figures, write_report
 
 TINY = Preset(name="tiny", arch="cnn", epochs=2, weak_epochs=1, weak_subset=30, second_epochs=2, tma_epochs=1,
               optimizer="adam", ci_samples=20, reuse_classes=2, dense_epochs=1)
@@ -110,7 +110,7 @@ def test_reproduce_command_bad_input(tmp_path, capsys):
 
 def test_cache_keys_ignore_fields_left_at_their_defaults():
     from cnnmod.experiments.study import _key, _settings
-    from cnnmod.train import TrainSettings
+    from cnnmod.models.train import TrainSettings
 
     base = TrainSettings(arch="cnn", data="fashion-mnist", epochs=3)
     # a field at its default (as a field added later would be) does not enter the key ...

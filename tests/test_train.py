@@ -12,13 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from cnnmod.classifier import load_model
+from cnnmod.core.metrics import evaluate_classifier
 from cnnmod.data import load
 from cnnmod.data.dataset import ImageSet
 from cnnmod.data.transforms import InputSpec
-from cnnmod.metrics import evaluate_classifier
+from cnnmod.io.models import load_model
+from cnnmod.jobs.train import train
+from cnnmod.models.train import TrainSettings, _val_accuracy, class_weights, epoch_batches
 from cnnmod.runtime import Distributed
-from cnnmod.train import TrainSettings, _val_accuracy, class_weights, epoch_batches, train
 
 
 def _settings(data: str, **kw) -> TrainSettings:

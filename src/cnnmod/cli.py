@@ -129,9 +129,8 @@ def train(
 ) -> None:
     """Train a model from scratch, keeping the best-validation checkpoint (and the last epoch)."""
     from .data import parse_class_list
-    from .energy import EnergyMeter, training_energy
-    from .train import TrainSettings
-    from .train import train as run_train
+    from .jobs.train import train_dir
+    from .models.train import TrainSettings
 
     data = "+".join(data)
     settings = TrainSettings(arch=arch, data=data, arch_args=parse_arch_args(arch_arg, bn),
@@ -139,10 +138,7 @@ def train(
                              classes=parse_class_list(classes), subset=subset, val_split=val_split, epochs=epochs,
                              batch_size=batch_size, lr=lr, optimizer=optimizer, weight_decay=weight_decay,
                              augment=augment, balanced=balanced, seed=seed, device=device, data_root=data_root)
-    meter = EnergyMeter(country)
-    with meter.phase("training") as m:
-        result = run_train(settings, out, overwrite=overwrite)
-    result["energy"] = training_energy(m.record, result["history"], result["best_epoch"])
+    result = train_dir(settings, out, overwrite, country)
     if int(os.environ.get("RANK", "0")) == 0:
         result.pop("model")
         emit(result, as_json, f"trained {arch} on {data}")
@@ -157,9 +153,10 @@ def evaluate_model(
     device: str = DEVICE, data_root: str = DATA_ROOT, as_json: bool = JSON,
 ) -> None:
     """Top-1, top-5 and per-class accuracy of a model on a test set."""
-    from .evaluation import evaluate_model_dir
+    from .jobs.common import Run
+    from .jobs.evaluate import evaluate_model_dir
 
-    result = evaluate_model_dir(model_dir, data, data_root, device, batch_size, resize)
+    result = evaluate_model_dir(model_dir, data, resize, Run(device, data_root, batch_size))
     emit(result, as_json, f"{model_dir} on {result['data']}")
 
 
@@ -178,10 +175,11 @@ def import_weights(
 ) -> None:
     """Wrap a user's state dict into a model artifact (evaluated on the data set's test split)."""
     from .data import parse_class_list
-    from .import_weights import import_model
+    from .jobs.common import Run
+    from .jobs.import_model import import_model
 
     result = import_model(arch, weights, data, out, parse_class_list(classes), parse_arch_args(arch_arg, bn),
-                          data_root, device, overwrite)
+                          Run(device, data_root, overwrite=overwrite))
     emit(result, as_json, f"imported {weights}")
 
 
@@ -221,9 +219,10 @@ def decompose_cmd(
 ) -> None:
     """Decompose a model into one binary module per class (Pan & Rajan's CI + TI + MC)."""
     from .data import parse_class_list
-    from .decompose import DecomposeSettings
-    from .energy import EnergyMeter
-    from .workflows import decompose_dir
+    from .decompose.paper import DecomposeSettings
+    from .decompose.slim import SlimSettings
+    from .jobs.common import Run
+    from .jobs.decompose import decompose_dir
 
     settings = DecomposeSettings(variant=variant, delta=delta, condition=condition, ci_samples=ci_samples,
                                  correct_only=correct_only, tau=tau, seed=seed,
@@ -232,15 +231,12 @@ def decompose_cmd(
         raise UserError(f"unknown granularity {granularity!r}; use node or channel")
     slim = None
     if granularity == "channel":
-        from .slim import SlimSettings
-
-        slim = SlimSettings(size=size if size is not None else (0.01 if max_loss is not None else 0.5),
-                            max_loss=max_loss, rule=rule, samples=slim_samples, cost=slim_cost,
+        slim = SlimSettings(size=size, max_loss=max_loss, rule=rule, samples=slim_samples, cost=slim_cost,
                             multiple=slim_multiple, seed=seed)
     elif size is not None or max_loss is not None:
         raise UserError("--size and --max-loss apply to slim modules: add --granularity channel")
-    result = decompose_dir(model_dir, out, settings, data, parse_class_list(classes), data_root, device, batch_size,
-                           measure, overwrite, EnergyMeter(country), slim)
+    result = decompose_dir(model_dir, out, settings, Run(device, data_root, batch_size, overwrite, country),
+                           slim=slim, data=data, classes=parse_class_list(classes), measure=measure)
     if int(os.environ.get("RANK", "0")) == 0:
         emit(result, as_json, f"decomposed {model_dir} into {out}")
 
@@ -260,12 +256,11 @@ def evaluate_cmd(
 ) -> None:
     """Composed modules on their classes' test images: top-1/top-5 and per-class accuracy; for one model's
     modules also the model on the same images, the decomposition cost and Jaccard indices."""
-    from .energy import EnergyMeter
-    from .evaluation import evaluate_dir
+    from .jobs.common import Run
+    from .jobs.evaluate import EvaluateSettings, evaluate_dir
 
-    with EnergyMeter(country).phase("evaluation") as m:
-        result = evaluate_dir(paths, data, data_root, device, batch_size, calibration, cost, latency_batch, mode)
-    result["energy"] = {"evaluation": m.record.to_dict()}
+    result = evaluate_dir(paths, EvaluateSettings(data, calibration, mode, cost, latency_batch),
+                          Run(device, data_root, batch_size, country=country))
     emit(result, as_json, "model vs composed modules")
 
 
@@ -300,13 +295,12 @@ def compose_cmd(
     as_json: bool = JSON,
 ) -> None:
     """Reuse: compose modules into a new classifier over their classes."""
-    from .energy import EnergyMeter
-    from .reuse import compose_dirs
+    from .jobs.common import Run
+    from .jobs.compose import ComposeSettings, compose_dirs
 
-    with EnergyMeter(country).phase("composition") as m:
-        result = compose_dirs(paths, out, continuous_learning, data_root, device, batch_size, overwrite, calibration,
-                              mode, refit_heads, size, slim_cost, slim_multiple, max_loss)
-    result["energy"] = {"composition": m.record.to_dict()}
+    settings = ComposeSettings(continuous_learning, refit_heads, calibration, mode, size, slim_cost, slim_multiple,
+                               max_loss)
+    result = compose_dirs(paths, out, settings, Run(device, data_root, batch_size, overwrite, country))
     emit(result, as_json, f"composed {len(result['classes'])} modules into {out}")
 
 
@@ -319,9 +313,10 @@ def replace_cmd(
     device: str = DEVICE, overwrite: bool = OVERWRITE, as_json: bool = JSON,
 ) -> None:
     """Replace: swap one class's module for another module (another model's, or another class's)."""
-    from .reuse import replace_dir
+    from .jobs.common import Run
+    from .jobs.compose import replace_dir
 
-    result = replace_dir(target, cls, replacement, out, overwrite, device)
+    result = replace_dir(target, cls, replacement, out, Run(device, overwrite=overwrite))
     emit(result, as_json, f"replaced {result['replaced']} by {result['with']}")
 
 
@@ -333,9 +328,10 @@ def remove_cmd(
     device: str = DEVICE, overwrite: bool = OVERWRITE, as_json: bool = JSON,
 ) -> None:
     """Remove: the composition without one class's module."""
-    from .reuse import remove_dir
+    from .jobs.common import Run
+    from .jobs.compose import remove_dir
 
-    result = remove_dir(target, cls, out, overwrite, device)
+    result = remove_dir(target, cls, out, Run(device, overwrite=overwrite))
     emit(result, as_json, f"removed {result['removed']}")
 
 
@@ -351,8 +347,9 @@ def reproduce_cmd(
 ) -> None:
     """The paper's whole study: decomposition cost, reuse, replacement, energy, the dense table; with a report."""
     from .experiments.presets import preset as get_preset
+    from .experiments.report import write_report
     from .experiments.study import Study
-    from .report import write_report
+    from .io.artifacts import write_json
 
     study = Study(out, get_preset(preset), data, second_data, country, seed, device, data_root, resume)
     command = " ".join(["cnnmod", "reproduce", "--preset", preset, "--data", data, "--second-data", second_data,
@@ -361,7 +358,7 @@ def reproduce_cmd(
 
     def report(results: dict) -> None:  # after every part: results.json and the report so far
         results["command"] = command
-        (Path(out) / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        write_json(Path(out) / "results.json", results)
         written[:] = write_report(results, Path(out))
 
     results = study.run(on_part=report)
@@ -381,7 +378,7 @@ def export_cmd(
     overwrite: bool = OVERWRITE, as_json: bool = JSON,
 ) -> None:
     """Export a module or composition as one ONNX file: uint8 images in, scores p_c out."""
-    from .export import export_onnx
+    from .io.export import export_onnx
 
     result = export_onnx(paths, onnx, overwrite, check, calibration)
     emit(result, as_json, f"exported {onnx}")

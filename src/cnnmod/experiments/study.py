@@ -15,28 +15,26 @@ import time
 from dataclasses import MISSING, fields, replace
 from pathlib import Path
 
-from ..classifier import load_model
+from ..compose.evaluate import evaluate_against_model, evaluate_composition
+from ..compose.reuse import continuous_learning, refit_composition
+from ..compose.voting import compose
+from ..core.metrics import evaluate_classifier
 from ..data import ImageSet, load
-from ..decompose import DecomposeSettings, decompose
+from ..decompose.paper import DecomposeSettings, decompose
 from ..energy import EnergyMeter, training_energy
 from ..errors import UserError
-from ..evaluation import evaluate_composition, evaluate_modules, split_for
-from ..metrics import evaluate_classifier
-from ..module import Module
+from ..io.artifacts import write_json
+from ..io.models import load_model
+from ..io.store import load_modules, save_composition, save_decomposition
+from ..jobs.train import train
+from ..models.classifier import split_for
+from ..models.train import TrainSettings
+from ..modules.masked import Module
 from ..progress import say
-from ..reuse import continuous_learning, refit_composition
 from ..runtime import pick_device, seed_everything
-from ..store import load_modules, save_composition, save_decomposition
-from ..train import TrainSettings, train
+from .figures import PAPER, summarise
 from .presets import Preset
 
-PAPER = {
-    "decomposition_cost_top1_pp": -1.77, "decomposition_cost_top5_pp": -0.85, "jaccard": 0.63,
-    "intra_reuse_pp": 2.5, "inter_reuse_pp": -12.06, "inter_reuse_cl_pp": -7.63,
-    "intra_replace_top1_pp": 0.7, "intra_replace_top5_pp": 1.0, "inter_replace_top1_pp": 2.5,
-    "inter_replace_top5_pp": -7.1, "co2_reuse_ratio": 23.7, "co2_replace_ratio": 42.0,
-    "dense_model": [85.82, 87.58, 87.09, 87.79], "dense_composed": [85.85, 87.56, 87.10, 87.95],
-}
 PARTS = ("decomposition", "intra_reuse", "inter_reuse", "intra_replace", "inter_replace", "energy", "dense")
 
 
@@ -59,14 +57,6 @@ def _settings(s) -> dict:
 def _mean(values: list[float]) -> float | None:
     values = [v for v in values if v is not None]
     return sum(values) / len(values) if values else None
-
-
-def _write_json(path: Path, value) -> None:
-    """Write ``value`` as JSON so that a run stopped midway leaves the old file or the new one, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(value, indent=2) + "\n")
-    tmp.replace(path)
 
 
 class Study:
@@ -102,7 +92,7 @@ class Study:
         elif self.out.exists() and any(self.out.iterdir()):
             raise UserError(f"{self.out} exists and is not a study folder; choose another --out")
         self.out.mkdir(parents=True, exist_ok=True)
-        header_path.write_text(json.dumps(self.header, indent=2) + "\n")
+        write_json(header_path, self.header)
 
     def _part_path(self, part: str) -> Path:
         return self.out / "parts" / f"{part}.json"
@@ -116,7 +106,7 @@ class Study:
         return json.loads(path.read_text()) if path.is_file() else None
 
     def _keep_row(self, part: str, name: str, row: dict) -> dict:
-        _write_json(self._row_path(part, name), row)
+        write_json(self._row_path(part, name), row)
         return row
 
     def _part_seconds(self) -> dict[str, float]:
@@ -128,7 +118,7 @@ class Study:
     def _record_seconds(self, part: str, seconds: float) -> None:
         recorded = self._part_seconds()
         recorded[part] = round(seconds, 1)
-        _write_json(self.out / "parts" / "seconds.json", recorded)
+        write_json(self.out / "parts" / "seconds.json", recorded)
 
     def model(self, name: str, s: TrainSettings) -> tuple[Path, dict]:
         """A trained model (cached by its settings) and the energy its training took."""
@@ -140,7 +130,7 @@ class Study:
         with self.meter.phase(f"training {name}") as m:
             result = train(s, folder, overwrite=True, show_progress=False)
         energy = training_energy(m.record, result["history"], result["best_epoch"])
-        energy_path.write_text(json.dumps(energy, indent=2) + "\n")
+        write_json(energy_path, energy)
         return folder, energy
 
     def train_settings(self, data: str, epochs: int, subset: int | None, classes: list[int] | None = None,
@@ -165,7 +155,7 @@ class Study:
             with self.meter.phase(f"decomposition {name}") as m:
                 modules = decompose(clf, train_set, settings=s, device=self.device, show_progress=False)
             save_decomposition(modules, folder, overwrite=True)
-            energy_path.write_text(json.dumps({"decomposition": m.record.to_dict()}, indent=2) + "\n")
+            write_json(energy_path, {"decomposition": m.record.to_dict()})
         return load_modules(folder, self.device), json.loads(energy_path.read_text())
 
     def compose_measured(self, modules: list[Module], name: str, relearn: bool = False,
@@ -194,8 +184,8 @@ class Study:
                 "balanced_top1": _mean([c["top1"] for c in report["per_class"]])}
 
     def composed(self, modules: list[Module], calibration: str = "none") -> dict:
-        r = evaluate_composition(modules, self.data_root, self.device, per_class=self.p.test_per_class,
-                                 calibration=calibration, cache=self.scores)
+        r = evaluate_composition(compose(modules, calibration=calibration), self.data_root, self.device,
+                                 per_class=self.p.test_per_class, cache=self.scores)
         return {"top1": r["composed_top1"], "top5": r["composed_top5"], "balanced_top1": r["composed_balanced_top1"]}
 
     # ------------------------------------------------------------------ the models everything starts from
@@ -217,7 +207,7 @@ class Study:
         rows = []
         for variant in self.p.variants:
             modules, dec_energy = self.decomposition("main", model_dir, variant)
-            report = evaluate_modules(modules, test, self.device)
+            report = evaluate_against_model(compose(modules), modules[0].source, test, self.device)
             seconds = dec_energy["decomposition"]["seconds"]
             rows.append({"model": f"{self.p.arch} on {self.data}", "variant": variant,
                          **{k: v for k, v in report.items() if k != "per_class"}, "per_class": report["per_class"],
@@ -401,7 +391,7 @@ class Study:
             test = split_for(clf, None, self.data_root, "test")
             for variant in ("mc", "mc-bln"):
                 modules, _ = self.decomposition(f"mlp-{layers}x49", model_dir, variant)
-                r = evaluate_modules(modules, test, self.device)
+                r = evaluate_against_model(compose(modules), modules[0].source, test, self.device)
                 rows.append({"hidden_layers": layers, "variant": variant, "model_top1": r["model_top1"],
                              "composed_top1": r["composed_top1"], "delta_pp": r["decomposition_cost_top1_pp"],
                              "jaccard": r["jaccard_model_mean"],
@@ -427,7 +417,7 @@ class Study:
             t0 = time.perf_counter()
             say(f"[{self.p.name}] {part} ...")
             rows = self.part_energy(results) if part == "energy" else getattr(self, f"part_{part}")()
-            _write_json(path, rows)
+            write_json(path, rows)
             results[part] = rows
             seconds = time.perf_counter() - t0
             self._record_seconds(part, seconds)
@@ -444,50 +434,5 @@ class Study:
                "unfinished": [p for p in parts if p not in results],
                "seconds_this_run": round(time.perf_counter() - started, 1),
                "part_seconds": part_seconds, "seconds_all_runs": round(sum(part_seconds.values()), 1)}
-        (self.out / "results.json").write_text(json.dumps(out, indent=2) + "\n")
+        write_json(self.out / "results.json", out)
         return out
-
-
-def summarise(results: dict) -> dict:
-    dec = [r for r in results.get("decomposition", []) if r["variant"] == "mc-bln"]
-    s = {
-        "decomposition_cost_top1_pp": _mean([r["decomposition_cost_top1_pp"] for r in dec]),
-        "decomposition_cost_top5_pp": _mean([r["decomposition_cost_top5_pp"] for r in dec]),
-        "jaccard": _mean([r["jaccard_model_mean"] for r in dec]),
-        "intra_reuse_pp": _mean([r["delta_pp"] for r in results.get("intra_reuse", [])]),
-        "inter_reuse_pp": _mean([r["delta_pp"] for r in results.get("inter_reuse", [])]),
-        "inter_reuse_cl_pp": _mean([r["delta_cl_pp"] for r in results.get("inter_reuse", [])]),
-        "intra_replace_top1_pp": _mean([r["gain_top1_pp"] for r in results.get("intra_replace", [])]),
-        "intra_replace_top5_pp": _mean([r["gain_top5_pp"] for r in results.get("intra_replace", [])]),
-        "inter_replace_top1_pp": _mean([r["delta_top1_pp"] for r in results.get("inter_replace", [])]),
-        "inter_replace_top5_pp": _mean([r["delta_top5_pp"] for r in results.get("inter_replace", [])]),
-        "inter_reuse_calibrated_pp": _mean([r.get("delta_calibrated_pp") for r in results.get("inter_reuse", [])]),
-        "inter_reuse_cl_calibrated_pp": _mean([r.get("delta_cl_calibrated_pp")
-                                               for r in results.get("inter_reuse", [])]),
-        "intra_replace_top1_calibrated_pp": _mean([r.get("gain_top1_calibrated_pp")
-                                                   for r in results.get("intra_replace", [])]),
-        "inter_replace_top1_calibrated_pp": _mean([r.get("delta_top1_calibrated_pp")
-                                                   for r in results.get("inter_replace", [])]),
-        # beyond the paper: heads refitted on the composition's classes (compose --refit-heads)
-        "intra_reuse_refit_pp": _mean([r.get("delta_refit_pp") for r in results.get("intra_reuse", [])]),
-        "inter_reuse_refit_pp": _mean([r.get("delta_refit_pp") for r in results.get("inter_reuse", [])]),
-        "inter_reuse_refit_calibrated_pp": _mean([r.get("delta_refit_calibrated_pp")
-                                                  for r in results.get("inter_reuse", [])]),
-        "inter_replace_top1_refit_pp": _mean([r.get("delta_top1_refit_pp") for r in results.get("inter_replace", [])]),
-        # beyond the paper: Platt scores times each module's in-distribution test (--calibration platt-ood)
-        "inter_reuse_ood_pp": _mean([r.get("delta_ood_pp") for r in results.get("inter_reuse", [])]),
-        "intra_replace_top1_ood_pp": _mean([r.get("gain_top1_ood_pp") for r in results.get("intra_replace", [])]),
-        "inter_replace_top1_ood_pp": _mean([r.get("delta_top1_ood_pp") for r in results.get("inter_replace", [])]),
-    }
-    energy = {r["scenario"]: r for r in results.get("energy", [])}
-    reuse = [energy[k]["ratio_training_to_reuse"] for k in ("intra_reuse", "inter_reuse") if k in energy]
-    replace_ = [energy[k]["ratio_training_to_reuse"] for k in ("intra_replace", "inter_replace") if k in energy]
-    s["co2_reuse_ratio"] = _mean(reuse)
-    s["co2_replace_ratio"] = _mean(replace_)
-    whole = "ratio_all_training_to_all_reuse_with_decomposition"
-    s["co2_reuse_ratio_with_decomposition"] = _mean([energy[k].get(whole) for k in ("intra_reuse", "inter_reuse")
-                                                     if k in energy])
-    s["co2_replace_ratio_with_decomposition"] = _mean([energy[k].get(whole) for k in ("intra_replace", "inter_replace")
-                                                       if k in energy])
-    return s
-

@@ -1,4 +1,4 @@
-"""Calibrated module scores (METHOD.md section 8): modules of different models put p_c on different scales, so
+"""Calibrated module scores (docs/method.md, "Calibrated scores"): modules of other models put p_c on other scales, so
 composing them compares apples with oranges. Each module's margin m = z_c - z_uc gets two fits on held-out
 training data of its source model, class-balanced (the module's class weighs as much as all the others):
 

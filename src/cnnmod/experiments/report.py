@@ -10,6 +10,8 @@ from pathlib import Path
 
 import matplotlib
 
+from .figures import FIGURES
+
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
@@ -31,33 +33,7 @@ def _table(header: list[str], rows: list[list]) -> list[str]:
         "| " + " | ".join(str(c) for c in r) + " |" for r in rows]
 
 
-SCENARIOS = [("decomposition cost, top-1 (pp)", "decomposition_cost_top1_pp"),
-             ("decomposition cost, top-5 (pp)", "decomposition_cost_top5_pp"),
-             ("intra-data-set reuse, MA - TMA (pp)", "intra_reuse_pp"),
-             ("inter-data-set reuse, MA - TMA (pp)", "inter_reuse_pp"),
-             ("inter-data-set reuse with continuous learning (pp)", "inter_reuse_cl_pp"),
-             ("inter-data-set reuse, calibrated scores (pp; ours)", "inter_reuse_calibrated_pp"),
-             ("inter-data-set reuse, calibrated + in-distribution test (pp; ours)", "inter_reuse_ood_pp"),
-             ("inter-data-set reuse, CL + calibrated (pp; ours)", "inter_reuse_cl_calibrated_pp"),
-             ("inter-data-set reuse, CL + heads refitted (pp; ours)", "inter_reuse_refit_pp"),
-             ("inter-data-set reuse, CL + heads refitted, calibrated (pp; ours)", "inter_reuse_refit_calibrated_pp"),
-             ("intra-data-set reuse, heads refitted (pp; ours)", "intra_reuse_refit_pp"),
-             ("intra-data-set replace, top-1 gain (pp)", "intra_replace_top1_pp"),
-             ("intra-data-set replace, top-5 gain (pp)", "intra_replace_top5_pp"),
-             ("intra-data-set replace, calibrated, top-1 gain (pp; ours)", "intra_replace_top1_calibrated_pp"),
-             ("intra-data-set replace, calibrated + in-distribution test, top-1 gain (pp; ours)",
-              "intra_replace_top1_ood_pp"),
-             ("inter-data-set replace vs TMA, top-1 (pp)", "inter_replace_top1_pp"),
-             ("inter-data-set replace vs TMA, top-5 (pp)", "inter_replace_top5_pp"),
-             ("inter-data-set replace, calibrated, top-1 (pp; ours)", "inter_replace_top1_calibrated_pp"),
-             ("inter-data-set replace, calibrated + in-distribution test, top-1 (pp; ours)",
-              "inter_replace_top1_ood_pp"),
-             ("inter-data-set replace, heads refitted, top-1 (pp; ours)", "inter_replace_top1_refit_pp"),
-             ("CO2e, training / reuse (x)", "co2_reuse_ratio"),
-             ("CO2e, training / replace (x)", "co2_replace_ratio"),
-             ("CO2e, all training / (all reuse + decomposition) (x)", "co2_reuse_ratio_with_decomposition"),
-             ("CO2e, all training / (all replace + decomposition) (x)", "co2_replace_ratio_with_decomposition"),
-             ("mean Jaccard index, module vs model", "jaccard")]
+SCENARIOS = [(f.label, f.key) for f in FIGURES]  # the summary table's rows, in order
 
 
 def markdown(r: dict) -> str:

@@ -5,35 +5,42 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from .artifacts import check_output
-from .classifier import load_model
-from .decompose import DecomposeSettings, calibrate_decomposition, chosen_classes, decompose
-from .energy import EnergyMeter
-from .evaluation import binary_report, split_for
-from .metrics import predict_scores
-from .progress import progress_bar, say
-from .runtime import init_distributed, pick_device, seed_everything
-from .slim import SlimSettings, slim_module
-from .store import save_decomposition
+from ..compose.evaluate import binary_report
+from ..core.metrics import predict_scores
+from ..decompose.fitting import calibrate_decomposition
+from ..decompose.paper import DecomposeSettings, chosen_classes, decompose
+from ..decompose.slim import MODULE_SIZE, SlimSettings, slim_module
+from ..io.artifacts import check_output
+from ..io.models import load_model
+from ..io.store import save_decomposition
+from ..models.classifier import split_for
+from ..progress import progress_bar, say
+from ..runtime import init_distributed, pick_device, seed_everything
+from .common import Run
 
 
-def decompose_dir(model_dir: str | Path, out: str | Path, settings: DecomposeSettings, data: str | None = None,
-                  classes: list[int] | None = None, data_root: str | None = None, device: str = "auto",
-                  batch_size: int = 256, measure: bool = True, overwrite: bool = False,
-                  meter: EnergyMeter | None = None, slim: SlimSettings | None = None) -> dict:
-    """Decompose the model in ``model_dir`` into ``out``; with ``measure``, each module's binary accuracy on the
-    test split is recorded in its config (one batched pass of all modules)."""
+def decompose_dir(model_dir: str | Path, out: str | Path, settings: DecomposeSettings | None = None,
+                  run: Run | None = None, *, slim: SlimSettings | None = None, data: str | None = None,
+                  classes: list[int] | None = None, measure: bool = True) -> dict:
+    """Decompose the model in ``model_dir`` into ``out``: node-level modules (``settings``) or, with ``slim``,
+    slim modules; observed on ``data`` (default: the model's own training split), for ``classes`` (default:
+    all). With ``measure``, each module's binary accuracy on the test split is recorded in its config (one
+    batched pass of all modules)."""
+    settings, run = settings or DecomposeSettings(), run or Run()
     settings.check()
-    dd, dev = init_distributed(pick_device(device))
+    if slim is not None:
+        slim = slim.resolved(MODULE_SIZE)
+        slim.check()
+    batch_size = run.batch_size
+    dd, dev = init_distributed(pick_device(run.device))
     if dd.is_main:
-        check_output(Path(out), overwrite)
+        check_output(Path(out), run.overwrite)
     seed_everything(settings.seed)
     clf = load_model(model_dir, dev)
     chosen = chosen_classes(clf, classes)
-    train = split_for(clf, data, data_root, "train")
-    meter = meter or EnergyMeter()
+    train = split_for(clf, data, run.data_root, "train")
+    meter = run.meter()
     if slim is not None:
-        slim.check()
         say(f"slimming {clf.arch} ({clf.num_classes} classes) to {slim.size:g} of its parameters"
             + (f" within {slim.max_loss:g} pp" if slim.max_loss is not None else "") + f", {slim.rule} importance")
         started = time.perf_counter()
@@ -58,9 +65,9 @@ def decompose_dir(model_dir: str | Path, out: str | Path, settings: DecomposeSet
     if not dd.is_main:
         return result
     if measure:
-        from .compose import compose
+        from ..compose.voting import compose
 
-        test = split_for(clf, data, data_root, "test").subset([m.concerned for m in modules])
+        test = split_for(clf, data, run.data_root, "test").subset([m.concerned for m in modules])
         comp = compose(modules).eval()
         started = time.perf_counter()
         with meter.phase("evaluation") as spent:
@@ -73,7 +80,7 @@ def decompose_dir(model_dir: str | Path, out: str | Path, settings: DecomposeSet
     extra = {"training_seconds": training_seconds,
              "seconds_to_training": round(seconds / training_seconds, 6) if training_seconds else None,
              "energy": energy}
-    config = save_decomposition(modules, out, overwrite, extra, source=clf)
+    config = save_decomposition(modules, out, run.overwrite, extra, source=clf)
     result.update(extra)
     result["modules"] = [{**e, "path": str(Path(out) / e["path"])} for e in config["modules"]]
     for entry, m in zip(result["modules"], modules, strict=True):

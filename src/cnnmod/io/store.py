@@ -20,17 +20,28 @@ import math
 import os
 import re
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
+from ..compose.base import Composer
+from ..compose.slim import FusedSlim, MergedSlim
+from ..compose.voting import check_composable, compose
+from ..core.channels import slice_network
+from ..core.graph import ModelGraph
+from ..data.transforms import InputSpec
+from ..errors import UserError
+from ..models import build
+from ..models.classifier import Classifier
+from ..modules.base import BinaryModule
+from ..modules.masked import Module
+from ..modules.slim import SlimModule
 from .artifacts import CARD, CONFIG, atomic_folder, read_artifact, read_config, write_into
-from .classifier import Classifier, load_model, save_into
-from .errors import UserError
-from .graph import ModelGraph
-from .module import Module
+from .models import load_model, load_weights, save_into
 
 MODEL_DIR = "model"
 MODULES_DIR = "modules"
@@ -54,7 +65,7 @@ def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:40] or "class"
 
 
-def module_folder_name(m: Module) -> str:
+def module_folder_name(m: BinaryModule) -> str:
     return f"c{m.concerned:02d}-{slug(m.class_name)}"
 
 
@@ -99,14 +110,18 @@ def typical_of(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | No
     return {k[len("typical."):]: v for k, v in tensors.items() if k.startswith("typical.")} or None
 
 
-def write_module(folder: Path, m, source_rel: str | None = None, source_sha: str | None = None) -> dict:
-    """A module folder: a node-masked module points at its source model; a slim module holds its own network."""
-    from .slim import SlimModule
+def write_module(folder: Path, m: BinaryModule, source_rel: str | None = None, source_sha: str | None = None) -> dict:
+    """A module folder, as its kind writes it (:data:`MODULE_KINDS`): a node-level module points at its source
+    model; a slim module holds its own network."""
+    return MODULE_KINDS[m.granularity].write(folder, m, source_rel, source_sha)
 
-    if isinstance(m, SlimModule):
-        return write_into(folder, "module", slim_config(m), {**m.net.state_dict(), **typical_tensors(m)},
-                          slim_card(m))
+
+def _write_node(folder: Path, m: Module, source_rel: str | None, source_sha: str | None) -> dict:
     return write_into(folder, "module", module_config(m, source_rel, source_sha), module_tensors(m), module_card(m))
+
+
+def _write_slim(folder: Path, m: SlimModule, source_rel: str | None, source_sha: str | None) -> dict:
+    return write_into(folder, "module", slim_config(m), {**m.net.state_dict(), **typical_tensors(m)}, slim_card(m))
 
 
 def slim_config(m) -> dict:
@@ -126,20 +141,33 @@ def slim_card(m) -> str:
                       f"- importance rule: {m.settings.get('rule')}", ""])
 
 
-def load_slim(path: Path, config: dict, tensors: dict[str, torch.Tensor], device: torch.device | str):
-    from .classifier import load_weights
-    from .data.transforms import InputSpec
-    from .slim import SlimModule, build_sliced
+def _input_shape(config: dict) -> tuple[int, int, int]:
+    return tuple(config["input"][k] for k in ("channels", "height", "width"))
 
+
+def build_sliced(config: dict) -> nn.Module:
+    """The network of a saved slim module: its source architecture, sliced as recorded (weights to be loaded)."""
+    info, shape = config["source"], _input_shape(config)
+    net = build(info["arch"], shape, len(info["class_names"]), **info["arch_args"])
+    return slice_network(net.eval(), shape, config["removed"], config["classifier"], None, None)
+
+
+def build_merged(config: dict) -> nn.Module:
+    """The network of a saved merged slim composition (weights to be loaded)."""
+    info, shape = config["source"], _input_shape(config)
+    net = build(info["arch"], shape, len(info["class_names"]), **info["arch_args"]).eval()
+    return slice_network(net, shape, config["removed"], config["classifier"], None, None,
+                         outputs=len(config["concerned"]))
+
+
+def _load_slim(path: Path, config: dict, tensors: dict[str, torch.Tensor], device: torch.device | str,
+               sources: SourceCache) -> SlimModule:
     net = build_sliced(config)
-    typical = typical_of(tensors)
     load_weights(net, {k: v for k, v in tensors.items() if not k.startswith("typical.")},
                  f"slim {config['source']['arch']}", path)
     m = SlimModule(net, config["classifier"], InputSpec.from_dict(config["input"]), config["class_name"],
                    config["concerned_class"], config["source"], config["removed"], config.get("settings", {}),
-                   config.get("metrics"))
-    m.calibration = config.get("calibration")
-    m.typical = typical
+                   config.get("metrics"), config.get("calibration"), typical_of(tensors))
     return m.to(device).eval()
 
 
@@ -155,14 +183,16 @@ def decomposition_card(config: dict) -> str:
     return "\n".join(lines)
 
 
-def save_decomposition(modules: Sequence[Module], out: str | os.PathLike, overwrite: bool = False,
+def save_decomposition(modules: Sequence[BinaryModule], out: str | os.PathLike, overwrite: bool = False,
                        extra: dict | None = None, source: Classifier | None = None) -> dict:
     """Write the source model once and every module; returns the decomposition's config. Slim modules need
     their ``source`` given (it is written beside them, for comparison; they load without it)."""
     if not modules:
         raise UserError("nothing to save: no modules")
-    source = source or modules[0].source
-    if any(getattr(m, "source", source) is not source for m in modules):
+    source = source or modules[0].source_model
+    if source is None:
+        raise UserError("slim modules run without their source model: give it to save_decomposition (source=...)")
+    if any(m.source_model not in (None, source) for m in modules):
         raise UserError("a decomposition folder holds modules of one source model; save the others separately")
     with atomic_folder(out, overwrite) as tmp:
         model_config = save_into(source, tmp / MODEL_DIR)
@@ -198,31 +228,31 @@ def composition_card(config: dict) -> str:
     return "\n".join(lines)
 
 
-def save_composition(modules: Sequence[Module], out: str | os.PathLike, overwrite: bool = False,
+def save_composition(modules: Sequence[BinaryModule], out: str | os.PathLike, overwrite: bool = False,
                      extra: dict | None = None) -> dict:
     """Write a composition: each source model once under ``sources/``, each module under ``modules/``."""
-    from .compose import base_dataset, check_composable, qualified_name
-
     check_composable(modules)
     with atomic_folder(out, overwrite) as tmp:
         written: dict[int, tuple[str, str]] = {}
         for m in modules:
-            if not isinstance(m, Module) or id(m.source) in written:  # slim modules carry their own network
+            source = m.source_model
+            if source is None or id(source) in written:  # slim modules carry their own network
                 continue
             staging = tmp / SOURCES_DIR / f".staging-{len(written)}"
-            sha = save_into(m.source, staging)["weights_sha256"]
-            name = f"{slug(m.source.arch)}-{slug(base_dataset(m))}-{sha[:12]}"
+            sha = save_into(source, staging)["weights_sha256"]
+            name = f"{slug(source.arch)}-{slug(m.ref.dataset)}-{sha[:12]}"
             if (tmp / SOURCES_DIR / name).exists():  # the same weights under another Python object
                 shutil.rmtree(staging)
             else:
                 staging.rename(tmp / SOURCES_DIR / name)
-            written[id(m.source)] = (name, sha)
+            written[id(source)] = (name, sha)
         entries = []
         for i, m in enumerate(modules):
-            folder = f"{i:02d}-{slug(base_dataset(m))}-{slug(m.class_name)}"
-            source, sha = written[id(m.source)] if isinstance(m, Module) else ("(slim: its own network)", "")
+            folder = f"{i:02d}-{slug(m.ref.dataset)}-{slug(m.class_name)}"
+            source, sha = written[id(m.source_model)] if m.source_model is not None else ("(slim: its own network)",
+                                                                                           "")
             write_module(tmp / MODULES_DIR / folder, m, f"../../{SOURCES_DIR}/{source}", sha)
-            entries.append({"position": i, "name": qualified_name(m), "dataset": base_dataset(m),
+            entries.append({"position": i, "name": m.ref.qualified, "dataset": m.ref.dataset,
                             "class": m.source_class, "path": f"{MODULES_DIR}/{folder}",
                             "kept_fraction": round(m.kept_fraction(), 6), "source": source})
         config = {"format_version": 1, "kind": "composition", "classes": entries,
@@ -254,13 +284,19 @@ class SourceCache:
 
 
 def load_module(path: str | os.PathLike, device: torch.device | str = "cpu",
-                sources: SourceCache | None = None) -> Module:
-    """A module folder, verified (its own checksum, its source's checksum and the masks' shapes)."""
+                sources: SourceCache | None = None) -> BinaryModule:
+    """A module folder, verified (its own checksum, its source's checksum and the masks' shapes), loaded as its
+    kind reads it (:data:`MODULE_KINDS`)."""
     path = Path(path)
     config, tensors = read_artifact(path, "module")
-    if config.get("granularity") == "channel":
-        return load_slim(path, config, tensors, device)
-    sources = sources or SourceCache()
+    kind = config.get("granularity", "node")
+    if kind not in MODULE_KINDS:
+        raise UserError(f"{path} is a module of kind {kind!r}, which this cnnmod does not know: upgrade cnnmod")
+    return MODULE_KINDS[kind].load(path, config, tensors, device, sources or SourceCache())
+
+
+def _load_node(path: Path, config: dict, tensors: dict[str, torch.Tensor], device: torch.device | str,
+               sources: SourceCache) -> Module:
     source_cfg = config["source"]
     clf, graph = sources.get(path / source_cfg["path"], source_cfg["weights_sha256"], device)
     recorded = [(p["name"], tuple(p["shape"])) for p in config["points"]]
@@ -296,7 +332,7 @@ def module_paths(path: str | os.PathLike) -> list[Path]:
 
 
 def load_modules(paths: str | os.PathLike | Sequence[str | os.PathLike], device: torch.device | str = "cpu"
-                 ) -> list[Module]:
+                 ) -> list[BinaryModule]:
     """Modules from decomposition folders and module folders, sharing each source model."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
@@ -371,8 +407,6 @@ def save_fused_slim(fused, sources: Sequence[Classifier], out: str | os.PathLike
 
 def load_fused_slim(path: str | os.PathLike, device: torch.device | str = "cpu"):
     """The fused slim composition at ``path`` and its parts' source models."""
-    from .slim import FusedSlim
-
     path = Path(path)
     config, _ = read_artifact(path, "composition")
     loaded = [load_merged_slim(path / part, device) for part in config["parts"]]
@@ -381,10 +415,6 @@ def load_fused_slim(path: str | os.PathLike, device: torch.device | str = "cpu")
 
 def load_merged_slim(path: str | os.PathLike, device: torch.device | str = "cpu"):
     """The merged slim composition at ``path`` and its source model."""
-    from .classifier import load_weights
-    from .data.transforms import InputSpec
-    from .slim import MergedSlim, build_merged
-
     path = Path(path)
     config, tensors = read_artifact(path, "composition")
     net = build_merged(config)
@@ -392,6 +422,44 @@ def load_merged_slim(path: str | os.PathLike, device: torch.device | str = "cpu"
     merged = MergedSlim(net, config["classifier"], InputSpec.from_dict(config["input"]), config["concerned"],
                         config["source"], config["removed"], config.get("settings", {}), config.get("metrics"))
     return merged.to(device).eval(), load_model(path / config["source_path"], device)
+
+
+def _save_merged_from_list(merged: MergedSlim, sources: list[Classifier], out: str | os.PathLike,
+                           overwrite: bool = False, extra: dict | None = None) -> dict:
+    return save_merged_slim(merged, sources[0], out, overwrite, extra)
+
+
+def _load_merged_as_list(path: str | os.PathLike, device: torch.device | str = "cpu"):
+    merged, source = load_merged_slim(path, device)
+    return merged, [source]
+
+
+# The compositions that are networks of their own (slim), by mode: how each is written and read. Compositions of
+# module folders (voting, and merged node-level modules) load as their modules, composed as recorded.
+SLIM_COMPOSITIONS = {"merged": (_save_merged_from_list, _load_merged_as_list),
+                     "fused": (save_fused_slim, load_fused_slim)}
+
+
+def save_slim_composition(composer: Composer, sources: Sequence[Classifier], out: str | os.PathLike,
+                          overwrite: bool = False, extra: dict | None = None) -> dict:
+    """A slim composition (merged or fused), as its mode writes it, with its source models beside it."""
+    return SLIM_COMPOSITIONS[composer.mode][0](composer, list(sources), out, overwrite, extra)
+
+
+def load_composer(paths: str | os.PathLike | Sequence[str | os.PathLike], device: torch.device | str = "cpu",
+                  calibration: str | None = None, mode: str | None = None) -> tuple[Composer, list[Classifier]]:
+    """Whatever ``paths`` hold as one classifier, and the source models it is measured against: a slim
+    composition folder as its network(s); module, decomposition or composition folders as their modules,
+    composed with ``calibration`` and ``mode`` (default: as the composition folders among them were made)."""
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    whole = slim_composition(paths)
+    if whole is not None:
+        return SLIM_COMPOSITIONS[whole][1](paths[0], device)
+    modules = load_modules(paths, device)
+    composer = compose(modules, calibration=calibration or composition_setting(paths, "calibration", "none"),
+                       mode=mode or composition_setting(paths, "mode", "vote"))
+    return composer, composer.sources
 
 
 def slim_composition(paths: Sequence[str | os.PathLike]) -> str | None:
@@ -423,3 +491,17 @@ def slim_source_of(paths: Sequence[str | os.PathLike], device: torch.device | st
         raise UserError("--mode merged needs slim modules of one decomposition folder; these come from "
                         f"{len(found)}: use --mode fused (one merged network per model, their scores side by side)")
     return load_model(found.pop(), device)
+
+
+@dataclass(frozen=True)
+class ModuleKind:
+    """How one kind of module is written to and read from its folder."""
+
+    write: Callable[[Path, BinaryModule, str | None, str | None], dict]
+    load: Callable[[Path, dict, dict[str, torch.Tensor], torch.device | str, SourceCache], BinaryModule]
+
+
+# The module kinds, by granularity (a config without one is the paper's node-level module): a new kind of
+# module is one entry here and one class implementing cnnmod.modules.base.BinaryModule.
+MODULE_KINDS: dict[str, ModuleKind] = {"node": ModuleKind(_write_node, _load_node),
+                                       "channel": ModuleKind(_write_slim, _load_slim)}

@@ -8,14 +8,16 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from .artifacts import check_output
-from .classifier import Classifier, load_weights, save_model
-from .data import load
-from .data.transforms import InputSpec
-from .errors import UserError
-from .metrics import evaluate_classifier
-from .models import build
-from .runtime import pick_device
+from ..core.metrics import evaluate_classifier
+from ..data import load
+from ..data.transforms import InputSpec
+from ..errors import UserError
+from ..io.artifacts import check_output
+from ..io.models import load_weights, save_model
+from ..models import build
+from ..models.classifier import Classifier
+from ..runtime import pick_device
+from .common import Run
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -38,17 +40,20 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return obj
 
 
-def import_model(arch: str, weights: Path, data: str, out: Path, classes: list[int] | None, arch_args: dict,
-                 data_root: str | None = None, device: str = "auto", overwrite: bool = False) -> dict:
-    check_output(Path(out), overwrite)
-    train = load(data, "train", data_root, classes)
-    test = load(data, "test", data_root, classes)
+def import_model(arch: str, weights: Path, data: str, out: Path, classes: list[int] | None = None,
+                 arch_args: dict | None = None, run: Run | None = None) -> dict:
+    """``cnnmod import``: a user's state dict for a zoo architecture, as a model folder, evaluated on ``data``'s
+    test split."""
+    run, arch_args = run or Run(), dict(arch_args or {})
+    check_output(Path(out), run.overwrite)
+    train = load(data, "train", run.data_root, classes)
+    test = load(data, "test", run.data_root, classes)
     spec = InputSpec(*train.input_shape, train.mean, train.std)
     net = build(arch, spec.shape, train.num_classes, **arch_args)
     load_weights(net, read_state_dict(Path(weights)), arch, weights)
     clf = Classifier(net, spec, train.class_names, arch, arch_args, data, train.source_classes,
                      {"imported_from": Path(weights).name})
-    report = evaluate_classifier(clf, test, pick_device(device))
+    report = evaluate_classifier(clf, test, pick_device(run.device))
     clf.info["metrics"] = {"test_top1": report["top1"], "test_top5": report["top5"]}
-    save_model(clf.cpu(), out, overwrite)
+    save_model(clf.cpu(), out, run.overwrite)
     return {"out": str(out), "arch": arch, "data": data, "test_top1": report["top1"], "test_top5": report["top5"]}

@@ -1,9 +1,5 @@
-"""A trained classifier with what it needs to be used: input spec, class names, provenance.
-
-``Classifier`` is an ``nn.Module`` whose ``forward`` takes normalised float input; ``prepare`` turns uint8
-images of any size and channel count into that input. ``save_model``/``load_model`` move it to and from a
-model artifact folder.
-"""
+"""Model artifacts: a :class:`~cnnmod.models.classifier.Classifier` to and from its folder (config.json,
+model.safetensors, README.md), weights verified against their checksum, never unpickled."""
 
 from __future__ import annotations
 
@@ -13,41 +9,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..data.transforms import InputSpec
+from ..errors import UserError
+from ..models import build
+from ..models.classifier import Classifier
 from .artifacts import atomic_folder, read_artifact, write_into
-from .data.transforms import InputSpec, to_input
-from .errors import UserError
-from .models import build
-
-
-class Classifier(nn.Module):
-    def __init__(self, net: nn.Module, spec: InputSpec, class_names: list[str], arch: str = "custom",
-                 arch_args: dict | None = None, dataset: str = "", source_classes: list[int] | None = None,
-                 info: dict | None = None) -> None:
-        super().__init__()
-        self.net = net
-        self.spec = spec
-        self.class_names = list(class_names)
-        self.arch = arch
-        self.arch_args = dict(arch_args or {})
-        self.dataset = dataset
-        self.source_classes = list(source_classes) if source_classes is not None else list(range(len(class_names)))
-        self.info = dict(info or {})  # training settings, metrics, sha256 of the weights when loaded
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-    def prepare(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 (N, C, H, W) images -> this model's normalised input."""
-        return to_input(images, self.spec)
-
-    def config(self) -> dict:
-        return {"arch": {"name": self.arch, "args": self.arch_args}, "input": self.spec.to_dict(),
-                "class_names": self.class_names, "dataset": self.dataset, "source_classes": self.source_classes,
-                **self.info}
 
 
 def model_card(clf: Classifier) -> str:

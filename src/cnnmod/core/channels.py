@@ -1,4 +1,4 @@
-"""Channel groups of a network (METHOD.md section 8, slim modules): which channels must be cut together (those
+"""Channel groups of a network (docs/method.md, "Slim modules"): which channels must be cut together (those
 coupled through residual additions, found with torch-pruning's dependency graph), gating them at the
 observation points, slicing a network physically to the open channels, and what each channel costs in
 parameters and FLOPs."""
@@ -11,8 +11,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .classifier import Classifier
-from .errors import UserError
+from ..errors import UserError
+from ..models.classifier import Classifier
 from .graph import ModelGraph
 from .observe import hooks
 

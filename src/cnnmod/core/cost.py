@@ -1,7 +1,7 @@
 """What modules and compositions cost to run: parameters, FLOPs (torch's flop counter) and measured latency,
 each also as a fraction of the source model's.
 
-A node-masked module (the paper's) holds all of its model's weights and runs the whole model, so its
+A node-level module (the paper's) holds all of its model's weights and runs the whole model, so its
 fractions are about 1; a composition of K such modules costs about K model passes.
 """
 
@@ -14,25 +14,12 @@ from collections.abc import Callable
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from .classifier import Classifier
-from .compose import Composition
-from .module import Module
-from .slim import FusedSlim, MergedSlim, SlimModule
-
 
 def count_params(obj) -> int:
-    """Parameters a classifier, module or composition needs: each source model's once plus the binary heads for
-    node-masked modules; a slim module's own (smaller) network."""
-    if isinstance(obj, Classifier):
-        return sum(p.numel() for p in obj.net.parameters())
-    if isinstance(obj, (SlimModule, MergedSlim, FusedSlim)):
-        return obj.params()  # its own (smaller) network
-    parts = obj.modules_list if isinstance(obj, Composition) else [obj]
-    masked = [m for m in parts if isinstance(m, Module)]
-    sources = {id(m.source): m.source for m in masked}
-    return (sum(count_params(s) for s in sources.values())
-            + sum(m.head_weight.numel() + m.head_bias.numel() for m in masked)
-            + sum(m.params() for m in parts if isinstance(m, SlimModule)))
+    """Parameters a classifier, module or composition needs to run (``obj.params()``: a composition counts each
+    source model once plus the modules' own parameters, the two-way heads of node-level modules or the whole
+    smaller network of a slim one)."""
+    return obj.params()
 
 
 @torch.no_grad()
@@ -73,30 +60,27 @@ def latency_side_by_side(fns: list[Callable[[torch.Tensor], torch.Tensor]], imag
     return medians, statistics.median(r[0] / sum(r[1:]) for r in rounds)
 
 
-def _model_fn(source: Classifier) -> Callable[[torch.Tensor], torch.Tensor]:
+def _model_fn(source) -> Callable[[torch.Tensor], torch.Tensor]:
     return lambda images: source(source.prepare(images))
 
 
-def cost_report(target, images: torch.Tensor, repeats: int = 5,
-                source: Classifier | list[Classifier] | None = None) -> dict:
-    """Parameters, FLOPs per image and latency of ``target`` (a module or composition) on the batch ``images``
-    (uint8), with fractions of its source model's (for a composition across models, of the sum of its source
-    models'; slim modules carry no source: give it, or the list of them, as ``source``). The latencies are
-    measured side by side (:func:`latency_side_by_side`): ``latency_fraction`` is the median of the rounds'
+def cost_report(target, images: torch.Tensor, repeats: int = 5, source=None) -> dict:
+    """Parameters, FLOPs per image and latency of ``target`` (a :class:`~cnnmod.compose.base.Composer`: uint8
+    images in, scores out) on the batch ``images`` (uint8), with fractions of its source models' (the sum of
+    those it holds and those given as ``source``, one model or a list: slim networks hold none). The latencies
+    are measured side by side (:func:`latency_side_by_side`): ``latency_fraction`` is the median of the rounds'
     ratios."""
     target = target.eval()
-    merged = isinstance(target, (MergedSlim, FusedSlim))
-    parts = target.modules_list if isinstance(target, Composition) else [] if merged else [target]
-    fn = target if isinstance(target, Composition) or merged else (lambda imgs: target.score(target.prepare(imgs)))
-    sources = {id(m.source): m.source for m in parts if isinstance(m, Module)}
+    sources = {id(s): s for s in target.sources}
     for s in [] if source is None else source if isinstance(source, list) else [source]:
         sources.setdefault(id(s), s)
     if not sources:
         raise ValueError("cost_report needs the source model of slim modules")
     model_params = sum(count_params(s) for s in sources.values())
     model_flops = sum(count_flops(_model_fn(s), images[:1]) for s in sources.values())
-    params, flops = count_params(target), count_flops(fn, images[:1])
-    times, latency_fraction = latency_side_by_side([fn] + [_model_fn(s) for s in sources.values()], images, repeats)
+    params, flops = count_params(target), count_flops(target, images[:1])
+    times, latency_fraction = latency_side_by_side([target] + [_model_fn(s) for s in sources.values()], images,
+                                                   repeats)
     latency, model_latency = times[0], sum(times[1:])
     return {"params": params, "flops": flops, "latency_ms": round(latency, 3),
             "params_fraction": round(params / model_params, 4), "flops_fraction": round(flops / model_flops, 4),

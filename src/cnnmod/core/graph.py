@@ -1,8 +1,8 @@
 """What decomposition needs to know about a network, read off its torch.fx graph.
 
-* Observation points (METHOD.md section 2): the output of every ``nn.Conv2d`` (after its ``nn.BatchNorm2d``
-  when one directly follows) and of every hidden ``nn.Linear``; each is the output of one module, so it can
-  be observed and masked with a forward hook.
+* Observation points (docs/method.md, "Nodes and observation points"): the output of every ``nn.Conv2d``
+  (after its ``nn.BatchNorm2d`` when one directly follows) and of every hidden ``nn.Linear``; each is the
+  output of one module, so it can be observed and masked with a forward hook.
 * The classifier: the ``nn.Linear`` whose output is the network's output, and the node feeding it.
 * Per-sample shapes of every node (shape propagation on one example input).
 * Two walks over the graph between the observation points and the classifier: marking nodes backwards
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from .errors import UserError
+from ..errors import UserError
 
 _RELU = {F.relu, torch.relu, torch.relu_}
 _ADD = {operator.add, operator.iadd, torch.add}
@@ -172,7 +172,7 @@ class ModelGraph:
             kind = self.kinds[n.name]
             if kind == "other_activation":
                 raise UserError(f"the model uses {_describe(self.gm, n)}; decomposition needs ReLU hidden layers "
-                                "(METHOD.md section 1)")
+                                "(docs/method.md, \"Nodes and observation points\")")
             if kind == "functional_layer":
                 raise UserError(f"the model calls {_describe(self.gm, n)} functionally; cnnmod observes nn.Conv2d "
                                 "and nn.Linear modules: use modules for its layers")

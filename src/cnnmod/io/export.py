@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 import warnings
 from pathlib import Path
 
 import torch
 
-from .compose import compose
-from .errors import UserError
-from .store import composition_setting, load_fused_slim, load_merged_slim, load_modules, slim_composition
+from ..errors import UserError
+from .artifacts import atomic_file
+from .store import load_composer
 
 
 def export_onnx(paths: list[str | Path], out: str | Path, overwrite: bool = False, check: bool = True,
@@ -25,32 +23,20 @@ def export_onnx(paths: list[str | Path], out: str | Path, overwrite: bool = Fals
     out = Path(out)
     if out.exists() and not overwrite:
         raise UserError(f"{out} exists already; choose another file or pass --overwrite")
-    whole = slim_composition(paths)
-    if whole is not None:
-        comp, calibration = (load_fused_slim if whole == "fused" else load_merged_slim)(paths[0], "cpu")[0], "none"
-    else:
-        modules = load_modules(paths, "cpu")
-        calibration = calibration or composition_setting(paths, "calibration", "none")
-        comp = compose(modules, calibration=calibration, mode=composition_setting(paths, "mode", "vote")).eval()
-    shape = tuple(comp.input_shape if hasattr(comp, "input_shape") else comp.modules_list[0].input_shape)
+    comp = load_composer(paths, "cpu", calibration)[0].eval()
+    calibration = comp.calibration
+    shape = tuple(comp.input_shape)
     example = torch.randint(0, 256, (2, *shape), dtype=torch.uint8)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
-    os.close(fd)
-    try:
+    with atomic_file(out) as tmp:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
-            torch.onnx.export(comp, (example,), tmp, dynamo=False, input_names=["images"], output_names=["scores"],
-                              dynamic_axes={"images": {0: "batch"}, "scores": {0: "batch"}})
+            torch.onnx.export(comp, (example,), str(tmp), dynamo=False, input_names=["images"],
+                              output_names=["scores"], dynamic_axes={"images": {0: "batch"}, "scores": {0: "batch"}})
         result = {"out": str(out), "classes": [f"{c}" for c in comp.qualified_names], "input_shape": list(shape),
                   "input": "uint8 images (batch, channels, height, width)", "output": "scores p_c (batch, classes)",
-                  "calibration": calibration, "bytes": Path(tmp).stat().st_size}
+                  "calibration": calibration, "bytes": tmp.stat().st_size}
         if check:
-            result["max_abs_difference"] = _check(tmp, comp, shape)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+            result["max_abs_difference"] = _check(str(tmp), comp, shape)
     return result
 
 

@@ -1,6 +1,7 @@
 """Activation statistics at the observation points: the one pass every decomposition is computed from.
 
-METHOD.md section 4: module c keeps node j iff ``count_all[c][j] > 0`` or ``count_first_k[c'][j] > 0`` for
+docs/method.md, "Concern and tangling identification": module c keeps node j iff ``count_all[c][j] > 0`` or
+``count_first_k[c'][j] > 0`` for
 some c' != c. Instead of one count per k, the pass records for every class and node the position (in the
 class's observation order) of the first input that made the node active; "active among the first k" is then
 ``first[c'][j] < k`` for any k, so modules with different budgets come from the same pass.
@@ -18,11 +19,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .data.dataset import ImageSet
-from .errors import UserError
+from ..data.dataset import ImageSet
+from ..errors import UserError
+from ..progress import progress_bar
+from ..runtime import Distributed
 from .graph import ModelGraph, ObservationPoint
-from .progress import progress_bar
-from .runtime import Distributed
 
 NEVER = torch.iinfo(torch.int32).max  # "first active at" for a node never active
 
@@ -44,6 +45,12 @@ class ActivationStats:
     @property
     def num_nodes(self) -> int:
         return sum(p.size for p in self.points)
+
+
+def tangling_budget(observed: int, classes: int) -> int:
+    """k of tangling identification: how many of each other class's first inputs a module keeps the nodes of,
+    max(1, floor(observed / (classes - 1))) for ``observed`` inputs of its own class among ``classes``."""
+    return max(1, observed // max(classes - 1, 1))
 
 
 def class_order(labels: torch.Tensor, num_classes: int, seed: int) -> list[torch.Tensor]:

@@ -1,4 +1,5 @@
-"""Decomposition (METHOD.md sections 3-5): concern identification, tangling identification, channeling into
+"""Decomposition (docs/method.md, "Concern and tangling identification" to "MC-BI"): concern identification,
+tangling identification, channeling into
 the binary head, and the paper's three variants, all computed from one pass of activation statistics.
 
     mc      CI + TI + MC                    masks from activity; the two-way head
@@ -10,20 +11,20 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, replace
-from itertools import chain
 
 import torch
 from torch import nn
 
-from .classifier import Classifier
-from .data.dataset import ImageSet
-from .data.registry import split_spec
-from .data.transforms import InputSpec
-from .errors import UserError
-from .graph import ModelGraph
-from .module import Module, binary_head
-from .observe import ActivationStats, class_order, observe
-from .runtime import Distributed
+from ..core.graph import ModelGraph
+from ..core.observe import ActivationStats, observe, tangling_budget
+from ..data.dataset import ImageSet
+from ..data.registry import split_spec
+from ..data.transforms import InputSpec
+from ..errors import UserError
+from ..models.classifier import Classifier
+from ..modules.masked import Module, binary_head
+from ..runtime import Distributed
+from .fitting import calibrate_decomposition
 
 VARIANTS = ("mc", "mc-bln", "mc-bi")
 CONDITIONS = ("pseudocode", "prose")
@@ -31,7 +32,7 @@ CONDITIONS = ("pseudocode", "prose")
 
 @dataclass(frozen=True)
 class DecomposeSettings:
-    """Every switch of METHOD.md, recorded with each module it made."""
+    """Every switch of the method (docs/method.md), recorded with each module it made; checked once."""
 
     variant: str = "mc-bln"
     delta: float = 0.5
@@ -86,10 +87,11 @@ def chosen_classes(clf: Classifier, classes: list[int] | None) -> list[int]:
 
 
 def keep_masks(stats: ActivationStats, concerned: int, tau: float = 0.0) -> dict[str, torch.Tensor]:
-    """CI + TI (METHOD.md sections 3-4): nodes active for a concerned input (rate >= tau), or for one of the
+    """CI + TI (docs/method.md, "Concern and tangling identification"): nodes active for a concerned input
+    (rate >= tau), or for one of the
     first k inputs of some unconcerned class, k = max(1, floor(N_concerned / (n - 1)))."""
     n = stats.num_classes
-    k = max(1, int(stats.observed[concerned]) // max(n - 1, 1))
+    k = tangling_budget(int(stats.observed[concerned]), n)
     others = [c for c in range(n) if c != concerned]
     threshold = tau * float(stats.observed[concerned])
     masks = {}
@@ -103,7 +105,7 @@ def keep_masks(stats: ActivationStats, concerned: int, tau: float = 0.0) -> dict
 
 
 def marked_features(head_weight: torch.Tensor, delta: float, condition: str = "pseudocode") -> torch.Tensor:
-    """MC-BLN's marked head inputs from the module's two head rows [c, uc] (METHOD.md section 5.1)."""
+    """MC-BLN's marked head inputs from the module's two head rows [c, uc] (docs/method.md, "MC-BLN")."""
     w_c, w_uc = head_weight[0], head_weight[1]
     if condition == "pseudocode":
         return (w_uc <= -delta) & (w_c >= delta)
@@ -175,117 +177,6 @@ def decompose(model: nn.Module, data: ImageSet, variant: str | None = None, *, c
     return modules
 
 
-def calibration_set(data: ImageSet, per_class: int, seed: int) -> ImageSet:
-    """Held-out inputs for calibration: the last ``per_class`` of each class in the observation order, so they
-    are disjoint from the observed first N whenever a class has at least N + per_class inputs."""
-    order = class_order(data.labels, data.num_classes, seed)
-    return data.take(torch.cat([idx[-per_class:] for idx in order]))
-
-
-@torch.no_grad()
-def _module_outputs(modules: list, sets: dict[str, ImageSet], choose, per_class: int, seed: int, batch_size: int,
-                    features: bool, layers: bool = False) -> tuple[list, list[torch.Tensor]]:
-    """For every module, over the inputs ``choose(data, per_class, seed)`` picks from each of ``sets``: its
-    margins ``z_c - z_uc`` (with ``features``, its head's inputs; with ``layers``, the list of its pooled
-    activations, :meth:`Composition.group_layers`) and whether each input is its own (of the module's class of
-    the module's data set). Modules of one source run in one batched pass."""
-    from .compose import Composition, base_dataset
-
-    comp = Composition(modules).eval()
-    device = next(chain(comp.buffers(), comp.parameters())).device
-    outputs: list[list[torch.Tensor]] = [[] for _ in modules]
-    mine: list[list[torch.Tensor]] = [[] for _ in modules]
-    for name, data in sets.items():
-        chosen = choose(data, per_class, seed)
-        source_of = torch.tensor(chosen.source_classes)[chosen.labels]
-        for group in comp.groups:
-            step = max(8, batch_size // len(group))
-            for start in range(0, len(chosen), step):
-                images = chosen.images[start:start + step].to(device)
-                if layers:
-                    out = comp.group_layers(group, images)  # K lists of (B, F_l)
-                elif features:
-                    out = comp.group_features(group, images)  # (K, B, F)
-                else:
-                    logits = comp.group_logits(group, images)  # (K, B, 2)
-                    out = logits[..., 0] - logits[..., 1]
-                for j, i in enumerate(group):
-                    outputs[i].append([t.cpu() for t in out[j]] if layers else out[j].cpu())
-        for i, m in enumerate(modules):
-            mine[i].append((source_of == m.source_class) & (name == base_dataset(m)))
-    if layers:
-        return [[torch.cat(chunk) for chunk in zip(*o, strict=True)] for o in outputs], [torch.cat(t) for t in mine]
-    return [torch.cat(o) for o in outputs], [torch.cat(t) for t in mine]
-
-
-def calibrate_modules(modules: list, sets: dict[str, ImageSet], per_class: int, seed: int, batch_size: int = 256
-                      ) -> None:
-    """Fit every module's score calibration (temperature and Platt) on held-out training inputs of ``sets``
-    (data set name -> training split, possibly restricted to some classes); an input is the module's own when it
-    is of the module's class of the module's data set."""
-    from .calibrate import fit
-
-    margins, mine = _module_outputs(modules, sets, calibration_set, per_class, seed, batch_size, features=False)
-    for m, margin, own in zip(modules, margins, mine, strict=True):
-        m.calibration = {**fit(margin, own), "per_class": per_class}
-
-
-def calibrate_decomposition(modules: list, data: ImageSet, per_class: int, seed: int, batch_size: int = 256
-                            ) -> None:
-    """At decomposition, on the source's training split ``data``: every module's score calibration (as
-    :func:`calibrate_modules`, on the last ``per_class`` inputs of each class in the observation order) and its
-    in-distribution test (:func:`cnnmod.calibrate.fit_typical`: class statistics from the first ``per_class``,
-    the p-values' reference from the calibration inputs). One pass over the calibration inputs serves both: the
-    margins are the head's rows applied to the last of its layers."""
-    from .calibrate import fit, fit_typical, margin
-    from .compose import base_dataset
-
-    sets = {base_dataset(modules[0]): data}
-    fit_on, _ = _module_outputs(modules, sets, observation_set, per_class, seed, batch_size, False, layers=True)
-    held, mine = _module_outputs(modules, sets, calibration_set, per_class, seed, batch_size, False, layers=True)
-    labels = observation_set(data, per_class, seed).labels
-    for m, f, h, own in zip(modules, fit_on, held, mine, strict=True):
-        m.calibration = {**fit(margin(m, h[-1].to(m.head_weight)).cpu(), own), "per_class": per_class}
-        m.typical = fit_typical(f, labels, h)
-
-
-def fitted_on(sets: dict[str, ImageSet]) -> list[str]:
-    """The classes a calibration or head refit was fitted on, as ``dataset:indices``."""
-    return sorted(f"{n}:{','.join(map(str, d.source_classes))}" for n, d in sets.items())
-
-
-def observation_set(data: ImageSet, per_class: int, seed: int) -> ImageSet:
-    """The first ``per_class`` inputs of each class in the observation order: what a module was observed on."""
-    order = class_order(data.labels, data.num_classes, seed)
-    return data.take(torch.cat([idx[:per_class] for idx in order]))
-
-
-def refit_heads(modules: list[Module], sets: dict[str, ImageSet], per_class: int, seed: int,
-                batch_size: int = 256, l2: float = 1e-4) -> list[Module]:
-    """Beyond the paper: each module's two-way head refitted on the composition's own classes, from every data
-    set in it (``sets`` as for :func:`calibrate_modules`; the first ``per_class`` inputs of each class in the
-    observation order, disjoint from the calibration inputs). A monotone recalibration cannot stop a module from
-    ranking a foreign image above its own class's images; a new margin direction can. The margin's weights
-    ``w_c - w_uc`` are a class-balanced logistic regression ("mine" vs the composition's other classes) on the
-    features the module already computes, started from the paper's head; the "not mine" row stays. No weight
-    of the network changes; the masks stay."""
-    from .calibrate import fit_head
-
-    features, mine = _module_outputs(modules, sets, observation_set, per_class, seed, batch_size, features=True)
-    out = []
-    classes = fitted_on(sets)
-    for i, m in enumerate(modules):
-        w0, b0 = m.head_weight.cpu(), m.head_bias.cpu()
-        w, b = fit_head(features[i], mine[i], w0[0] - w0[1], float(b0[0] - b0[1]), l2)
-        head_w = torch.stack([w0[1] + w, w0[1]])
-        head_b = torch.stack([b0[1] + b, b0[1]])
-        settings = {**m.settings, "head_refit": {"fitted_on": classes, "per_class": per_class, "l2": l2}}
-        refit = Module(m.source, m.graph, m.concerned, {k: v.cpu() for k, v in m.masks.items()}, head_w, head_b,
-                       settings, dict(m.metrics), m.calibration, m.typical)
-        out.append(refit.to(m.head_weight.device))
-    return out
-
-
 def settings_of(module: Module) -> DecomposeSettings:
     """The settings a module was made with (as recorded in it)."""
     names = set(DecomposeSettings.__dataclass_fields__)
@@ -294,7 +185,8 @@ def settings_of(module: Module) -> DecomposeSettings:
 
 def relearn(module: Module, foreign: ImageSet, *, device: torch.device | None = None,
             batch_size: int = 256) -> Module:
-    """Continuous learning (METHOD.md section 7): tangling identification again, with training inputs of
+    """Continuous learning (docs/method.md, "Continuous learning"): tangling identification again, with
+    training inputs of
     classes the module's model never saw; nodes active for them are kept too. No gradient training.
 
     Each foreign class contributes its first k inputs (k as in TI: N_concerned / (n - 1)), in the documented
@@ -302,7 +194,7 @@ def relearn(module: Module, foreign: ImageSet, *, device: torch.device | None = 
     """
     s = settings_of(module)
     n = module.source.num_classes
-    k = max(1, int(module.settings.get("observed", s.ci_samples)) // max(n - 1, 1))
+    k = tangling_budget(int(module.settings.get("observed", s.ci_samples)), n)
     device = device or module.head_weight.device
     stats = observe(module.source.net, module.graph, module.prepare, foreign, samples=k, seed=s.seed,
                     device=device, batch_size=batch_size, show_progress=False)

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import torch
 
-from .data.dataset import ImageSet
+from ..data.dataset import ImageSet
 
 
 @torch.no_grad()

@@ -1,9 +1,10 @@
-"""The Module type: a source model with some nodes switched off and a two-way head, "my class" vs "not mine".
+"""The node-level module (the paper's): a source model with some nodes switched off and a two-way head.
 
 A module does not copy its source's weights: it holds, per observation point, a boolean mask of the nodes it
-keeps (a switched-off node is forced to 0 at inference, METHOD.md section 2) and the two rows of its binary
-head (``z_c``: the class's own row; ``z_uc``: the mean of the other rows). Several modules of one source run
-together in one batched pass (:func:`masked_features`): the input is repeated once per module and each copy
+keeps (a switched-off node is forced to 0 at inference; docs/method.md, "Nodes and observation points") and
+the two rows of its binary head (``z_c``: the class's own row; ``z_uc``: the mean of the other rows). Several
+modules of one source run together in one batched pass (:func:`masked_features`): the input is repeated
+once per module and each copy
 sees its own masks.
 """
 
@@ -15,10 +16,11 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .calibrate import Typical
-from .classifier import Classifier
-from .graph import ModelGraph, ObservationPoint
-from .observe import hooks
+from ..core.graph import ModelGraph, ObservationPoint
+from ..core.observe import hooks
+from ..data.transforms import InputSpec
+from ..models.classifier import Classifier
+from .base import BinaryModule
 
 
 def masked_features(net: nn.Module, points: Sequence[ObservationPoint], classifier: str,
@@ -52,14 +54,15 @@ def masked_features(net: nn.Module, points: Sequence[ObservationPoint], classifi
 
 
 def binary_head(weight: torch.Tensor, bias: torch.Tensor, concerned: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """METHOD.md section 5: rows [class c, mean of the other rows] and biases likewise; (2, F) and (2,)."""
+    """The paper's binary head (docs/method.md, "Channeling"): rows [class c, mean of the other rows] and
+    biases likewise; (2, F) and (2,)."""
     others = [i for i in range(weight.shape[0]) if i != concerned]
     w = torch.stack([weight[concerned], weight[others].mean(0)])
     b = torch.stack([bias[concerned], bias[others].mean(0)])
     return w.detach().clone(), b.detach().clone()
 
 
-class Module(Typical, nn.Module):
+class Module(BinaryModule):
     """A binary classifier for one class of a source model: masks at the observation points plus a two-way head.
 
     ``forward`` takes the source model's normalised input and returns logits (B, 2): [z_c, z_uc];
@@ -83,12 +86,14 @@ class Module(Typical, nn.Module):
             if tuple(m.shape) != p.shape:
                 raise ValueError(f"mask of {p.name} is {tuple(m.shape)}, the point is {p.shape}")
             self.register_buffer(f"mask_{i}", m.to(torch.bool), persistent=False)
-        self.register_buffer("head_weight", head_weight.float(), persistent=False)
-        self.register_buffer("head_bias", head_bias.float(), persistent=False)
+        self.register_buffer("_head_weight", head_weight.float(), persistent=False)
+        self.register_buffer("_head_bias", head_bias.float(), persistent=False)
         self.settings = dict(settings or {})
         self.metrics = dict(metrics or {})
         self.calibration = dict(calibration) if calibration else None  # see cnnmod.calibrate
         self.typical = typical  # the in-distribution test's statistics (cnnmod.calibrate.fit_typical)
+
+    granularity = "node"
 
     # ---------------------------------------------------------------- what it is
     @property
@@ -101,12 +106,32 @@ class Module(Typical, nn.Module):
         return self.source.source_classes[self.concerned]
 
     @property
-    def input_shape(self) -> tuple[int, int, int]:
-        return self.source.spec.shape
+    def spec(self) -> InputSpec:
+        return self.source.spec
 
     @property
     def dataset(self) -> str:
         return self.source.dataset
+
+    @property
+    def source_key(self) -> int:
+        return id(self.source)
+
+    @property
+    def source_model(self) -> Classifier:
+        return self.source
+
+    @property
+    def source_sha(self) -> str | None:
+        return self.source.info.get("weights_sha256")
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        return self._head_weight
+
+    @property
+    def head_bias(self) -> torch.Tensor:
+        return self._head_bias
 
     @property
     def masks(self) -> dict[str, torch.Tensor]:
@@ -127,8 +152,14 @@ class Module(Typical, nn.Module):
         return sum(math.prod(p.shape) for p in self.points)
 
     def kept_fraction(self) -> float:
-        """Jaccard index against the model (METHOD.md section 9): kept nodes / all nodes."""
+        """Jaccard index against the model (docs/method.md, "Measures"): kept nodes / all nodes."""
         return self.kept_nodes() / self.total_nodes()
+
+    def shared_params(self) -> int:
+        return sum(p.numel() for p in self.source.net.parameters())
+
+    def own_params(self) -> int:
+        return self.head_weight.numel() + self.head_bias.numel()
 
     def flat_mask(self) -> torch.Tensor:
         return torch.cat([m.reshape(-1).cpu() for m in self.masks.values()])
@@ -137,19 +168,19 @@ class Module(Typical, nn.Module):
     def prepare(self, images: torch.Tensor) -> torch.Tensor:
         return self.source.prepare(images)
 
-    def features(self, x: torch.Tensor, pooled: list | None = None) -> torch.Tensor:
-        """The head's input (1, B, F), from one masked pass (``pooled``: see :func:`masked_features`)."""
-        masks = {n: m.unsqueeze(0) for n, m in self.masks.items()}
-        return masked_features(self.source.net, self.points, self.classifier_name, masks, x, pooled)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.features(x)[0] @ self.head_weight.T + self.head_bias
-
-    def score(self, x: torch.Tensor, calibration: str = "none") -> torch.Tensor:
-        """p_c; ``calibration`` "temperature", "platt" or "platt-ood" applies the module's fitted calibration."""
-        from .calibrate import module_score
-
-        return module_score(self, x, calibration)
+    @classmethod
+    def batched_features(cls, modules: Sequence[Module], x: torch.Tensor, union: bool,
+                         pooled: list | None = None) -> torch.Tensor:
+        """The paper's way (every module its own masked pass, batched: masks stacked) or, with ``union``, one pass
+        with the union of the modules' kept nodes, every head on the same features."""
+        first = modules[0]
+        if union:
+            masks = {name: torch.stack([m.masks[name] for m in modules]).any(0, keepdim=True)
+                     for name in first.point_names}
+        else:
+            masks = {name: torch.stack([m.masks[name] for m in modules]) for name in first.point_names}
+        features = masked_features(first.source.net, first.points, first.classifier_name, masks, x, pooled)
+        return features.expand(len(modules), -1, -1)
 
 
 def jaccard(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -1,45 +1,27 @@
-"""Composition (METHOD.md section 6): modules, from one model or several, become one classifier by voting.
+"""Composition by voting (docs/method.md, "Composition"): modules, from one model or several, become one
+classifier.
 
 Every module gives p_c; exactly one voter (p_c > 0.5) wins; among several voters the highest p_c wins; with no
-voter the highest p_c wins. Modules of one source model run together in one batched pass (masks stacked).
+voter the highest p_c wins. Modules of one source model run together in one batched pass (masks stacked); with
+``mode="merged"`` node-level modules of one model run as one pass through the union of their kept nodes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 
 import torch
 from torch import nn
 
-from .calibrate import MODES as CALIBRATIONS
-from .calibrate import gated_score, score
-from .data.registry import split_spec
-from .errors import UserError
-from .module import Module, masked_features
+from ..core.calibrate import MODES as CALIBRATIONS
+from ..core.calibrate import gated_score, score
+from ..errors import UserError
+from ..modules.base import BinaryModule, ClassRef
+from ..modules.masked import pairwise_jaccard
+from .base import Composer
 
 
-def vote(scores: torch.Tensor) -> torch.Tensor:
-    """The winning column of each row of ``scores`` (B, K) under the voting rule; ties go to the lower index."""
-    voters = scores > 0.5
-    among_voters = torch.where(voters, scores, torch.full_like(scores, float("-inf"))).argmax(1)
-    return torch.where(voters.any(1), among_voters, scores.argmax(1))
-
-
-def base_dataset(m: Module) -> str:
-    """The data set a module's class belongs to, without a class list (``fashion-mnist:0,3`` -> ``fashion-mnist``)."""
-    return split_spec(m.dataset)[0] if m.dataset else "custom"
-
-
-def class_key(m: Module) -> tuple[str, int]:
-    return (base_dataset(m), m.source_class)
-
-
-def qualified_name(m: Module) -> str:
-    """``dataset:class``, how a composition names its classes."""
-    return f"{base_dataset(m)}:{m.class_name}"
-
-
-def check_composable(modules: Sequence[Module], replacing: bool = False) -> None:
+def check_composable(modules: Sequence[BinaryModule], replacing: bool = False) -> None:
     if not modules:
         raise UserError("a composition needs at least one module")
     shapes = {tuple(m.input_shape) for m in modules}
@@ -47,16 +29,16 @@ def check_composable(modules: Sequence[Module], replacing: bool = False) -> None
         raise UserError("the modules take different input shapes (" + ", ".join("x".join(map(str, s)) for s in
                         sorted(shapes)) + "); compose modules whose models take the same input")
     if not replacing:
-        seen: dict[tuple[str, int], Module] = {}
+        seen: dict[tuple[str, int], BinaryModule] = {}
         for m in modules:
-            key = class_key(m)
+            key = m.ref.key
             if key in seen:
                 raise UserError(f"two modules for class {key[1]} ({m.class_name}) of {key[0]}; keep one, or use "
                                 "replace to swap a class's module")
             seen[key] = m
 
 
-def check_calibration(modules: Sequence[Module], calibration: str, mode: str = "vote") -> None:
+def check_calibration(modules: Sequence[BinaryModule], calibration: str, mode: str = "vote") -> None:
     if calibration not in CALIBRATIONS:
         raise UserError(f"unknown calibration {calibration!r}; choose {', '.join(CALIBRATIONS)}")
     if calibration != "none":
@@ -77,7 +59,7 @@ def check_calibration(modules: Sequence[Module], calibration: str, mode: str = "
 MODES = ("vote", "merged", "fused")
 
 
-def check_mode(modules: Sequence[Module], mode: str) -> None:
+def check_mode(modules: Sequence[BinaryModule], mode: str) -> None:
     """``vote``: the paper's (one masked pass per module, batched); ``merged``: the modules of one source model
     as one network (the union of their kept nodes, their heads), one pass; ``fused``: one merged pass per
     source model, their scores side by side."""
@@ -85,23 +67,19 @@ def check_mode(modules: Sequence[Module], mode: str) -> None:
         raise UserError(f"unknown composition mode {mode!r}; choose {', '.join(MODES)}")
     if mode == "vote":
         return
-    if any(not isinstance(m, Module) for m in modules):
+    if any(m.granularity != "node" for m in modules):
         raise UserError(f"--mode {mode} of this composition merges node-level modules; slim modules merge with "
                         "cnnmod compose --mode merged (one model) or --mode fused (several), and slim and "
                         "node-level modules together run with --mode vote")
-    if mode == "merged" and len({id(m.source) for m in modules}) > 1:
+    if mode == "merged" and len({m.source_key for m in modules}) > 1:
         raise UserError("--mode merged needs modules of one source model; these come from several: use --mode fused "
                         "(one merged network per source model, their scores fused)")
 
 
-class Composition(nn.Module):
-    """A classifier over its modules' classes: uint8 images (B, C, H, W) -> scores p_c (B, K).
+class Composition(Composer):
+    """A classifier over its modules' classes: uint8 images (B, C, H, W) -> scores p_c (B, K), in module order."""
 
-    ``classes`` are the source data sets' class indices, ``class_names`` their names, in module order;
-    :meth:`predict` applies the voting rule.
-    """
-
-    def __init__(self, modules: Sequence[Module], replacing: bool = False, calibration: str = "none",
+    def __init__(self, modules: Sequence[BinaryModule], replacing: bool = False, calibration: str = "none",
                  mode: str = "vote") -> None:
         super().__init__()
         check_composable(modules, replacing)
@@ -112,62 +90,73 @@ class Composition(nn.Module):
         self.parts = nn.ModuleList(modules)
         if calibration == "platt-ood":
             for m in modules:
-                if not isinstance(m, Module):
-                    m.points()
-        groups: dict[int, list[int]] = {}
-        for i, m in enumerate(modules):  # node-masked modules of one source run together; a slim module alone
-            groups.setdefault(id(m.source) if isinstance(m, Module) else id(m), []).append(i)
+                m.points  # noqa: B018 -- traced now, so that exporting never traces inside a trace
+        groups: dict[Hashable, list[int]] = {}
+        for i, m in enumerate(modules):  # modules of one source run together (a slim module is its own source)
+            groups.setdefault(m.source_key, []).append(i)
         self.groups = list(groups.values())
 
+    # ---------------------------------------------------------------- the contract
     @property
-    def modules_list(self) -> list[Module]:
+    def modules_list(self) -> list[BinaryModule]:
         return list(self.parts)
 
     @property
-    def classes(self) -> list[int]:
-        return [m.source_class for m in self.parts]
+    def refs(self) -> list[ClassRef]:
+        return [m.ref for m in self.parts]
 
     @property
-    def class_names(self) -> list[str]:
-        return [m.class_name for m in self.parts]
+    def input_shape(self) -> tuple[int, int, int]:
+        return self.parts[0].input_shape
 
     @property
-    def datasets(self) -> list[str]:
-        return [base_dataset(m) for m in self.parts]
+    def sources(self) -> list:
+        found = {id(m.source_model): m.source_model for m in self.parts if m.source_model is not None}
+        return list(found.values())
 
     @property
-    def qualified_names(self) -> list[str]:
-        return [qualified_name(m) for m in self.parts]
+    def source_shas(self) -> list[str | None]:
+        return [m.source_sha for m in self.parts]
 
     @property
-    def max_group(self) -> int:
+    def variant(self) -> str:
+        made = self.parts[0].settings
+        return made.get("variant", made.get("granularity"))
+
+    def params(self) -> int:
+        shared = {}
+        for m in self.parts:
+            shared.setdefault(m.source_key, m.shared_params())
+        return sum(shared.values()) + sum(m.own_params() for m in self.parts)
+
+    def kept_fractions(self) -> list[float]:
+        return [m.kept_fraction() for m in self.parts]
+
+    @property
+    def passes(self) -> int:
         return max(len(g) for g in self.groups)
 
+    def separately(self) -> list[tuple[Hashable, Composer]] | None:
+        if self.mode != "vote":
+            return None
+        return [(id(m), Composition([m], calibration=self.calibration)) for m in self.parts]
+
+    def pairwise_jaccard(self) -> float | None:
+        if any(m.granularity != "node" for m in self.parts) or len({m.source_key for m in self.parts}) > 1:
+            return None
+        return pairwise_jaccard(self.modules_list)
+
+    # ---------------------------------------------------------------- batched passes, per source model
     def group_logits(self, group: list[int], images: torch.Tensor) -> torch.Tensor:
         """Two-way logits (K, B, 2) of one source model's modules, in one batched pass."""
         parts = [self.parts[i] for i in group]
-        if not isinstance(parts[0], Module):  # a slim module: its own smaller network
-            return parts[0](parts[0].prepare(images)).unsqueeze(0)
-        features = self.group_features(group, images)
-        weight = torch.stack([p.head_weight for p in parts])  # (K, 2, F)
-        bias = torch.stack([p.head_bias for p in parts])      # (K, 2)
-        return torch.einsum("kbf,kjf->kbj", features, weight) + bias[:, None, :]
+        return type(parts[0]).batched_logits(parts, parts[0].prepare(images), self.mode != "vote")
 
     def group_features(self, group: list[int], images: torch.Tensor, pooled: list | None = None) -> torch.Tensor:
-        """What the heads of one source model's node-masked modules see: (K, B, F), in one batched pass, or a
-        slim module's head (1, B, F) (``pooled``: see :func:`masked_features`)."""
+        """What the heads of one source model's modules see: (K, B, F), in one batched pass (``pooled``: see
+        :func:`cnnmod.modules.masked.masked_features`)."""
         parts = [self.parts[i] for i in group]
-        first = parts[0]
-        x = first.prepare(images)
-        if not isinstance(first, Module):  # a slim module: its own smaller network
-            return first.features(x, pooled)
-        if self.mode == "vote":  # the paper: every module its own masked pass (batched)
-            masks = {name: torch.stack([p.masks[name] for p in parts]) for name in first.point_names}
-        else:  # one pass with the union of the modules' kept nodes, every head on the same features
-            masks = {name: torch.stack([p.masks[name] for p in parts]).any(0, keepdim=True)
-                     for name in first.point_names}
-        features = masked_features(first.source.net, first.points, first.classifier_name, masks, x, pooled)
-        return features.expand(len(parts), -1, -1)
+        return type(parts[0]).batched_features(parts, parts[0].prepare(images), self.mode != "vote", pooled)
 
     def group_layers(self, group: list[int], images: torch.Tensor) -> list[list[torch.Tensor]]:
         """For each of one source's modules, in one batched pass: every observation point's pooled masked
@@ -192,13 +181,10 @@ class Composition(nn.Module):
             scores[:, group] = p.T.to(scores.dtype)
         return scores
 
-    def predict(self, images: torch.Tensor) -> torch.Tensor:
-        return vote(self.forward(images))
 
-
-def compose(modules: Sequence[Module], replacing: bool = False, calibration: str = "none",
+def compose(modules: Sequence[BinaryModule], replacing: bool = False, calibration: str = "none",
             mode: str = "vote") -> Composition:
     """Compose modules (any classes, from any models that take the same input) into one classifier; with
     ``calibration`` "temperature", "platt" or "platt-ood" the modules' calibrated scores are compared; ``mode``
-    "merged" or "fused" runs each source model's modules as one network (see :func:`check_mode`)."""
+    "merged" runs one source model's node-level modules as one network (see :func:`check_mode`)."""
     return Composition(modules, replacing, calibration, mode)

@@ -1,4 +1,4 @@
-"""Slim modules (METHOD.md section 8): a module cut physically to a smaller network, with no retraining.
+"""Slim modules (docs/method.md, "Slim modules"): a module cut physically to a smaller network, with no retraining.
 
 Every prunable channel group of the source network (see :mod:`cnnmod.channels`) gets a gate. A
 :class:`Pruner` closes gates iteratively for K binary margins at once (a slim module: one, "class c vs the
@@ -20,13 +20,14 @@ data). The backbone's weights are never trained. The sliced network computes exa
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from torch import nn
 
-from .calibrate import Typical, _balanced_bce, fit_head
-from .channels import (
+from ..compose.slim import MergedSlim
+from ..core.calibrate import _balanced_bce, fit_head
+from ..core.channels import (
     classifier_input,
     closed_channels,
     cost_per_channel,
@@ -38,18 +39,25 @@ from .channels import (
     sliced_cost,
     verify_sliced,
 )
-from .classifier import Classifier
-from .data.dataset import ImageSet
-from .errors import UserError
-from .module import binary_head
-from .observe import class_order, hooks
+from ..core.observe import class_order, hooks, tangling_budget
+from ..data.dataset import ImageSet
+from ..data.registry import split_spec
+from ..errors import UserError
+from ..models.classifier import Classifier
+from ..models.train import split_indices
+from ..modules.masked import binary_head
+from ..modules.slim import SlimModule
 
 COSTS = ("params", "flops", "both", "none")
+MODULE_SIZE = 0.5  # a slim module's target size when neither --size nor --max-loss is given
 
 
 @dataclass(frozen=True)
 class SlimSettings:
-    size: float = 0.5               # target fraction of the source model's parameters, in (0, 1]
+    """How slim modules and merged slim compositions are cut; checked once (:meth:`check`)."""
+
+    size: float | None = None       # target fraction of the source model's parameters, in (0, 1]; None: the
+                                    # job's default (:meth:`resolved`)
     max_loss: float | None = None   # or: stop before losing more than this (pp of held-out binary accuracy)
     step: float = 0.1               # fraction of kept channels closed per iteration
     rule: str = "taylor"            # "taylor" or "activation"
@@ -61,8 +69,16 @@ class SlimSettings:
     held_out: int = 50              # held-out inputs per class for max_loss
     seed: int = 0
 
+    def resolved(self, default: float) -> SlimSettings:
+        """The one place the target size is decided: as given; else, with ``max_loss``, a floor of 0.01 (prune
+        as far as the loss allows); else ``default`` (a slim module: :data:`MODULE_SIZE`; a merged composition:
+        1.0, no pruning)."""
+        if self.size is not None:
+            return self
+        return replace(self, size=0.01 if self.max_loss is not None else default)
+
     def check(self) -> None:
-        if not 0 < self.size <= 1:
+        if self.size is not None and not 0 < self.size <= 1:
             raise UserError(f"--size is a fraction of the model's parameters in (0, 1], got {self.size}")
         if self.max_loss is not None and self.max_loss < 0:
             raise UserError(f"--max-loss must be >= 0 pp, got {self.max_loss}")
@@ -101,7 +117,7 @@ class Pools:
     def observation(self, concerned: int, samples: int) -> torch.Tensor:
         """``samples`` concerned inputs and about as many unconcerned, spread evenly over the other classes."""
         n = len(self.observed)
-        k = max(1, samples // max(n - 1, 1))
+        k = tangling_budget(samples, n)
         return torch.cat([self.observed[concerned][:samples]] +
                          [self.observed[c][:k] for c in range(n) if c != concerned])
 
@@ -117,91 +133,11 @@ class Pools:
 def validation_indices(source: Classifier, data: ImageSet) -> torch.Tensor | None:
     """Indices into ``data`` of the images ``source`` was validated on and never trained on, from the split its
     config records, when ``data`` is the training split it was made from (its data set and classes); else None."""
-    from .data.registry import split_spec
-    from .train import split_indices
-
     t = source.info.get("training") or {}
     if not t.get("val_split") or data.split != "train" or "seed" not in t or \
             split_spec(str(t.get("data", "")))[0] != data.name or list(data.source_classes) != source.source_classes:
         return None
     return split_indices(len(data), t["val_split"], t.get("subset"), t["seed"])[1]
-
-
-class SlimModule(Typical, nn.Module):
-    """A physically smaller network for one class: uint8-free, ``forward(x)`` -> logits (B, 2) [z_c, z_uc]."""
-
-    def __init__(self, net: nn.Module, classifier: str, spec, class_name: str, concerned: int, source_info: dict,
-                 removed: dict[str, list[int]], settings: dict, metrics: dict | None = None) -> None:
-        super().__init__()
-        self.net = net
-        self.classifier_name = classifier
-        self.spec = spec
-        self.class_name = class_name
-        self.concerned = concerned
-        self.source_info = dict(source_info)  # arch, args, dataset, class names, source classes, weights sha256
-        self.removed = {k: list(v) for k, v in removed.items()}
-        self.settings = dict(settings)
-        self.metrics = dict(metrics or {})
-        self.calibration = None
-
-    @property
-    def source_class(self) -> int:
-        return self.source_info["source_classes"][self.concerned]
-
-    @property
-    def input_shape(self) -> tuple[int, int, int]:
-        return self.spec.shape
-
-    @property
-    def dataset(self) -> str:
-        return self.source_info.get("dataset", "")
-
-    def kept_fraction(self) -> float:
-        """The share of the source model's parameters this module keeps."""
-        return self.params() / self.source_info["params"]
-
-    def prepare(self, images: torch.Tensor) -> torch.Tensor:
-        from .data.transforms import to_input
-
-        return to_input(images, self.spec)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-    @property
-    def head_weight(self) -> torch.Tensor:
-        """The two-way head's rows (2, F): [z_c, z_uc]."""
-        return self.net.get_submodule(self.classifier_name).weight
-
-    @property
-    def head_bias(self) -> torch.Tensor:
-        return self.net.get_submodule(self.classifier_name).bias
-
-    def features(self, x: torch.Tensor, pooled: list | None = None) -> torch.Tensor:
-        """The head's input (1, B, F); ``pooled`` receives every observation point's output of this smaller
-        network, averaged over positions, (1, B, channels) (as :func:`cnnmod.module.masked_features`)."""
-        from .module import masked_features
-
-        points = self.points()
-        masks = {p.name: torch.ones(1, *p.shape, dtype=torch.bool, device=x.device) for p in points}
-        return masked_features(self.net, points, self.classifier_name, masks, x, pooled)
-
-    def points(self) -> list:
-        """Its own network's observation points (traced on first use; a composition traces them when it is
-        made, so that exporting it never traces inside a trace)."""
-        from .graph import ModelGraph
-
-        if not hasattr(self, "_points"):
-            self._points = ModelGraph(self.net, self.spec.shape).points
-        return self._points
-
-    def score(self, x: torch.Tensor, calibration: str = "none") -> torch.Tensor:
-        from .calibrate import module_score
-
-        return module_score(self, x, calibration)
-
-    def params(self) -> int:
-        return sum(p.numel() for p in self.net.parameters())
 
 
 def _head_rows(w: torch.Tensor, b: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -210,7 +146,8 @@ def _head_rows(w: torch.Tensor, b: float) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _source_margin(fc: nn.Linear, concerned: int) -> tuple[torch.Tensor, float]:
-    """The margin z_c - z_uc of the paper's binary head (METHOD.md section 5) on the source's classifier, as the
+    """The margin z_c - z_uc of the paper's binary head (docs/method.md, "Channeling") on the source's
+    classifier, as the
     weights and bias a slim module's head starts from."""
     bias = fc.bias if fc.bias is not None else torch.zeros(fc.out_features, device=fc.weight.device)
     hw, hb = binary_head(fc.weight.detach(), bias.detach(), concerned)
@@ -225,8 +162,8 @@ def _source_info(source: Classifier) -> dict:
 
 
 class Pruner:
-    """Channel gates on a frozen copy of ``source``'s network, closed iteratively for K margins at once (METHOD.md,
-    slim modules): row k of the head is a binary margin, "class k" against the others of the observed world,
+    """Channel gates on a frozen copy of ``source``'s network, closed iteratively for K margins at once (docs/method.md,
+    "Slim modules"): row k of the head is a binary margin, "class k" against the others of the observed world,
     fitted on observed inputs ``x_obs`` to ``targets`` (N, K) or, when ``soft`` is given, to the source's
     probabilities (N, K). A slim module has one row; a slim merged composition one per class. ``gates`` start
     all open, or as given (a merged composition starts from the union of its modules' channels)."""
@@ -427,6 +364,7 @@ def slim_module(source: Classifier, data: ImageSet, concerned: int, s: SlimSetti
                 batch_size: int = 256, keep_reference: bool = False) -> SlimModule:
     """One slim module of ``source`` for class ``concerned``, observed on ``data`` (its training split).
     ``keep_reference`` keeps the gated full network it was cut from as ``gated_reference``, for checks."""
+    s = s.resolved(MODULE_SIZE)
     s.check()
     started = time.perf_counter()
     frozen = frozen_copy(source)
@@ -468,93 +406,6 @@ def slim_module(source: Classifier, data: ImageSet, concerned: int, s: SlimSetti
     return module.eval()
 
 
-def build_sliced(config: dict) -> nn.Module:
-    """The network of a saved slim module: its source architecture, sliced as recorded (weights to be loaded)."""
-    from .models import build
-
-    info = config["source"]
-    net = build(info["arch"], tuple(config["input"][k] for k in ("channels", "height", "width")),
-                len(info["class_names"]), **info["arch_args"])
-    return slice_network(net.eval(), tuple(config["input"][k] for k in ("channels", "height", "width")),
-                         config["removed"], config["classifier"], None, None)
-
-
-class MergedSlim(nn.Module):
-    """Slim modules of one source model as one network: the union of their kept channels, BatchNorm statistics
-    re-estimated on it, and one refitted head row per class (its margin, class c vs the rest). ``forward`` takes
-    uint8 images and returns scores p_c (B, K), like a composition."""
-
-    def __init__(self, net: nn.Module, classifier: str, spec, concerned: list[int], source_info: dict,
-                 removed: dict[str, list[int]], settings: dict, metrics: dict | None = None) -> None:
-        super().__init__()
-        self.net = net
-        self.classifier_name = classifier
-        self.spec = spec
-        self.concerned = list(concerned)
-        self.source_info = dict(source_info)
-        self.removed = {k: list(v) for k, v in removed.items()}
-        self.settings = dict(settings)
-        self.metrics = dict(metrics or {})
-
-    @property
-    def class_names(self) -> list[str]:
-        return [self.source_info["class_names"][c] for c in self.concerned]
-
-    @property
-    def classes(self) -> list[int]:
-        return [self.source_info["source_classes"][c] for c in self.concerned]
-
-    @property
-    def qualified_names(self) -> list[str]:
-        from .data.registry import split_spec
-
-        dataset = split_spec(self.source_info.get("dataset") or "custom")[0]
-        return [f"{dataset}:{n}" for n in self.class_names]
-
-    @property
-    def input_shape(self) -> tuple[int, int, int]:
-        return self.spec.shape
-
-    def params(self) -> int:
-        return sum(p.numel() for p in self.net.parameters())
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        from .data.transforms import to_input
-
-        return torch.sigmoid(self.net(to_input(images, self.spec)))
-
-    def predict(self, images: torch.Tensor) -> torch.Tensor:
-        return self.forward(images).argmax(1)
-
-
-class FusedSlim(nn.Module):
-    """Merged slim networks of several source models side by side (``compose --mode fused``): one pass of each,
-    each scoring its own classes, fitted against all of the composition's other classes (its own model's and
-    the other models'). ``forward`` takes uint8 images and returns the scores p_c (B, K) of every class, in the
-    order of its parts."""
-
-    def __init__(self, parts: list[MergedSlim]) -> None:
-        super().__init__()
-        self.parts = nn.ModuleList(parts)
-
-    @property
-    def qualified_names(self) -> list[str]:
-        return [n for p in self.parts for n in p.qualified_names]
-
-    @property
-    def input_shape(self) -> tuple[int, int, int]:
-        return self.parts[0].input_shape
-
-    def params(self) -> int:
-        return sum(p.params() for p in self.parts)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return torch.cat([p(images) for p in self.parts], 1)
-
-    def predict(self, images: torch.Tensor) -> torch.Tensor:
-        return self.forward(images).argmax(1)
-
-
 def source_log_odds(net: nn.Module, x: torch.Tensor, batch_size: int = 256,
                     classes: list[int] | None = None) -> torch.Tensor:
     """(N, K): for every input and class c, the network's log-odds of c against all other classes
@@ -569,30 +420,38 @@ def source_log_odds(net: nn.Module, x: torch.Tensor, batch_size: int = 256,
     return (z - rest).float()
 
 
-def merge_slim(modules: list[SlimModule], source: Classifier, data: ImageSet, samples: int = 256, seed: int = 0,
-               batch_size: int = 256, objective: str = "distill", size: float | None = None,
-               cost: str = "params", multiple: int = 1, max_loss: float | None = None,
-               held_per_class: int = 1000, foreign: list[ImageSet] | None = None) -> MergedSlim:
+def as_made(modules: list[SlimModule], **overrides) -> SlimSettings:
+    """Settings to merge slim modules as they were made: as many observed inputs, the same seed and objective;
+    ``overrides`` (size, max_loss, cost, multiple) shape the merged network's own pruning."""
+    made = modules[0].settings
+    return SlimSettings(samples=made.get("samples", 256), seed=made.get("seed", 0),
+                        objective=made.get("objective", "labels"), **overrides)
+
+
+def merge_slim(modules: list[SlimModule], source: Classifier, data: ImageSet, settings: SlimSettings, *,
+               held_per_class: int = 1000, foreign: list[ImageSet] | None = None,
+               batch_size: int = 256) -> MergedSlim:
     """Merge slim modules of ``source`` into one network (the union of their kept channels) and refit every
     class's head row on it: class c against the composition's other classes (the composition's world: inputs of
-    its classes, ``samples`` of each from ``data``, the source's training split), to the source's p_c among
-    them (``objective="distill"``) or to the labels. With ``size``, channels are then closed, as for a slim
-    module (ranked by ``cost``), until the network holds at most ``size`` of the model's parameters; with
-    ``max_loss``, until the next step would put its top-1 among its classes more than that many points under the
-    model's restricted to them, on ``held_per_class`` held-out inputs of each class (:class:`Pools`; ``size``
-    is then a floor). ``foreign``: for a fused composition (:class:`FusedSlim`), the training images of the
-    classes it takes from other models (one set per data set, restricted to those classes): ``samples`` of each
-    of their classes are observed too, as inputs of none of this network's classes, so that its scores stay low
-    on them (BatchNorm statistics still come from its own classes' inputs). The backbone is not trained."""
+    its classes, ``settings.samples`` of each from ``data``, the source's training split), to the source's p_c
+    among them (``objective="distill"``) or to the labels. With ``settings.size``, channels are then closed, as
+    for a slim module (ranked by ``cost``), until the network holds at most that share of the model's
+    parameters; with ``max_loss``, until the next step would put its top-1 among its classes more than that many
+    points under the model's restricted to them, on ``held_per_class`` held-out inputs of each class
+    (:class:`Pools`; ``size`` is then a floor). ``foreign``: for a fused composition
+    (:class:`cnnmod.compose.slim.FusedSlim`), the training images of the classes it takes from other models (one
+    set per data set, restricted to those classes): ``samples`` of each of their classes are observed too, as
+    inputs of none of this network's classes, so that its scores stay low on them (BatchNorm statistics still
+    come from its own classes' inputs). The backbone is not trained."""
     if not modules:
         raise UserError("nothing to merge: no modules")
     sha = source.info.get("weights_sha256")
     if any(m.source_info.get("weights_sha256") != sha for m in modules):
         raise UserError("--mode merged needs slim modules of one source model; these come from several")
     started = time.perf_counter()
-    floor = size if size is not None else (0.01 if max_loss is not None else 1.0)
-    s = SlimSettings(size=floor, max_loss=max_loss, objective=objective, cost=cost, samples=samples, seed=seed,
-                     multiple=multiple)
+    size, max_loss, samples, seed, objective = (settings.size, settings.max_loss, settings.samples, settings.seed,
+                                                settings.objective)
+    s = settings.resolved(1.0)
     s.check()
     frozen = frozen_copy(source)
     graph, net, groups = frozen
@@ -647,21 +506,9 @@ def merge_slim(modules: list[SlimModule], source: Classifier, data: ImageSet, sa
     metrics = {**held_metrics, "params": params, "params_fraction": round(params / info["params"], 4),
                "kept_channels": int(sum(int(g.sum()) for g in p.gates)),
                "channels": int(sum(g.numel() for g in p.gates)), "history": history}
-    settings = {"granularity": "channel", "mode": "merged", "samples": samples, "seed": seed, "objective": objective,
+    recorded = {"granularity": "channel", "mode": "merged", "samples": samples, "seed": seed, "objective": objective,
                 "world": [info["source_classes"][c] for c in world],
                 "foreign": [f"{f.name}:{','.join(map(str, f.source_classes))}" for f in foreign or []],
-                "size": size, "max_loss": max_loss, "cost": cost,
-                "multiple": multiple,
+                "size": size, "max_loss": max_loss, "cost": s.cost, "multiple": s.multiple,
                 "seconds": round(time.perf_counter() - started, 3)}
-    return MergedSlim(sliced, graph.classifier, source.spec, chosen, info, p.removed(), settings, metrics).eval()
-
-
-def build_merged(config: dict) -> nn.Module:
-    """The network of a saved merged slim composition (weights to be loaded)."""
-    from .models import build
-
-    info = config["source"]
-    shape = tuple(config["input"][k] for k in ("channels", "height", "width"))
-    net = build(info["arch"], shape, len(info["class_names"]), **info["arch_args"]).eval()
-    return slice_network(net, shape, config["removed"], config["classifier"], None, None,
-                         outputs=len(config["concerned"]))
+    return MergedSlim(sliced, graph.classifier, source.spec, chosen, info, p.removed(), recorded, metrics).eval()

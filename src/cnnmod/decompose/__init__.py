@@ -1,0 +1,7 @@
+"""Making modules: the paper's masks and heads (:mod:`.paper`), their calibration and refits (:mod:`.fitting`),
+and slim modules cut by channel pruning (:mod:`.slim`)."""
+
+from .paper import DecomposeSettings, decompose
+from .slim import SlimSettings, merge_slim, slim_module
+
+__all__ = ["DecomposeSettings", "SlimSettings", "decompose", "merge_slim", "slim_module"]

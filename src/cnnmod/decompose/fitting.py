@@ -1,0 +1,119 @@
+"""Fitting modules to the data they will meet, no network weight changed: score calibration (temperature,
+Platt) and the in-distribution test at decomposition, recalibration and head refits on a composition's classes
+(docs/method.md, "Calibrated scores" and "Refitted heads")."""
+
+from __future__ import annotations
+
+from itertools import chain
+
+import torch
+
+from ..compose.voting import Composition
+from ..core.calibrate import fit, fit_head, fit_typical, margin
+from ..core.observe import class_order
+from ..data.dataset import ImageSet
+from ..modules.masked import Module
+
+
+def calibration_set(data: ImageSet, per_class: int, seed: int) -> ImageSet:
+    """Held-out inputs for calibration: the last ``per_class`` of each class in the observation order, so they
+    are disjoint from the observed first N whenever a class has at least N + per_class inputs."""
+    order = class_order(data.labels, data.num_classes, seed)
+    return data.take(torch.cat([idx[-per_class:] for idx in order]))
+
+
+@torch.no_grad()
+def _module_outputs(modules: list, sets: dict[str, ImageSet], choose, per_class: int, seed: int, batch_size: int,
+                    features: bool, layers: bool = False) -> tuple[list, list[torch.Tensor]]:
+    """For every module, over the inputs ``choose(data, per_class, seed)`` picks from each of ``sets``: its
+    margins ``z_c - z_uc`` (with ``features``, its head's inputs; with ``layers``, the list of its pooled
+    activations, :meth:`Composition.group_layers`) and whether each input is its own (of the module's class of
+    the module's data set). Modules of one source run in one batched pass."""
+    comp = Composition(modules).eval()
+    device = next(chain(comp.buffers(), comp.parameters())).device
+    outputs: list[list[torch.Tensor]] = [[] for _ in modules]
+    mine: list[list[torch.Tensor]] = [[] for _ in modules]
+    for name, data in sets.items():
+        chosen = choose(data, per_class, seed)
+        source_of = torch.tensor(chosen.source_classes)[chosen.labels]
+        for group in comp.groups:
+            step = max(8, batch_size // len(group))
+            for start in range(0, len(chosen), step):
+                images = chosen.images[start:start + step].to(device)
+                if layers:
+                    out = comp.group_layers(group, images)  # K lists of (B, F_l)
+                elif features:
+                    out = comp.group_features(group, images)  # (K, B, F)
+                else:
+                    logits = comp.group_logits(group, images)  # (K, B, 2)
+                    out = logits[..., 0] - logits[..., 1]
+                for j, i in enumerate(group):
+                    outputs[i].append([t.cpu() for t in out[j]] if layers else out[j].cpu())
+        for i, m in enumerate(modules):
+            mine[i].append((source_of == m.source_class) & (name == m.ref.dataset))
+    if layers:
+        return [[torch.cat(chunk) for chunk in zip(*o, strict=True)] for o in outputs], [torch.cat(t) for t in mine]
+    return [torch.cat(o) for o in outputs], [torch.cat(t) for t in mine]
+
+
+def calibrate_modules(modules: list, sets: dict[str, ImageSet], per_class: int, seed: int, batch_size: int = 256
+                      ) -> None:
+    """Fit every module's score calibration (temperature and Platt) on held-out training inputs of ``sets``
+    (data set name -> training split, possibly restricted to some classes); an input is the module's own when it
+    is of the module's class of the module's data set."""
+    margins, mine = _module_outputs(modules, sets, calibration_set, per_class, seed, batch_size, features=False)
+    for m, margins_m, own in zip(modules, margins, mine, strict=True):
+        m.calibration = {**fit(margins_m, own), "per_class": per_class}
+
+
+def calibrate_decomposition(modules: list, data: ImageSet, per_class: int, seed: int, batch_size: int = 256
+                            ) -> None:
+    """At decomposition, on the source's training split ``data``: every module's score calibration (as
+    :func:`calibrate_modules`, on the last ``per_class`` inputs of each class in the observation order) and its
+    in-distribution test (:func:`cnnmod.calibrate.fit_typical`: class statistics from the first ``per_class``,
+    the p-values' reference from the calibration inputs). One pass over the calibration inputs serves both: the
+    margins are the head's rows applied to the last of its layers."""
+    sets = {modules[0].ref.dataset: data}
+    fit_on, _ = _module_outputs(modules, sets, observation_set, per_class, seed, batch_size, False, layers=True)
+    held, mine = _module_outputs(modules, sets, calibration_set, per_class, seed, batch_size, False, layers=True)
+    labels = observation_set(data, per_class, seed).labels
+    for m, f, h, own in zip(modules, fit_on, held, mine, strict=True):
+        m.calibration = {**fit(margin(m, h[-1].to(m.head_weight)).cpu(), own), "per_class": per_class}
+        m.typical = fit_typical(f, labels, h)
+
+
+def fitted_on(sets: dict[str, ImageSet]) -> list[str]:
+    """The classes a calibration or head refit was fitted on, as ``dataset:indices``."""
+    return sorted(f"{n}:{','.join(map(str, d.source_classes))}" for n, d in sets.items())
+
+
+def observation_set(data: ImageSet, per_class: int, seed: int) -> ImageSet:
+    """The first ``per_class`` inputs of each class in the observation order: what a module was observed on."""
+    order = class_order(data.labels, data.num_classes, seed)
+    return data.take(torch.cat([idx[:per_class] for idx in order]))
+
+
+def refit_heads(modules: list[Module], sets: dict[str, ImageSet], per_class: int, seed: int,
+                batch_size: int = 256, l2: float = 1e-4) -> list[Module]:
+    """Beyond the paper: each module's two-way head refitted on the composition's own classes, from every data
+    set in it (``sets`` as for :func:`calibrate_modules`; the first ``per_class`` inputs of each class in the
+    observation order, disjoint from the calibration inputs). A monotone recalibration cannot stop a module from
+    ranking a foreign image above its own class's images; a new margin direction can. The margin's weights
+    ``w_c - w_uc`` are a class-balanced logistic regression ("mine" vs the composition's other classes) on the
+    features the module already computes, started from the paper's head; the "not mine" row stays. No weight
+    of the network changes; the masks stay."""
+    features, mine = _module_outputs(modules, sets, observation_set, per_class, seed, batch_size, features=True)
+    out = []
+    classes = fitted_on(sets)
+    for i, m in enumerate(modules):
+        w0, b0 = m.head_weight.cpu(), m.head_bias.cpu()
+        w, b = fit_head(features[i], mine[i], w0[0] - w0[1], float(b0[0] - b0[1]), l2)
+        head_w = torch.stack([w0[1] + w, w0[1]])
+        head_b = torch.stack([b0[1] + b, b0[1]])
+        settings = {**m.settings, "head_refit": {"fitted_on": classes, "per_class": per_class, "l2": l2}}
+        refit = Module(m.source, m.graph, m.concerned, {k: v.cpu() for k, v in m.masks.items()}, head_w, head_b,
+                       settings, dict(m.metrics), m.calibration, m.typical)
+        out.append(refit.to(m.head_weight.device))
+    return out
+
+

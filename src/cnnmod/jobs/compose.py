@@ -1,0 +1,194 @@
+"""``cnnmod compose``, ``replace`` and ``remove`` as library calls (docs/method.md, "Composition" and
+"Continuous learning"): module folders in (a decomposition or composition folder stands for all its modules), a
+composition folder out, energy metered, a JSON result. No training."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..compose.base import find_class
+from ..compose.reuse import continuous_learning, fuse_slim, refit_composition
+from ..compose.voting import check_calibration, check_composable, check_mode
+from ..decompose.slim import SlimSettings, as_made, merge_slim
+from ..errors import UserError
+from ..io.artifacts import check_output
+from ..io.models import load_model
+from ..io.store import (
+    composition_setting,
+    load_modules,
+    save_composition,
+    save_slim_composition,
+    slim_source_dir,
+    slim_source_of,
+)
+from ..models.classifier import split_for
+from ..modules.base import BinaryModule
+from ..runtime import pick_device
+from .common import Run, seconds_since
+
+
+@dataclass(frozen=True)
+class ComposeSettings:
+    """How ``cnnmod compose`` builds its classifier: continuous learning and refitted heads (node-level modules),
+    how scores are compared (``calibration``) and run (``mode``), and, for a merged slim composition, how far it
+    is pruned (``size``, ``max_loss``, ranked by ``cost``, counts a ``multiple`` of this)."""
+
+    continuous_learning: bool = False
+    refit_heads: bool = False
+    calibration: str = "none"
+    mode: str = "vote"
+    size: float | None = None
+    cost: str | None = None
+    multiple: int = 1
+    max_loss: float | None = None
+
+    def check(self, modules: Sequence[BinaryModule]) -> None:
+        """Everything that can be said against these settings for ``modules`` before any work starts."""
+        check_composable(modules)
+        prunes = self.size is not None or self.max_loss is not None
+        if (self.cost is not None or self.multiple != 1) and not prunes:
+            what = "--slim-cost" if self.cost is not None else "--slim-multiple"
+            raise UserError(f"{what} shapes how --size prunes a merged slim composition: give --size too, or drop it")
+        slim = [m.ref.qualified for m in modules if m.granularity == "channel"]
+        if (self.refit_heads or self.continuous_learning) and slim:
+            what = "--refit-heads" if self.refit_heads else "--continuous-learning"
+            raise UserError(f"{what} works on node-level modules; {slim[0]} is a slim module (its head was fitted "
+                            "when it was made): compose node-level modules, or drop the option")
+        if self.slim_network(modules) == "merged":
+            self.slim().check()
+            return
+        if prunes:
+            what = "--size" if self.size is not None else "--max-loss"
+            raise UserError(f"{what} prunes a merged slim composition: compose slim modules of one model with "
+                            "--mode merged")
+        if self.slim_network(modules) is None:
+            check_mode(modules, self.mode)
+            check_calibration(modules, self.calibration, self.mode)
+
+    def slim_network(self, modules: Sequence[BinaryModule]) -> str | None:
+        """"merged" or "fused" where the composition is a slim network of its own (all modules slim, that mode)."""
+        all_slim = all(m.granularity == "channel" for m in modules)
+        return self.mode if all_slim and self.mode in ("merged", "fused") else None
+
+    def slim(self) -> SlimSettings:
+        """The merged network's own pruning."""
+        return SlimSettings(size=self.size, max_loss=self.max_loss, cost=self.cost or "params",
+                            multiple=self.multiple)
+
+
+def _summary(config: dict, out: Path, started: float) -> dict:
+    return {"out": str(out), "classes": [e["name"] for e in config["classes"]], "sources": config["sources"],
+            "kept_fraction_mean": round(sum(e["kept_fraction"] for e in config["classes"]) / len(config["classes"]), 6),
+            "seconds": seconds_since(started)}
+
+
+def compose_dirs(paths: Sequence[str | Path], out: str | Path, settings: ComposeSettings | None = None,
+                 run: Run | None = None) -> dict:
+    """``cnnmod compose``: the modules of ``paths`` as one composition folder."""
+    s, run = settings or ComposeSettings(), run or Run()
+    started = time.perf_counter()
+    check_output(Path(out), run.overwrite)
+    dev = pick_device(run.device)
+    with run.meter().phase("composition") as spent:
+        modules = load_modules(paths, dev)
+        s.check(modules)
+        network = s.slim_network(modules)
+        made_from = {"made_from": [str(p) for p in paths]}
+        if network == "merged":
+            result = _merge_slim(paths, modules, out, s, run, dev)
+        elif network == "fused":
+            result = _fuse_slim(paths, modules, out, run, dev)
+        else:
+            if s.continuous_learning:
+                modules = continuous_learning(modules, run.data_root, dev, run.batch_size, refit=s.refit_heads)
+            elif s.refit_heads:
+                modules = refit_composition(modules, run.data_root, run.batch_size)
+            config = save_composition(modules, out, run.overwrite, {"continuous_learning": s.continuous_learning,
+                                                                    "refit_heads": s.refit_heads,
+                                                                    "calibration": s.calibration, "mode": s.mode,
+                                                                    **made_from})
+            result = {**_summary(config, Path(out), started), "calibration": s.calibration, "mode": s.mode}
+    result["seconds"] = seconds_since(started)
+    return {**result, "energy": {"composition": spent.record.to_dict()}}
+
+
+def _merge_slim(paths, modules: list, out: str | Path, s: ComposeSettings, run: Run, device) -> dict:
+    """Slim modules of one decomposition merged into one network (the union of their kept channels), fitted to
+    the composition's classes, pruned as ``s`` asks, saved."""
+    source = slim_source_of(paths, device)
+    train = split_for(source, None, run.data_root, "train")
+    slim = s.slim()
+    merged = merge_slim(modules, source, train, as_made(modules, size=slim.size, max_loss=slim.max_loss,
+                                                        cost=slim.cost, multiple=slim.multiple),
+                        batch_size=run.batch_size)
+    save_slim_composition(merged, [source], out, run.overwrite, {"made_from": [str(p) for p in paths]})
+    return {"out": str(out), "classes": merged.qualified_names, "mode": "merged", "granularity": "channel",
+            "params_fraction": merged.metrics["params_fraction"],
+            **{k: merged.metrics[k] for k in ("held_out_model_top1", "held_out_top1") if k in merged.metrics}}
+
+
+def _fuse_slim(paths, modules: list, out: str | Path, run: Run, device) -> dict:
+    """``compose --mode fused`` of slim ``modules``: :func:`cnnmod.compose.reuse.fuse_slim`, grouped by model (in
+    the order their modules come), saved."""
+    models = {m.info["weights_sha256"]: m for m in (load_model(f, device) for f in {slim_source_dir(p) for p in paths})}
+    by_model: dict[str, list] = {}
+    for m in modules:
+        by_model.setdefault(m.source_sha, []).append(m)
+    missing = [ms[0] for sha, ms in by_model.items() if sha not in models]
+    if missing:
+        raise UserError(f"the source model of {missing[0].ref.qualified} is not in its decomposition folder (its "
+                        "weights differ): fuse modules with the folders they were decomposed into")
+    groups = [(ms, models[sha]) for sha, ms in by_model.items()]
+    fused = fuse_slim(groups, run.data_root, run.batch_size)
+    sources = [source for _, source in groups]
+    save_slim_composition(fused, sources, out, run.overwrite, {"made_from": [str(p) for p in paths]})
+    total = sum(source.params() for source in sources)
+    return {"out": str(out), "classes": fused.qualified_names, "mode": "fused", "granularity": "channel",
+            "parts": len(sources), "params_fraction": round(fused.params() / total, 4)}
+
+
+def inherited_settings(target: str | Path) -> dict:
+    """What a composition made from ``target`` keeps of it: how its scores are compared and run."""
+    return {"calibration": composition_setting([target], "calibration", "none"),
+            "mode": composition_setting([target], "mode", "vote")}
+
+
+def replace_dir(target: str | Path, cls: str, replacement: str | Path, out: str | Path,
+                run: Run | None = None) -> dict:
+    """``cnnmod replace``: the module of class ``cls`` swapped for the one module at ``replacement``."""
+    run = run or Run()
+    started = time.perf_counter()
+    check_output(Path(out), run.overwrite)
+    dev = pick_device(run.device)
+    modules = load_modules(target, dev)
+    position = find_class([m.ref for m in modules], cls)
+    new = load_modules(replacement, dev)
+    if len(new) != 1:
+        raise UserError(f"--with must be one module folder; {replacement} holds {len(new)} modules (pick one of its "
+                        "modules/ folders)")
+    old = modules[position]
+    modules[position] = new[0]
+    if new[0].ref.key in [m.ref.key for i, m in enumerate(modules) if i != position]:
+        raise UserError(f"the composition has class {new[0].ref.qualified} already; replace that class instead")
+    config = save_composition(modules, out, run.overwrite, {"made_from": [str(target)], **inherited_settings(target),
+                                                            "replaced": {"class": old.ref.qualified,
+                                                                         "with": str(replacement)}})
+    return {**_summary(config, Path(out), started), "replaced": old.ref.qualified, "with": new[0].ref.qualified}
+
+
+def remove_dir(target: str | Path, cls: str, out: str | Path, run: Run | None = None) -> dict:
+    """``cnnmod remove``: the composition without class ``cls``."""
+    run = run or Run()
+    started = time.perf_counter()
+    check_output(Path(out), run.overwrite)
+    modules = load_modules(target, pick_device(run.device))
+    position = find_class([m.ref for m in modules], cls)
+    if len(modules) == 1:
+        raise UserError("that is the composition's only module; nothing would be left")
+    removed = modules.pop(position)
+    config = save_composition(modules, out, run.overwrite, {"made_from": [str(target)], **inherited_settings(target),
+                                                            "removed": removed.ref.qualified})
+    return {**_summary(config, Path(out), started), "removed": removed.ref.qualified}

@@ -1,0 +1,79 @@
+"""A trained classifier with what it needs to be used: input spec, class names, provenance.
+
+``Classifier`` is an ``nn.Module`` whose ``forward`` takes normalised float input; ``prepare`` turns uint8
+images of any size and channel count into that input. :mod:`cnnmod.io.models` moves it to and from a model
+artifact folder; :func:`split_for` finds the data it was trained on.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..data import load, split_spec
+from ..data.dataset import ImageSet
+from ..data.transforms import InputSpec, to_input
+from ..errors import UserError
+
+
+class Classifier(nn.Module):
+    def __init__(self, net: nn.Module, spec: InputSpec, class_names: list[str], arch: str = "custom",
+                 arch_args: dict | None = None, dataset: str = "", source_classes: list[int] | None = None,
+                 info: dict | None = None) -> None:
+        super().__init__()
+        self.net = net
+        self.spec = spec
+        self.class_names = list(class_names)
+        self.arch = arch
+        self.arch_args = dict(arch_args or {})
+        self.dataset = dataset
+        self.source_classes = list(source_classes) if source_classes is not None else list(range(len(class_names)))
+        self.info = dict(info or {})  # training settings, metrics, sha256 of the weights when loaded
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def prepare(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (N, C, H, W) images -> this model's normalised input."""
+        return to_input(images, self.spec)
+
+    def params(self) -> int:
+        return sum(p.numel() for p in self.net.parameters())
+
+    def config(self) -> dict:
+        return {"arch": {"name": self.arch, "args": self.arch_args}, "input": self.spec.to_dict(),
+                "class_names": self.class_names, "dataset": self.dataset, "source_classes": self.source_classes,
+                **self.info}
+
+
+def test_set_for(clf: Classifier, data: str | None, data_root: str | None, resize: bool = False) -> ImageSet:
+    """The test split a classifier is judged on: by default its own data set and classes."""
+    return split_for(clf, data, data_root, "test", resize)
+
+
+def split_for(clf: Classifier, data: str | None, data_root: str | None, split: str, resize: bool = False) -> ImageSet:
+    """A split of the data a classifier was trained on: by default its own data set and classes.
+
+    An explicit data set must have the model's class count; its images must have the model's input shape
+    unless ``resize`` allows converting them.
+    """
+    spec = data or clf.dataset
+    if not spec:
+        raise UserError("the model does not record its data set; pass --data NAME")
+    name, spec_classes = split_spec(spec)
+    classes = spec_classes
+    if classes is None and name == clf.dataset and clf.source_classes != list(range(len(clf.source_classes))):
+        classes = clf.source_classes
+    test = load(name, split, data_root, classes)
+    if test.num_classes != clf.num_classes:
+        raise UserError(f"the model has {clf.num_classes} classes but {spec} has {test.num_classes}; "
+                        "pick the matching data set or classes (e.g. --data NAME:0,3,7)")
+    own = name == split_spec(clf.dataset)[0] if clf.dataset else False  # trained on it, resized or not
+    if test.input_shape != clf.spec.shape and not resize and not own:
+        raise UserError(f"the model takes {'x'.join(map(str, clf.spec.shape))} images but {spec} has "
+                        f"{'x'.join(map(str, test.input_shape))}; pass --resize to convert them")
+    return test
