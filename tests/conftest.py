@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import gzip
+import json
 import os
 import pickle
+import socket
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+
+from cnnmod.cli import main
+from cnnmod.data.dataset import ImageSet
+from cnnmod.data.transforms import InputSpec
+from cnnmod.models import build
+from cnnmod.models.classifier import Classifier
 
 _SESSION_TMP = tempfile.mkdtemp(prefix="cnnmod-tests-")
 os.environ["CNNMOD_CACHE"] = str(Path(_SESSION_TMP) / "cache")
@@ -108,3 +117,53 @@ def write_npz(path: Path, n_per_class: int = 40, classes: int = 3, size: int = 8
 def npz_data(tmp_path: Path) -> str:
     """``npz:PATH`` of a small learnable 3-class, 8x8 greyscale data set."""
     return f"npz:{write_npz(tmp_path / 'bands.npz')}"
+
+
+# ---------------------------------------------------------------- helpers shared by the test files
+def run(args: list[str], capsys) -> tuple[int, str, str]:
+    rc = main(args)
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def assert_user_error(rc: int, out: str, err: str, *needles: str) -> None:
+    assert rc == 2, err
+    assert out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("cnnmod: error: "), err
+    assert "Traceback" not in err
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+def train_small_cnn(out: Path, data: str, capsys, epochs: int) -> dict:
+    """``cnnmod train`` of the small CNN (Adam, lr 0.01, batch 16) into ``out``; its JSON result."""
+    rc, stdout, err = run(["train", "--arch", "cnn", "--data", data, "--epochs", str(epochs), "--batch-size", "16",
+                           "--optimizer", "adam", "--lr", "0.01", "--out", str(out), "--json"], capsys)
+    assert rc == 0, err
+    return json.loads(stdout)
+
+
+def random_data(shape=(1, 12, 12), classes=4, per_class=9, seed=0) -> ImageSet:
+    g = torch.Generator().manual_seed(seed)
+    n = classes * per_class
+    images = torch.randint(0, 256, (n, *shape), generator=g, dtype=torch.uint8)
+    labels = torch.arange(n) % classes
+    return ImageSet("rand", "train", images, labels, [f"r{c}" for c in range(classes)], (0.5,), (0.25,))
+
+
+def source(arch: str, **kwargs) -> Classifier:
+    torch.manual_seed(0)
+    net = build(arch, (1, 12, 12), 4, **kwargs).eval()
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):  # non-trivial statistics, so re-estimating them matters
+                m.running_mean.normal_(0, 0.2)
+                m.running_var.uniform_(0.5, 2.0)
+    return Classifier(net, InputSpec(1, 12, 12, (0.5,), (0.25,)), [f"r{c}" for c in range(4)], "x", {}, "rand")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

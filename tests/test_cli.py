@@ -10,34 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import assert_user_error, run, train_small_cnn
 from safetensors.torch import save_file
 
-from cnnmod.cli import main
 from cnnmod.models import build
-
-
-def run(args: list[str], capsys) -> tuple[int, str, str]:
-    rc = main(args)
-    out = capsys.readouterr()
-    return rc, out.out, out.err
-
-
-def assert_user_error(rc: int, out: str, err: str, *needles: str) -> None:
-    assert rc == 2, err
-    assert out == ""
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("cnnmod: error: "), err
-    assert "Traceback" not in err
-    for n in needles:
-        assert n in lines[0], lines[0]
-
-
-def train_small_cnn(out: Path, data: str, capsys, epochs: int) -> dict:
-    """``cnnmod train`` of the small CNN (Adam, lr 0.01, batch 16) into ``out``; its JSON result."""
-    rc, stdout, err = run(["train", "--arch", "cnn", "--data", data, "--epochs", str(epochs), "--batch-size", "16",
-                           "--optimizer", "adam", "--lr", "0.01", "--out", str(out), "--json"], capsys)
-    assert rc == 0, err
-    return json.loads(stdout)
 
 
 @pytest.fixture

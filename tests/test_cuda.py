@@ -9,9 +9,7 @@ import json
 
 import pytest
 import torch
-from test_cli import run
-from test_decompose import random_data
-from test_slim import source
+from conftest import random_data, run, source
 
 import cnnmod
 from cnnmod.core.channels import classifier_input, gated, kept_features

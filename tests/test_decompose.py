@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import random_data
 from torch import nn
 
 from cnnmod import UserError
@@ -292,14 +293,6 @@ def test_conv_needs_matches_receptive_field_enumeration(kernel, stride, padding,
         ones = torch.ones(c_out, c_in // groups, *kernel)
         got = _transpose_cover(kept_out, ones, conv.stride, conv.padding, conv.dilation, groups, size) > 0
         assert torch.equal(got, brute_conv_needs(kept_out, c_in, size, kernel, stride, padding, dilation, groups))
-
-
-def random_data(shape=(1, 12, 12), classes=4, per_class=9, seed=0) -> ImageSet:
-    g = torch.Generator().manual_seed(seed)
-    n = classes * per_class
-    images = torch.randint(0, 256, (n, *shape), generator=g, dtype=torch.uint8)
-    labels = torch.arange(n) % classes
-    return ImageSet("rand", "train", images, labels, [f"r{c}" for c in range(classes)], (0.5,), (0.25,))
 
 
 @pytest.mark.parametrize("arch,kwargs", [("resnet20", {"bn": False}), ("resnet20", {}), ("cnn", {}),

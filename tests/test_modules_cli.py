@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_cli import assert_user_error, run, train_small_cnn
+from conftest import assert_user_error, run, train_small_cnn
 
 import cnnmod
 from cnnmod.io.store import pack_mask, unpack_mask
@@ -153,7 +153,7 @@ def test_torchrun_decomposition_equals_single_process(model_dir, decomposition, 
     import subprocess
     import sys
 
-    from test_train import _free_port
+    from conftest import _free_port
 
     out, _ = decomposition
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

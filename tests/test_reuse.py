@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_npz
-from test_cli import assert_user_error, run
+from conftest import assert_user_error, run, write_npz
 
 import cnnmod
 from cnnmod.core.graph import ModelGraph

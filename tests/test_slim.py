@@ -9,8 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_cli import assert_user_error, run
-from test_decompose import random_data
+from conftest import assert_user_error, random_data, run, source
 
 import cnnmod
 from cnnmod.core.calibrate import TYPICAL_ALPHA, typicality
@@ -23,17 +22,6 @@ from cnnmod.errors import UserError
 from cnnmod.models import build
 from cnnmod.models.classifier import Classifier
 from cnnmod.models.train import split_train_val
-
-
-def source(arch: str, **kwargs) -> Classifier:
-    torch.manual_seed(0)
-    net = build(arch, (1, 12, 12), 4, **kwargs).eval()
-    with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):  # non-trivial statistics, so re-estimating them matters
-                m.running_mean.normal_(0, 0.2)
-                m.running_var.uniform_(0.5, 2.0)
-    return Classifier(net, InputSpec(1, 12, 12, (0.5,), (0.25,)), [f"r{c}" for c in range(4)], "x", {}, "rand")
 
 
 @pytest.mark.parametrize("arch,kwargs", [("resnet20", {}), ("resnet20", {"bn": False}), ("vgg11", {}),

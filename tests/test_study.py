@@ -5,8 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import write_npz
-from test_cli import assert_user_error, run
+from conftest import assert_user_error, run, write_npz
 
 from cnnmod.errors import UserError
 from cnnmod.experiments.presets import Preset

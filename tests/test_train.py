@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import _free_port
 
 from cnnmod.core.metrics import evaluate_classifier
 from cnnmod.data import load
@@ -94,12 +94,6 @@ def test_balanced_training_runs_and_is_recorded(tmp_path: Path, npz_data: str) -
     assert r["model"].info["training"]["balanced"] is True
     a, b = plain.net.state_dict(), r["model"].net.state_dict()
     assert not all(torch.equal(a[k], b[k]) for k in a)  # other draws, other weights
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_torchrun_two_processes_on_cpu(tmp_path: Path, npz_data: str) -> None:
