@@ -11,8 +11,8 @@ from conftest import random_data, source
 
 import cnnmod
 from cnnmod.compose.base import Composer, vote
-from cnnmod.compose.slim import FusedSlim
 from cnnmod.compose.evaluate import evaluate_against_model
+from cnnmod.compose.slim import FusedSlim
 from cnnmod.core.cost import cost_report
 from cnnmod.decompose.slim import SlimSettings, merge_slim, slim_module
 from cnnmod.io.store import MODULE_KINDS, load_composer, load_merged_slim, save_merged_slim

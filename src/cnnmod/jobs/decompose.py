@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 from ..compose.evaluate import binary_report
+from ..compose.voting import compose
 from ..core.metrics import predict_scores
 from ..decompose.fitting import calibrate_decomposition
 from ..decompose.paper import DecomposeSettings, chosen_classes, decompose
@@ -65,8 +66,6 @@ def decompose_dir(model_dir: str | Path, out: str | Path, settings: DecomposeSet
     if not dd.is_main:
         return result
     if measure:
-        from ..compose.voting import compose
-
         test = split_for(clf, data, run.data_root, "test").subset([m.concerned for m in modules])
         comp = compose(modules).eval()
         started = time.perf_counter()

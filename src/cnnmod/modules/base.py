@@ -19,7 +19,7 @@ from torch import nn
 
 from ..core.calibrate import Typical, module_score
 from ..data.registry import split_spec
-from ..data.transforms import InputSpec
+from ..data.transforms import InputSpec, to_input
 
 
 @dataclass(frozen=True)
@@ -116,8 +116,6 @@ class BinaryModule(Typical, nn.Module, ABC):
     # ------------------------------------------------------------------ inference
     def prepare(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 images (B, C, H, W) of any size and channel count -> the module's input."""
-        from ..data.transforms import to_input
-
         return to_input(images, self.spec)
 
     def features(self, x: torch.Tensor, pooled: list | None = None) -> torch.Tensor:
