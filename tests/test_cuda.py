@@ -58,7 +58,7 @@ def test_slim_module_made_on_cuda_is_its_gated_network_and_moves_to_cpu():
     net, graph, groups, gates, hw, hb = m.gated_reference
     x = torch.randn(9, 1, 12, 12, device="cuda")
     with torch.no_grad(), gated(net, graph, groups, gates):
-        features = classifier_input(net, graph.classifier, lambda: net(x))
+        features = classifier_input(net, graph.head, lambda: net(x))
     keep = kept_features(groups, graph, [g.bool() for g in gates], features.shape[1])
     expected = features[:, keep.to("cuda")] @ hw.to("cuda").T + hb.to("cuda")
     with torch.no_grad():

@@ -11,7 +11,8 @@ from torch import nn
 from cnnmod import UserError
 from cnnmod.compose.base import vote
 from cnnmod.compose.voting import compose
-from cnnmod.core.graph import ModelGraph, _transpose_cover
+from cnnmod.core.graph import ModelGraph
+from cnnmod.core.ops import transpose_cover
 from cnnmod.core.observe import NEVER, class_order, hooks, observe
 from cnnmod.data.dataset import ImageSet
 from cnnmod.data.transforms import InputSpec, to_input
@@ -291,7 +292,7 @@ def test_conv_needs_matches_receptive_field_enumeration(kernel, stride, padding,
     for trial in range(3):
         kept_out = torch.rand(c_out, oh, ow) < (0.1, 0.3, 0.02)[trial]
         ones = torch.ones(c_out, c_in // groups, *kernel)
-        got = _transpose_cover(kept_out, ones, conv.stride, conv.padding, conv.dilation, groups, size) > 0
+        got = transpose_cover(kept_out, ones, conv.stride, conv.padding, conv.dilation, groups, size) > 0
         assert torch.equal(got, brute_conv_needs(kept_out, c_in, size, kernel, stride, padding, dilation, groups))
 
 
@@ -349,7 +350,7 @@ def test_marked_features_are_exactly_zero_for_any_input(arch, kwargs):
         marked = marked_features(m.head_weight, 0.5)
         some_marked |= bool(marked.any())
         masks = {k: v.unsqueeze(0) for k, v in m.masks.items()}
-        features = masked_features(net, m.points, m.classifier_name, masks, x)[0]
+        features = masked_features(net, m.points, m.head, masks, x)[0]
         assert torch.all(features[:, marked] == 0)
     assert some_marked
 

@@ -178,7 +178,7 @@ def test_refit_heads_is_the_balanced_logistic_optimum_on_the_composition_classes
             seen = observation_set(data, per_class, m.settings["seed"])
             masks = {k: v.unsqueeze(0) for k, v in m.masks.items()}
             with torch.no_grad():
-                feats.append(masked_features(m.source.net, m.points, m.classifier_name, masks,
+                feats.append(masked_features(m.source.net, m.points, m.head, masks,
                                              m.prepare(seen.images))[0])
             source = torch.tensor(seen.source_classes)[seen.labels]
             mine.append((source == m.source_class) & (name == m.ref.dataset))

@@ -36,7 +36,7 @@ def test_sliced_network_computes_what_the_gated_model_computes(arch, kwargs):
     assert all(int(g.sum()) >= 1 for g in gates)  # every channel group keeps a channel
     x = torch.randn(9, 1, 12, 12)
     with torch.no_grad(), gated(net, graph, groups, gates):
-        features = classifier_input(net, graph.classifier, lambda: net(x))
+        features = classifier_input(net, graph.head, lambda: net(x))
     from cnnmod.core.channels import kept_features
 
     keep = kept_features(groups, graph, [g.bool() for g in gates], features.shape[1])
@@ -76,12 +76,12 @@ def test_cost_per_channel_counts_every_coupled_layer():
 
     graph, net, groups = frozen_copy(clf)
     roots = [g["roots"][0] for g in groups.groups]
-    params = dict(zip(roots, cost_per_channel(net, groups, clf.spec.shape, graph.classifier, "params"), strict=True))
+    params = dict(zip(roots, cost_per_channel(net, groups, clf.spec.shape, graph.head, "params"), strict=True))
     assert params["conv1"] == 1 * 9 + 1 + 32 * 9         # its kernel and bias, and conv2's input slice
     assert params["conv2"] == 16 * 9 + 1 + 3 * 3 * 64    # its kernel and bias, 9 flattened inputs of the dense
     assert params["fc1"] == 32 * 9 + 1 + 2               # a hidden unit: row, bias, the 2-way head's column
     # FLOPs per image (2 per multiply-add): a channel's own outputs and the next layer's work on them
-    flops = dict(zip(roots, cost_per_channel(net, groups, clf.spec.shape, graph.classifier, "flops"), strict=True))
+    flops = dict(zip(roots, cost_per_channel(net, groups, clf.spec.shape, graph.head, "flops"), strict=True))
     assert flops["conv1"] == 2 * 9 * 12 * 12 + 2 * 32 * 9 * 6 * 6   # 3x3 at 12x12; conv2 reads it at 6x6
     assert flops["conv2"] == 2 * 16 * 9 * 6 * 6 + 2 * 9 * 64        # 16 inputs at 6x6; 9 features into the dense
     assert flops["fc1"] == 2 * 32 * 9 + 2 * 2

@@ -13,7 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ..errors import UserError
 from ..models.classifier import Classifier
-from .graph import ModelGraph
+from .graph import Head, ModelGraph
 from .observe import hooks
 
 
@@ -47,7 +47,7 @@ class ChannelGroups:
 
     def __init__(self, net: nn.Module, graph: ModelGraph, input_shape: tuple[int, int, int]) -> None:
         self.input_shape = input_shape
-        classifier = net.get_submodule(graph.classifier)
+        classifier = net.get_submodule(graph.head.layer)
         try:
             dg = _dependency_graph(net, input_shape)
             found = list(dg.get_all_groups(ignored_layers=[classifier], root_module_types=[nn.Conv2d, nn.Linear]))
@@ -82,14 +82,11 @@ def gated(net: nn.Module, graph: ModelGraph, groups: ChannelGroups, gates: list[
     return hooks(net, graph.points, apply)
 
 
-def classifier_input(net: nn.Module, classifier: str, fn) -> torch.Tensor:
-    captured = {}
-    handle = net.get_submodule(classifier).register_forward_pre_hook(lambda _m, i: captured.__setitem__("f", i[0]))
-    try:
+def classifier_input(net: nn.Module, head: Head, fn) -> torch.Tensor:
+    """The head's (B, F) features in the forward pass ``fn`` runs."""
+    with head.capture(net) as captured:
         fn()
-    finally:
-        handle.remove()
-    return captured["f"].flatten(1)
+    return captured["features"]
 
 
 def reestimate_bn(net: nn.Module, run) -> None:
@@ -112,7 +109,7 @@ def reestimate_bn(net: nn.Module, run) -> None:
 
 
 def slice_network(net: nn.Module, input_shape: tuple[int, int, int], removed: dict[str, list[int]],
-                  classifier: str, head_w: torch.Tensor | None, head_b: torch.Tensor | None,
+                  head: Head, head_w: torch.Tensor | None, head_b: torch.Tensor | None,
                   outputs: int = 2) -> nn.Module:
     """A copy of ``net`` without the removed channels (coupled layers cut together), its classifier replaced by
     a head of ``head_w``'s rows (or ``outputs`` rows, left to be loaded, when none are given)."""
@@ -127,15 +124,13 @@ def slice_network(net: nn.Module, input_shape: tuple[int, int, int], removed: di
         handler = tp.prune_conv_out_channels if isinstance(layer, nn.Conv2d) else tp.prune_linear_out_channels
         group = dg.get_pruning_group(layer, handler, idxs=list(idxs))
         group.prune()
-    fc = sliced.get_submodule(classifier)
-    head = nn.Linear(fc.in_features, head_w.shape[0] if head_w is not None else outputs).to(device)
+    features = head.linear_map(sliced)[0].shape[1]
+    linear = nn.Linear(features, head_w.shape[0] if head_w is not None else outputs).to(device)
     if head_w is not None and head_b is not None:
         with torch.no_grad():
-            head.weight.copy_(head_w.to(device))
-            head.bias.copy_(head_b.to(device))
-    parent_name, _, attr = classifier.rpartition(".")
-    setattr(sliced.get_submodule(parent_name) if parent_name else sliced, attr, head)
-    return sliced
+            linear.weight.copy_(head_w.to(device))
+            linear.bias.copy_(head_b.to(device))
+    return head.replace(sliced, linear)
 
 
 def verify_sliced(sliced: nn.Module, x: torch.Tensor, expected: torch.Tensor, name: str) -> None:
@@ -176,10 +171,10 @@ def frozen_copy(source: Classifier) -> tuple[ModelGraph, nn.Module, ChannelGroup
     return graph, net, ChannelGroups(net, graph, source.spec.shape)
 
 
-def sliced_cost(net: nn.Module, input_shape: tuple[int, int, int], removed: dict[str, list[int]], classifier: str,
+def sliced_cost(net: nn.Module, input_shape: tuple[int, int, int], removed: dict[str, list[int]], head: Head,
                  what: str) -> float:
     """Parameters, or FLOPs per image, of ``net`` with the ``removed`` channels sliced away."""
-    sliced = slice_network(net, input_shape, removed, classifier, None, None)
+    sliced = slice_network(net, input_shape, removed, head, None, None)
     if what == "params":
         return float(sum(p.numel() for p in sliced.parameters()))
     x = torch.zeros(1, *input_shape, device=next(net.parameters()).device)
@@ -188,12 +183,12 @@ def sliced_cost(net: nn.Module, input_shape: tuple[int, int, int], removed: dict
     return float(counter.get_total_flops())
 
 
-def cost_per_channel(net: nn.Module, groups: ChannelGroups, input_shape: tuple[int, int, int], classifier: str,
+def cost_per_channel(net: nn.Module, groups: ChannelGroups, input_shape: tuple[int, int, int], head: Head,
                       what: str) -> list[float]:
     """Per channel group: the parameters (or FLOPs per image) that slicing one of its channels saves, in all the
     coupled layers."""
-    whole = sliced_cost(net, input_shape, {}, classifier, what)
-    return [whole - sliced_cost(net, input_shape, {g["roots"][0]: [0]}, classifier, what) for g in groups.groups]
+    whole = sliced_cost(net, input_shape, {}, head, what)
+    return [whole - sliced_cost(net, input_shape, {g["roots"][0]: [0]}, head, what) for g in groups.groups]
 
 
 def kept_features(groups: ChannelGroups, graph: ModelGraph, kept: list[torch.Tensor], features: int

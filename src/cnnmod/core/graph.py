@@ -1,12 +1,15 @@
 """What decomposition needs to know about a network, read off its torch.fx graph.
 
 * Observation points (docs/method.md, "Nodes and observation points"): the output of every ``nn.Conv2d``
-  (after its ``nn.BatchNorm2d`` when one directly follows) and of every hidden ``nn.Linear``; each is the
-  output of one module, so it can be observed and masked with a forward hook.
-* The classifier: the ``nn.Linear`` whose output is the network's output, and the node feeding it.
+  (after its ``nn.BatchNorm2d`` when one directly follows) and of every hidden ``nn.Linear``, outside the
+  branches of multiplicative gates; each is the output of one module, so it can be observed and masked with a
+  forward hook.
+* The head (:class:`Head`): an ``nn.Linear`` classifier, a 1x1 convolution followed by global average pooling
+  (a linear map of the pooled features), or class maps pooled after a nonlinearity (NiN, SqueezeNet).
 * Per-sample shapes of every node (shape propagation on one example input).
-* Two walks over the graph between the observation points and the classifier: marking nodes backwards
-  from the head (MC-BLN), and liveness of nodes given the masks (MC-BI).
+* Two walks over the graph between the observation points and the head, both over the op table of
+  :mod:`cnnmod.core.ops`: marking nodes backwards from the head (MC-BLN), and liveness of nodes given the
+  masks (MC-BI).
 
 A network outside this vocabulary is refused with a message that names the layer.
 """
@@ -14,24 +17,19 @@ A network outside this vocabulary is refused with a message that names the layer
 from __future__ import annotations
 
 import math
-import operator
+from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.fx
-import torch.nn.functional as F
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from ..errors import UserError
-
-_RELU = {F.relu, torch.relu, torch.relu_}
-_ADD = {operator.add, operator.iadd, torch.add}
-_FLATTEN = {torch.flatten}
-_OTHER_ACTIVATIONS = (nn.Sigmoid, nn.Tanh, nn.GELU, nn.SiLU, nn.ELU, nn.LeakyReLU, nn.Softplus, nn.Hardswish,
-                      nn.Mish, nn.PReLU, nn.SELU, nn.CELU, nn.Hardtanh, nn.ReLU6, nn.Hardsigmoid, nn.Softmax)
-_OTHER_ACTIVATION_FUNCTIONS = {F.gelu, F.silu, F.elu, F.leaky_relu, torch.sigmoid, torch.tanh, F.softplus,
-                               F.hardswish, F.mish, F.selu, F.relu6, F.hardtanh}
+from . import ops
+from .ops import Node
 
 
 @dataclass(frozen=True)
@@ -45,27 +43,6 @@ class ObservationPoint:
     @property
     def size(self) -> int:
         return math.prod(self.shape)
-
-
-def _pair(v) -> tuple[int, int]:
-    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
-
-
-def _transpose_cover(region: torch.Tensor, ones: torch.Tensor, stride, padding, dilation, groups: int,
-                     size: tuple[int, int]) -> torch.Tensor:
-    """For each input element of a sliding-window layer, how many (kept output, kernel tap) pairs read it.
-
-    A transposed convolution with a kernel of ones, without padding; the left padding is cut off, and the right
-    end is cropped or zero-padded to the input's size (ceil-mode windows overhang the input there; floor mode
-    can leave rows that no window reads, and its right padding may be partly unused).
-    """
-    if isinstance(padding, str):
-        raise UserError(f"convolutions with padding={padding!r} are not supported by MC-BI; give padding as numbers")
-    out = F.conv_transpose2d(region.float().unsqueeze(0), ones, stride=stride, dilation=dilation, groups=groups)[0]
-    # index t of the unpadded result is input index t - padding; the right end may overhang or fall short
-    (h, w), (ph, pw) = size, _pair(padding)
-    out = out[:, ph:ph + h, pw:pw + w]
-    return F.pad(out, (0, w - out.shape[-1], 0, h - out.shape[-2]))
 
 
 class _NamingTracer(torch.fx.Tracer):
@@ -95,60 +72,105 @@ def trace(net: nn.Module) -> torch.fx.GraphModule:
     return torch.fx.GraphModule(tracer.root, graph)
 
 
-def _kind(gm: torch.fx.GraphModule, node: torch.fx.Node) -> str:
-    """A small vocabulary of what a node does."""
-    if node.op == "placeholder":
-        return "input"
-    if node.op == "output":
-        return "output"
-    if node.op == "call_module":
-        m = gm.get_submodule(node.target)
-        for cls, kind in ((nn.Conv2d, "conv"), (nn.Linear, "linear"), (nn.BatchNorm2d, "bn"), (nn.ReLU, "relu"),
-                          (nn.Flatten, "flatten"), (nn.Identity, "identity"), (nn.Dropout, "identity"),
-                          (nn.Dropout2d, "identity"), (nn.AvgPool2d, "pool"), (nn.MaxPool2d, "pool"),
-                          (nn.AdaptiveAvgPool2d, "adaptive_pool"), (nn.AdaptiveMaxPool2d, "adaptive_pool")):
-            if isinstance(m, cls):
-                return kind
-        if isinstance(m, _OTHER_ACTIVATIONS):
-            return "other_activation"
-        return "other"
-    if node.op == "call_function":
-        if node.target in _RELU:
-            return "relu"
-        if node.target in _ADD:
-            return "add"
-        if node.target in _FLATTEN:
-            return "flatten"
-        if node.target in (F.dropout,):
-            return "identity"
-        if node.target in (F.conv2d, F.linear):
-            return "functional_layer"
-        if node.target in _OTHER_ACTIVATION_FUNCTIONS:
-            return "other_activation"
-        return "other"
-    if node.op == "call_method":
-        if node.target in ("relu", "relu_"):
-            return "relu"
-        if node.target in ("add", "add_"):
-            return "add"
-        if node.target in ("view", "reshape", "flatten"):
-            return "flatten"
-        if node.target in ("contiguous",):
-            return "identity"
-        if node.target in ("sigmoid", "tanh"):
-            return "other_activation"
-        return "other"
-    return "other"
+# ------------------------------------------------------------------------------------------------ heads
+class Head:
+    """The model's classifier read as a linear map of (B, F) features: ``features`` from one forward pass,
+    ``weight`` (n, F) and ``bias`` (n,). ``layer`` names the class layer (never an observation point, never
+    sliced); ``input`` is the graph node the features are read from. After slicing, every head is an
+    ``nn.Linear`` named :attr:`sliced_layer`."""
+
+    kind = "linear"
+
+    def __init__(self, layer: str, input: Node) -> None:
+        self.layer, self.input = layer, input
+
+    def features(self, value: torch.Tensor) -> torch.Tensor:
+        return value.flatten(1)
+
+    def linear_map(self, net: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        m = net.get_submodule(self.layer)
+        w = m.weight.detach().flatten(1)
+        b = m.bias.detach() if m.bias is not None else torch.zeros(w.shape[0], device=w.device)
+        return w, b
+
+    def input_region(self, region: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        return region.reshape(shape)
+
+    @contextmanager
+    def capture(self, net: nn.Module) -> Iterator[dict]:
+        """Context: ``out["features"]`` holds the (B, F) features of the last forward pass of ``net``."""
+        out: dict = {}
+        handle = net.get_submodule(self.layer).register_forward_pre_hook(
+            lambda _m, inputs: out.__setitem__("features", self.features(inputs[0])))
+        try:
+            yield out
+        finally:
+            handle.remove()
+
+    @property
+    def sliced_layer(self) -> str:
+        return self.layer
+
+    def replace(self, net: nn.Module, head: nn.Linear) -> nn.Module:
+        """``net`` (a copy, changed in place) with its head replaced by ``head``, an ``nn.Linear`` on the features."""
+        parent, _, attr = self.layer.rpartition(".")
+        setattr(net.get_submodule(parent) if parent else net, attr, head)
+        return net
 
 
-def _describe(gm: torch.fx.GraphModule, node: torch.fx.Node) -> str:
-    if node.op == "call_module":
-        return f"layer {node.target!r} ({type(gm.get_submodule(node.target)).__name__})"
-    return f"{node.op} {getattr(node.target, '__name__', node.target)} (node {node.name})"
+class ConvPoolHead(Head):
+    """A 1x1 convolution followed by global average pooling: pooling and the convolution commute, so the head is
+    the convolution's weights applied to the pooled input (docs/method.md)."""
+
+    kind = "conv_pool"
+
+    def features(self, value: torch.Tensor) -> torch.Tensor:
+        return value.mean((2, 3))
+
+    def input_region(self, region, shape):
+        return region.reshape(-1, 1, 1).expand(shape).clone()
+
+    @property
+    def sliced_layer(self) -> str:
+        return "head"
+
+    def replace(self, net, head):
+        super().replace(net, nn.Identity())  # the network now ends in the pooled features
+        return nn.Sequential(OrderedDict(body=net, head=head))
 
 
+class ClassMapHead(Head):
+    """Class maps pooled after a nonlinearity (NiN, SqueezeNet): the head is not linear in the pooled input, so
+    the features are the pooled class maps themselves, and the binary head takes z_c from the concerned map and
+    z_uc as the mean of the others' (an identity weight; docs/method.md)."""
+
+    kind = "class_map"
+
+    def linear_map(self, net):
+        device = next(net.parameters()).device
+        n = int(net.get_submodule(self.layer).out_channels)
+        return torch.eye(n, device=device), torch.zeros(n, device=device)
+
+    @contextmanager
+    def capture(self, net):
+        out: dict = {}
+        handle = net.register_forward_hook(lambda _m, _i, o: out.__setitem__("features", o.flatten(1)))
+        try:
+            yield out
+        finally:
+            handle.remove()
+
+    @property
+    def sliced_layer(self) -> str:
+        return "head"
+
+    def replace(self, net, head):
+        return nn.Sequential(OrderedDict(body=net, head=head))
+
+
+# ------------------------------------------------------------------------------------------------ the graph
 class ModelGraph:
-    """The traced network with its observation points, classifier and node shapes."""
+    """The traced network with its observation points, head, gates and node shapes."""
 
     def __init__(self, net: nn.Module, input_shape: tuple[int, int, int]) -> None:
         self.gm = trace(net)
@@ -159,45 +181,132 @@ class ModelGraph:
             ShapeProp(self.gm).propagate(torch.zeros(1, *input_shape, device=device))
         self.gm.train(was_training)
         self.nodes = {n.name: n for n in self.gm.graph.nodes}
-        self.kinds = {n.name: _kind(self.gm, n) for n in self.gm.graph.nodes}
+        self.ops = {n.name: ops.op_of(self.gm, n) for n in self.gm.graph.nodes}
+        self.kinds = {name: op.kind for name, op in self.ops.items()}
+        for n in self.gm.graph.nodes:
+            if n.op in ("placeholder", "output"):
+                self.kinds[n.name] = "input" if n.op == "placeholder" else "output"
         self.shapes = {n.name: tuple(n.meta["tensor_meta"].shape[1:]) for n in self.gm.graph.nodes
                        if hasattr(n.meta.get("tensor_meta"), "shape")}
-        self._check()
+        self._check_layers()
+        self.head = self._find_head()
+        self.gates, self.gate_branch = self._find_gates()
         self.points = self._find_points()
         self.point_by_node = {p.node: p for p in self.points}
 
-    def _check(self) -> None:
+    # ------------------------------------------------------------------ what the network is
+    def describe(self, node: Node) -> str:
+        if node.op == "call_module":
+            return f"layer {node.target!r} ({type(self.gm.get_submodule(node.target)).__name__})"
+        return f"{node.op} {getattr(node.target, '__name__', node.target)} (node {node.name})"
+
+    def unsupported(self, node: Node) -> UserError:
+        return UserError(f"decomposition cannot follow the model through {self.describe(node)}; supported between "
+                         "the layers: ReLU/ReLU6, BatchNorm, residual addition, concatenation, split, pad, "
+                         "reshape/flatten/transpose, average and max pooling, mean, dropout, sigmoid gates "
+                         "(docs/coverage.md)")
+
+    def _check_layers(self) -> None:
         used: dict[str, int] = {}
         for n in self.gm.graph.nodes:
             kind = self.kinds[n.name]
-            if kind == "other_activation":
-                raise UserError(f"the model uses {_describe(self.gm, n)}; decomposition needs ReLU hidden layers "
-                                "(docs/method.md, \"Nodes and observation points\")")
             if kind == "functional_layer":
-                raise UserError(f"the model calls {_describe(self.gm, n)} functionally; cnnmod observes nn.Conv2d "
+                raise UserError(f"the model calls {self.describe(n)} functionally; cnnmod observes nn.Conv2d "
                                 "and nn.Linear modules: use modules for its layers")
             if n.op == "call_module" and kind in ("conv", "linear", "bn"):
                 used[n.target] = used.get(n.target, 0) + 1
                 if used[n.target] > 1:
                     raise UserError(f"layer {n.target!r} is called twice in the forward pass; cnnmod needs every "
                                     "convolution and linear layer used once")
+
+    def require_relu(self) -> None:
+        """Node-level decomposition's condition (docs/method.md, "Architectures beyond the paper's"): hidden
+        activations of the ReLU family, where "inactive" means exactly zero after the activation."""
+        for n in self.gm.graph.nodes:
+            if self.ops[n.name].activation and n.name not in self.gate_branch:
+                raise UserError(f"the model uses {self.describe(n)}; the paper's node rule needs ReLU-family hidden "
+                                "activations (active means > 0): use slim modules for this model "
+                                "(cnnmod decompose --granularity channel)")
+
+    def _skip_back(self, node, kinds: tuple[str, ...]):
+        while isinstance(node, Node) and self.kinds[node.name] in kinds:
+            node = self.ops[node.name].inputs(node)[0] if self.ops[node.name].inputs(node) else None
+        return node
+
+    def _find_head(self) -> Head:
         out = next(n for n in self.gm.graph.nodes if n.op == "output")
         result = out.args[0]
-        if not isinstance(result, torch.fx.Node) or self.kinds[result.name] != "linear":
-            what = _describe(self.gm, result) if isinstance(result, torch.fx.Node) else repr(result)[:60]
-            raise UserError(f"the model's output comes from {what}, not from a Linear classifier layer; "
-                            "decomposition needs a classifier that ends in nn.Linear (return its logits)")
-        self.classifier_node = result
-        self.classifier = result.target
-        head_in = result.args[0]
-        if not isinstance(head_in, torch.fx.Node):
-            raise UserError("the classifier's input is not a tensor of the graph")
-        self.head_input = head_in
+        if not isinstance(result, Node):
+            raise UserError(f"the model returns {type(result).__name__}, not one tensor of logits; "
+                            "return the classifier's output (N, classes)")
+        if len(self.shapes.get(result.name, ())) != 1:
+            shape = self.shapes.get(result.name)
+            raise UserError(f"the model's output is (N, {', '.join(map(str, shape or ('?',)))}), not (N, classes); "
+                            "return the logits as one (N, classes) tensor")
+        end = self._skip_back(result, ("reshape", "identity"))
+        if not isinstance(end, Node):
+            raise UserError("the model's output does not come from a layer")
+        kind = self.kinds[end.name]
+        if kind == "linear":
+            src = self.ops[end.name].inputs(end)[0]
+            return Head(end.target, src)
+        if kind in ("pool", "reduce") and self._global_pool(end):
+            inner = self.ops[end.name].inputs(end)[0]
+            before = self._skip_back(inner, ("identity",))
+            if isinstance(before, Node) and self.kinds[before.name] == "conv" and self._averages(end):
+                conv = self.module(before.target)
+                if conv.kernel_size == (1, 1) and conv.stride == (1, 1) and ops.pair(conv.padding) == (0, 0):
+                    return ConvPoolHead(before.target, self.ops[before.name].inputs(before)[0])
+            conv_node = self._skip_back(inner, ("relu", "bn", "identity"))
+            if isinstance(conv_node, Node) and self.kinds[conv_node.name] == "conv":
+                return ClassMapHead(conv_node.target, result)
+        raise UserError(f"the model's output comes from {self.describe(end)}, not from a classifier cnnmod knows; "
+                        "end the model in nn.Linear, or in a 1x1 convolution with global average pooling, and "
+                        "return its logits")
+
+    def _averages(self, node: Node) -> bool:
+        """Whether a pooling node averages (rather than takes a maximum or a sum)."""
+        if node.op == "call_module":
+            return isinstance(self.module(node.target), (nn.AvgPool2d, nn.AdaptiveAvgPool2d))
+        return node.target in (ops.F.avg_pool2d, ops.F.adaptive_avg_pool2d, torch.mean, "mean")
+
+    def _global_pool(self, node: Node) -> bool:
+        shape = self.shapes.get(node.name, ())
+        src = self.ops[node.name].inputs(node)
+        return bool(src) and len(self.shapes.get(src[0].name, ())) == 3 and math.prod(shape) == \
+            self.shapes[src[0].name][0]
+
+    def _find_gates(self) -> tuple[set[str], set[str]]:
+        """Gate operands of products (values that come from a sigmoid-like activation) and the branches that
+        compute them (nodes whose every use leads into a gate)."""
+        gates: set[str] = set()
+        for n in self.gm.graph.nodes:
+            if self.kinds[n.name] != "multiply":
+                continue
+            for a in self.ops[n.name].inputs(n):
+                src = self._skip_back(a, ("reshape", "identity", "expand", "add", "multiply"))
+                if isinstance(src, Node) and self.kinds[src.name] == "gate" and len(self.ops[n.name].inputs(n)) == 2:
+                    gates.add(a.name)
+        branch: set[str] = set()
+        work = [self.nodes[g] for g in gates]
+        while work:
+            node = work.pop()
+            if node.name in branch:
+                continue
+            branch.add(node.name)
+            for src in node.all_input_nodes:
+                if src.op != "placeholder" and all(u.name in branch or u.name in gates for u in src.users):
+                    work.append(src)
+        # a node feeding the gate and something else (the gated input itself) stays outside the branch
+        return gates, branch
 
     def _find_points(self) -> list[ObservationPoint]:
         points = []
+        head_layer = self.head.layer
         for n in self.gm.graph.nodes:
             kind = self.kinds[n.name]
+            if n.name in self.gate_branch or n.op != "call_module" or n.target == head_layer:
+                continue
             if kind == "conv":
                 users = list(n.users)
                 if len(users) == 1 and self.kinds[users[0].name] == "bn":
@@ -205,7 +314,7 @@ class ModelGraph:
                                                    self.shapes[users[0].name]))
                 else:
                     points.append(ObservationPoint(n.target, n.target, "conv", n.name, self.shapes[n.name]))
-            elif kind == "linear" and n is not self.classifier_node:
+            elif kind == "linear":
                 points.append(ObservationPoint(n.target, n.target, "linear", n.name, self.shapes[n.name]))
         if not points:
             raise UserError("the model has no convolution or hidden linear layer to decompose")
@@ -215,123 +324,68 @@ class ModelGraph:
         return self.gm.get_submodule(name)
 
     @property
+    def classifier(self) -> str:
+        """The class layer's name (an ``nn.Linear``, or the class convolution)."""
+        return self.head.layer
+
+    @property
     def head_features(self) -> int:
-        return int(self.module(self.classifier).in_features)
+        return int(self.head.linear_map(self.gm)[0].shape[1])
+
+    def _head_region(self, region: torch.Tensor) -> tuple[Node, torch.Tensor]:
+        node = self.head.input
+        return node, self.head.input_region(region, self.shapes[node.name])
 
     # ------------------------------------------------------------------ walks
-    def _inputs(self, node: torch.fx.Node) -> list[torch.fx.Node]:
-        return [a for a in node.args if isinstance(a, torch.fx.Node)]
-
-    def _unsupported(self, node: torch.fx.Node, what: str) -> UserError:
-        return UserError(f"{what} cannot pass through {_describe(self.gm, node)}; supported between the layers: "
-                         "ReLU, residual addition, flatten, average and max pooling, dropout")
-
-    def _pool_cover(self, node: torch.fx.Node, region: torch.Tensor) -> torch.Tensor:
-        """Input elements of a pooling node that lie in the window of at least one ``region`` output element."""
-        c, h, w = self.shapes[self._inputs(node)[0].name]
-        if self.kinds[node.name] == "adaptive_pool":
-            oh, ow = region.shape[-2:]
-            cover = torch.zeros(c, h, w, dtype=torch.bool)
-            for i in range(oh):
-                h0, h1 = (i * h) // oh, -((-(i + 1) * h) // oh)
-                for j in range(ow):
-                    w0, w1 = (j * w) // ow, -((-(j + 1) * w) // ow)
-                    cover[:, h0:h1, w0:w1] |= region[:, i:i + 1, j:j + 1]
-            return cover
-        m = self.module(node.target)
-        k = _pair(m.kernel_size)
-        s = _pair(m.stride or m.kernel_size)
-        d = _pair(getattr(m, "dilation", 1))
-        return _transpose_cover(region, torch.ones(c, 1, *k), s, _pair(m.padding), d, c, (h, w)) > 0
-
-    def _conv_needs(self, node: torch.fx.Node, kept_out: torch.Tensor) -> torch.Tensor:
-        """Input nodes of a convolution that feed at least one kept output node (padding excluded)."""
-        conv: nn.Conv2d = self.module(node.target)
-        c_in, h, w = self.shapes[self._inputs(node)[0].name]
-        ones = torch.ones(conv.out_channels, c_in // conv.groups, *conv.kernel_size)
-        return _transpose_cover(kept_out, ones, conv.stride, conv.padding, conv.dilation, conv.groups, (h, w)) > 0
-
     def mark_back(self, region: torch.Tensor, delta: float) -> dict[str, torch.Tensor]:
         """MC-BLN: map marked head-input features back to the observation-point nodes they summarise.
 
         Returns, per observation point that was reached, the boolean nodes to switch off. Hidden dense layers
         are walked through first: a node of the layer below is marked when at least one node above is marked
-        and its weights into the marked nodes are all <= -delta.
+        and its weights into the marked nodes are all <= -delta. Marks stop at the image, at constants and at
+        the class layer.
         """
         off: dict[str, torch.Tensor] = {}
-        work = [(self.head_input, region.reshape(self.shapes[self.head_input.name]))]
+        work = [self._head_region(region)]
         while work:
             node, reg = work.pop()
-            if not bool(reg.any()):
+            if not bool(reg.any()) or node.op == "placeholder" or node.name not in self.shapes:
                 continue
-            kind = self.kinds[node.name]
             point = self.point_by_node.get(node.name)
             if point is not None:
                 off[point.name] = off.get(point.name, torch.zeros(point.shape, dtype=torch.bool)) | reg
                 if point.kind == "linear":
                     weight = self.module(point.layer).weight.detach().cpu()
-                    into_marked = weight[reg.reshape(-1)]
-                    below = (into_marked <= -delta).all(dim=0)
-                    lin_node = self.nodes[point.node]
-                    work.append((self._inputs(lin_node)[0], below.reshape(self.shapes[self._inputs(lin_node)[0].name])))
+                    below = (weight[reg.reshape(-1)] <= -delta).all(dim=0)
+                    (src,) = self.ops[point.node].inputs(self.nodes[point.node])
+                    work.append((src, below.reshape(self.shapes[src.name])))
                 continue
-            if kind == "input":
-                continue  # marks that reach the image itself switch nothing off
-            if kind in ("relu", "identity"):
-                work.append((self._inputs(node)[0], reg))
-            elif kind == "flatten":
-                src = self._inputs(node)[0]
-                work.append((src, reg.reshape(self.shapes[src.name])))
-            elif kind == "add":
-                for src in self._inputs(node):
-                    work.append((src, reg))
-            elif kind in ("pool", "adaptive_pool"):
-                work.append((self._inputs(node)[0], self._pool_cover(node, reg)))
-            else:
-                raise self._unsupported(node, "MC-BLN's backtracking")
+            if node.op == "call_module" and node.target == self.head.layer:
+                continue
+            work.extend(self.ops[node.name].reads(self, node, reg))
         return off
 
     def needed(self, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """MC-BI: for every observation point, the nodes whose value reaches the classifier given ``masks``.
+        """MC-BI: for every observation point, the nodes whose value reaches the head given ``masks``.
 
-        Liveness in reverse topological order: a node is needed when some consumer needs it; a convolution needs
-        an input node when it feeds at least one kept output node; pooling needs an input node when at least
-        one window covering it is needed; a dense layer with any kept output needs all its inputs.
+        Liveness in reverse topological order, from the head's input: each node's needed region (what its
+        consumers read of it, masked where it is an observation point) is passed to its inputs through the op
+        table; a convolution reads an input node when it feeds a kept output node, pooling when a needed window
+        covers it, a dense layer with any kept output reads all its inputs.
         """
         need: dict[str, torch.Tensor] = {}
-        nodes = list(self.gm.graph.nodes)
-        head_in = self.head_input.name
-        for node in reversed(nodes):
-            if node.op in ("output", "placeholder") or node is self.classifier_node or node.name not in self.shapes:
+        start, region = self._head_region(torch.ones(self.head_features, dtype=torch.bool))
+        need[start.name] = region
+        for node in reversed(list(self.gm.graph.nodes)):
+            reg = need.get(node.name)
+            if reg is None or node.op == "placeholder":
                 continue
-            shape = self.shapes[node.name]
-            if node.name == head_in:
-                need[node.name] = torch.ones(shape, dtype=torch.bool)
+            point = self.point_by_node.get(node.name)
+            if point is not None:
+                reg = reg & masks[point.name]
+            if not bool(reg.any()):
                 continue
-            acc = torch.zeros(shape, dtype=torch.bool)
-            for user in node.users:
-                if user is self.classifier_node:
-                    acc.fill_(True)
-                    continue
-                if user.name not in need:
-                    continue  # a consumer that does not lead to the classifier
-                eff = need[user.name]
-                point = self.point_by_node.get(user.name)
-                if point is not None:
-                    eff = eff & masks[point.name]
-                kind = self.kinds[user.name]
-                if kind == "conv":
-                    acc |= self._conv_needs(user, eff)
-                elif kind == "linear":
-                    if bool(eff.any()):
-                        acc.fill_(True)
-                elif kind in ("bn", "relu", "identity", "add"):
-                    acc |= eff
-                elif kind == "flatten":
-                    acc |= eff.reshape(shape)
-                elif kind in ("pool", "adaptive_pool"):
-                    acc |= self._pool_cover(user, eff)
-                else:
-                    raise self._unsupported(user, "MC-BI's backtracking")
-            need[node.name] = acc
+            for src, r in self.ops[node.name].reads(self, node, reg):
+                if src.name in self.shapes:
+                    need[src.name] = need[src.name] | r if src.name in need else r
         return {p.name: need.get(p.node, torch.zeros(p.shape, dtype=torch.bool)) for p in self.points}

@@ -151,14 +151,13 @@ def decompose(model: nn.Module, data: ImageSet, variant: str | None = None, *, c
     device = next(clf.parameters()).device
     chosen = chosen_classes(clf, classes)
     graph = ModelGraph(clf.net, clf.spec.shape)
+    graph.require_relu()
     started = time.perf_counter()
     if stats is None:
         stats = observe(clf.net, graph, clf.prepare, data, samples=s.ci_samples, seed=s.seed,
                         correct_only=s.correct_only, device=device, batch_size=batch_size, dd=dd,
                         show_progress=show_progress)
-    fc = graph.module(graph.classifier)
-    weight = fc.weight.detach().cpu()
-    bias = fc.bias.detach().cpu() if fc.bias is not None else torch.zeros(weight.shape[0])
+    weight, bias = (t.cpu() for t in graph.head.linear_map(clf.net))
     modules = []
     for c in chosen:
         hw, hb = binary_head(weight, bias, c)

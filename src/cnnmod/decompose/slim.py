@@ -145,12 +145,11 @@ def _head_rows(w: torch.Tensor, b: float) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack([w, torch.zeros_like(w)]), torch.tensor([b, 0.0])
 
 
-def _source_margin(fc: nn.Linear, concerned: int) -> tuple[torch.Tensor, float]:
+def _source_margin(head: tuple[torch.Tensor, torch.Tensor], concerned: int) -> tuple[torch.Tensor, float]:
     """The margin z_c - z_uc of the paper's binary head (docs/method.md, "Channeling") on the source's
     classifier, as the
     weights and bias a slim module's head starts from."""
-    bias = fc.bias if fc.bias is not None else torch.zeros(fc.out_features, device=fc.weight.device)
-    hw, hb = binary_head(fc.weight.detach(), bias.detach(), concerned)
+    hw, hb = binary_head(*head, concerned)
     return (hw[0] - hw[1]).cpu(), float(hb[0] - hb[1])
 
 
@@ -183,7 +182,7 @@ class Pruner:
         self.per_channel = self.rank_cost = None
         self._checked = False  # the first sliced network with channels cut is verified (then the last)
         if s.cost != "none":
-            shape, classifier = source.spec.shape, self.graph.classifier
+            shape, classifier = source.spec.shape, self.graph.head
             self.per_channel = cost_per_channel(self.net, self.groups, shape, classifier, "params")
             self.rank_cost = self.per_channel
             if s.cost != "params":
@@ -196,7 +195,7 @@ class Pruner:
         return [x[i:i + self.batch_size] for i in range(0, x.shape[0], self.batch_size)]
 
     def features_of(self, x: torch.Tensor) -> torch.Tensor:
-        net, classifier = self.net, self.graph.classifier
+        net, classifier = self.net, self.graph.head
         with torch.no_grad(), gated(net, self.graph, self.groups, self.gates):
             return torch.cat([classifier_input(net, classifier, lambda xb=xb: net(xb)) for xb in self.batches(x)])
 
@@ -223,7 +222,7 @@ class Pruner:
         softs = self.batches(self.soft) if self.soft is not None else [None] * len(self.batches(self.targets))
         for xb, tb, sb in zip(self.batches(self.x_obs), self.batches(self.targets), softs, strict=True):
             with gated(self.net, self.graph, self.groups, live):
-                f = classifier_input(self.net, self.graph.classifier, lambda xb=xb: self.net(xb))
+                f = classifier_input(self.net, self.graph.head, lambda xb=xb: self.net(xb))
             logits = torch.stack([f @ wd[k] + bd[k] for k in range(wd.shape[0])], 1)
             grads = torch.autograd.grad(self.loss(logits, tb, sb), live, allow_unused=True)
             for i, gr in enumerate(grads):
@@ -278,11 +277,11 @@ class Pruner:
         on a channel count, such as a reshape to a fixed shape, breaks a sliced network silently)."""
         keep = self.kept()
         w, b = self.head(binary, keep)
-        sliced = slice_network(self.net, self.source.spec.shape, self.removed(), self.graph.classifier, w, b)
+        sliced = slice_network(self.net, self.source.spec.shape, self.removed(), self.graph.head, w, b)
         if check:
             x = self.x_obs[:8]
             with torch.no_grad(), gated(self.net, self.graph, self.groups, self.gates):
-                f = classifier_input(self.net, self.graph.classifier, lambda: self.net(x))
+                f = classifier_input(self.net, self.graph.head, lambda: self.net(x))
             expected = f[:, keep.to(f.device)] @ w.to(f.device, f.dtype).T + b.to(f.device, f.dtype)
             verify_sliced(sliced, x, expected, type(self.source.net).__name__)
         return sliced
@@ -377,7 +376,7 @@ def slim_module(source: Classifier, data: ImageSet, concerned: int, s: SlimSetti
     soft = None
     if s.objective == "distill":  # the source's p_c, before any BatchNorm statistics change
         soft = torch.sigmoid(source_log_odds(net, x_obs, batch_size)[:, concerned:concerned + 1])
-    w, b = _source_margin(net.get_submodule(graph.classifier), concerned)
+    w, b = _source_margin(graph.head.linear_map(net), concerned)
     p = Pruner(source, s, x_obs, targets.to(device)[:, None], soft, w[None], torch.tensor([b]), batch_size, frozen)
     held = pools.held_out(list(range(data.num_classes)), s.held_out) if s.max_loss is not None else None
     if held is not None:
@@ -399,7 +398,7 @@ def slim_module(source: Classifier, data: ImageSet, concerned: int, s: SlimSetti
                "kept_channels": int(sum(int(g.sum()) for g in p.gates)),
                "channels": int(sum(g.numel() for g in p.gates)), "history": history}
     settings = {**asdict(s), "granularity": "channel", "seconds": round(time.perf_counter() - started, 3)}
-    module = SlimModule(sliced, graph.classifier, source.spec, source.class_names[concerned], concerned, info,
+    module = SlimModule(sliced, graph.head.sliced_layer, source.spec, source.class_names[concerned], concerned, info,
                         p.removed(), settings, metrics)
     if keep_reference:  # a full copy of the model: only for checks, never saved
         module.gated_reference = (net, graph, p.groups, [g.clone() for g in p.gates], *p.head(True))
@@ -481,7 +480,7 @@ def merge_slim(modules: list[SlimModule], source: Classifier, data: ImageSet, se
     if x_obs.shape[0] > own:  # none of them is of this network's classes
         targets = torch.cat([targets, targets.new_zeros(x_obs.shape[0] - own, len(chosen))])
         soft = torch.cat([soft, soft.new_zeros(x_obs.shape[0] - own, len(chosen))]) if soft is not None else None
-    margins = [_source_margin(net.get_submodule(graph.classifier), c) for c in chosen]
+    margins = [_source_margin(graph.head.linear_map(net), c) for c in chosen]
     p = Pruner(source, s, x_obs, targets, soft, torch.stack([w for w, _ in margins]),
                torch.tensor([b for _, b in margins]), batch_size, frozen, gates, bn_rows=own)
     if max_loss is not None:
@@ -511,4 +510,4 @@ def merge_slim(modules: list[SlimModule], source: Classifier, data: ImageSet, se
                 "foreign": [f"{f.name}:{','.join(map(str, f.source_classes))}" for f in foreign or []],
                 "size": size, "max_loss": max_loss, "cost": s.cost, "multiple": s.multiple,
                 "seconds": round(time.perf_counter() - started, 3)}
-    return MergedSlim(sliced, graph.classifier, source.spec, chosen, info, p.removed(), recorded, metrics).eval()
+    return MergedSlim(sliced, graph.head.sliced_layer, source.spec, chosen, info, p.removed(), recorded, metrics).eval()

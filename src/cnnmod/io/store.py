@@ -148,15 +148,15 @@ def _input_shape(config: dict) -> tuple[int, int, int]:
 def build_sliced(config: dict) -> nn.Module:
     """The network of a saved slim module: its source architecture, sliced as recorded (weights to be loaded)."""
     info, shape = config["source"], _input_shape(config)
-    net = build(info["arch"], shape, len(info["class_names"]), **info["arch_args"])
-    return slice_network(net.eval(), shape, config["removed"], config["classifier"], None, None)
+    net = build(info["arch"], shape, len(info["class_names"]), **info["arch_args"]).eval()
+    return slice_network(net, shape, config["removed"], ModelGraph(net, shape).head, None, None)
 
 
 def build_merged(config: dict) -> nn.Module:
     """The network of a saved merged slim composition (weights to be loaded)."""
     info, shape = config["source"], _input_shape(config)
     net = build(info["arch"], shape, len(info["class_names"]), **info["arch_args"]).eval()
-    return slice_network(net, shape, config["removed"], config["classifier"], None, None,
+    return slice_network(net, shape, config["removed"], ModelGraph(net, shape).head, None, None,
                          outputs=len(config["concerned"]))
 
 

@@ -16,14 +16,14 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ..core.graph import ModelGraph, ObservationPoint
+from ..core.graph import Head, ModelGraph, ObservationPoint
 from ..core.observe import hooks
 from ..data.transforms import InputSpec
 from ..models.classifier import Classifier
 from .base import BinaryModule
 
 
-def masked_features(net: nn.Module, points: Sequence[ObservationPoint], classifier: str,
+def masked_features(net: nn.Module, points: Sequence[ObservationPoint], head: Head,
                     masks: dict[str, torch.Tensor], x: torch.Tensor, pooled: list | None = None) -> torch.Tensor:
     """Run ``net`` once per mask set, batched: masks (K, *shape) per point; returns head inputs (K, B, F).
 
@@ -32,8 +32,6 @@ def masked_features(net: nn.Module, points: Sequence[ObservationPoint], classifi
     k = next(iter(masks.values())).shape[0]
     b = x.shape[0]
     xk = x.repeat(k, *([1] * (x.dim() - 1))) if k > 1 else x
-    captured: dict[str, torch.Tensor] = {}
-
     def apply(p: ObservationPoint, out: torch.Tensor) -> torch.Tensor:
         m = masks[p.name]
         kept = out.reshape(k, b, *p.shape) * m.unsqueeze(1).to(out.dtype)
@@ -41,15 +39,8 @@ def masked_features(net: nn.Module, points: Sequence[ObservationPoint], classifi
             pooled.append(kept.reshape(k, b, p.shape[0], -1).mean(-1))
         return kept.reshape(k * b, *p.shape)
 
-    def capture(_m, inputs):
-        captured["features"] = inputs[0]
-
-    handle = net.get_submodule(classifier).register_forward_pre_hook(capture)
-    try:
-        with hooks(net, points, apply):
-            net(xk)
-    finally:
-        handle.remove()
+    with head.capture(net) as captured, hooks(net, points, apply):
+        net(xk)
     return captured["features"].reshape(k, b, -1)
 
 
@@ -145,6 +136,10 @@ class Module(BinaryModule):
     def classifier_name(self) -> str:
         return self.graph.classifier
 
+    @property
+    def head(self) -> Head:
+        return self.graph.head
+
     def kept_nodes(self) -> int:
         return sum(int(m.sum()) for m in self.masks.values())
 
@@ -179,7 +174,7 @@ class Module(BinaryModule):
                      for name in first.point_names}
         else:
             masks = {name: torch.stack([m.masks[name] for m in modules]) for name in first.point_names}
-        features = masked_features(first.source.net, first.points, first.classifier_name, masks, x, pooled)
+        features = masked_features(first.source.net, first.points, first.head, masks, x, pooled)
         return features.expand(len(modules), -1, -1)
 
 

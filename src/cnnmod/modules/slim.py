@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ..core.graph import ModelGraph
+from ..core.graph import Head, ModelGraph
 from ..data.transforms import InputSpec
 from .base import BinaryModule
 from .masked import masked_features
@@ -91,7 +91,7 @@ class SlimModule(BinaryModule):
         averaged over positions, (1, B, channels) (as :func:`cnnmod.modules.masked.masked_features`)."""
         (m,) = modules  # each slim module is its own source
         masks = {p.name: torch.ones(1, *p.shape, dtype=torch.bool, device=x.device) for p in m.points}
-        return masked_features(m.net, m.points, m.classifier_name, masks, x, pooled)
+        return masked_features(m.net, m.points, Head(m.classifier_name, None), masks, x, pooled)
 
     @classmethod
     def batched_logits(cls, modules: Sequence[SlimModule], x: torch.Tensor, union: bool) -> torch.Tensor:
