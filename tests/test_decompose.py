@@ -12,8 +12,8 @@ from cnnmod import UserError
 from cnnmod.compose.base import vote
 from cnnmod.compose.voting import compose
 from cnnmod.core.graph import ModelGraph
-from cnnmod.core.ops import transpose_cover
 from cnnmod.core.observe import NEVER, class_order, hooks, observe
+from cnnmod.core.ops import transpose_cover
 from cnnmod.data.dataset import ImageSet
 from cnnmod.data.transforms import InputSpec, to_input
 from cnnmod.decompose.paper import DecomposeSettings, decompose

@@ -37,10 +37,7 @@ def test_sliced_network_computes_what_the_gated_model_computes(arch, kwargs):
     x = torch.randn(9, 1, 12, 12)
     with torch.no_grad(), gated(net, graph, groups, gates):
         features = classifier_input(net, graph.head, lambda: net(x))
-    from cnnmod.core.channels import kept_features
-
-    keep = kept_features(groups, graph, [g.bool() for g in gates], features.shape[1])
-    expected = features[:, keep] @ hw.T + hb
+    expected = features @ hw.T + hb  # a closed channel is not read: its features are 0
     with torch.no_grad():
         assert torch.allclose(m(x), expected, atol=1e-4)
     # the source model was not touched
@@ -163,10 +160,36 @@ class FixedShuffle(torch.nn.Module):
         return self.fc(self.pool(self.relu2(self.conv2(x))).flatten(1))
 
 
-def test_a_network_that_cannot_be_sliced_is_named_with_its_layer():
+class ShuffleOnly(torch.nn.Module):
+    """One convolution whose 8 channels go through a shuffle written for exactly 8: nothing can be sliced."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.relu1 = torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.ReLU()
+        self.pool, self.fc = torch.nn.AdaptiveAvgPool2d(1), torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = self.relu1(self.conv1(x))
+        x = x.view(x.size(0), 2, 4, 12, 12).transpose(1, 2).reshape(x.size(0), 8, 12, 12)
+        return self.fc(self.pool(x).flatten(1))
+
+
+def test_channel_groups_torch_pruning_cannot_slice_are_kept_whole_and_named():
     torch.manual_seed(0)
     clf = Classifier(FixedShuffle().eval(), InputSpec(1, 12, 12, (0.5,), (0.25,)), [f"r{c}" for c in range(4)])
-    with pytest.raises(UserError, match=r"cannot slice FixedShuffle: .* after layer 'relu1' .*--granularity node"):
+    m = slim_module(clf, random_data(per_class=20), 1, SlimSettings(size=0.4, samples=40, step=0.2),
+                    keep_reference=True)
+    net, graph, groups, gates, hw, hb = m.gated_reference
+    assert [layer for layer, _ in groups.unsliceable] == ["conv1"]  # its channels meet the fixed reshape
+    assert [g["roots"] for g in groups.groups] == [["conv2"]]
+    assert not m.removed.get("conv1") and m.removed["conv2"]
+    x = torch.randn(5, 1, 12, 12)
+    with torch.no_grad(), gated(net, graph, groups, gates):
+        expected = classifier_input(net, graph.head, lambda: net(x)) @ hw.T + hb
+        assert torch.allclose(m(x), expected, atol=1e-4)
+    clf = Classifier(ShuffleOnly().eval(), InputSpec(1, 12, 12, (0.5,), (0.25,)), [f"r{c}" for c in range(4)])
+    with pytest.raises(UserError, match=r"ShuffleOnly has no channels that torch-pruning can slice \(conv1: .*"
+                                        r"--granularity node"):
         slim_module(clf, random_data(per_class=20), 1, SlimSettings(size=0.4, samples=40, step=0.2))
 
 

@@ -6,6 +6,8 @@ parameters and FLOPs."""
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -14,13 +16,16 @@ from torch.utils.flop_counter import FlopCounterMode
 from ..errors import UserError
 from ..models.classifier import Classifier
 from .graph import Head, ModelGraph
-from .observe import hooks
 
 
 def _dependency_graph(net: nn.Module, input_shape: tuple[int, int, int]):
     """torch-pruning's dependency graph of ``net`` (traced through autograd, so parameters must want gradients
-    while it is built; their flags are restored)."""
+    while it is built; their flags are restored). In-place activations are made out-of-place first (``net`` is
+    always a copy): an in-place ReLU right after a convolution hides the convolution from the trace."""
     tp = _tp()
+    for m in net.modules():
+        if getattr(m, "inplace", False) is True:
+            m.inplace = False
     flags = [p.requires_grad for p in net.parameters()]
     device = next(net.parameters()).device
     try:
@@ -65,21 +70,90 @@ class ChannelGroups:
             if not points:
                 continue
             channels = points[0].shape[0]
-            self.groups.append({"roots": roots, "points": [p.name for p in points], "channels": channels})
+            self.groups.append({"roots": roots, "points": [p.name for p in points], "channels": channels,
+                                "consumers": _consumers(group, names, channels)})
+        self.unsliceable = self._probe(net, graph)
         if not self.groups:
-            raise UserError(f"{type(net).__name__} has no channels that can be sliced")
-        self.point_group = {p: i for i, g in enumerate(self.groups) for p in g["points"]}
+            reason = "; ".join(f"{layer}: {why}" for layer, why in self.unsliceable[:2])
+            raise UserError(f"{type(net).__name__} has no channels that torch-pruning can slice"
+                            f"{' (' + reason + ')' if reason else ''}; use --granularity node")
+
+    def _probe(self, net: nn.Module, graph: ModelGraph) -> list[tuple[str, str]]:
+        """Cut one channel of every group and compare the sliced network with the gated one; groups that fail
+        (an operation that depends on the channel count: a grouped convolution, a reshape to fixed channels, a
+        channel shuffle) are kept whole. Returns (layer, reason) for each group left out."""
+        w, b = graph.head.linear_map(net)
+        device = w.device
+        x = torch.randn(2, *self.input_shape, generator=torch.Generator().manual_seed(0)).to(device)
+        was_training = net.training
+        net.eval()
+        sliceable, left_out = [], []
+        for i, group in enumerate(self.groups):
+            if group["channels"] < 2:
+                continue
+            gates = [torch.ones(g["channels"], device=device) for g in self.groups]
+            gates[i][0] = 0.0
+            root = group["roots"][0]
+            try:
+                with torch.no_grad():
+                    with gated(net, graph, self, gates):
+                        expected = classifier_input(net, graph.head, lambda: net(x)) @ w.T + b
+                    got = slice_network(net, self.input_shape, {root: [0]}, graph.head, w, b)(x)
+                gap = float((got - expected).abs().max())
+                if gap > 1e-3 * (float(expected.abs().max()) + 1.0):
+                    left_out.append((root, f"the sliced network differs by {gap:.2g}"))
+                    continue
+            except Exception as e:  # noqa: BLE001 - any failure of a cut channel means the group stays whole
+                left_out.append((root, f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"))
+                continue
+            sliceable.append(group)
+        net.train(was_training)
+        self.groups = sliceable
+        return left_out
 
 
-def gated(net: nn.Module, graph: ModelGraph, groups: ChannelGroups, gates: list[torch.Tensor]):
-    """Context: ``net`` with each group's gate multiplied into its points' outputs (channel dimension)."""
-    def apply(p, out):
-        g = groups.point_group.get(p.name)
-        if g is None:
-            return out
-        gate = gates[g]
-        return out * gate.view(1, -1, *([1] * (out.dim() - 2))).to(out.dtype)
-    return hooks(net, graph.points, apply)
+def _consumers(group, names: dict, channels: int) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    """The layers that read a group's channels, as slicing cuts them: (layer, its input indices, the group channel
+    each one carries). torch-pruning lists a consumer's indices in the order of the group's channels, each
+    repeated where a flatten spreads a channel over several features."""
+    seen: dict[str, tuple[str, torch.Tensor, torch.Tensor]] = {}
+    for dep, idxs in group:
+        module = dep.target.module
+        if dep.handler.__name__ != "prune_in_channels" or not isinstance(module, (nn.Conv2d, nn.Linear)):
+            continue
+        index = torch.tensor([int(i) for i in idxs], dtype=torch.long)
+        if index.numel() % channels:
+            continue
+        root = torch.arange(channels).repeat_interleave(index.numel() // channels)
+        seen[names[module]] = (names[module], index, root)
+    return list(seen.values())
+
+
+@contextmanager
+def gated(net: nn.Module, graph: ModelGraph, groups: ChannelGroups, gates: list[torch.Tensor]) -> Iterator[None]:
+    """Context: ``net`` as slicing would leave it with the closed channels cut: each group's gate multiplied into
+    the inputs of the layers that read its channels (the classifier among them), so that whatever lies between
+    (BatchNorm, additions, concatenation) computes as before and a closed channel is simply not read."""
+    by_layer: dict[str, list[tuple[torch.Tensor, int, torch.Tensor]]] = {}
+    for g, group in enumerate(groups.groups):
+        for layer, index, root in group["consumers"]:
+            by_layer.setdefault(layer, []).append((index, g, root))
+
+    def hook(layer: str):
+        def apply(_m, inputs):
+            x = inputs[0]
+            mult = torch.ones(x.shape[1], device=x.device, dtype=x.dtype)
+            for index, g, root in by_layer[layer]:
+                mult = mult.index_put((index.to(x.device),), gates[g][root.to(x.device)].to(x.dtype))
+            return (x * mult.view(1, -1, *([1] * (x.dim() - 2))), *inputs[1:])
+        return apply
+
+    handles = [net.get_submodule(layer).register_forward_pre_hook(hook(layer)) for layer in by_layer]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def classifier_input(net: nn.Module, head: Head, fn) -> torch.Tensor:
@@ -112,23 +186,28 @@ def slice_network(net: nn.Module, input_shape: tuple[int, int, int], removed: di
                   head: Head, head_w: torch.Tensor | None, head_b: torch.Tensor | None,
                   outputs: int = 2) -> nn.Module:
     """A copy of ``net`` without the removed channels (coupled layers cut together), its classifier replaced by
-    a head of ``head_w``'s rows (or ``outputs`` rows, left to be loaded, when none are given)."""
+    an ``nn.Linear`` of ``head_w``'s rows (over the source's head features; the columns of the features that
+    survive are kept), or of ``outputs`` rows, left to be loaded, when none are given."""
     tp = _tp()
     sliced = copy.deepcopy(net).eval()
     device = next(sliced.parameters()).device
+    head.tag(sliced)  # the head's first row numbers its input features, to read off which survive
     dg = _dependency_graph(sliced, input_shape)
     for root, idxs in removed.items():
         if not idxs:
             continue
         layer = sliced.get_submodule(root)
         handler = tp.prune_conv_out_channels if isinstance(layer, nn.Conv2d) else tp.prune_linear_out_channels
-        group = dg.get_pruning_group(layer, handler, idxs=list(idxs))
-        group.prune()
-    features = head.linear_map(sliced)[0].shape[1]
-    linear = nn.Linear(features, head_w.shape[0] if head_w is not None else outputs).to(device)
+        try:
+            dg.get_pruning_group(layer, handler, idxs=list(idxs)).prune()
+        except Exception as e:  # noqa: BLE001 - whatever torch-pruning trips on means the same to the user
+            raise UserError(f"torch-pruning cannot slice {type(net).__name__} at layer {root!r} "
+                            f"({type(e).__name__}: {str(e)[:100]}); use --granularity node")
+    kept = head.kept(sliced)
+    linear = nn.Linear(kept.numel(), head_w.shape[0] if head_w is not None else outputs).to(device)
     if head_w is not None and head_b is not None:
         with torch.no_grad():
-            linear.weight.copy_(head_w.to(device))
+            linear.weight.copy_(head_w[:, kept.to(head_w.device)].to(device))
             linear.bias.copy_(head_b.to(device))
     return head.replace(sliced, linear)
 
@@ -189,28 +268,3 @@ def cost_per_channel(net: nn.Module, groups: ChannelGroups, input_shape: tuple[i
     coupled layers."""
     whole = sliced_cost(net, input_shape, {}, head, what)
     return [whole - sliced_cost(net, input_shape, {g["roots"][0]: [0]}, head, what) for g in groups.groups]
-
-
-def kept_features(groups: ChannelGroups, graph: ModelGraph, kept: list[torch.Tensor], features: int
-                   ) -> torch.Tensor:
-    """Which of the head's input features survive slicing: those of the group feeding the classifier (through
-    pooling and flatten, each channel may stand for several features)."""
-    head_group = None
-    for i, g in enumerate(groups.groups):
-        for point in g["points"]:
-            shape = next(p.shape for p in graph.points if p.name == point)
-            if features % shape[0] == 0 and _feeds_head(graph, point):
-                head_group = i
-    if head_group is None:
-        return torch.ones(features, dtype=torch.bool)
-    channels = kept[head_group].cpu()
-    return channels.repeat_interleave(features // channels.numel())
-
-
-def _feeds_head(graph: ModelGraph, point: str) -> bool:
-    """Whether marks at the head's input reach ``point`` (it produces the classifier's input channels)."""
-    region = torch.ones(graph.head_features, dtype=torch.bool)
-    try:
-        return point in graph.mark_back(region, float("inf"))
-    except UserError:
-        return False

@@ -96,6 +96,18 @@ class Head:
     def input_region(self, region: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
         return region.reshape(shape)
 
+    def tag(self, net: nn.Module) -> None:
+        """Number the head's input features in its first row (on a copy about to be sliced), so that
+        :meth:`kept` reads off which features slicing kept."""
+        weight = net.get_submodule(self.layer).weight
+        with torch.no_grad():
+            weight.view(weight.shape[0], -1)[0].copy_(torch.arange(weight[0].numel(), dtype=weight.dtype))
+
+    def kept(self, net: nn.Module) -> torch.Tensor:
+        """The indices of the source's head features that a sliced copy (see :meth:`tag`) still reads."""
+        weight = net.get_submodule(self.layer).weight.detach()
+        return weight.reshape(weight.shape[0], -1)[0].round().long().cpu()
+
     @contextmanager
     def capture(self, net: nn.Module) -> Iterator[dict]:
         """Context: ``out["features"]`` holds the (B, F) features of the last forward pass of ``net``."""
@@ -163,6 +175,12 @@ class ClassMapHead(Head):
     @property
     def sliced_layer(self) -> str:
         return "head"
+
+    def tag(self, net):
+        pass  # the class maps are never sliced
+
+    def kept(self, net):
+        return torch.arange(int(net.get_submodule(self.layer).out_channels))
 
     def replace(self, net, head):
         return nn.Sequential(OrderedDict(body=net, head=head))

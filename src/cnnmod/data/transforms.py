@@ -12,15 +12,31 @@ import torch
 import torch.nn.functional as F
 
 
+FITS = ("resize", "center-crop")
+
+
 @dataclass(frozen=True)
 class InputSpec:
-    """What a model expects: channels, height, width, and per-channel normalisation (in [0, 1] units)."""
+    """What a model expects: channels, height, width, per-channel normalisation (in [0, 1] units), and how
+    images of another size are brought to it: ``fit="resize"`` (bilinear, antialiased) or ``"center-crop"``
+    (the shorter side resized to ``size / crop``, then the centre cut out: how ImageNet models are evaluated,
+    256 -> 224 at ``crop=0.875``)."""
 
     channels: int
     height: int
     width: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    fit: str = "resize"
+    crop: float = 0.875
+
+    def __post_init__(self) -> None:
+        if self.fit not in FITS:
+            raise ValueError(f"fit must be one of {', '.join(FITS)}, got {self.fit!r}")
+        if len(self.mean) not in (1, self.channels) or len(self.std) not in (1, self.channels):
+            raise ValueError(f"mean and std need 1 or {self.channels} values")
+        if any(s <= 0 for s in self.std) or not 0 < self.crop <= 1:
+            raise ValueError("std must be positive and crop in (0, 1]")
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -28,12 +44,28 @@ class InputSpec:
 
     def to_dict(self) -> dict:
         return {"channels": self.channels, "height": self.height, "width": self.width,
-                "mean": list(self.mean), "std": list(self.std)}
+                "mean": list(self.mean), "std": list(self.std), "fit": self.fit, "crop": self.crop}
 
     @classmethod
     def from_dict(cls, d: dict) -> InputSpec:
         return cls(int(d["channels"]), int(d["height"]), int(d["width"]),
-                   tuple(float(v) for v in d["mean"]), tuple(float(v) for v in d["std"]))
+                   tuple(float(v) for v in d["mean"]), tuple(float(v) for v in d["std"]),
+                   str(d.get("fit", "resize")), float(d.get("crop", 0.875)))
+
+
+def fit_size(x: torch.Tensor, height: int, width: int, fit: str = "resize", crop: float = 0.875) -> torch.Tensor:
+    """Float images (N, C, h, w) brought to (height, width) as ``fit`` says (see :class:`InputSpec`)."""
+    if x.shape[-2:] == (height, width):
+        return x
+    if fit == "center-crop":
+        h, w = x.shape[-2:]
+        short = round(min(height, width) / crop)
+        scale = short / min(h, w)
+        size = (max(height, round(h * scale)), max(width, round(w * scale)))
+        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+        top, left = (size[0] - height) // 2, (size[1] - width) // 2
+        return x[..., top:top + height, left:left + width]
+    return F.interpolate(x, size=(height, width), mode="bilinear", align_corners=False, antialias=True)
 
 
 def convert_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
@@ -52,9 +84,7 @@ def convert_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
 
 def to_input(images: torch.Tensor, spec: InputSpec) -> torch.Tensor:
     """uint8 (N, C, H, W) -> float normalised model input of ``spec``'s shape, on the images' device."""
-    x = convert_channels(images, spec.channels) / 255.0
-    if x.shape[-2:] != (spec.height, spec.width):
-        x = F.interpolate(x, size=(spec.height, spec.width), mode="bilinear", align_corners=False, antialias=True)
+    x = fit_size(convert_channels(images, spec.channels) / 255.0, spec.height, spec.width, spec.fit, spec.crop)
     mean = torch.tensor(spec.mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
     std = torch.tensor(spec.std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
     return (x - mean) / std

@@ -33,7 +33,6 @@ from ..core.channels import (
     cost_per_channel,
     frozen_copy,
     gated,
-    kept_features,
     reestimate_bn,
     slice_network,
     sliced_cost,
@@ -262,27 +261,22 @@ class Pruner:
     def removed(self) -> dict[str, list[int]]:
         return closed_channels(self.groups, self.gates)
 
-    def kept(self) -> torch.Tensor:
-        """Which of the head's input features the open channels keep."""
-        return kept_features(self.groups, self.graph, [g.bool() for g in self.gates], self.w.shape[1])
-
-    def head(self, binary: bool, kept: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The sliced network's head: a module's two rows [margin, 0], or a composition's K margins."""
-        w, b = (_head_rows(self.w[0], float(self.b[0])) if binary else (self.w, self.b.float()))
-        return w[:, self.kept() if kept is None else kept], b
+    def head(self, binary: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """The head over the source's features: a module's two rows [margin, 0], or a composition's K margins
+        (slicing keeps the columns of the features that survive)."""
+        return _head_rows(self.w[0], float(self.b[0])) if binary else (self.w, self.b.float())
 
     def sliced(self, binary: bool, check: bool = False) -> nn.Module:
         """The network cut to the open channels; with ``check``, verified on a few observed inputs against the
         gated network (torch-pruning slices what its dependency graph understands: an operation that depends
         on a channel count, such as a reshape to a fixed shape, breaks a sliced network silently)."""
-        keep = self.kept()
-        w, b = self.head(binary, keep)
+        w, b = self.head(binary)
         sliced = slice_network(self.net, self.source.spec.shape, self.removed(), self.graph.head, w, b)
         if check:
             x = self.x_obs[:8]
             with torch.no_grad(), gated(self.net, self.graph, self.groups, self.gates):
                 f = classifier_input(self.net, self.graph.head, lambda: self.net(x))
-            expected = f[:, keep.to(f.device)] @ w.to(f.device, f.dtype).T + b.to(f.device, f.dtype)
+            expected = f @ w.to(f.device, f.dtype).T + b.to(f.device, f.dtype)
             verify_sliced(sliced, x, expected, type(self.source.net).__name__)
         return sliced
 

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from torch import nn
 
 from ..errors import UserError
+from .reference import REGISTERED, call, callable_for, check_output, complete_args, is_reference
 from .resnet import CifarResNet, ResNet
 from .small import MLP, SmallCNN
 from .vgg import VGG
@@ -55,9 +56,29 @@ def arch_options(name: str) -> list[str]:
     return [p for p in inspect.signature(ARCHITECTURES[name]).parameters if p not in ("input_shape", "num_classes")]
 
 
+def resolve_arch(name: str, args: dict, input_shape: Shape, num_classes: int) -> tuple[str, dict]:
+    """What a new model records of its architecture: a zoo name as given; a registered name or a reference as
+    the reference, with ``num_classes`` and ``in_channels`` filled in where the callable takes them."""
+    if name in ARCHITECTURES:
+        return name, dict(args)
+    if name not in REGISTERED and not is_reference(name):
+        raise UserError(f"unknown architecture {name!r}; known: {', '.join(sorted(ARCHITECTURES))}, a name "
+                        "registered with @cnnmod.register_arch, or a reference package.module:callable")
+    fn, ref = callable_for(name)
+    return ref, complete_args(fn, args, num_classes, input_shape[0])
+
+
 def build(name: str, input_shape: Shape, num_classes: int, **kwargs) -> nn.Module:
+    """A network: a zoo name with its options, or (as :func:`resolve_arch` records it) a reference called with
+    exactly ``kwargs``, its output checked to be (N, num_classes)."""
+    if name not in ARCHITECTURES and (name in REGISTERED or is_reference(name)):
+        fn, ref = callable_for(name)
+        net = call(fn, ref, kwargs)
+        check_output(net, ref, tuple(input_shape), num_classes)
+        return net
     if name not in ARCHITECTURES:
-        raise UserError(f"unknown architecture {name!r}; known: {', '.join(sorted(ARCHITECTURES))}")
+        raise UserError(f"unknown architecture {name!r}; known: {', '.join(sorted(ARCHITECTURES))}, a name "
+                        "registered with @cnnmod.register_arch, or a reference package.module:callable")
     allowed = arch_options(name)
     unknown = sorted(set(kwargs) - set(allowed))
     if unknown:
