@@ -104,7 +104,8 @@ def parse_arch_args(items: list[str], bn: bool | None) -> dict:
 
 @app.command()
 def train(
-    arch: str = typer.Option(..., "--arch", help="Architecture: resnet20/32/56, resnet18/34, vgg11/16, mlp, cnn."),
+    arch: str = typer.Option(..., "--arch", help="Architecture: resnet20/32/56, resnet18/34/50, vgg11/16, mlp, cnn, "
+                             "a registered name, or your own network: package.module:callable."),
     data: list[str] = typer.Option(..., "--data", help="Data set name, e.g. fashion-mnist, cifar10, folder:PATH; "
                                    "repeat it to train on several (--data fashion-mnist:0,3 --data digits:7)."),
     out: Path = typer.Option(..., "--out",
@@ -160,9 +161,19 @@ def evaluate_model(
     emit(result, as_json, f"{model_dir} on {result['data']}")
 
 
+def parse_floats(text: str | None, flag: str) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"{flag} {text!r} is not numbers separated by commas (e.g. 0.485,0.456,0.406)")
+
+
 @app.command("import")
 def import_weights(
-    arch: str = typer.Option(..., "--arch"),
+    arch: str = typer.Option(..., "--arch", help="A zoo name (resnet50, mobilenet_v2, ...), a name registered with "
+                             "@cnnmod.register_arch, or your own network: package.module:callable."),
     weights: Path = typer.Option(..., "--weights",
                                  help="A state dict: .safetensors, or .pt/.pth (read with weights_only)."),
     data: str = typer.Option(..., "--data",
@@ -171,6 +182,16 @@ def import_weights(
     classes: str = typer.Option(None, "--classes", help="The classes the weights were trained on, if a subset."),
     bn: bool = typer.Option(None, "--bn/--no-bn"),
     arch_arg: list[str] = ARCH_ARG,
+    input_size: str = typer.Option(None, "--input-size", help="The input the model expects, HEIGHTxWIDTH "
+                                   "(default: the data's size)."),
+    channels: int = typer.Option(None, "--channels", help="Input channels the model expects (default: the data's)."),
+    mean: str = typer.Option(None, "--mean", help="Normalisation mean per channel, in [0, 1] units, e.g. "
+                             "0.485,0.456,0.406 (default: the data's own)."),
+    std: str = typer.Option(None, "--std", help="Normalisation std per channel (default: the data's own)."),
+    fit: str = typer.Option("resize", "--fit", help="How other images are brought to the input size: resize, or "
+                            "center-crop (shorter side to size/crop, then the centre, as ImageNet models are "
+                            "evaluated)."),
+    crop: float = typer.Option(0.875, "--crop", help="The crop ratio of --fit center-crop (224/256)."),
     data_root: str = DATA_ROOT, device: str = DEVICE, overwrite: bool = OVERWRITE, as_json: bool = JSON,
 ) -> None:
     """Wrap a user's state dict into a model artifact (evaluated on the data set's test split)."""
@@ -178,8 +199,10 @@ def import_weights(
     from .jobs.common import Run
     from .jobs.import_model import import_model
 
+    inputs = {"size": parse_size(input_size), "mean": parse_floats(mean, "--mean"), "std": parse_floats(std, "--std"),
+              "fit": fit, "crop": crop, "channels": channels}
     result = import_model(arch, weights, data, out, parse_class_list(classes), parse_arch_args(arch_arg, bn),
-                          Run(device, data_root, overwrite=overwrite))
+                          Run(device, data_root, overwrite=overwrite), inputs)
     emit(result, as_json, f"imported {weights}")
 
 
@@ -415,10 +438,19 @@ def version() -> None:
     sys.stdout.write(f"cnnmod {__version__}\n")
 
 
+TRUST_CODE = "--trust-code"  # anywhere on the line: artifacts may import the code their architecture names
+
+
 def main(argv: list[str] | None = None) -> int:
+    from .models.reference import trusting
+
     command = typer.main.get_command(app)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    trust = TRUST_CODE in argv
+    argv = [a for a in argv if a != TRUST_CODE]
     try:
-        rc = command.main(args=argv, prog_name="cnnmod", standalone_mode=False)
+        with trusting(trust):
+            rc = command.main(args=argv, prog_name="cnnmod", standalone_mode=False)
     except UserError as e:
         sys.stderr.write(f"cnnmod: error: {e}\n")
         return 2

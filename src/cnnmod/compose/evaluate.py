@@ -10,6 +10,7 @@ import torch
 from ..core.metrics import accuracy_report, predict_scores
 from ..data import load
 from ..data.dataset import ImageSet
+from ..data.torch_dataset import as_image_set
 from ..models.classifier import Classifier
 from ..modules.base import ClassRef
 from .base import Composer
@@ -32,7 +33,9 @@ def composed_scores(composer: Composer, images: torch.Tensor, device: torch.devi
 def evaluate_against_model(composer: Composer, source: Classifier, test: ImageSet, device: torch.device,
                            batch_size: int = 512) -> dict:
     """The source model vs ``composer`` (of classes of that model) on ``test``, whose labels are the composer's
-    columns. The model is scored on the same classes (its logits restricted to them)."""
+    columns (an :class:`ImageSet` or a torch Dataset of (image, label) pairs). The model is scored on the same
+    classes (its logits restricted to them)."""
+    test = as_image_set(test, [r.name for r in composer.refs])
     source = source.to(device).eval()
     columns = torch.tensor([r.index for r in composer.refs])
     model_scores = predict_scores(lambda x: source(x)[:, columns.to(x.device)], source.prepare, test.images,

@@ -71,7 +71,7 @@ class ChannelGroups:
                 continue
             channels = points[0].shape[0]
             self.groups.append({"roots": roots, "points": [p.name for p in points], "channels": channels,
-                                "consumers": _consumers(group, names, channels)})
+                                "consumers": _consumers(dg, group, names, channels)})
         self.unsliceable = self._probe(net, graph)
         if not self.groups:
             reason = "; ".join(f"{layer}: {why}" for layer, why in self.unsliceable[:2])
@@ -112,21 +112,38 @@ class ChannelGroups:
         return left_out
 
 
-def _consumers(group, names: dict, channels: int) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
-    """The layers that read a group's channels, as slicing cuts them: (layer, its input indices, the group channel
-    each one carries). torch-pruning lists a consumer's indices in the order of the group's channels, each
-    repeated where a flatten spreads a channel over several features."""
-    seen: dict[str, tuple[str, torch.Tensor, torch.Tensor]] = {}
+def _reads(group) -> dict[nn.Module, list[int]]:
+    """Per layer that reads a group's channels: its input indices that the group's pruning would cut."""
+    out: dict[nn.Module, list[int]] = {}
     for dep, idxs in group:
         module = dep.target.module
-        if dep.handler.__name__ != "prune_in_channels" or not isinstance(module, (nn.Conv2d, nn.Linear)):
-            continue
-        index = torch.tensor([int(i) for i in idxs], dtype=torch.long)
-        if index.numel() % channels:
-            continue
-        root = torch.arange(channels).repeat_interleave(index.numel() // channels)
-        seen[names[module]] = (names[module], index, root)
-    return list(seen.values())
+        if dep.handler.__name__ == "prune_in_channels" and isinstance(module, (nn.Conv2d, nn.Linear)):
+            out.setdefault(module, []).extend(int(i) for i in idxs)
+    return out
+
+
+def _consumers(dg, group, names: dict, channels: int) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    """The layers that read a group's channels, as slicing cuts them: (layer, its input indices, the group channel
+    each one carries). Where a layer reads each channel once, torch-pruning lists its indices in the order of the
+    group's channels; where it reads some more than once (a flatten spreads a channel over several features, a
+    concatenation carries it twice), each channel's indices are asked for one by one."""
+    full = _reads(group)
+    root_item = next(d for d, _ in group if d.handler.__name__ == "prune_out_channels")
+    per_channel: list[dict[nn.Module, list[int]]] | None = None
+    result = []
+    for module, idxs in full.items():
+        idxs = sorted(set(idxs)) if len(set(idxs)) != len(idxs) else idxs
+        if len(idxs) == channels:
+            index, root = torch.tensor(idxs), torch.arange(channels)
+        else:
+            if per_channel is None:
+                target, handler = root_item.target.module, root_item.handler
+                per_channel = [_reads(dg.get_pruning_group(target, handler, idxs=[j])) for j in range(channels)]
+            pairs = [(i, j) for j, reads in enumerate(per_channel) for i in reads.get(module, [])]
+            index = torch.tensor([i for i, _ in pairs], dtype=torch.long)
+            root = torch.tensor([j for _, j in pairs], dtype=torch.long)
+        result.append((names[module], index, root))
+    return result
 
 
 @contextmanager

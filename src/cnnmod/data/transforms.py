@@ -11,7 +11,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-
 FITS = ("resize", "center-crop")
 
 

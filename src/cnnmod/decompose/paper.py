@@ -19,9 +19,9 @@ from ..core.graph import ModelGraph
 from ..core.observe import ActivationStats, observe, tangling_budget
 from ..data.dataset import ImageSet
 from ..data.registry import split_spec
-from ..data.transforms import InputSpec
+from ..data.torch_dataset import as_image_set
 from ..errors import UserError
-from ..models.classifier import Classifier
+from ..models.classifier import Classifier, wrap
 from ..modules.masked import Module, binary_head
 from ..runtime import Distributed
 from .fitting import calibrate_decomposition
@@ -59,11 +59,11 @@ class DecomposeSettings:
 
 
 def as_classifier(model: nn.Module, data: ImageSet) -> Classifier:
-    """A user's plain ``nn.Module`` is taken to have been trained on ``data``'s classes and normalisation."""
+    """A user's plain ``nn.Module`` is taken to have been trained on ``data``'s classes and normalisation (say
+    otherwise with :func:`cnnmod.models.classifier.wrap`)."""
     if isinstance(model, Classifier):
         return model
-    spec = InputSpec(*data.input_shape, data.mean, data.std)
-    return Classifier(model, spec, data.class_names, "custom", {}, data.name, data.source_classes)
+    return wrap(model, data=data)
 
 
 def check_data(clf: Classifier, data: ImageSet) -> None:
@@ -135,7 +135,8 @@ def decompose(model: nn.Module, data: ImageSet, variant: str | None = None, *, c
               settings: DecomposeSettings | None = None, device: torch.device | str | None = None,
               batch_size: int = 256, dd: Distributed | None = None, show_progress: bool = True,
               stats: ActivationStats | None = None) -> list[Module]:
-    """One module per class (or per class in ``classes``) of ``model``, observed on ``data`` (its training split).
+    """One module per class (or per class in ``classes``) of ``model``, observed on ``data`` (its training split:
+    an :class:`ImageSet`, or a torch Dataset of (image, label) pairs).
 
     ``settings`` holds every switch; ``variant``, when given, overrides ``settings.variant``. ``stats`` reuses
     an earlier observation pass (all three variants come from the same one).
@@ -144,6 +145,7 @@ def decompose(model: nn.Module, data: ImageSet, variant: str | None = None, *, c
     if variant is not None:
         s = replace(s, variant=variant)
     s.check()
+    data = as_image_set(data)
     clf = as_classifier(model, data)
     check_data(clf, data)
     if device is not None:

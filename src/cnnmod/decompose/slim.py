@@ -41,6 +41,7 @@ from ..core.channels import (
 from ..core.observe import class_order, hooks, tangling_budget
 from ..data.dataset import ImageSet
 from ..data.registry import split_spec
+from ..data.torch_dataset import as_image_set
 from ..errors import UserError
 from ..models.classifier import Classifier
 from ..models.train import split_indices
@@ -359,6 +360,7 @@ def slim_module(source: Classifier, data: ImageSet, concerned: int, s: SlimSetti
     ``keep_reference`` keeps the gated full network it was cut from as ``gated_reference``, for checks."""
     s = s.resolved(MODULE_SIZE)
     s.check()
+    data = as_image_set(data)
     started = time.perf_counter()
     frozen = frozen_copy(source)
     graph, net, _ = frozen

@@ -3,16 +3,18 @@ model.safetensors, README.md), weights verified against their checksum, never un
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from ..data.transforms import InputSpec
 from ..errors import UserError
 from ..models import build
 from ..models.classifier import Classifier
+from ..models.reference import allows_code
+from ..models.registry import load_weights
 from .artifacts import atomic_folder, read_artifact, write_into
 
 
@@ -28,7 +30,16 @@ def model_card(clf: Classifier) -> str:
     return "\n".join(lines)
 
 
+def check_reloadable(clf: Classifier) -> None:
+    """A model is saved only when its folder can be loaded again: its architecture is recorded."""
+    if clf.arch == "custom":
+        raise UserError(f"the model ({type(clf.net).__name__}) records no architecture, so its folder could not be "
+                        "loaded again; wrap it with cnnmod.wrap(model, arch='package.module:callable', "
+                        "arch_args={...}) or register its class with @cnnmod.register_arch")
+
+
 def save_into(clf: Classifier, folder: Path, extra: dict | None = None) -> dict:
+    check_reloadable(clf)
     config = {**clf.config(), **(extra or {})}
     config.pop("weights_sha256", None)
     return write_into(folder, "model", config, clf.net.state_dict(), model_card(clf))
@@ -39,13 +50,13 @@ def save_model(clf: Classifier, out: str | os.PathLike, overwrite: bool = False)
         return save_into(clf, tmp)
 
 
+@allows_code
 def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Classifier:
     """The classifier in a model artifact folder, weights verified against their checksum."""
     config, tensors = read_artifact(path, "model")
-    arch = config.get("arch", {})
-    spec = InputSpec.from_dict(config["input"])
-    net = build(arch.get("name", "?"), spec.shape, len(config["class_names"]), **arch.get("args", {}))
-    load_weights(net, tensors, arch.get("name", "?"), Path(path))
+    arch, spec = checked_arch(config, path), checked_input(config, path)
+    net = build(arch["name"], spec.shape, len(config["class_names"]), **arch.get("args", {}))
+    load_weights(net, tensors, arch["name"], Path(path))
     info = {k: v for k, v in config.items()
             if k not in ("arch", "input", "class_names", "dataset", "source_classes", "format_version", "kind")}
     clf = Classifier(net, spec, config["class_names"], arch["name"], arch.get("args", {}), config.get("dataset", ""),
@@ -53,22 +64,22 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
     return clf.to(map_location).eval()
 
 
-def load_weights(net: nn.Module, tensors: dict[str, torch.Tensor], arch: str, source: Path | str) -> None:
-    """Load a state dict strictly; a mismatch is a user error naming what does not fit."""
-    tensors = {k.removeprefix("module."): v for k, v in tensors.items()}
-    expected = net.state_dict()
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(tensors) if tuple(expected[k].shape) != tuple(tensors[k].shape))
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"missing {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
-        if unexpected:
-            parts.append(f"unexpected {', '.join(unexpected[:3])}{' ...' if len(unexpected) > 3 else ''}")
-        if wrong:
-            k = wrong[0]
-            parts.append(f"{k} is {tuple(tensors[k].shape)} but {arch} needs {tuple(expected[k].shape)}")
-        raise UserError(f"the weights in {source} are not a {arch} for this input and class count "
-                        f"({'; '.join(parts)}); check --arch, --data and the architecture options")
-    net.load_state_dict(tensors, strict=True)
+def checked_arch(config: dict, path) -> dict:
+    """The config's architecture, or a one-line error where it is not ``{"name": str, "args": {...}}``."""
+    arch = config.get("arch")
+    if not isinstance(arch, dict) or not isinstance(arch.get("name"), str) or \
+            not isinstance(arch.get("args", {}), dict):
+        raise UserError(f"{path}/config.json is malformed: 'arch' must be an object with a 'name' string and an "
+                        f"'args' object, got {json.dumps(arch)[:60]}")
+    if not isinstance(config.get("class_names"), list) or len(config["class_names"]) < 2:
+        raise UserError(f"{path}/config.json is malformed: 'class_names' must be a list of at least 2 names")
+    return arch
+
+
+def checked_input(config: dict, path) -> InputSpec:
+    """The config's input spec, or a one-line error naming what is wrong with it."""
+    try:
+        return InputSpec.from_dict(config["input"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{path}/config.json is malformed: 'input' must give channels, height, width, mean and "
+                        f"std ({type(e).__name__}: {e})")

@@ -37,6 +37,7 @@ from ..data.transforms import InputSpec
 from ..errors import UserError
 from ..models import build
 from ..models.classifier import Classifier
+from ..models.reference import allows_code
 from ..modules.base import BinaryModule
 from ..modules.masked import Module
 from ..modules.slim import SlimModule
@@ -283,6 +284,7 @@ class SourceCache:
         return self.models[path]
 
 
+@allows_code
 def load_module(path: str | os.PathLike, device: torch.device | str = "cpu",
                 sources: SourceCache | None = None) -> BinaryModule:
     """A module folder, verified (its own checksum, its source's checksum and the masks' shapes), loaded as its
@@ -331,6 +333,7 @@ def module_paths(path: str | os.PathLike) -> list[Path]:
     raise UserError(f"{path} is a {config['kind']}, not a decomposition, a composition or a module")
 
 
+@allows_code
 def load_modules(paths: str | os.PathLike | Sequence[str | os.PathLike], device: torch.device | str = "cpu"
                  ) -> list[BinaryModule]:
     """Modules from decomposition folders and module folders, sharing each source model."""
@@ -405,6 +408,7 @@ def save_fused_slim(fused, sources: Sequence[Classifier], out: str | os.PathLike
         return write_into(tmp, "composition", config, {}, card)
 
 
+@allows_code
 def load_fused_slim(path: str | os.PathLike, device: torch.device | str = "cpu"):
     """The fused slim composition at ``path`` and its parts' source models."""
     path = Path(path)
@@ -413,6 +417,7 @@ def load_fused_slim(path: str | os.PathLike, device: torch.device | str = "cpu")
     return FusedSlim([m for m, _ in loaded]).to(device).eval(), [s for _, s in loaded]
 
 
+@allows_code
 def load_merged_slim(path: str | os.PathLike, device: torch.device | str = "cpu"):
     """The merged slim composition at ``path`` and its source model."""
     path = Path(path)
@@ -446,6 +451,7 @@ def save_slim_composition(composer: Composer, sources: Sequence[Classifier], out
     return SLIM_COMPOSITIONS[composer.mode][0](composer, list(sources), out, overwrite, extra)
 
 
+@allows_code
 def load_composer(paths: str | os.PathLike | Sequence[str | os.PathLike], device: torch.device | str = "cpu",
                   calibration: str | None = None, mode: str | None = None) -> tuple[Composer, list[Classifier]]:
     """Whatever ``paths`` hold as one classifier, and the source models it is measured against: a slim

@@ -10,12 +10,15 @@ from safetensors.torch import load_file
 
 from ..core.metrics import evaluate_classifier
 from ..data import load
+from ..data.dataset import ImageSet
 from ..data.transforms import InputSpec
 from ..errors import UserError
 from ..io.artifacts import check_output
-from ..io.models import load_weights, save_model
+from ..io.models import save_model
 from ..models import build
 from ..models.classifier import Classifier
+from ..models.reference import trusting
+from ..models.registry import load_weights, resolve_arch
 from ..runtime import pick_device
 from .common import Run
 
@@ -40,20 +43,43 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return obj
 
 
+def input_spec(data: ImageSet, size: list[int] | None = None, mean: list[float] | None = None,
+               std: list[float] | None = None, fit: str = "resize", crop: float = 0.875,
+               channels: int | None = None) -> InputSpec:
+    """What a model expects, as its user states it; what is not stated is ``data``'s own (its channels, size and
+    normalisation)."""
+    c, h, w = data.input_shape
+    c = channels or c
+    h, w = size if size else (h, w)
+
+    def own(values) -> tuple[float, ...]:  # the data's statistics, averaged where the channel count changes
+        return tuple(values) if len(values) in (1, c) else (sum(values) / len(values),)
+
+    mean, std = tuple(mean) if mean else own(data.mean), tuple(std) if std else own(data.std)
+    try:
+        return InputSpec(c, h, w, mean, std, fit, crop)
+    except ValueError as e:
+        raise UserError(f"the input spec is not valid: {e} (--mean, --std, --fit, --crop)")
+
+
 def import_model(arch: str, weights: Path, data: str, out: Path, classes: list[int] | None = None,
-                 arch_args: dict | None = None, run: Run | None = None) -> dict:
-    """``cnnmod import``: a user's state dict for a zoo architecture, as a model folder, evaluated on ``data``'s
-    test split."""
-    run, arch_args = run or Run(), dict(arch_args or {})
+                 arch_args: dict | None = None, run: Run | None = None, inputs: dict | None = None) -> dict:
+    """``cnnmod import``: a user's state dict for a zoo architecture, a registered name or a reference
+    ``package.module:callable``, as a model folder, evaluated on ``data``'s test split.
+    ``inputs`` states the input the model expects (:func:`input_spec`'s keywords; by default the data's own)."""
+    run = run or Run()
     check_output(Path(out), run.overwrite)
     train = load(data, "train", run.data_root, classes)
     test = load(data, "test", run.data_root, classes)
-    spec = InputSpec(*train.input_shape, train.mean, train.std)
-    net = build(arch, spec.shape, train.num_classes, **arch_args)
-    load_weights(net, read_state_dict(Path(weights)), arch, weights)
-    clf = Classifier(net, spec, train.class_names, arch, arch_args, data, train.source_classes,
+    spec = input_spec(train, **{k: v for k, v in (inputs or {}).items() if v is not None})
+    with trusting(True):  # the user named the architecture
+        name, args = resolve_arch(arch, dict(arch_args or {}), spec.shape, train.num_classes)
+        net = build(name, spec.shape, train.num_classes, **args)
+    load_weights(net, read_state_dict(Path(weights)), name, weights)
+    clf = Classifier(net, spec, train.class_names, name, args, data, train.source_classes,
                      {"imported_from": Path(weights).name})
     report = evaluate_classifier(clf, test, pick_device(run.device))
     clf.info["metrics"] = {"test_top1": report["top1"], "test_top5": report["top5"]}
     save_model(clf.cpu(), out, run.overwrite)
-    return {"out": str(out), "arch": arch, "data": data, "test_top1": report["top1"], "test_top5": report["top5"]}
+    return {"out": str(out), "arch": name, "arch_args": args, "input": spec.to_dict(), "data": data,
+            "test_top1": report["top1"], "test_top5": report["top5"]}

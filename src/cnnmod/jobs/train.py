@@ -19,6 +19,8 @@ from ..io.artifacts import atomic_folder, check_output
 from ..io.models import save_into
 from ..models import build
 from ..models.classifier import Classifier
+from ..models.reference import trusting
+from ..models.registry import resolve_arch
 from ..models.train import TrainSettings, fit, split_train_val
 from ..progress import say
 from ..runtime import init_distributed, pick_device, seed_everything
@@ -42,7 +44,9 @@ def train(s: TrainSettings, out: str | Path | None, overwrite: bool = False, sho
     if s.input_size is not None:
         h, w = (int(v) for v in s.input_size)
     spec = InputSpec(c, h, w, full_train.mean, full_train.std)
-    model = build(s.arch, spec.shape, full_train.num_classes, **s.arch_args).to(device)
+    with trusting(True):  # the user named the architecture
+        arch, arch_args = resolve_arch(s.arch, s.arch_args, spec.shape, full_train.num_classes)
+        model = build(arch, spec.shape, full_train.num_classes, **arch_args).to(device)
     if dd.is_main:
         say(f"training {s.arch} on {s.data}: {len(train_set)} images, {len(val_set) if val_set else 0} for validation, "
             f"{full_train.num_classes} classes, {s.epochs} epochs on {device}" + (f" x{dd.world}" if dd.active else ""))
@@ -55,9 +59,10 @@ def train(s: TrainSettings, out: str | Path | None, overwrite: bool = False, sho
                               "best_epoch": result["best_epoch"], "seconds": round(seconds, 3)}}
 
     def classifier(state: dict) -> Classifier:
-        net = build(s.arch, spec.shape, full_train.num_classes, **s.arch_args)
+        with trusting(True):
+            net = build(arch, spec.shape, full_train.num_classes, **arch_args)
         net.load_state_dict(state)
-        return Classifier(net, spec, full_train.class_names, s.arch, s.arch_args, s.data,
+        return Classifier(net, spec, full_train.class_names, arch, arch_args, s.data,
                           full_train.source_classes, dict(info_base))
 
     best, last = classifier(result["best_state"]), classifier(last_state)

@@ -14,6 +14,8 @@ from ..data import load, split_spec
 from ..data.dataset import ImageSet
 from ..data.transforms import InputSpec, to_input
 from ..errors import UserError
+from .reference import reference_of, trusting
+from .registry import build, load_weights, resolve_arch
 
 
 class Classifier(nn.Module):
@@ -48,6 +50,34 @@ class Classifier(nn.Module):
         return {"arch": {"name": self.arch, "args": self.arch_args}, "input": self.spec.to_dict(),
                 "class_names": self.class_names, "dataset": self.dataset, "source_classes": self.source_classes,
                 **self.info}
+
+
+def wrap(net: nn.Module, *, data: ImageSet | None = None, spec: InputSpec | None = None,
+         class_names: list[str] | None = None, arch: str | None = None, arch_args: dict | None = None,
+         dataset: str | None = None) -> Classifier:
+    """A user's trained network as a :class:`Classifier`: what it expects (``spec``: channels, size, mean/std and
+    how other images are fitted; by default ``data``'s own), its class names (by default ``data``'s), and how to
+    rebuild it (``arch``: a registered name or ``package.module:callable``, called with ``arch_args``; by default
+    what a class registered with :func:`cnnmod.register_arch` recorded). Without an architecture it runs, but its
+    folders cannot be saved (there would be no way to load them again)."""
+    if spec is None:
+        if data is None:
+            raise UserError("give the model's input spec (spec=InputSpec(...)) or the data it was trained on")
+        spec = InputSpec(*data.input_shape, data.mean, data.std)
+    names = list(class_names) if class_names is not None else (data.class_names if data is not None else None)
+    if names is None:
+        raise UserError("give the model's class names (class_names=[...]) or the data it was trained on")
+    name, args = "custom", {}
+    if arch is not None:
+        with trusting(True):  # the caller named the code
+            name, args = resolve_arch(arch, dict(arch_args or {}), spec.shape, len(names))
+            rebuilt = build(name, spec.shape, len(names), **args)
+        load_weights(rebuilt, net.state_dict(), name, f"the {type(net).__name__} given")
+    elif (recorded := reference_of(net)) is not None:
+        name, args = resolve_arch(recorded[0], recorded[1], spec.shape, len(names))
+    source = data.source_classes if data is not None else None
+    return Classifier(net, spec, names, name, args, dataset if dataset is not None else (data.name if data else ""),
+                      source)
 
 
 def test_set_for(clf: Classifier, data: str | None, data_root: str | None, resize: bool = False) -> ImageSet:

@@ -51,6 +51,16 @@ def trusting(allow: bool = True) -> Iterator[None]:
         _TRUST.reset(token)
 
 
+def allows_code(fn):
+    """Decorator for a loader: it takes ``trust_code=False``; with ``True`` it may import and run the code an
+    artifact's architecture names (see :func:`trusting`)."""
+    @functools.wraps(fn)
+    def load(*args, trust_code: bool = False, **kwargs):
+        with trusting(trust_code):
+            return fn(*args, **kwargs)
+    return load
+
+
 def _trusted(module: str) -> bool:
     if _TRUST.get():
         return True

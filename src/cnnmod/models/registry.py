@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
+from pathlib import Path
 
+import torch
 from torch import nn
 
 from ..errors import UserError
@@ -68,7 +70,7 @@ def resolve_arch(name: str, args: dict, input_shape: Shape, num_classes: int) ->
     return ref, complete_args(fn, args, num_classes, input_shape[0])
 
 
-def build(name: str, input_shape: Shape, num_classes: int, **kwargs) -> nn.Module:
+def build(name: str, input_shape: Shape, num_classes: int, /, **kwargs) -> nn.Module:
     """A network: a zoo name with its options, or (as :func:`resolve_arch` records it) a reference called with
     exactly ``kwargs``, its output checked to be (N, num_classes)."""
     if name not in ARCHITECTURES and (name in REGISTERED or is_reference(name)):
@@ -86,3 +88,24 @@ def build(name: str, input_shape: Shape, num_classes: int, **kwargs) -> nn.Modul
     if num_classes < 2:
         raise UserError(f"a classifier needs at least 2 classes, got {num_classes}")
     return ARCHITECTURES[name](tuple(input_shape), num_classes, **kwargs)
+
+
+def load_weights(net: nn.Module, tensors: dict[str, torch.Tensor], arch: str, source: Path | str) -> None:
+    """Load a state dict strictly; a mismatch is a user error naming what does not fit."""
+    tensors = {k.removeprefix("module."): v for k, v in tensors.items()}
+    expected = net.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(tensors) if tuple(expected[k].shape) != tuple(tensors[k].shape))
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
+        if unexpected:
+            parts.append(f"unexpected {', '.join(unexpected[:3])}{' ...' if len(unexpected) > 3 else ''}")
+        if wrong:
+            k = wrong[0]
+            parts.append(f"{k} is {tuple(tensors[k].shape)} but {arch} needs {tuple(expected[k].shape)}")
+        raise UserError(f"the weights in {source} are not a {arch} for this input and class count "
+                        f"({'; '.join(parts)}); check --arch, --data and the architecture options")
+    net.load_state_dict(tensors, strict=True)

@@ -1,0 +1,128 @@
+"""Every architecture family of docs/coverage.md, at a tiny size: node-level decomposition where the paper's rule
+applies, slim modules for all, and the properties each must keep whatever the input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import random_data
+from torch import nn
+
+from cnnmod.core.channels import classifier_input, gated
+from cnnmod.core.graph import ModelGraph
+from cnnmod.data.transforms import InputSpec
+from cnnmod.decompose import DecomposeSettings, decompose
+from cnnmod.decompose.paper import marked_features
+from cnnmod.decompose.slim import SlimSettings, slim_module
+from cnnmod.errors import UserError
+from cnnmod.models.classifier import Classifier
+from cnnmod.models.families import FAMILIES, RELU_FAMILIES
+from cnnmod.modules.masked import Module, binary_head, masked_features
+
+SHAPE = (1, 16, 16)
+GATED = {"se_resnet", "attention_resnet", "ghostnet"}  # a gate reads the nodes MC-BI may switch off (by design)
+PRE_ACTIVATION = {"preact_resnet", "wrn", "densenet", "pyramidnet"}  # BatchNorm between the points and the head
+
+
+def family(name: str, seed: int = 0) -> Classifier:
+    torch.manual_seed(seed)
+    net = FAMILIES[name](1, 4, 8).eval()
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):  # non-trivial statistics
+                m.running_mean.normal_(0, 0.2)
+                m.running_var.uniform_(0.5, 2.0)
+        head = net.get_submodule(ModelGraph(net, SHAPE).classifier)
+        head.weight.normal_(0, 1)  # weights large enough that MC-BLN marks features
+    return Classifier(net, InputSpec(*SHAPE, (0.5,), (0.25,)), [f"r{c}" for c in range(4)], "x", {}, "rand")
+
+
+def test_the_node_rule_refuses_non_relu_networks_in_one_line_pointing_to_slim():
+    for name in ("mobilenet_v3", "efficientnet"):
+        with pytest.raises(UserError, match=r"uses layer .*(Hardswish|SiLU).* needs ReLU-family .*granularity channel"):
+            decompose(family(name), random_data(SHAPE, 4, 3), show_progress=False)
+
+
+@pytest.mark.parametrize("name", RELU_FAMILIES)
+def test_node_level_variants_on_every_relu_family(name):
+    """The three variants run; MC-BI only removes nodes from MC-BLN's, and (where no gate reads them) the nodes it
+    removes cannot change the module's output; MC-BLN's marked features are exactly 0 for any input where no
+    BatchNorm lies between the switched-off nodes and the head."""
+    clf = family(name)
+    data = random_data(SHAPE, 4, 6)
+    settings = DecomposeSettings(calibration_samples=0)
+    made = {v: decompose(clf, data, v, settings=settings, show_progress=False) for v in ("mc", "mc-bln", "mc-bi")}
+    x = torch.randn(6, *SHAPE) * 2
+    for m_mc, m_bln, m_bi in zip(made["mc"], made["mc-bln"], made["mc-bi"], strict=True):
+        assert 0 < m_bi.kept_fraction() <= m_bln.kept_fraction() <= m_mc.kept_fraction() <= 1
+        assert all(not (m_bi.masks[k] & ~m_bln.masks[k]).any() for k in m_bln.masks)
+        if name not in GATED:
+            with torch.no_grad():
+                assert torch.allclose(m_bln(x), m_bi(x), atol=1e-4)
+    if name in PRE_ACTIVATION or m_bln.head.kind == "class_map":
+        return
+    some_marked = False
+    for m in made["mc-bln"]:
+        marked = marked_features(m.head_weight, 0.5)
+        some_marked |= bool(marked.any())
+        masks = {k: v.unsqueeze(0) for k, v in m.masks.items()}
+        with torch.no_grad():
+            features = masked_features(clf.net, m.points, m.head, masks, x)[0]
+        assert torch.all(features[:, marked] == 0), name
+    assert some_marked
+
+
+@pytest.mark.parametrize("name", ["preact_resnet", "densenet", "pyramidnet", "shufflenet_v2", "ghostnet",
+                                  "mobilenet_v2", "functional"])
+def test_mc_bi_liveness_through_every_op_against_random_masks(name):
+    """With random masks, the nodes MC-BI finds dead are dead: switching them off too changes nothing (concat
+    offsets, split, shuffle, pad, slicing, functional pooling)."""
+    clf = family(name, seed=1)
+    graph = ModelGraph(clf.net, SHAPE)
+    g = torch.Generator().manual_seed(0)
+    masks = {}
+    for p in graph.points:
+        channel_on = torch.rand(p.shape[0], generator=g) < 0.4
+        masks[p.name] = (torch.rand(p.shape, generator=g) < 0.6) & channel_on.view(-1, *([1] * (len(p.shape) - 1)))
+    needed = graph.needed(masks)
+    pruned = {k: v & needed[k] for k, v in masks.items()}
+    w, b = binary_head(*graph.head.linear_map(clf.net), 1)
+    before, after = Module(clf, graph, 1, masks, w, b), Module(clf, graph, 1, pruned, w, b)
+    x = torch.randn(5, *SHAPE)
+    with torch.no_grad():
+        if name not in GATED:
+            assert torch.allclose(before(x), after(x), atol=1e-4)
+    assert after.kept_nodes() <= before.kept_nodes()
+
+
+@pytest.mark.parametrize("name", ["linear_pool_head", "nin", "squeezenet"])
+def test_a_convolution_classifier_gives_the_papers_binary_head(name):
+    """A 1x1-conv classifier with global pooling, or pooled class maps: a module keeping every node gives
+    z_c = the model's logit c and z_uc = the mean of the other logits, exactly as for nn.Linear."""
+    clf = family(name)
+    graph = ModelGraph(clf.net, SHAPE)
+    assert graph.head.kind == ("conv_pool" if name == "linear_pool_head" else "class_map")
+    ones = {p.name: torch.ones(p.shape, dtype=torch.bool) for p in graph.points}
+    x = torch.randn(7, *SHAPE)
+    with torch.no_grad():
+        logits = clf.net(x)
+        for c in range(4):
+            w, b = binary_head(*graph.head.linear_map(clf.net), c)
+            z = Module(clf, graph, c, ones, w, b)(x)
+            others = [o for o in range(4) if o != c]
+            assert torch.allclose(z[:, 0], logits[:, c], atol=1e-4)
+            assert torch.allclose(z[:, 1], logits[:, others].mean(1), atol=1e-4)
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_slim_modules_on_every_family_compute_what_the_gated_model_computes(name):
+    clf = family(name)
+    m = slim_module(clf, random_data(SHAPE, 4, 10), 1, SlimSettings(size=0.6, samples=10, step=0.25),
+                    keep_reference=True)
+    assert m.params() < 0.8 * clf.params()
+    net, graph, groups, gates, hw, hb = m.gated_reference
+    x = torch.randn(5, *SHAPE)
+    with torch.no_grad(), gated(net, graph, groups, gates):
+        expected = classifier_input(net, graph.head, lambda: net(x)) @ hw.T + hb
+    with torch.no_grad():
+        assert torch.allclose(m(x), expected, atol=1e-3), name
