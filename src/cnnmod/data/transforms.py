@@ -33,7 +33,8 @@ class InputSpec:
         if self.fit not in FITS:
             raise ValueError(f"fit must be one of {', '.join(FITS)}, got {self.fit!r}")
         if len(self.mean) not in (1, self.channels) or len(self.std) not in (1, self.channels):
-            raise ValueError(f"mean and std need 1 or {self.channels} values")
+            raise ValueError(f"mean and std need 1 or {self.channels} values for {self.channels} channels, got "
+                             f"{len(self.mean)} and {len(self.std)}")
         if any(s <= 0 for s in self.std) or not 0 < self.crop <= 1:
             raise ValueError("std must be positive and crop in (0, 1]")
 

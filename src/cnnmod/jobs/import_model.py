@@ -49,7 +49,7 @@ def input_spec(data: ImageSet, size: list[int] | None = None, mean: list[float] 
     """What a model expects, as its user states it; what is not stated is ``data``'s own (its channels, size and
     normalisation)."""
     c, h, w = data.input_shape
-    c = channels or c
+    c = channels or (len(mean) if mean and len(mean) > 1 else c)  # three means: an RGB model
     h, w = size if size else (h, w)
 
     def own(values) -> tuple[float, ...]:  # the data's statistics, averaged where the channel count changes

@@ -64,7 +64,9 @@ def resolve_arch(name: str, args: dict, input_shape: Shape, num_classes: int) ->
     if name in ARCHITECTURES:
         return name, dict(args)
     if name not in REGISTERED and not is_reference(name):
-        raise UserError(f"unknown architecture {name!r}; known: {', '.join(sorted(ARCHITECTURES))}, a name "
+        module, _, attr = name.rpartition(".")
+        hint = f" (did you mean {module}:{attr}?)" if module else ""
+        raise UserError(f"unknown architecture {name!r}{hint}; known: {', '.join(sorted(ARCHITECTURES))}, a name "
                         "registered with @cnnmod.register_arch, or a reference package.module:callable")
     fn, ref = callable_for(name)
     return ref, complete_args(fn, args, num_classes, input_shape[0])
@@ -96,7 +98,8 @@ def load_weights(net: nn.Module, tensors: dict[str, torch.Tensor], arch: str, so
     expected = net.state_dict()
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(tensors) if tuple(expected[k].shape) != tuple(tensors[k].shape))
+    wrong = [k for k in expected if k in tensors and tuple(expected[k].shape) != tuple(tensors[k].shape)]  # in
+    # the network's order: the first that does not fit is the first layer to check
     if missing or unexpected or wrong:
         parts = []
         if missing:
