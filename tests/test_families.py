@@ -8,6 +8,7 @@ import torch
 from conftest import random_data
 from torch import nn
 
+import cnnmod
 from cnnmod.core.channels import classifier_input, gated
 from cnnmod.core.graph import ModelGraph
 from cnnmod.data.transforms import InputSpec
@@ -15,6 +16,7 @@ from cnnmod.decompose import DecomposeSettings, decompose
 from cnnmod.decompose.paper import marked_features
 from cnnmod.decompose.slim import SlimSettings, slim_module
 from cnnmod.errors import UserError
+from cnnmod.io.export import export_onnx
 from cnnmod.models.classifier import Classifier
 from cnnmod.models.families import FAMILIES, RELU_FAMILIES
 from cnnmod.modules.masked import Module, binary_head, masked_features
@@ -126,3 +128,27 @@ def test_slim_modules_on_every_family_compute_what_the_gated_model_computes(name
         expected = classifier_input(net, graph.head, lambda: net(x)) @ hw.T + hb
     with torch.no_grad():
         assert torch.allclose(m(x), expected, atol=1e-3), name
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_every_family_saves_reloads_by_reference_and_exports(tmp_path, name):
+    """By reference, as a user's own network is: node-level modules (ReLU families) or slim ones (all) saved,
+    reloaded with trust (bit for bit the same scores) and exported to ONNX (checked against PyTorch)."""
+    clf = family(name)
+    clf.arch, clf.arch_args = f"cnnmod.models.families:{name}", {"in_channels": 1, "num_classes": 4, "width": 8}
+    data = random_data(SHAPE, 4, 6)
+    if name in RELU_FAMILIES:
+        modules = decompose(clf, data, settings=DecomposeSettings(calibration_samples=0), show_progress=False)
+    else:
+        modules = [slim_module(clf, data, c, SlimSettings(size=0.6, samples=6, step=0.3)) for c in (0, 2)]
+    cnnmod.save_decomposition(modules, tmp_path / "d", source=clf)
+    with pytest.raises(UserError, match="--trust-code"):
+        cnnmod.load_modules(tmp_path / "d")
+    loaded = cnnmod.load_modules(tmp_path / "d", trust_code=True)
+    images = torch.randint(0, 256, (5, *SHAPE), dtype=torch.uint8)
+    with torch.no_grad():
+        assert torch.equal(cnnmod.compose(loaded)(images), cnnmod.compose(modules)(images))
+    folders = sorted(str(p) for p in (tmp_path / "d" / "modules").iterdir())
+    with cnnmod.trusting():
+        result = export_onnx(folders, tmp_path / "c.onnx")
+    assert result["max_abs_difference"] is None or result["max_abs_difference"] < 1e-4

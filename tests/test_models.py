@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import math
+from pathlib import Path
+
 import pytest
 import torch
 import torch.fx
@@ -13,7 +17,8 @@ from cnnmod.models import ARCHITECTURES, build
 
 @pytest.mark.parametrize("name", sorted(ARCHITECTURES))
 def test_every_model_runs_and_traces(name: str) -> None:
-    for shape in ((1, 28, 28), (3, 32, 32)):
+    imagenet = name in ("resnet50", "mobilenet_v2", "vgg16_bn", "densenet121")
+    for shape in ((1, 32, 32), (3, 64, 64)) if imagenet else ((1, 28, 28), (3, 32, 32)):
         model = build(name, shape, 7).eval()
         x = torch.randn(2, *shape)
         traced = torch.fx.symbolic_trace(model)
@@ -61,3 +66,41 @@ def test_registry_errors() -> None:
         build("resnet20", (3, 32, 32), 10, depth=3)
     with pytest.raises(UserError, match="at least 2 classes"):
         build("cnn", (1, 8, 8), 1)
+
+
+def _torchvision_fill(state: dict) -> dict:
+    """The deterministic weights tests/fixtures/make_torchvision_fixture.py loaded into torchvision's models."""
+    out = {}
+    for i, (k, v) in enumerate(state.items()):
+        if not v.is_floating_point():
+            out[k] = torch.zeros_like(v)
+            continue
+        t = torch.sin(torch.arange(v.numel(), dtype=torch.float64) * 0.37 + i).reshape(v.shape)
+        if k.endswith("running_var"):
+            t = 1.0 + 0.5 * t * t
+        elif k.endswith("running_mean") or k.endswith("bias"):
+            t = 0.1 * t
+        elif k.endswith("weight") and v.dim() == 1:
+            t = 1.0 + 0.2 * t
+        else:
+            t = t * math.sqrt(2.0 / max(1, v[0].numel()))
+        out[k] = t.to(v.dtype)
+    return out
+
+
+@pytest.mark.parametrize("name", ["resnet50", "mobilenet_v2", "vgg16_bn", "densenet121"])
+def test_imagenet_zoo_has_torchvisions_keys_shapes_and_outputs(name):
+    """Against torchvision 0.28.0 itself (recorded once in a throwaway venv: torchvision is never a dependency):
+    every state-dict key in order with its shape, and the logits under the same deterministic weights."""
+    fixture = json.loads((Path(__file__).parent / "fixtures" / "torchvision_0.28.0.json").read_text())["models"][name]
+    net = build(name, (3, 64, 64), 10).eval()
+    state = net.state_dict()
+    assert [[k, list(v.shape)] for k, v in state.items()] == fixture["keys"]
+    net.load_state_dict(_torchvision_fill(state))
+    x = torch.sin(torch.arange(2 * 3 * 64 * 64, dtype=torch.float64) * 0.11).reshape(2, 3, 64, 64).float()
+    with torch.no_grad():
+        logits = net(x)
+    expected = torch.tensor(fixture["logits"])
+    assert torch.allclose(logits, expected, atol=1e-3 * (1 + float(expected.abs().max())))
+    assert [list(v.shape) for v in build(name, (3, 64, 64), 1000).state_dict().values()][-2:] == fixture["fc_1000"]
+    del net, state

@@ -15,7 +15,8 @@ from .store import load_composer
 def export_onnx(paths: list[str | Path], out: str | Path, overwrite: bool = False, check: bool = True,
                 calibration: str | None = None) -> dict:
     """Export the composition of the modules at ``paths`` (one module folder gives a one-column classifier);
-    with ``check``, onnxruntime's scores are compared with cnnmod's on a random batch of another size."""
+    with ``check``, onnxruntime's scores are compared with cnnmod's on a random batch (of another size, where the
+    exported batch size is dynamic)."""
     try:
         import onnx  # noqa: F401
     except ImportError:
@@ -28,24 +29,39 @@ def export_onnx(paths: list[str | Path], out: str | Path, overwrite: bool = Fals
     shape = tuple(comp.input_shape)
     example = torch.randint(0, 256, (2, *shape), dtype=torch.uint8)
     with atomic_file(out) as tmp:
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(comp, (example,), str(tmp), dynamo=False, input_names=["images"],
-                              output_names=["scores"], dynamic_axes={"images": {0: "batch"}, "scores": {0: "batch"}})
+        dynamic = _export(comp, example, tmp)
         result = {"out": str(out), "classes": [f"{c}" for c in comp.qualified_names], "input_shape": list(shape),
                   "input": "uint8 images (batch, channels, height, width)", "output": "scores p_c (batch, classes)",
-                  "calibration": calibration, "bytes": tmp.stat().st_size}
+                  "batch": "any" if dynamic else example.shape[0], "calibration": calibration,
+                  "bytes": tmp.stat().st_size}
         if check:
-            result["max_abs_difference"] = _check(str(tmp), comp, shape)
+            result["max_abs_difference"] = _check(str(tmp), comp, shape, None if dynamic else example.shape[0])
     return result
 
 
-def _check(path: str, comp, shape: tuple[int, int, int]) -> float | None:
+def _export(comp, example: torch.Tensor, path: Path) -> bool:
+    """Export with any batch size; where an op cannot be exported so (adaptive pooling to a size other than 1
+    once the batch is symbolic), with the example's batch size. Returns whether the batch is dynamic."""
+    errors = []
+    for dynamic in (True, False):
+        axes = {"images": {0: "batch"}, "scores": {0: "batch"}} if dynamic else None
+        try:
+            with warnings.catch_warnings(), torch.no_grad():
+                warnings.simplefilter("ignore")
+                torch.onnx.export(comp, (example,), str(path), dynamo=False, input_names=["images"],
+                                  output_names=["scores"], dynamic_axes=axes)
+            return dynamic
+        except Exception as e:  # noqa: BLE001 - the exporter's failures are reported in one line below
+            errors.append(str(e).strip().splitlines()[0][:140] if str(e).strip() else type(e).__name__)
+    raise UserError(f"torch.onnx cannot export this composition: {errors[-1]}")
+
+
+def _check(path: str, comp, shape: tuple[int, int, int], batch: int | None) -> float | None:
     try:
         import onnxruntime
     except ImportError:
         return None
-    images = torch.randint(0, 256, (5, *shape), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    images = torch.randint(0, 256, (batch or 5, *shape), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
     got = torch.from_numpy(session.run(None, {"images": images.numpy()})[0])
     with torch.no_grad():

@@ -15,10 +15,9 @@ from ..data.transforms import InputSpec
 from ..errors import UserError
 from ..io.artifacts import check_output
 from ..io.models import save_model
-from ..models import build
 from ..models.classifier import Classifier
 from ..models.reference import trusting
-from ..models.registry import load_weights, resolve_arch
+from ..models.registry import create, load_weights
 from ..runtime import pick_device
 from .common import Run
 
@@ -73,8 +72,7 @@ def import_model(arch: str, weights: Path, data: str, out: Path, classes: list[i
     test = load(data, "test", run.data_root, classes)
     spec = input_spec(train, **{k: v for k, v in (inputs or {}).items() if v is not None})
     with trusting(True):  # the user named the architecture
-        name, args = resolve_arch(arch, dict(arch_args or {}), spec.shape, train.num_classes)
-        net = build(name, spec.shape, train.num_classes, **args)
+        name, args, net = create(arch, dict(arch_args or {}), spec.shape, train.num_classes)
     load_weights(net, read_state_dict(Path(weights)), name, weights)
     clf = Classifier(net, spec, train.class_names, name, args, data, train.source_classes,
                      {"imported_from": Path(weights).name})

@@ -20,7 +20,7 @@ from ..io.models import save_into
 from ..models import build
 from ..models.classifier import Classifier
 from ..models.reference import trusting
-from ..models.registry import resolve_arch
+from ..models.registry import create
 from ..models.train import TrainSettings, fit, split_train_val
 from ..progress import say
 from ..runtime import init_distributed, pick_device, seed_everything
@@ -45,8 +45,8 @@ def train(s: TrainSettings, out: str | Path | None, overwrite: bool = False, sho
         h, w = (int(v) for v in s.input_size)
     spec = InputSpec(c, h, w, full_train.mean, full_train.std)
     with trusting(True):  # the user named the architecture
-        arch, arch_args = resolve_arch(s.arch, s.arch_args, spec.shape, full_train.num_classes)
-        model = build(arch, spec.shape, full_train.num_classes, **arch_args).to(device)
+        arch, arch_args, model = create(s.arch, s.arch_args, spec.shape, full_train.num_classes)
+    model = model.to(device)
     if dd.is_main:
         say(f"training {s.arch} on {s.data}: {len(train_set)} images, {len(val_set) if val_set else 0} for validation, "
             f"{full_train.num_classes} classes, {s.epochs} epochs on {device}" + (f" x{dd.world}" if dd.active else ""))

@@ -15,7 +15,7 @@ from ..data.dataset import ImageSet
 from ..data.transforms import InputSpec, to_input
 from ..errors import UserError
 from .reference import reference_of, trusting
-from .registry import build, load_weights, resolve_arch
+from .registry import create, load_weights, resolve_arch
 
 
 class Classifier(nn.Module):
@@ -70,8 +70,7 @@ def wrap(net: nn.Module, *, data: ImageSet | None = None, spec: InputSpec | None
     name, args = "custom", {}
     if arch is not None:
         with trusting(True):  # the caller named the code
-            name, args = resolve_arch(arch, dict(arch_args or {}), spec.shape, len(names))
-            rebuilt = build(name, spec.shape, len(names), **args)
+            name, args, rebuilt = create(arch, dict(arch_args or {}), spec.shape, len(names))
         load_weights(rebuilt, net.state_dict(), name, f"the {type(net).__name__} given")
     elif (recorded := reference_of(net)) is not None:
         name, args = resolve_arch(recorded[0], recorded[1], spec.shape, len(names))

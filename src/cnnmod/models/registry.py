@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from .imagenet import VGG16BN, DenseNet121, MobileNetV2, ResNet50
 from .reference import REGISTERED, call, callable_for, check_output, complete_args, is_reference
 from .resnet import CifarResNet, ResNet
 from .small import MLP, SmallCNN
@@ -46,10 +47,28 @@ def _cnn(input_shape: Shape, num_classes: int, hidden: int = 64, bn: bool = Fals
     return SmallCNN(c, num_classes, h, w, hidden=hidden, bn=bn)
 
 
+def _resnet50(input_shape: Shape, num_classes: int) -> nn.Module:
+    return ResNet50(input_shape[0], num_classes)
+
+
+def _mobilenet_v2(input_shape: Shape, num_classes: int, width_mult: float = 1.0) -> nn.Module:
+    return MobileNetV2(input_shape[0], num_classes, float(width_mult))
+
+
+def _vgg16_bn(input_shape: Shape, num_classes: int) -> nn.Module:
+    return VGG16BN(input_shape[0], num_classes)
+
+
+def _densenet121(input_shape: Shape, num_classes: int) -> nn.Module:
+    return DenseNet121(input_shape[0], num_classes)
+
+
 ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     "resnet20": _resnet_cifar(20), "resnet32": _resnet_cifar(32), "resnet56": _resnet_cifar(56),
     "resnet18": _resnet((2, 2, 2, 2)), "resnet34": _resnet((3, 4, 6, 3)),
     "vgg11": _vgg(11), "vgg16": _vgg(16), "mlp": _mlp, "cnn": _cnn,
+    # torchvision's layouts: its checkpoints load as they are
+    "resnet50": _resnet50, "mobilenet_v2": _mobilenet_v2, "vgg16_bn": _vgg16_bn, "densenet121": _densenet121,
 }
 
 
@@ -70,6 +89,15 @@ def resolve_arch(name: str, args: dict, input_shape: Shape, num_classes: int) ->
                         "registered with @cnnmod.register_arch, or a reference package.module:callable")
     fn, ref = callable_for(name)
     return ref, complete_args(fn, args, num_classes, input_shape[0])
+
+
+def create(name: str, args: dict, input_shape: Shape, num_classes: int) -> tuple[str, dict, nn.Module]:
+    """A new model's network with what its artifact records (:func:`resolve_arch`), checked on one image of its
+    input: a size the architecture cannot take is one line, not a traceback from deep inside it."""
+    recorded, recorded_args = resolve_arch(name, args, input_shape, num_classes)
+    net = build(recorded, input_shape, num_classes, **recorded_args)
+    check_output(net, recorded, tuple(input_shape), num_classes)
+    return recorded, recorded_args, net
 
 
 def build(name: str, input_shape: Shape, num_classes: int, /, **kwargs) -> nn.Module:
