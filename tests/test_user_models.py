@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_user_error, random_data, run
+from conftest import assert_user_error, random_data, run, write_cifar10
 from safetensors.torch import save_file
 
 import cnnmod
@@ -274,3 +274,34 @@ def test_center_crop_fits_images_as_imagenet_evaluation_does():
     assert not torch.allclose(to_input(images, resized), to_input(images, spec))
     with pytest.raises(ValueError, match="fit must be one of"):
         InputSpec(1, 4, 4, (0.0,), (1.0,), fit="stretch")
+
+
+def test_a_torchvision_resnet50_checkpoint_imports_and_decomposes(tmp_path, capsys):
+    """A .pth in torchvision's layout (its key names: tests/test_models.py checks them against torchvision) goes
+    in as it is, with ImageNet preprocessing (center crop to 64, ImageNet mean/std), and decomposes."""
+    write_cifar10(tmp_path / "data", per_batch=12)
+    torch.manual_seed(0)
+    net = cnnmod.models.build("resnet50", (3, 64, 64), 10).eval()
+    torch.save({"state_dict": {f"module.{k}": v for k, v in net.state_dict().items()}}, tmp_path / "r50.pth")
+    out = tmp_path / "m"
+    rc, stdout, err = run(["import", "--arch", "resnet50", "--weights", str(tmp_path / "r50.pth"), "--data",
+                           "cifar10", "--data-root", str(tmp_path / "data"), "--input-size", "64", "--fit",
+                           "center-crop", "--mean", "0.485,0.456,0.406", "--std", "0.229,0.224,0.225", "--out",
+                           str(out), "--json"], capsys)
+    assert rc == 0, err
+    config = json.loads((out / "config.json").read_text())
+    assert config["input"]["fit"] == "center-crop" and config["input"]["height"] == 64
+    clf = cnnmod.load_model(out)  # a zoo name: no trust asked
+    test = load("cifar10", "test", tmp_path / "data")
+    spec = InputSpec(3, 64, 64, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), fit="center-crop")
+    with torch.no_grad():
+        expected = 100.0 * float((net(to_input(test.images, spec)).argmax(1) == test.labels).float().mean())
+    assert abs(json.loads(stdout)["test_top1"] - expected) < 1e-3
+    assert torch.equal(clf.prepare(test.images[:2]), to_input(test.images[:2], spec))
+    rc, stdout, err = run(["decompose", str(out), "--out", str(tmp_path / "d"), "--data-root", str(tmp_path / "data"),
+                           "--ci-samples", "2", "--calibration-samples", "0", "--json"], capsys)
+    assert rc == 0, err
+    rc, stdout, err = run(["import", "--arch", "densenet121", "--weights", str(tmp_path / "r50.pth"), "--data",
+                           "cifar10", "--data-root", str(tmp_path / "data"), "--input-size", "16", "--out",
+                           str(tmp_path / "s")], capsys)  # four stride-2 stages: 16 pixels pool down to nothing
+    assert_user_error(rc, stdout, err, "densenet121 fails on a 3x16x16 input", "check the input size")
