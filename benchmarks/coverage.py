@@ -56,7 +56,8 @@ def run_family(name: str, args, work: Path) -> dict:
     idx = torch.randperm(len(test), generator=torch.Generator().manual_seed(0))[:args.test]
     test = type(test)(test.name, test.split, test.images[idx], test.labels[idx], test.class_names, test.mean,
                       test.std)
-    decompose_settings = cnnmod.DecomposeSettings(ci_samples=args.ci_samples, calibration_samples=0)
+    decompose_settings = cnnmod.DecomposeSettings(ci_samples=args.ci_samples, calibration_samples=0,
+                                                  exact_only=args.exact_only)
     made = {}
     for variant in ("mc", "mc-bln", "mc-bi"):
         if name not in RELU_FAMILIES:
@@ -128,6 +129,8 @@ def main() -> None:
     parser.add_argument("--ci-samples", type=int, default=200)
     parser.add_argument("--slim-samples", type=int, default=100)
     parser.add_argument("--size", type=float, default=0.5)
+    parser.add_argument("--exact-only", action="store_true", help="decompose with --exact-only")
+    parser.add_argument("--no-doc", action="store_true", help="do not write the table into docs/coverage.md")
     args = parser.parse_args()
     rows = {}
     with cnnmod.trusting(True):  # the families are this repository's code, reached by reference
@@ -140,13 +143,14 @@ def main() -> None:
     text = table(rows)
     print(text)
     doc = ROOT / "docs" / "coverage.md"
-    if doc.exists():
+    if doc.exists() and not args.no_doc:
         body = doc.read_text()
         new = re.sub(r"(<!-- coverage:begin -->\n).*?(\n<!-- coverage:end -->)",
                      lambda m: m.group(1) + text + m.group(2), body, flags=re.S)
         doc.write_text(new)
     command = "python benchmarks/coverage.py " + " ".join(sys.argv[1:])
-    record("coverage", command.strip(), rows, f"{len(rows)} families x {len(CAPABILITIES)} capabilities")
+    record("coverage-exact-only" if args.exact_only else "coverage", command.strip(), rows,
+           f"{len(rows)} families x {len(CAPABILITIES)} capabilities")
 
 
 if __name__ == "__main__":

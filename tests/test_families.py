@@ -152,3 +152,28 @@ def test_every_family_saves_reloads_by_reference_and_exports(tmp_path, name):
     with cnnmod.trusting():
         result = export_onnx(folders, tmp_path / "c.onnx")
     assert result["max_abs_difference"] is None or result["max_abs_difference"] < 1e-4
+
+
+@pytest.mark.parametrize("name", ["preact_resnet", "densenet", "pyramidnet", "mobilenet_v2"])
+def test_exact_only_modules_compute_the_model_on_their_own_observed_inputs(name):
+    """With --exact-only nodes are switched off only where a ReLU follows: a node inactive on every observed
+    input of the class was 0 after its ReLU anyway, so on those inputs the module's head sees exactly what the
+    model's does. Pre-activation networks break this without the switch (a 0 before an addition or BatchNorm is
+    not an inactive node)."""
+    clf = family(name)
+    data = random_data(SHAPE, 4, 6)
+    mine = clf.prepare(data.images[data.labels == 2])
+    graph = ModelGraph(clf.net, SHAPE)
+    ones = {p.name: torch.ones(1, *p.shape, dtype=torch.bool) for p in graph.points}
+    with torch.no_grad():
+        reference = masked_features(clf.net, graph.points, graph.head, ones, mine)[0]
+    gaps = {}
+    for exact in (True, False):
+        s = DecomposeSettings(variant="mc", ci_samples=6, calibration_samples=0, exact_only=exact)
+        m = decompose(clf, data, settings=s, classes=[2], show_progress=False)[0]
+        masks = {k: v.unsqueeze(0) for k, v in m.masks.items()}
+        with torch.no_grad():
+            gaps[exact] = float((masked_features(clf.net, m.points, m.head, masks, mine)[0] - reference).abs().max())
+    assert gaps[True] < 1e-5
+    if name == "preact_resnet":
+        assert gaps[False] > 1e-3

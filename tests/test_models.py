@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import pytest
 import torch
 import torch.fx
+from fixtures.make_torchvision_fixture import fill
 from torch import nn
 
 from cnnmod.errors import UserError
@@ -68,26 +68,6 @@ def test_registry_errors() -> None:
         build("cnn", (1, 8, 8), 1)
 
 
-def _torchvision_fill(state: dict) -> dict:
-    """The deterministic weights tests/fixtures/make_torchvision_fixture.py loaded into torchvision's models."""
-    out = {}
-    for i, (k, v) in enumerate(state.items()):
-        if not v.is_floating_point():
-            out[k] = torch.zeros_like(v)
-            continue
-        t = torch.sin(torch.arange(v.numel(), dtype=torch.float64) * 0.37 + i).reshape(v.shape)
-        if k.endswith("running_var"):
-            t = 1.0 + 0.5 * t * t
-        elif k.endswith("running_mean") or k.endswith("bias"):
-            t = 0.1 * t
-        elif k.endswith("weight") and v.dim() == 1:
-            t = 1.0 + 0.2 * t
-        else:
-            t = t * math.sqrt(2.0 / max(1, v[0].numel()))
-        out[k] = t.to(v.dtype)
-    return out
-
-
 @pytest.mark.parametrize("name", ["resnet50", "mobilenet_v2", "vgg16_bn", "densenet121"])
 def test_imagenet_zoo_has_torchvisions_keys_shapes_and_outputs(name):
     """Against torchvision 0.28.0 itself (recorded once in a throwaway venv: torchvision is never a dependency):
@@ -96,7 +76,7 @@ def test_imagenet_zoo_has_torchvisions_keys_shapes_and_outputs(name):
     net = build(name, (3, 64, 64), 10).eval()
     state = net.state_dict()
     assert [[k, list(v.shape)] for k, v in state.items()] == fixture["keys"]
-    net.load_state_dict(_torchvision_fill(state))
+    net.load_state_dict(fill(state))  # the weights the fixture's torchvision models had
     x = torch.sin(torch.arange(2 * 3 * 64 * 64, dtype=torch.float64) * 0.11).reshape(2, 3, 64, 64).float()
     with torch.no_grad():
         logits = net(x)

@@ -215,6 +215,9 @@ def decompose_cmd(
     classes: str = typer.Option(None, "--classes", help="Decompose only these classes, e.g. 0,3,7."),
     ci_samples: int = typer.Option(1000, "--ci-samples", help="Training inputs observed per class."),
     correct_only: bool = typer.Option(False, "--correct-only", help="Observe only inputs the model gets right."),
+    exact_only: bool = typer.Option(False, "--exact-only", help="Switch nodes off only where a ReLU follows "
+                                    "(pre-activation networks: a 0 before an addition or BatchNorm is not "
+                                    "inactive)."),
     tau: float = typer.Option(0.0, "--tau", help="Keep a node active for at least this rate of its class (0: paper)."),
     delta: float = typer.Option(0.5, "--delta", help="MC-BLN's weight threshold."),
     condition: str = typer.Option("pseudocode", "--condition",
@@ -248,7 +251,7 @@ def decompose_cmd(
     from .jobs.decompose import decompose_dir
 
     settings = DecomposeSettings(variant=variant, delta=delta, condition=condition, ci_samples=ci_samples,
-                                 correct_only=correct_only, tau=tau, seed=seed,
+                                 correct_only=correct_only, tau=tau, seed=seed, exact_only=exact_only,
                                  calibration_samples=calibration_samples)
     if granularity not in ("node", "channel"):
         raise UserError(f"unknown granularity {granularity!r}; use node or channel")

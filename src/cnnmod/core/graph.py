@@ -112,12 +112,15 @@ class Head:
     def capture(self, net: nn.Module) -> Iterator[dict]:
         """Context: ``out["features"]`` holds the (B, F) features of the last forward pass of ``net``."""
         out: dict = {}
-        handle = net.get_submodule(self.layer).register_forward_pre_hook(
-            lambda _m, inputs: out.__setitem__("features", self.features(inputs[0])))
+        handle = self._hook(net, out)
         try:
             yield out
         finally:
             handle.remove()
+
+    def _hook(self, net: nn.Module, out: dict):
+        return net.get_submodule(self.layer).register_forward_pre_hook(
+            lambda _m, inputs: out.__setitem__("features", self.features(inputs[0])))
 
     @property
     def sliced_layer(self) -> str:
@@ -163,14 +166,8 @@ class ClassMapHead(Head):
         n = int(net.get_submodule(self.layer).out_channels)
         return torch.eye(n, device=device), torch.zeros(n, device=device)
 
-    @contextmanager
-    def capture(self, net):
-        out: dict = {}
-        handle = net.register_forward_hook(lambda _m, _i, o: out.__setitem__("features", o.flatten(1)))
-        try:
-            yield out
-        finally:
-            handle.remove()
+    def _hook(self, net, out):
+        return net.register_forward_hook(lambda _m, _i, o: out.__setitem__("features", o.flatten(1)))
 
     @property
     def sliced_layer(self) -> str:
@@ -211,6 +208,7 @@ class ModelGraph:
         self.gates, self.gate_branch = self._find_gates()
         self.points = self._find_points()
         self.point_by_node = {p.node: p for p in self.points}
+        self.exact_points = {p.name for p in self.points if self._relu_follows(self.nodes[p.node])}
 
     # ------------------------------------------------------------------ what the network is
     def describe(self, node: Node) -> str:
@@ -317,6 +315,16 @@ class ModelGraph:
                     work.append(src)
         # a node feeding the gate and something else (the gated input itself) stays outside the branch
         return gates, branch
+
+    def _relu_follows(self, node: Node) -> bool:
+        """Whether every use of ``node`` meets a ReLU before anything else (dropout, identity and reshapes
+        aside): there a switched-off node is exactly what an inactive one is, 0 after the ReLU (docs/method.md,
+        "Architectures beyond the paper's"); elsewhere (an addition or a BatchNorm first) forcing it to 0
+        changes what follows."""
+        users = list(node.users)
+        return bool(users) and all(
+            self.kinds[u.name] == "relu" or (self.kinds[u.name] in ("identity", "reshape") and self._relu_follows(u))
+            for u in users)
 
     def _find_points(self) -> list[ObservationPoint]:
         points = []

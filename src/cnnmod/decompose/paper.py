@@ -42,6 +42,7 @@ class DecomposeSettings:
     tau: float = 0.0                # activation-rate threshold of concern identification (0: the paper)
     seed: int = 0
     calibration_samples: int = 100  # held-out training inputs per class to fit score calibration (0: none)
+    exact_only: bool = False        # switch nodes off only at points a ReLU follows (where off means 0 anyway)
 
     def check(self) -> None:
         if self.variant not in VARIANTS:
@@ -114,17 +115,22 @@ def marked_features(head_weight: torch.Tensor, delta: float, condition: str = "p
 
 def module_masks(graph: ModelGraph, stats: ActivationStats, concerned: int, head_weight: torch.Tensor,
                  s: DecomposeSettings) -> dict[str, torch.Tensor]:
-    return apply_variant(graph, keep_masks(stats, concerned, s.tau), head_weight, s)
+    masks = keep_masks(stats, concerned, s.tau)
+    if s.exact_only:
+        masks = {n: m if n in graph.exact_points else torch.ones_like(m) for n, m in masks.items()}
+    return apply_variant(graph, masks, head_weight, s)
 
 
 def apply_variant(graph: ModelGraph, masks: dict[str, torch.Tensor], head_weight: torch.Tensor,
                   s: DecomposeSettings) -> dict[str, torch.Tensor]:
-    """MC-BLN's and MC-BI's switching off, as the variant asks, on top of CI + TI's keep masks."""
+    """MC-BLN's and MC-BI's switching off, as the variant asks, on top of CI + TI's keep masks (with
+    ``exact_only``, MC-BLN switches off only at the points a ReLU follows)."""
     masks = dict(masks)
     if s.variant in ("mc-bln", "mc-bi"):
         off = graph.mark_back(marked_features(head_weight.cpu(), s.delta, s.condition), s.delta)
         for name, region in off.items():
-            masks[name] = masks[name] & ~region
+            if not s.exact_only or name in graph.exact_points:
+                masks[name] = masks[name] & ~region
     if s.variant == "mc-bi":
         needed = graph.needed(masks)
         masks = {name: m & needed[name] for name, m in masks.items()}
