@@ -305,3 +305,10 @@ def test_a_torchvision_resnet50_checkpoint_imports_and_decomposes(tmp_path, caps
                            "cifar10", "--data-root", str(tmp_path / "data"), "--input-size", "16", "--out",
                            str(tmp_path / "s")], capsys)  # four stride-2 stages: 16 pixels pool down to nothing
     assert_user_error(rc, stdout, err, "densenet121 fails on a 3x16x16 input", "check the input size")
+
+
+def test_a_model_that_fails_on_the_datas_size_is_one_line():
+    net = cnnmod.models.build("densenet121", (3, 64, 64), 4).eval()
+    with pytest.raises(cnnmod.UserError, match=r"DenseNet121 fails on a 3x8x8 input \(RuntimeError: .*too small\); "
+                                               "check the input size"):
+        cnnmod.decompose(net, random_data((3, 8, 8), 4, 3), show_progress=False)

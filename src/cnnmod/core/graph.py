@@ -192,8 +192,17 @@ class ModelGraph:
         device = next((p.device for p in net.parameters()), torch.device("cpu"))
         was_training = self.gm.training
         self.gm.eval()
+        x = torch.zeros(1, *input_shape, device=device)
+        try:
+            with torch.no_grad():
+                self.gm(x)  # the user's forward, plainly first: its own error, in one line, where it fails
+        except Exception as e:  # noqa: BLE001 - the user's forward failed on the stated input
+            first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+            self.gm.train(was_training)
+            raise UserError(f"{type(net).__name__} fails on a {'x'.join(map(str, input_shape))} input "
+                            f"({type(e).__name__}: {first}); check the input size and channels the model expects")
         with torch.no_grad():
-            ShapeProp(self.gm).propagate(torch.zeros(1, *input_shape, device=device))
+            ShapeProp(self.gm).propagate(x)
         self.gm.train(was_training)
         self.nodes = {n.name: n for n in self.gm.graph.nodes}
         self.ops = {n.name: ops.op_of(self.gm, n) for n in self.gm.graph.nodes}
