@@ -12,11 +12,11 @@ from cnnmod import UserError
 from cnnmod.compose.base import vote
 from cnnmod.compose.voting import compose
 from cnnmod.core.graph import ModelGraph
-from cnnmod.core.observe import NEVER, class_order, hooks, observe
+from cnnmod.core.observe import class_order, hooks, observe
 from cnnmod.core.ops import transpose_cover
 from cnnmod.data.dataset import ImageSet
 from cnnmod.data.transforms import InputSpec, to_input
-from cnnmod.decompose.paper import DecomposeSettings, decompose
+from cnnmod.decompose.paper import DecomposeSettings, decompose, keep_masks
 from cnnmod.models import build
 from cnnmod.models.classifier import Classifier
 from cnnmod.modules.masked import Module, binary_head
@@ -297,10 +297,13 @@ def test_conv_needs_matches_receptive_field_enumeration(kernel, stride, padding,
 
 
 @pytest.mark.parametrize("arch,kwargs", [("resnet20", {"bn": False}), ("resnet20", {}), ("cnn", {}),
-                                         ("mlp", {"hidden": [6, 5]})])
-def test_counting_pass_matches_per_sample_loop(arch, kwargs):
+                                         ("vgg11", {}), ("mlp", {"hidden": [6, 5]})])
+def test_the_bits_of_the_pass_are_what_a_per_sample_loop_counts(arch, kwargs):
+    """The pass keeps bits, not counters: each must be what counting every input one at a time gives (per class
+    and node: active for some input; active among the first k; how many classes are), the activation counts
+    when asked for, and every module's CI + TI masks, with and without tau, what the counters give."""
     torch.manual_seed(1)
-    data = random_data()
+    data = random_data(per_class=8)
     net = build(arch, (1, 12, 12), 4, **kwargs).eval().double()  # float64: batch size cannot flip a sign
     spec = InputSpec(1, 12, 12, (0.5,), (0.25,))
 
@@ -309,22 +312,41 @@ def test_counting_pass_matches_per_sample_loop(arch, kwargs):
 
     graph = ModelGraph(net.float(), (1, 12, 12))
     net.double()
-    stats = observe(net, graph, prepare, data, samples=7, seed=3, batch_size=3, show_progress=False)
+    stats = observe(net, graph, prepare, data, samples=7, seed=3, batch_size=3, show_progress=False, counts=True)
+    bits_only = observe(net, graph, prepare, data, samples=7, seed=3, batch_size=5, show_progress=False)
+    assert bits_only.counts is None
     order = class_order(data.labels, 4, 3)
     captured = {}
+    count = {p.name: torch.zeros(4, *p.shape, dtype=torch.int32) for p in graph.points}
+    first = {p.name: torch.full((4, *p.shape), 2**31 - 1, dtype=torch.int32) for p in graph.points}
     with hooks(net, graph.points, lambda p, out: captured.__setitem__(p.name, out[0] > 0)), torch.no_grad():
         for c in range(4):
-            count = {p.name: torch.zeros(p.shape, dtype=torch.int32) for p in graph.points}
-            first = {p.name: torch.full(p.shape, NEVER, dtype=torch.int32) for p in graph.points}
             for pos, i in enumerate(order[c][:7].tolist()):
                 net(prepare(data.images[i:i + 1]))
                 for name, active in captured.items():
-                    count[name] += active.int()
-                    first[name] = torch.where(active & (first[name] == NEVER), pos, first[name])
-            for p in graph.points:
-                assert torch.equal(stats.count[p.name][c], count[p.name]), (c, p.name)
-                assert torch.equal(stats.first[p.name][c], first[p.name]), (c, p.name)
+                    count[name][c] += active.int()
+                    first[name][c] = torch.where(active & (first[name][c] == 2**31 - 1), pos, first[name][c])
+    k = 7 // 3  # tangling_budget(7, 4)
+    assert sorted(stats.early) == [k]
+    for p in graph.points:
+        for c in range(4):
+            assert torch.equal(stats.mine(p, c), count[p.name][c] > 0), (c, p.name)
+            assert torch.equal(bits_only.mine(p, c), count[p.name][c] > 0), (c, p.name)
+            others = [o for o in range(4) if o != c]
+            assert torch.equal(stats.others_early(p, c, k), (first[p.name][others] < k).any(0)), (c, p.name)
+            assert torch.equal(stats.count(p, c).int(), count[p.name][c])
+        assert torch.equal(stats.any_class(p), (count[p.name] > 0).any(0))
+    for tau in (0.0, 0.3):
+        for c in range(4):
+            got = keep_masks(stats, c, tau)
+            for p in graph.points:  # the counters' rule, as the pass kept it before it kept bits
+                own = count[p.name][c]
+                expected = (own > 0) & (own.float() >= tau * 7) | (first[p.name][[o for o in range(4) if o != c]]
+                                                                    < k).any(0)
+                assert torch.equal(got[p.name], expected), (tau, c, p.name)
     assert stats.observed.tolist() == [7, 7, 7, 7]
+    with pytest.raises(UserError, match="recorded no activation counts"):
+        keep_masks(bits_only, 0, 0.3)
 
 
 @pytest.mark.parametrize("arch,kwargs", [("resnet20", {"bn": False}), ("resnet20", {}), ("vgg11", {}),

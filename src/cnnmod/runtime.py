@@ -58,6 +58,11 @@ class Distributed:
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return t
 
+    def all_reduce_max(self, t: torch.Tensor) -> torch.Tensor:
+        if self.active:
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return t
+
     def all_reduce_min(self, t: torch.Tensor) -> torch.Tensor:
         if self.active:
             dist.all_reduce(t, op=dist.ReduceOp.MIN)

@@ -25,17 +25,38 @@ from ..progress import progress_bar
 from ..runtime import Distributed
 from .graph import ModelGraph, ObservationPoint
 
-NEVER = torch.iinfo(torch.int32).max  # "first active at" for a node never active
+_BITS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
+
+
+def pack_bits(b: torch.Tensor) -> torch.Tensor:
+    """Bool (..., N) -> uint8 (..., ceil(N / 8)): eight nodes a byte."""
+    n = b.shape[-1]
+    padded = torch.nn.functional.pad(b.to(torch.uint8), (0, (-n) % 8))
+    return (padded.reshape(*b.shape[:-1], -1, 8) * _BITS.to(b.device)).sum(-1, dtype=torch.uint8)
+
+
+def unpack_bits(p: torch.Tensor, n: int) -> torch.Tensor:
+    """uint8 (..., M) -> bool (..., n), the inverse of :func:`pack_bits`."""
+    return (p.unsqueeze(-1) & _BITS.to(p.device)).ne(0).reshape(*p.shape[:-1], -1)[..., :n]
 
 
 @dataclass
 class ActivationStats:
-    """Per class and node: how many observed inputs made it active, and the first position that did."""
+    """What concern and tangling identification need of the observed inputs, as bits (docs/method.md, "One
+    observation pass"): per class and node, whether some observed input of the class made it active
+    (``active``), and for every tangling budget k in use, whether one of the class's first k inputs did
+    (``early[k]``), with per node the number of classes for which that holds (``early_classes[k]``: "active
+    among the first k of some other class" is that count minus the class's own bit). Bits are packed eight
+    nodes a byte, so memory is 2 bits per class and node, not the 8 bytes of two counters. Activation counts,
+    which only the ``tau`` switch needs, are kept only when asked for (int16 where at most 32,767 inputs of a
+    class are observed)."""
 
     points: list[ObservationPoint]
-    count: dict[str, torch.Tensor]   # point -> int32 (n_classes, *shape)
-    first: dict[str, torch.Tensor]   # point -> int32 (n_classes, *shape); NEVER where never active
-    observed: torch.Tensor           # int64 (n_classes,): inputs observed per class
+    observed: torch.Tensor                           # int64 (n_classes,): inputs observed per class
+    active: dict[str, torch.Tensor]                  # point -> uint8 (n_classes, ceil(size / 8))
+    early: dict[int, dict[str, torch.Tensor]]        # k -> point -> uint8 (n_classes, ceil(size / 8))
+    early_classes: dict[int, dict[str, torch.Tensor]]  # k -> point -> int32 (*shape)
+    counts: dict[str, torch.Tensor] | None = None    # point -> (n_classes, *shape) when recorded
     settings: dict = field(default_factory=dict)
 
     @property
@@ -45,6 +66,31 @@ class ActivationStats:
     @property
     def num_nodes(self) -> int:
         return sum(p.size for p in self.points)
+
+    def mine(self, point: ObservationPoint, c: int) -> torch.Tensor:
+        """Bool (*shape): nodes active for some observed input of class c."""
+        return unpack_bits(self.active[point.name][c], point.size).reshape(point.shape)
+
+    def any_class(self, point: ObservationPoint) -> torch.Tensor:
+        """Bool (*shape): nodes active for some observed input of any class."""
+        packed = self.active[point.name]
+        folded = packed[0].clone()
+        for row in packed[1:]:
+            folded |= row
+        return unpack_bits(folded, point.size).reshape(point.shape)
+
+    def others_early(self, point: ObservationPoint, c: int, k: int) -> torch.Tensor:
+        """Bool (*shape): nodes active among the first k observed inputs of some class other than c."""
+        if k not in self.early:
+            raise ValueError(f"the observation pass recorded no tangling budget {k} (has {sorted(self.early)})")
+        own = unpack_bits(self.early[k][point.name][c], point.size).reshape(point.shape)
+        return (self.early_classes[k][point.name] - own.to(torch.int32)) > 0
+
+    def count(self, point: ObservationPoint, c: int) -> torch.Tensor:
+        if self.counts is None:
+            raise UserError("this observation pass recorded no activation counts, which --tau needs; observe "
+                            "again with counts=True")
+        return self.counts[point.name][c]
 
 
 def tangling_budget(observed: int, classes: int) -> int:
@@ -88,8 +134,9 @@ def _predict_correct(net: nn.Module, prepare, images: torch.Tensor, label: int, 
 @torch.no_grad()
 def observe(net: nn.Module, graph: ModelGraph, prepare, data: ImageSet, *, samples: int = 1000, seed: int = 0,
             correct_only: bool = False, device: torch.device | None = None, batch_size: int = 256,
-            dd: Distributed | None = None, show_progress: bool = True) -> ActivationStats:
-    """Observe up to ``samples`` training inputs of every class of ``data`` (labels = the model's outputs)."""
+            dd: Distributed | None = None, show_progress: bool = True, counts: bool = False) -> ActivationStats:
+    """Observe up to ``samples`` training inputs of every class of ``data`` (labels = the model's outputs),
+    one class after another; ``counts`` also keeps activation counts (for ``tau``)."""
     dd = dd or Distributed()
     device = device or next(net.parameters()).device
     n = data.num_classes
@@ -116,32 +163,55 @@ def observe(net: nn.Module, graph: ModelGraph, prepare, data: ImageSet, *, sampl
                                 "correctly; drop --correct-only or check the model and data")
         chosen.append(idx[:samples])
     observed = torch.tensor([int(i.numel()) for i in chosen], dtype=torch.int64)
+    budgets = sorted({tangling_budget(int(o), n) for o in observed})
+    count_dtype = torch.int16 if int(observed.max()) <= 32767 else torch.int32  # as compact as they allow
 
-    count = {p.name: torch.zeros((n, *p.shape), dtype=torch.int32, device=device) for p in graph.points}
-    first = {p.name: torch.full((n, *p.shape), NEVER, dtype=torch.int32, device=device) for p in graph.points}
+    nbytes = {p.name: (p.size + 7) // 8 for p in graph.points}
+    active = {p.name: torch.zeros((n, nbytes[p.name]), dtype=torch.uint8) for p in graph.points}
+    early = {k: {p.name: torch.zeros((n, nbytes[p.name]), dtype=torch.uint8) for p in graph.points}
+             for k in budgets}
+    early_classes = {k: {p.name: torch.zeros(p.shape, dtype=torch.int32) for p in graph.points} for k in budgets}
+    recorded = {p.name: torch.zeros((n, *p.shape), dtype=torch.int32) for p in graph.points} if counts else None
     current: dict = {}
 
     def record(p: ObservationPoint, out: torch.Tensor) -> None:
-        active = out > 0
-        c, positions = current["class"], current["positions"]
-        count[p.name][c] += active.sum(0, dtype=torch.int32)
-        at = torch.where(active, positions.view(-1, *([1] * (active.dim() - 1))), NEVER)
-        first[p.name][c] = torch.minimum(first[p.name][c], at.amin(0).to(torch.int32))
+        on = out > 0
+        acc = current["acc"][p.name]
+        acc["active"] |= on.any(0)
+        positions = current["positions"]
+        for k in budgets:
+            first_k = positions < k
+            if bool(first_k.any()):
+                acc[k] |= on[first_k].any(0)
+        if counts:
+            acc["count"] += on.sum(0, dtype=torch.int32)
 
     total = sum(int(i[dd.rank::dd.world].numel()) for i in chosen)
     with hooks(net, graph.points, record), progress_bar("observing", total, show_progress and dd.is_main) as step:
         for c, idx in enumerate(chosen):
+            current["acc"] = {p.name: {"active": torch.zeros(p.shape, dtype=torch.bool, device=device),
+                                       **{k: torch.zeros(p.shape, dtype=torch.bool, device=device) for k in budgets},
+                                       **({"count": torch.zeros(p.shape, dtype=torch.int32, device=device)}
+                                          if counts else {})}
+                              for p in graph.points}
             positions_all = torch.arange(idx.numel(), dtype=torch.int32)
             mine, positions_mine = idx[dd.rank::dd.world], positions_all[dd.rank::dd.world]
             for start in range(0, mine.numel(), batch_size):
-                current["class"] = c
                 current["positions"] = positions_mine[start:start + batch_size].to(device)
                 net(prepare(data.images[mine[start:start + batch_size]].to(device)))
                 step(int(current["positions"].numel()))
+            for p in graph.points:  # the class is done: combine the ranks' shards, then keep its bits
+                acc = current["acc"][p.name]
+                on = dd.all_reduce_max(acc["active"].to(torch.uint8)).bool().cpu()
+                active[p.name][c] = pack_bits(on.reshape(-1))
+                for k in budgets:
+                    first_k = dd.all_reduce_max(acc[k].to(torch.uint8)).bool().cpu()
+                    early[k][p.name][c] = pack_bits(first_k.reshape(-1))
+                    early_classes[k][p.name] += first_k.to(torch.int32)
+                if counts:
+                    recorded[p.name][c] = dd.all_reduce_sum(acc["count"]).cpu()
     net.train(was_training)
-    for p in graph.points:
-        dd.all_reduce_sum(count[p.name])
-        dd.all_reduce_min(first[p.name])
-    return ActivationStats(graph.points, {k: v.cpu() for k, v in count.items()},
-                           {k: v.cpu() for k, v in first.items()}, observed,
+    if counts:
+        recorded = {k: v.to(count_dtype) for k, v in recorded.items()}
+    return ActivationStats(graph.points, observed, active, early, early_classes, recorded,
                            {"ci_samples": samples, "seed": seed, "correct_only": correct_only})

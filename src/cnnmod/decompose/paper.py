@@ -89,18 +89,18 @@ def chosen_classes(clf: Classifier, classes: list[int] | None) -> list[int]:
 
 def keep_masks(stats: ActivationStats, concerned: int, tau: float = 0.0) -> dict[str, torch.Tensor]:
     """CI + TI (docs/method.md, "Concern and tangling identification"): nodes active for a concerned input
-    (rate >= tau), or for one of the
-    first k inputs of some unconcerned class, k = max(1, floor(N_concerned / (n - 1)))."""
+    (rate >= tau), or for one of the first k inputs of some unconcerned class, k = max(1, floor(N_concerned /
+    (n - 1)))."""
     n = stats.num_classes
     k = tangling_budget(int(stats.observed[concerned]), n)
-    others = [c for c in range(n) if c != concerned]
     threshold = tau * float(stats.observed[concerned])
     masks = {}
     for p in stats.points:
-        count = stats.count[p.name][concerned]
-        keep = (count > 0) & (count.float() >= threshold)
-        if others:
-            keep |= (stats.first[p.name][others] < k).any(0)
+        keep = stats.mine(p, concerned)
+        if tau > 0:
+            keep = keep & (stats.count(p, concerned).float() >= threshold)
+        if n > 1:
+            keep = keep | stats.others_early(p, concerned, k)
         masks[p.name] = keep
     return masks
 
@@ -164,7 +164,7 @@ def decompose(model: nn.Module, data: ImageSet, variant: str | None = None, *, c
     if stats is None:
         stats = observe(clf.net, graph, clf.prepare, data, samples=s.ci_samples, seed=s.seed,
                         correct_only=s.correct_only, device=device, batch_size=batch_size, dd=dd,
-                        show_progress=show_progress)
+                        show_progress=show_progress, counts=s.tau > 0)
     weight, bias = (t.cpu() for t in graph.head.linear_map(clf.net))
     modules = []
     for c in chosen:
@@ -205,7 +205,8 @@ def relearn(module: Module, foreign: ImageSet, *, device: torch.device | None = 
     device = device or module.head_weight.device
     stats = observe(module.source.net, module.graph, module.prepare, foreign, samples=k, seed=s.seed,
                     device=device, batch_size=batch_size, show_progress=False)
-    masks = {name: m.cpu() | (stats.count[name] > 0).any(0) for name, m in module.masks.items()}
+    seen = {p.name: stats.any_class(p) for p in stats.points}
+    masks = {name: m.cpu() | seen[name] for name, m in module.masks.items()}
     masks = apply_variant(module.graph, masks, module.head_weight.cpu(), s)
     learned = list(module.settings.get("continuous_learning", [])) + [
         {"data": foreign.name, "classes": foreign.class_names, "per_class": k}]
