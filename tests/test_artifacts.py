@@ -12,6 +12,7 @@ from cnnmod.data.transforms import InputSpec
 from cnnmod.errors import UserError
 from cnnmod.io.artifacts import atomic_folder
 from cnnmod.io.models import load_model, save_model
+from cnnmod.io.store import pack_mask, unpack_mask
 from cnnmod.models import build
 from cnnmod.models.classifier import Classifier
 
@@ -87,3 +88,14 @@ def test_atomic_folder_leaves_nothing_on_failure_and_guards_existing(tmp_path: P
         save_model(_classifier(1), tmp_path / "out")
     save_model(_classifier(1), tmp_path / "out", overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_masks_pack_eight_nodes_a_byte_and_a_short_mask_is_damaged():
+    g = torch.Generator().manual_seed(0)
+    for shape in ((7, 3, 5), (1,), (8,), (2, 9)):
+        mask = torch.rand(shape, generator=g) < 0.5
+        packed = pack_mask(mask)
+        assert packed.dtype == torch.uint8 and packed.numel() == -(-mask.numel() // 8)
+        assert torch.equal(unpack_mask(packed, shape), mask)
+    with pytest.raises(UserError, match="holds 8 bits but its point has 105 nodes; the module is damaged"):
+        unpack_mask(pack_mask(torch.ones(7, 3, 5, dtype=torch.bool))[:1], (7, 3, 5))

@@ -23,21 +23,8 @@ from ..data.dataset import ImageSet
 from ..errors import UserError
 from ..progress import progress_bar
 from ..runtime import Distributed
+from .bits import pack_bits, unpack_bits
 from .graph import ModelGraph, ObservationPoint
-
-_BITS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
-
-
-def pack_bits(b: torch.Tensor) -> torch.Tensor:
-    """Bool (..., N) -> uint8 (..., ceil(N / 8)): eight nodes a byte."""
-    n = b.shape[-1]
-    padded = torch.nn.functional.pad(b.to(torch.uint8), (0, (-n) % 8))
-    return (padded.reshape(*b.shape[:-1], -1, 8) * _BITS.to(b.device)).sum(-1, dtype=torch.uint8)
-
-
-def unpack_bits(p: torch.Tensor, n: int) -> torch.Tensor:
-    """uint8 (..., M) -> bool (..., n), the inverse of :func:`pack_bits`."""
-    return (p.unsqueeze(-1) & _BITS.to(p.device)).ne(0).reshape(*p.shape[:-1], -1)[..., :n]
 
 
 @dataclass

@@ -24,13 +24,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
 from ..compose.base import Composer
 from ..compose.slim import FusedSlim, MergedSlim
 from ..compose.voting import check_composable, compose
+from ..core.bits import pack_bits, unpack_bits
 from ..core.channels import slice_network
 from ..core.graph import ModelGraph
 from ..data.transforms import InputSpec
@@ -51,15 +51,15 @@ PARTS_DIR = "parts"
 
 
 def pack_mask(mask: torch.Tensor) -> torch.Tensor:
-    return torch.from_numpy(np.packbits(mask.detach().cpu().reshape(-1).numpy().astype(np.uint8)))
+    return pack_bits(mask.reshape(-1))
 
 
 def unpack_mask(packed: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     n = math.prod(shape)
-    bits = np.unpackbits(packed.numpy())[:n]
-    if bits.size != n:
-        raise UserError(f"a packed mask holds {bits.size} bits but its point has {n} nodes; the module is damaged")
-    return torch.from_numpy(bits.astype(bool)).reshape(tuple(shape))
+    if 8 * packed.numel() < n:
+        raise UserError(f"a packed mask holds {8 * packed.numel()} bits but its point has {n} nodes; the module is "
+                        "damaged")
+    return unpack_bits(packed.reshape(-1), n).reshape(tuple(shape))
 
 
 def slug(text: str) -> str:
