@@ -145,9 +145,7 @@ class ConvPoolHead(Head):
     def input_region(self, region, shape):
         return region.reshape(-1, 1, 1).expand(shape).clone()
 
-    @property
-    def sliced_layer(self) -> str:
-        return "head"
+    sliced_layer = "head"
 
     def replace(self, net, head):
         super().replace(net, nn.Identity())  # the network now ends in the pooled features
@@ -169,9 +167,7 @@ class ClassMapHead(Head):
     def _hook(self, net, out):
         return net.register_forward_hook(lambda _m, _i, o: out.__setitem__("features", o.flatten(1)))
 
-    @property
-    def sliced_layer(self) -> str:
-        return "head"
+    sliced_layer = "head"
 
     def tag(self, net):
         pass  # the class maps are never sliced
@@ -180,7 +176,7 @@ class ClassMapHead(Head):
         return torch.arange(int(net.get_submodule(self.layer).out_channels))
 
     def replace(self, net, head):
-        return nn.Sequential(OrderedDict(body=net, head=head))
+        return nn.Sequential(OrderedDict(body=net, head=head))  # the network ends in the pooled class maps
 
 
 # ------------------------------------------------------------------------------------------------ the graph

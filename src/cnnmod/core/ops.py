@@ -81,6 +81,10 @@ class Op:
     kind = "other"
     activation = False  # a hidden activation: the paper's node rule holds only for the ReLU family
 
+    def __init__(self, kind: str | None = None) -> None:
+        if kind is not None:
+            self.kind = kind
+
     def inputs(self, node: Node) -> list[Node]:
         """The tensors the op reads (the first argument, for most)."""
         first = node.args[0] if node.args else None
@@ -91,10 +95,8 @@ class Op:
 
 
 class Same(Op):
-    """Element for element: ReLU, BatchNorm, dropout, identity, multiplying by a constant."""
-
-    def __init__(self, kind: str) -> None:
-        self.kind = kind
+    """Element for element: ReLU, BatchNorm, dropout, identity, a gate's sigmoid (allowed only in a gate
+    branch)."""
 
     def reads(self, g, node, region):
         return [(src, unbroadcast(region, g.shapes[src.name])) for src in self.inputs(node)]
@@ -107,15 +109,12 @@ class Elementwise(Same):
         return [a for a in node.args[:2] if isinstance(a, Node)]
 
 
-class Multiply(Op):
+class Multiply(Elementwise):
     """``x * gate`` (squeeze-and-excitation, attention) passes through to ``x`` only; the gate branch holds no
     observation points (docs/method.md, "Architectures beyond the paper's"). ``x * constant`` is element for
     element. Two feature maps multiplied together are refused."""
 
     kind = "multiply"
-
-    def inputs(self, node):
-        return [a for a in node.args[:2] if isinstance(a, Node)]
 
     def reads(self, g, node, region):
         tensors = self.inputs(node)
@@ -135,14 +134,6 @@ class Activation(Op):
 
     kind = "other_activation"
     activation = True
-
-
-class Gate(Same):
-    """The squashing activation of a multiplicative gate (sigmoid, hard sigmoid): element for element, allowed
-    only in a gate branch."""
-
-    def __init__(self) -> None:
-        super().__init__("gate")
 
 
 class Conv(Op):
@@ -231,9 +222,6 @@ class Split(Op):
     """``split`` and ``chunk``: read only through the ``getitem`` that picks a piece (:class:`GetItem`)."""
 
     kind = "split"
-
-    def reads(self, g, node, region):
-        raise g.unsupported(node)
 
 
 def is_split(node) -> bool:
@@ -368,7 +356,8 @@ class Expand(Op):
 
 
 class NoTensor(Op):
-    """``size()``, ``shape``, ``dim()``: numbers about a tensor, not values of it."""
+    """``size()``, ``shape``, ``dim()`` (numbers about a tensor, not values of it) and constants: they read no
+    node."""
 
     kind = "meta"
 
@@ -378,7 +367,7 @@ class NoTensor(Op):
 
 # ---------------------------------------------------------------------------------------------- the tables
 _SAME, _RELU = Same("identity"), Same("relu")
-_ACTIVATION, _GATE = Activation(), Gate()
+_ACTIVATION, _GATE = Activation(), Same("gate")
 _POOL, _ADAPTIVE = Pool(adaptive=False), Pool(adaptive=True)
 
 MODULE_OPS: dict[type, Op] = {
@@ -411,7 +400,7 @@ METHOD_OPS: dict[str, Op] = {
     "expand_as": Expand(), "size": NoTensor(), "dim": NoTensor(), "sigmoid": _GATE, "tanh": _ACTIVATION,
 }
 _FUNCTIONAL_LAYERS = {F.conv2d, F.linear, F.batch_norm}
-_OTHER = Op()
+_OTHER, _FUNCTIONAL, _CONSTANT = Op(), Op("functional_layer"), NoTensor("constant")
 
 
 def _module_op(m: nn.Module) -> Op:
@@ -439,17 +428,3 @@ def op_of(gm: torch.fx.GraphModule, node: Node) -> Op:
     if node.op == "get_attr":
         return _CONSTANT
     return _OTHER
-
-
-class _Functional(Op):
-    kind = "functional_layer"
-
-
-class _Constant(Op):
-    kind = "constant"
-
-    def reads(self, g, node, region):
-        return []
-
-
-_FUNCTIONAL, _CONSTANT = _Functional(), _Constant()
