@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -99,3 +100,15 @@ def test_masks_pack_eight_nodes_a_byte_and_a_short_mask_is_damaged():
         assert torch.equal(unpack_mask(packed, shape), mask)
     with pytest.raises(UserError, match="holds 8 bits but its point has 105 nodes; the module is damaged"):
         unpack_mask(pack_mask(torch.ones(7, 3, 5, dtype=torch.bool))[:1], (7, 3, 5))
+
+
+def test_the_device_packing_is_numpys_bit_order():
+    """The packing used off the CPU (plain torch) gives numpy's packbits bytes and inverts exactly."""
+    from cnnmod.core.bits import pack_bits_torch, unpack_bits_torch
+
+    g = torch.Generator().manual_seed(1)
+    for n in (1, 7, 8, 9, 100, 1003):
+        b = torch.rand(3, n, generator=g) < 0.3
+        packed = pack_bits_torch(b)
+        assert torch.equal(packed, torch.from_numpy(np.packbits(b.numpy().astype(np.uint8), axis=-1)))
+        assert torch.equal(unpack_bits_torch(packed, n), b)

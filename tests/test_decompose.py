@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -313,8 +315,12 @@ def test_the_bits_of_the_pass_are_what_a_per_sample_loop_counts(arch, kwargs):
     graph = ModelGraph(net.float(), (1, 12, 12))
     net.double()
     stats = observe(net, graph, prepare, data, samples=7, seed=3, batch_size=3, show_progress=False, counts=True)
-    bits_only = observe(net, graph, prepare, data, samples=7, seed=3, batch_size=5, show_progress=False)
-    assert bits_only.counts is None
+    # bits only, and spilled to memory-mapped files (as a pass past the memory bound is)
+    bits_only = observe(net, graph, prepare, data, samples=7, seed=3, batch_size=5, show_progress=False,
+                        spill_above=0)
+    assert bits_only.counts is None and stats.spill is None
+    spilled = bits_only.spill.path
+    assert len(list(spilled.iterdir())) == 2 * len(graph.points)  # active and early, per point
     order = class_order(data.labels, 4, 3)
     captured = {}
     count = {p.name: torch.zeros(4, *p.shape, dtype=torch.int32) for p in graph.points}
@@ -347,6 +353,9 @@ def test_the_bits_of_the_pass_are_what_a_per_sample_loop_counts(arch, kwargs):
     assert stats.observed.tolist() == [7, 7, 7, 7]
     with pytest.raises(UserError, match="recorded no activation counts"):
         keep_masks(bits_only, 0, 0.3)
+    del bits_only
+    gc.collect()
+    assert not spilled.exists()  # the spill goes with its statistics
 
 
 @pytest.mark.parametrize("arch,kwargs", [("resnet20", {"bn": False}), ("resnet20", {}), ("vgg11", {}),

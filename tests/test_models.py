@@ -68,7 +68,7 @@ def test_registry_errors() -> None:
         build("cnn", (1, 8, 8), 1)
 
 
-@pytest.mark.parametrize("name", ["resnet50", "mobilenet_v2", "vgg16_bn", "densenet121"])
+@pytest.mark.parametrize("name", ["resnet18", "resnet50", "mobilenet_v2", "vgg16_bn", "densenet121"])
 def test_imagenet_zoo_has_torchvisions_keys_shapes_and_outputs(name):
     """Against torchvision 0.28.0 itself (recorded once in a throwaway venv: torchvision is never a dependency):
     every state-dict key in order with its shape, and the logits under the same deterministic weights."""

@@ -166,6 +166,12 @@ def test_torchrun_decomposition_equals_single_process(model_dir, decomposition, 
     single, sharded = cnnmod.load_modules(out), cnnmod.load_modules(tmp_path / "ddp")
     for a, b in zip(single, sharded, strict=True):
         assert all(torch.equal(a.masks[k], b.masks[k]) for k in a.masks)
+        # calibration (each rank fits every other module) and the measured accuracy (scoring sharded) too
+        assert a.metrics["binary_accuracy"] == b.metrics["binary_accuracy"]
+        assert a.calibration.keys() == b.calibration.keys()
+        for key, value in a.calibration.items():
+            assert value == pytest.approx(b.calibration[key], rel=1e-5, abs=1e-6), key
+        assert all(torch.allclose(a.typical[k], b.typical[k], rtol=1e-5, atol=1e-6) for k in a.typical)
 
 
 def test_cost_of_modules_and_compositions(decomposition, capsys):

@@ -6,6 +6,7 @@ and logs go to stderr. A mistake the user can fix prints one line and exits with
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
@@ -35,7 +36,9 @@ ARCH_ARG = typer.Option([], "--arch-arg", help="Architecture option KEY=VALUE: w
 
 
 def emit(result: dict, as_json: bool, title: str = "") -> None:
-    """One JSON object on stdout, or a readable table on stderr."""
+    """One JSON object on stdout, or a readable table on stderr (from torchrun's first process only)."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
     if as_json:
         sys.stdout.write(json.dumps(result) + "\n")
         return
@@ -442,20 +445,31 @@ def version() -> None:
 
 
 TRUST_CODE = "--trust-code"  # anywhere on the line: artifacts may import the code their architecture names
+SKIP_BAD_IMAGES = "--skip-bad-images"  # anywhere on the line: streamed splits leave unreadable images out
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .data.stream import skipping_bad_images
     from .models.reference import trusting
 
     command = typer.main.get_command(app)
     argv = list(sys.argv[1:] if argv is None else argv)
-    trust = TRUST_CODE in argv
-    argv = [a for a in argv if a != TRUST_CODE]
+    trust, skip = TRUST_CODE in argv, SKIP_BAD_IMAGES in argv
+    argv = [a for a in argv if a not in (TRUST_CODE, SKIP_BAD_IMAGES)]
     try:
-        with trusting(trust):
+        with trusting(trust), skipping_bad_images(skip):
             rc = command.main(args=argv, prog_name="cnnmod", standalone_mode=False)
     except UserError as e:
         sys.stderr.write(f"cnnmod: error: {e}\n")
+        return 2
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = Path(e.filename or ".")
+        while not where.exists() and where != where.parent:  # the half-written folder is gone: name its disk
+            where = where.parent
+        sys.stderr.write(f"cnnmod: error: the disk is full ({e.strerror}, writing under {where}): free some space "
+                         "and run again; nothing half-written was left behind\n")
         return 2
     except (typer.Abort, KeyboardInterrupt):
         sys.stderr.write("cnnmod: interrupted\n")

@@ -43,4 +43,4 @@ def progress_bar(description: str, total: float | None, enabled: bool = True) ->
 
 def say(message: str) -> None:
     """One line for people, on stderr."""
-    console.print(message, highlight=False)
+    console.print(message, highlight=False, soft_wrap=True)  # a long path stays on one line in logs

@@ -68,6 +68,25 @@ class Distributed:
             dist.all_reduce(t, op=dist.ReduceOp.MIN)
         return t
 
+    def check_same(self, digest: str, what: str) -> None:
+        """Refuse a world whose ranks disagree on ``digest`` (a hex string), naming ``what`` they disagree on."""
+        if not self.active:
+            return
+        device = torch.device("cuda", self.local_rank) if dist.get_backend() == "nccl" else torch.device("cpu")
+        value = torch.tensor([int(digest[:15], 16)], dtype=torch.int64, device=device)
+        low, high = self.all_reduce_min(value.clone()), self.all_reduce_max(value.clone())
+        if int(low) != int(high):
+            raise UserError(f"the torchrun ranks see different {what}: give every rank the same data (the same "
+                            "--data, --data-root and files on every machine)")
+
+    def gather_objects(self, obj) -> list:
+        """Every rank's ``obj``, in rank order, on every rank (small results of our own processes)."""
+        if not self.active:
+            return [obj]
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
     def barrier(self) -> None:
         if self.active:
             dist.barrier()

@@ -13,6 +13,7 @@ from ..data.dataset import ImageSet
 from ..data.torch_dataset import as_image_set
 from ..models.classifier import Classifier
 from ..modules.base import ClassRef
+from ..runtime import Distributed
 from .base import Composer
 
 
@@ -25,13 +26,15 @@ def binary_report(scores: torch.Tensor, labels: torch.Tensor, column: int) -> di
             "true_negative_rate": round(100.0 * float((~votes[~mine]).float().mean()), 4) if neg else None}
 
 
-def composed_scores(composer: Composer, images: torch.Tensor, device: torch.device, batch_size: int) -> torch.Tensor:
-    """The composer's scores (N, K) on uint8 ``images``, batched (the batch divided by its passes per image)."""
-    return predict_scores(composer, lambda x: x, images, device, max(8, batch_size // composer.passes))
+def composed_scores(composer: Composer, images: torch.Tensor, device: torch.device, batch_size: int,
+                    dd: Distributed | None = None) -> torch.Tensor:
+    """The composer's scores (N, K) on uint8 ``images``, batched (the batch divided by its passes per image);
+    sharded over torchrun's ranks with ``dd``."""
+    return predict_scores(composer, lambda x: x, images, device, max(8, batch_size // composer.passes), dd)
 
 
 def evaluate_against_model(composer: Composer, source: Classifier, test: ImageSet, device: torch.device,
-                           batch_size: int = 512) -> dict:
+                           batch_size: int = 512, dd: Distributed | None = None) -> dict:
     """The source model vs ``composer`` (of classes of that model) on ``test``, whose labels are the composer's
     columns (an :class:`ImageSet` or a torch Dataset of (image, label) pairs). The model is scored on the same
     classes (its logits restricted to them)."""
@@ -39,10 +42,10 @@ def evaluate_against_model(composer: Composer, source: Classifier, test: ImageSe
     source = source.to(device).eval()
     columns = torch.tensor([r.index for r in composer.refs])
     model_scores = predict_scores(lambda x: source(x)[:, columns.to(x.device)], source.prepare, test.images,
-                                  device, batch_size)
+                                  device, batch_size, dd)
     composer = composer.to(device).eval()
     started = time.perf_counter()
-    scores = composed_scores(composer, test.images, device, batch_size)
+    scores = composed_scores(composer, test.images, device, batch_size, dd)
     composed_seconds = time.perf_counter() - started
     model = accuracy_report(model_scores, test.labels, test.class_names)
     composed = accuracy_report(scores, test.labels, test.class_names)
@@ -78,7 +81,8 @@ def composition_test_sets(refs: list[ClassRef], data_root: str | None, per_class
 
 
 def evaluate_composition(composer: Composer, data_root: str | None, device: torch.device, batch_size: int = 512,
-                         per_class: int | None = None, cache: dict | None = None) -> dict:
+                         per_class: int | None = None, cache: dict | None = None, dd: Distributed | None = None
+                         ) -> dict:
     """A composition of modules from any models: top-1, top-5 and per-class accuracy on the union of its classes'
     test images, each from its own data set.
 
@@ -93,13 +97,14 @@ def evaluate_composition(composer: Composer, data_root: str | None, device: torc
     started = time.perf_counter()
     for test, mapped in composition_test_sets(refs, data_root, per_class):
         if separate is None:
-            scores.append(composed_scores(composer, test.images, device, batch_size))
+            scores.append(composed_scores(composer, test.images, device, batch_size, dd))
         else:
             columns = []
             for key, alone in separate:
                 entry = (key, composer.calibration, test.name, tuple(test.source_classes), per_class)
                 if entry not in cache:  # the part is kept with its scores, so its key is not reused
-                    cache[entry] = (alone, predict_scores(alone, lambda x: x, test.images, device, batch_size)[:, 0])
+                    cache[entry] = (alone, predict_scores(alone, lambda x: x, test.images, device, batch_size,
+                                                          dd)[:, 0])
                 columns.append(cache[entry][1])
             scores.append(torch.stack(columns, 1))
         labels.append(mapped)

@@ -1,21 +1,27 @@
 """Activation statistics at the observation points: the one pass every decomposition is computed from.
 
-docs/method.md, "Concern and tangling identification": module c keeps node j iff ``count_all[c][j] > 0`` or
-``count_first_k[c'][j] > 0`` for
-some c' != c. Instead of one count per k, the pass records for every class and node the position (in the
-class's observation order) of the first input that made the node active; "active among the first k" is then
-``first[c'][j] < k`` for any k, so modules with different budgets come from the same pass.
+docs/method.md, "Concern and tangling identification": module c keeps node j iff some observed input of c made
+it active, or one of the first k inputs of some other class did. The pass keeps exactly that, as bits
+(:class:`ActivationStats`): per class and node "active" and "active among the first k" for every budget k in
+use, plus per node how many classes have the second bit, so memory is 2 bits per class and node. Classes go
+through one after another; bit tables larger than a bound live in memory-mapped files (:class:`Spill`).
 
-The pass is batched, runs on CPU or CUDA, and is torchrun-aware: each rank observes a shard of every class's
-inputs (positions stay global), and the statistics are combined with all-reduce (sum and min).
+The pass is batched, runs on CPU or CUDA, streams its inputs from disk when the set is streamed, and is
+torchrun-aware: each rank observes a shard of every class's inputs (positions stay global), the ranks first
+check that they see the same data, and each class's bits are combined with all-reduce (max).
 """
 
 from __future__ import annotations
 
+import math
+import os
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -45,6 +51,7 @@ class ActivationStats:
     early_classes: dict[int, dict[str, torch.Tensor]]  # k -> point -> int32 (*shape)
     counts: dict[str, torch.Tensor] | None = None    # point -> (n_classes, *shape) when recorded
     settings: dict = field(default_factory=dict)
+    spill: Spill | None = field(default=None, repr=False)  # the files the bits live in, when spilled to disk
 
     @property
     def num_classes(self) -> int:
@@ -80,6 +87,31 @@ class ActivationStats:
         return self.counts[point.name][c]
 
 
+SPILL_ABOVE = int(os.environ.get("CNNMOD_SPILL_ABOVE", str(4 << 30)))  # bytes of bits kept in memory at most
+
+
+class Spill:
+    """Bit tables in files instead of memory (memory-mapped; the OS keeps what fits): for observation passes
+    whose bits would pass :data:`SPILL_ABOVE`. The files are allocated in full up front, so a disk without
+    room fails at once with ENOSPC rather than midway, and they are removed with this object."""
+
+    def __init__(self, where: str | None = None) -> None:
+        self.folder = tempfile.TemporaryDirectory(prefix="cnnmod-bits-", dir=where or os.environ.get("CNNMOD_SPILL_DIR"))
+        self.count = 0
+
+    def zeros(self, shape: tuple[int, ...]) -> torch.Tensor:
+        path = Path(self.folder.name) / f"{self.count}.bits"
+        self.count += 1
+        size = max(1, math.prod(shape))
+        with open(path, "wb") as f:
+            os.posix_fallocate(f.fileno(), 0, size)
+        return torch.from_numpy(np.memmap(path, dtype=np.uint8, mode="r+", shape=shape))
+
+    @property
+    def path(self) -> Path:
+        return Path(self.folder.name)
+
+
 def tangling_budget(observed: int, classes: int) -> int:
     """k of tangling identification: how many of each other class's first inputs a module keeps the nodes of,
     max(1, floor(observed / (classes - 1))) for ``observed`` inputs of its own class among ``classes``."""
@@ -108,22 +140,38 @@ def hooks(net: nn.Module, points: list[ObservationPoint], fn) -> Iterator[None]:
             h.remove()
 
 
+def _chunks(order: list[torch.Tensor], dd: Distributed, batch_size: int) -> list[list[torch.Tensor]]:
+    """Per class, this rank's share of its inputs (every world-th, so positions stay global) in batches."""
+    return [list(idx[dd.rank::dd.world].split(batch_size)) if idx.numel() > dd.rank else [] for idx in order]
+
+
 @torch.no_grad()
-def _predict_correct(net: nn.Module, prepare, images: torch.Tensor, label: int, device: torch.device,
-                     batch_size: int) -> torch.Tensor:
-    ok = []
-    for start in range(0, images.shape[0], batch_size):
-        x = prepare(images[start:start + batch_size].to(device))
-        ok.append((net(x).argmax(1) == label).cpu())
-    return torch.cat(ok) if ok else torch.zeros(0, dtype=torch.bool)
+def _correct(net: nn.Module, prepare, data: ImageSet, order: list[torch.Tensor], device: torch.device,
+             batch_size: int, dd: Distributed) -> list[torch.Tensor]:
+    """Per class, whether the model classifies each of its inputs (in ``order``) as the class; one pass, sharded."""
+    per_class = _chunks(order, dd, batch_size)
+    flat = [chunk for chunks in per_class for chunk in chunks]
+    owners = [c for c, chunks in enumerate(per_class) for _ in chunks]
+    hits = {c: [] for c in range(len(order))}
+    for c, x in zip(owners, data.batched(flat), strict=True):
+        hits[c].append((net(prepare(x.to(device))).argmax(1) == c).cpu())
+    out = []
+    for c, idx in enumerate(order):
+        ok = torch.zeros(idx.numel(), dtype=torch.int32)
+        if hits[c]:
+            ok[dd.rank::dd.world] = torch.cat(hits[c]).int()
+        out.append(dd.all_reduce_sum(ok.to(device)).cpu().bool())
+    return out
 
 
 @torch.no_grad()
 def observe(net: nn.Module, graph: ModelGraph, prepare, data: ImageSet, *, samples: int = 1000, seed: int = 0,
             correct_only: bool = False, device: torch.device | None = None, batch_size: int = 256,
-            dd: Distributed | None = None, show_progress: bool = True, counts: bool = False) -> ActivationStats:
+            dd: Distributed | None = None, show_progress: bool = True, counts: bool = False,
+            spill_above: int | None = None) -> ActivationStats:
     """Observe up to ``samples`` training inputs of every class of ``data`` (labels = the model's outputs),
-    one class after another; ``counts`` also keeps activation counts (for ``tau``)."""
+    one class after another; ``counts`` also keeps activation counts (for ``tau``). Bits that would take more
+    than ``spill_above`` bytes (default :data:`SPILL_ABOVE`, 4 GiB) live in memory-mapped files (:class:`Spill`)."""
     dd = dd or Distributed()
     device = device or next(net.parameters()).device
     n = data.num_classes
@@ -134,17 +182,15 @@ def observe(net: nn.Module, graph: ModelGraph, prepare, data: ImageSet, *, sampl
         if idx.numel() == 0:
             raise UserError(f"class {c} ({data.class_names[c]}) has no training images; decomposition needs "
                             "inputs of every class")
+    if dd.active:
+        dd.check_same(data.digest(), f"training data ({data.name})")
     was_training = net.training
     net.eval()
     chosen = []
+    correct = _correct(net, prepare, data, order, device, batch_size, dd) if correct_only else None
     for c, idx in enumerate(order):
-        if correct_only:
-            mine = idx[dd.rank::dd.world]
-            ok_local = _predict_correct(net, prepare, data.images[mine], c, device, batch_size)
-            ok = torch.zeros(idx.numel(), dtype=torch.int32)
-            ok[dd.rank::dd.world] = ok_local.int()
-            ok = dd.all_reduce_sum(ok.to(device)).cpu().bool()
-            idx = idx[ok]
+        if correct is not None:
+            idx = idx[correct[c]]
             if idx.numel() == 0:
                 raise UserError(f"the model classifies no training image of class {c} ({data.class_names[c]}) "
                                 "correctly; drop --correct-only or check the model and data")
@@ -154,9 +200,15 @@ def observe(net: nn.Module, graph: ModelGraph, prepare, data: ImageSet, *, sampl
     count_dtype = torch.int16 if int(observed.max()) <= 32767 else torch.int32  # as compact as they allow
 
     nbytes = {p.name: (p.size + 7) // 8 for p in graph.points}
-    active = {p.name: torch.zeros((n, nbytes[p.name]), dtype=torch.uint8) for p in graph.points}
-    early = {k: {p.name: torch.zeros((n, nbytes[p.name]), dtype=torch.uint8) for p in graph.points}
-             for k in budgets}
+    needed = n * sum(nbytes.values()) * (1 + len(budgets))
+    spill = Spill() if needed > (SPILL_ABOVE if spill_above is None else spill_above) else None
+
+    def table(name: str) -> torch.Tensor:
+        shape = (n, nbytes[name])
+        return spill.zeros(shape) if spill is not None else torch.zeros(shape, dtype=torch.uint8)
+
+    active = {p.name: table(p.name) for p in graph.points}
+    early = {k: {p.name: table(p.name) for p in graph.points} for k in budgets}
     early_classes = {k: {p.name: torch.zeros(p.shape, dtype=torch.int32) for p in graph.points} for k in budgets}
     recorded = {p.name: torch.zeros((n, *p.shape), dtype=torch.int32) for p in graph.points} if counts else None
     current: dict = {}
@@ -173,7 +225,9 @@ def observe(net: nn.Module, graph: ModelGraph, prepare, data: ImageSet, *, sampl
         if counts:
             acc["count"] += on.sum(0, dtype=torch.int32)
 
-    total = sum(int(i[dd.rank::dd.world].numel()) for i in chosen)
+    per_class = _chunks(chosen, dd, batch_size)
+    batches = iter(data.batched([chunk for chunks in per_class for chunk in chunks]))
+    total = sum(int(chunk.numel()) for chunks in per_class for chunk in chunks)
     with hooks(net, graph.points, record), progress_bar("observing", total, show_progress and dd.is_main) as step:
         for c, idx in enumerate(chosen):
             current["acc"] = {p.name: {"active": torch.zeros(p.shape, dtype=torch.bool, device=device),
@@ -181,12 +235,13 @@ def observe(net: nn.Module, graph: ModelGraph, prepare, data: ImageSet, *, sampl
                                        **({"count": torch.zeros(p.shape, dtype=torch.int32, device=device)}
                                           if counts else {})}
                               for p in graph.points}
-            positions_all = torch.arange(idx.numel(), dtype=torch.int32)
-            mine, positions_mine = idx[dd.rank::dd.world], positions_all[dd.rank::dd.world]
-            for start in range(0, mine.numel(), batch_size):
-                current["positions"] = positions_mine[start:start + batch_size].to(device)
-                net(prepare(data.images[mine[start:start + batch_size]].to(device)))
-                step(int(current["positions"].numel()))
+            positions = torch.arange(idx.numel(), dtype=torch.int32)[dd.rank::dd.world]
+            start = 0
+            for chunk in per_class[c]:
+                current["positions"] = positions[start:start + chunk.numel()].to(device)
+                start += chunk.numel()
+                net(prepare(next(batches).to(device)))
+                step(int(chunk.numel()))
             for p in graph.points:  # the class is done: combine the ranks' shards, then keep its bits
                 acc = current["acc"][p.name]
                 on = dd.all_reduce_max(acc["active"].to(torch.uint8)).bool().cpu()
@@ -201,4 +256,4 @@ def observe(net: nn.Module, graph: ModelGraph, prepare, data: ImageSet, *, sampl
     if counts:
         recorded = {k: v.to(count_dtype) for k, v in recorded.items()}
     return ActivationStats(graph.points, observed, active, early, early_classes, recorded,
-                           {"ci_samples": samples, "seed": seed, "correct_only": correct_only})
+                           {"ci_samples": samples, "seed": seed, "correct_only": correct_only}, spill)

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 
 import torch
 
 from ..errors import UserError
+from .stream import batched, batches, is_streamed, select
 
 
 @dataclass(frozen=True)
 class ImageSet:
     """One split of an image classification data set.
 
-    ``images`` is a uint8 tensor of shape (N, C, H, W); ``labels`` int64 in [0, len(class_names)).
+    ``images`` is a uint8 tensor of shape (N, C, H, W), or a :class:`~cnnmod.data.stream.FileImages` that
+    decodes them from disk batch by batch (read them with :meth:`batched`); ``labels`` int64 in [0, len(class_names)).
     ``source_classes`` maps each label back to the class index in the full data set (it differs from
     ``range(num_classes)`` after :meth:`subset`). ``mean`` and ``std`` are the per-channel statistics of
     the full data set's training split, in [0, 1] units, used for normalisation.
@@ -72,7 +76,7 @@ class ImageSet:
         keep = new_labels >= 0
         return replace(
             self,
-            images=self.images[keep],
+            images=select(self.images, keep),
             labels=new_labels[keep],
             class_names=[self.class_names[c] for c in classes],
             source_classes=[self.source_classes[c] for c in classes],
@@ -80,7 +84,31 @@ class ImageSet:
 
     def take(self, index: torch.Tensor) -> ImageSet:
         """The images at ``index`` (a 1-D index tensor), with every class kept."""
-        return replace(self, images=self.images[index], labels=self.labels[index])
+        return replace(self, images=select(self.images, index), labels=self.labels[index])
+
+    def digest(self) -> str:
+        """sha256 of what the set holds (the streamed listing, or a strided sample of the pixels) and its labels:
+        how torchrun's ranks check that they see the same data."""
+        h = hashlib.sha256(f"{self.name}|{self.split}|{tuple(self.images.shape)}|".encode())
+        h.update(self.labels.numpy().tobytes())
+        if self.streamed:
+            h.update(self.images.digest().encode())
+        elif len(self):
+            h.update(self.images[:: max(1, len(self) // 1024)].contiguous().numpy().tobytes())
+        return h.hexdigest()
+
+    @property
+    def streamed(self) -> bool:
+        """Whether the images are read from disk batch by batch rather than held in memory."""
+        return is_streamed(self.images)
+
+    def batched(self, chunks: list[torch.Tensor]) -> Iterator[torch.Tensor]:
+        """The uint8 images at each index tensor of ``chunks``, in order (decoded in workers when streamed)."""
+        return batched(self.images, chunks)
+
+    def batches(self, batch_size: int) -> Iterator[torch.Tensor]:
+        """Every image, in order, ``batch_size`` at a time."""
+        return batches(self.images, batch_size)
 
     def first_per_class(self, n: int, generator_seed: int | None = None) -> ImageSet:
         """At most ``n`` images of each class (after a seeded shuffle when a seed is given), class-ordered."""

@@ -2,7 +2,8 @@
 
 With ``PATH/train`` and ``PATH/test`` (or ``PATH/val``) those are the splits; otherwise every image is read
 and a fixed 20% of each class (chosen with seed 0) becomes the test split. Images are read as RGB unless
-every one of them is greyscale.
+every one of them is greyscale. A split of more than ``cnnmod.data.stream.STREAM_ABOVE`` (50,000) images
+is streamed (:mod:`cnnmod.data.stream`): stored at its first training image's size and mode.
 """
 
 from __future__ import annotations
@@ -59,14 +60,15 @@ def sources(root: Path) -> list[Path]:
     return [p for d in (train, test) if d is not None for c in _class_folders(d) for p in sorted(c.iterdir())]
 
 
-def decode(root: Path) -> tuple[dict[str, np.ndarray], list[str]]:
+def listing(root: Path) -> tuple[dict[str, tuple[list[Path], list[int]]], list[str]]:
+    """{"train": (paths, labels), "test": (paths, labels)} and the class names (the class folders' names)."""
     train_dir, test_dir = _layout(root)
     names = [p.name for p in _class_folders(train_dir)]
     paths, labels = _listing(train_dir, names)
     if test_dir is not None:
         extra = sorted({p.name for p in _class_folders(test_dir)} - set(names))
         if extra:
-            raise UserError(f"{test_dir} has classes {extra} that {train_dir} lacks")
+            raise UserError(f"{test_dir} has classes {extra} that {train_dir} lacks: the splits' classes differ")
         test_paths, _ = _listing(test_dir, [n for n in names if (test_dir / n).is_dir()])
         test_labels = [names.index(p.parent.name) for p in test_paths]
     else:
@@ -81,6 +83,22 @@ def decode(root: Path) -> tuple[dict[str, np.ndarray], list[str]]:
         labels = [int(c) for c, t in zip(all_labels, test_mask, strict=True) if not t]
         test_paths = [p for p, t in zip(all_paths, test_mask, strict=True) if t]
         test_labels = [int(c) for c, t in zip(all_labels, test_mask, strict=True) if t]
+    return {"train": (paths, labels), "test": (test_paths, test_labels)}, names
+
+
+def stored_shape(first: Path) -> tuple[int, int, int]:
+    """The size a streamed folder's images are stored at: its first training image's, greyscale or RGB."""
+    try:
+        with Image.open(first) as im:
+            return (1 if im.mode in ("L", "1", "I;16", "I") else 3), im.size[1], im.size[0]
+    except OSError as e:
+        raise UserError(f"cannot read image {first}: {e}; remove or replace the file")
+
+
+def decode(root: Path) -> tuple[dict[str, np.ndarray], list[str]]:
+    splits, names = listing(root)
+    paths, labels = splits["train"]
+    test_paths, test_labels = splits["test"]
     everything = paths + test_paths
     greyscale = all(_mode(p) in ("L", "1", "I;16", "I") for p in everything)
     mode = "L" if greyscale else "RGB"

@@ -1,13 +1,16 @@
 """Data sets by name: where their files live, how to decode them, and how to load a split.
 
 Names: ``fashion-mnist``, ``mnist``, ``cifar10``, ``cifar100``, ``cifar100-coarse``, ``tiny-imagenet``,
-``digits``, ``folder:PATH`` and ``npz:PATH``. A registered name may carry a class list, ``fashion-mnist:0,3``.
+``digits``, ``imagenet`` (or ``imagenet:PATH``), ``folder:PATH`` and ``npz:PATH``. ImageNet and large
+folders are streamed from disk (:mod:`cnnmod.data.stream`); the others are decoded once into memory. A
+registered name may carry a class list, ``fashion-mnist:0,3``.
 The data root is ``--data-root``, else ``$CNNMOD_DATA``, else ``~/.cache/cnnmod/data``; Fashion-MNIST is also
 found where Debian's ``dataset-fashion-mnist`` package puts it.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Callable
@@ -18,7 +21,10 @@ import numpy as np
 import torch
 
 from ..errors import UserError
-from . import cifar, digits, folder, idx, npz, tiny_imagenet
+from ..progress import say
+from . import cifar, digits, folder, idx, imagenet, npz, tiny_imagenet
+from . import stream as streaming
+from ..io.artifacts import write_json
 from .cache import cache_root, cached
 from .dataset import ImageSet, parse_class_list
 from .transforms import Augment, resize_images
@@ -64,15 +70,17 @@ KINDS: dict[str, DatasetKind] = {
     "tiny-imagenet": DatasetKind(".", tiny_imagenet.sources, tiny_imagenet.decode, Augment(crop_padding=8, hflip=True)),
     "digits": DatasetKind(".", lambda d: [], lambda d: digits.decode(), Augment(crop_padding=1)),
 }
-NAMES = sorted(KINDS) + ["folder:PATH", "npz:PATH"]
+NAMES = sorted(KINDS) + ["imagenet", "imagenet:PATH", "folder:PATH", "npz:PATH"]
+PATH_PREFIXES = ("folder:", "npz:", "imagenet:")
 
 
 def split_spec(spec: str) -> tuple[str, list[int] | None]:
     """``"fashion-mnist:0,3"`` -> ``("fashion-mnist", [0, 3])``; ``npz:PATH:0,3`` -> ``("npz:PATH", [0, 3])``."""
     if "+" in spec:
         return spec, None
-    if spec.startswith(("folder:", "npz:")):  # a path, then optionally :classes (npz:data.npz:0,3)
-        match = re.fullmatch(r"((?:folder|npz):.+?):(\d+(?:,\d+)*)", spec)
+    if spec.startswith(PATH_PREFIXES) and not re.fullmatch(r"imagenet:\d+(?:,\d+)*", spec):
+        # a path, then optionally :classes (npz:data.npz:0,3)
+        match = re.fullmatch(r"((?:folder|npz|imagenet):.+?):(\d+(?:,\d+)*)", spec)
         return (match.group(1), parse_class_list(match.group(2))) if match else (spec, None)
     name, _, classes = spec.partition(":")
     return name, parse_class_list(classes)
@@ -136,12 +144,60 @@ def _arrays(name: str, root: Path) -> tuple[dict[str, np.ndarray], dict, Path, A
     return arrays, meta, folder_path, augment
 
 
+def _streamed(name: str, root: Path, stream: bool | None):
+    """(folder, listing function, stored shape) when ``name`` is read from disk batch by batch, else None."""
+    if name == "imagenet" or name.startswith("imagenet:"):
+        path = Path(name[len("imagenet:"):]).expanduser() if ":" in name else root / imagenet.DIR
+        return path, imagenet.listing, imagenet.STORED
+    if name.startswith("folder:") and stream is not False:
+        path = Path(name[len("folder:"):]).expanduser()
+        splits, names = folder.listing(path)
+        if stream or len(splits["train"][0]) > streaming.STREAM_ABOVE:
+            return path, lambda _p: (splits, names), folder.stored_shape(splits["train"][0][0])
+    return None
+
+
+def _stream_split(name: str, split: str, path: Path, listing, shape: tuple[int, int, int]) -> ImageSet:
+    splits, names = listing(path)
+    images = {s: streaming.FileImages(path, streaming.relative(path, p), *shape) for s, (p, _) in splits.items()}
+    labels = torch.as_tensor(splits[split][1], dtype=torch.int64)
+    mean, std = _stream_stats(images["train"])
+    chosen = images[split]
+    if streaming.skip_bad_images():
+        keep, bad = chosen.readable()
+        if bad:
+            say(f"skipped {len(bad)} unreadable image{'s' * (len(bad) > 1)} of {name} ({split}); the first: "
+                f"{bad[0]}")
+            chosen, labels = chosen.select(keep), labels[keep]
+    return ImageSet(name=name, split=split, images=chosen, labels=labels, class_names=list(names),
+                    mean=tuple(mean), std=tuple(std), root=str(path))
+
+
+def _stream_stats(train: streaming.FileImages) -> tuple[list[float], list[float]]:
+    """A streamed set's normalisation, from a seeded sample of its training split, cached by its listing."""
+    path = cache_root() / "streams" / f"{train.digest()[:24]}.json"
+    if path.is_file():
+        try:
+            stats = json.loads(path.read_text())
+            return stats["mean"], stats["std"]
+        except (json.JSONDecodeError, KeyError):
+            pass
+    mean, std = streaming.listing_stats(train)
+    try:
+        write_json(path, {"mean": mean, "std": std, "images": len(train)})
+    except OSError:  # a read-only cache only costs the sample again next time
+        pass
+    return mean, std
+
+
 def load(spec: str, split: str = "train", data_root: str | os.PathLike | None = None,
-         classes: list[int] | None = None) -> ImageSet:
+         classes: list[int] | None = None, stream: bool | None = None) -> ImageSet:
     """One split (``train`` or ``test``) of a data set, optionally restricted to ``classes``.
 
     ``A+B`` joins data sets (``fashion-mnist:0,3+digits:7``): images converted to the first one's shape,
     labels one after the other, classes named ``dataset:class``, normalisation from the joined training split.
+    ``stream`` forces a ``folder:`` set to be streamed (True) or decoded into memory (False); by default it
+    is streamed above :data:`cnnmod.data.stream.STREAM_ABOVE` images. ImageNet is always streamed.
     """
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', not {split!r}")
@@ -151,6 +207,11 @@ def load(spec: str, split: str = "train", data_root: str | os.PathLike | None = 
     name, spec_classes = split_spec(spec)
     if spec_classes is not None and classes is not None and spec_classes != classes:
         raise UserError(f"{spec} names classes {spec_classes} but --classes says {classes}; give them once")
+    chosen = classes if classes is not None else spec_classes
+    streamed = _streamed(name, data_root_path(data_root), stream)
+    if streamed is not None:
+        full = _stream_split(name, split, *streamed)
+        return full.subset(chosen) if chosen is not None else full
     arrays, meta, folder_path, _ = _arrays(name, data_root_path(data_root))
     full = ImageSet(
         name=name, split=split,
@@ -158,7 +219,6 @@ def load(spec: str, split: str = "train", data_root: str | os.PathLike | None = 
         class_names=list(meta["class_names"]), mean=tuple(meta["mean"]), std=tuple(meta["std"]),
         root=str(folder_path),
     )
-    chosen = classes if classes is not None else spec_classes
     return full.subset(chosen) if chosen is not None else full
 
 
@@ -167,6 +227,9 @@ def _load_union(spec: str, split: str, data_root: str | os.PathLike | None) -> I
     if len(parts) < 2:
         raise UserError(f"cannot read the joined data set {spec!r}: name two or more, e.g. fashion-mnist:0,3+digits:7")
     sets = [load(p, split, data_root) for p in parts]
+    if any(streaming.is_streamed(s.images) for s in sets):
+        raise UserError(f"cannot join {spec}: joining reads the sets into memory, and a streamed set (ImageNet, a "
+                        "large folder) does not fit; compose modules of separate data sets instead")
     shape = sets[0].input_shape
     images = torch.cat([resize_images(s.images, shape) for s in sets])
     offsets = np.cumsum([0] + [s.num_classes for s in sets])
@@ -186,6 +249,8 @@ def default_augment(spec: str, data_root: str | os.PathLike | None = None) -> Au
     name, _ = split_spec(spec)
     if name in KINDS:
         return KINDS[name].augment
+    if name == "imagenet" or name.startswith("imagenet:"):
+        return Augment(crop_padding=0, hflip=True)
     return _resolve(name, data_root_path(data_root))[4]
 
 

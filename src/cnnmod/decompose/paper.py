@@ -21,7 +21,7 @@ from ..data.dataset import ImageSet
 from ..data.registry import split_spec
 from ..data.torch_dataset import as_image_set
 from ..errors import UserError
-from ..models.classifier import Classifier, wrap
+from ..models.classifier import Classifier, check_class_names, wrap
 from ..modules.masked import Module, binary_head
 from ..runtime import Distributed
 from .fitting import calibrate_decomposition
@@ -71,6 +71,7 @@ def check_data(clf: Classifier, data: ImageSet) -> None:
     if data.num_classes != clf.num_classes:
         raise UserError(f"the model has {clf.num_classes} classes but the data set {data.name} has "
                         f"{data.num_classes}; give the data the model was trained on (e.g. --data NAME:0,3,7)")
+    check_class_names(clf, data)
     own = bool(clf.dataset) and split_spec(clf.dataset)[0] == split_spec(data.name)[0]  # resized in training
     if data.input_shape != clf.spec.shape and not own:
         raise UserError(f"the model takes {'x'.join(map(str, clf.spec.shape))} images but {data.name} has "
@@ -178,10 +179,25 @@ def decompose(model: nn.Module, data: ImageSet, variant: str | None = None, *, c
         m.settings["decomposition_seconds"] = round(seconds, 3)
     if s.calibration_samples > 0:
         started = time.perf_counter()
-        calibrate_decomposition(modules, data, s.calibration_samples, s.seed, batch_size)
+        calibrate_sharded(modules, data, s.calibration_samples, s.seed, batch_size, dd or Distributed())
         for m in modules:
             m.settings["calibration_seconds"] = round(time.perf_counter() - started, 3)
     return modules
+
+
+def calibrate_sharded(modules: list[Module], data: ImageSet, per_class: int, seed: int, batch_size: int,
+                      dd: Distributed) -> None:
+    """Calibration of every module, each rank fitting every world-th module (each module's fit is its own),
+    the fits then shared with every rank."""
+    mine = modules[dd.rank::dd.world]
+    if mine:
+        calibrate_decomposition(mine, data, per_class, seed, batch_size)
+    fits = dd.gather_objects([(m.calibration, {k: v.cpu() for k, v in (m.typical or {}).items()} or None)
+                              for m in mine])
+    for r, part in enumerate(fits):
+        for m, (calibration, typical) in zip(modules[r::dd.world], part, strict=True):
+            m.calibration = calibration
+            m.typical = {k: v.to(m.head_weight.device) for k, v in typical.items()} if typical else None
 
 
 def settings_of(module: Module) -> DecomposeSettings:

@@ -6,7 +6,8 @@ A decomposition folder holds its source model once and one folder per module:
     DIR/README.md
     DIR/model/                       the source model artifact (config.json, model.safetensors, README.md)
     DIR/modules/c03-dress/           kind "module": concerned class, settings, metrics, the source's sha256
-        config.json  model.safetensors (bit-packed masks + the two-way head)  README.md
+        config.json  model.safetensors (bit-packed masks, zlib-compressed where that pays, + the two-way
+        head)  README.md
 
 A module names its source by a path relative to its own folder (``../../model``) and the source's weights
 sha256; a module folder copied together with its source loads anywhere, and one whose source does not match
@@ -20,6 +21,7 @@ import math
 import os
 import re
 import shutil
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +54,27 @@ PARTS_DIR = "parts"
 
 def pack_mask(mask: torch.Tensor) -> torch.Tensor:
     return pack_bits(mask.reshape(-1))
+
+
+def mask_tensors(name: str, packed: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A packed mask as stored: ``maskz.NAME`` (its bytes zlib-compressed) where that saves a tenth or more
+    (kept masks are mostly ones), else ``mask.NAME`` as it is."""
+    raw = packed.detach().cpu().contiguous().numpy().tobytes()
+    squeezed = zlib.compress(raw, 6)
+    if len(squeezed) <= 0.9 * len(raw):
+        return {f"maskz.{name}": torch.frombuffer(bytearray(squeezed), dtype=torch.uint8)}
+    return {f"mask.{name}": packed.detach().cpu()}
+
+
+def stored_mask(tensors: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+    """The packed mask of point ``name`` from a module's tensors, compressed or not."""
+    if f"maskz.{name}" in tensors:
+        try:
+            raw = zlib.decompress(tensors[f"maskz.{name}"].numpy().tobytes())
+        except zlib.error as e:
+            raise UserError(f"the compressed mask of {name} cannot be read ({e}); the module is damaged")
+        return torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+    return tensors[f"mask.{name}"]
 
 
 def unpack_mask(packed: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
@@ -96,7 +119,7 @@ def module_config(m: Module, source_rel: str, source_sha: str) -> dict:
 
 
 def module_tensors(m: Module) -> dict[str, torch.Tensor]:
-    tensors = {f"mask.{name}": pack_mask(mask) for name, mask in m.masks.items()}
+    tensors = {k: v for name, packed in m.packed_masks.items() for k, v in mask_tensors(name, packed).items()}
     tensors["head.weight"] = m.head_weight
     tensors["head.bias"] = m.head_bias
     return {**tensors, **typical_tensors(m)}
@@ -307,7 +330,7 @@ def _load_node(path: Path, config: dict, tensors: dict[str, torch.Tensor], devic
         raise UserError(f"{path} was made for other observation points than its source model has; make the "
                         "module again from this model")
     try:
-        masks = {name: unpack_mask(tensors[f"mask.{name}"], shape) for name, shape in recorded}
+        masks = {name: unpack_mask(stored_mask(tensors, name), shape) for name, shape in recorded}
         head_w, head_b = tensors["head.weight"], tensors["head.bias"]
     except KeyError as e:
         raise UserError(f"{path}/model.safetensors lacks {e}; the module is damaged")
@@ -318,9 +341,22 @@ def _load_node(path: Path, config: dict, tensors: dict[str, torch.Tensor], devic
 
 
 def module_paths(path: str | os.PathLike) -> list[Path]:
-    """The module folders a path stands for: a decomposition folder (all its modules) or one module folder."""
-    path = Path(path)
+    """The module folders a path stands for: a decomposition folder (all its modules; ``DIR:0,3,7`` only those
+    classes', so that the other modules are never read) or one module folder."""
+    text = str(path)
+    picked = re.fullmatch(r"(.+):(\d+(?:,\d+)*)", text)
+    path = Path(picked.group(1) if picked and not Path(text).exists() else text)
     config = read_config(path)
+    if picked and not Path(text).exists():
+        if config["kind"] != "decomposition":
+            raise UserError(f"{text}: classes can be picked from a decomposition folder; {path} is a {config['kind']}")
+        by_class = {int(m["class"]): path / m["path"] for m in config["modules"]}
+        wanted = [int(c) for c in picked.group(2).split(",")]
+        missing = [c for c in wanted if c not in by_class]
+        if missing:
+            raise UserError(f"{path} has no module for class {missing[0]} (it has {len(by_class)} modules, classes "
+                            f"{min(by_class)}..{max(by_class)})")
+        return [by_class[c] for c in wanted]
     if config["kind"] == "decomposition":
         return [path / m["path"] for m in config["modules"]]
     if config["kind"] == "composition":

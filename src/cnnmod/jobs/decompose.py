@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 
@@ -13,11 +14,29 @@ from ..decompose.paper import DecomposeSettings, chosen_classes, decompose
 from ..decompose.slim import MODULE_SIZE, SlimSettings, slim_module
 from ..io.artifacts import check_output
 from ..io.models import load_model
-from ..io.store import save_decomposition
+from ..io.store import load_modules, save_decomposition
 from ..models.classifier import split_for
 from ..progress import progress_bar, say
-from ..runtime import init_distributed, pick_device, seed_everything
+from ..runtime import Distributed, init_distributed, pick_device, seed_everything
 from .common import Run
+
+
+def gather_modules(modules: list, chosen: list[int], clf, out: Path, dd: Distributed, device) -> list:
+    """Under torchrun, every rank's slim modules on every rank, in class order: each rank writes its own to a
+    staging decomposition folder beside ``out``, then all read them all (the staging folders are removed)."""
+    if not dd.active:
+        return modules
+    staging = [out.parent / f".{out.name}.rank{r}" for r in range(dd.world)]
+    if modules:
+        save_decomposition(modules, staging[dd.rank], overwrite=True, source=clf)
+    dd.barrier()
+    gathered = [m for folder in staging if folder.exists() for m in load_modules(folder, device)]
+    dd.barrier()
+    if dd.is_main:
+        for folder in staging:
+            shutil.rmtree(folder, ignore_errors=True)
+    position = {c: i for i, c in enumerate(chosen)}
+    return sorted(gathered, key=lambda m: position[m.concerned])
 
 
 def decompose_dir(model_dir: str | Path, out: str | Path, settings: DecomposeSettings | None = None,
@@ -43,15 +62,18 @@ def decompose_dir(model_dir: str | Path, out: str | Path, settings: DecomposeSet
     meter = run.meter()
     if slim is not None:
         say(f"slimming {clf.arch} ({clf.num_classes} classes) to {slim.size:g} of its parameters"
-            + (f" within {slim.max_loss:g} pp" if slim.max_loss is not None else "") + f", {slim.rule} importance")
+            + (f" within {slim.max_loss:g} pp" if slim.max_loss is not None else "") + f", {slim.rule} importance"
+            + (f", classes spread over {dd.world} processes" if dd.active else ""))
         started = time.perf_counter()
-        with meter.phase("decomposition") as spent, progress_bar("slimming", len(chosen), dd.is_main) as step:
+        mine = chosen[dd.rank::dd.world]  # each is an independent pruning run: the unit torchrun spreads
+        with meter.phase("decomposition") as spent, progress_bar("slimming", len(mine), dd.is_main) as step:
             modules = []
-            for c in chosen:
+            for c in mine:
                 modules.append(slim_module(clf, train, c, slim, batch_size))
                 step(params=f"{modules[-1].metrics['params_fraction']:.2f}")
-            if settings.calibration_samples > 0:  # as for node-level modules: scores and in-distribution test
+            if settings.calibration_samples > 0 and modules:  # as for node-level modules
                 calibrate_decomposition(modules, train, settings.calibration_samples, settings.seed, batch_size)
+        modules = gather_modules(modules, chosen, clf, Path(out), dd, dev)
         seconds = round(time.perf_counter() - started, 3)
         variant = "channel"
     else:
@@ -63,18 +85,18 @@ def decompose_dir(model_dir: str | Path, out: str | Path, settings: DecomposeSet
         seconds, variant = modules[0].settings["decomposition_seconds"], settings.variant
     energy = {"decomposition": spent.record.to_dict()}
     result = {"out": str(out), "seconds": seconds, "variant": variant}
-    if not dd.is_main:
-        return result
-    if measure:
+    if measure:  # sharded over the ranks like the rest
         test = split_for(clf, data, run.data_root, "test").subset([m.concerned for m in modules])
         comp = compose(modules).eval()
         started = time.perf_counter()
         with meter.phase("evaluation") as spent:
-            scores = predict_scores(comp, lambda x: x, test.images, dev, max(8, 2 * batch_size // len(modules)))
+            scores = predict_scores(comp, lambda x: x, test.images, dev, max(8, 2 * batch_size // len(modules)), dd)
         energy["evaluation"] = spent.record.to_dict()
         for i, m in enumerate(modules):
             m.metrics.update(binary_report(scores, test.labels, i))
         result["measure_seconds"] = round(time.perf_counter() - started, 3)
+    if not dd.is_main:
+        return result
     training_seconds = clf.info.get("training", {}).get("seconds")
     extra = {"training_seconds": training_seconds,
              "seconds_to_training": round(seconds / training_seconds, 6) if training_seconds else None,

@@ -16,7 +16,7 @@ from ..io.artifacts import read_config
 from ..io.models import load_model
 from ..io.store import load_composer, load_source_of
 from ..models.classifier import Classifier, test_set_for
-from ..runtime import pick_device
+from ..runtime import init_distributed, pick_device
 from .common import Run
 
 
@@ -40,11 +40,12 @@ def evaluate_model_dir(model_dir: str | Path, data: str | None = None, resize: b
                        run: Run | None = None) -> dict:
     """``cnnmod evaluate-model``: top-1, top-5 and per-class accuracy of a model on a test set."""
     run = run or Run(batch_size=512)
+    dd, dev = init_distributed(pick_device(run.device))
     clf = load_model(model_dir)
     test = test_set_for(clf, data, run.data_root, resize)
     started = time.perf_counter()
-    with run.meter().phase("evaluation") as spent:
-        report = evaluate_classifier(clf, test, pick_device(run.device), run.batch_size)
+    with run.meter().phase("evaluation") as spent:  # sharded over torchrun's ranks
+        report = evaluate_classifier(clf, test, dev, run.batch_size, dd)
     return {"model": str(model_dir), "data": data or clf.dataset, **report,
             "seconds": round(time.perf_counter() - started, 3), "energy": {"evaluation": spent.record.to_dict()}}
 
@@ -76,8 +77,8 @@ def evaluate_dir(paths: list[str | Path], settings: EvaluateSettings | None = No
     s, run = settings or EvaluateSettings(), run or Run(batch_size=512)
     s.check()
     started = time.perf_counter()
-    dev = pick_device(run.device)
-    with run.meter().phase("evaluation") as spent:
+    dd, dev = init_distributed(pick_device(run.device))
+    with run.meter().phase("evaluation") as spent:  # the scoring sharded over torchrun's ranks
         composer, sources = load_composer(paths, dev, s.calibration, s.mode)
         source = _one_model(composer, sources, paths, dev)
         head = {"paths": [str(p) for p in paths]}
@@ -85,7 +86,7 @@ def evaluate_dir(paths: list[str | Path], settings: EvaluateSettings | None = No
             if s.data is not None:
                 raise UserError("--data applies to modules of one model; a composition across models is evaluated "
                                 "on each class's own data set")
-            report = evaluate_composition(composer, run.data_root, dev, run.batch_size)
+            report = evaluate_composition(composer, run.data_root, dev, run.batch_size, dd=dd)
             if composer.mode == "fused":
                 head.update({"variant": composer.variant, "modules": len(composer.refs), "parts": len(sources)})
             else:
@@ -95,7 +96,7 @@ def evaluate_dir(paths: list[str | Path], settings: EvaluateSettings | None = No
                 report["cost"] = costs(composer, images, False, sources)
         else:
             test = test_set_for(source, s.data, run.data_root).subset([r.index for r in composer.refs])
-            report = evaluate_against_model(composer, source, test, dev, run.batch_size)
+            report = evaluate_against_model(composer, source, test, dev, run.batch_size, dd)
             head.update({"data": s.data or source.dataset, "variant": composer.variant,
                          "modules": len(composer.refs)})
             if s.cost:

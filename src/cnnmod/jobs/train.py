@@ -21,7 +21,7 @@ from ..models import build
 from ..models.classifier import Classifier
 from ..models.reference import trusting
 from ..models.registry import create
-from ..models.train import TrainSettings, fit, split_train_val
+from ..models.train import TrainSettings, fit, require_in_memory, split_train_val
 from ..progress import say
 from ..runtime import init_distributed, pick_device, seed_everything
 
@@ -35,6 +35,7 @@ def train(s: TrainSettings, out: str | Path | None, overwrite: bool = False, sho
         check_output(Path(out), overwrite)
     seed_everything(s.seed)
     full_train = load(s.data, "train", s.data_root, s.classes)
+    require_in_memory(full_train)
     test = load(s.data, "test", s.data_root, s.classes)
     for c in range(full_train.num_classes):
         if not bool((full_train.labels == c).any()):

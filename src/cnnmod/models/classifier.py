@@ -79,6 +79,19 @@ def wrap(net: nn.Module, *, data: ImageSet | None = None, spec: InputSpec | None
                       source)
 
 
+def check_class_names(clf: Classifier, data: ImageSet) -> None:
+    """A folder's classes are its folders' names: refuse one whose names are not the model's, in its order (the
+    labels would silently mean other classes)."""
+    if not data.name.startswith(("folder:", "imagenet")) or data.class_names == clf.class_names:
+        return
+    if clf.class_names == [str(i) for i in range(clf.num_classes)]:  # the model never knew its classes' names
+        return
+    differ = [(a, b) for a, b in zip(clf.class_names, data.class_names, strict=False) if a != b]
+    first = f"; the first: the model's {differ[0][0]!r} is {differ[0][1]!r} there" if differ else ""
+    raise UserError(f"the classes of {data.name} ({data.split}) differ from the model's{first}: name the class "
+                    "folders as the model's classes (in its order), or give the data the model was trained on")
+
+
 def test_set_for(clf: Classifier, data: str | None, data_root: str | None, resize: bool = False) -> ImageSet:
     """The test split a classifier is judged on: by default its own data set and classes."""
     return split_for(clf, data, data_root, "test", resize)
@@ -101,6 +114,7 @@ def split_for(clf: Classifier, data: str | None, data_root: str | None, split: s
     if test.num_classes != clf.num_classes:
         raise UserError(f"the model has {clf.num_classes} classes but {spec} has {test.num_classes}; "
                         "pick the matching data set or classes (e.g. --data NAME:0,3,7)")
+    check_class_names(clf, test)
     own = name == split_spec(clf.dataset)[0] if clf.dataset else False  # trained on it, resized or not
     if test.input_shape != clf.spec.shape and not resize and not own:
         raise UserError(f"the model takes {'x'.join(map(str, clf.spec.shape))} images but {spec} has "

@@ -67,6 +67,12 @@ class TrainSettings:
         return TrainSettings(**{**asdict(self), "lr": lr, "weight_decay": wd})
 
 
+def require_in_memory(train: ImageSet) -> None:
+    if train.streamed:
+        raise UserError(f"{train.name} is streamed from disk ({len(train)} images), and cnnmod trains from memory: "
+                        "train the model elsewhere and bring it in with cnnmod import")
+
+
 def split_indices(n: int, val_split: float, subset: int | None, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Indices of a set of ``n`` images: those trained on and those validated on (a seeded subset of ``subset``
     images, if given, then a seeded validation split of it)."""
@@ -146,6 +152,7 @@ def _val_accuracy(model: nn.Module, val: ImageSet, spec: InputSpec, device: torc
 def fit(model: nn.Module, train: ImageSet, val: ImageSet | None, spec: InputSpec, s: TrainSettings, augment: Augment,
         device: torch.device, dd: Distributed, show_progress: bool = True) -> dict:
     """Train ``model`` in place; returns history and the best-validation state dict (on the CPU)."""
+    require_in_memory(train)
     net = model
     if dd.active:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)

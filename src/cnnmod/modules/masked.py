@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from ..core.bits import pack_bits, unpack_bits
 from ..core.graph import Head, ModelGraph, ObservationPoint
 from ..core.observe import hooks
 from ..data.transforms import InputSpec
@@ -72,11 +73,11 @@ class Module(BinaryModule):
         missing = [n for n in self.point_names if n not in masks]
         if missing:
             raise ValueError(f"masks missing for {missing[:3]}")
-        for i, p in enumerate(graph.points):
+        for i, p in enumerate(graph.points):  # held packed, 8 nodes a byte (cnnmod.core.bits)
             m = masks[p.name]
             if tuple(m.shape) != p.shape:
                 raise ValueError(f"mask of {p.name} is {tuple(m.shape)}, the point is {p.shape}")
-            self.register_buffer(f"mask_{i}", m.to(torch.bool), persistent=False)
+            self.register_buffer(f"packed_{i}", pack_bits(m.reshape(-1).to(torch.bool)), persistent=False)
         self.register_buffer("_head_weight", head_weight.float(), persistent=False)
         self.register_buffer("_head_bias", head_bias.float(), persistent=False)
         self.settings = dict(settings or {})
@@ -126,7 +127,17 @@ class Module(BinaryModule):
 
     @property
     def masks(self) -> dict[str, torch.Tensor]:
-        return {n: getattr(self, f"mask_{i}") for i, n in enumerate(self.point_names)}
+        """Per observation point, the bool mask of kept nodes (unpacked when asked for)."""
+        return {p.name: self.mask(i) for i, p in enumerate(self.points)}
+
+    def mask(self, i: int) -> torch.Tensor:
+        p = self.points[i]
+        return unpack_bits(getattr(self, f"packed_{i}"), p.size).reshape(p.shape)
+
+    @property
+    def packed_masks(self) -> dict[str, torch.Tensor]:
+        """Per observation point, the kept nodes packed eight a byte (:func:`cnnmod.core.bits.pack_bits`)."""
+        return {n: getattr(self, f"packed_{i}") for i, n in enumerate(self.point_names)}
 
     @property
     def points(self) -> list[ObservationPoint]:
@@ -141,7 +152,7 @@ class Module(BinaryModule):
         return self.graph.head
 
     def kept_nodes(self) -> int:
-        return sum(int(m.sum()) for m in self.masks.values())
+        return sum(int(self.mask(i).sum()) for i in range(len(self.point_names)))  # one point unpacked at a time
 
     def total_nodes(self) -> int:
         return sum(math.prod(p.shape) for p in self.points)
@@ -157,7 +168,7 @@ class Module(BinaryModule):
         return self.head_weight.numel() + self.head_bias.numel()
 
     def flat_mask(self) -> torch.Tensor:
-        return torch.cat([m.reshape(-1).cpu() for m in self.masks.values()])
+        return torch.cat([self.mask(i).reshape(-1).cpu() for i in range(len(self.point_names))])
 
     # ---------------------------------------------------------------- inference
     def prepare(self, images: torch.Tensor) -> torch.Tensor:
@@ -169,13 +180,21 @@ class Module(BinaryModule):
         """The paper's way (every module its own masked pass, batched: masks stacked) or, with ``union``, one pass
         with the union of the modules' kept nodes, every head on the same features."""
         first = modules[0]
-        if union:
-            masks = {name: torch.stack([m.masks[name] for m in modules]).any(0, keepdim=True)
-                     for name in first.point_names}
-        else:
-            masks = {name: torch.stack([m.masks[name] for m in modules]) for name in first.point_names}
+        masks = {}
+        for i, p in enumerate(first.points):  # from the packed bytes: a union is a bitwise or of them
+            rows = [getattr(m, f"packed_{i}") for m in modules]
+            packed = _or_rows(rows) if union else torch.stack(rows)
+            masks[p.name] = unpack_bits(packed, p.size).reshape(-1, *p.shape)
         features = masked_features(first.source.net, first.points, first.head, masks, x, pooled)
         return features.expand(len(modules), -1, -1)
+
+
+def _or_rows(rows: Sequence[torch.Tensor]) -> torch.Tensor:
+    """K uint8 (M,) -> (1, M): the bitwise or of the rows."""
+    out = rows[0].clone()
+    for row in rows[1:]:
+        out |= row
+    return out.unsqueeze(0)
 
 
 def jaccard(a: torch.Tensor, b: torch.Tensor) -> float:
