@@ -301,11 +301,13 @@ def tiny_part(args) -> dict:
     steps = {}
     result, s, mb = cli(["train", "--arch", "resnet20", "--data", "tiny-imagenet", "--epochs", str(args.tiny_epochs),
                          "--batch-size", "64", "--out", str(work / "model"), *common])
-    steps["train"] = {"seconds": s, "peak_mb": mb, "val_top1": result.get("val_top1"), "test_top1": result.get("test_top1")}
+    steps["train"] = {"seconds": s, "peak_mb": mb, "val_top1": result.get("val_top1"),
+                      "test_top1": result.get("test_top1")}
     result, s, mb = cli(["decompose", str(work / "model"), "--out", str(work / "dec"), "--ci-samples",
                          str(args.tiny_per_class), "--calibration-samples", "0", "--no-measure", *common])
-    steps["decompose"] = {"seconds": s, "peak_mb": mb, "modules": len(result["modules"]),
-                          "kept_mean": round(sum(m["kept_fraction"] for m in result["modules"]) / len(result["modules"]), 4)}
+    kept = [m["kept_fraction"] for m in result["modules"]]
+    steps["decompose"] = {"seconds": s, "peak_mb": mb, "modules": len(kept),
+                          "kept_mean": round(sum(kept) / len(kept), 4)}
     classes = "0,1,2,3,4"
     result, s, mb = cli(["compose", f"{work / 'dec'}:{classes}", "--out", str(work / "reuse5"), *common])
     steps["compose_5"] = {"seconds": s, "peak_mb": mb}
@@ -352,8 +354,8 @@ def main() -> None:
             (OUT / "scale.partial.json").write_text(json.dumps(figures, indent=1))
     command = "python benchmarks/scale.py " + " ".join(sys.argv[1:])
     biggest = max(figures.get("curve", []), key=lambda r: (r["nodes"] * r["classes"]), default=None)
-    summary = f"peak {biggest['peak_mb'] / 1024:.2f} GB for {biggest['arch']} x {biggest['classes']} classes" if biggest \
-        else "see scale.json"
+    summary = (f"peak {biggest['peak_mb'] / 1024:.2f} GB for {biggest['arch']} x {biggest['classes']} classes"
+               if biggest else "see scale.json")
     record("scale", command.strip(), figures, summary)
 
 

@@ -96,7 +96,8 @@ class Spill:
     room fails at once with ENOSPC rather than midway, and they are removed with this object."""
 
     def __init__(self, where: str | None = None) -> None:
-        self.folder = tempfile.TemporaryDirectory(prefix="cnnmod-bits-", dir=where or os.environ.get("CNNMOD_SPILL_DIR"))
+        where = where or os.environ.get("CNNMOD_SPILL_DIR")
+        self.folder = tempfile.TemporaryDirectory(prefix="cnnmod-bits-", dir=where)
         self.count = 0
 
     def zeros(self, shape: tuple[int, ...]) -> torch.Tensor:
@@ -214,16 +215,23 @@ def observe(net: nn.Module, graph: ModelGraph, prepare, data: ImageSet, *, sampl
     current: dict = {}
 
     def record(p: ObservationPoint, out: torch.Tensor) -> None:
-        on = out > 0
+        # "some input of the batch made the node active" is its maximum over the batch being positive: one
+        # reduction, no boolean copy of the activations
         acc = current["acc"][p.name]
-        acc["active"] |= on.any(0)
-        positions = current["positions"]
-        for k in budgets:
-            first_k = positions < k
-            if bool(first_k.any()):
-                acc[k] |= on[first_k].any(0)
+        on = out.amax(0) > 0
+        acc["active"] |= on
+        size = out.shape[0]
+        for k, m in current["early"].items():  # the batch's inputs among the class's first k: a prefix of it
+            if m:
+                acc[k] |= on if m == size else out[:m].amax(0) > 0
         if counts:
-            acc["count"] += on.sum(0, dtype=torch.int32)
+            acc["count"] += (out > 0).sum(0, dtype=torch.int32)
+
+    def combined(t: torch.Tensor) -> torch.Tensor:
+        """One class's bits of this rank, or-ed over the ranks, on the CPU."""
+        if dd.active:
+            t = dd.all_reduce_max(t.to(torch.uint8)).bool()
+        return t.cpu()
 
     per_class = _chunks(chosen, dd, batch_size)
     batches = iter(data.batched([chunk for chunks in per_class for chunk in chunks]))
@@ -238,16 +246,16 @@ def observe(net: nn.Module, graph: ModelGraph, prepare, data: ImageSet, *, sampl
             positions = torch.arange(idx.numel(), dtype=torch.int32)[dd.rank::dd.world]
             start = 0
             for chunk in per_class[c]:
-                current["positions"] = positions[start:start + chunk.numel()].to(device)
+                batch_positions = positions[start:start + chunk.numel()]  # ascending on every rank
+                current["early"] = {k: int((batch_positions < k).sum()) for k in budgets}
                 start += chunk.numel()
                 net(prepare(next(batches).to(device)))
                 step(int(chunk.numel()))
             for p in graph.points:  # the class is done: combine the ranks' shards, then keep its bits
                 acc = current["acc"][p.name]
-                on = dd.all_reduce_max(acc["active"].to(torch.uint8)).bool().cpu()
-                active[p.name][c] = pack_bits(on.reshape(-1))
+                active[p.name][c] = pack_bits(combined(acc["active"]).reshape(-1))
                 for k in budgets:
-                    first_k = dd.all_reduce_max(acc[k].to(torch.uint8)).bool().cpu()
+                    first_k = combined(acc[k])
                     early[k][p.name][c] = pack_bits(first_k.reshape(-1))
                     early_classes[k][p.name] += first_k.to(torch.int32)
                 if counts:

@@ -21,10 +21,10 @@ import numpy as np
 import torch
 
 from ..errors import UserError
+from ..io.artifacts import write_json
 from ..progress import say
 from . import cifar, digits, folder, idx, imagenet, npz, tiny_imagenet
 from . import stream as streaming
-from ..io.artifacts import write_json
 from .cache import cache_root, cached
 from .dataset import ImageSet, parse_class_list
 from .transforms import Augment, resize_images
