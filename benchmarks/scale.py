@@ -7,7 +7,7 @@ masks differ, its memory and time do not).
     python benchmarks/scale.py                        # everything (about an hour on 2 cores)
     python benchmarks/scale.py --parts curve --archs resnet18 --classes 10,100 --sizes 64
 
-Every decomposition runs in a fresh process, so its peak resident memory (ru_maxrss) is its own.
+Every decomposition runs in a fresh process, so its peak resident memory (VmHWM) is its own.
 """
 
 from __future__ import annotations
@@ -31,6 +31,11 @@ HERE = Path(__file__).resolve().parent
 
 
 def peak_mb() -> float:
+    """This process's peak resident memory in MB: VmHWM, which (unlike ru_maxrss, kept across fork and exec)
+    counts only this program."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return round(int(line.split()[1]) / 1024, 1)
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
@@ -324,11 +329,87 @@ def tiny_part(args) -> dict:
     return row
 
 
+def compose_part(args) -> dict:
+    """Compositions at scale, from a saved decomposition of every class of a ResNet (ImageNet layout, 224): 5
+    of them picked (DIR:0,...,4 reads 5 module folders), and all of them merged into one pass, against the
+    model's own pass on the same batch; memory and seconds, each in a fresh process."""
+    arch, classes = args.compose_arch, max(args.classes)
+    data = make_imagenet(args.work / f"imagenet-{classes}", classes, args.per_class)
+    dec = args.work / f"compose-{arch}-{classes}"
+    if not (dec / "config.json").is_file():
+        proc = subprocess.run([sys.executable, str(Path(__file__)), "--save-decomposition", arch, str(classes),
+                               "--data", str(data), "--work", str(dec), "--per-class", str(args.per_class)],
+                              capture_output=True, text=True, env={**os.environ, "CNNMOD_NO_PROGRESS": "1"})
+        if proc.returncode != 0:
+            raise SystemExit(proc.stderr[-3000:])
+    rows = {}
+    for pick in ("5", "all"):
+        proc = subprocess.run([sys.executable, str(Path(__file__)), "--time-composition", str(dec), pick],
+                              capture_output=True, text=True, env={**os.environ, "CNNMOD_NO_PROGRESS": "1"})
+        if proc.returncode != 0:
+            raise SystemExit(proc.stderr[-3000:])
+        rows[pick] = json.loads(proc.stdout.strip().splitlines()[-1])
+    row = {"arch": arch, "classes": classes, "size": 224, **rows}
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def save_decomposition_of(arch: str, classes: int, data: Path, out: Path, per_class: int) -> None:
+    from cnnmod.data.registry import load
+    from cnnmod.data.transforms import InputSpec
+    from cnnmod.decompose.paper import DecomposeSettings, decompose
+    from cnnmod.io.store import save_decomposition
+    from cnnmod.models import build
+    from cnnmod.models.classifier import wrap
+
+    torch.manual_seed(0)
+    train = load(f"imagenet:{data}", "train")
+    spec = InputSpec(3, 224, 224, train.mean, train.std, fit="center-crop")
+    clf = wrap(build(arch, spec.shape, classes).eval(), data=train, spec=spec, arch=arch)
+    modules = decompose(clf, train, "mc-bln", settings=DecomposeSettings(ci_samples=per_class, calibration_samples=0),
+                        show_progress=False)
+    save_decomposition(modules, out, overwrite=True)
+
+
+@torch.no_grad()
+def time_composition(dec: Path, pick: str, batch: int = 8) -> dict:
+    import cnnmod
+    from cnnmod.io.artifacts import read_config
+
+    started = time.perf_counter()
+    entries = read_config(dec)["modules"]
+    picked = f"{dec}:{','.join(str(e['class']) for e in entries[:5])}" if pick == "5" else str(dec)
+    modules = cnnmod.load_modules(picked)
+    load_s = time.perf_counter() - started
+    comp = cnnmod.compose(modules, mode="vote" if pick == "5" else "merged").eval()
+    source = modules[0].source.eval()
+    images = torch.randint(0, 256, (batch, 3, 256, 256), generator=torch.Generator().manual_seed(0),
+                           dtype=torch.uint8)
+    comp(images)  # warm up both
+    source(source.prepare(images))
+    times = {"composition": [], "model": []}
+    for _ in range(3):
+        for name, fn in (("composition", lambda: comp(images)), ("model", lambda: source(source.prepare(images)))):
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    best = {k: min(v) for k, v in times.items()}
+    return {"modules": len(modules), "mode": comp.mode, "load_s": round(load_s, 2),
+            "module_bytes_read_mb": round(sum((m_dir / "model.safetensors").stat().st_size
+                                              for m_dir in cnnmod.io.store.module_paths(picked)) / 2**20, 1),
+            "composition_ms_per_image": round(1000 * best["composition"] / batch, 1),
+            "model_ms_per_image": round(1000 * best["model"] / batch, 1),
+            "latency_ratio": round(best["composition"] / best["model"], 3), "peak_mb": peak_mb()}
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--cli":
         run_cli(sys.argv[2:])
+    if len(sys.argv) > 1 and sys.argv[1] == "--time-composition":
+        print(json.dumps(time_composition(Path(sys.argv[2]), sys.argv[3])))
+        return
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--parts", default="overhead,curve,torchrun,tiny")
+    p.add_argument("--parts", default="overhead,curve,compose,torchrun,tiny")
     p.add_argument("--archs", default="resnet18,resnet50", type=lambda s: s.split(","))
     p.add_argument("--classes", default="10,100,1000", type=lambda s: [int(v) for v in s.split(",")])
     p.add_argument("--sizes", default="32,64,224", type=lambda s: [int(v) for v in s.split(",")])
@@ -336,10 +417,16 @@ def main() -> None:
     p.add_argument("--tiny-per-class", type=int, default=20)
     p.add_argument("--tiny-epochs", type=int, default=3)
     p.add_argument("--work", type=Path, default=Path("/tmp/cnnmod-scale"))
+    p.add_argument("--compose-arch", default="resnet18")
     p.add_argument("--one", nargs=3, metavar=("ARCH", "CLASSES", "SIZE"))
+    p.add_argument("--save-decomposition", nargs=2, metavar=("ARCH", "CLASSES"))
     p.add_argument("--data", type=Path)
     p.add_argument("--batch", type=int, default=32)
     args = p.parse_args()
+    if args.save_decomposition:
+        save_decomposition_of(args.save_decomposition[0], int(args.save_decomposition[1]), args.data, args.work,
+                              args.per_class)
+        return
     args.work.mkdir(parents=True, exist_ok=True)
     if args.one:
         arch, classes, size = args.one
@@ -347,7 +434,8 @@ def main() -> None:
         return
     figures = {}
     parts = args.parts.split(",")
-    for part, fn in (("overhead", overhead), ("curve", curve), ("torchrun", torchrun_part), ("tiny", tiny_part)):
+    for part, fn in (("overhead", overhead), ("curve", curve), ("compose", compose_part), ("torchrun", torchrun_part),
+                     ("tiny", tiny_part)):
         if part in parts:
             figures[part] = fn(args)
             (OUT / "scale.partial.json").parent.mkdir(parents=True, exist_ok=True)

@@ -327,3 +327,38 @@ def test_torchrun_slim_modules_equal_one_process(decomposed, tmp_path, capsys):
         sa, sb = a.net.state_dict(), b.net.state_dict()
         assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
         assert a.metrics["binary_accuracy"] == b.metrics["binary_accuracy"]
+
+
+def test_a_disk_that_fills_while_spilling_is_one_line_and_leaves_no_spill(decomposed, tmp_path, capsys,
+                                                                          monkeypatch):
+    import cnnmod.core.observe as observe_module
+
+    model, _ = decomposed
+    spill = tmp_path / "spill"
+    spill.mkdir()
+    monkeypatch.setenv("CNNMOD_SPILL_DIR", str(spill))
+    monkeypatch.setattr(observe_module, "SPILL_ABOVE", 0)  # every pass spills
+    calls = []
+
+    def full(fd, offset, length):
+        calls.append(length)
+        if len(calls) == 4:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    rc, out, err = run(["decompose", str(model), "--out", str(tmp_path / "d"), "--calibration-samples", "0"], capsys)
+    assert rc == 2 and out == "" and "cnnmod: error: the disk is full (No space left on device" in err
+    assert len(calls) == 4 and list(spill.iterdir()) == [] and not (tmp_path / "d").exists()
+
+
+def test_quadratic_steps_are_announced_with_their_cost(decomposed, tmp_path, capsys, monkeypatch):
+    import cnnmod.jobs.decompose as job
+
+    model, _ = decomposed
+    monkeypatch.setattr(job, "HEADS_UP", 10)
+    rc, _, err = run(["decompose", str(model), "--out", str(tmp_path / "d"), "--calibration-samples", "2"], capsys)
+    assert rc == 0, err
+    said = " ".join(err.split())
+    assert "calibration: each of the 3 modules scores 12 held-out training images (36 module passes" in said
+    assert "--calibration-samples 1 (or 0)" in said
+    assert "measuring: each of the 3 modules scores" in said and "--no-measure" in said

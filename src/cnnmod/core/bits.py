@@ -14,7 +14,9 @@ _SHIFTS = torch.arange(7, -1, -1, dtype=torch.uint8)
 def pack_bits(b: torch.Tensor) -> torch.Tensor:
     """Bool (..., N) -> uint8 (..., ceil(N / 8)), along the last dimension."""
     if b.device.type == "cpu":
-        return torch.from_numpy(np.packbits(b.detach().numpy().astype(np.uint8), axis=-1))
+        arr = b.detach().contiguous().numpy()
+        return torch.from_numpy(np.packbits(arr.view(np.uint8) if arr.dtype == np.bool_ else arr.astype(np.uint8),
+                                            axis=-1))
     return pack_bits_torch(b)
 
 

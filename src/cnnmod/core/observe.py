@@ -38,9 +38,10 @@ class ActivationStats:
     """What concern and tangling identification need of the observed inputs, as bits (docs/method.md, "One
     observation pass"): per class and node, whether some observed input of the class made it active
     (``active``), and for every tangling budget k in use, whether one of the class's first k inputs did
-    (``early[k]``), with per node the number of classes for which that holds (``early_classes[k]``: "active
-    among the first k of some other class" is that count minus the class's own bit). Bits are packed eight
-    nodes a byte, so memory is 2 bits per class and node, not the 8 bytes of two counters. Activation counts,
+    (``early[k]``), with per node whether that holds for at least one class and for at least two
+    (``early_classes[k]``: "active among the first k of some class other than c" is "two or more", or "one"
+    without c's own bit). Bits are packed eight nodes a byte, so memory is 2 bits per class and node, not the
+    8 bytes of two counters. Activation counts,
     which only the ``tau`` switch needs, are kept only when asked for (int16 where at most 32,767 inputs of a
     class are observed)."""
 
@@ -48,7 +49,7 @@ class ActivationStats:
     observed: torch.Tensor                           # int64 (n_classes,): inputs observed per class
     active: dict[str, torch.Tensor]                  # point -> uint8 (n_classes, ceil(size / 8))
     early: dict[int, dict[str, torch.Tensor]]        # k -> point -> uint8 (n_classes, ceil(size / 8))
-    early_classes: dict[int, dict[str, torch.Tensor]]  # k -> point -> int32 (*shape)
+    early_classes: dict[int, dict[str, torch.Tensor]]  # k -> point -> uint8 (2, ceil(size / 8)): >= 1, >= 2
     counts: dict[str, torch.Tensor] | None = None    # point -> (n_classes, *shape) when recorded
     settings: dict = field(default_factory=dict)
     spill: Spill | None = field(default=None, repr=False)  # the files the bits live in, when spilled to disk
@@ -77,8 +78,9 @@ class ActivationStats:
         """Bool (*shape): nodes active among the first k observed inputs of some class other than c."""
         if k not in self.early:
             raise ValueError(f"the observation pass recorded no tangling budget {k} (has {sorted(self.early)})")
-        own = unpack_bits(self.early[k][point.name][c], point.size).reshape(point.shape)
-        return (self.early_classes[k][point.name] - own.to(torch.int32)) > 0
+        once, twice = self.early_classes[k][point.name]
+        others = twice | (once & ~self.early[k][point.name][c])  # packed: eight nodes per operation
+        return unpack_bits(others, point.size).reshape(point.shape)
 
     def count(self, point: ObservationPoint, c: int) -> torch.Tensor:
         if self.counts is None:
@@ -210,7 +212,8 @@ def observe(net: nn.Module, graph: ModelGraph, prepare, data: ImageSet, *, sampl
 
     active = {p.name: table(p.name) for p in graph.points}
     early = {k: {p.name: table(p.name) for p in graph.points} for k in budgets}
-    early_classes = {k: {p.name: torch.zeros(p.shape, dtype=torch.int32) for p in graph.points} for k in budgets}
+    early_classes = {k: {p.name: torch.zeros((2, nbytes[p.name]), dtype=torch.uint8) for p in graph.points}
+                     for k in budgets}
     recorded = {p.name: torch.zeros((n, *p.shape), dtype=torch.int32) for p in graph.points} if counts else None
     current: dict = {}
 
@@ -237,12 +240,16 @@ def observe(net: nn.Module, graph: ModelGraph, prepare, data: ImageSet, *, sampl
     batches = iter(data.batched([chunk for chunks in per_class for chunk in chunks]))
     total = sum(int(chunk.numel()) for chunks in per_class for chunk in chunks)
     with hooks(net, graph.points, record), progress_bar("observing", total, show_progress and dd.is_main) as step:
+        current["acc"] = {p.name: {"active": torch.zeros(p.shape, dtype=torch.bool, device=device),
+                                   **{k: torch.zeros(p.shape, dtype=torch.bool, device=device) for k in budgets},
+                                   **({"count": torch.zeros(p.shape, dtype=torch.int32, device=device)}
+                                      if counts else {})}
+                          for p in graph.points}
         for c, idx in enumerate(chosen):
-            current["acc"] = {p.name: {"active": torch.zeros(p.shape, dtype=torch.bool, device=device),
-                                       **{k: torch.zeros(p.shape, dtype=torch.bool, device=device) for k in budgets},
-                                       **({"count": torch.zeros(p.shape, dtype=torch.int32, device=device)}
-                                          if counts else {})}
-                              for p in graph.points}
+            if c:
+                for acc in current["acc"].values():  # one class's accumulators, cleared for the next
+                    for t in acc.values():
+                        t.zero_()
             positions = torch.arange(idx.numel(), dtype=torch.int32)[dd.rank::dd.world]
             start = 0
             for chunk in per_class[c]:
@@ -255,9 +262,11 @@ def observe(net: nn.Module, graph: ModelGraph, prepare, data: ImageSet, *, sampl
                 acc = current["acc"][p.name]
                 active[p.name][c] = pack_bits(combined(acc["active"]).reshape(-1))
                 for k in budgets:
-                    first_k = combined(acc[k])
-                    early[k][p.name][c] = pack_bits(first_k.reshape(-1))
-                    early_classes[k][p.name] += first_k.to(torch.int32)
+                    bits = pack_bits(combined(acc[k]).reshape(-1))
+                    early[k][p.name][c] = bits
+                    once, twice = early_classes[k][p.name]
+                    twice |= once & bits  # a second class has the bit
+                    once |= bits
                 if counts:
                     recorded[p.name][c] = dd.all_reduce_sum(acc["count"]).cpu()
     net.train(was_training)

@@ -38,8 +38,8 @@ def _module_outputs(modules: list, sets: dict[str, ImageSet], choose, per_class:
         source_of = torch.tensor(chosen.source_classes)[chosen.labels]
         for group in comp.groups:
             step = max(8, batch_size // len(group))
-            for start in range(0, len(chosen), step):
-                images = chosen.images[start:start + step].to(device)
+            for images in chosen.batches(step):  # decoded in workers when the set is streamed
+                images = images.to(device)
                 if layers:
                     out = comp.group_layers(group, images)  # K lists of (B, F_l)
                 elif features:

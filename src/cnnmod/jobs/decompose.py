@@ -20,6 +20,15 @@ from ..progress import progress_bar, say
 from ..runtime import Distributed, init_distributed, pick_device, seed_everything
 from .common import Run
 
+HEADS_UP = 2_000_000  # module passes (one module, one image) past which a step is announced with its cost
+
+
+def heads_up(modules: int, images: int, step: str, what: str, remedy: str) -> None:
+    """Say so before a step whose cost grows as modules x images (quadratic in classes) runs long."""
+    if modules * images > HEADS_UP:
+        say(f"{step}: each of the {modules} modules scores {images:,} {what} ({modules * images:,} module passes, "
+            f"quadratic in classes); to go faster give {remedy}")
+
 
 def gather_modules(modules: list, chosen: list[int], clf, out: Path, dd: Distributed, device) -> list:
     """Under torchrun, every rank's slim modules on every rank, in class order: each rank writes its own to a
@@ -59,6 +68,9 @@ def decompose_dir(model_dir: str | Path, out: str | Path, settings: DecomposeSet
     clf = load_model(model_dir, dev)
     chosen = chosen_classes(clf, classes)
     train = split_for(clf, data, run.data_root, "train")
+    if settings.calibration_samples > 0 and dd.is_main:
+        heads_up(len(chosen), settings.calibration_samples * 2 * clf.num_classes, "calibration",
+                 "held-out training images", "--calibration-samples 1 (or 0)")
     meter = run.meter()
     if slim is not None:
         say(f"slimming {clf.arch} ({clf.num_classes} classes) to {slim.size:g} of its parameters"
@@ -87,6 +99,8 @@ def decompose_dir(model_dir: str | Path, out: str | Path, settings: DecomposeSet
     result = {"out": str(out), "seconds": seconds, "variant": variant}
     if measure:  # sharded over the ranks like the rest
         test = split_for(clf, data, run.data_root, "test").subset([m.concerned for m in modules])
+        if dd.is_main:
+            heads_up(len(modules), len(test), "measuring", "test images", "--no-measure")
         comp = compose(modules).eval()
         started = time.perf_counter()
         with meter.phase("evaluation") as spent:
