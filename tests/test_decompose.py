@@ -431,8 +431,11 @@ def test_module_keeping_everything_is_the_model_head():
     x = torch.randn(10, 1, 12, 12)
     logits = net(x).detach()
     modules = []
+    scratch = torch.empty(4, net.fc.weight.shape[1])
     for c in range(5):
         w, b = binary_head(net.fc.weight, net.fc.bias, c)
+        ws, bs = binary_head(net.fc.weight, net.fc.bias, c, scratch)  # the loop's way: no copy per class
+        assert torch.equal(w, ws) and torch.equal(b, bs)
         m = Module(clf, graph, c, full, w, b)
         others = [o for o in range(5) if o != c]
         expected = F.softmax(torch.stack([logits[:, c], logits[:, others].mean(1)], 1), 1)[:, 0]

@@ -168,8 +168,9 @@ def decompose(model: nn.Module, data: ImageSet, variant: str | None = None, *, c
                         show_progress=show_progress, counts=s.tau > 0)
     weight, bias = (t.cpu() for t in graph.head.linear_map(clf.net))
     modules = []
+    scratch = weight.new_empty((weight.shape[0] - 1, weight.shape[1]))
     for c in chosen:
-        hw, hb = binary_head(weight, bias, c)
+        hw, hb = binary_head(weight, bias, c, scratch)
         masks = module_masks(graph, stats, c, hw, s)
         recorded = {**asdict(s), "observed": int(stats.observed[c])}
         modules.append(Module(clf, graph, c, masks, hw, hb, recorded).to(device))

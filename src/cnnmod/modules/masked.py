@@ -45,13 +45,19 @@ def masked_features(net: nn.Module, points: Sequence[ObservationPoint], head: He
     return captured["features"].reshape(k, b, -1)
 
 
-def binary_head(weight: torch.Tensor, bias: torch.Tensor, concerned: int) -> tuple[torch.Tensor, torch.Tensor]:
+def binary_head(weight: torch.Tensor, bias: torch.Tensor, concerned: int, scratch: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
     """The paper's binary head (docs/method.md, "Channeling"): rows [class c, mean of the other rows] and
-    biases likewise; (2, F) and (2,)."""
-    others = [i for i in range(weight.shape[0]) if i != concerned]
-    w = torch.stack([weight[concerned], weight[others].mean(0)])
+    biases likewise; (2, F) and (2,). ``scratch`` (n - 1, F), when given, receives the other rows, so that a
+    loop over 1,000 classes does not allocate (and fragment) a 1,000-row copy per class; the result is the
+    same to the bit."""
+    weight, bias = weight.detach(), bias.detach()
+    others = torch.tensor([i for i in range(weight.shape[0]) if i != concerned], dtype=torch.long,
+                          device=weight.device)
+    rows = torch.index_select(weight, 0, others, out=scratch) if scratch is not None else weight[others]
+    w = torch.stack([weight[concerned], rows.mean(0)])
     b = torch.stack([bias[concerned], bias[others].mean(0)])
-    return w.detach().clone(), b.detach().clone()
+    return w, b
 
 
 class Module(BinaryModule):
