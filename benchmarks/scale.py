@@ -258,8 +258,10 @@ def run_cli(argv: list[str]) -> None:
 
 
 def torchrun_part(args) -> dict:
-    """``cnnmod decompose`` and ``cnnmod evaluate-model`` of an imported ResNet-18 (ImageNet layout, 100
-    classes, 224) by 1 process with 2 threads and by torchrun with 2 processes of 1 thread: identical results?"""
+    """``cnnmod decompose`` (observation, calibration, the modules' measured accuracy) and ``cnnmod
+    evaluate-model`` of an imported ResNet-18 (ImageNet layout, 100 classes, at 64 x 64 so that calibration's
+    modules x images passes fit in minutes) by 1 process with 2 threads and by torchrun with 2 processes of 1
+    thread: identical results?"""
     import cnnmod
     from cnnmod.models import build
 
@@ -268,16 +270,16 @@ def torchrun_part(args) -> dict:
     work.mkdir(parents=True)
     data = make_imagenet(args.work / "imagenet-100", 100, args.per_class)
     torch.manual_seed(0)
-    torch.save(build("resnet18", (3, 224, 224), 100).state_dict(), work / "r18.pth")
+    torch.save(build("resnet18", (3, 64, 64), 100).state_dict(), work / "r18.pth")
     imported, _, _ = cli(["import", "--arch", "resnet18", "--weights", str(work / "r18.pth"), "--data",
-                          f"imagenet:{data}", "--input-size", "224", "--fit", "center-crop", "--mean",
+                          f"imagenet:{data}", "--input-size", "64", "--fit", "center-crop", "--mean",
                           "0.485,0.456,0.406", "--std", "0.229,0.224,0.225", "--out", str(work / "model"), "--json"])
     out = {}
     for procs in (1, 2):
         env = {"OMP_NUM_THREADS": str(2 // procs)}
         dec, dec_s, dec_mb = cli(["decompose", str(work / "model"), "--out", str(work / f"dec{procs}"), "--ci-samples",
-                                  str(args.per_class), "--calibration-samples", "1", "--no-measure", "--device", "cpu",
-                                  "--json"], env, torchrun=procs if procs > 1 else 0)
+                                  str(args.per_class), "--calibration-samples", "1", "--device", "cpu", "--json"], env,
+                                 torchrun=procs if procs > 1 else 0)
         ev, ev_s, ev_mb = cli(["evaluate-model", str(work / "model"), "--device", "cpu", "--json"], env,
                               torchrun=procs if procs > 1 else 0)
         out[procs] = {"decompose_s": dec_s, "decompose_peak_mb": dec_mb, "evaluate_s": ev_s, "evaluate_peak_mb": ev_mb,
@@ -285,10 +287,16 @@ def torchrun_part(args) -> dict:
     one, two = cnnmod.load_modules(work / "dec1"), cnnmod.load_modules(work / "dec2")
     same_masks = all(torch.equal(a.packed_masks[k], b.packed_masks[k]) for a, b in zip(one, two, strict=True)
                      for k in a.packed_masks)
-    same_calibration = all(a.calibration == b.calibration for a, b in zip(one, two, strict=True))
-    row = {"model": "resnet18 (imported, torchvision layout)", "classes": 100, "size": 224,
+    def numbers(c: dict) -> list[float]:
+        return [float(c["temperature"]), *map(float, c["platt"])]
+
+    calibration_diff = max(abs(x - y) / max(abs(x), 1e-12) for a, b in zip(one, two, strict=True)
+                           for x, y in zip(numbers(a.calibration), numbers(b.calibration), strict=True))
+    same_measure = all(a.metrics == b.metrics for a, b in zip(one, two, strict=True))
+    row = {"model": "resnet18 (imported, torchvision layout)", "classes": 100, "size": 64,
            "per_class": args.per_class, "one_process": out[1], "two_processes": out[2],
-           "identical_masks": same_masks, "identical_calibration": same_calibration,
+           "identical_masks": same_masks, "calibration_max_relative_difference": float(f"{calibration_diff:.2g}"),
+           "identical_measured_accuracy": same_measure,
            "identical_evaluation": out[1]["top1"] == out[2]["top1"] and out[1]["top5"] == out[2]["top5"],
            "decompose_ratio": round(out[2]["decompose_s"] / out[1]["decompose_s"], 3),
            "evaluate_ratio": round(out[2]["evaluate_s"] / out[1]["evaluate_s"], 3), "import": imported.get("out")}
@@ -418,6 +426,7 @@ def main() -> None:
     p.add_argument("--tiny-epochs", type=int, default=3)
     p.add_argument("--work", type=Path, default=Path("/tmp/cnnmod-scale"))
     p.add_argument("--compose-arch", default="resnet18")
+    p.add_argument("--merge", action="store_true", help="add these parts to benchmarks/out/scale.json's")
     p.add_argument("--one", nargs=3, metavar=("ARCH", "CLASSES", "SIZE"))
     p.add_argument("--save-decomposition", nargs=2, metavar=("ARCH", "CLASSES"))
     p.add_argument("--data", type=Path)
@@ -432,7 +441,11 @@ def main() -> None:
         arch, classes, size = args.one
         print(json.dumps(one(arch, int(classes), int(size), args.per_class, args.data, args.work, args.batch)))
         return
-    figures = {}
+    figures, commands = {}, []
+    previous = OUT / "scale.json"
+    if args.merge and previous.is_file():  # parts run at another time join the earlier ones
+        earlier = json.loads(previous.read_text())
+        figures, commands = earlier["figures"], [earlier["command"]]
     parts = args.parts.split(",")
     for part, fn in (("overhead", overhead), ("curve", curve), ("compose", compose_part), ("torchrun", torchrun_part),
                      ("tiny", tiny_part)):
@@ -440,11 +453,11 @@ def main() -> None:
             figures[part] = fn(args)
             (OUT / "scale.partial.json").parent.mkdir(parents=True, exist_ok=True)
             (OUT / "scale.partial.json").write_text(json.dumps(figures, indent=1))
-    command = "python benchmarks/scale.py " + " ".join(sys.argv[1:])
+    command = " ; ".join(commands + [("python benchmarks/scale.py " + " ".join(sys.argv[1:])).strip()])
     biggest = max(figures.get("curve", []), key=lambda r: (r["nodes"] * r["classes"]), default=None)
     summary = (f"peak {biggest['peak_mb'] / 1024:.2f} GB for {biggest['arch']} x {biggest['classes']} classes"
                if biggest else "see scale.json")
-    record("scale", command.strip(), figures, summary)
+    record("scale", command, figures, summary)
 
 
 if __name__ == "__main__":

@@ -362,3 +362,21 @@ def test_quadratic_steps_are_announced_with_their_cost(decomposed, tmp_path, cap
     assert "calibration: each of the 3 modules scores 12 held-out training images (36 module passes" in said
     assert "--calibration-samples 1 (or 0)" in said
     assert "measuring: each of the 3 modules scores" in said and "--no-measure" in said
+
+
+def test_torchrun_evaluation_equals_one_process(decomposed, tmp_path, capsys):
+    model, dec = decomposed
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for args in (["evaluate-model", str(model)], ["evaluate", str(dec), "--no-cost"]):
+        rc, one, err = run([*args, "--device", "cpu", "--batch-size", "4", "--json"], capsys)
+        assert rc == 0, err
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
+                               "--master-addr=127.0.0.1", f"--master-port={_free_port()}", "-m", "cnnmod", *args,
+                               "--device", "cpu", "--batch-size", "4", "--json"], capture_output=True, text=True,
+                              env=env, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+        assert len(lines) == 1  # rank 0 alone reports
+        a, b = json.loads(one), json.loads(lines[0])
+        for key in ("top1", "top5", "per_class", "model_top1", "composed_top1", "count", "test_images"):
+            assert a.get(key) == b.get(key), key

@@ -186,11 +186,18 @@ class Module(BinaryModule):
         """The paper's way (every module its own masked pass, batched: masks stacked) or, with ``union``, one pass
         with the union of the modules' kept nodes, every head on the same features."""
         first = modules[0]
-        masks = {}
-        for i, p in enumerate(first.points):  # from the packed bytes: a union is a bitwise or of them
-            rows = [getattr(m, f"packed_{i}") for m in modules]
-            packed = _or_rows(rows) if union else torch.stack(rows)
-            masks[p.name] = unpack_bits(packed, p.size).reshape(-1, *p.shape)
+        memo = getattr(first, "_union_memo", None)
+        device = getattr(first, "packed_0").device
+        if union and memo is not None and memo[0] == tuple(modules) and memo[1] == device:
+            masks = memo[2]  # a merged composition's union, computed at its first pass
+        else:
+            masks = {}
+            for i, p in enumerate(first.points):  # from the packed bytes: a union is a bitwise or of them
+                rows = [getattr(m, f"packed_{i}") for m in modules]
+                packed = _or_rows(rows) if union else torch.stack(rows)
+                masks[p.name] = unpack_bits(packed, p.size).reshape(-1, *p.shape)
+            if union:  # one mask set however many modules: kept (masks never change once made)
+                first._union_memo = (tuple(modules), device, masks)
         features = masked_features(first.source.net, first.points, first.head, masks, x, pooled)
         return features.expand(len(modules), -1, -1)
 
