@@ -321,6 +321,13 @@ def test_the_bits_of_the_pass_are_what_a_per_sample_loop_counts(arch, kwargs):
     assert bits_only.counts is None and stats.spill is None
     spilled = bits_only.spill.path
     assert len(list(spilled.iterdir())) == 2 * len(graph.points)  # active and early, per point
+    counted = observe(net, graph, prepare, data, samples=7, seed=3, batch_size=2, show_progress=False, counts=True,
+                      spill_above=0)  # counts spilled too, in the narrowest type that holds them
+    assert len(list(counted.spill.path.iterdir())) == 3 * len(graph.points)
+    for p in graph.points:
+        assert stats.counts[p.name].dtype == counted.counts[p.name].dtype == torch.int16
+        assert torch.equal(stats.counts[p.name], counted.counts[p.name])
+        assert torch.equal(stats.active[p.name], counted.active[p.name])
     order = class_order(data.labels, 4, 3)
     captured = {}
     count = {p.name: torch.zeros(4, *p.shape, dtype=torch.int32) for p in graph.points}

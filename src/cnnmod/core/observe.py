@@ -102,13 +102,13 @@ class Spill:
         self.folder = tempfile.TemporaryDirectory(prefix="cnnmod-bits-", dir=where)
         self.count = 0
 
-    def zeros(self, shape: tuple[int, ...]) -> torch.Tensor:
+    def zeros(self, shape: tuple[int, ...], dtype: torch.dtype = torch.uint8) -> torch.Tensor:
         path = Path(self.folder.name) / f"{self.count}.bits"
         self.count += 1
-        size = max(1, math.prod(shape))
+        kind = np.dtype(str(dtype).removeprefix("torch."))
         with open(path, "wb") as f:
-            os.posix_fallocate(f.fileno(), 0, size)
-        return torch.from_numpy(np.memmap(path, dtype=np.uint8, mode="r+", shape=shape))
+            os.posix_fallocate(f.fileno(), 0, max(1, math.prod(shape) * kind.itemsize))
+        return torch.from_numpy(np.memmap(path, dtype=kind, mode="r+", shape=shape))
 
     @property
     def path(self) -> Path:
@@ -204,17 +204,18 @@ def observe(net: nn.Module, graph: ModelGraph, prepare, data: ImageSet, *, sampl
 
     nbytes = {p.name: (p.size + 7) // 8 for p in graph.points}
     needed = n * sum(nbytes.values()) * (1 + len(budgets))
+    if counts:  # (n_classes, *shape) counts in the narrowest type that holds them
+        needed += n * sum(p.size for p in graph.points) * count_dtype.itemsize
     spill = Spill() if needed > (SPILL_ABOVE if spill_above is None else spill_above) else None
 
-    def table(name: str) -> torch.Tensor:
-        shape = (n, nbytes[name])
-        return spill.zeros(shape) if spill is not None else torch.zeros(shape, dtype=torch.uint8)
+    def table(shape: tuple[int, ...], dtype: torch.dtype = torch.uint8) -> torch.Tensor:
+        return spill.zeros(shape, dtype) if spill is not None else torch.zeros(shape, dtype=dtype)
 
-    active = {p.name: table(p.name) for p in graph.points}
-    early = {k: {p.name: table(p.name) for p in graph.points} for k in budgets}
+    active = {p.name: table((n, nbytes[p.name])) for p in graph.points}
+    early = {k: {p.name: table((n, nbytes[p.name])) for p in graph.points} for k in budgets}
     early_classes = {k: {p.name: torch.zeros((2, nbytes[p.name]), dtype=torch.uint8) for p in graph.points}
                      for k in budgets}
-    recorded = {p.name: torch.zeros((n, *p.shape), dtype=torch.int32) for p in graph.points} if counts else None
+    recorded = {p.name: table((n, *p.shape), count_dtype) for p in graph.points} if counts else None
     current: dict = {}
 
     def record(p: ObservationPoint, out: torch.Tensor) -> None:
@@ -268,9 +269,7 @@ def observe(net: nn.Module, graph: ModelGraph, prepare, data: ImageSet, *, sampl
                     twice |= once & bits  # a second class has the bit
                     once |= bits
                 if counts:
-                    recorded[p.name][c] = dd.all_reduce_sum(acc["count"]).cpu()
+                    recorded[p.name][c] = dd.all_reduce_sum(acc["count"]).cpu().to(count_dtype)
     net.train(was_training)
-    if counts:
-        recorded = {k: v.to(count_dtype) for k, v in recorded.items()}
     return ActivationStats(graph.points, observed, active, early, early_classes, recorded,
                            {"ci_samples": samples, "seed": seed, "correct_only": correct_only}, spill)

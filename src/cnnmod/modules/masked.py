@@ -187,7 +187,7 @@ class Module(BinaryModule):
         with the union of the modules' kept nodes, every head on the same features."""
         first = modules[0]
         memo = getattr(first, "_union_memo", None)
-        device = getattr(first, "packed_0").device
+        device = first.head_weight.device
         if union and memo is not None and memo[0] == tuple(modules) and memo[1] == device:
             masks = memo[2]  # a merged composition's union, computed at its first pass
         else:
