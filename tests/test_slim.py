@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 from pathlib import Path
@@ -449,3 +450,26 @@ def test_fused_slim_composition_of_two_models(tmp_path, npz_data, capsys):
                           capsys)
     assert rc == 0, err
     assert json.loads(stdout)["classes"] == made["classes"]
+
+
+def test_a_size_out_of_reach_names_the_smallest_one():
+    """Every group keeps one channel: the small CNN (1x12x12, 4 classes) then holds conv1 1x9+1, conv2 1x9+1,
+    fc1 (1x3x3)+1 and the two-way head 2x1+2 = 34 of its 23,556 parameters: 0.00144, said as 0.0015."""
+    clf = source("cnn")
+    assert sum(p.numel() for p in clf.net.parameters()) == 160 + 4640 + 18496 + 260
+    with pytest.raises(UserError, match=r"--size 0.001 is out of reach for .*: every channel group keeps at least "
+                                        r"one channel, so the smallest it reaches is 0.0015 of the parameters; ask "
+                                        r"for --size 0.0015 or more"):
+        slim_module(clf, random_data(per_class=30), 2, SlimSettings(size=0.001, samples=40, step=0.5))
+
+
+def test_a_max_loss_the_first_step_misses_says_what_it_loses(monkeypatch):
+    from cnnmod.decompose.slim import Pruner
+
+    scores = itertools.chain([100.0, 100.0], itertools.repeat(90.0))  # before pruning (measured, then as the
+    # reference), then after every step: 10 points lost at once
+    monkeypatch.setattr(Pruner, "top1", lambda self, *a, **k: next(scores))
+    with pytest.raises(UserError, match=r"--max-loss 1 pp cannot be met: the first pruning step \(to 0\.\d+ of the "
+                                        r"parameters\) already loses 10.00 pp of held-out accuracy"):
+        slim_module(source("cnn"), random_data(per_class=30), 2, SlimSettings(max_loss=1.0, samples=40, held_out=10,
+                                                                              step=0.2))

@@ -19,6 +19,7 @@ data). The backbone's weights are never trained. The sliced network computes exa
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass, replace
 
@@ -343,10 +344,22 @@ class Pruner:
             if fraction <= self.s.size:
                 break
             previous = ([g.clone() for g in self.gates], self.w, self.b)
-            if self.close_least_important(fraction) == 0:
+            if self.close_least_important(fraction) == 0:  # every group is down to one channel
+                if accuracy is None:
+                    least = math.ceil(fraction * 1e4) / 1e4
+                    raise UserError(f"--size {self.s.size:g} is out of reach for {self.source.arch}: every channel "
+                                    f"group keeps at least one channel, so the smallest it reaches is {least:g} of "
+                                    f"the parameters; ask for --size {least:g} or more")
                 break
             self.refresh()
-            if start is not None and start - accuracy() > self.s.max_loss:
+            lost = start - accuracy() if start is not None else None
+            if lost is not None and lost > self.s.max_loss:
+                # not even the first step meets it: the slim module would be the whole model (a merged
+                # composition keeps its union instead: what it was made from)
+                if binary and len(history) == 1:
+                    raise UserError(f"--max-loss {self.s.max_loss:g} pp cannot be met: the first pruning step "
+                                    f"(to {self.fraction(binary):.4f} of the parameters) already loses {lost:.2f} pp "
+                                    "of held-out accuracy; give a larger --max-loss, or keep the model whole")
                 for g, old in zip(self.gates, previous[0], strict=True):
                     g.copy_(old)
                 self.refresh()
