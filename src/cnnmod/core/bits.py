@@ -27,6 +27,14 @@ def unpack_bits(packed: torch.Tensor, n: int) -> torch.Tensor:
     return unpack_bits_torch(packed, n)
 
 
+def or_rows(rows) -> torch.Tensor:
+    """The bitwise or of packed rows (a sequence of uint8 (M,) tensors, or the rows of a (K, M) one): (M,)."""
+    out = rows[0].clone()
+    for row in rows[1:]:
+        out |= row
+    return out
+
+
 def pack_bits_torch(b: torch.Tensor) -> torch.Tensor:
     b = b.detach().to(torch.uint8)
     pad = (-b.shape[-1]) % 8

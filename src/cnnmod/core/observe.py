@@ -3,7 +3,8 @@
 docs/method.md, "Concern and tangling identification": module c keeps node j iff some observed input of c made
 it active, or one of the first k inputs of some other class did. The pass keeps exactly that, as bits
 (:class:`ActivationStats`): per class and node "active" and "active among the first k" for every budget k in
-use, plus per node how many classes have the second bit, so memory is 2 bits per class and node. Classes go
+use, plus per node whether at least one class and at least two have the second bit, so memory is 2 bits
+per class and node. Classes go
 through one after another; bit tables larger than a bound live in memory-mapped files (:class:`Spill`).
 
 The pass is batched, runs on CPU or CUDA, streams its inputs from disk when the set is streamed, and is
@@ -29,7 +30,7 @@ from ..data.dataset import ImageSet
 from ..errors import UserError
 from ..progress import progress_bar
 from ..runtime import Distributed
-from .bits import pack_bits, unpack_bits
+from .bits import or_rows, pack_bits, unpack_bits
 from .graph import ModelGraph, ObservationPoint
 
 
@@ -41,9 +42,8 @@ class ActivationStats:
     (``early[k]``), with per node whether that holds for at least one class and for at least two
     (``early_classes[k]``: "active among the first k of some class other than c" is "two or more", or "one"
     without c's own bit). Bits are packed eight nodes a byte, so memory is 2 bits per class and node, not the
-    8 bytes of two counters. Activation counts,
-    which only the ``tau`` switch needs, are kept only when asked for (int16 where at most 32,767 inputs of a
-    class are observed)."""
+    8 bytes of two counters. Activation counts, which only the ``tau`` switch needs, are kept only when asked
+    for (int16 where at most 32,767 inputs of a class are observed)."""
 
     points: list[ObservationPoint]
     observed: torch.Tensor                           # int64 (n_classes,): inputs observed per class
@@ -68,11 +68,7 @@ class ActivationStats:
 
     def any_class(self, point: ObservationPoint) -> torch.Tensor:
         """Bool (*shape): nodes active for some observed input of any class."""
-        packed = self.active[point.name]
-        folded = packed[0].clone()
-        for row in packed[1:]:
-            folded |= row
-        return unpack_bits(folded, point.size).reshape(point.shape)
+        return unpack_bits(or_rows(self.active[point.name]), point.size).reshape(point.shape)
 
     def others_early(self, point: ObservationPoint, c: int, k: int) -> torch.Tensor:
         """Bool (*shape): nodes active among the first k observed inputs of some class other than c."""

@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import UserError
-from .images import is_image, stack_images
+from .images import image_files, stack_images
 
 TEST_FRACTION = 0.2
 
@@ -38,7 +38,7 @@ def _listing(d: Path, names: list[str]) -> tuple[list[Path], list[int]]:
     paths, labels = [], []
     for i, name in enumerate(names):
         folder = d / name
-        files = sorted(p for p in folder.iterdir() if is_image(p)) if folder.is_dir() else []
+        files = image_files(folder)
         if not files:
             raise UserError(f"class folder {folder} holds no images; add images or remove the folder")
         paths += files

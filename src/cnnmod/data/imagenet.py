@@ -20,15 +20,11 @@ import csv
 from pathlib import Path
 
 from ..errors import UserError
-from .images import is_image
+from .images import image_files
 
 DIR = "imagenet"
 STORED = (3, 256, 256)
 DEVKIT = Path("ILSVRC2012_devkit_t12") / "data"
-
-
-def _files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if is_image(p))
 
 
 def wnids(root: Path) -> list[str]:
@@ -84,9 +80,9 @@ def _val(root: Path, index: dict[str, int]) -> tuple[list[Path], list[int]]:
         if unknown:
             raise UserError(f"{val} has class folders {unknown[:3]} that {root / 'train'} lacks: the splits' "
                             "classes differ")
-        paths = [p for f in folders for p in _files(f)]
+        paths = [p for f in folders for p in image_files(f)]
         return paths, [index[p.parent.name] for p in paths]
-    files = _files(val)
+    files = image_files(val)
     if not files:
         raise UserError(f"{val} holds no images")
     solution = root / "LOC_val_solution.csv"
@@ -129,7 +125,7 @@ def listing(root: Path) -> tuple[dict[str, tuple[list[Path], list[int]]], list[s
     index = {w: i for i, w in enumerate(ids)}
     train, labels = [], []
     for w in ids:
-        files = _files(root / "train" / w)
+        files = image_files(root / "train" / w)
         if not files:
             raise UserError(f"class folder {root / 'train' / w} holds no images")
         train += files

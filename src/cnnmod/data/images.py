@@ -16,6 +16,11 @@ def is_image(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
 
 
+def image_files(folder: Path) -> list[Path]:
+    """The image files directly in ``folder``, sorted by name (none when it is not a folder)."""
+    return sorted(p for p in folder.iterdir() if is_image(p)) if folder.is_dir() else []
+
+
 def read_image(path: Path, mode: str) -> np.ndarray:
     """The image at ``path`` in Pillow ``mode`` ("L" or "RGB") as uint8 (C, H, W)."""
     try:

@@ -112,17 +112,7 @@ def _resolve(name: str, root: Path) -> tuple[str, Path, list[Path], Callable, Au
 
 def _channel_stats(x: np.ndarray) -> tuple[list[float], list[float]]:
     """Per-channel mean and standard deviation of uint8 (N, C, H, W) images, in [0, 1] units."""
-    mean, std = [], []
-    for c in range(x.shape[1]):
-        total = np.zeros(2)
-        for start in range(0, x.shape[0], 4096):
-            chunk = x[start:start + 4096, c].astype(np.float64) / 255.0
-            total += (chunk.sum(), np.square(chunk).sum())
-        n = x.shape[0] * x.shape[2] * x.shape[3]
-        m = total[0] / max(n, 1)
-        mean.append(float(m))
-        std.append(float(max(np.sqrt(max(total[1] / max(n, 1) - m * m, 0.0)), 1e-3)))
-    return mean, std
+    return streaming.channel_stats(x[start:start + 4096] for start in range(0, max(x.shape[0], 1), 4096))
 
 
 def _arrays(name: str, root: Path) -> tuple[dict[str, np.ndarray], dict, Path, Augment]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -205,18 +205,27 @@ def is_streamed(images) -> bool:
 def listing_stats(images: FileImages, samples: int = 1000, seed: int = 0) -> tuple[list[float], list[float]]:
     """Per-channel mean and standard deviation in [0, 1] units over a seeded sample of ``samples`` images (a
     streamed training split is not read whole for its normalisation)."""
-    n = len(images)
-    pick = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:samples].sort().values
-    total = np.zeros((images.channels, 2))
-    count = 0
-    for x in batched(images, list(pick.split(256))):
-        x = x.double() / 255.0
-        total[:, 0] += x.sum((0, 2, 3)).numpy()
-        total[:, 1] += x.square().sum((0, 2, 3)).numpy()
+    pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:samples].sort().values
+    return channel_stats(x.numpy() for x in batched(images, list(pick.split(256))))
+
+
+def channel_stats(batches: Iterable[np.ndarray]) -> tuple[list[float], list[float]]:
+    """Per-channel mean and standard deviation, in [0, 1] units, of uint8 (N, C, H, W) batches (float64 sums;
+    a standard deviation is at least 1e-3)."""
+    total, count = None, 0
+    for x in batches:
+        if total is None:
+            total = np.zeros((x.shape[1], 2))
+        for c in range(x.shape[1]):
+            chunk = x[:, c].astype(np.float64) / 255.0
+            total[c] += (chunk.sum(), np.square(chunk).sum())
         count += x.shape[0] * x.shape[2] * x.shape[3]
-    mean = total[:, 0] / max(count, 1)
-    std = np.sqrt(np.maximum(total[:, 1] / max(count, 1) - mean ** 2, 0.0))
-    return [float(m) for m in mean], [float(max(s, 1e-3)) for s in std]
+    mean, std = [], []
+    for s, s2 in total if total is not None else []:
+        m = s / max(count, 1)
+        mean.append(float(m))
+        std.append(float(max(np.sqrt(max(s2 / max(count, 1) - m * m, 0.0)), 1e-3)))
+    return mean, std
 
 
 def relative(root: Path, paths: Sequence[Path]) -> np.ndarray:

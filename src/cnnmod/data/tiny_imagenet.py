@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
-from .images import is_image, stack_images
+from .images import image_files, stack_images
 
 DIR = "tiny-imagenet-200"
 
@@ -45,7 +45,7 @@ def decode(root: Path) -> tuple[dict[str, np.ndarray], list[str]]:
         folder = d / "train" / w / "images"
         if not folder.is_dir():
             folder = d / "train" / w
-        files = sorted(p for p in folder.iterdir() if is_image(p)) if folder.is_dir() else []
+        files = image_files(folder)
         if not files:
             raise UserError(f"class folder {folder} holds no images; fetch the data set again")
         train_paths += files

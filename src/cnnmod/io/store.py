@@ -344,10 +344,10 @@ def module_paths(path: str | os.PathLike) -> list[Path]:
     """The module folders a path stands for: a decomposition folder (all its modules; ``DIR:0,3,7`` only those
     classes', so that the other modules are never read) or one module folder."""
     text = str(path)
-    picked = re.fullmatch(r"(.+):(\d+(?:,\d+)*)", text)
-    path = Path(picked.group(1) if picked and not Path(text).exists() else text)
+    picked = None if Path(text).exists() else re.fullmatch(r"(.+):(\d+(?:,\d+)*)", text)
+    path = Path(picked.group(1) if picked else text)
     config = read_config(path)
-    if picked and not Path(text).exists():
+    if picked:
         if config["kind"] != "decomposition":
             raise UserError(f"{text}: classes can be picked from a decomposition folder; {path} is a {config['kind']}")
         by_class = {int(m["class"]): path / m["path"] for m in config["modules"]}

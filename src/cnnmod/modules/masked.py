@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ..core.bits import pack_bits, unpack_bits
+from ..core.bits import or_rows, pack_bits, unpack_bits
 from ..core.graph import Head, ModelGraph, ObservationPoint
 from ..core.observe import hooks
 from ..data.transforms import InputSpec
@@ -194,20 +194,12 @@ class Module(BinaryModule):
             masks = {}
             for i, p in enumerate(first.points):  # from the packed bytes: a union is a bitwise or of them
                 rows = [getattr(m, f"packed_{i}") for m in modules]
-                packed = _or_rows(rows) if union else torch.stack(rows)
+                packed = or_rows(rows).unsqueeze(0) if union else torch.stack(rows)
                 masks[p.name] = unpack_bits(packed, p.size).reshape(-1, *p.shape)
             if union:  # one mask set however many modules: kept (masks never change once made)
                 first._union_memo = (tuple(modules), device, masks)
         features = masked_features(first.source.net, first.points, first.head, masks, x, pooled)
         return features.expand(len(modules), -1, -1)
-
-
-def _or_rows(rows: Sequence[torch.Tensor]) -> torch.Tensor:
-    """K uint8 (M,) -> (1, M): the bitwise or of the rows."""
-    out = rows[0].clone()
-    for row in rows[1:]:
-        out |= row
-    return out.unsqueeze(0)
 
 
 def jaccard(a: torch.Tensor, b: torch.Tensor) -> float:
