@@ -28,7 +28,7 @@ from common import ROOT, record  # noqa: E402
 import cnnmod  # noqa: E402
 from cnnmod.compose.evaluate import evaluate_against_model  # noqa: E402
 from cnnmod.data import load  # noqa: E402
-from cnnmod.decompose.slim import SlimSettings, merge_slim, slim_module  # noqa: E402
+from cnnmod.decompose.slim import SlimSettings, merge_slim, slim_modules  # noqa: E402
 from cnnmod.io.export import export_onnx  # noqa: E402
 from cnnmod.jobs.train import train  # noqa: E402
 from cnnmod.models.families import FAMILIES, RELU_FAMILIES  # noqa: E402
@@ -74,7 +74,7 @@ def run_family(name: str, args, work: Path) -> dict:
     slim_settings = SlimSettings(size=args.size, samples=args.slim_samples, step=0.2)
     try:
         started = time.perf_counter()
-        slims = [slim_module(clf, train_set, c, slim_settings) for c in range(clf.num_classes)]
+        slims = slim_modules(clf, train_set, list(range(clf.num_classes)), slim_settings)
         report = evaluate_against_model(cnnmod.compose(slims), clf, test, device)
         row["model"] = report["model_top1"]
         row["slim"] = (f"{report['composed_top1'] - report['model_top1']:+.2f} at "

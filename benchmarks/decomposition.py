@@ -35,7 +35,15 @@ CNN_MODELS = {
     "resnet20": ("resnet20", {"bn": False}, 6, 20000, "adam"),
     "resnet32": ("resnet32", {"bn": False}, 6, 20000, "adam"),
     "resnet56": ("resnet56", {"bn": False}, 6, 20000, "adam"),
+    # the paper's setting trained on all 54,000 training images until validation stops improving (issue 17)
+    "resnet20-full": ("resnet20", {"bn": False}, 15, None, "adam"),
+    "resnet32-full": ("resnet32", {"bn": False}, 15, None, "adam"),
+    "resnet56-full": ("resnet56", {"bn": False}, 15, None, "adam"),
 }
+# cnnmod's documented switches (DecomposeSettings fields), each measured beside the paper's settings
+SWITCHES = {"exact-only": {"exact_only": True}, "correct-only": {"correct_only": True},
+            "tau-0.1": {"tau": 0.1}, "correct-only+exact-only": {"correct_only": True, "exact_only": True},
+            "relative-delta": {"relative_delta": True}, "relative-delta-2": {"relative_delta": True, "delta": 2.0}}
 
 
 def model_for(name: str, arch: str, args: dict, epochs: int, subset: int | None, optimizer: str, augment: bool,
@@ -48,8 +56,8 @@ def model_for(name: str, arch: str, args: dict, epochs: int, subset: int | None,
     return out
 
 
-def study(model_dir: Path, variants: tuple[str, ...], samples: int, seed: int, condition: str = "pseudocode"
-          ) -> list[dict]:
+def study(model_dir: Path, variants: tuple[str, ...], samples: int, seed: int, condition: str = "pseudocode",
+          switches: tuple[str, ...] = ()) -> list[dict]:
     clf = load_model(model_dir)
     train_set, test = load("fashion-mnist", "train"), load("fashion-mnist", "test")
     graph = ModelGraph(clf.net, clf.spec.shape)
@@ -57,19 +65,27 @@ def study(model_dir: Path, variants: tuple[str, ...], samples: int, seed: int, c
     stats = observe(clf.net, graph, clf.prepare, train_set, samples=samples, seed=seed, device=torch.device("cpu"))
     observe_seconds = time.perf_counter() - t0
     training = clf.info.get("training", {})
-    rows = []
-    for variant in variants:
-        t0 = time.perf_counter()
+    rows, passes = [], {(False, False): (stats, observe_seconds)}
+    for variant, switch in [(v, None) for v in variants] + [(v, w) for w in switches for v in variants]:
         s = DecomposeSettings(variant=variant, ci_samples=samples, seed=seed, condition=condition,
-                              calibration_samples=0)
-        modules = decompose(clf, train_set, settings=s, stats=stats, show_progress=False)
-        seconds = observe_seconds + time.perf_counter() - t0
+                              calibration_samples=0, **(SWITCHES[switch] if switch else {}))
+        # one observation pass per kind: --correct-only observes other inputs, --tau needs counts as well
+        kind = (s.correct_only, s.tau > 0)
+        if kind not in passes:
+            t1 = time.perf_counter()
+            passes[kind] = (observe(clf.net, graph, clf.prepare, train_set, samples=samples, seed=seed,
+                                    correct_only=s.correct_only, counts=s.tau > 0, device=torch.device("cpu")),
+                            time.perf_counter() - t1)
+        t0 = time.perf_counter()
+        modules = decompose(clf, train_set, settings=s, stats=passes[kind][0], show_progress=False)
+        seconds = passes[kind][1] + time.perf_counter() - t0
         report = evaluate_against_model(compose(modules), clf, test, torch.device("cpu"), 512)
         row = {"model": model_dir.name, "arch": clf.arch, "bn": clf.arch_args.get("bn", None),
-               "variant": variant if condition == "pseudocode" else f"{variant} ({condition})",
+               "variant": (variant if condition == "pseudocode" else f"{variant} ({condition})")
+               + (f" --{switch}" if switch else ""), "switch": switch,
                "training_epochs": training.get("epochs"), "training_subset": training.get("subset"),
                "training_seconds": training.get("seconds"), "decomposition_seconds": round(seconds, 3),
-               "observe_seconds": round(observe_seconds, 3),
+               "observe_seconds": round(passes[kind][1], 3),
                "decomposition_to_training": round(seconds / training["seconds"], 5) if training.get("seconds")
                else None,
                **{k: v for k, v in report.items() if k != "per_class"}, "per_class": report["per_class"]}
@@ -104,14 +120,16 @@ def cnn(args) -> None:
         arch, arch_args, epochs, subset, optimizer = CNN_MODELS[name]
         model_dir = model_for(name, arch, arch_args, args.epochs or epochs, subset, optimizer, True, args.seed,
                               args.runs)
-        rows += study(model_dir, tuple(args.variants.split(",")), args.samples, args.seed, args.condition)
-    bln = [r for r in rows if r["variant"].startswith("mc-bln")]
+        rows += study(model_dir, tuple(args.variants.split(",")), args.samples, args.seed, args.condition,
+                      tuple(filter(None, args.switches.split(","))))
+    bln = [r for r in rows if r["variant"] == "mc-bln"]
     figures = {"rows": rows, "mean_cost_mc_bln_top1_pp": mean([r["decomposition_cost_top1_pp"] for r in bln]),
                "mean_cost_mc_bln_top5_pp": mean([r["decomposition_cost_top5_pp"] for r in bln]),
                "mean_jaccard_mc_bln": mean([r["jaccard_model_mean"] for r in bln]), "table": table(rows)}
     suffix = ("" if args.condition == "pseudocode" else f"_{args.condition}") + "_" + "_".join(names)
     path = record(f"decomposition_cnn{suffix}", f"python benchmarks/decomposition.py cnn --models {args.models} "
-                  f"--variants {args.variants} --condition {args.condition}", figures,
+                  f"--variants {args.variants} --condition {args.condition}"
+                  + (f" --switches {args.switches}" if args.switches else ""), figures,
                   f"MC-BLN mean cost {figures['mean_cost_mc_bln_top1_pp']:+.2f} pp top-1, "
                   f"{figures['mean_cost_mc_bln_top5_pp']:+.2f} pp top-5; mean Jaccard "
                   f"{figures['mean_jaccard_mc_bln']:.3f} over {len(bln)} models")
@@ -145,6 +163,7 @@ def main(argv: list[str]) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--condition", default="pseudocode", choices=["pseudocode", "prose"])
     p.add_argument("--runs", type=Path, default=ROOT / "runs" / "bench")
+    p.add_argument("--switches", default="", help=f"also with these switches, comma-separated: {', '.join(SWITCHES)}")
     args = p.parse_args(argv)
     {"cnn": cnn, "dense": dense}[args.part](args)
 

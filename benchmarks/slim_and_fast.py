@@ -33,7 +33,7 @@ from cnnmod.compose.voting import compose
 from cnnmod.core.cost import cost_report
 from cnnmod.data import load
 from cnnmod.decompose.paper import DecomposeSettings, decompose
-from cnnmod.decompose.slim import SlimSettings, merge_slim, slim_module
+from cnnmod.decompose.slim import SlimSettings, merge_slim, slim_modules
 from cnnmod.io.models import load_model
 from cnnmod.io.store import load_merged_slim, save_merged_slim
 from cnnmod.runtime import pick_device
@@ -81,7 +81,7 @@ def main(argv: list[str]) -> None:
                 s = SlimSettings(size=size, rule=rule, samples=args.samples, seed=args.seed, cost=cost,
                                  multiple=args.multiple)
                 classes = sorted({c for q in pairs for c in q}) if args.pair_only else list(range(clf.num_classes))
-                modules = {c: slim_module(clf, train, c, s) for c in classes}
+                modules = dict(zip(classes, slim_modules(clf, train, classes, s), strict=True))
                 row = {"kind": "slim (channel)", "size": size, "rule": rule, "cost": cost, "multiple": args.multiple,
                        "seconds": round(time.perf_counter() - t0, 1),
                        "params_fraction": sum(m.metrics["params_fraction"] for m in modules.values()) / len(modules)}

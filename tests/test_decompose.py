@@ -115,6 +115,29 @@ def test_hand_mlp_heads_and_bln_conditions():
     assert kept(prose[2]) == kept(mc[2]) - {3}
 
 
+def test_relative_delta_is_in_units_of_the_heads_weights():
+    """Module 0's head rows are [2,-1,-1,1] / [-1,.5,.5,0] (root mean square 1.0308): with --relative-delta the
+    pseudo-code threshold 0.5 becomes 0.515, so feature 0 stays marked (2 >= .515, -1 <= -.515); at --delta 1
+    (1.031) nothing is (w_uc = -1 > -1.031). The head scaled by 10 marks the same with the relative delta, where
+    the absolute one marks more."""
+    data, net = hand_mlp_data(), HandMLP()
+    mc = decompose(net, data, "mc", show_progress=False)
+
+    def off(delta: float, relative: bool, scale: float = 1.0) -> set:
+        with torch.no_grad():
+            scaled = HandMLP()
+            scaled.fc.weight.mul_(scale)
+            scaled.fc.bias.mul_(scale)
+        s = DecomposeSettings(delta=delta, relative_delta=relative)
+        m = decompose(scaled, data, "mc-bln", settings=s, classes=[0], show_progress=False)[0]
+        return kept(mc[0]) - kept(m)
+
+    assert off(0.5, False) == off(0.5, True) == {0}
+    assert off(1.0, False) == {0} and off(1.0, True) == set()
+    assert off(1.0, True, scale=10.0) == set() and off(1.0, False, scale=10.0) == {0}
+    assert off(0.5, True, scale=10.0) == {0}
+
+
 def test_hand_mlp_scores_match_formula():
     data, net = hand_mlp_data(), HandMLP()
     bln = decompose(net, data, "mc-bln", settings=DecomposeSettings(seed=0), show_progress=False)

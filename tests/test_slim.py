@@ -14,11 +14,20 @@ from conftest import assert_user_error, random_data, run, source
 
 import cnnmod
 from cnnmod.core.calibrate import TYPICAL_ALPHA, typicality
-from cnnmod.core.channels import classifier_input, cost_per_channel, gated
+from cnnmod.core.channels import classifier_input, cost_per_channel, frozen_copy, gated
 from cnnmod.core.observe import class_order
 from cnnmod.data.transforms import InputSpec
 from cnnmod.decompose.fitting import calibration_set
-from cnnmod.decompose.slim import Pools, SlimSettings, fit_head, slim_module, source_log_odds
+from cnnmod.decompose.slim import (
+    Pools,
+    Pruner,
+    SlimSettings,
+    fit_head,
+    slim_module,
+    slim_modules,
+    source_log_odds,
+    step_rows,
+)
 from cnnmod.errors import UserError
 from cnnmod.models import build
 from cnnmod.models.classifier import Classifier
@@ -30,7 +39,8 @@ from cnnmod.models.train import split_train_val
 def test_sliced_network_computes_what_the_gated_model_computes(arch, kwargs):
     clf = source(arch, **kwargs)
     data = random_data(per_class=20)
-    m = slim_module(clf, data, 1, SlimSettings(size=0.4, samples=40, step=0.2), keep_reference=True)
+    # pruning steps on 16 of the 100 observed inputs; the last refit on all of them
+    m = slim_module(clf, data, 1, SlimSettings(size=0.4, samples=40, step=0.2, step_samples=16), keep_reference=True)
     assert m.metrics["params_fraction"] <= 0.4
     assert m.params() == sum(p.numel() for p in m.net.parameters()) < sum(p.numel() for p in clf.net.parameters())
     net, graph, groups, gates, hw, hb = m.gated_reference
@@ -108,11 +118,62 @@ def test_residual_channels_are_cut_together():
     assert net.fc.out_features == 2 and net.fc.in_features == net.layer3[2].conv2.out_channels
 
 
-def test_max_loss_keeps_held_out_accuracy(tmp_path):
+@pytest.mark.parametrize("step_samples", [None, 12])
+def test_max_loss_keeps_held_out_accuracy(step_samples):
     clf = source("cnn")
     m = slim_module(clf, random_data(per_class=30), 2, SlimSettings(size=0.01, max_loss=0.0, samples=40,
-                                                                    held_out=10, step=0.2))
+                                                                    held_out=10, step=0.2, step_samples=step_samples))
     assert m.metrics["held_out_binary_accuracy"] >= m.metrics["held_out_binary_accuracy_start"]
+
+
+def test_a_step_works_on_inputs_spread_over_the_classes():
+    labels = torch.arange(4).repeat_interleave(torch.tensor([40, 20, 20, 20]))  # as observed: mine, then blocks
+    rows = step_rows((labels == 0)[:, None], 24)
+    assert rows.tolist() == sorted(set(rows.tolist())) and len(rows) == 24
+    assert torch.bincount(labels[rows], minlength=4).tolist() == [12, 4, 4, 4]
+    assert step_rows((labels == 0)[:, None], 100) is None and step_rows((labels == 0)[:, None], None) is None
+    several = torch.stack([labels == 0, labels == 1], 1)  # a merged composition's rows: all inputs alike
+    assert torch.bincount(labels[step_rows(several, 10)], minlength=4).tolist() == [4, 2, 2, 2]
+    few = torch.zeros(50, 1, dtype=torch.bool)
+    few[:3] = True  # fewer of mine than half: the rest from the others
+    assert len(step_rows(few, 20)) == 20 and int(few[step_rows(few, 20), 0].sum()) == 3
+
+
+def test_the_last_refit_is_on_every_observed_input():
+    """Pruning steps refit the head on the step's inputs; ``finish`` refits it on all observed ones: the head is
+    then exactly the logistic fit of the current network's features of all of them."""
+    clf = source("cnn")
+    data = random_data(per_class=20)
+    x = clf.prepare(data.images)
+    targets = (data.labels == 1)[:, None]
+    frozen = frozen_copy(clf)
+    hw, hb = frozen[0].head.linear_map(frozen[1])
+    p = Pruner(clf, SlimSettings(size=0.5, step_samples=10), x, targets, None, (hw[1] - hw[0])[None],
+               (hb[1] - hb[0])[None], frozen=frozen)
+    p.refresh()
+    on_step = p.w.clone()
+    p.close_least_important(1.0)
+    p.refresh()
+    p.finish()
+    expected = fit_head(p.features_of(x), targets[:, 0], p.w[0], float(p.b[0]))  # a fixed point of the fit
+    assert torch.allclose(p.w[0], expected[0], atol=1e-4)
+    p.refit(step=True)
+    assert not torch.allclose(p.w[0], expected[0], atol=1e-3)  # 10 inputs fit another head
+    assert on_step.shape == p.w.shape
+
+
+def test_modules_made_together_share_the_sources_probabilities():
+    """``slim_modules`` computes the source's probabilities once for all modules: the same modules as one at a
+    time."""
+    clf, data = source("resnet20"), random_data(per_class=20)
+    s = SlimSettings(size=0.4, samples=30, step=0.2, step_samples=24)
+    together = slim_modules(clf, data, [0, 2], s)
+    for m in together:
+        alone = slim_module(clf, data, m.concerned, s)
+        assert m.removed == alone.removed
+        x = torch.randn(5, 1, 12, 12)
+        with torch.no_grad():
+            assert torch.allclose(m(x), alone(x), atol=1e-4)
 
 
 def test_observed_inputs_are_trained_on_and_held_out_ones_never():

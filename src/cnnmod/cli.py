@@ -221,6 +221,8 @@ def decompose_cmd(
     exact_only: bool = typer.Option(False, "--exact-only", help="Switch nodes off only where a ReLU follows "
                                     "(pre-activation networks: a 0 before an addition or BatchNorm is not "
                                     "inactive)."),
+    relative_delta: bool = typer.Option(False, "--relative-delta", help="MC-BLN's --delta in units of the weights "
+                                        "it is compared with (their root mean square), not absolute."),
     tau: float = typer.Option(0.0, "--tau", help="Keep a node active for at least this rate of its class (0: paper)."),
     delta: float = typer.Option(0.5, "--delta", help="MC-BLN's weight threshold."),
     condition: str = typer.Option("pseudocode", "--condition",
@@ -238,6 +240,8 @@ def decompose_cmd(
                                   "each layer (none)."),
     slim_multiple: int = typer.Option(1, "--slim-multiple", help="Slim modules: keep every layer's channel count a "
                                       "multiple of this when above it (8 suits CPU convolutions)."),
+    slim_step_samples: int = typer.Option(1024, "--slim-step-samples", help="Slim modules: observed inputs each "
+                                          "pruning step ranks and refits on (0: all; the last refit uses all)."),
     calibration_samples: int = typer.Option(100, "--calibration-samples",
                                             help="Held-out training inputs per class to fit score calibration."),
     measure: bool = typer.Option(True, "--measure/--no-measure",
@@ -255,13 +259,14 @@ def decompose_cmd(
 
     settings = DecomposeSettings(variant=variant, delta=delta, condition=condition, ci_samples=ci_samples,
                                  correct_only=correct_only, tau=tau, seed=seed, exact_only=exact_only,
+                                 relative_delta=relative_delta,
                                  calibration_samples=calibration_samples)
     if granularity not in ("node", "channel"):
         raise UserError(f"unknown granularity {granularity!r}; use node or channel")
     slim = None
     if granularity == "channel":
         slim = SlimSettings(size=size, max_loss=max_loss, rule=rule, samples=slim_samples, cost=slim_cost,
-                            multiple=slim_multiple, seed=seed)
+                            multiple=slim_multiple, step_samples=slim_step_samples or None, seed=seed)
     elif size is not None or max_loss is not None:
         raise UserError("--size and --max-loss apply to slim modules: add --granularity channel")
     result = decompose_dir(model_dir, out, settings, Run(device, data_root, batch_size, overwrite, country),

@@ -156,13 +156,22 @@ def gated(net: nn.Module, graph: ModelGraph, groups: ChannelGroups, gates: list[
         for layer, index, root in group["consumers"]:
             by_layer.setdefault(layer, []).append((index, g, root))
 
+    constant = not any(g.requires_grad for g in gates)  # then each layer's multiplier is made once, not per batch
+    made: dict[tuple, torch.Tensor] = {}
+
     def hook(layer: str):
         def apply(_m, inputs):
             x = inputs[0]
-            mult = torch.ones(x.shape[1], device=x.device, dtype=x.dtype)
-            for index, g, root in by_layer[layer]:
-                mult = mult.index_put((index.to(x.device),), gates[g][root.to(x.device)].to(x.dtype))
-            return (x * mult.view(1, -1, *([1] * (x.dim() - 2))), *inputs[1:])
+            key = (layer, x.shape[1], x.device, x.dtype)
+            mult = made.get(key) if constant else None
+            if mult is None:
+                mult = torch.ones(x.shape[1], device=x.device, dtype=x.dtype)
+                for index, g, root in by_layer[layer]:
+                    mult = mult.index_put((index.to(x.device),), gates[g][root.to(x.device)].to(x.dtype))
+                mult = mult.view(1, -1, *([1] * (x.dim() - 2)))
+                if constant:
+                    made[key] = mult
+            return (x * mult, *inputs[1:])
         return apply
 
     handles = [net.get_submodule(layer).register_forward_pre_hook(hook(layer)) for layer in by_layer]
@@ -282,6 +291,10 @@ def sliced_cost(net: nn.Module, input_shape: tuple[int, int, int], removed: dict
 def cost_per_channel(net: nn.Module, groups: ChannelGroups, input_shape: tuple[int, int, int], head: Head,
                       what: str) -> list[float]:
     """Per channel group: the parameters (or FLOPs per image) that slicing one of its channels saves, in all the
-    coupled layers."""
-    whole = sliced_cost(net, input_shape, {}, head, what)
-    return [whole - sliced_cost(net, input_shape, {g["roots"][0]: [0]}, head, what) for g in groups.groups]
+    coupled layers (computed once per ``groups``: they depend on the network's shapes only)."""
+    memo = groups.__dict__.setdefault("_costs", {})
+    if (what, input_shape) not in memo:
+        whole = sliced_cost(net, input_shape, {}, head, what)
+        memo[what, input_shape] = [whole - sliced_cost(net, input_shape, {g["roots"][0]: [0]}, head, what)
+                                   for g in groups.groups]
+    return memo[what, input_shape]

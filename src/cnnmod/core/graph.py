@@ -368,13 +368,13 @@ class ModelGraph:
         return node, self.head.input_region(region, self.shapes[node.name])
 
     # ------------------------------------------------------------------ walks
-    def mark_back(self, region: torch.Tensor, delta: float) -> dict[str, torch.Tensor]:
+    def mark_back(self, region: torch.Tensor, delta: float, relative: bool = False) -> dict[str, torch.Tensor]:
         """MC-BLN: map marked head-input features back to the observation-point nodes they summarise.
 
         Returns, per observation point that was reached, the boolean nodes to switch off. Hidden dense layers
         are walked through first: a node of the layer below is marked when at least one node above is marked
-        and its weights into the marked nodes are all <= -delta. Marks stop at the image, at constants and at
-        the class layer.
+        and its weights into the marked nodes are all <= -delta (with ``relative``, -delta times the root mean
+        square of that layer's weights). Marks stop at the image, at constants and at the class layer.
         """
         off: dict[str, torch.Tensor] = {}
         work = [self._head_region(region)]
@@ -387,7 +387,8 @@ class ModelGraph:
                 off[point.name] = off.get(point.name, torch.zeros(point.shape, dtype=torch.bool)) | reg
                 if point.kind == "linear":
                     weight = self.module(point.layer).weight.detach().cpu()
-                    below = (weight[reg.reshape(-1)] <= -delta).all(dim=0)
+                    limit = delta * float(weight.pow(2).mean().sqrt()) if relative else delta
+                    below = (weight[reg.reshape(-1)] <= -limit).all(dim=0)
                     (src,) = self.ops[point.node].inputs(self.nodes[point.node])
                     work.append((src, below.reshape(self.shapes[src.name])))
                 continue

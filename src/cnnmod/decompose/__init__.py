@@ -2,6 +2,6 @@
 and slim modules cut by channel pruning (:mod:`.slim`)."""
 
 from .paper import DecomposeSettings, decompose
-from .slim import SlimSettings, merge_slim, slim_module
+from .slim import SlimSettings, merge_slim, slim_module, slim_modules
 
-__all__ = ["DecomposeSettings", "SlimSettings", "decompose", "merge_slim", "slim_module"]
+__all__ = ["DecomposeSettings", "SlimSettings", "decompose", "merge_slim", "slim_module", "slim_modules"]

@@ -43,6 +43,7 @@ class DecomposeSettings:
     seed: int = 0
     calibration_samples: int = 100  # held-out training inputs per class to fit score calibration (0: none)
     exact_only: bool = False        # switch nodes off only at points a ReLU follows (where off means 0 anyway)
+    relative_delta: bool = False    # delta in units of the weights it is compared with (their root mean square)
 
     def check(self) -> None:
         if self.variant not in VARIANTS:
@@ -128,7 +129,9 @@ def apply_variant(graph: ModelGraph, masks: dict[str, torch.Tensor], head_weight
     ``exact_only``, MC-BLN switches off only at the points a ReLU follows)."""
     masks = dict(masks)
     if s.variant in ("mc-bln", "mc-bi"):
-        off = graph.mark_back(marked_features(head_weight.cpu(), s.delta, s.condition), s.delta)
+        w = head_weight.cpu()
+        delta = s.delta * float(w.pow(2).mean().sqrt()) if s.relative_delta else s.delta
+        off = graph.mark_back(marked_features(w, delta, s.condition), s.delta, relative=s.relative_delta)
         for name, region in off.items():
             if not s.exact_only or name in graph.exact_points:
                 masks[name] = masks[name] & ~region

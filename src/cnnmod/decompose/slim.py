@@ -19,6 +19,7 @@ data). The backbone's weights are never trained. The sliced network computes exa
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import asdict, dataclass, replace
@@ -51,6 +52,9 @@ from ..modules.slim import SlimModule
 
 COSTS = ("params", "flops", "both", "none")
 MODULE_SIZE = 0.5  # a slim module's target size when neither --size nor --max-loss is given
+# a merged composition's own pruning steps: as its figures in BENCHMARKS.md were measured (the cheaper steps of
+# slim modules were measured on modules only)
+MERGED_STEPS = {"step": 0.1, "step_samples": None}
 
 
 @dataclass(frozen=True)
@@ -60,7 +64,9 @@ class SlimSettings:
     size: float | None = None       # target fraction of the source model's parameters, in (0, 1]; None: the
                                     # job's default (:meth:`resolved`)
     max_loss: float | None = None   # or: stop before losing more than this (pp of held-out binary accuracy)
-    step: float = 0.1               # fraction of kept channels closed per iteration
+    step: float = 0.2               # fraction of kept parameters (or channels) closed per iteration
+    step_samples: int | None = 1024  # inputs each pruning step ranks, re-estimates BatchNorm and refits on (half
+                                    # concerned); None: all observed. The last refit always uses all observed
     rule: str = "taylor"            # "taylor" or "activation"
     objective: str = "distill"      # the binary loss ranked and refitted on: the source's p_c ("distill") or labels
     cost: str = "params"            # rank channels by importance per what they cost: params, flops, both (the sum
@@ -93,6 +99,8 @@ class SlimSettings:
             raise UserError(f"the channel multiple must be at least 1, got {self.multiple}")
         if not 0 < self.step < 1:
             raise UserError(f"the pruning step must be in (0, 1), got {self.step}")
+        if self.step_samples is not None and self.step_samples < 2:
+            raise UserError(f"--slim-step-samples must be at least 2, got {self.step_samples}")
 
 
 class Pools:
@@ -141,6 +149,27 @@ def validation_indices(source: Classifier, data: ImageSet) -> torch.Tensor | Non
     return split_indices(len(data), t["val_split"], t.get("subset"), t["seed"])[1]
 
 
+def step_rows(targets: torch.Tensor, n: int | None) -> torch.Tensor | None:
+    """Indices of the ``n`` observed inputs the pruning steps work on (None: all of them), spread evenly: for one
+    margin, half among its class's inputs and half among the others (observed in blocks of one class each, so
+    evenly spread they stay balanced over the classes); for several, over all inputs alike. Every step works on
+    the same ones (a new slice each step measured much worse: BENCHMARKS.md, "Slim modules' cost")."""
+    if n is None or n >= targets.shape[0]:
+        return None
+
+    def spread(rows: torch.Tensor, want: int) -> torch.Tensor:
+        if want <= 0 or rows.numel() == 0:
+            return rows[:0]
+        return rows[::max(1, rows.numel() // want)][:want]
+
+    everything = torch.arange(targets.shape[0], device=targets.device)
+    if targets.shape[1] > 1:
+        return spread(everything, n)
+    mine = targets[:, 0].bool()
+    own = spread(everything[mine], n // 2)
+    return torch.cat([own, spread(everything[~mine], n - own.numel())]).sort().values
+
+
 def _head_rows(w: torch.Tensor, b: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Head rows whose softmax is sigmoid(w . f + b): [w, 0] and [b, 0]."""
     return torch.stack([w, torch.zeros_like(w)]), torch.tensor([b, 0.0])
@@ -178,6 +207,7 @@ class Pruner:
         self.gates = gates or [torch.ones(g["channels"], device=device) for g in self.groups.groups]
         self.x_obs, self.targets, self.soft = x_obs, targets, soft
         self.bn_rows = bn_rows  # BatchNorm statistics from the first bn_rows observed inputs (default: all)
+        self.rows = step_rows(targets, s.step_samples)  # what each step works on (None: all observed)
         self.w, self.b = w.cpu(), b.cpu().double()
         self.total_params = sum(p.numel() for p in source.net.parameters())
         self.per_channel = self.rank_cost = None
@@ -218,10 +248,10 @@ class Pruner:
         """Per channel: |d loss / d gate|, the first-order effect of closing it on the margins' loss."""
         scores = [torch.zeros(g["channels"]) for g in self.groups.groups]
         live = [g.clone().requires_grad_(True) for g in self.gates]
-        device = self.x_obs.device
-        wd, bd = self.w.to(device), self.b.to(device, torch.float32)
-        softs = self.batches(self.soft) if self.soft is not None else [None] * len(self.batches(self.targets))
-        for xb, tb, sb in zip(self.batches(self.x_obs), self.batches(self.targets), softs, strict=True):
+        x, targets, soft = self.step_view()
+        wd, bd = self.w.to(x.device), self.b.to(x.device, torch.float32)
+        softs = self.batches(soft) if soft is not None else [None] * len(self.batches(targets))
+        for xb, tb, sb in zip(self.batches(x), self.batches(targets), softs, strict=True):
             with gated(self.net, self.graph, self.groups, live):
                 f = classifier_input(self.net, self.graph.head, lambda xb=xb: self.net(xb))
             logits = torch.stack([f @ wd[k] + bd[k] for k in range(wd.shape[0])], 1)
@@ -233,7 +263,8 @@ class Pruner:
 
     def activation_rates(self) -> list[torch.Tensor]:
         """Per channel: the share of the rows' own inputs for which it is active somewhere."""
-        mine = self.x_obs[self.targets.any(1)]
+        x, targets, _ = self.step_view()
+        mine = x[targets.any(1)]
         counts: dict[str, torch.Tensor] = {}
 
         def count(p, out):
@@ -246,17 +277,42 @@ class Pruner:
                 self.net(xb)
         return [sum(counts[p] for p in g["points"]) / max(len(mine), 1) for g in self.groups.groups]
 
-    def refresh(self) -> None:
-        """BatchNorm statistics re-estimated on the observed inputs (the first ``bn_rows``), then every row
-        refitted."""
+    def step_view(self, step: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The observed inputs, targets and soft targets a pruning step works on (``step``), or all of them."""
+        if not step or self.rows is None:
+            return self.x_obs, self.targets, self.soft
+        return self.x_obs[self.rows], self.targets[self.rows], self.soft[self.rows] if self.soft is not None else None
+
+    def refresh(self, step: bool = True) -> None:
+        """BatchNorm statistics re-estimated (on the observed inputs among the first ``bn_rows``), then every row
+        refitted: on a step's inputs (``step``), or on all observed ones. A step on ``step_samples`` inputs whose
+        re-estimation ran on all of them refits on that pass's own features (each batch normalised by its own
+        statistics, which the running ones average): one pass instead of two; :meth:`finish` refits on a plain
+        pass."""
+        rows = self.rows if step else None
+        limit = self.bn_rows or len(self.x_obs)
+        bn = self.x_obs[:limit] if rows is None else self.x_obs[rows[rows < limit]]
+        shared = rows is not None and bn.shape[0] == rows.numel()  # a step's refit, made again by finish()
+        captured: list[torch.Tensor] = []
+
         def run():
             with gated(self.net, self.graph, self.groups, self.gates):
-                for xb in self.batches(self.x_obs[:self.bn_rows]):
-                    self.net(xb)
-        reestimate_bn(self.net, run)
-        features = self.features_of(self.x_obs)
-        fitted = [fit_head(features, self.targets[:, k], self.w[k], float(self.b[k]),
-                           soft=self.soft[:, k] if self.soft is not None else None) for k in range(self.w.shape[0])]
+                for xb in self.batches(bn):
+                    if shared:
+                        captured.append(classifier_input(self.net, self.graph.head, lambda xb=xb: self.net(xb)))
+                    else:
+                        self.net(xb)
+        reestimate_bn(self.net, run)  # runs nothing where the network has no BatchNorm
+        self.refit(step, torch.cat(captured) if captured else None)
+
+    def refit(self, step: bool = True, features: torch.Tensor | None = None) -> None:
+        """Every head row refitted on the current network's features (or ``features``) of a step's inputs, or of
+        all observed."""
+        x, targets, soft = self.step_view(step)
+        if features is None:
+            features = self.features_of(x)
+        fitted = [fit_head(features, targets[:, k], self.w[k], float(self.b[k]),
+                           soft=soft[:, k] if soft is not None else None) for k in range(self.w.shape[0])]
         self.w = torch.stack([w for w, _ in fitted])
         self.b = torch.tensor([b for _, b in fitted], dtype=torch.float64)  # as fitted: no rounding
 
@@ -364,18 +420,77 @@ class Pruner:
                     g.copy_(old)
                 self.refresh()
                 break
+        self.finish(accuracy, start - self.s.max_loss if start is not None else None)
         return history
 
+    def finish(self, accuracy=None, floor: float | None = None) -> None:
+        """The last head refit, on every observed input (pruning steps work on ``step_samples`` of them; the
+        BatchNorm statistics stay the last step's: a few hundred inputs estimate a channel's mean and variance
+        over all its positions well); kept unless it puts ``accuracy()`` under ``floor`` and under the step's."""
+        if self.rows is None:
+            return
+        saved = self.w, self.b
+        before = accuracy() if floor is not None else None
+        self.refit(step=False)
+        if floor is not None and (after := accuracy()) < floor and after < before:
+            self.w, self.b = saved
 
-def slim_module(source: Classifier, data: ImageSet, concerned: int, s: SlimSettings,
-                batch_size: int = 256, keep_reference: bool = False) -> SlimModule:
-    """One slim module of ``source`` for class ``concerned``, observed on ``data`` (its training split).
-    ``keep_reference`` keeps the gated full network it was cut from as ``gated_reference``, for checks."""
+
+SHARED_ODDS = 2 ** 26  # slim_modules computes the source's log-odds once for all modules up to this many values
+
+
+def slim_modules(source: Classifier, data: ImageSet, classes: list[int], s: SlimSettings, batch_size: int = 256,
+                 done=None) -> list:
+    """The slim modules of ``classes``, each as :func:`slim_module` makes it, with the work they share done once:
+    the source's probabilities on their observed inputs (one forward pass over every distinct input, where an
+    input is observed by every module). ``done(module)`` is called as each is made."""
     s = s.resolved(MODULE_SIZE)
     s.check()
     data = as_image_set(data)
-    started = time.perf_counter()
-    frozen = frozen_copy(source)
+    teachers: dict[int, torch.Tensor] = {}
+    if s.objective == "distill" and len(classes) > 1:
+        started = time.perf_counter()
+        pools = Pools(source, data, s.seed)
+        observed = {c: pools.observation(c, s.samples) for c in classes}
+        union = torch.unique(torch.cat(list(observed.values())))
+        if union.numel() * data.num_classes <= SHARED_ODDS:
+            net = source.net
+            device = next(net.parameters()).device
+            training = net.training
+            net.eval()
+            try:
+                odds = torch.cat([source_log_odds(net, source.prepare(data.images[union[i:i + batch_size]].to(device)),
+                                                  batch_size).cpu() for i in range(0, union.numel(), batch_size)])
+            finally:
+                net.train(training)
+            seconds = (time.perf_counter() - started) / len(classes)  # each module's share
+            teachers = {c: (torch.sigmoid(odds[torch.searchsorted(union, observed[c]), c:c + 1]), seconds)
+                        for c in classes}
+    frozen = frozen_copy(source)  # graph, channel groups and their costs: one network's, whichever module's
+    modules = []
+    for c in classes:
+        modules.append(slim_module(source, data, c, s, batch_size, teacher=teachers.get(c), frozen=frozen))
+        if done is not None:
+            done(modules[-1])
+    return modules
+
+
+def slim_module(source: Classifier, data: ImageSet, concerned: int, s: SlimSettings,
+                batch_size: int = 256, keep_reference: bool = False,
+                teacher: tuple[torch.Tensor, float] | None = None, frozen: tuple | None = None) -> SlimModule:
+    """One slim module of ``source`` for class ``concerned``, observed on ``data`` (its training split).
+    ``keep_reference`` keeps the gated full network it was cut from as ``gated_reference``, for checks.
+    ``teacher``: the source's p_c on the observed inputs and the seconds it took, as :func:`slim_modules`
+    computes them for several modules at once; ``frozen``: :func:`frozen_copy` of the source, shared by its
+    modules (each prunes its own copy of the network)."""
+    s = s.resolved(MODULE_SIZE)
+    s.check()
+    data = as_image_set(data)
+    started = time.perf_counter() - (teacher[1] if teacher is not None else 0.0)
+    if frozen is None:
+        frozen = frozen_copy(source)
+    else:
+        frozen = (frozen[0], copy.deepcopy(frozen[1]), frozen[2])
     graph, net, _ = frozen
     device = next(net.parameters()).device
     pools = Pools(source, data, s.seed)
@@ -383,7 +498,9 @@ def slim_module(source: Classifier, data: ImageSet, concerned: int, s: SlimSetti
     images, targets = data.images[observed], data.labels[observed] == concerned
     x_obs = source.prepare(images.to(device))
     soft = None
-    if s.objective == "distill":  # the source's p_c, before any BatchNorm statistics change
+    if teacher is not None and s.objective == "distill":
+        soft = teacher[0].to(device)
+    elif s.objective == "distill":  # the source's p_c, before any BatchNorm statistics change
         soft = torch.sigmoid(source_log_odds(net, x_obs, batch_size)[:, concerned:concerned + 1])
     w, b = _source_margin(graph.head.linear_map(net), concerned)
     p = Pruner(source, s, x_obs, targets.to(device)[:, None], soft, w[None], torch.tensor([b]), batch_size, frozen)
@@ -459,7 +576,7 @@ def merge_slim(modules: list[SlimModule], source: Classifier, data: ImageSet, se
     started = time.perf_counter()
     size, max_loss, samples, seed, objective = (settings.size, settings.max_loss, settings.samples, settings.seed,
                                                 settings.objective)
-    s = settings.resolved(1.0)
+    s = replace(settings.resolved(1.0), **MERGED_STEPS)
     s.check()
     frozen = frozen_copy(source)
     graph, net, groups = frozen
@@ -500,12 +617,12 @@ def merge_slim(modules: list[SlimModule], source: Classifier, data: ImageSet, se
     def top1(z: torch.Tensor | None = None) -> float:
         return p.top1(x_held, y_held, chosen, z)
 
-    p.refresh()
+    pruning = size is not None or max_loss is not None
+    p.refresh(step=pruning)  # without pruning, the only refit: on every observed input
     # the reference is the model restricted to the composition's classes: a union that already loses more than
     # max_loss against it is not pruned further
     start = top1(model_odds) if max_loss is not None else None
-    history = p.prune(False, top1 if max_loss is not None else None, start) \
-        if size is not None or max_loss is not None else []
+    history = p.prune(False, top1 if max_loss is not None else None, start) if pruning else []
     sliced = p.sliced(False, check=True)
     info = _source_info(source)
     params = sum(q.numel() for q in sliced.parameters())

@@ -11,7 +11,7 @@ from ..compose.voting import compose
 from ..core.metrics import predict_scores
 from ..decompose.fitting import calibrate_decomposition
 from ..decompose.paper import DecomposeSettings, chosen_classes, decompose
-from ..decompose.slim import MODULE_SIZE, SlimSettings, slim_module
+from ..decompose.slim import MODULE_SIZE, SlimSettings, slim_modules
 from ..io.artifacts import check_output
 from ..io.models import load_model
 from ..io.store import load_modules, save_decomposition
@@ -79,10 +79,8 @@ def decompose_dir(model_dir: str | Path, out: str | Path, settings: DecomposeSet
         started = time.perf_counter()
         mine = chosen[dd.rank::dd.world]  # each is an independent pruning run: the unit torchrun spreads
         with meter.phase("decomposition") as spent, progress_bar("slimming", len(mine), dd.is_main) as step:
-            modules = []
-            for c in mine:
-                modules.append(slim_module(clf, train, c, slim, batch_size))
-                step(params=f"{modules[-1].metrics['params_fraction']:.2f}")
+            modules = slim_modules(clf, train, mine, slim, batch_size,
+                                   done=lambda m: step(params=f"{m.metrics['params_fraction']:.2f}"))
             if settings.calibration_samples > 0 and modules:  # as for node-level modules
                 calibrate_decomposition(modules, train, settings.calibration_samples, settings.seed, batch_size)
         modules = gather_modules(modules, chosen, clf, Path(out), dd, dev)
