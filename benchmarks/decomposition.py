@@ -57,7 +57,7 @@ def model_for(name: str, arch: str, args: dict, epochs: int, subset: int | None,
 
 
 def study(model_dir: Path, variants: tuple[str, ...], samples: int, seed: int, condition: str = "pseudocode",
-          switches: tuple[str, ...] = ()) -> list[dict]:
+          switches: tuple[str, ...] = (), switch_variants: tuple[str, ...] = ("mc-bln",)) -> list[dict]:
     clf = load_model(model_dir)
     train_set, test = load("fashion-mnist", "train"), load("fashion-mnist", "test")
     graph = ModelGraph(clf.net, clf.spec.shape)
@@ -66,7 +66,7 @@ def study(model_dir: Path, variants: tuple[str, ...], samples: int, seed: int, c
     observe_seconds = time.perf_counter() - t0
     training = clf.info.get("training", {})
     rows, passes = [], {(False, False): (stats, observe_seconds)}
-    for variant, switch in [(v, None) for v in variants] + [(v, w) for w in switches for v in variants]:
+    for variant, switch in [(v, None) for v in variants] + [(v, w) for w in switches for v in switch_variants]:
         s = DecomposeSettings(variant=variant, ci_samples=samples, seed=seed, condition=condition,
                               calibration_samples=0, **(SWITCHES[switch] if switch else {}))
         # one observation pass per kind: --correct-only observes other inputs, --tau needs counts as well
@@ -121,7 +121,7 @@ def cnn(args) -> None:
         model_dir = model_for(name, arch, arch_args, args.epochs or epochs, subset, optimizer, True, args.seed,
                               args.runs)
         rows += study(model_dir, tuple(args.variants.split(",")), args.samples, args.seed, args.condition,
-                      tuple(filter(None, args.switches.split(","))))
+                      tuple(filter(None, args.switches.split(","))), tuple(args.switch_variants.split(",")))
     bln = [r for r in rows if r["variant"] == "mc-bln"]
     figures = {"rows": rows, "mean_cost_mc_bln_top1_pp": mean([r["decomposition_cost_top1_pp"] for r in bln]),
                "mean_cost_mc_bln_top5_pp": mean([r["decomposition_cost_top5_pp"] for r in bln]),
@@ -129,7 +129,8 @@ def cnn(args) -> None:
     suffix = ("" if args.condition == "pseudocode" else f"_{args.condition}") + "_" + "_".join(names)
     path = record(f"decomposition_cnn{suffix}", f"python benchmarks/decomposition.py cnn --models {args.models} "
                   f"--variants {args.variants} --condition {args.condition}"
-                  + (f" --switches {args.switches}" if args.switches else ""), figures,
+                  + (f" --switches {args.switches} --switch-variants {args.switch_variants}" if args.switches
+                     else ""), figures,
                   f"MC-BLN mean cost {figures['mean_cost_mc_bln_top1_pp']:+.2f} pp top-1, "
                   f"{figures['mean_cost_mc_bln_top5_pp']:+.2f} pp top-5; mean Jaccard "
                   f"{figures['mean_jaccard_mc_bln']:.3f} over {len(bln)} models")
@@ -163,6 +164,7 @@ def main(argv: list[str]) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--condition", default="pseudocode", choices=["pseudocode", "prose"])
     p.add_argument("--runs", type=Path, default=ROOT / "runs" / "bench")
+    p.add_argument("--switch-variants", default="mc-bln", help="the variants measured with each switch")
     p.add_argument("--switches", default="", help=f"also with these switches, comma-separated: {', '.join(SWITCHES)}")
     args = p.parse_args(argv)
     {"cnn": cnn, "dense": dense}[args.part](args)
