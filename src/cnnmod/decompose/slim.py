@@ -153,14 +153,13 @@ def step_rows(targets: torch.Tensor, n: int | None) -> torch.Tensor | None:
     """Indices of the ``n`` observed inputs the pruning steps work on (None: all of them), spread evenly: for one
     margin, half among its class's inputs and half among the others (observed in blocks of one class each, so
     evenly spread they stay balanced over the classes); for several, over all inputs alike. Every step works on
-    the same ones (a new slice each step measured much worse: BENCHMARKS.md, "Slim modules' cost")."""
+    the same ones."""
     if n is None or n >= targets.shape[0]:
         return None
 
     def spread(rows: torch.Tensor, want: int) -> torch.Tensor:
-        if want <= 0 or rows.numel() == 0:
-            return rows[:0]
-        return rows[::max(1, rows.numel() // want)][:want]
+        want = min(want, rows.numel())
+        return rows[torch.linspace(0, rows.numel() - 1, want).round().long()] if want > 0 else rows[:0]
 
     everything = torch.arange(targets.shape[0], device=targets.device)
     if targets.shape[1] > 1:
@@ -285,25 +284,19 @@ class Pruner:
 
     def refresh(self, step: bool = True) -> None:
         """BatchNorm statistics re-estimated (on the observed inputs among the first ``bn_rows``), then every row
-        refitted: on a step's inputs (``step``), or on all observed ones. A step on ``step_samples`` inputs whose
-        re-estimation ran on all of them refits on that pass's own features (each batch normalised by its own
-        statistics, which the running ones average): one pass instead of two; :meth:`finish` refits on a plain
-        pass."""
+        refitted: on a step's inputs (``step``), or on all observed ones. The refit runs a plain pass of its own:
+        the re-estimation pass's features (each batch normalised by its own statistics, and the observed inputs
+        come in blocks of one class) fit heads that rank channels badly (BENCHMARKS.md, "Slim modules' cost")."""
         rows = self.rows if step else None
         limit = self.bn_rows or len(self.x_obs)
         bn = self.x_obs[:limit] if rows is None else self.x_obs[rows[rows < limit]]
-        shared = rows is not None and bn.shape[0] == rows.numel()  # a step's refit, made again by finish()
-        captured: list[torch.Tensor] = []
 
         def run():
             with gated(self.net, self.graph, self.groups, self.gates):
                 for xb in self.batches(bn):
-                    if shared:
-                        captured.append(classifier_input(self.net, self.graph.head, lambda xb=xb: self.net(xb)))
-                    else:
-                        self.net(xb)
-        reestimate_bn(self.net, run)  # runs nothing where the network has no BatchNorm
-        self.refit(step, torch.cat(captured) if captured else None)
+                    self.net(xb)
+        reestimate_bn(self.net, run)
+        self.refit(step)
 
     def refit(self, step: bool = True, features: torch.Tensor | None = None) -> None:
         """Every head row refitted on the current network's features (or ``features``) of a step's inputs, or of
