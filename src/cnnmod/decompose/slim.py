@@ -435,16 +435,19 @@ SHARED_ODDS = 2 ** 26  # slim_modules computes the source's log-odds once for al
 def slim_modules(source: Classifier, data: ImageSet, classes: list[int], s: SlimSettings, batch_size: int = 256,
                  done=None) -> list:
     """The slim modules of ``classes``, each as :func:`slim_module` makes it, with the work they share done once:
-    the source's probabilities on their observed inputs (one forward pass over every distinct input, where an
-    input is observed by every module). ``done(module)`` is called as each is made."""
+    the source's probabilities on the observed inputs (one forward pass over every distinct input any class's
+    module observes, so that modules made together or apart are the same; :func:`slim_module` alone computes
+    them on its own inputs, the same up to rounding). ``done(module)`` is called as each is made."""
     s = s.resolved(MODULE_SIZE)
     s.check()
     data = as_image_set(data)
     teachers: dict[int, torch.Tensor] = {}
-    if s.objective == "distill" and len(classes) > 1:
+    if s.objective == "distill" and classes:
         started = time.perf_counter()
         pools = Pools(source, data, s.seed)
-        observed = {c: pools.observation(c, s.samples) for c in classes}
+        # every class's observed inputs, whichever are asked for: the same passes, so the same bits, whether the
+        # modules are made together, apart or spread over torchrun's processes
+        observed = {c: pools.observation(c, s.samples) for c in range(data.num_classes)}
         union = torch.unique(torch.cat(list(observed.values())))
         if union.numel() * data.num_classes <= SHARED_ODDS:
             net = source.net
