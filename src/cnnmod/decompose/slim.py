@@ -298,12 +298,10 @@ class Pruner:
         reestimate_bn(self.net, run)
         self.refit(step)
 
-    def refit(self, step: bool = True, features: torch.Tensor | None = None) -> None:
-        """Every head row refitted on the current network's features (or ``features``) of a step's inputs, or of
-        all observed."""
+    def refit(self, step: bool = True) -> None:
+        """Every head row refitted on the current network's features of a step's inputs, or of all observed."""
         x, targets, soft = self.step_view(step)
-        if features is None:
-            features = self.features_of(x)
+        features = self.features_of(x)
         fitted = [fit_head(features, targets[:, k], self.w[k], float(self.b[k]),
                            soft=soft[:, k] if soft is not None else None) for k in range(self.w.shape[0])]
         self.w = torch.stack([w for w, _ in fitted])
