@@ -612,7 +612,7 @@ def merge_slim(modules: list[SlimModule], source: Classifier, data: ImageSet, se
         return p.top1(x_held, y_held, chosen, z)
 
     pruning = size is not None or max_loss is not None
-    p.refresh(step=pruning)  # without pruning, the only refit: on every observed input
+    p.refresh()  # MERGED_STEPS: on every observed input
     # the reference is the model restricted to the composition's classes: a union that already loses more than
     # max_loss against it is not pruned further
     start = top1(model_odds) if max_loss is not None else None
