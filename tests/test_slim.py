@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -536,3 +537,61 @@ def test_a_max_loss_the_first_step_misses_says_what_it_loses(monkeypatch):
                                         r"parameters\) already loses 10.00 pp of held-out accuracy"):
         slim_module(source("cnn"), random_data(per_class=30), 2, SlimSettings(max_loss=1.0, samples=40, held_out=10,
                                                                               step=0.2))
+
+
+def test_a_step_takes_the_least_important_channels_within_quotas_budget_and_caps():
+    """``take`` by hand: two pruners, group costs 1 and 3 parameters per channel; a group keeps one channel."""
+    from types import SimpleNamespace
+
+    from cnnmod.decompose.slim import take
+
+    def fake(gates):
+        return SimpleNamespace(gates=[torch.tensor(g) for g in gates], channel_cost=lambda i: [1.0, 3.0][i])
+
+    a, b = fake([[1.0, 1.0, 1.0], [1.0, 1.0]]), fake([[1.0, 0.0, 1.0], [1.0, 1.0]])
+    ranked = sorted([(0.1, 0, 0, 0), (0.2, 1, 0, 0), (0.3, 1, 0, 2), (0.4, 0, 1, 1), (0.5, 0, 1, 0),
+                     (0.6, 0, 0, 2), (0.7, 1, 1, 0)])
+    # in order: a.0.0 (1), b.0.0 (1), b.0.2 refused (b's group 0 would be empty), a.1.1 (3): 5 >= budget 5
+    assert take(ranked, 5.0, [a, b]) == [(0, 0, 0), (1, 0, 0), (0, 1, 1)]
+    # a capped at 1 parameter: a.1.1 and a.0.2 refused, then b.1.0 (3) spends the budget
+    assert take(ranked, 5.0, [a, b], caps=[1.0, 10.0]) == [(0, 0, 0), (1, 0, 0), (1, 1, 0)]
+    assert take(ranked, 0.0, [a, b]) == []
+
+
+def test_a_total_budget_gives_the_channels_to_the_module_that_needs_them(monkeypatch):
+    """With ``budget="total"`` the modules hold ``size`` on average, ranked on one scale: when every channel
+    matters a million times more to class 0's module than to class 2's, class 2's module gives what the steps cut
+    (up to twice ``step`` of its own per step) and class 0's keeps most of the network; with a budget per module
+    both are cut to ``size``."""
+    from cnnmod.decompose import slim as slim_mod
+
+    made = slim_mod._Making.__init__
+    taylor = slim_mod.Pruner.taylor
+
+    def tagged(self, source_, data_, concerned, *a, **k):
+        made(self, source_, data_, concerned, *a, **k)
+        self.pruner.weight = 1e6 if concerned == 0 else 1.0
+
+    monkeypatch.setattr(slim_mod._Making, "__init__", tagged)
+    monkeypatch.setattr(slim_mod.Pruner, "taylor",
+                        lambda self: [sc * getattr(self, "weight", 1.0) for sc in taylor(self)])
+    clf, data = source("cnn"), random_data(per_class=20)
+    s = SlimSettings(size=0.5, samples=30, step=0.2, step_samples=24, budget="total")
+    first, second = slim_modules(clf, data, [0, 2], s)
+    f0, f2 = first.metrics["params_fraction"], second.metrics["params_fraction"]
+    assert (f0 + f2) / 2 <= 0.5 and f0 > 0.7 and f2 < 0.3
+    assert first.settings["budget"] == "total"
+    x = torch.randn(5, 1, 12, 12)
+    for m in (first, second):  # what each computes is its own gated network's (verified when sliced), a valid module
+        assert m(x).shape == (5, 2)
+    each = slim_modules(clf, data, [0, 2], replace(s, budget="module"))
+    assert all(m.metrics["params_fraction"] <= 0.5 for m in each)
+    assert abs(each[0].metrics["params_fraction"] - each[1].metrics["params_fraction"]) < 0.1
+
+
+def test_a_total_budget_takes_no_max_loss():
+    with pytest.raises(UserError, match="--slim-budget total shares --size among the modules; it does not take "
+                                        "--max-loss"):
+        SlimSettings(max_loss=1.0, budget="total").check()
+    with pytest.raises(UserError, match="unknown slim budget 'all'; use module or total"):
+        SlimSettings(budget="all").check()

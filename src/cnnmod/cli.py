@@ -240,6 +240,9 @@ def decompose_cmd(
                                   "each layer (none)."),
     slim_multiple: int = typer.Option(1, "--slim-multiple", help="Slim modules: keep every layer's channel count a "
                                       "multiple of this when above it (8 suits CPU convolutions)."),
+    slim_budget: str = typer.Option("module", "--slim-budget", help="Slim modules: module (each holds at most "
+                                    "--size) or total (the modules hold --size on average: pruned together, "
+                                    "channels ranked across them)."),
     slim_step_samples: int = typer.Option(1024, "--slim-step-samples", help="Slim modules: observed inputs each "
                                           "pruning step ranks and refits on (0: all; the last refit uses all)."),
     calibration_samples: int = typer.Option(100, "--calibration-samples",
@@ -266,7 +269,8 @@ def decompose_cmd(
     slim = None
     if granularity == "channel":
         slim = SlimSettings(size=size, max_loss=max_loss, rule=rule, samples=slim_samples, cost=slim_cost,
-                            multiple=slim_multiple, step_samples=slim_step_samples or None, seed=seed)
+                            multiple=slim_multiple, step_samples=slim_step_samples or None, seed=seed,
+                            budget=slim_budget)
     elif size is not None or max_loss is not None:
         raise UserError("--size and --max-loss apply to slim modules: add --granularity channel")
     result = decompose_dir(model_dir, out, settings, Run(device, data_root, batch_size, overwrite, country),

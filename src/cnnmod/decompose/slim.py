@@ -68,6 +68,8 @@ class SlimSettings:
     step_samples: int | None = 1024  # inputs each pruning step ranks, re-estimates BatchNorm and refits on (half
                                     # concerned); None: all observed. The last refit always uses all observed
     rule: str = "taylor"            # "taylor" or "activation"
+    budget: str = "module"          # "module": each module holds at most ``size``; "total": the modules made
+                                    # together hold ``size`` on average, channels ranked across them
     objective: str = "distill"      # the binary loss ranked and refitted on: the source's p_c ("distill") or labels
     cost: str = "params"            # rank channels by importance per what they cost: params, flops, both (the sum
                                     # of their shares of each), or none (rank within each group)
@@ -95,6 +97,11 @@ class SlimSettings:
             raise UserError(f"unknown slim objective {self.objective!r}; use distill or labels")
         if self.cost not in COSTS:
             raise UserError(f"unknown slim cost {self.cost!r}; use {', '.join(COSTS)}")
+        if self.budget not in ("module", "total"):
+            raise UserError(f"unknown slim budget {self.budget!r}; use module or total")
+        if self.budget == "total" and self.max_loss is not None:
+            raise UserError("--slim-budget total shares --size among the modules; it does not take --max-loss "
+                            "(each module's own floor): give --size, or --slim-budget module")
         if self.multiple < 1:
             raise UserError(f"the channel multiple must be at least 1, got {self.multiple}")
         if not 0 < self.step < 1:
@@ -334,40 +341,45 @@ class Pruner:
         self._checked = self._checked or first_cut
         return sum(p.numel() for p in self.sliced(binary, check=first_cut).parameters()) / self.total_params
 
-    def close_least_important(self, fraction: float) -> int:
-        """Close the least important channels: with a ``cost``, those of least importance per their cost until
-        ``step`` of the kept parameters (never below ``size``) are cut; without, ``step`` of the kept channels."""
-        s, gates = self.s, self.gates
-        scores = self.taylor() if s.rule == "taylor" else self.activation_rates()
-        candidates = []
+    def candidates(self) -> list[tuple[float, int, int]]:
+        """The open channels that may close (every group keeps one), least important first, as (importance per
+        cost, group, channel): with a ``cost``, per the parameters (or FLOPs) each costs; without, relative to
+        its group's mean."""
+        scores = self.taylor() if self.s.rule == "taylor" else self.activation_rates()
+        found = []
         for i, sc in enumerate(scores):
-            kept = torch.nonzero(gates[i].cpu() > 0).flatten()
-            if kept.numel() > 1:  # every group keeps at least one channel
+            kept = torch.nonzero(self.gates[i].cpu() > 0).flatten()
+            if kept.numel() > 1:
                 value = (sc[kept] / self.rank_cost[i] if self.rank_cost is not None
                          else sc[kept] / (sc[kept].mean() + 1e-12))
-                candidates += [(float(value[j]), i, int(kept[j])) for j in range(kept.numel())]
-        candidates.sort()
-        quota = {i: int(gates[i].sum()) - 1 for i in range(len(gates))}
+                found += [(float(value[j]), i, int(kept[j])) for j in range(kept.numel())]
+        found.sort()
+        return found
+
+    def budget(self, fraction: float) -> float:
+        """What one step cuts at ``fraction`` of the model's parameters: ``step`` of the kept parameters (never
+        below ``size``, and at least a quarter step), or without a cost, ``step`` of the kept channels."""
+        s = self.s
         if self.per_channel is not None:
-            budget = min(s.step * fraction, max(fraction - s.size, s.step * fraction / 4)) * self.total_params
-        else:
-            budget = max(1, int(s.step * sum(int(g.sum()) for g in gates)))
-        closed, spent = 0, 0.0
-        for _, i, j in candidates:
-            if spent >= budget:
-                break
-            if quota[i] > 0:
-                gates[i][j] = 0.0
-                quota[i] -= 1
-                closed += 1
-                spent += self.per_channel[i] if self.per_channel is not None else 1
-        if s.multiple > 1:  # above it, channel counts a multiple of it: convolutions cost in blocks of channels
+            return min(s.step * fraction, max(fraction - s.size, s.step * fraction / 4)) * self.total_params
+        return max(1, int(s.step * sum(int(g.sum()) for g in self.gates)))
+
+    def channel_cost(self, group: int) -> float:
+        return self.per_channel[group] if self.per_channel is not None else 1.0
+
+    def close(self, chosen: list[tuple[int, int]], ranked: list[tuple[float, int, int]]) -> int:
+        """Close the ``chosen`` (group, channel)s, then, with ``multiple``, the least important of ``ranked``
+        that bring each group's count to a multiple of it (when above it); how many closed."""
+        for i, j in chosen:
+            self.gates[i][j] = 0.0
+        closed = len(chosen)
+        if self.s.multiple > 1:  # convolutions cost in blocks of channels
             least_first: dict[int, list[int]] = {}
-            for _, i, j in candidates:
+            for _, i, j in ranked:
                 least_first.setdefault(i, []).append(j)
-            for i, gate in enumerate(gates):
+            for i, gate in enumerate(self.gates):
                 kept = int(gate.sum())
-                extra = kept % s.multiple if kept > s.multiple else 0
+                extra = kept % self.s.multiple if kept > self.s.multiple else 0
                 for j in least_first.get(i, []):
                     if extra == 0:
                         break
@@ -376,6 +388,12 @@ class Pruner:
                         extra -= 1
                         closed += 1
         return closed
+
+    def close_least_important(self, fraction: float) -> int:
+        """Close the least important channels until one step's :meth:`budget` is spent; how many closed."""
+        ranked = self.candidates()
+        chosen = take([(v, 0, i, j) for v, i, j in ranked], self.budget(fraction), [self])
+        return self.close([(i, j) for _, i, j in chosen], ranked)
 
     def prune(self, binary: bool, accuracy=None, reference: float | None = None) -> list[dict]:
         """Close channels until the sliced network holds at most ``size`` of the model's parameters, or (with
@@ -427,6 +445,26 @@ class Pruner:
             self.w, self.b = saved
 
 
+def take(ranked: list[tuple[float, int, int, int]], budget: float, pruners: list[Pruner],
+         caps: list[float] | None = None) -> list[tuple[int, int, int]]:
+    """The (pruner, group, channel)s of ``ranked`` ((importance per cost, pruner, group, channel), least important
+    first) that one step closes: in order until ``budget`` parameters (or channels) are spent, every group keeping
+    one channel, and with ``caps``, no pruner giving more than its cap."""
+    quota = {(k, i): int(g.sum()) - 1 for k, p in enumerate(pruners) for i, g in enumerate(p.gates)}
+    given = [0.0] * len(pruners)
+    chosen, spent = [], 0.0
+    for _, k, i, j in ranked:
+        if spent >= budget:
+            break
+        cost = pruners[k].channel_cost(i)
+        if quota[k, i] > 0 and (caps is None or given[k] + cost <= caps[k]):
+            chosen.append((k, i, j))
+            quota[k, i] -= 1
+            given[k] += cost
+            spent += cost
+    return chosen
+
+
 SHARED_ODDS = 2 ** 26  # slim_modules computes the source's log-odds once for all modules up to this many values
 
 
@@ -435,7 +473,8 @@ def slim_modules(source: Classifier, data: ImageSet, classes: list[int], s: Slim
     """The slim modules of ``classes``, each as :func:`slim_module` makes it, with the work they share done once:
     the source's probabilities on the observed inputs (one forward pass over every distinct input any class's
     module observes, so that modules made together or apart are the same; :func:`slim_module` alone computes
-    them on its own inputs, the same up to rounding). ``done(module)`` is called as each is made."""
+    them on its own inputs, the same up to rounding). With ``budget="total"`` they are pruned together
+    (:func:`prune_together`). ``done(module)`` is called as each is made."""
     s = s.resolved(MODULE_SIZE)
     s.check()
     data = as_image_set(data)
@@ -461,12 +500,118 @@ def slim_modules(source: Classifier, data: ImageSet, classes: list[int], s: Slim
             teachers = {c: (torch.sigmoid(odds[torch.searchsorted(union, observed[c]), c:c + 1]), seconds)
                         for c in classes}
     frozen = frozen_copy(source)  # graph, channel groups and their costs: one network's, whichever module's
+    if s.budget == "total" and len(classes) > 1:
+        makings = [_Making(source, data, c, s, batch_size, teachers.get(c), frozen) for c in classes]
+        started = time.perf_counter()
+        histories = prune_together([m.pruner for m in makings], s.size)
+        shared = (time.perf_counter() - started) / len(makings)  # each module's share of the joint pruning
+        modules = []
+        for m, history in zip(makings, histories, strict=True):
+            m.started -= shared
+            modules.append(m.module(history))
+            if done is not None:
+                done(modules[-1])
+        return modules
     modules = []
     for c in classes:
         modules.append(slim_module(source, data, c, s, batch_size, teacher=teachers.get(c), frozen=frozen))
         if done is not None:
             done(modules[-1])
     return modules
+
+
+def prune_together(pruners: list[Pruner], size: float) -> list[list[dict]]:
+    """Prune slim modules' pruners (one margin each, the same source) together until their sliced networks hold
+    ``size`` of the model's parameters on average: every step ranks the open channels of all of them on one scale
+    (importance per cost: each module's loss is the same class-balanced binary loss, so a channel that an easy
+    class's module can spare goes before one a hard class's needs) and closes the least important until ``step``
+    of all the kept parameters are cut, no module giving more than twice ``step`` of its own. Each module's
+    BatchNorm statistics and head are refreshed after each step it lost channels in; each keeps at least one
+    channel per group. The history of each module's way down."""
+    s = pruners[0].s
+    histories: list[list[dict]] = [[] for _ in pruners]
+    total = pruners[0].total_params
+    while True:
+        fractions = [p.fraction(True) for p in pruners]
+        for p, h, f in zip(pruners, histories, fractions, strict=True):
+            h.append({"params_fraction": round(f, 4), "kept_channels": int(sum(g.sum() for g in p.gates))})
+        mean = sum(fractions) / len(fractions)
+        if mean <= size:
+            break
+        ranked = sorted((v, k, i, j) for k, p in enumerate(pruners) for v, i, j in p.candidates())
+        budget = min(s.step * mean, max(mean - size, s.step * mean / 4)) * total * len(pruners)
+        caps = [2 * s.step * f * total for f in fractions]
+        chosen = take(ranked, budget, pruners, caps)
+        if not chosen:
+            least = math.ceil(mean * 1e4) / 1e4
+            raise UserError(f"--size {size:g} is out of reach for {pruners[0].source.arch}: every channel group keeps "
+                            f"at least one channel, so its modules reach {least:g} of the parameters on average; ask "
+                            f"for --size {least:g} or more")
+        for k, p in enumerate(pruners):
+            mine = [(i, j) for kk, i, j in chosen if kk == k]
+            if mine:
+                p.close(mine, [(v, i, j) for v, kk, i, j in ranked if kk == k])
+                p.refresh()
+    for p in pruners:
+        p.finish()
+    return histories
+
+
+class _Making:
+    """One slim module in the making: its observed inputs, its :class:`Pruner` (refreshed once: BatchNorm
+    statistics and head on its inputs), its held-out inputs for ``max_loss``; :meth:`module` makes the
+    :class:`SlimModule` once the pruner is done."""
+
+    def __init__(self, source: Classifier, data: ImageSet, concerned: int, s: SlimSettings, batch_size: int,
+                 teacher: tuple[torch.Tensor, float] | None, frozen: tuple | None) -> None:
+        self.source, self.concerned, self.s = source, concerned, s
+        self.started = time.perf_counter() - (teacher[1] if teacher is not None else 0.0)
+        if frozen is None:
+            frozen = frozen_copy(source)
+        else:
+            frozen = (frozen[0], copy.deepcopy(frozen[1]), frozen[2])
+        self.graph, self.net, _ = frozen
+        device = next(self.net.parameters()).device
+        self.pools = Pools(source, data, s.seed)
+        observed = self.pools.observation(concerned, s.samples)
+        images, targets = data.images[observed], data.labels[observed] == concerned
+        x_obs = source.prepare(images.to(device))
+        soft = None
+        if teacher is not None and s.objective == "distill":
+            soft = teacher[0].to(device)
+        elif s.objective == "distill":  # the source's p_c, before any BatchNorm statistics change
+            soft = torch.sigmoid(source_log_odds(self.net, x_obs, batch_size)[:, concerned:concerned + 1])
+        w, b = _source_margin(self.graph.head.linear_map(self.net), concerned)
+        self.pruner = Pruner(source, s, x_obs, targets.to(device)[:, None], soft, w[None], torch.tensor([b]),
+                             batch_size, frozen)
+        self.held = None
+        if s.max_loss is not None:
+            self.held = self.pools.held_out(list(range(data.num_classes)), s.held_out)
+            self.x_held, self.y_held = source.prepare(data.images[self.held].to(device)), data.labels[self.held]
+        self.pruner.refresh()
+        self.base_accuracy = self.accuracy() if self.held is not None else None
+
+    def accuracy(self) -> float:
+        """Binary accuracy ("mine or not") on the held-out inputs."""
+        return self.pruner.top1(self.x_held, self.y_held, [self.concerned])
+
+    def module(self, history: list[dict], keep_reference: bool = False) -> SlimModule:
+        p, source, s = self.pruner, self.source, self.s
+        sliced = p.sliced(True, check=True)
+        info = _source_info(source)
+        params = sum(q.numel() for q in sliced.parameters())
+        held_metrics = {} if self.held is None else {
+            "held_out_binary_accuracy_start": self.base_accuracy, "held_out_binary_accuracy": self.accuracy(),
+            "held_out_images": len(self.held), "held_out_from": self.pools.held_out_from}
+        metrics = {**held_metrics, "params": params, "params_fraction": round(params / p.total_params, 4),
+                   "kept_channels": int(sum(int(g.sum()) for g in p.gates)),
+                   "channels": int(sum(g.numel() for g in p.gates)), "history": history}
+        settings = {**asdict(s), "granularity": "channel", "seconds": round(time.perf_counter() - self.started, 3)}
+        module = SlimModule(sliced, self.graph.head.sliced_layer, source.spec, source.class_names[self.concerned],
+                            self.concerned, info, p.removed(), settings, metrics)
+        if keep_reference:  # a full copy of the model: only for checks, never saved
+            module.gated_reference = (self.net, self.graph, p.groups, [g.clone() for g in p.gates], *p.head(True))
+        return module.eval()
 
 
 def slim_module(source: Classifier, data: ImageSet, concerned: int, s: SlimSettings,
@@ -479,50 +624,9 @@ def slim_module(source: Classifier, data: ImageSet, concerned: int, s: SlimSetti
     modules (each prunes its own copy of the network)."""
     s = s.resolved(MODULE_SIZE)
     s.check()
-    data = as_image_set(data)
-    started = time.perf_counter() - (teacher[1] if teacher is not None else 0.0)
-    if frozen is None:
-        frozen = frozen_copy(source)
-    else:
-        frozen = (frozen[0], copy.deepcopy(frozen[1]), frozen[2])
-    graph, net, _ = frozen
-    device = next(net.parameters()).device
-    pools = Pools(source, data, s.seed)
-    observed = pools.observation(concerned, s.samples)
-    images, targets = data.images[observed], data.labels[observed] == concerned
-    x_obs = source.prepare(images.to(device))
-    soft = None
-    if teacher is not None and s.objective == "distill":
-        soft = teacher[0].to(device)
-    elif s.objective == "distill":  # the source's p_c, before any BatchNorm statistics change
-        soft = torch.sigmoid(source_log_odds(net, x_obs, batch_size)[:, concerned:concerned + 1])
-    w, b = _source_margin(graph.head.linear_map(net), concerned)
-    p = Pruner(source, s, x_obs, targets.to(device)[:, None], soft, w[None], torch.tensor([b]), batch_size, frozen)
-    held = pools.held_out(list(range(data.num_classes)), s.held_out) if s.max_loss is not None else None
-    if held is not None:
-        x_held, y_held = source.prepare(data.images[held].to(device)), data.labels[held]
-
-    def binary_accuracy() -> float:
-        return p.top1(x_held, y_held, [concerned])
-
-    p.refresh()
-    base_accuracy = binary_accuracy() if held is not None else None
-    history = p.prune(True, binary_accuracy if held is not None else None)
-    sliced = p.sliced(True, check=True)
-    info = _source_info(source)
-    params = sum(q.numel() for q in sliced.parameters())
-    held_metrics = {} if held is None else {"held_out_binary_accuracy_start": base_accuracy,
-                                            "held_out_binary_accuracy": binary_accuracy(),
-                                            "held_out_images": len(held), "held_out_from": pools.held_out_from}
-    metrics = {**held_metrics, "params": params, "params_fraction": round(params / p.total_params, 4),
-               "kept_channels": int(sum(int(g.sum()) for g in p.gates)),
-               "channels": int(sum(g.numel() for g in p.gates)), "history": history}
-    settings = {**asdict(s), "granularity": "channel", "seconds": round(time.perf_counter() - started, 3)}
-    module = SlimModule(sliced, graph.head.sliced_layer, source.spec, source.class_names[concerned], concerned, info,
-                        p.removed(), settings, metrics)
-    if keep_reference:  # a full copy of the model: only for checks, never saved
-        module.gated_reference = (net, graph, p.groups, [g.clone() for g in p.gates], *p.head(True))
-    return module.eval()
+    making = _Making(source, as_image_set(data), concerned, s, batch_size, teacher, frozen)
+    history = making.pruner.prune(True, making.accuracy if making.held is not None else None)
+    return making.module(history, keep_reference)
 
 
 def source_log_odds(net: nn.Module, x: torch.Tensor, batch_size: int = 256,

@@ -12,6 +12,7 @@ from ..core.metrics import predict_scores
 from ..decompose.fitting import calibrate_decomposition
 from ..decompose.paper import DecomposeSettings, chosen_classes, decompose
 from ..decompose.slim import MODULE_SIZE, SlimSettings, slim_modules
+from ..errors import UserError
 from ..io.artifacts import check_output
 from ..io.models import load_model
 from ..io.store import load_modules, save_decomposition
@@ -62,6 +63,9 @@ def decompose_dir(model_dir: str | Path, out: str | Path, settings: DecomposeSet
         slim.check()
     batch_size = run.batch_size
     dd, dev = init_distributed(pick_device(run.device))
+    if slim is not None and dd.active and slim.budget == "total":
+        raise UserError("--slim-budget total prunes all modules together in one process: run it without torchrun, "
+                        "or use --slim-budget module")
     if dd.is_main:
         check_output(Path(out), run.overwrite)
     seed_everything(settings.seed)
