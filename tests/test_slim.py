@@ -595,3 +595,55 @@ def test_a_total_budget_takes_no_max_loss():
         SlimSettings(max_loss=1.0, budget="total").check()
     with pytest.raises(UserError, match="unknown slim budget 'all'; use module or total"):
         SlimSettings(budget="all").check()
+    with pytest.raises(UserError, match="learned gates need --gate-epochs >= 1"):
+        SlimSettings(rule="gates", gate_epochs=0).check()
+
+
+def _block_classes(n_per_class: int, seed: int):
+    """4 classes of 12x12 images: noise in [0, 60) everywhere, and class c's three rows 3c..3c+2 brighter by
+    150; and an MLP (144-16-12-4) built by hand to read them: hidden unit c < 4 is the mean of class c's rows
+    (active only when they are bright), second-layer unit c copies it, logit c = 4 * that - 2; the other 12 + 8
+    hidden units are active on every input and carry nothing of the class (small random weights)."""
+    from cnnmod.data.dataset import ImageSet
+
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(4 * n_per_class) % 4
+    images = torch.randint(0, 60, (labels.numel(), 1, 12, 12), generator=g)
+    for c in range(4):
+        images[labels == c, :, 3 * c:3 * c + 3, :] += 150
+    data = ImageSet("blocks", "train", images.to(torch.uint8), labels, [f"b{c}" for c in range(4)], (0.5,), (0.25,))
+    net = build("mlp", (1, 12, 12), 4, hidden=[16, 12]).eval()
+    first, second, head = net.features[1], net.features[3], net.classifier
+    with torch.no_grad():
+        first.weight.normal_(0, 0.02, generator=g)
+        first.bias.fill_(1.0)
+        second.weight.zero_()
+        second.weight[4:, 4:].normal_(0, 0.1, generator=g)
+        second.bias.fill_(1.0)
+        head.weight.zero_()
+        head.bias.fill_(-2.0)
+        for c in range(4):
+            first.weight[c] = 0.0
+            first.weight[c].view(12, 12)[3 * c:3 * c + 3, :] = 1 / 36
+            first.bias[c] = 0.35
+            second.weight[c, c], second.bias[c] = 1.0, 0.0
+            head.weight[c, c] = 4.0
+    return data, Classifier(net, InputSpec(1, 12, 12, (0.5,), (0.25,)), [f"b{c}" for c in range(4)], "mlp",
+                            {"hidden": [16, 12]}, "blocks")
+
+
+@pytest.mark.parametrize("rule", ["gates", "taylor"])
+def test_a_small_module_keeps_the_units_that_carry_its_class(rule):
+    """At 15% of the hand-built MLP's parameters (about two of the 16 first-layer units), class 1's module keeps
+    first- and second-layer unit 1 (the only ones that see class 1's rows) and tells class 1 from the others on
+    new images as the model does, without error."""
+    data, clf = _block_classes(60, 0)
+    test, _ = _block_classes(40, 1)
+    with torch.no_grad():
+        assert bool((clf.net(clf.prepare(test.images)).argmax(1) == test.labels).all())  # the model is right
+    m = slim_module(clf, data, 1, SlimSettings(size=0.15, samples=60, step=0.2, rule=rule, gate_epochs=20))
+    assert m.metrics["params_fraction"] <= 0.15
+    assert 1 not in m.removed["features.1"] and 1 not in m.removed["features.3"]
+    with torch.no_grad():
+        mine = m(clf.prepare(test.images)).argmax(1) == 0
+    assert bool((mine == (test.labels == 1)).all())

@@ -233,7 +233,10 @@ def decompose_cmd(
                                "(default 0.5; with --max-loss, a floor)."),
     max_loss: float = typer.Option(None, "--max-loss", help="Slim modules: the smallest module losing at most this "
                                    "many pp of binary accuracy on the model's validation images."),
-    rule: str = typer.Option("taylor", "--rule", help="Slim modules: channel importance, taylor or activation."),
+    rule: str = typer.Option("taylor", "--rule", help="Slim modules: channel importance, taylor, gates (learned "
+                             "for the module first) or activation."),
+    gate_epochs: int = typer.Option(10, "--gate-epochs", help="Slim modules, --rule gates: epochs of gate "
+                                    "learning over a step's inputs."),
     slim_samples: int = typer.Option(2048, "--slim-samples", help="Slim modules: concerned inputs observed."),
     slim_cost: str = typer.Option("params", "--slim-cost", help="Slim modules: rank channels by importance per "
                                   "parameter (params), per FLOP (flops), per their share of both (both), or within "
@@ -270,7 +273,7 @@ def decompose_cmd(
     if granularity == "channel":
         slim = SlimSettings(size=size, max_loss=max_loss, rule=rule, samples=slim_samples, cost=slim_cost,
                             multiple=slim_multiple, step_samples=slim_step_samples or None, seed=seed,
-                            budget=slim_budget)
+                            budget=slim_budget, gate_epochs=gate_epochs)
     elif size is not None or max_loss is not None:
         raise UserError("--size and --max-loss apply to slim modules: add --granularity channel")
     result = decompose_dir(model_dir, out, settings, Run(device, data_root, batch_size, overwrite, country),

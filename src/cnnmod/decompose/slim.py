@@ -67,7 +67,9 @@ class SlimSettings:
     step: float = 0.2               # fraction of kept parameters (or channels) closed per iteration
     step_samples: int | None = 1024  # inputs each pruning step ranks, re-estimates BatchNorm and refits on (half
                                     # concerned); None: all observed. The last refit always uses all observed
-    rule: str = "taylor"            # "taylor" or "activation"
+    rule: str = "taylor"            # "taylor", "gates" (learned: gate_epochs, gate_lr) or "activation"
+    gate_epochs: int = 10           # rule "gates": epochs over the step's inputs
+    gate_lr: float = 0.05           # rule "gates": Adam's step on the gate scores (the head's: a tenth)
     budget: str = "module"          # "module": each module holds at most ``size``; "total": the modules made
                                     # together hold ``size`` on average, channels ranked across them
     objective: str = "distill"      # the binary loss ranked and refitted on: the source's p_c ("distill") or labels
@@ -91,8 +93,10 @@ class SlimSettings:
             raise UserError(f"--size is a fraction of the model's parameters in (0, 1], got {self.size}")
         if self.max_loss is not None and self.max_loss < 0:
             raise UserError(f"--max-loss must be >= 0 pp, got {self.max_loss}")
-        if self.rule not in ("taylor", "activation"):
-            raise UserError(f"unknown importance rule {self.rule!r}; use taylor or activation")
+        if self.rule not in ("taylor", "gates", "activation"):
+            raise UserError(f"unknown importance rule {self.rule!r}; use taylor, gates or activation")
+        if self.gate_epochs < 1 or self.gate_lr <= 0:
+            raise UserError("learned gates need --gate-epochs >= 1 and a positive gate learning rate")
         if self.objective not in ("distill", "labels"):
             raise UserError(f"unknown slim objective {self.objective!r}; use distill or labels")
         if self.cost not in COSTS:
@@ -217,6 +221,7 @@ class Pruner:
         self.w, self.b = w.cpu(), b.cpu().double()
         self.total_params = sum(p.numel() for p in source.net.parameters())
         self.per_channel = self.rank_cost = None
+        self._learned: list[torch.Tensor] | None = None  # rule "gates": learned once
         self._checked = False  # the first sliced network with channels cut is verified (then the last)
         if s.cost != "none":
             shape, classifier = source.spec.shape, self.graph.head
@@ -266,6 +271,67 @@ class Pruner:
                 if gr is not None:
                     scores[i] += gr.abs().cpu()
         return scores
+
+    def learn_gates(self) -> list[torch.Tensor]:
+        """Gates learned for the margins' loss with the backbone frozen (GradSplitter's idea, per module): a
+        score per open channel, the channel open while it is above 1/2 (a straight-through estimate: the forward
+        pass runs the network as it would be cut, the gradient reaches the score), trained with Adam on the step's
+        inputs, shuffled (BatchNorm on each batch's statistics, as the cut network's would be re-estimated), for
+        ``gate_epochs`` epochs, the head rows with them, against the loss plus lambda times the parameters the
+        open channels cost. Lambda starts at the median importance per parameter of the first batch and is
+        raised while the network as cut would hold more than ``size`` of the parameters (measured by slicing at
+        every epoch's end, approximated by the channels' own costs within it), lowered while it holds less;
+        channels closed before stay closed. Returns the scores: those under 1/2 close first; a channel the
+        margins need climbs back over it."""
+        s, net = self.s, self.net
+        x, targets, soft = self.step_view()
+        n, device = x.shape[0], x.device
+        open_ = [g > 0 for g in self.gates]
+        theta = [g.detach().clone().float().requires_grad_(True) for g in self.gates]
+        w = self.w.detach().clone().float().to(device).requires_grad_(True)
+        b = self.b.detach().clone().float().to(device).requires_grad_(True)
+        opt = torch.optim.Adam([{"params": theta, "lr": s.gate_lr}, {"params": [w, b], "lr": s.gate_lr / 10}])
+        share = ([c / self.total_params for c in self.per_channel] if self.per_channel is not None
+                 else [1.0 / sum(g.numel() for g in self.gates)] * len(self.gates))
+        generator = torch.Generator().manual_seed(s.seed)
+        bns = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        lam, target = None, s.size  # target: of the linear estimate, corrected each epoch by the sliced size
+        for m in bns:
+            m.train()
+        try:
+            for _ in range(s.gate_epochs):
+                for idx in torch.randperm(n, generator=generator).split(self.batch_size):
+                    if idx.numel() < 2:
+                        continue
+                    hard = [((t > 0.5) & o).float() for t, o in zip(theta, open_, strict=True)]
+                    live = [h + t - t.detach() for h, t in zip(hard, theta, strict=True)]
+                    with gated(net, self.graph, self.groups, live):
+                        f = classifier_input(net, self.graph.head, lambda idx=idx: net(x[idx]))
+                    loss = self.loss(f @ w.T + b, targets[idx], soft[idx] if soft is not None else None)
+                    penalty = sum(c * (t.clamp(0, 1) * o).sum() for c, t, o in zip(share, theta, open_, strict=True))
+                    if lam is None:  # the scale of the loss's own gradients, per parameter
+                        grads = torch.autograd.grad(loss, theta, retain_graph=True, allow_unused=True)
+                        per_cost = torch.cat([(gr.abs() / c)[o] for gr, c, o in zip(grads, share, open_, strict=True)
+                                              if gr is not None])
+                        lam = float(per_cost.median()) if per_cost.numel() else 1.0
+                    opt.zero_grad()
+                    (loss + lam * penalty).backward()
+                    opt.step()
+                    with torch.no_grad():
+                        for t, o in zip(theta, open_, strict=True):
+                            t.clamp_(0.0, 2.0)
+                            t[~o] = 0.0
+                        kept = 1.0 - sum(c * float(((t <= 0.5) & o).sum())
+                                         for c, t, o in zip(share, theta, open_, strict=True))
+                    lam *= 1.1 if kept > target else 1 / 1.1
+                closed = {g["roots"][0]: [int(j) for j in torch.nonzero(~((t > 0.5) & o)).flatten()]
+                          for g, t, o in zip(self.groups.groups, theta, open_, strict=True)}
+                real = sliced_cost(net, self.source.spec.shape, closed, self.graph.head, "params") / self.total_params
+                target -= real - s.size
+        finally:
+            for m in bns:
+                m.eval()
+        return [t.detach().cpu() for t in theta]
 
     def activation_rates(self) -> list[torch.Tensor]:
         """Per channel: the share of the rows' own inputs for which it is active somewhere."""
@@ -345,7 +411,7 @@ class Pruner:
         """The open channels that may close (every group keeps one), least important first, as (importance per
         cost, group, channel): with a ``cost``, per the parameters (or FLOPs) each costs; without, relative to
         its group's mean."""
-        scores = self.taylor() if self.s.rule == "taylor" else self.activation_rates()
+        scores = self.activation_rates() if self.s.rule == "activation" else self.taylor()  # gates: after theirs
         found = []
         for i, sc in enumerate(scores):
             kept = torch.nonzero(self.gates[i].cpu() > 0).flatten()
@@ -361,7 +427,7 @@ class Pruner:
         below ``size``, and at least a quarter step), or without a cost, ``step`` of the kept channels."""
         s = self.s
         if self.per_channel is not None:
-            return min(s.step * fraction, max(fraction - s.size, s.step * fraction / 4)) * self.total_params
+            return max(min(s.step * fraction, fraction - s.size), s.step * fraction / 4) * self.total_params
         return max(1, int(s.step * sum(int(g.sum()) for g in self.gates)))
 
     def channel_cost(self, group: int) -> float:
@@ -391,8 +457,20 @@ class Pruner:
 
     def close_least_important(self, fraction: float) -> int:
         """Close the least important channels until one step's :meth:`budget` is spent; how many closed."""
+        if self.s.rule == "gates" and self._learned is None:
+            return self.close_learned()
         ranked = self.candidates()
         chosen = take([(v, 0, i, j) for v, i, j in ranked], self.budget(fraction), [self])
+        return self.close([(i, j) for _, i, j in chosen], ranked)
+
+    def close_learned(self) -> int:
+        """Rule ``gates``, the first step: learn the gates (:meth:`learn_gates`) and close the channels they
+        closed (every group keeping its highest-scored one); later steps, while slicing says the network is still
+        larger than ``size``, rank as ``taylor`` does."""
+        self._learned = self.learn_gates()
+        ranked = sorted((float(t[j]), i, int(j)) for i, t in enumerate(self._learned)
+                        for j in torch.nonzero((t <= 0.5) & (self.gates[i].cpu() > 0)).flatten())
+        chosen = take([(v, 0, i, j) for v, i, j in ranked], math.inf, [self])
         return self.close([(i, j) for _, i, j in chosen], ranked)
 
     def prune(self, binary: bool, accuracy=None, reference: float | None = None) -> list[dict]:
@@ -531,6 +609,12 @@ def prune_together(pruners: list[Pruner], size: float) -> list[list[dict]]:
     s = pruners[0].s
     histories: list[list[dict]] = [[] for _ in pruners]
     total = pruners[0].total_params
+    if s.rule == "gates":  # each module's learned gates first (their own target: size), then ranked together
+        for p, h in zip(pruners, histories, strict=True):
+            h.append({"params_fraction": round(p.fraction(True), 4),
+                      "kept_channels": int(sum(g.sum() for g in p.gates))})
+            if p.close_learned():
+                p.refresh()
     while True:
         fractions = [p.fraction(True) for p in pruners]
         for p, h, f in zip(pruners, histories, fractions, strict=True):
