@@ -272,66 +272,57 @@ class Pruner:
                     scores[i] += gr.abs().cpu()
         return scores
 
-    def learn_gates(self) -> list[torch.Tensor]:
-        """Gates learned for the margins' loss with the backbone frozen (GradSplitter's idea, per module): a
-        score per open channel, the channel open while it is above 1/2 (a straight-through estimate: the forward
-        pass runs the network as it would be cut, the gradient reaches the score), trained with Adam on the step's
-        inputs, shuffled (BatchNorm on each batch's statistics, as the cut network's would be re-estimated), for
-        ``gate_epochs`` epochs, the head rows with them, against the loss plus lambda times the parameters the
-        open channels cost. Lambda starts at the median importance per parameter of the first batch and is
-        raised while the network as cut would hold more than ``size`` of the parameters (measured by slicing at
-        every epoch's end, approximated by the channels' own costs within it), lowered while it holds less;
-        channels closed before stay closed. Returns the scores: those under 1/2 close first; a channel the
-        margins need climbs back over it."""
+    def learn_gates(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Gates learned for the margins' loss with the backbone frozen (GradSplitter's idea, per module): every
+        open channel's gate is a multiplier in [0, 1], trained with Adam from 1 on the step's inputs, shuffled
+        (BatchNorm on each batch's statistics), for ``gate_epochs`` epochs, the head rows with them, against the
+        loss plus lambda times the parameters the open channels cost (each channel's own cost, times its gate).
+        Lambda is the median importance per parameter of the first batch: a channel whose importance per
+        parameter is under the median is pulled towards 0, the others held open by the loss; channels learn
+        together, so one the margins can do without once others carry what it carried goes down too. Returns
+        the gates (closed channels 0) and, per channel, the gradient summed over the iterations, per parameter
+        the channel costs (negative: the loss held it open; it tells apart the gates that end at 1)."""
         s, net = self.s, self.net
         x, targets, soft = self.step_view()
-        n, device = x.shape[0], x.device
         open_ = [g > 0 for g in self.gates]
         theta = [g.detach().clone().float().requires_grad_(True) for g in self.gates]
-        w = self.w.detach().clone().float().to(device).requires_grad_(True)
-        b = self.b.detach().clone().float().to(device).requires_grad_(True)
+        w = self.w.detach().clone().float().to(x.device).requires_grad_(True)
+        b = self.b.detach().clone().float().to(x.device).requires_grad_(True)
         opt = torch.optim.Adam([{"params": theta, "lr": s.gate_lr}, {"params": [w, b], "lr": s.gate_lr / 10}])
         share = ([c / self.total_params for c in self.per_channel] if self.per_channel is not None
                  else [1.0 / sum(g.numel() for g in self.gates)] * len(self.gates))
         generator = torch.Generator().manual_seed(s.seed)
         bns = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-        lam, target = None, s.size  # target: of the linear estimate, corrected each epoch by the sliced size
+        lam, pressure = None, [torch.zeros_like(t) for t in theta]
         for m in bns:
             m.train()
         try:
             for _ in range(s.gate_epochs):
-                for idx in torch.randperm(n, generator=generator).split(self.batch_size):
+                for idx in torch.randperm(x.shape[0], generator=generator).split(self.batch_size):
                     if idx.numel() < 2:
                         continue
-                    hard = [((t > 0.5) & o).float() for t, o in zip(theta, open_, strict=True)]
-                    live = [h + t - t.detach() for h, t in zip(hard, theta, strict=True)]
-                    with gated(net, self.graph, self.groups, live):
+                    with gated(net, self.graph, self.groups, theta):
                         f = classifier_input(net, self.graph.head, lambda idx=idx: net(x[idx]))
                     loss = self.loss(f @ w.T + b, targets[idx], soft[idx] if soft is not None else None)
-                    penalty = sum(c * (t.clamp(0, 1) * o).sum() for c, t, o in zip(share, theta, open_, strict=True))
                     if lam is None:  # the scale of the loss's own gradients, per parameter
                         grads = torch.autograd.grad(loss, theta, retain_graph=True, allow_unused=True)
                         per_cost = torch.cat([(gr.abs() / c)[o] for gr, c, o in zip(grads, share, open_, strict=True)
                                               if gr is not None])
                         lam = float(per_cost.median()) if per_cost.numel() else 1.0
+                    penalty = sum(c * t[o].sum() for c, t, o in zip(share, theta, open_, strict=True))
                     opt.zero_grad()
                     (loss + lam * penalty).backward()
+                    for acc, t in zip(pressure, theta, strict=True):
+                        acc += t.grad
                     opt.step()
                     with torch.no_grad():
                         for t, o in zip(theta, open_, strict=True):
-                            t.clamp_(0.0, 2.0)
+                            t.clamp_(0.0, 1.0)
                             t[~o] = 0.0
-                        kept = 1.0 - sum(c * float(((t <= 0.5) & o).sum())
-                                         for c, t, o in zip(share, theta, open_, strict=True))
-                    lam *= 1.1 if kept > target else 1 / 1.1
-                closed = {g["roots"][0]: [int(j) for j in torch.nonzero(~((t > 0.5) & o)).flatten()]
-                          for g, t, o in zip(self.groups.groups, theta, open_, strict=True)}
-                real = sliced_cost(net, self.source.spec.shape, closed, self.graph.head, "params") / self.total_params
-                target -= real - s.size
         finally:
             for m in bns:
                 m.eval()
-        return [t.detach().cpu() for t in theta]
+        return [t.detach().cpu() for t in theta], [(acc / c).cpu() for acc, c in zip(pressure, share, strict=True)]
 
     def activation_rates(self) -> list[torch.Tensor]:
         """Per channel: the share of the rows' own inputs for which it is active somewhere."""
@@ -458,19 +449,24 @@ class Pruner:
     def close_least_important(self, fraction: float) -> int:
         """Close the least important channels until one step's :meth:`budget` is spent; how many closed."""
         if self.s.rule == "gates" and self._learned is None:
-            return self.close_learned()
+            return self.close_learned(fraction)
         ranked = self.candidates()
         chosen = take([(v, 0, i, j) for v, i, j in ranked], self.budget(fraction), [self])
         return self.close([(i, j) for _, i, j in chosen], ranked)
 
-    def close_learned(self) -> int:
-        """Rule ``gates``, the first step: learn the gates (:meth:`learn_gates`) and close the channels they
-        closed (every group keeping its highest-scored one); later steps, while slicing says the network is still
-        larger than ``size``, rank as ``taylor`` does."""
-        self._learned = self.learn_gates()
-        ranked = sorted((float(t[j]), i, int(j)) for i, t in enumerate(self._learned)
-                        for j in torch.nonzero((t <= 0.5) & (self.gates[i].cpu() > 0)).flatten())
-        chosen = take([(v, 0, i, j) for v, i, j in ranked], math.inf, [self])
+    def close_learned(self, fraction: float) -> int:
+        """Rule ``gates``, the first step: learn the gates (:meth:`learn_gates`) and close the channels of lowest
+        gate (they weigh cost already; ties: the one the loss held open least) straight down to ``size``, each
+        channel's own cost counted (channels cut on both sides of a layer save less than the sum of their costs,
+        so slicing finds the network larger than meant: later steps then rank as ``taylor`` does)."""
+        self._learned, pressure = self.learn_gates()
+        # lowest gate first; among equal gates (those at 1), the one the loss held open least
+        order = sorted((float(t[j]), -float(pressure[i][j]), i, int(j)) for i, t in enumerate(self._learned)
+                       for j in torch.nonzero(self.gates[i].cpu() > 0).flatten())
+        ranked = [(v, i, j) for v, _, i, j in order]
+        budget = max(fraction - self.s.size, 0.0) * self.total_params if self.per_channel is not None else \
+            self.budget(fraction)
+        chosen = take([(v, 0, i, j) for v, i, j in ranked], budget, [self])
         return self.close([(i, j) for _, i, j in chosen], ranked)
 
     def prune(self, binary: bool, accuracy=None, reference: float | None = None) -> list[dict]:
@@ -613,7 +609,7 @@ def prune_together(pruners: list[Pruner], size: float) -> list[list[dict]]:
         for p, h in zip(pruners, histories, strict=True):
             h.append({"params_fraction": round(p.fraction(True), 4),
                       "kept_channels": int(sum(g.sum() for g in p.gates))})
-            if p.close_learned():
+            if p.close_learned(p.fraction(True)):
                 p.refresh()
     while True:
         fractions = [p.fraction(True) for p in pruners]
