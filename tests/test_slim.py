@@ -298,6 +298,16 @@ def test_slim_decomposition_command_and_artifacts(tmp_path, npz_data, capsys):
                       "--out", str(tmp_path / "mixed")], capsys)
     assert rc == 0, err
     assert len(cnnmod.load_modules(tmp_path / "mixed")) == 2
+    # learned gates and one budget for all modules, from the command line: the mean holds, the settings saved
+    rc, stdout, err = run(["decompose", str(tmp_path / "m"), "--out", str(tmp_path / "gates"), "--granularity",
+                           "channel", "--size", "0.4", "--slim-samples", "30", "--rule", "gates", "--gate-epochs",
+                           "2", "--slim-budget", "total", "--no-measure", "--json"], capsys)
+    assert rc == 0, err
+    fractions = [e["params_fraction"] for e in json.loads(stdout)["modules"]]
+    assert sum(fractions) / len(fractions) <= 0.4
+    made = cnnmod.load_modules(tmp_path / "gates")
+    recorded = {(m.settings["rule"], m.settings["budget"], m.settings["gate_epochs"]) for m in made}
+    assert recorded == {("gates", "total", 2)}
 
 
 def test_slim_bad_input(tmp_path, npz_data, capsys):
@@ -309,7 +319,12 @@ def test_slim_bad_input(tmp_path, npz_data, capsys):
                          (["--size", "0.5"], "--granularity channel"),
                          (["--granularity", "edge"], "unknown granularity"),
                          (["--granularity", "channel", "--rule", "magic"], "importance rule"),
-                         (["--granularity", "channel", "--slim-cost", "watts"], "unknown slim cost 'watts'")):
+                         (["--granularity", "channel", "--slim-cost", "watts"], "unknown slim cost 'watts'"),
+                         (["--granularity", "channel", "--slim-budget", "all"], "unknown slim budget 'all'"),
+                         (["--granularity", "channel", "--slim-budget", "total", "--max-loss", "1"],
+                          "does not take --max-loss"),
+                         (["--granularity", "channel", "--rule", "gates", "--gate-epochs", "0"],
+                          "--gate-epochs >= 1")):
         assert_user_error(*run(["decompose", str(tmp_path / "m"), "--out", str(tmp_path / "x"), *args], capsys),
                           needle)
     assert not Path(tmp_path / "x").exists()
