@@ -36,11 +36,12 @@ from cnnmod.jobs.train import train
 from cnnmod.models.train import TrainSettings
 
 # where a module's time goes: (label, function name as cProfile reports it, file it lives in)
-PARTS = [("importance (Taylor: forward + backward)", "taylor", "slim.py"),
+PARTS = [("importance (Taylor: forward + backward)", "taylor", "pruner.py"),
+         ("learned gates", "learn_gates", "pruner.py"),
          ("BatchNorm re-estimation", "reestimate_bn", "channels.py"),
-         ("head refits (features + fit)", "refit", "slim.py"),
+         ("head refits (features + fit)", "refit", "pruner.py"),
          ("the source's probabilities", "source_log_odds", "slim.py"),
-         ("slicing and checking", "sliced", "slim.py"),
+         ("slicing and checking", "sliced", "pruner.py"),
          ("copying the network, groups, costs", "frozen_copy", "channels.py")]
 
 

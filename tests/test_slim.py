@@ -14,21 +14,13 @@ import torch
 from conftest import assert_user_error, random_data, run, source
 
 import cnnmod
-from cnnmod.core.calibrate import TYPICAL_ALPHA, typicality
+from cnnmod.core.calibrate import TYPICAL_ALPHA, fit_head, typicality
 from cnnmod.core.channels import classifier_input, cost_per_channel, frozen_copy, gated
 from cnnmod.core.observe import class_order
 from cnnmod.data.transforms import InputSpec
 from cnnmod.decompose.fitting import calibration_set
-from cnnmod.decompose.slim import (
-    Pools,
-    Pruner,
-    SlimSettings,
-    fit_head,
-    slim_module,
-    slim_modules,
-    source_log_odds,
-    step_rows,
-)
+from cnnmod.decompose.pruner import Pruner, step_rows, take
+from cnnmod.decompose.slim import Pools, SlimSettings, slim_module, slim_modules, source_log_odds
 from cnnmod.errors import UserError
 from cnnmod.models import build
 from cnnmod.models.classifier import Classifier
@@ -543,8 +535,6 @@ def test_a_size_out_of_reach_names_the_smallest_one():
 
 
 def test_a_max_loss_the_first_step_misses_says_what_it_loses(monkeypatch):
-    from cnnmod.decompose.slim import Pruner
-
     scores = itertools.chain([100.0, 100.0], itertools.repeat(90.0))  # before pruning (measured, then as the
     # reference), then after every step: 10 points lost at once
     monkeypatch.setattr(Pruner, "top1", lambda self, *a, **k: next(scores))
@@ -557,8 +547,6 @@ def test_a_max_loss_the_first_step_misses_says_what_it_loses(monkeypatch):
 def test_a_step_takes_the_least_important_channels_within_quotas_budget_and_caps():
     """``take`` by hand: two pruners, group costs 1 and 3 parameters per channel; a group keeps one channel."""
     from types import SimpleNamespace
-
-    from cnnmod.decompose.slim import take
 
     def fake(gates):
         return SimpleNamespace(gates=[torch.tensor(g) for g in gates], channel_cost=lambda i: [1.0, 3.0][i])

@@ -14,13 +14,15 @@ rest"; a merged composition: one per class, against the composition's other clas
 
 until the physically sliced network holds at most ``size`` of the source model's parameters (or, with
 ``max_loss``, until the next step would lose more than that many points of binary accuracy on held-out
-data). The backbone's weights are never trained. The sliced network computes exactly what the gated one does.
+data). With ``rule="gates"`` the first cut is learned instead (:meth:`Pruner.learn_gates`: gates in [0, 1]
+trained for the margins with a cost penalty), later steps ranked as taylor. With ``budget="total"`` the modules
+of one decomposition are pruned together to ``size`` on average (:func:`prune_together`). The backbone's
+weights are never trained. The sliced network computes exactly what the gated one does.
 """
 
 from __future__ import annotations
 
 import copy
-import math
 import time
 from dataclasses import asdict, dataclass, replace
 
@@ -28,19 +30,8 @@ import torch
 from torch import nn
 
 from ..compose.slim import MergedSlim
-from ..core.calibrate import _balanced_bce, fit_head
-from ..core.channels import (
-    classifier_input,
-    closed_channels,
-    cost_per_channel,
-    frozen_copy,
-    gated,
-    reestimate_bn,
-    slice_network,
-    sliced_cost,
-    verify_sliced,
-)
-from ..core.observe import class_order, hooks, tangling_budget
+from ..core.channels import frozen_copy
+from ..core.observe import class_order, tangling_budget
 from ..data.dataset import ImageSet
 from ..data.registry import split_spec
 from ..data.torch_dataset import as_image_set
@@ -49,6 +40,7 @@ from ..models.classifier import Classifier
 from ..models.train import split_indices
 from ..modules.masked import binary_head
 from ..modules.slim import SlimModule
+from .pruner import Pruner, prune_together
 
 COSTS = ("params", "flops", "both", "none")
 MODULE_SIZE = 0.5  # a slim module's target size when neither --size nor --max-loss is given
@@ -160,31 +152,6 @@ def validation_indices(source: Classifier, data: ImageSet) -> torch.Tensor | Non
     return split_indices(len(data), t["val_split"], t.get("subset"), t["seed"])[1]
 
 
-def step_rows(targets: torch.Tensor, n: int | None) -> torch.Tensor | None:
-    """Indices of the ``n`` observed inputs the pruning steps work on (None: all of them), spread evenly: for one
-    margin, half among its class's inputs and half among the others (observed in blocks of one class each, so
-    evenly spread they stay balanced over the classes); for several, over all inputs alike. Every step works on
-    the same ones."""
-    if n is None or n >= targets.shape[0]:
-        return None
-
-    def spread(rows: torch.Tensor, want: int) -> torch.Tensor:
-        want = min(want, rows.numel())
-        return rows[torch.linspace(0, rows.numel() - 1, want).round().long()] if want > 0 else rows[:0]
-
-    everything = torch.arange(targets.shape[0], device=targets.device)
-    if targets.shape[1] > 1:
-        return spread(everything, n)
-    mine = targets[:, 0].bool()
-    own = spread(everything[mine], n // 2)
-    return torch.cat([own, spread(everything[~mine], n - own.numel())]).sort().values
-
-
-def _head_rows(w: torch.Tensor, b: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Head rows whose softmax is sigmoid(w . f + b): [w, 0] and [b, 0]."""
-    return torch.stack([w, torch.zeros_like(w)]), torch.tensor([b, 0.0])
-
-
 def _source_margin(head: tuple[torch.Tensor, torch.Tensor], concerned: int) -> tuple[torch.Tensor, float]:
     """The margin z_c - z_uc of the paper's binary head (docs/method.md, "Channeling") on the source's
     classifier, as the
@@ -198,345 +165,6 @@ def _source_info(source: Classifier) -> dict:
             "class_names": source.class_names, "source_classes": source.source_classes,
             "weights_sha256": source.info.get("weights_sha256"),
             "params": sum(p.numel() for p in source.net.parameters())}
-
-
-class Pruner:
-    """Channel gates on a frozen copy of ``source``'s network, closed iteratively for K margins at once (docs/method.md,
-    "Slim modules"): row k of the head is a binary margin, "class k" against the others of the observed world,
-    fitted on observed inputs ``x_obs`` to ``targets`` (N, K) or, when ``soft`` is given, to the source's
-    probabilities (N, K). A slim module has one row; a slim merged composition one per class. ``gates`` start
-    all open, or as given (a merged composition starts from the union of its modules' channels)."""
-
-    def __init__(self, source: Classifier, s: SlimSettings, x_obs: torch.Tensor, targets: torch.Tensor,
-                 soft: torch.Tensor | None, w: torch.Tensor, b: torch.Tensor, batch_size: int = 256,
-                 frozen: tuple | None = None, gates: list[torch.Tensor] | None = None,
-                 bn_rows: int | None = None) -> None:
-        self.source, self.s, self.batch_size = source, s, batch_size
-        self.graph, self.net, self.groups = frozen or frozen_copy(source)
-        device = next(self.net.parameters()).device
-        self.gates = gates or [torch.ones(g["channels"], device=device) for g in self.groups.groups]
-        self.x_obs, self.targets, self.soft = x_obs, targets, soft
-        self.bn_rows = bn_rows  # BatchNorm statistics from the first bn_rows observed inputs (default: all)
-        self.rows = step_rows(targets, s.step_samples)  # what each step works on (None: all observed)
-        self.w, self.b = w.cpu(), b.cpu().double()
-        self.total_params = sum(p.numel() for p in source.net.parameters())
-        self.per_channel = self.rank_cost = None
-        self._learned: list[torch.Tensor] | None = None  # rule "gates": learned once
-        self._checked = False  # the first sliced network with channels cut is verified (then the last)
-        if s.cost != "none":
-            shape, classifier = source.spec.shape, self.graph.head
-            self.per_channel = cost_per_channel(self.net, self.groups, shape, classifier, "params")
-            self.rank_cost = self.per_channel
-            if s.cost != "params":
-                flops = cost_per_channel(self.net, self.groups, shape, classifier, "flops")
-                total_flops = sliced_cost(self.net, shape, {}, classifier, "flops")
-                self.rank_cost = [f / total_flops for f in flops] if s.cost == "flops" else [
-                    p / self.total_params + f / total_flops for p, f in zip(self.per_channel, flops, strict=True)]
-
-    def batches(self, x: torch.Tensor) -> list[torch.Tensor]:
-        return [x[i:i + self.batch_size] for i in range(0, x.shape[0], self.batch_size)]
-
-    def features_of(self, x: torch.Tensor) -> torch.Tensor:
-        net, classifier = self.net, self.graph.head
-        with torch.no_grad(), gated(net, self.graph, self.groups, self.gates):
-            return torch.cat([classifier_input(net, classifier, lambda xb=xb: net(xb)) for xb in self.batches(x)])
-
-    def top1(self, x: torch.Tensor, labels: torch.Tensor, classes: list[int], z: torch.Tensor | None = None) -> float:
-        """Top-1 among ``classes`` (row k of the head is class ``classes[k]``; one row alone: its binary accuracy,
-        "mine or not") on inputs ``x`` with ``labels``, of the current network and head, or of the margins ``z``."""
-        if z is None:
-            z = self.features_of(x).cpu().double() @ self.w.double().T + self.b
-        right = (z[:, 0] > 0) == (labels == classes[0]) if len(classes) == 1 else (
-            torch.tensor(classes)[z.argmax(1)] == labels)
-        return 100.0 * float(right.float().mean())
-
-    def loss(self, logits: torch.Tensor, targets: torch.Tensor, soft: torch.Tensor | None) -> torch.Tensor:
-        """The rows' class-balanced binary losses, summed."""
-        return sum(_balanced_bce(logits[:, k], targets[:, k], soft[:, k] if soft is not None else None)
-                   for k in range(logits.shape[1]))
-
-    def taylor(self) -> list[torch.Tensor]:
-        """Per channel: |d loss / d gate|, the first-order effect of closing it on the margins' loss."""
-        scores = [torch.zeros(g["channels"]) for g in self.groups.groups]
-        live = [g.clone().requires_grad_(True) for g in self.gates]
-        x, targets, soft = self.step_view()
-        wd, bd = self.w.to(x.device), self.b.to(x.device, torch.float32)
-        softs = self.batches(soft) if soft is not None else [None] * len(self.batches(targets))
-        for xb, tb, sb in zip(self.batches(x), self.batches(targets), softs, strict=True):
-            with gated(self.net, self.graph, self.groups, live):
-                f = classifier_input(self.net, self.graph.head, lambda xb=xb: self.net(xb))
-            logits = torch.stack([f @ wd[k] + bd[k] for k in range(wd.shape[0])], 1)
-            grads = torch.autograd.grad(self.loss(logits, tb, sb), live, allow_unused=True)
-            for i, gr in enumerate(grads):
-                if gr is not None:
-                    scores[i] += gr.abs().cpu()
-        return scores
-
-    def learn_gates(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Gates learned for the margins' loss with the backbone frozen (GradSplitter's idea, per module): every
-        open channel's gate is a multiplier in [0, 1], trained with Adam from 1 on the step's inputs, shuffled
-        (BatchNorm on each batch's statistics), for ``gate_epochs`` epochs, the head rows with them, against the
-        loss plus lambda times the parameters the open channels cost (each channel's own cost, times its gate).
-        Lambda is the median importance per parameter of the first batch: a channel whose importance per
-        parameter is under the median is pulled towards 0, the others held open by the loss; channels learn
-        together, so one the margins can do without once others carry what it carried goes down too. Returns
-        the gates (closed channels 0) and, per channel, the gradient summed over the iterations, per parameter
-        the channel costs (negative: the loss held it open; it tells apart the gates that end at 1)."""
-        s, net = self.s, self.net
-        x, targets, soft = self.step_view()
-        open_ = [g > 0 for g in self.gates]
-        theta = [g.detach().clone().float().requires_grad_(True) for g in self.gates]
-        w = self.w.detach().clone().float().to(x.device).requires_grad_(True)
-        b = self.b.detach().clone().float().to(x.device).requires_grad_(True)
-        opt = torch.optim.Adam([{"params": theta, "lr": s.gate_lr}, {"params": [w, b], "lr": s.gate_lr / 10}])
-        share = ([c / self.total_params for c in self.per_channel] if self.per_channel is not None
-                 else [1.0 / sum(g.numel() for g in self.gates)] * len(self.gates))
-        generator = torch.Generator().manual_seed(s.seed)
-        bns = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-        lam, pressure = None, [torch.zeros_like(t) for t in theta]
-        for m in bns:
-            m.train()
-        try:
-            for _ in range(s.gate_epochs):
-                for idx in torch.randperm(x.shape[0], generator=generator).split(self.batch_size):
-                    if idx.numel() < 2:
-                        continue
-                    with gated(net, self.graph, self.groups, theta):
-                        f = classifier_input(net, self.graph.head, lambda idx=idx: net(x[idx]))
-                    loss = self.loss(f @ w.T + b, targets[idx], soft[idx] if soft is not None else None)
-                    if lam is None:  # the scale of the loss's own gradients, per parameter
-                        grads = torch.autograd.grad(loss, theta, retain_graph=True, allow_unused=True)
-                        per_cost = torch.cat([(gr.abs() / c)[o] for gr, c, o in zip(grads, share, open_, strict=True)
-                                              if gr is not None])
-                        lam = float(per_cost.median()) if per_cost.numel() else 1.0
-                    penalty = sum(c * t[o].sum() for c, t, o in zip(share, theta, open_, strict=True))
-                    opt.zero_grad()
-                    (loss + lam * penalty).backward()
-                    for acc, t in zip(pressure, theta, strict=True):
-                        acc += t.grad
-                    opt.step()
-                    with torch.no_grad():
-                        for t, o in zip(theta, open_, strict=True):
-                            t.clamp_(0.0, 1.0)
-                            t[~o] = 0.0
-        finally:
-            for m in bns:
-                m.eval()
-        return [t.detach().cpu() for t in theta], [(acc / c).cpu() for acc, c in zip(pressure, share, strict=True)]
-
-    def activation_rates(self) -> list[torch.Tensor]:
-        """Per channel: the share of the rows' own inputs for which it is active somewhere."""
-        x, targets, _ = self.step_view()
-        mine = x[targets.any(1)]
-        counts: dict[str, torch.Tensor] = {}
-
-        def count(p, out):
-            active = (out > 0).flatten(2).any(2) if out.dim() > 2 else out > 0
-            counts[p.name] = counts.get(p.name, 0) + active.float().sum(0).cpu()
-
-        with torch.no_grad(), hooks(self.net, self.graph.points, count), \
-                gated(self.net, self.graph, self.groups, self.gates):
-            for xb in self.batches(mine):
-                self.net(xb)
-        return [sum(counts[p] for p in g["points"]) / max(len(mine), 1) for g in self.groups.groups]
-
-    def step_view(self, step: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """The observed inputs, targets and soft targets a pruning step works on (``step``), or all of them."""
-        if not step or self.rows is None:
-            return self.x_obs, self.targets, self.soft
-        return self.x_obs[self.rows], self.targets[self.rows], self.soft[self.rows] if self.soft is not None else None
-
-    def refresh(self, step: bool = True) -> None:
-        """BatchNorm statistics re-estimated (on the observed inputs among the first ``bn_rows``), then every row
-        refitted: on a step's inputs (``step``), or on all observed ones. The refit runs a plain pass of its own:
-        the re-estimation pass's features (each batch normalised by its own statistics, and the observed inputs
-        come in blocks of one class) fit heads that rank channels badly (BENCHMARKS.md, "Slim modules' cost")."""
-        rows = self.rows if step else None
-        limit = self.bn_rows or len(self.x_obs)
-        bn = self.x_obs[:limit] if rows is None else self.x_obs[rows[rows < limit]]
-
-        def run():
-            with gated(self.net, self.graph, self.groups, self.gates):
-                for xb in self.batches(bn):
-                    self.net(xb)
-        reestimate_bn(self.net, run)
-        self.refit(step)
-
-    def refit(self, step: bool = True) -> None:
-        """Every head row refitted on the current network's features of a step's inputs, or of all observed."""
-        x, targets, soft = self.step_view(step)
-        features = self.features_of(x)
-        fitted = [fit_head(features, targets[:, k], self.w[k], float(self.b[k]),
-                           soft=soft[:, k] if soft is not None else None) for k in range(self.w.shape[0])]
-        self.w = torch.stack([w for w, _ in fitted])
-        self.b = torch.tensor([b for _, b in fitted], dtype=torch.float64)  # as fitted: no rounding
-
-    def removed(self) -> dict[str, list[int]]:
-        return closed_channels(self.groups, self.gates)
-
-    def head(self, binary: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """The head over the source's features: a module's two rows [margin, 0], or a composition's K margins
-        (slicing keeps the columns of the features that survive)."""
-        return _head_rows(self.w[0], float(self.b[0])) if binary else (self.w, self.b.float())
-
-    def sliced(self, binary: bool, check: bool = False) -> nn.Module:
-        """The network cut to the open channels; with ``check``, verified on a few observed inputs against the
-        gated network (torch-pruning slices what its dependency graph understands: an operation that depends
-        on a channel count, such as a reshape to a fixed shape, breaks a sliced network silently)."""
-        w, b = self.head(binary)
-        sliced = slice_network(self.net, self.source.spec.shape, self.removed(), self.graph.head, w, b)
-        if check:
-            x = self.x_obs[:8]
-            with torch.no_grad(), gated(self.net, self.graph, self.groups, self.gates):
-                f = classifier_input(self.net, self.graph.head, lambda: self.net(x))
-            expected = f @ w.to(f.device, f.dtype).T + b.to(f.device, f.dtype)
-            verify_sliced(sliced, x, expected, type(self.source.net).__name__)
-        return sliced
-
-    def fraction(self, binary: bool) -> float:
-        first_cut = not self._checked and any(bool((g == 0).any()) for g in self.gates)
-        self._checked = self._checked or first_cut
-        return sum(p.numel() for p in self.sliced(binary, check=first_cut).parameters()) / self.total_params
-
-    def candidates(self) -> list[tuple[float, int, int]]:
-        """The open channels that may close (every group keeps one), least important first, as (importance per
-        cost, group, channel): with a ``cost``, per the parameters (or FLOPs) each costs; without, relative to
-        its group's mean."""
-        scores = self.activation_rates() if self.s.rule == "activation" else self.taylor()  # gates: after theirs
-        found = []
-        for i, sc in enumerate(scores):
-            kept = torch.nonzero(self.gates[i].cpu() > 0).flatten()
-            if kept.numel() > 1:
-                value = (sc[kept] / self.rank_cost[i] if self.rank_cost is not None
-                         else sc[kept] / (sc[kept].mean() + 1e-12))
-                found += [(float(value[j]), i, int(kept[j])) for j in range(kept.numel())]
-        found.sort()
-        return found
-
-    def budget(self, fraction: float) -> float:
-        """What one step cuts at ``fraction`` of the model's parameters: ``step`` of the kept parameters (never
-        below ``size``, and at least a quarter step), or without a cost, ``step`` of the kept channels."""
-        s = self.s
-        if self.per_channel is not None:
-            return max(min(s.step * fraction, fraction - s.size), s.step * fraction / 4) * self.total_params
-        return max(1, int(s.step * sum(int(g.sum()) for g in self.gates)))
-
-    def channel_cost(self, group: int) -> float:
-        return self.per_channel[group] if self.per_channel is not None else 1.0
-
-    def close(self, chosen: list[tuple[int, int]], ranked: list[tuple[float, int, int]]) -> int:
-        """Close the ``chosen`` (group, channel)s, then, with ``multiple``, the least important of ``ranked``
-        that bring each group's count to a multiple of it (when above it); how many closed."""
-        for i, j in chosen:
-            self.gates[i][j] = 0.0
-        closed = len(chosen)
-        if self.s.multiple > 1:  # convolutions cost in blocks of channels
-            least_first: dict[int, list[int]] = {}
-            for _, i, j in ranked:
-                least_first.setdefault(i, []).append(j)
-            for i, gate in enumerate(self.gates):
-                kept = int(gate.sum())
-                extra = kept % self.s.multiple if kept > self.s.multiple else 0
-                for j in least_first.get(i, []):
-                    if extra == 0:
-                        break
-                    if gate[j] > 0:
-                        gate[j] = 0.0
-                        extra -= 1
-                        closed += 1
-        return closed
-
-    def close_least_important(self, fraction: float) -> int:
-        """Close the least important channels until one step's :meth:`budget` is spent; how many closed."""
-        if self.s.rule == "gates" and self._learned is None:
-            return self.close_learned(fraction)
-        ranked = self.candidates()
-        chosen = take([(v, 0, i, j) for v, i, j in ranked], self.budget(fraction), [self])
-        return self.close([(i, j) for _, i, j in chosen], ranked)
-
-    def close_learned(self, fraction: float) -> int:
-        """Rule ``gates``, the first step: learn the gates (:meth:`learn_gates`) and close the channels of lowest
-        gate (they weigh cost already; ties: the one the loss held open least) straight down to ``size``, each
-        channel's own cost counted (channels cut on both sides of a layer save less than the sum of their costs,
-        so slicing finds the network larger than meant: later steps then rank as ``taylor`` does)."""
-        self._learned, pressure = self.learn_gates()
-        # lowest gate first; among equal gates (those at 1), the one the loss held open least
-        order = sorted((float(t[j]), -float(pressure[i][j]), i, int(j)) for i, t in enumerate(self._learned)
-                       for j in torch.nonzero(self.gates[i].cpu() > 0).flatten())
-        ranked = [(v, i, j) for v, _, i, j in order]
-        budget = max(fraction - self.s.size, 0.0) * self.total_params if self.per_channel is not None else \
-            self.budget(fraction)
-        chosen = take([(v, 0, i, j) for v, i, j in ranked], budget, [self])
-        return self.close([(i, j) for _, i, j in chosen], ranked)
-
-    def prune(self, binary: bool, accuracy=None, reference: float | None = None) -> list[dict]:
-        """Close channels until the sliced network holds at most ``size`` of the model's parameters, or (with
-        ``accuracy``, a function of the current state, and ``max_loss``) until the next step would put it more
-        than ``max_loss`` points under ``reference`` (default: its accuracy before pruning); the history of the
-        way down."""
-        history = []
-        start = (reference if reference is not None else accuracy()) if accuracy is not None else None
-        while True:
-            fraction = self.fraction(binary)
-            history.append({"params_fraction": round(fraction, 4),
-                            "kept_channels": int(sum(g.sum() for g in self.gates))})
-            if fraction <= self.s.size:
-                break
-            previous = ([g.clone() for g in self.gates], self.w, self.b)
-            if self.close_least_important(fraction) == 0:  # every group is down to one channel
-                if accuracy is None:
-                    least = math.ceil(fraction * 1e4) / 1e4
-                    raise UserError(f"--size {self.s.size:g} is out of reach for {self.source.arch}: every channel "
-                                    f"group keeps at least one channel, so the smallest it reaches is {least:g} of "
-                                    f"the parameters; ask for --size {least:g} or more")
-                break
-            self.refresh()
-            lost = start - accuracy() if start is not None else None
-            if lost is not None and lost > self.s.max_loss:
-                # not even the first step meets it: the slim module would be the whole model (a merged
-                # composition keeps its union instead: what it was made from)
-                if binary and len(history) == 1:
-                    raise UserError(f"--max-loss {self.s.max_loss:g} pp cannot be met: the first pruning step "
-                                    f"(to {self.fraction(binary):.4f} of the parameters) already loses {lost:.2f} pp "
-                                    "of held-out accuracy; give a larger --max-loss, or keep the model whole")
-                for g, old in zip(self.gates, previous[0], strict=True):
-                    g.copy_(old)
-                self.refresh()
-                break
-        self.finish(accuracy, start - self.s.max_loss if start is not None else None)
-        return history
-
-    def finish(self, accuracy=None, floor: float | None = None) -> None:
-        """The last head refit, on every observed input (pruning steps work on ``step_samples`` of them; the
-        BatchNorm statistics stay the last step's: a few hundred inputs estimate a channel's mean and variance
-        over all its positions well); kept unless it puts ``accuracy()`` under ``floor`` and under the step's."""
-        if self.rows is None:
-            return
-        saved = self.w, self.b
-        before = accuracy() if floor is not None else None
-        self.refit(step=False)
-        if floor is not None and (after := accuracy()) < floor and after < before:
-            self.w, self.b = saved
-
-
-def take(ranked: list[tuple[float, int, int, int]], budget: float, pruners: list[Pruner],
-         caps: list[float] | None = None) -> list[tuple[int, int, int]]:
-    """The (pruner, group, channel)s of ``ranked`` ((importance per cost, pruner, group, channel), least important
-    first) that one step closes: in order until ``budget`` parameters (or channels) are spent, every group keeping
-    one channel, and with ``caps``, no pruner giving more than its cap."""
-    quota = {(k, i): int(g.sum()) - 1 for k, p in enumerate(pruners) for i, g in enumerate(p.gates)}
-    given = [0.0] * len(pruners)
-    chosen, spent = [], 0.0
-    for _, k, i, j in ranked:
-        if spent >= budget:
-            break
-        cost = pruners[k].channel_cost(i)
-        if quota[k, i] > 0 and (caps is None or given[k] + cost <= caps[k]):
-            chosen.append((k, i, j))
-            quota[k, i] -= 1
-            given[k] += cost
-            spent += cost
-    return chosen
 
 
 SHARED_ODDS = 2 ** 26  # slim_modules computes the source's log-odds once for all modules up to this many values
@@ -592,49 +220,6 @@ def slim_modules(source: Classifier, data: ImageSet, classes: list[int], s: Slim
         if done is not None:
             done(modules[-1])
     return modules
-
-
-def prune_together(pruners: list[Pruner], size: float) -> list[list[dict]]:
-    """Prune slim modules' pruners (one margin each, the same source) together until their sliced networks hold
-    ``size`` of the model's parameters on average: every step ranks the open channels of all of them on one scale
-    (importance per cost: each module's loss is the same class-balanced binary loss, so a channel that an easy
-    class's module can spare goes before one a hard class's needs) and closes the least important until ``step``
-    of all the kept parameters are cut, no module giving more than twice ``step`` of its own. Each module's
-    BatchNorm statistics and head are refreshed after each step it lost channels in; each keeps at least one
-    channel per group. The history of each module's way down."""
-    s = pruners[0].s
-    histories: list[list[dict]] = [[] for _ in pruners]
-    total = pruners[0].total_params
-    if s.rule == "gates":  # each module's learned gates first (their own target: size), then ranked together
-        for p, h in zip(pruners, histories, strict=True):
-            h.append({"params_fraction": round(p.fraction(True), 4),
-                      "kept_channels": int(sum(g.sum() for g in p.gates))})
-            if p.close_learned(p.fraction(True)):
-                p.refresh()
-    while True:
-        fractions = [p.fraction(True) for p in pruners]
-        for p, h, f in zip(pruners, histories, fractions, strict=True):
-            h.append({"params_fraction": round(f, 4), "kept_channels": int(sum(g.sum() for g in p.gates))})
-        mean = sum(fractions) / len(fractions)
-        if mean <= size:
-            break
-        ranked = sorted((v, k, i, j) for k, p in enumerate(pruners) for v, i, j in p.candidates())
-        budget = min(s.step * mean, max(mean - size, s.step * mean / 4)) * total * len(pruners)
-        caps = [2 * s.step * f * total for f in fractions]
-        chosen = take(ranked, budget, pruners, caps)
-        if not chosen:
-            least = math.ceil(mean * 1e4) / 1e4
-            raise UserError(f"--size {size:g} is out of reach for {pruners[0].source.arch}: every channel group keeps "
-                            f"at least one channel, so its modules reach {least:g} of the parameters on average; ask "
-                            f"for --size {least:g} or more")
-        for k, p in enumerate(pruners):
-            mine = [(i, j) for kk, i, j in chosen if kk == k]
-            if mine:
-                p.close(mine, [(v, i, j) for v, kk, i, j in ranked if kk == k])
-                p.refresh()
-    for p in pruners:
-        p.finish()
-    return histories
 
 
 class _Making:
