@@ -209,7 +209,7 @@ def slim_modules(source: Classifier, data: ImageSet, classes: list[int], s: Slim
         shared = (time.perf_counter() - started) / len(makings)  # each module's share of the joint pruning
         modules = []
         for m, history in zip(makings, histories, strict=True):
-            m.started -= shared
+            m.started = time.perf_counter() - m.setup - shared  # its own setup, its share of the pruning
             modules.append(m.module(history))
             if done is not None:
                 done(modules[-1])
@@ -255,6 +255,7 @@ class _Making:
             self.x_held, self.y_held = source.prepare(data.images[self.held].to(device)), data.labels[self.held]
         self.pruner.refresh()
         self.base_accuracy = self.accuracy() if self.held is not None else None
+        self.setup = time.perf_counter() - self.started  # seconds so far, the share of the source's odds with it
 
     def accuracy(self) -> float:
         """Binary accuracy ("mine or not") on the held-out inputs."""
