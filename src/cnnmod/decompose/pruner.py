@@ -303,6 +303,13 @@ class Pruner:
                         closed += 1
         return closed
 
+    def record(self, binary: bool, history: list[dict]) -> float:
+        """The sliced network's share of the model's parameters now, added to ``history`` with the kept
+        channels."""
+        fraction = self.fraction(binary)
+        history.append({"params_fraction": round(fraction, 4), "kept_channels": int(sum(g.sum() for g in self.gates))})
+        return fraction
+
     def close_least_important(self, fraction: float) -> int:
         """Close the least important channels until one step's :meth:`budget` is spent; how many closed."""
         if self.s.rule == "gates" and self._learned is None:
@@ -334,9 +341,7 @@ class Pruner:
         history = []
         start = (reference if reference is not None else accuracy()) if accuracy is not None else None
         while True:
-            fraction = self.fraction(binary)
-            history.append({"params_fraction": round(fraction, 4),
-                            "kept_channels": int(sum(g.sum() for g in self.gates))})
+            fraction = self.record(binary, history)
             if fraction <= self.s.size:
                 break
             previous = ([g.clone() for g in self.gates], self.w, self.b)
@@ -409,14 +414,10 @@ def prune_together(pruners: list[Pruner], size: float) -> list[list[dict]]:
     total = pruners[0].total_params
     if s.rule == "gates":  # each module's learned gates first (their own target: size), then ranked together
         for p, h in zip(pruners, histories, strict=True):
-            h.append({"params_fraction": round(p.fraction(True), 4),
-                      "kept_channels": int(sum(g.sum() for g in p.gates))})
-            if p.close_learned(p.fraction(True)):
+            if p.close_learned(p.record(True, h)):
                 p.refresh()
     while True:
-        fractions = [p.fraction(True) for p in pruners]
-        for p, h, f in zip(pruners, histories, fractions, strict=True):
-            h.append({"params_fraction": round(f, 4), "kept_channels": int(sum(g.sum() for g in p.gates))})
+        fractions = [p.record(True, h) for p, h in zip(pruners, histories, strict=True)]
         mean = sum(fractions) / len(fractions)
         if mean <= size:
             break
