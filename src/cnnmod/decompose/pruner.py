@@ -273,10 +273,9 @@ class Pruner:
     def budget(self, fraction: float) -> float:
         """What one step cuts at ``fraction`` of the model's parameters: ``step`` of the kept parameters (never
         below ``size``, and at least a quarter step), or without a cost, ``step`` of the kept channels."""
-        s = self.s
         if self.per_channel is not None:
-            return max(min(s.step * fraction, fraction - s.size), s.step * fraction / 4) * self.total_params
-        return max(1, int(s.step * sum(int(g.sum()) for g in self.gates)))
+            return step_share(self.s, fraction) * self.total_params
+        return max(1, int(self.s.step * sum(int(g.sum()) for g in self.gates)))
 
     def channel_cost(self, group: int) -> float:
         return self.per_channel[group] if self.per_channel is not None else 1.0
@@ -347,10 +346,7 @@ class Pruner:
             previous = ([g.clone() for g in self.gates], self.w, self.b)
             if self.close_least_important(fraction) == 0:  # every group is down to one channel
                 if accuracy is None:
-                    least = math.ceil(fraction * 1e4) / 1e4
-                    raise UserError(f"--size {self.s.size:g} is out of reach for {self.source.arch}: every channel "
-                                    f"group keeps at least one channel, so the smallest it reaches is {least:g} of "
-                                    f"the parameters; ask for --size {least:g} or more")
+                    raise out_of_reach(self.s.size, self.source.arch, fraction, "the smallest it reaches is")
                 break
             self.refresh()
             lost = start - accuracy() if start is not None else None
@@ -379,6 +375,20 @@ class Pruner:
         self.refit(step=False)
         if floor is not None and (after := accuracy()) < floor and after < before:
             self.w, self.b = saved
+
+
+def step_share(s: SlimSettings, fraction: float, size: float | None = None) -> float:
+    """The share of the model's parameters one step cuts at ``fraction``: ``step`` of it, never below ``size``
+    (default ``s.size``), and at least a quarter step."""
+    size = s.size if size is None else size
+    return max(min(s.step * fraction, fraction - size), s.step * fraction / 4)
+
+
+def out_of_reach(size: float, arch: str, fraction: float, reached: str) -> UserError:
+    """The one-line error for a ``--size`` no step can reach: every group is down to one channel at ``fraction``."""
+    least = math.ceil(fraction * 1e4) / 1e4
+    return UserError(f"--size {size:g} is out of reach for {arch}: every channel group keeps at least one channel, "
+                     f"so {reached} {least:g} of the parameters; ask for --size {least:g} or more")
 
 
 def take(ranked: list[tuple[float, int, int, int]], budget: float, pruners: list[Pruner],
@@ -422,14 +432,11 @@ def prune_together(pruners: list[Pruner], size: float) -> list[list[dict]]:
         if mean <= size:
             break
         ranked = sorted((v, k, i, j) for k, p in enumerate(pruners) for v, i, j in p.candidates())
-        budget = min(s.step * mean, max(mean - size, s.step * mean / 4)) * total * len(pruners)
+        budget = step_share(s, mean, size) * total * len(pruners)
         caps = [2 * s.step * f * total for f in fractions]
         chosen = take(ranked, budget, pruners, caps)
         if not chosen:
-            least = math.ceil(mean * 1e4) / 1e4
-            raise UserError(f"--size {size:g} is out of reach for {pruners[0].source.arch}: every channel group keeps "
-                            f"at least one channel, so its modules reach {least:g} of the parameters on average; ask "
-                            f"for --size {least:g} or more")
+            raise out_of_reach(size, pruners[0].source.arch, mean, "its modules reach on average")
         for k, p in enumerate(pruners):
             mine = [(i, j) for kk, i, j in chosen if kk == k]
             if mine:

@@ -207,18 +207,18 @@ def slim_modules(source: Classifier, data: ImageSet, classes: list[int], s: Slim
         started = time.perf_counter()
         histories = prune_together([m.pruner for m in makings], s.size)
         shared = (time.perf_counter() - started) / len(makings)  # each module's share of the joint pruning
-        modules = []
-        for m, history in zip(makings, histories, strict=True):
+
+        def made(m: _Making, history: list[dict]) -> SlimModule:
             m.started = time.perf_counter() - m.setup - shared  # its own setup, its share of the pruning
-            modules.append(m.module(history))
-            if done is not None:
-                done(modules[-1])
-        return modules
+            return m.module(history)
+        making = (made(m, h) for m, h in zip(makings, histories, strict=True))
+    else:
+        making = (slim_module(source, data, c, s, batch_size, teacher=teachers.get(c), frozen=frozen) for c in classes)
     modules = []
-    for c in classes:
-        modules.append(slim_module(source, data, c, s, batch_size, teacher=teachers.get(c), frozen=frozen))
+    for module in making:
+        modules.append(module)
         if done is not None:
-            done(modules[-1])
+            done(module)
     return modules
 
 
