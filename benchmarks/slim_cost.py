@@ -125,8 +125,16 @@ def main(argv: list[str]) -> None:
                    "model_top1": report["model_top1"], "composed_top1": report["composed_top1"],
                    "cost_top1_pp": report["decomposition_cost_top1_pp"], "seconds": round(seconds, 1),
                    "training_seconds": training_seconds,
-                   "to_training": round(seconds / training_seconds, 4)}
-            print(row, flush=True)
+                   "to_training": round(seconds / training_seconds, 4),
+                   # where the cost sits: each class's share of the parameters, pruning steps, top-1 and binary
+                   # accuracy composed (the model's top-1 beside)
+                   "per_class": [{"class": m.concerned, "params_fraction": m.metrics["params_fraction"],
+                                  "steps": len(m.metrics["history"]) - 1, "model_top1": c["model_top1"],
+                                  "composed_top1": c["composed_top1"], "binary_accuracy": c["binary_accuracy"]}
+                                 for m, c in zip(modules, report["per_class"], strict=True)]}
+            print({k: v for k, v in row.items() if k != "per_class"}, flush=True)
+            for c in row["per_class"]:
+                print("   ", c, flush=True)
             rows.append(row)
     if args.profile:
         table = ["| configuration | size | seconds (one module) | " + " | ".join(label for label, _, _ in PARTS) + " |",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -29,6 +30,9 @@ def progress_bar(description: str, total: float | None, enabled: bool = True) ->
     if not (enabled and enabled_by_default()):
         yield lambda n=1, **fields: None
         return
+    if not console.is_terminal:  # a log or a pipe: no live bar, a plain line every tenth of the way
+        yield _plain(description, total)
+        return
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                TimeElapsedColumn(), TimeRemainingColumn()]
     with Progress(*columns, console=console, transient=False) as bar:
@@ -39,6 +43,33 @@ def progress_bar(description: str, total: float | None, enabled: bool = True) ->
             bar.update(task, advance=n, **({"info": info} if fields else {}))
 
         yield advance
+
+
+def _plain(description: str, total: float | None) -> Callable[..., None]:
+    """``advance`` that says how far it is, in one line each time another tenth of ``total`` is done (without a
+    total: every minute), with the last fields given and the seconds so far."""
+    started = time.perf_counter()
+    state = {"done": 0.0, "said": 0.0, "info": ""}
+
+    def advance(n: float = 1, **fields) -> None:
+        state["done"] += n
+        if fields:
+            state["info"] = "  ".join(f"{k} {v}" for k, v in fields.items())
+        elapsed = time.perf_counter() - started
+        if total:
+            tenth = int(10 * state["done"] / total)
+            if tenth <= state["said"]:
+                return
+            state["said"] = tenth
+            where = f"{state['done']:g}/{total:g} ({100 * state['done'] / total:.0f}%)"
+        else:
+            if elapsed - state["said"] < 60:
+                return
+            state["said"] = elapsed
+            where = f"{state['done']:g}"
+        say(f"{description}: {where}  {state['info']}  {elapsed:.0f} s".replace("   ", "  "))
+
+    return advance
 
 
 def say(message: str) -> None:
