@@ -16,7 +16,7 @@ from conftest import assert_user_error, random_data, run, source
 
 import cnnmod
 from cnnmod.core.calibrate import TYPICAL_ALPHA, fit_head, typicality
-from cnnmod.core.channels import classifier_input, cost_per_channel, frozen_copy, gated, size_model
+from cnnmod.core.channels import classifier_input, cost_per_channel, frozen_copy, gated
 from cnnmod.core.observe import class_order
 from cnnmod.data.transforms import InputSpec
 from cnnmod.decompose.fitting import calibration_set
@@ -87,32 +87,6 @@ def test_cost_per_channel_counts_every_coupled_layer():
     assert flops["conv1"] == 2 * 9 * 12 * 12 + 2 * 32 * 9 * 6 * 6   # 3x3 at 12x12; conv2 reads it at 6x6
     assert flops["conv2"] == 2 * 16 * 9 * 6 * 6 + 2 * 9 * 64        # 16 inputs at 6x6; 9 features into the dense
     assert flops["fc1"] == 2 * 32 * 9 + 2 * 2
-
-
-def test_the_size_model_of_a_small_cnn_by_hand():
-    """1x12x12 -> conv 16 (3x3) -> pool -> conv 32 (3x3) -> pool -> 32x3x3 -> dense 64 -> 2-row head, with r1, r2,
-    r3 channels cut: conv1 (16 - r1)10, conv2 (32 - r2)((16 - r1)9 + 1), dense (64 - r3)((32 - r2)9 + 1), head
-    2(64 - r3) + 2. A channel of conv1 saves less once conv2 is thinner; one of the dense layer with 4 rows more."""
-    clf = source("cnn")
-    graph, net, groups = frozen_copy(clf)
-    model = size_model(net, groups, clf.spec.shape, graph.head, 2)
-    assert model.exact
-    roots = [g["roots"][0] for g in groups.groups]
-    c1, c2, f1 = roots.index("conv1"), roots.index("conv2"), roots.index("fc1")
-
-    def by_hand(r1, r2, r3):
-        return (16 - r1) * 10 + (32 - r2) * ((16 - r1) * 9 + 1) + (64 - r3) * ((32 - r2) * 9 + 1) + 2 * (64 - r3) + 2
-
-    for r1, r2, r3 in [(0, 0, 0), (3, 0, 0), (5, 20, 7), (15, 31, 63)]:
-        cut = [0] * 3
-        cut[c1], cut[c2], cut[f1] = r1, r2, r3
-        assert model.params(cut) == by_hand(r1, r2, r3)
-    cut = [0] * 3
-    assert model.saving(c1, cut) == 10 + 32 * 9
-    cut[c2] = 30
-    assert model.saving(c1, cut) == 10 + 2 * 9
-    assert model.saving(f1, cut) == 2 * 9 + 1 + 2
-    assert size_model(net, groups, clf.spec.shape, graph.head, 6).saving(f1, cut) == 2 * 9 + 1 + 6
 
 
 def test_channel_counts_stay_multiples_when_asked():
@@ -576,8 +550,7 @@ def test_a_step_takes_the_least_important_channels_within_quotas_budget_and_caps
     from types import SimpleNamespace
 
     def fake(gates):
-        return SimpleNamespace(gates=[torch.tensor(g) for g in gates], channel_cost=lambda i, cut: [1.0, 3.0][i],
-                               cut=lambda: [0, 0])
+        return SimpleNamespace(gates=[torch.tensor(g) for g in gates], channel_cost=lambda i: [1.0, 3.0][i])
 
     a, b = fake([[1.0, 1.0, 1.0], [1.0, 1.0]]), fake([[1.0, 0.0, 1.0], [1.0, 1.0]])
     ranked = sorted([(0.1, 0, 0, 0), (0.2, 1, 0, 0), (0.3, 1, 0, 2), (0.4, 0, 1, 1), (0.5, 0, 1, 0),

@@ -71,8 +71,7 @@ class ChannelGroups:
                 continue
             channels = points[0].shape[0]
             self.groups.append({"roots": roots, "points": [p.name for p in points], "channels": channels,
-                                "consumers": _consumers(dg, group, names, channels),
-                                "pruned": _pruned(group, names, channels)})
+                                "consumers": _consumers(dg, group, names, channels)})
         self.unsliceable = self._probe(net, graph)
         if not self.groups:
             reason = "; ".join(f"{layer}: {why}" for layer, why in self.unsliceable[:2])
@@ -111,22 +110,6 @@ class ChannelGroups:
         net.train(was_training)
         self.groups = sliceable
         return left_out
-
-
-def _pruned(group, names: dict, channels: int) -> list[tuple[str, object, int]]:
-    """Every layer that cutting one of a group's channels changes: (layer, the torch-pruning function that cuts
-    it, how many of its indices one channel takes), one entry per distinct function (torch-pruning cuts a
-    BatchNorm's or a depthwise convolution's inputs with the function that cuts its outputs)."""
-    seen, out = set(), []
-    for dep, idxs in group:
-        module, handler = dep.target.module, dep.handler
-        key = (id(module), getattr(handler, "__func__", handler))
-        if key in seen or module not in names or not any(True for _ in module.parameters(recurse=False)):
-            continue
-        seen.add(key)
-        per = len(set(int(i) for i in idxs)) / channels
-        out.append((names[module], handler, int(per) if per == int(per) else -1))
-    return out
 
 
 def _reads(group) -> dict[nn.Module, list[int]]:
@@ -303,112 +286,6 @@ def sliced_cost(net: nn.Module, input_shape: tuple[int, int, int], removed: dict
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         sliced.eval()(x)
     return float(counter.get_total_flops())
-
-
-class SizeModel:
-    """The parameters of a network sliced to ``r[g]`` fewer channels in every group g, as a polynomial of degree
-    two in the counts: whole + sum_g lin[g] r_g + sum_{g<=h} quad[g, h] r_g r_h (a layer's weight is its kept
-    outputs times its kept inputs; a channel's cost falls as the groups around it shrink). ``exact`` says
-    whether it matched a real slice at a random configuration; otherwise it is linear, each channel costing what
-    slicing it alone from the whole network saves."""
-
-    def __init__(self, whole: float, lin: list[float], quad: dict[tuple[int, int], float], exact: bool) -> None:
-        self.whole, self.lin, self.quad, self.exact = whole, lin, quad, exact
-        self.neighbours: list[list[tuple[int, float]]] = [[] for _ in lin]
-        for (g, h), q in quad.items():
-            if g != h:
-                self.neighbours[g].append((h, q))
-                self.neighbours[h].append((g, q))
-
-    def params(self, r) -> float:
-        """Parameters with ``r[g]`` channels cut from each group g (numbers or a differentiable tensor)."""
-        total = self.whole + sum(a * r[g] for g, a in enumerate(self.lin) if a)
-        return total + sum(q * r[g] * r[h] for (g, h), q in self.quad.items())
-
-    def saving(self, g: int, r: list[int]) -> float:
-        """What cutting one more channel of group g saves, with ``r`` already cut."""
-        rise = self.lin[g] + self.quad.get((g, g), 0.0) * (2 * r[g] + 1) + sum(q * r[h] for h, q in self.neighbours[g])
-        return -rise
-
-
-def _module_deltas(net: nn.Module, groups: ChannelGroups, head: Head, outputs: int):
-    """Per layer that some group's cut changes: the groups it touches and its parameter count as a function of how
-    many channels of each are cut, probed on a copy of the layer alone (the classifier as the ``outputs``-row
-    ``nn.Linear`` that slicing puts in its place: only its change is counted). Yields (the groups in order, a
-    function of {group: channels cut} giving the layer's parameters)."""
-    touching: dict[str, dict[int, list[tuple[object, int]]]] = {}
-    for g, group in enumerate(groups.groups):
-        for name, handler, per in group["pruned"]:
-            touching.setdefault(name, {}).setdefault(g, []).append((handler, per))
-    replaced = head.layer if head.kind in ("linear", "conv_pool") else None
-    for name, by_group in touching.items():
-        order = sorted(by_group)
-        if any(per < 0 for g in order for _, per in by_group[g]):
-            raise ValueError(f"{name}: a channel takes a varying number of its indices")
-        if name == replaced:  # outputs x kept features + outputs: each cut channel takes its features' column
-            per_group = {g: sum(per for _, per in by_group[g]) for g in order}
-            yield order, lambda cut, per_group=per_group: -float(outputs * sum(per_group[g] * k
-                                                                               for g, k in cut.items()))
-            continue
-        layer = net.get_submodule(name)
-
-        def count(cut: dict[int, int], layer=layer, by_group=by_group) -> float:
-            probe = copy.deepcopy(layer)
-            for g, k in cut.items():
-                for handler, per in by_group[g]:
-                    if k * per:
-                        handler(probe, list(range(k * per)))
-            return float(sum(p.numel() for p in probe.parameters()))
-        yield order, count
-
-
-def size_model(net: nn.Module, groups: ChannelGroups, input_shape: tuple[int, int, int], head: Head,
-               outputs: int = 2) -> SizeModel:
-    """The :class:`SizeModel` of ``net``'s slices with an ``outputs``-row head (memoised per ``groups``): from each
-    layer probed alone, checked against one real slice at a seeded random configuration; where they differ (or
-    a layer cannot be probed alone), the linear model of :func:`cost_per_channel`."""
-    memo = groups.__dict__.setdefault("_size_models", {})
-    key = (input_shape, outputs)
-    if key in memo:
-        return memo[key]
-    whole = _sliced_params(net, input_shape, {}, head, outputs)
-    n = len(groups.groups)
-    lin, quad = [0.0] * n, {}
-    try:
-        for order, count in _module_deltas(net, groups, head, outputs):
-            base = count({})
-            for g in order:
-                one = count({g: 1}) - base
-                two = count({g: 2}) - base if groups.groups[g]["channels"] > 2 else 2 * one
-                q = (two - 2 * one) / 2
-                lin[g] += one - q
-                if q:
-                    quad[g, g] = quad.get((g, g), 0.0) + q
-            for i, g in enumerate(order):
-                for h in order[i + 1:]:
-                    q = count({g: 1, h: 1}) - base - (count({g: 1}) - base) - (count({h: 1}) - base)
-                    if q:
-                        quad[g, h] = quad.get((g, h), 0.0) + q
-        model = SizeModel(whole, lin, quad, True)
-        rng = torch.Generator().manual_seed(0)
-        r = [int(torch.randint(0, g["channels"], (1,), generator=rng)) for g in groups.groups]
-        removed = {g["roots"][0]: torch.randperm(g["channels"], generator=rng)[:k].tolist()
-                   for g, k in zip(groups.groups, r, strict=True)}
-        exact = abs(model.params(r) - _sliced_params(net, input_shape, removed, head, outputs)) < 0.5
-    except Exception:  # noqa: BLE001 - a layer torch-pruning cannot cut alone: the linear model
-        exact = False
-    if not exact:
-        costs = cost_per_channel(net, groups, input_shape, head, "params") if outputs == 2 else [
-            whole - _sliced_params(net, input_shape, {g["roots"][0]: [0]}, head, outputs) for g in groups.groups]
-        model = SizeModel(whole, [-c for c in costs], {}, False)
-    memo[key] = model
-    return model
-
-
-def _sliced_params(net: nn.Module, input_shape: tuple[int, int, int], removed: dict[str, list[int]], head: Head,
-                   outputs: int) -> float:
-    sliced = slice_network(net, input_shape, removed, head, None, None, outputs)
-    return float(sum(p.numel() for p in sliced.parameters()))
 
 
 def cost_per_channel(net: nn.Module, groups: ChannelGroups, input_shape: tuple[int, int, int], head: Head,

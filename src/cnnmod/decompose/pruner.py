@@ -20,7 +20,6 @@ from ..core.channels import (
     frozen_copy,
     gated,
     reestimate_bn,
-    size_model,
     slice_network,
     sliced_cost,
     verify_sliced,
@@ -68,7 +67,7 @@ class Pruner:
     def __init__(self, source: Classifier, s: SlimSettings, x_obs: torch.Tensor, targets: torch.Tensor,
                  soft: torch.Tensor | None, w: torch.Tensor, b: torch.Tensor, batch_size: int = 256,
                  frozen: tuple | None = None, gates: list[torch.Tensor] | None = None,
-                 bn_rows: int | None = None, outputs: int | None = None) -> None:
+                 bn_rows: int | None = None) -> None:
         self.source, self.s, self.batch_size = source, s, batch_size
         self.graph, self.net, self.groups = frozen or frozen_copy(source)
         device = next(self.net.parameters()).device
@@ -78,19 +77,18 @@ class Pruner:
         self.rows = step_rows(targets, s.step_samples)  # what each step works on (None: all observed)
         self.w, self.b = w.cpu(), b.cpu().double()
         self.total_params = sum(p.numel() for p in source.net.parameters())
-        # the sliced network's parameters as a function of the channels cut (None: rank within each group), and
-        # with cost flops or both, each channel's share of the FLOPs (what slicing it alone saves)
-        self.size = self.flops = None
+        self.per_channel = self.rank_cost = None
         self._learned: list[torch.Tensor] | None = None  # rule "gates": learned once
         self._checked = False  # the first sliced network with channels cut is verified (then the last)
         if s.cost != "none":
             shape, classifier = source.spec.shape, self.graph.head
-            heads = outputs or (2 if self.w.shape[0] == 1 else self.w.shape[0])  # rows of the sliced head
-            self.size = size_model(self.net, self.groups, shape, classifier, heads)
+            self.per_channel = cost_per_channel(self.net, self.groups, shape, classifier, "params")
+            self.rank_cost = self.per_channel
             if s.cost != "params":
+                flops = cost_per_channel(self.net, self.groups, shape, classifier, "flops")
                 total_flops = sliced_cost(self.net, shape, {}, classifier, "flops")
-                self.flops = [f / total_flops for f in cost_per_channel(self.net, self.groups, shape, classifier,
-                                                                        "flops")]
+                self.rank_cost = [f / total_flops for f in flops] if s.cost == "flops" else [
+                    p / self.total_params + f / total_flops for p, f in zip(self.per_channel, flops, strict=True)]
 
     def batches(self, x: torch.Tensor) -> list[torch.Tensor]:
         return [x[i:i + self.batch_size] for i in range(0, x.shape[0], self.batch_size)]
@@ -140,9 +138,7 @@ class Pruner:
         parameter is under the median is pulled towards 0, the others held open by the loss; channels learn
         together, so one the margins can do without once others carry what it carried goes down too. Returns
         the gates (closed channels 0) and, per channel, the gradient summed over the iterations, per parameter
-        the channel costs (negative: the loss held it open; it tells apart the gates that end at 1). The
-        parameters are the sliced network's (:class:`SizeModel`) with each group's gates summed as its kept
-        channels, so a channel's pull falls as the layers it connects shrink."""
+        the channel costs (negative: the loss held it open; it tells apart the gates that end at 1)."""
         s, net = self.s, self.net
         x, targets, soft = self.step_view()
         open_ = [g > 0 for g in self.gates]
@@ -150,14 +146,8 @@ class Pruner:
         w = self.w.detach().clone().float().to(x.device).requires_grad_(True)
         b = self.b.detach().clone().float().to(x.device).requires_grad_(True)
         opt = torch.optim.Adam([{"params": theta, "lr": s.gate_lr}, {"params": [w, b], "lr": s.gate_lr / 10}])
-        full = [g.numel() for g in self.gates]
-        share = [c / self.total_params for c in self.costs()] if self.size is not None else \
-            [1.0 / sum(full)] * len(self.gates)
-
-        def penalty() -> torch.Tensor:  # the share of the model's parameters the gates keep
-            if self.size is None:
-                return sum(c * t[o].sum() for c, t, o in zip(share, theta, open_, strict=True))
-            return self.size.params([n - t.sum() for n, t in zip(full, theta, strict=True)]) / self.total_params
+        share = ([c / self.total_params for c in self.per_channel] if self.per_channel is not None
+                 else [1.0 / sum(g.numel() for g in self.gates)] * len(self.gates))
         generator = torch.Generator().manual_seed(s.seed)
         bns = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         lam, pressure = None, [torch.zeros_like(t) for t in theta]
@@ -176,8 +166,9 @@ class Pruner:
                         per_cost = torch.cat([(gr.abs() / c)[o] for gr, c, o in zip(grads, share, open_, strict=True)
                                               if gr is not None])
                         lam = float(per_cost.median()) if per_cost.numel() else 1.0
+                    penalty = sum(c * t[o].sum() for c, t, o in zip(share, theta, open_, strict=True))
                     opt.zero_grad()
-                    (loss + lam * penalty()).backward()
+                    (loss + lam * penalty).backward()
                     for acc, t in zip(pressure, theta, strict=True):
                         acc += t.grad
                     opt.step()
@@ -264,28 +255,16 @@ class Pruner:
         self._checked = self._checked or first_cut
         return sum(p.numel() for p in self.sliced(binary, check=first_cut).parameters()) / self.total_params
 
-    def cut(self) -> list[int]:
-        """How many channels of each group are closed."""
-        return [g.numel() - int((g > 0).sum()) for g in self.gates]
-
-    def costs(self) -> list[float]:
-        """Per group, the parameters closing one more of its channels saves now (:class:`SizeModel`)."""
-        cut = self.cut()
-        return [self.size.saving(i, cut) for i in range(len(self.gates))]
-
     def candidates(self) -> list[tuple[float, int, int]]:
         """The open channels that may close (every group keeps one), least important first, as (importance per
-        cost, group, channel): with a ``cost``, per the parameters (or FLOPs) each costs now; without, relative
-        to its group's mean."""
+        cost, group, channel): with a ``cost``, per the parameters (or FLOPs) each costs; without, relative to
+        its group's mean."""
         scores = self.activation_rates() if self.s.rule == "activation" else self.taylor()  # gates: after theirs
-        found, costs = [], self.costs()
-        if self.flops is not None:
-            costs = self.flops if self.s.cost == "flops" else [
-                c / self.total_params + f for c, f in zip(costs, self.flops, strict=True)]
+        found = []
         for i, sc in enumerate(scores):
             kept = torch.nonzero(self.gates[i].cpu() > 0).flatten()
             if kept.numel() > 1:
-                value = (sc[kept] / max(costs[i], 1e-12) if self.size is not None
+                value = (sc[kept] / self.rank_cost[i] if self.rank_cost is not None
                          else sc[kept] / (sc[kept].mean() + 1e-12))
                 found += [(float(value[j]), i, int(kept[j])) for j in range(kept.numel())]
         found.sort()
@@ -294,14 +273,12 @@ class Pruner:
     def budget(self, fraction: float) -> float:
         """What one step cuts at ``fraction`` of the model's parameters: ``step`` of the kept parameters (never
         below ``size``, and at least a quarter step), or without a cost, ``step`` of the kept channels."""
-        if self.size is not None:
+        if self.per_channel is not None:
             return step_share(self.s, fraction) * self.total_params
         return max(1, int(self.s.step * sum(int(g.sum()) for g in self.gates)))
 
-    def channel_cost(self, group: int, cut: list[int]) -> float:
-        """What closing one more channel of ``group`` saves with ``cut`` channels of each group closed: parameters
-        (or, without a cost, one channel)."""
-        return self.size.saving(group, cut) if self.size is not None else 1.0
+    def channel_cost(self, group: int) -> float:
+        return self.per_channel[group] if self.per_channel is not None else 1.0
 
     def close(self, chosen: list[tuple[int, int]], ranked: list[tuple[float, int, int]]) -> int:
         """Close the ``chosen`` (group, channel)s, then, with ``multiple``, the least important of ``ranked``
@@ -343,14 +320,14 @@ class Pruner:
     def close_learned(self, fraction: float) -> int:
         """Rule ``gates``, the first step: learn the gates (:meth:`learn_gates`) and close the channels of lowest
         gate (they weigh cost already; ties: the one the loss held open least) straight down to ``size``, each
-        counted at what it saves once those before it are closed (:class:`SizeModel`; where the model is only
-        linear, slicing may find the network larger than meant: later steps then rank as ``taylor`` does)."""
+        channel's own cost counted (channels cut on both sides of a layer save less than the sum of their costs,
+        so slicing finds the network larger than meant: later steps then rank as ``taylor`` does)."""
         self._learned, pressure = self.learn_gates()
         # lowest gate first; among equal gates (those at 1), the one the loss held open least
         order = sorted((float(t[j]), -float(pressure[i][j]), i, int(j)) for i, t in enumerate(self._learned)
                        for j in torch.nonzero(self.gates[i].cpu() > 0).flatten())
         ranked = [(v, i, j) for v, _, i, j in order]
-        budget = max(fraction - self.s.size, 0.0) * self.total_params if self.size is not None else \
+        budget = max(fraction - self.s.size, 0.0) * self.total_params if self.per_channel is not None else \
             self.budget(fraction)
         chosen = take([(v, 0, i, j) for v, i, j in ranked], budget, [self])
         return self.close([(i, j) for _, i, j in chosen], ranked)
@@ -417,21 +394,18 @@ def out_of_reach(size: float, arch: str, fraction: float, reached: str) -> UserE
 def take(ranked: list[tuple[float, int, int, int]], budget: float, pruners: list[Pruner],
          caps: list[float] | None = None) -> list[tuple[int, int, int]]:
     """The (pruner, group, channel)s of ``ranked`` ((importance per cost, pruner, group, channel), least important
-    first) that one step closes: in order until ``budget`` parameters (or channels) are spent, each counted at what
-    it saves once those before it are closed, every group keeping one channel, and with ``caps``, no pruner giving
-    more than its cap."""
+    first) that one step closes: in order until ``budget`` parameters (or channels) are spent, every group keeping
+    one channel, and with ``caps``, no pruner giving more than its cap."""
     quota = {(k, i): int(g.sum()) - 1 for k, p in enumerate(pruners) for i, g in enumerate(p.gates)}
-    cut = [p.cut() for p in pruners]
     given = [0.0] * len(pruners)
     chosen, spent = [], 0.0
     for _, k, i, j in ranked:
         if spent >= budget:
             break
-        cost = pruners[k].channel_cost(i, cut[k])
+        cost = pruners[k].channel_cost(i)
         if quota[k, i] > 0 and (caps is None or given[k] + cost <= caps[k]):
             chosen.append((k, i, j))
             quota[k, i] -= 1
-            cut[k][i] += 1
             given[k] += cost
             spent += cost
     return chosen

@@ -372,7 +372,7 @@ def merge_slim(modules: list[SlimModule], source: Classifier, data: ImageSet, se
         soft = torch.cat([soft, soft.new_zeros(x_obs.shape[0] - own, len(chosen))]) if soft is not None else None
     margins = [_source_margin(graph.head.linear_map(net), c) for c in chosen]
     p = Pruner(source, s, x_obs, targets, soft, torch.stack([w for w, _ in margins]),
-               torch.tensor([b for _, b in margins]), batch_size, frozen, gates, bn_rows=own, outputs=len(chosen))
+               torch.tensor([b for _, b in margins]), batch_size, frozen, gates, bn_rows=own)
     if max_loss is not None:
         held = pools.held_out(world, held_per_class)
         x_held, y_held = source.prepare(data.images[held].to(device)), data.labels[held]
