@@ -655,3 +655,48 @@ def test_a_small_module_keeps_the_units_that_carry_its_class(rule):
     with torch.no_grad():
         mine = m(clf.prepare(test.images)).argmax(1) == 0
     assert bool((mine == (test.labels == 1)).all())
+
+
+def test_confused_negatives_follow_the_sources_confusion_and_keep_the_total():
+    """``negative_counts``: as many unconcerned inputs as the even spread, half even and half in proportion to
+    the source's confusion, capped by what each class has; no confusion at all: the even spread."""
+    from cnnmod.decompose.slim import negative_counts
+
+    conf = torch.zeros(4, 4)
+    conf[1, 0], conf[2, 0], conf[3, 0] = 0.3, 0.1, 0.0  # the source takes class 1 for class 0 most
+    counts = negative_counts(conf, 0, 90, [90] * 4)
+    assert counts[0] == 0 and sum(counts) == 90
+    # 30 each evenly, then 45 split 3:1:0: 15 + 33.75, 15 + 11.25, 15
+    assert counts == [0, 49, 26, 15] or counts == [0, 48, 27, 15]
+    assert negative_counts(torch.zeros(4, 4), 2, 90, [90] * 4) == [30, 30, 0, 30]
+    capped = negative_counts(conf, 0, 90, [90, 20, 90, 90])
+    assert capped[1] == 20 and sum(capped) == 90 and capped[2] > counts[2] and capped[3] > counts[3]
+    assert sum(negative_counts(conf, 0, 90, [90, 5, 5, 5])) == 15  # all there is
+
+
+def test_a_module_with_confused_negatives_observes_more_of_what_the_source_confuses():
+    """On the hand-built MLP with class 2's rows also raising class 1's logit (the source confuses 2 with 1),
+    class 1's module observes more class-2 inputs than class-0 or class-3 ones, its teacher is the source's p_1 on
+    exactly those inputs, and it still tells class 1 from the others on new images."""
+    from cnnmod.decompose.slim import _observations
+
+    data, clf = _block_classes(60, 0)
+    with torch.no_grad():
+        clf.net.classifier.weight[1, 2] = 3.5
+    s = SlimSettings(size=0.3, samples=48, negatives="confused")
+    pools = Pools(clf, data, s.seed)
+    observed, teachers = _observations(clf, data, pools, [1], s, 256)
+    counts = torch.bincount(data.labels[observed[1]], minlength=4).tolist()
+    assert counts[1] == 48 and sum(counts) == 96 and counts[2] > counts[0] + 5 and counts[2] > counts[3] + 5
+    with torch.no_grad():
+        p1 = torch.sigmoid(source_log_odds(clf.net, clf.prepare(data.images[observed[1]]))[:, 1:2])
+    assert torch.allclose(teachers[1][0], p1, atol=1e-6)
+    even, _ = _observations(clf, data, pools, [1], replace(s, negatives="even"), 256)
+    assert torch.bincount(data.labels[even[1]], minlength=4).tolist() == [16, 48, 16, 16]
+    m = slim_module(clf, data, 1, s)
+    test, _ = _block_classes(40, 1)
+    with torch.no_grad():
+        mine = m(clf.prepare(test.images)).argmax(1) == 0
+    assert float((mine == (test.labels == 1)).float().mean()) >= 0.95
+    with pytest.raises(UserError, match="unknown slim negatives 'hard'; use even or confused"):
+        SlimSettings(negatives="hard").check()
