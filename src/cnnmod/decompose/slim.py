@@ -43,7 +43,6 @@ from ..modules.slim import SlimModule
 from .pruner import Pruner, prune_together
 
 COSTS = ("params", "flops", "both", "none")
-NEGATIVES = ("even", "confused")
 MODULE_SIZE = 0.5  # a slim module's target size when neither --size nor --max-loss is given
 # a merged composition's own pruning steps: as its figures in BENCHMARKS.md were measured (the cheaper steps of
 # slim modules were measured on modules only)
@@ -66,9 +65,6 @@ class SlimSettings:
     budget: str = "module"          # "module": each module holds at most ``size``; "total": the modules made
                                     # together hold ``size`` on average, channels ranked across them
     objective: str = "distill"      # the binary loss ranked and refitted on: the source's p_c ("distill") or labels
-    negatives: str = "even"         # the unconcerned inputs observed: spread evenly over the other classes, or
-                                    # "confused": half evenly, half as the source confuses each class with the
-                                    # module's (:func:`negative_counts`)
     cost: str = "params"            # rank channels by importance per what they cost: params, flops, both (the sum
                                     # of their shares of each), or none (rank within each group)
     samples: int = 2048             # concerned inputs observed (and as many unconcerned, spread over classes)
@@ -95,8 +91,6 @@ class SlimSettings:
             raise UserError("learned gates need --gate-epochs >= 1 and a positive gate learning rate")
         if self.objective not in ("distill", "labels"):
             raise UserError(f"unknown slim objective {self.objective!r}; use distill or labels")
-        if self.negatives not in NEGATIVES:
-            raise UserError(f"unknown slim negatives {self.negatives!r}; use {' or '.join(NEGATIVES)}")
         if self.cost not in COSTS:
             raise UserError(f"unknown slim cost {self.cost!r}; use {', '.join(COSTS)}")
         if self.budget not in ("module", "total"):
@@ -132,13 +126,12 @@ class Pools:
             self.observed, self.held = [o[~val[o]] for o in order], [o[val[o]] for o in order]
             self.held_out_from = "validation"
 
-    def observation(self, concerned: int, samples: int, counts: list[int] | None = None) -> torch.Tensor:
-        """``samples`` concerned inputs and about as many unconcerned: spread evenly over the other classes, or
-        the first ``counts[c]`` of each other class c."""
+    def observation(self, concerned: int, samples: int) -> torch.Tensor:
+        """``samples`` concerned inputs and about as many unconcerned, spread evenly over the other classes."""
         n = len(self.observed)
         k = tangling_budget(samples, n)
         return torch.cat([self.observed[concerned][:samples]] +
-                         [self.observed[c][:k if counts is None else counts[c]] for c in range(n) if c != concerned])
+                         [self.observed[c][:k] for c in range(n) if c != concerned])
 
     def first(self, classes: list[int], per_class: int) -> torch.Tensor:
         """The first ``per_class`` observed inputs of each of ``classes``."""
@@ -177,102 +170,40 @@ def _source_info(source: Classifier) -> dict:
 SHARED_ODDS = 2 ** 26  # slim_modules computes the source's log-odds once for all modules up to this many values
 
 
-def negative_counts(confusion: torch.Tensor, concerned: int, samples: int, available: list[int]) -> list[int]:
-    """Per class, how many of its inputs a module of ``concerned`` observes as unconcerned with
-    ``negatives="confused"``: as many in all as spread evenly (k = :func:`tangling_budget` of each other class),
-    half of them evenly and half in proportion to ``confusion[j, concerned]``, the source's mean p_concerned on
-    class j's inputs; never more than ``available[j]`` (what is left over goes to the classes with room, by
-    largest remainders). ``concerned`` itself gets 0."""
-    n = confusion.shape[0]
-    others = [j for j in range(n) if j != concerned]
-    total = min(tangling_budget(samples, n) * len(others), sum(available[j] for j in others))
-    conf = confusion[others, concerned].double().clamp_min(0)
-    share = torch.full((len(others),), 1.0 / len(others), dtype=torch.float64)
-    if conf.sum() > 0:
-        share = 0.5 * share + 0.5 * conf / conf.sum()
-    room = torch.tensor([available[j] for j in others], dtype=torch.float64)
-    counts = torch.zeros(len(others), dtype=torch.float64)
-    left = float(total)
-    while left >= 1:  # fill in proportion to share; classes that run out of inputs drop out
-        open_ = counts < room
-        want = share * open_ / (share * open_).sum() * left
-        counts = torch.minimum(counts + want, room)
-        left = total - float(counts.sum())
-        if not bool((counts < room).any()):
-            break
-    whole = counts.floor()
-    short = int(total - whole.sum())
-    if short > 0:
-        order = torch.argsort(-(counts - whole) + (whole >= room) * 2.0)  # largest remainders with room first
-        whole[order[:short]] += 1
-    out = [0] * n
-    for j, c in zip(others, whole.long().tolist(), strict=True):
-        out[j] = min(c, available[j])
-    return out
-
-
-def _observations(source: Classifier, data: ImageSet, pools: Pools, classes: list[int], s: SlimSettings,
-                  batch_size: int) -> tuple[dict[int, torch.Tensor], dict[int, tuple[torch.Tensor, float]]]:
-    """Per class of ``classes``: the inputs its module observes (indices into ``data``) and, with
-    ``objective="distill"``, the source's p_c on them with each module's share of the seconds, from one forward
-    pass over every distinct input any class's module observes (every class's, whichever are asked for: the same
-    passes, so the same bits, whether modules are made together, apart or spread over torchrun's processes). The
-    pass also gives the source's confusion for ``negatives="confused"``. Teachers are left out (each module
-    computes its own) when they would hold more than :data:`SHARED_ODDS` values."""
-    started = time.perf_counter()
-    n = data.num_classes
-    confused = s.negatives == "confused"
-    if confused:  # every class's observation lies among the first ``samples`` of each class
-        union = pools.first(list(range(n)), s.samples).sort().values
-    else:
-        observed = {c: pools.observation(c, s.samples) for c in range(n)}
-        union = torch.unique(torch.cat(list(observed.values())))
-    keep = s.objective == "distill" and union.numel() * n <= SHARED_ODDS
-    if not confused and not keep:
-        return {c: observed[c] for c in classes}, {}
-    net = source.net
-    device = next(net.parameters()).device
-    training = net.training
-    net.eval()
-    odds, confusion, seen = [], torch.zeros(n, n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
-    try:
-        for i in range(0, union.numel(), batch_size):
-            idx = union[i:i + batch_size]
-            o = source_log_odds(net, source.prepare(data.images[idx].to(device)), batch_size).cpu()
-            if keep:
-                odds.append(o)
-            labels = data.labels[idx]
-            confusion.index_add_(0, labels, torch.sigmoid(o.double()))
-            seen += torch.bincount(labels, minlength=n).double()
-    finally:
-        net.train(training)
-    if confused:
-        confusion /= seen.clamp_min(1)[:, None]
-        available = [min(len(o), s.samples) for o in pools.observed]
-        observed = {c: pools.observation(c, s.samples, negative_counts(confusion, c, s.samples, available))
-                    for c in classes}
-    if not keep or not classes:
-        return {c: observed[c] for c in classes}, {}
-    odds = torch.cat(odds)
-    seconds = (time.perf_counter() - started) / len(classes)  # each module's share
-    teachers = {c: (torch.sigmoid(odds[torch.searchsorted(union, observed[c]), c:c + 1]), seconds)
-                for c in classes}
-    return {c: observed[c] for c in classes}, teachers
-
-
 def slim_modules(source: Classifier, data: ImageSet, classes: list[int], s: SlimSettings, batch_size: int = 256,
                  done=None) -> list:
     """The slim modules of ``classes``, each as :func:`slim_module` makes it, with the work they share done once:
-    the inputs each observes and the source's probabilities on them (:func:`_observations`; :func:`slim_module`
-    alone computes them on its own inputs, the same up to rounding). With ``budget="total"`` they are pruned
-    together (:func:`prune_together`). ``done(module)`` is called as each is made."""
+    the source's probabilities on the observed inputs (one forward pass over every distinct input any class's
+    module observes, so that modules made together or apart are the same; :func:`slim_module` alone computes
+    them on its own inputs, the same up to rounding). With ``budget="total"`` they are pruned together
+    (:func:`prune_together`). ``done(module)`` is called as each is made."""
     s = s.resolved(MODULE_SIZE)
     s.check()
     data = as_image_set(data)
-    observed, teachers = _observations(source, data, Pools(source, data, s.seed), classes, s, batch_size)
+    teachers: dict[int, torch.Tensor] = {}
+    if s.objective == "distill" and classes:
+        started = time.perf_counter()
+        pools = Pools(source, data, s.seed)
+        # every class's observed inputs, whichever are asked for: the same passes, so the same bits, whether the
+        # modules are made together, apart or spread over torchrun's processes
+        observed = {c: pools.observation(c, s.samples) for c in range(data.num_classes)}
+        union = torch.unique(torch.cat(list(observed.values())))
+        if union.numel() * data.num_classes <= SHARED_ODDS:
+            net = source.net
+            device = next(net.parameters()).device
+            training = net.training
+            net.eval()
+            try:
+                odds = torch.cat([source_log_odds(net, source.prepare(data.images[union[i:i + batch_size]].to(device)),
+                                                  batch_size).cpu() for i in range(0, union.numel(), batch_size)])
+            finally:
+                net.train(training)
+            seconds = (time.perf_counter() - started) / len(classes)  # each module's share
+            teachers = {c: (torch.sigmoid(odds[torch.searchsorted(union, observed[c]), c:c + 1]), seconds)
+                        for c in classes}
     frozen = frozen_copy(source)  # graph, channel groups and their costs: one network's, whichever module's
     if s.budget == "total" and len(classes) > 1:
-        makings = [_Making(source, data, c, s, batch_size, teachers.get(c), frozen, observed[c]) for c in classes]
+        makings = [_Making(source, data, c, s, batch_size, teachers.get(c), frozen) for c in classes]
         started = time.perf_counter()
         histories = prune_together([m.pruner for m in makings], s.size)
         shared = (time.perf_counter() - started) / len(makings)  # each module's share of the joint pruning
@@ -282,8 +213,7 @@ def slim_modules(source: Classifier, data: ImageSet, classes: list[int], s: Slim
             return m.module(history)
         making = (made(m, h) for m, h in zip(makings, histories, strict=True))
     else:
-        making = (slim_module(source, data, c, s, batch_size, teacher=teachers.get(c), frozen=frozen,
-                              observed=observed[c]) for c in classes)
+        making = (slim_module(source, data, c, s, batch_size, teacher=teachers.get(c), frozen=frozen) for c in classes)
     modules = []
     for module in making:
         modules.append(module)
@@ -298,8 +228,7 @@ class _Making:
     :class:`SlimModule` once the pruner is done."""
 
     def __init__(self, source: Classifier, data: ImageSet, concerned: int, s: SlimSettings, batch_size: int,
-                 teacher: tuple[torch.Tensor, float] | None, frozen: tuple | None,
-                 observed: torch.Tensor | None = None) -> None:
+                 teacher: tuple[torch.Tensor, float] | None, frozen: tuple | None) -> None:
         self.source, self.concerned, self.s = source, concerned, s
         self.started = time.perf_counter() - (teacher[1] if teacher is not None else 0.0)
         if frozen is None:
@@ -309,8 +238,7 @@ class _Making:
         self.graph, self.net, _ = frozen
         device = next(self.net.parameters()).device
         self.pools = Pools(source, data, s.seed)
-        if observed is None:
-            observed = self.pools.observation(concerned, s.samples)
+        observed = self.pools.observation(concerned, s.samples)
         images, targets = data.images[observed], data.labels[observed] == concerned
         x_obs = source.prepare(images.to(device))
         soft = None
@@ -354,21 +282,15 @@ class _Making:
 
 def slim_module(source: Classifier, data: ImageSet, concerned: int, s: SlimSettings,
                 batch_size: int = 256, keep_reference: bool = False,
-                teacher: tuple[torch.Tensor, float] | None = None, frozen: tuple | None = None,
-                observed: torch.Tensor | None = None) -> SlimModule:
+                teacher: tuple[torch.Tensor, float] | None = None, frozen: tuple | None = None) -> SlimModule:
     """One slim module of ``source`` for class ``concerned``, observed on ``data`` (its training split).
     ``keep_reference`` keeps the gated full network it was cut from as ``gated_reference``, for checks.
     ``teacher``: the source's p_c on the observed inputs and the seconds it took, as :func:`slim_modules`
     computes them for several modules at once; ``frozen``: :func:`frozen_copy` of the source, shared by its
-    modules (each prunes its own copy of the network); ``observed``: the indices into ``data`` it observes, as
-    :func:`_observations` chooses them (``teacher`` is on them)."""
+    modules (each prunes its own copy of the network)."""
     s = s.resolved(MODULE_SIZE)
     s.check()
-    data = as_image_set(data)
-    if observed is None and s.negatives == "confused":  # the source's confusion: a pass over every class's inputs
-        chosen, shared = _observations(source, data, Pools(source, data, s.seed), [concerned], s, batch_size)
-        observed, teacher = chosen[concerned], shared.get(concerned)
-    making = _Making(source, data, concerned, s, batch_size, teacher, frozen, observed)
+    making = _Making(source, as_image_set(data), concerned, s, batch_size, teacher, frozen)
     history = making.pruner.prune(True, making.accuracy if making.held is not None else None)
     return making.module(history, keep_reference)
 
