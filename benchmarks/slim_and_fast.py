@@ -4,6 +4,8 @@
     python benchmarks/slim_and_fast.py runs/bench/resnet20-bn --sizes 0.35,0.25 --costs params,both --pair-only
     python benchmarks/slim_and_fast.py runs/bench/resnet20-bn --sizes 0.5 --costs both --pair-only --pair 0,6 \
         --random-pairs 6 --merge-sizes 0.3,0.2 --multiple 8
+    python benchmarks/slim_and_fast.py runs/bench/resnet20-bn --sizes 1.0 --costs both --pair-only --pair 0,6 \
+        --merge-sizes 0.3 --merge-rules taylor,gates --merge-max-loss 1 --multiple 8
     python benchmarks/slim_and_fast.py runs/bench/resnet20-bn --sizes 0.5 --device cuda --repeats 50 --name-suffix _cuda
 
 For each size and importance rule: slim modules of all classes; their mean parameter fraction; the composed
@@ -11,7 +13,8 @@ top-1/top-5 against the model on the full test set; and, measured side by side i
 at batch 256 of the model, of the paper's voting composition (node-level modules, one batched pass) and of
 the slim composition. ``--costs`` compares channel costs (params, flops, both: ``SlimSettings.cost``);
 ``--pair-only`` makes only the pairs' modules and measures only their 2-class merged compositions (``--pair``
-repeats; ``--random-pairs N`` adds N pairs drawn with ``--seed``). Figures go to
+repeats; ``--random-pairs N`` adds N pairs drawn with ``--seed``; ``--merge-rules taylor,gates`` prunes the merged
+pair to ``--merge-sizes`` with each rule; ``--sizes 1.0`` merges the whole model). Figures go to
 benchmarks/out/slim_<model><suffix>.json (``slim_pair_<model><suffix>.json`` with ``--pair-only``) with a
 markdown table. ``--device cuda`` builds, evaluates and times everything on the GPU (latency with CUDA
 synchronisation around each pass; ``--repeats`` rounds, median).
@@ -55,6 +58,8 @@ def main(argv: list[str]) -> None:
     p.add_argument("--merge-max-loss", default="",
                    help="also prune it as far as it loses at most this many points of held-out top-1 "
                         "(comma-separated: one composition each)")
+    p.add_argument("--merge-rules", default="taylor", help="importance rules the merged composition is pruned to "
+                   "--merge-sizes with (SlimSettings.rule), comma-separated; --merge-max-loss prunes with taylor")
     p.add_argument("--multiple", type=int, default=1, help="keep channel counts a multiple of this (SlimSettings)")
     p.add_argument("--no-node", action="store_true", help="leave out the paper's node-level modules (measured before)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto: where modules are made, evaluated and timed")
@@ -97,6 +102,7 @@ def main(argv: list[str]) -> None:
                + (" --pair-only" if args.pair_only else "")
                + (f" --merge-sizes {args.merge_sizes}" if args.merge_sizes else "")
                + (f" --merge-max-loss {args.merge_max_loss}" if args.merge_max_loss else "")
+               + (f" --merge-rules {args.merge_rules}" if args.merge_rules != "taylor" else "")
                + (" --no-node" if args.no_node else "") + (f" --multiple {args.multiple}" if args.multiple > 1 else "")
                + (f" --device {args.device} --repeats {args.repeats}" if device.type != "cpu" else "")
                + (f" --name-suffix {args.name_suffix}" if args.name_suffix else ""))
@@ -119,20 +125,23 @@ def pair_rows(clf, train, pair_test, images, device, row: dict, modules: dict, p
     """The pair's merged composition, as merged, pruned further to each of ``--merge-sizes``, and as far as
     ``--merge-max-loss`` allows."""
     rows = []
-    prunings = [(None, None)] + [(float(v), None) for v in args.merge_sizes.split(",") if v]
-    prunings += [(None, float(v)) for v in args.merge_max_loss.split(",") if v]
-    for merge_size, max_loss in prunings:
+    prunings = [(None, None, "taylor")] + [(float(v), None, rule) for v in args.merge_sizes.split(",") if v
+                                           for rule in args.merge_rules.split(",")]
+    prunings += [(None, float(v), "taylor") for v in args.merge_max_loss.split(",") if v]
+    for merge_size, max_loss, merge_rule in prunings:
         two = merge_slim([modules[c] for c in pair], clf, train,
                          SlimSettings(samples=args.samples, seed=args.seed, size=merge_size, cost=row["cost"],
-                                      multiple=args.multiple, max_loss=max_loss))
+                                      multiple=args.multiple, max_loss=max_loss, rule=merge_rule))
         two_report = evaluate_against_model(two, clf, pair_test, device)
         two_cost = cost_report(two, images, args.repeats, source=clf)
         label = "union" if merge_size is None and max_loss is None else (
-            f"size{merge_size:g}" if max_loss is None else f"max-loss{max_loss:g}")
+            f"size{merge_size:g}" + ("" if merge_rule == "taylor" else f"-{merge_rule}") if max_loss is None
+            else f"max-loss{max_loss:g}")
         saved = (OUT / "pairs" / f"{args.model.name}{args.name_suffix}"
                  / f"{pair[0]}-{pair[1]}-{row['cost']}-m{args.multiple}-{label}")
         save_merged_slim(two, clf, saved, overwrite=True)
-        rows.append({**row, "merge_size": merge_size, "merge_max_loss": max_loss, "pair": pair, "saved": str(saved),
+        rows.append({**row, "merge_size": merge_size, "merge_max_loss": max_loss, "merge_rule": merge_rule,
+                     "pair": pair, "saved": str(saved),
                      "held_out_top1": two.metrics.get("held_out_top1"),
                      "held_out_model_top1": two.metrics.get("held_out_model_top1"),
                      "held_out_from": two.metrics.get("held_out_from"),
@@ -236,7 +245,8 @@ def retime(args) -> None:
 def pruned_to(r: dict) -> str:
     if r.get("merge_max_loss") is not None:
         return f"max-loss {r['merge_max_loss']:g} ({r['pair_merged_params_fraction']:.2f})"
-    return str(r["merge_size"] or "-")
+    rule = r.get("merge_rule", "taylor")
+    return str(r["merge_size"] or "-") + ("" if rule == "taylor" or r["merge_size"] is None else f", {rule}")
 
 
 def pair_table(rows: list[dict]) -> str:
