@@ -317,7 +317,8 @@ def test_slim_bad_input(tmp_path, npz_data, capsys):
                          (["--granularity", "channel", "--slim-budget", "total", "--max-loss", "1"],
                           "does not take --max-loss"),
                          (["--granularity", "channel", "--rule", "gates", "--gate-epochs", "0"],
-                          "--gate-epochs >= 1")):
+                          "--gate-epochs >= 1"),
+                         (["--granularity", "channel", "--slim-step", "1"], "--slim-step, the share of the kept")):
         assert_user_error(*run(["decompose", str(tmp_path / "m"), "--out", str(tmp_path / "x"), *args], capsys),
                           needle)
     assert not Path(tmp_path / "x").exists()

@@ -246,6 +246,8 @@ def decompose_cmd(
     slim_budget: str = typer.Option("module", "--slim-budget", help="Slim modules: module (each holds at most "
                                     "--size) or total (the modules hold --size on average: pruned together, "
                                     "channels ranked across them)."),
+    slim_step: float = typer.Option(0.2, "--slim-step", help="Slim modules: share of the kept parameters each "
+                                    "pruning step cuts, in (0, 1)."),
     slim_step_samples: int = typer.Option(1024, "--slim-step-samples", help="Slim modules: observed inputs each "
                                           "pruning step ranks and refits on (0: all; the last refit uses all)."),
     calibration_samples: int = typer.Option(100, "--calibration-samples",
@@ -273,7 +275,7 @@ def decompose_cmd(
     if granularity == "channel":
         slim = SlimSettings(size=size, max_loss=max_loss, rule=rule, samples=slim_samples, cost=slim_cost,
                             multiple=slim_multiple, step_samples=slim_step_samples or None, seed=seed,
-                            budget=slim_budget, gate_epochs=gate_epochs)
+                            budget=slim_budget, gate_epochs=gate_epochs, step=slim_step)
     elif size is not None or max_loss is not None:
         raise UserError("--size and --max-loss apply to slim modules: add --granularity channel")
     result = decompose_dir(model_dir, out, settings, Run(device, data_root, batch_size, overwrite, country),

@@ -101,7 +101,8 @@ class SlimSettings:
         if self.multiple < 1:
             raise UserError(f"the channel multiple must be at least 1, got {self.multiple}")
         if not 0 < self.step < 1:
-            raise UserError(f"the pruning step must be in (0, 1), got {self.step}")
+            raise UserError(f"--slim-step, the share of the kept parameters a pruning step cuts, must be in (0, 1), "
+                            f"got {self.step}")
         if self.step_samples is not None and self.step_samples < 2:
             raise UserError(f"--slim-step-samples must be at least 2, got {self.step_samples}")
 
