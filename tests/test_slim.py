@@ -257,11 +257,12 @@ def test_slim_decomposition_command_and_artifacts(tmp_path, npz_data, capsys):
     assert rc == 0, err
     out = tmp_path / "slim"
     rc, stdout, err = run(["decompose", str(tmp_path / "m"), "--out", str(out), "--granularity", "channel",
-                           "--size", "0.5", "--slim-samples", "30", "--json"], capsys)
+                           "--size", "0.5", "--slim-samples", "30", "--slim-step", "0.3", "--json"], capsys)
     assert rc == 0, err
     result = json.loads(stdout)
     assert result["variant"] == "channel" and all(e["params_fraction"] <= 0.5 for e in result["modules"])
     modules = cnnmod.load_modules(out)
+    assert {m.settings["step"] for m in modules} == {0.3}  # as asked, and saved with each module
     images = torch.randint(0, 256, (5, 1, 8, 8), dtype=torch.uint8)
     scores = cnnmod.compose(modules)(images)
     # a slim module loads without its source model and scores the same
