@@ -10,7 +10,7 @@ from torch import nn
 
 import cnnmod
 from cnnmod.compose.evaluate import evaluate_against_model
-from cnnmod.core.channels import classifier_input, gated
+from cnnmod.core.channels import classifier_input, closed_channels, fold_gates, frozen_copy, gated, slice_network
 from cnnmod.core.graph import ModelGraph
 from cnnmod.data import load
 from cnnmod.data.transforms import InputSpec
@@ -210,3 +210,33 @@ def test_after_a_short_training_mc_bln_composes_within_the_papers_cost(name):
     assert cost[True] <= 1.77
     if name == "se_resnet":
         assert cost[False] <= 1.77
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_channel_scales_fold_into_the_sliced_network_exactly(name):
+    """Gates other than 0 and 1 (learned channel scales) fold into the weights of the layers that read them
+    (grouped and depthwise convolutions, convolution classifiers and class maps among them): the sliced network
+    with the scales folded in computes what the gated network computes, for random scales and random closed
+    channels (each group keeping one)."""
+    clf = family(name)
+    graph, net, groups = frozen_copy(clf)
+    g = torch.Generator().manual_seed(0)
+    gates = []
+    for group in groups.groups:
+        gate = torch.rand(group["channels"], generator=g) * 1.9 + 0.1
+        gate[torch.rand(group["channels"], generator=g) < 0.3] = 0.0
+        gate[0] = 0.7  # every group keeps a channel
+        gates.append(gate)
+    w, b = graph.head.linear_map(net)
+    x = torch.randn(5, *SHAPE)
+    with torch.no_grad(), gated(net, graph, groups, gates):
+        expected = classifier_input(net, graph.head, lambda: net(x)) @ w.T + b
+    folded, columns = fold_gates(net, graph, groups, gates)
+    sliced = slice_network(folded, SHAPE, closed_channels(groups, gates), graph.head, w * columns, b)
+    with torch.no_grad():
+        got = sliced(x)
+    assert torch.allclose(got, expected, atol=1e-4 * (1 + float(expected.abs().max()))), name
+    # and the scales matter: without folding them the sliced network computes something else
+    plain = slice_network(net, SHAPE, closed_channels(groups, gates), graph.head, w, b)
+    with torch.no_grad():
+        assert not torch.allclose(plain(x), expected, atol=1e-3)

@@ -17,6 +17,7 @@ from conftest import assert_user_error, random_data, run, source
 import cnnmod
 from cnnmod.core.calibrate import TYPICAL_ALPHA, fit_head, typicality
 from cnnmod.core.channels import classifier_input, cost_per_channel, frozen_copy, gated
+from cnnmod.core.graph import ModelGraph
 from cnnmod.core.observe import class_order
 from cnnmod.data.transforms import InputSpec
 from cnnmod.decompose.fitting import calibration_set
@@ -295,13 +296,14 @@ def test_slim_decomposition_command_and_artifacts(tmp_path, npz_data, capsys):
     # learned gates and one budget for all modules, from the command line: the mean holds, the settings saved
     rc, stdout, err = run(["decompose", str(tmp_path / "m"), "--out", str(tmp_path / "gates"), "--granularity",
                            "channel", "--size", "0.4", "--slim-samples", "30", "--rule", "gates", "--gate-epochs",
-                           "2", "--slim-budget", "total", "--no-measure", "--json"], capsys)
+                           "2", "--slim-budget", "total", "--scale-epochs", "2", "--no-measure", "--json"], capsys)
     assert rc == 0, err
     fractions = [e["params_fraction"] for e in json.loads(stdout)["modules"]]
     assert sum(fractions) / len(fractions) <= 0.4
     made = cnnmod.load_modules(tmp_path / "gates")
-    recorded = {(m.settings["rule"], m.settings["budget"], m.settings["gate_epochs"]) for m in made}
-    assert recorded == {("gates", "total", 2)}
+    recorded = {(m.settings["rule"], m.settings["budget"], m.settings["gate_epochs"], m.settings["scale_epochs"])
+                for m in made}
+    assert recorded == {("gates", "total", 2, 2)}
 
 
 def test_slim_bad_input(tmp_path, npz_data, capsys):
@@ -319,7 +321,8 @@ def test_slim_bad_input(tmp_path, npz_data, capsys):
                           "does not take --max-loss"),
                          (["--granularity", "channel", "--rule", "gates", "--gate-epochs", "0"],
                           "--gate-epochs >= 1"),
-                         (["--granularity", "channel", "--slim-step", "1"], "--slim-step, the share of the kept")):
+                         (["--granularity", "channel", "--slim-step", "1"], "--slim-step, the share of the kept"),
+                         (["--granularity", "channel", "--scale-epochs", "-1"], "--scale-epochs must be >= 0")):
         assert_user_error(*run(["decompose", str(tmp_path / "m"), "--out", str(tmp_path / "x"), *args], capsys),
                           needle)
     assert not Path(tmp_path / "x").exists()
@@ -333,7 +336,7 @@ def test_onnx_export_of_node_and_slim_compositions(tmp_path, npz_data, capsys):
     rc, _, err = run(["decompose", str(tmp_path / "m"), "--out", str(tmp_path / "node")], capsys)
     assert rc == 0, err
     rc, _, err = run(["decompose", str(tmp_path / "m"), "--out", str(tmp_path / "slim"), "--granularity", "channel",
-                      "--slim-samples", "20"], capsys)
+                      "--slim-samples", "20", "--scale-epochs", "2"], capsys)  # learned scales, folded in
     assert rc == 0, err
     images = torch.randint(0, 256, (6, 1, 8, 8), dtype=torch.uint8)
     for name in ("node", "slim"):
@@ -657,3 +660,41 @@ def test_a_small_module_keeps_the_units_that_carry_its_class(rule):
     with torch.no_grad():
         mine = m(clf.prepare(test.images)).argmax(1) == 0
     assert bool((mine == (test.labels == 1)).all())
+
+
+def test_learned_channel_scales_are_folded_into_the_slim_module():
+    """With --scale-epochs the kept channels' gates end as learned scales (not all 0 or 1): the slim module,
+    with them folded into its weights, computes what the gated network computes on new inputs, and costs no
+    parameter more than the module cut the same way without them."""
+    clf = source("resnet20")
+    data = random_data(per_class=20)
+    s = SlimSettings(size=0.4, samples=40, step=0.2, step_samples=16)
+    plain = slim_module(clf, data, 1, s)
+    m = slim_module(clf, data, 1, replace(s, scale_epochs=3), keep_reference=True)
+    net, graph, groups, gates, hw, hb = m.gated_reference
+    assert any(bool(((g > 0) & (g != 1)).any()) for g in gates)
+    assert m.removed == plain.removed and m.params() == plain.params()
+    x = torch.randn(9, 1, 12, 12)
+    with torch.no_grad(), gated(net, graph, groups, gates):
+        expected = classifier_input(net, graph.head, lambda: net(x)) @ hw.T + hb
+    with torch.no_grad():
+        assert torch.allclose(m(x), expected, atol=1e-4)
+        assert not torch.allclose(plain(x), expected, atol=1e-3)
+
+
+def test_learned_scales_that_lose_held_out_accuracy_are_not_kept(monkeypatch):
+    """With held-out inputs (--max-loss), learned scales that lower the held-out accuracy are undone: the gates
+    go back to what the last step left."""
+    clf = source("resnet20")
+    data = random_data(per_class=20)
+    features = ModelGraph(clf.net, clf.spec.shape).head.linear_map(clf.net)[0].shape[1]
+    pruner = Pruner(clf, SlimSettings(size=0.4, samples=40, step_samples=16, scale_epochs=2).resolved(0.4),
+                    clf.prepare(data.images[:40]), (data.labels[:40] == 1)[:, None], None,
+                    torch.randn(1, features, generator=torch.Generator().manual_seed(0)), torch.zeros(1))
+    before = [g.clone() for g in pruner.gates]
+    calls = iter([90.0, 80.0])  # held-out accuracy before the scales, then with them
+    pruner.learn_scales(lambda: next(calls))
+    assert all(torch.equal(g, b) for g, b in zip(pruner.gates, before, strict=True))
+    calls = iter([80.0, 80.0])  # no loss: kept
+    pruner.learn_scales(lambda: next(calls))
+    assert any(bool(((g > 0) & (g != 1)).any()) for g in pruner.gates)

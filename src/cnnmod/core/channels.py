@@ -182,6 +182,41 @@ def gated(net: nn.Module, graph: ModelGraph, groups: ChannelGroups, gates: list[
             h.remove()
 
 
+def fold_gates(net: nn.Module, graph: ModelGraph, groups: ChannelGroups,
+               gates: list[torch.Tensor]) -> tuple[nn.Module, torch.Tensor]:
+    """What :func:`gated` computes, as plain weights: a copy of ``net`` whose layers that read a group's channels
+    have each input channel's weights multiplied by its gate (a convolution and a linear layer are linear in each
+    input channel), and the multiplier of each of the head's input features (the classifier reads gated features:
+    fold it into the head's columns). Closed channels (gate 0) are left to slicing."""
+    folded = copy.deepcopy(net)
+    columns = None
+    with torch.no_grad():
+        for g, group in enumerate(groups.groups):
+            for layer, index, root in group["consumers"]:
+                scale = gates[g].detach()[root].to(torch.float32)
+                if layer == graph.head.layer and graph.head.reads_input:
+                    if columns is None:
+                        w, _ = graph.head.linear_map(net)
+                        columns = torch.ones(w.shape[1])
+                    columns[index] = scale.cpu()
+                    continue
+                module = folded.get_submodule(layer)
+                weight = module.weight
+                scale = scale.to(weight.device, weight.dtype)
+                if isinstance(module, nn.Conv2d) and module.groups > 1:
+                    per_in, per_out = weight.shape[1], module.out_channels // module.groups
+                    for i, c in zip(index.tolist(), scale, strict=True):
+                        first = (i // per_in) * per_out
+                        weight[first:first + per_out, i % per_in] *= c
+                else:  # Conv2d (groups 1) or Linear: dimension 1 is the input channel
+                    shape = (1, -1) + (1,) * (weight.dim() - 2)
+                    weight[:, index.to(weight.device)] *= scale.view(shape)
+    if columns is None:
+        w, _ = graph.head.linear_map(net)
+        columns = torch.ones(w.shape[1])
+    return folded, columns
+
+
 def classifier_input(net: nn.Module, head: Head, fn) -> torch.Tensor:
     """The head's (B, F) features in the forward pass ``fn`` runs."""
     with head.capture(net) as captured:

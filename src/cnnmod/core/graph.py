@@ -80,6 +80,7 @@ class Head:
     ``nn.Linear`` named :attr:`sliced_layer`."""
 
     kind = "linear"
+    reads_input = True  # the features are the class layer's input (ClassMapHead: the network's output)
 
     def __init__(self, layer: str, input: Node) -> None:
         self.layer, self.input = layer, input
@@ -158,6 +159,7 @@ class ClassMapHead(Head):
     z_uc as the mean of the others' (an identity weight; docs/method.md)."""
 
     kind = "class_map"
+    reads_input = False
 
     def linear_map(self, net):
         device = next(net.parameters()).device

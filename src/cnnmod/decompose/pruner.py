@@ -17,6 +17,7 @@ from ..core.channels import (
     classifier_input,
     closed_channels,
     cost_per_channel,
+    fold_gates,
     frozen_copy,
     gated,
     reestimate_bn,
@@ -30,6 +31,9 @@ from ..models.classifier import Classifier
 
 if TYPE_CHECKING:
     from .slim import SlimSettings
+
+
+SCALE_RANGE = (0.05, 4.0)  # learned channel scales (SlimSettings.scale_epochs) stay in this range
 
 
 def step_rows(targets: torch.Tensor, n: int | None) -> torch.Tensor | None:
@@ -129,7 +133,8 @@ class Pruner:
                     scores[i] += gr.abs().cpu()
         return scores
 
-    def learn_gates(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    def learn_gates(self, epochs: int | None = None, penalise: bool = True,
+                    step: bool = True) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Gates learned for the margins' loss with the backbone frozen (GradSplitter's idea, per module): every
         open channel's gate is a multiplier in [0, 1], trained with Adam from 1 on the step's inputs, shuffled
         (BatchNorm on each batch's statistics), for ``gate_epochs`` epochs, the head rows with them, against the
@@ -138,9 +143,14 @@ class Pruner:
         parameter is under the median is pulled towards 0, the others held open by the loss; channels learn
         together, so one the margins can do without once others carry what it carried goes down too. Returns
         the gates (closed channels 0) and, per channel, the gradient summed over the iterations, per parameter
-        the channel costs (negative: the loss held it open; it tells apart the gates that end at 1)."""
+        the channel costs (negative: the loss held it open; it tells apart the gates that end at 1).
+
+        Without ``penalise`` (:meth:`learn_scales`): no cost term, and the open channels' gates are scales in
+        [SCALE_RANGE], learned from where they are for ``epochs``."""
         s, net = self.s, self.net
-        x, targets, soft = self.step_view()
+        epochs = s.gate_epochs if epochs is None else epochs
+        low, high = (0.0, 1.0) if penalise else SCALE_RANGE
+        x, targets, soft = self.step_view(step)
         open_ = [g > 0 for g in self.gates]
         theta = [g.detach().clone().float().requires_grad_(True) for g in self.gates]
         w = self.w.detach().clone().float().to(x.device).requires_grad_(True)
@@ -150,11 +160,11 @@ class Pruner:
                  else [1.0 / sum(g.numel() for g in self.gates)] * len(self.gates))
         generator = torch.Generator().manual_seed(s.seed)
         bns = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-        lam, pressure = None, [torch.zeros_like(t) for t in theta]
+        lam, pressure = (None if penalise else 0.0), [torch.zeros_like(t) for t in theta]
         for m in bns:
             m.train()
         try:
-            for _ in range(s.gate_epochs):
+            for _ in range(epochs):
                 for idx in torch.randperm(x.shape[0], generator=generator).split(self.batch_size):
                     if idx.numel() < 2:
                         continue
@@ -166,7 +176,8 @@ class Pruner:
                         per_cost = torch.cat([(gr.abs() / c)[o] for gr, c, o in zip(grads, share, open_, strict=True)
                                               if gr is not None])
                         lam = float(per_cost.median()) if per_cost.numel() else 1.0
-                    penalty = sum(c * t[o].sum() for c, t, o in zip(share, theta, open_, strict=True))
+                    penalty = sum(c * t[o].sum() for c, t, o in zip(share, theta, open_, strict=True)) \
+                        if penalise else 0.0
                     opt.zero_grad()
                     (loss + lam * penalty).backward()
                     for acc, t in zip(pressure, theta, strict=True):
@@ -174,12 +185,32 @@ class Pruner:
                     opt.step()
                     with torch.no_grad():
                         for t, o in zip(theta, open_, strict=True):
-                            t.clamp_(0.0, 1.0)
+                            t.clamp_(low, high)
                             t[~o] = 0.0
         finally:
             for m in bns:
                 m.eval()
         return [t.detach().cpu() for t in theta], [(acc / c).cpu() for acc, c in zip(pressure, share, strict=True)]
+
+    def learn_scales(self, accuracy=None) -> None:
+        """After the last step (``scale_epochs`` > 0): a scale per kept channel learned for the margins' loss
+        with the backbone frozen (:meth:`learn_gates` without the cost term, over every observed input), then
+        BatchNorm re-estimated and the head refitted. Slicing folds the scales into the layers that read the
+        channels (:func:`fold_gates`), so a slim module costs no parameter more. With ``accuracy``
+        (held-out), the scales are kept only if it does not fall."""
+        if self.s.scale_epochs == 0:
+            return
+        before = accuracy() if accuracy is not None else None
+        saved = [g.clone() for g in self.gates]
+        learned, _ = self.learn_gates(self.s.scale_epochs, penalise=False, step=False)
+        for gate, t in zip(self.gates, learned, strict=True):
+            open_ = gate > 0
+            gate[open_] = t.to(gate.device)[open_]
+        self.refresh()
+        if before is not None and accuracy() < before:  # with held-out inputs: kept only if they do not lose
+            for gate, old in zip(self.gates, saved, strict=True):
+                gate.copy_(old)
+            self.refresh()
 
     def activation_rates(self) -> list[torch.Tensor]:
         """Per channel: the share of the rows' own inputs for which it is active somewhere."""
@@ -241,7 +272,11 @@ class Pruner:
         gated network (torch-pruning slices what its dependency graph understands: an operation that depends
         on a channel count, such as a reshape to a fixed shape, breaks a sliced network silently)."""
         w, b = self.head(binary)
-        sliced = slice_network(self.net, self.source.spec.shape, self.removed(), self.graph.head, w, b)
+        net, head_w = self.net, w
+        if any(bool(((g != 0) & (g != 1)).any()) for g in self.gates):  # learned scales: folded in
+            net, columns = fold_gates(self.net, self.graph, self.groups, self.gates)
+            head_w = w * columns.to(w.device, w.dtype)
+        sliced = slice_network(net, self.source.spec.shape, self.removed(), self.graph.head, head_w, b)
         if check:
             x = self.x_obs[:8]
             with torch.no_grad(), gated(self.net, self.graph, self.groups, self.gates):
@@ -275,7 +310,7 @@ class Pruner:
         below ``size``, and at least a quarter step), or without a cost, ``step`` of the kept channels."""
         if self.per_channel is not None:
             return step_share(self.s, fraction) * self.total_params
-        return max(1, int(self.s.step * sum(int(g.sum()) for g in self.gates)))
+        return max(1, int(self.s.step * sum(int((g > 0).sum()) for g in self.gates)))
 
     def channel_cost(self, group: int) -> float:
         return self.per_channel[group] if self.per_channel is not None else 1.0
@@ -291,7 +326,7 @@ class Pruner:
             for _, i, j in ranked:
                 least_first.setdefault(i, []).append(j)
             for i, gate in enumerate(self.gates):
-                kept = int(gate.sum())
+                kept = int((gate > 0).sum())
                 extra = kept % self.s.multiple if kept > self.s.multiple else 0
                 for j in least_first.get(i, []):
                     if extra == 0:
@@ -306,7 +341,8 @@ class Pruner:
         """The sliced network's share of the model's parameters now, added to ``history`` with the kept
         channels."""
         fraction = self.fraction(binary)
-        history.append({"params_fraction": round(fraction, 4), "kept_channels": int(sum(g.sum() for g in self.gates))})
+        history.append({"params_fraction": round(fraction, 4),
+                        "kept_channels": sum(int((g > 0).sum()) for g in self.gates)})
         return fraction
 
     def close_least_important(self, fraction: float) -> int:
@@ -361,6 +397,7 @@ class Pruner:
                     g.copy_(old)
                 self.refresh()
                 break
+        self.learn_scales(accuracy)
         self.finish(accuracy, start - self.s.max_loss if start is not None else None)
         return history
 
@@ -396,7 +433,7 @@ def take(ranked: list[tuple[float, int, int, int]], budget: float, pruners: list
     """The (pruner, group, channel)s of ``ranked`` ((importance per cost, pruner, group, channel), least important
     first) that one step closes: in order until ``budget`` parameters (or channels) are spent, every group keeping
     one channel, and with ``caps``, no pruner giving more than its cap."""
-    quota = {(k, i): int(g.sum()) - 1 for k, p in enumerate(pruners) for i, g in enumerate(p.gates)}
+    quota = {(k, i): int((g > 0).sum()) - 1 for k, p in enumerate(pruners) for i, g in enumerate(p.gates)}
     given = [0.0] * len(pruners)
     chosen, spent = [], 0.0
     for _, k, i, j in ranked:
@@ -443,5 +480,6 @@ def prune_together(pruners: list[Pruner], size: float) -> list[list[dict]]:
                 p.close(mine, [(v, i, j) for v, kk, i, j in ranked if kk == k])
                 p.refresh()
     for p in pruners:
+        p.learn_scales()
         p.finish()
     return histories

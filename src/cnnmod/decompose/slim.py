@@ -62,6 +62,8 @@ class SlimSettings:
     rule: str = "taylor"            # "taylor", "gates" (learned: gate_epochs, gate_lr) or "activation"
     gate_epochs: int = 10           # rule "gates": epochs over the step's inputs
     gate_lr: float = 0.05           # rule "gates": Adam's step on the gate scores (the head's: a tenth)
+    scale_epochs: int = 0           # after the last step: a scale per kept channel learned for the module's loss
+                                    # (backbone frozen) for this many epochs over every observed input; 0: none
     budget: str = "module"          # "module": each module holds at most ``size``; "total": the modules made
                                     # together hold ``size`` on average, channels ranked across them
     objective: str = "distill"      # the binary loss ranked and refitted on: the source's p_c ("distill") or labels
@@ -89,6 +91,8 @@ class SlimSettings:
             raise UserError(f"unknown importance rule {self.rule!r}; use taylor, gates or activation")
         if self.gate_epochs < 1 or self.gate_lr <= 0:
             raise UserError("learned gates need --gate-epochs >= 1 and a positive gate learning rate")
+        if self.scale_epochs < 0:
+            raise UserError(f"--scale-epochs must be >= 0 (0: no learned channel scales), got {self.scale_epochs}")
         if self.objective not in ("distill", "labels"):
             raise UserError(f"unknown slim objective {self.objective!r}; use distill or labels")
         if self.cost not in COSTS:
@@ -271,7 +275,7 @@ class _Making:
             "held_out_binary_accuracy_start": self.base_accuracy, "held_out_binary_accuracy": self.accuracy(),
             "held_out_images": len(self.held), "held_out_from": self.pools.held_out_from}
         metrics = {**held_metrics, "params": params, "params_fraction": round(params / p.total_params, 4),
-                   "kept_channels": int(sum(int(g.sum()) for g in p.gates)),
+                   "kept_channels": sum(int((g > 0).sum()) for g in p.gates),
                    "channels": int(sum(g.numel() for g in p.gates)), "history": history}
         settings = {**asdict(s), "granularity": "channel", "seconds": round(time.perf_counter() - self.started, 3)}
         module = SlimModule(sliced, self.graph.head.sliced_layer, source.spec, source.class_names[self.concerned],
@@ -394,7 +398,7 @@ def merge_slim(modules: list[SlimModule], source: Classifier, data: ImageSet, se
     held_metrics = {} if start is None else {"held_out_model_top1": start, "held_out_top1": top1(),
                                              "held_out_images": len(y_held), "held_out_from": pools.held_out_from}
     metrics = {**held_metrics, "params": params, "params_fraction": round(params / info["params"], 4),
-               "kept_channels": int(sum(int(g.sum()) for g in p.gates)),
+               "kept_channels": sum(int((g > 0).sum()) for g in p.gates),
                "channels": int(sum(g.numel() for g in p.gates)), "history": history}
     recorded = {"granularity": "channel", "mode": "merged", "samples": samples, "seed": seed, "objective": objective,
                 "world": [info["source_classes"][c] for c in world],
