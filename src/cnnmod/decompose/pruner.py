@@ -146,7 +146,7 @@ class Pruner:
         the channel costs (negative: the loss held it open; it tells apart the gates that end at 1).
 
         Without ``penalise`` (:meth:`learn_scales`): no cost term, and the open channels' gates are scales in
-        [SCALE_RANGE], learned from where they are for ``epochs``."""
+        ``SCALE_RANGE``, learned from where they are for ``epochs``; without ``step``, over every observed input."""
         s, net = self.s, self.net
         epochs = s.gate_epochs if epochs is None else epochs
         low, high = (0.0, 1.0) if penalise else SCALE_RANGE
