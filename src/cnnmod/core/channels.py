@@ -189,15 +189,12 @@ def fold_gates(net: nn.Module, graph: ModelGraph, groups: ChannelGroups,
     input channel), and the multiplier of each of the head's input features (the classifier reads gated features:
     fold it into the head's columns). Closed channels (gate 0) are left to slicing."""
     folded = copy.deepcopy(net)
-    columns = None
+    columns = torch.ones(graph.head.linear_map(net)[0].shape[1])
     with torch.no_grad():
         for g, group in enumerate(groups.groups):
             for layer, index, root in group["consumers"]:
                 scale = gates[g].detach()[root].to(torch.float32)
                 if layer == graph.head.layer and graph.head.reads_input:
-                    if columns is None:
-                        w, _ = graph.head.linear_map(net)
-                        columns = torch.ones(w.shape[1])
                     columns[index] = scale.cpu()
                     continue
                 module = folded.get_submodule(layer)
@@ -211,9 +208,6 @@ def fold_gates(net: nn.Module, graph: ModelGraph, groups: ChannelGroups,
                 else:  # Conv2d (groups 1) or Linear: dimension 1 is the input channel
                     shape = (1, -1) + (1,) * (weight.dim() - 2)
                     weight[:, index.to(weight.device)] *= scale.view(shape)
-    if columns is None:
-        w, _ = graph.head.linear_map(net)
-        columns = torch.ones(w.shape[1])
     return folded, columns
 
 
