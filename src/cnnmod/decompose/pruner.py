@@ -259,6 +259,9 @@ class Pruner:
         self.w = torch.stack([w for w, _ in fitted])
         self.b = torch.tensor([b for _, b in fitted], dtype=torch.float64)  # as fitted: no rounding
 
+    def kept_channels(self) -> int:
+        return sum(int((g > 0).sum()) for g in self.gates)
+
     def removed(self) -> dict[str, list[int]]:
         return closed_channels(self.groups, self.gates)
 
@@ -310,7 +313,7 @@ class Pruner:
         below ``size``, and at least a quarter step), or without a cost, ``step`` of the kept channels."""
         if self.per_channel is not None:
             return step_share(self.s, fraction) * self.total_params
-        return max(1, int(self.s.step * sum(int((g > 0).sum()) for g in self.gates)))
+        return max(1, int(self.s.step * self.kept_channels()))
 
     def channel_cost(self, group: int) -> float:
         return self.per_channel[group] if self.per_channel is not None else 1.0
@@ -341,8 +344,7 @@ class Pruner:
         """The sliced network's share of the model's parameters now, added to ``history`` with the kept
         channels."""
         fraction = self.fraction(binary)
-        history.append({"params_fraction": round(fraction, 4),
-                        "kept_channels": sum(int((g > 0).sum()) for g in self.gates)})
+        history.append({"params_fraction": round(fraction, 4), "kept_channels": self.kept_channels()})
         return fraction
 
     def close_least_important(self, fraction: float) -> int:

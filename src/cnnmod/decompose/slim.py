@@ -275,7 +275,7 @@ class _Making:
             "held_out_binary_accuracy_start": self.base_accuracy, "held_out_binary_accuracy": self.accuracy(),
             "held_out_images": len(self.held), "held_out_from": self.pools.held_out_from}
         metrics = {**held_metrics, "params": params, "params_fraction": round(params / p.total_params, 4),
-                   "kept_channels": sum(int((g > 0).sum()) for g in p.gates),
+                   "kept_channels": p.kept_channels(),
                    "channels": int(sum(g.numel() for g in p.gates)), "history": history}
         settings = {**asdict(s), "granularity": "channel", "seconds": round(time.perf_counter() - self.started, 3)}
         module = SlimModule(sliced, self.graph.head.sliced_layer, source.spec, source.class_names[self.concerned],
@@ -398,7 +398,7 @@ def merge_slim(modules: list[SlimModule], source: Classifier, data: ImageSet, se
     held_metrics = {} if start is None else {"held_out_model_top1": start, "held_out_top1": top1(),
                                              "held_out_images": len(y_held), "held_out_from": pools.held_out_from}
     metrics = {**held_metrics, "params": params, "params_fraction": round(params / info["params"], 4),
-               "kept_channels": sum(int((g > 0).sum()) for g in p.gates),
+               "kept_channels": p.kept_channels(),
                "channels": int(sum(g.numel() for g in p.gates)), "history": history}
     recorded = {"granularity": "channel", "mode": "merged", "samples": samples, "seed": seed, "objective": objective,
                 "world": [info["source_classes"][c] for c in world],
