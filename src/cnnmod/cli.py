@@ -17,7 +17,7 @@ import typer
 from . import __version__
 from .errors import UserError
 from .progress import console
-from .runtime import shutdown_distributed
+from .runtime import leave_together, shutdown_distributed
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Decompose trained CNN classifiers into reusable, replaceable per-class modules.")
@@ -477,6 +477,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with trusting(trust), skipping_bad_images(skip):
             rc = command.main(args=argv, prog_name="cnnmod", standalone_mode=False)
+        leave_together()  # under torchrun: no rank tears down its connections while another still works
     except UserError as e:
         sys.stderr.write(f"cnnmod: error: {e}\n")
         return 2
