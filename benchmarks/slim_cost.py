@@ -54,7 +54,7 @@ def parse_config(text: str) -> tuple[str, dict]:
         if key not in kinds:
             raise SystemExit(f"unknown SlimSettings field {key!r}")
         kind = str(kinds[key])
-        overrides[key] = None if value == "none" else (
+        overrides[key] = None if value == "none" else value.lower() in ("1", "true", "yes") if kind == "bool" else (
             int(value) if "int" in kind else float(value) if "float" in kind else value)
     return name, overrides
 

@@ -322,7 +322,8 @@ def test_slim_bad_input(tmp_path, npz_data, capsys):
                          (["--granularity", "channel", "--rule", "gates", "--gate-epochs", "0"],
                           "--gate-epochs >= 1"),
                          (["--granularity", "channel", "--slim-step", "1"], "--slim-step, the share of the kept"),
-                         (["--granularity", "channel", "--scale-epochs", "-1"], "--scale-epochs must be >= 0")):
+                         (["--granularity", "channel", "--scale-epochs", "-1"], "--scale-epochs must be >= 0"),
+                         (["--granularity", "channel", "--scale-bn"], "give --scale-epochs N")):
         assert_user_error(*run(["decompose", str(tmp_path / "m"), "--out", str(tmp_path / "x"), *args], capsys),
                           needle)
     assert not Path(tmp_path / "x").exists()
@@ -680,6 +681,36 @@ def test_learned_channel_scales_are_folded_into_the_slim_module():
     with torch.no_grad():
         assert torch.allclose(m(x), expected, atol=1e-4)
         assert not torch.allclose(plain(x), expected, atol=1e-3)
+
+
+def test_learned_batchnorm_affine_stays_in_the_module_and_is_exact():
+    """With --scale-bn the BatchNorm layers' scales and shifts are learned with the channel scales: the module's
+    BatchNorm weights differ from the model's on its kept channels, the model itself is untouched (each module
+    learns on its own copy), the module computes what its gated network computes, and it holds exactly the
+    parameters of the module cut the same way without them. On held-out inputs, a fall in accuracy undoes them."""
+    clf = source("resnet20")
+    original = {k: v.clone() for k, v in clf.net.state_dict().items()}
+    data = random_data(per_class=20)
+    s = SlimSettings(size=0.4, samples=40, step=0.2, step_samples=16, scale_epochs=3)
+    plain = slim_module(clf, data, 1, s)
+    m = slim_module(clf, data, 1, replace(s, scale_bn=True), keep_reference=True)
+    assert all(torch.equal(v, original[k]) for k, v in clf.net.state_dict().items())
+    assert m.removed == plain.removed and m.params() == plain.params()
+    net, graph, groups, gates, hw, hb = m.gated_reference
+    assert not torch.allclose(net.get_submodule("bn1").weight, original["bn1.weight"])
+    x = torch.randn(9, 1, 12, 12)
+    with torch.no_grad(), gated(net, graph, groups, gates):
+        expected = classifier_input(net, graph.head, lambda: net(x)) @ hw.T + hb
+    with torch.no_grad():
+        assert torch.allclose(m(x), expected, atol=1e-4)
+    features = ModelGraph(clf.net, clf.spec.shape).head.linear_map(clf.net)[0].shape[1]
+    pruner = Pruner(clf, replace(s, scale_bn=True).resolved(0.4), clf.prepare(data.images[:40]),
+                    (data.labels[:40] == 1)[:, None], None,
+                    torch.randn(1, features, generator=torch.Generator().manual_seed(0)), torch.zeros(1))
+    bn = {k: v.clone() for k, v in pruner.net.state_dict().items() if k.endswith((".weight", ".bias"))}
+    calls = iter([90.0, 80.0])  # held-out accuracy before, then with them: undone, BatchNorm's weights too
+    pruner.learn_scales(lambda: next(calls))
+    assert all(torch.equal(pruner.net.state_dict()[k], v) for k, v in bn.items())
 
 
 def test_learned_scales_that_lose_held_out_accuracy_are_not_kept(monkeypatch):

@@ -240,6 +240,9 @@ def decompose_cmd(
     scale_epochs: int = typer.Option(0, "--scale-epochs", help="Slim modules: after the last pruning step, learn a "
                                      "scale per kept channel (backbone frozen, folded into the weights) for this "
                                      "many epochs over the observed inputs (0: none)."),
+    scale_bn: bool = typer.Option(False, "--scale-bn", help="Slim modules, with --scale-epochs: learn every "
+                                  "BatchNorm layer's scale and shift with the channel scales (convolutions stay "
+                                  "frozen)."),
     slim_samples: int = typer.Option(2048, "--slim-samples", help="Slim modules: concerned inputs observed."),
     slim_cost: str = typer.Option("params", "--slim-cost", help="Slim modules: rank channels by importance per "
                                   "parameter (params), per FLOP (flops), per their share of both (both), or within "
@@ -279,7 +282,7 @@ def decompose_cmd(
         slim = SlimSettings(size=size, max_loss=max_loss, rule=rule, samples=slim_samples, cost=slim_cost,
                             multiple=slim_multiple, step_samples=slim_step_samples or None, seed=seed,
                             budget=slim_budget, gate_epochs=gate_epochs, step=slim_step,
-                            scale_epochs=scale_epochs)
+                            scale_epochs=scale_epochs, scale_bn=scale_bn)
     elif size is not None or max_loss is not None:
         raise UserError("--size and --max-loss apply to slim modules: add --granularity channel")
     result = decompose_dir(model_dir, out, settings, Run(device, data_root, batch_size, overwrite, country),

@@ -133,8 +133,8 @@ class Pruner:
                     scores[i] += gr.abs().cpu()
         return scores
 
-    def learn_gates(self, epochs: int | None = None, penalise: bool = True,
-                    step: bool = True) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    def learn_gates(self, epochs: int | None = None, penalise: bool = True, step: bool = True,
+                    affine: bool = False) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Gates learned for the margins' loss with the backbone frozen (GradSplitter's idea, per module): every
         open channel's gate is a multiplier in [0, 1], trained with Adam from 1 on the step's inputs, shuffled
         (BatchNorm on each batch's statistics), for ``gate_epochs`` epochs, the head rows with them, against the
@@ -146,7 +146,9 @@ class Pruner:
         the channel costs (negative: the loss held it open; it tells apart the gates that end at 1).
 
         Without ``penalise`` (:meth:`learn_scales`): no cost term, and the open channels' gates are scales in
-        ``SCALE_RANGE``, learned from where they are for ``epochs``; without ``step``, over every observed input."""
+        ``SCALE_RANGE``, learned from where they are for ``epochs``; without ``step``, over every observed input.
+        With ``affine``, every BatchNorm layer's own scale and shift (its weight and bias) are learned with them
+        (at the head's rate); the convolutions and linear layers stay frozen."""
         s, net = self.s, self.net
         epochs = s.gate_epochs if epochs is None else epochs
         low, high = (0.0, 1.0) if penalise else SCALE_RANGE
@@ -155,14 +157,18 @@ class Pruner:
         theta = [g.detach().clone().float().requires_grad_(True) for g in self.gates]
         w = self.w.detach().clone().float().to(x.device).requires_grad_(True)
         b = self.b.detach().clone().float().to(x.device).requires_grad_(True)
-        opt = torch.optim.Adam([{"params": theta, "lr": s.gate_lr}, {"params": [w, b], "lr": s.gate_lr / 10}])
+        bns = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        bn_affine = [q for m in bns if m.affine for q in (m.weight, m.bias)] if affine else []
+        opt = torch.optim.Adam([{"params": theta, "lr": s.gate_lr},
+                                {"params": [w, b, *bn_affine], "lr": s.gate_lr / 10}])
         share = ([c / self.total_params for c in self.per_channel] if self.per_channel is not None
                  else [1.0 / sum(g.numel() for g in self.gates)] * len(self.gates))
         generator = torch.Generator().manual_seed(s.seed)
-        bns = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         lam, pressure = (None if penalise else 0.0), [torch.zeros_like(t) for t in theta]
         for m in bns:
             m.train()
+        for q in bn_affine:
+            q.requires_grad_(True)
         try:
             for _ in range(epochs):
                 for idx in torch.randperm(x.shape[0], generator=generator).split(self.batch_size):
@@ -190,19 +196,24 @@ class Pruner:
         finally:
             for m in bns:
                 m.eval()
+            for q in bn_affine:
+                q.requires_grad_(False)
         return [t.detach().cpu() for t in theta], [(acc / c).cpu() for acc, c in zip(pressure, share, strict=True)]
 
     def learn_scales(self, accuracy=None) -> None:
         """After the last step (``scale_epochs`` > 0): a scale per kept channel learned for the margins' loss
         with the backbone frozen (:meth:`learn_gates` without the cost term, over every observed input), then
         BatchNorm re-estimated and the head refitted. Slicing folds the scales into the layers that read the
-        channels (:func:`fold_gates`), so a slim module costs no parameter more. With ``accuracy``
-        (held-out), the scales are kept only if it does not fall."""
+        channels (:func:`fold_gates`), so a slim module costs no parameter more. With ``scale_bn``, the BatchNorm
+        layers' own scales and shifts are learned with them (the module's network holds its own copy of them
+        anyway). With ``accuracy`` (held-out), all of it is kept only if it does not fall."""
         if self.s.scale_epochs == 0:
             return
         before = accuracy() if accuracy is not None else None
         saved = [g.clone() for g in self.gates]
-        learned, _ = self.learn_gates(self.s.scale_epochs, penalise=False, step=False)
+        saved_net = {k: v.clone() for k, v in self.net.state_dict().items()} if before is not None and \
+            self.s.scale_bn else None
+        learned, _ = self.learn_gates(self.s.scale_epochs, penalise=False, step=False, affine=self.s.scale_bn)
         for gate, t in zip(self.gates, learned, strict=True):
             open_ = gate > 0
             gate[open_] = t.to(gate.device)[open_]
@@ -210,6 +221,8 @@ class Pruner:
         if before is not None and accuracy() < before:  # with held-out inputs: kept only if they do not lose
             for gate, old in zip(self.gates, saved, strict=True):
                 gate.copy_(old)
+            if saved_net is not None:
+                self.net.load_state_dict(saved_net)
             self.refresh()
 
     def activation_rates(self) -> list[torch.Tensor]:

@@ -64,6 +64,7 @@ class SlimSettings:
     gate_lr: float = 0.05           # rule "gates": Adam's step on the gate scores (the head's: a tenth)
     scale_epochs: int = 0           # after the last step: a scale per kept channel learned for the module's loss
                                     # (backbone frozen) for this many epochs over every observed input; 0: none
+    scale_bn: bool = False          # with scale_epochs: learn every BatchNorm layer's scale and shift with them
     budget: str = "module"          # "module": each module holds at most ``size``; "total": the modules made
                                     # together hold ``size`` on average, channels ranked across them
     objective: str = "distill"      # the binary loss ranked and refitted on: the source's p_c ("distill") or labels
@@ -93,6 +94,9 @@ class SlimSettings:
             raise UserError("learned gates need --gate-epochs >= 1 and a positive gate learning rate")
         if self.scale_epochs < 0:
             raise UserError(f"--scale-epochs must be >= 0 (0: no learned channel scales), got {self.scale_epochs}")
+        if self.scale_bn and self.scale_epochs == 0:
+            raise UserError("--scale-bn learns BatchNorm's scales and shifts with the channel scales: give "
+                            "--scale-epochs N (N >= 1) too")
         if self.objective not in ("distill", "labels"):
             raise UserError(f"unknown slim objective {self.objective!r}; use distill or labels")
         if self.cost not in COSTS:
