@@ -296,14 +296,17 @@ def test_slim_decomposition_command_and_artifacts(tmp_path, npz_data, capsys):
     # learned gates and one budget for all modules, from the command line: the mean holds, the settings saved
     rc, stdout, err = run(["decompose", str(tmp_path / "m"), "--out", str(tmp_path / "gates"), "--granularity",
                            "channel", "--size", "0.4", "--slim-samples", "30", "--rule", "gates", "--gate-epochs",
-                           "2", "--slim-budget", "total", "--scale-epochs", "2", "--no-measure", "--json"], capsys)
+                           "2", "--slim-budget", "total", "--scale-epochs", "2", "--scale-bn", "--no-measure", "--json"],
+                          capsys)
     assert rc == 0, err
     fractions = [e["params_fraction"] for e in json.loads(stdout)["modules"]]
     assert sum(fractions) / len(fractions) <= 0.4
     made = cnnmod.load_modules(tmp_path / "gates")
-    recorded = {(m.settings["rule"], m.settings["budget"], m.settings["gate_epochs"], m.settings["scale_epochs"])
-                for m in made}
-    assert recorded == {("gates", "total", 2, 2)}
+    recorded = {(m.settings["rule"], m.settings["budget"], m.settings["gate_epochs"], m.settings["scale_epochs"],
+                 m.settings["scale_bn"]) for m in made}
+    assert recorded == {("gates", "total", 2, 2, True)}
+    card = (tmp_path / "gates" / "modules" / "c00-band0" / "README.md").read_text()
+    assert "2 epochs, convolutions frozen: a scale per kept channel" in card and "BatchNorm layer's scale" in card
 
 
 def test_slim_bad_input(tmp_path, npz_data, capsys):
