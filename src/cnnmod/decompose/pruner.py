@@ -211,8 +211,8 @@ class Pruner:
             return
         before = accuracy() if accuracy is not None else None
         saved = [g.clone() for g in self.gates]
-        saved_net = {k: v.clone() for k, v in self.net.state_dict().items()} if before is not None and \
-            self.s.scale_bn else None
+        saved_bn = [(q, q.detach().clone()) for m in self.net.modules() if isinstance(
+            m, nn.modules.batchnorm._BatchNorm) and m.affine for q in (m.weight, m.bias)] if self.s.scale_bn else []
         learned, _ = self.learn_gates(self.s.scale_epochs, penalise=False, step=False, affine=self.s.scale_bn)
         for gate, t in zip(self.gates, learned, strict=True):
             open_ = gate > 0
@@ -221,8 +221,9 @@ class Pruner:
         if before is not None and accuracy() < before:  # with held-out inputs: kept only if they do not lose
             for gate, old in zip(self.gates, saved, strict=True):
                 gate.copy_(old)
-            if saved_net is not None:
-                self.net.load_state_dict(saved_net)
+            with torch.no_grad():
+                for q, old in saved_bn:
+                    q.copy_(old)
             self.refresh()
 
     def activation_rates(self) -> list[torch.Tensor]:
