@@ -56,6 +56,12 @@ def step_rows(targets: torch.Tensor, n: int | None) -> torch.Tensor | None:
     return torch.cat([own, spread(everything[~mine], n - own.numel())]).sort().values
 
 
+def batchnorm_affine(net: nn.Module) -> list[torch.Tensor]:
+    """Every BatchNorm layer's scale and shift (weight and bias) in ``net``: what ``scale_bn`` learns."""
+    return [q for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine
+            for q in (m.weight, m.bias)]
+
+
 def _head_rows(w: torch.Tensor, b: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Head rows whose softmax is sigmoid(w . f + b): [w, 0] and [b, 0]."""
     return torch.stack([w, torch.zeros_like(w)]), torch.tensor([b, 0.0])
@@ -158,7 +164,7 @@ class Pruner:
         w = self.w.detach().clone().float().to(x.device).requires_grad_(True)
         b = self.b.detach().clone().float().to(x.device).requires_grad_(True)
         bns = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-        bn_affine = [q for m in bns if m.affine for q in (m.weight, m.bias)] if affine else []
+        bn_affine = batchnorm_affine(net) if affine else []
         opt = torch.optim.Adam([{"params": theta, "lr": s.gate_lr},
                                 {"params": [w, b, *bn_affine], "lr": s.gate_lr / 10}])
         share = ([c / self.total_params for c in self.per_channel] if self.per_channel is not None
@@ -211,8 +217,7 @@ class Pruner:
             return
         before = accuracy() if accuracy is not None else None
         saved = [g.clone() for g in self.gates]
-        saved_bn = [(q, q.detach().clone()) for m in self.net.modules() if isinstance(
-            m, nn.modules.batchnorm._BatchNorm) and m.affine for q in (m.weight, m.bias)] if self.s.scale_bn else []
+        saved_bn = [(q, q.detach().clone()) for q in batchnorm_affine(self.net)] if self.s.scale_bn else []
         learned, _ = self.learn_gates(self.s.scale_epochs, penalise=False, step=False, affine=self.s.scale_bn)
         for gate, t in zip(self.gates, learned, strict=True):
             open_ = gate > 0
