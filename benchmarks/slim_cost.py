@@ -37,7 +37,8 @@ from cnnmod.models.train import TrainSettings
 
 # where a module's time goes: (label, function name as cProfile reports it, file it lives in)
 PARTS = [("importance (Taylor: forward + backward)", "taylor", "pruner.py"),
-         ("learned gates", "learn_gates", "pruner.py"),
+         ("learned gates and scales (both learn_gates)", "learn_gates", "pruner.py"),
+         ("of which the scales after the last step", "learn_scales", "pruner.py"),
          ("BatchNorm re-estimation", "reestimate_bn", "channels.py"),
          ("head refits (features + fit)", "refit", "pruner.py"),
          ("the source's probabilities", "source_log_odds", "slim.py"),
