@@ -35,10 +35,11 @@ from cnnmod.io.models import load_model
 from cnnmod.jobs.train import train
 from cnnmod.models.train import TrainSettings
 
-# where a module's time goes: (label, function name as cProfile reports it, file it lives in)
+# where a module's time goes: (label, function name as cProfile reports it, file it lives in); cumulative times,
+# so a part that calls another counts it too
 PARTS = [("importance (Taylor: forward + backward)", "taylor", "pruner.py"),
          ("learned gates and scales (both learn_gates)", "learn_gates", "pruner.py"),
-         ("of which the scales after the last step", "learn_scales", "pruner.py"),
+         ("the scales after the last step, their refit with them (learn_scales)", "learn_scales", "pruner.py"),
          ("BatchNorm re-estimation", "reestimate_bn", "channels.py"),
          ("head refits (features + fit)", "refit", "pruner.py"),
          ("the source's probabilities", "source_log_odds", "slim.py"),
