@@ -4,18 +4,22 @@ at a quarter of the model), built from library calls.
     python benchmarks/slim_cost.py runs/bench/resnet20-bn --sizes 0.75,0.5,0.35,0.25,0.15
     python benchmarks/slim_cost.py runs/bench/resnet20-bn --sizes 0.5 --configs old:step_samples=none,new
     python benchmarks/slim_cost.py runs/bench/resnet20-bn --profile --configs old:step_samples=none,new
+    python benchmarks/slim_cost.py runs/bench/resnet20-bn --sizes 0.25 --configs "best:rule=gates;..." --joint-heads 3
 
 For every configuration (``NAME[:KEY=VALUE;KEY=VALUE]``, ``SlimSettings`` fields; ``none`` for None) and size:
 the slim modules of every class, made one after the other in this process, timed; their mean share of the
 model's parameters; the voting composition of all of them against the model on the whole test set; and the
 seconds for the modules over the seconds the model's training took (recorded in its config.json, on this
-machine). ``--profile`` makes one module per configuration under cProfile instead and says where its time goes.
+machine). ``--joint-heads W,...``: for every configuration, also the same modules with their heads then refitted
+together at each weight (the library's ``refit_heads_together``, as ``joint_heads=W`` runs it), side by side.
+``--profile`` makes one module per configuration under cProfile instead and says where its time goes.
 Figures go to benchmarks/out/slim_cost_<model><suffix>.json with a markdown table.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import cProfile
 import pstats
 import sys
@@ -30,7 +34,7 @@ from common import record
 from cnnmod.compose.evaluate import evaluate_against_model
 from cnnmod.compose.voting import compose
 from cnnmod.data import load
-from cnnmod.decompose.slim import SlimSettings, slim_modules
+from cnnmod.decompose.slim import SlimSettings, refit_heads_together, slim_modules
 from cnnmod.io.models import load_model
 from cnnmod.jobs.train import train
 from cnnmod.models.train import TrainSettings
@@ -91,6 +95,30 @@ def training_estimate(clf, images: int) -> dict:
             "estimated_seconds": round(seconds, 1), "recorded_seconds": t["seconds"]}
 
 
+def measured(name: str, size: float, overrides: dict, modules: list, seconds: float, clf, test,
+             training_seconds: float) -> dict:
+    """One row: the modules' mean share of the parameters, their voting composition against the model on the
+    test set, and their seconds against training's."""
+    report = evaluate_against_model(compose(modules), clf, test, torch.device("cpu"))
+    row = {"config": name, "size": size, **overrides,
+           "params_fraction": round(sum(m.metrics["params_fraction"] for m in modules) / len(modules), 4),
+           "max_params_fraction": max(m.metrics["params_fraction"] for m in modules),
+           "model_top1": report["model_top1"], "composed_top1": report["composed_top1"],
+           "cost_top1_pp": report["decomposition_cost_top1_pp"], "seconds": round(seconds, 1),
+           "training_seconds": training_seconds,
+           "to_training": round(seconds / training_seconds, 4),
+           # where the cost sits: each class's share of the parameters, pruning steps, top-1 and binary
+           # accuracy composed (the model's top-1 beside)
+           "per_class": [{"class": m.concerned, "params_fraction": m.metrics["params_fraction"],
+                          "steps": len(m.metrics["history"]) - 1, "model_top1": c["model_top1"],
+                          "composed_top1": c["composed_top1"], "binary_accuracy": c["binary_accuracy"]}
+                         for m, c in zip(modules, report["per_class"], strict=True)]}
+    print({k: v for k, v in row.items() if k != "per_class"}, flush=True)
+    for c in row["per_class"]:
+        print("   ", c, flush=True)
+    return row
+
+
 def main(argv: list[str]) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", type=Path)
@@ -98,6 +126,8 @@ def main(argv: list[str]) -> None:
     p.add_argument("--configs", default="default", help="NAME[:KEY=VALUE;...] comma-separated")
     p.add_argument("--profile", action="store_true", help="one module per configuration, profiled")
     p.add_argument("--name-suffix", default="")
+    p.add_argument("--joint-heads", default="",
+                   help="weights W,...: each configuration's modules also with their heads refitted together at W")
     p.add_argument("--train-images", type=int, default=6400,
                    help="time training on this many images in the same run, to set the modules' time against")
     args = p.parse_args(argv)
@@ -120,24 +150,15 @@ def main(argv: list[str]) -> None:
             modules = slim_modules(clf, train, list(range(clf.num_classes)), s)
             seconds = time.perf_counter() - t0
             print(f"{name} size {size}: {len(modules)} modules in {seconds:.1f} s", flush=True)
-            report = evaluate_against_model(compose(modules), clf, test, torch.device("cpu"))
-            row = {"config": name, "size": size, **{k: v for k, v in overrides.items()},
-                   "params_fraction": round(sum(m.metrics["params_fraction"] for m in modules) / len(modules), 4),
-                   "max_params_fraction": max(m.metrics["params_fraction"] for m in modules),
-                   "model_top1": report["model_top1"], "composed_top1": report["composed_top1"],
-                   "cost_top1_pp": report["decomposition_cost_top1_pp"], "seconds": round(seconds, 1),
-                   "training_seconds": training_seconds,
-                   "to_training": round(seconds / training_seconds, 4),
-                   # where the cost sits: each class's share of the parameters, pruning steps, top-1 and binary
-                   # accuracy composed (the model's top-1 beside)
-                   "per_class": [{"class": m.concerned, "params_fraction": m.metrics["params_fraction"],
-                                  "steps": len(m.metrics["history"]) - 1, "model_top1": c["model_top1"],
-                                  "composed_top1": c["composed_top1"], "binary_accuracy": c["binary_accuracy"]}
-                                 for m, c in zip(modules, report["per_class"], strict=True)]}
-            print({k: v for k, v in row.items() if k != "per_class"}, flush=True)
-            for c in row["per_class"]:
-                print("   ", c, flush=True)
-            rows.append(row)
+            rows.append(measured(name, size, overrides, modules, seconds, clf, test, training_seconds))
+            for weight in (float(v) for v in filter(None, args.joint_heads.split(","))):
+                refitted = copy.deepcopy(modules)
+                t0 = time.perf_counter()
+                refit_heads_together(refitted, clf, train, replace(s, joint_heads=weight))
+                extra = time.perf_counter() - t0
+                print(f"  heads refitted together at {weight:g} in {extra:.1f} s", flush=True)
+                rows.append(measured(f"{name}+joint{weight:g}", size, {**overrides, "joint_heads": weight}, refitted,
+                                     seconds + extra, clf, test, training_seconds))
     if args.profile:
         table = ["| configuration | size | seconds (one module) | " + " | ".join(label for label, _, _ in PARTS) + " |",
                  "|---|---|---|" + "---|" * len(PARTS)]

@@ -40,6 +40,7 @@ from ..models.classifier import Classifier
 from ..models.train import split_indices
 from ..modules.masked import binary_head
 from ..modules.slim import SlimModule
+from .joint import fit_heads_jointly
 from .pruner import Pruner, prune_together
 
 COSTS = ("params", "flops", "both", "none")
@@ -65,6 +66,9 @@ class SlimSettings:
     scale_epochs: int = 0           # after the last step: a scale per kept channel learned for the module's loss
                                     # (backbone frozen) for this many epochs over every observed input; 0: none
     scale_bn: bool = False          # with scale_epochs: learn every BatchNorm layer's scale and shift with them
+    joint_heads: float = 0.0        # > 0: the heads of a module of every class, made together, refitted together,
+                                    # with this weight on their composition's cross-entropy (:mod:`.joint`); 0: each
+                                    # head alone
     budget: str = "module"          # "module": each module holds at most ``size``; "total": the modules made
                                     # together hold ``size`` on average, channels ranked across them
     objective: str = "distill"      # the binary loss ranked and refitted on: the source's p_c ("distill") or labels
@@ -97,6 +101,9 @@ class SlimSettings:
         if self.scale_bn and self.scale_epochs == 0:
             raise UserError("--scale-bn learns BatchNorm's scales and shifts with the channel scales: give "
                             "--scale-epochs N (N >= 1) too")
+        if not self.joint_heads >= 0:
+            raise UserError(f"--joint-heads is the weight of the composition's loss in the heads' joint refit, >= 0 "
+                            f"(0: each head alone), got {self.joint_heads}")
         if self.objective not in ("distill", "labels"):
             raise UserError(f"unknown slim objective {self.objective!r}; use distill or labels")
         if self.cost not in COSTS:
@@ -185,10 +192,16 @@ def slim_modules(source: Classifier, data: ImageSet, classes: list[int], s: Slim
     the source's probabilities on the observed inputs (one forward pass over every distinct input any class's
     module observes, so that modules made together or apart are the same; :func:`slim_module` alone computes
     them on its own inputs, the same up to rounding). With ``budget="total"`` they are pruned together
-    (:func:`prune_together`). ``done(module)`` is called as each is made."""
+    (:func:`prune_together`). With ``joint_heads``, once all are made their heads are refitted together
+    (:func:`refit_heads_together`; ``classes`` must then be every class). ``done(module)`` is called as each is
+    made."""
     s = s.resolved(MODULE_SIZE)
     s.check()
     data = as_image_set(data)
+    if s.joint_heads > 0 and sorted(classes) != list(range(source.num_classes)):
+        raise UserError(f"--joint-heads refits the heads of a module of every class together; these are "
+                        f"{len(classes)} of the model's {source.num_classes} classes: decompose every class, or "
+                        "leave --joint-heads at 0")
     teachers: dict[int, torch.Tensor] = {}
     if s.objective == "distill" and classes:
         started = time.perf_counter()
@@ -228,7 +241,23 @@ def slim_modules(source: Classifier, data: ImageSet, classes: list[int], s: Slim
         modules.append(module)
         if done is not None:
             done(module)
+    if s.joint_heads > 0:
+        started = time.perf_counter()
+        fit = refit_heads_together(modules, source, data, s, batch_size)
+        share = (time.perf_counter() - started) / len(modules)  # each module's share of the joint refit
+        for m in modules:
+            m.settings["seconds"] = round(m.settings["seconds"] + share, 3)
+            m.metrics["joint_heads"] = fit
     return modules
+
+
+def refit_heads_together(modules: list[SlimModule], source: Classifier, data: ImageSet, s: SlimSettings,
+                         batch_size: int = 256) -> dict:
+    """The heads of ``modules`` (one of every class of ``source``) refitted together with weight ``s.joint_heads``
+    on their composition's cross-entropy (:func:`cnnmod.decompose.joint.fit_heads_jointly`), on half as many
+    observed inputs of every class as a module observes of its own (:class:`Pools`: never a validation image)."""
+    index = Pools(source, data, s.seed).first(list(range(data.num_classes)), max(s.samples // 2, 1))
+    return fit_heads_jointly(modules, source, data, index, s.joint_heads, batch_size=batch_size)
 
 
 class _Making:
