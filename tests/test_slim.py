@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 import shutil
@@ -296,17 +297,21 @@ def test_slim_decomposition_command_and_artifacts(tmp_path, npz_data, capsys):
     # learned gates and one budget for all modules, from the command line: the mean holds, the settings saved
     rc, stdout, err = run(["decompose", str(tmp_path / "m"), "--out", str(tmp_path / "gates"), "--granularity",
                            "channel", "--size", "0.4", "--slim-samples", "30", "--rule", "gates", "--gate-epochs",
-                           "2", "--slim-budget", "total", "--scale-epochs", "2", "--scale-bn", "--no-measure", "--json"],
-                          capsys)
+                           "2", "--slim-budget", "total", "--scale-epochs", "2", "--scale-bn", "--joint-heads", "3",
+                           "--no-measure", "--json"], capsys)
     assert rc == 0, err
     fractions = [e["params_fraction"] for e in json.loads(stdout)["modules"]]
     assert sum(fractions) / len(fractions) <= 0.4
     made = cnnmod.load_modules(tmp_path / "gates")
     recorded = {(m.settings["rule"], m.settings["budget"], m.settings["gate_epochs"], m.settings["scale_epochs"],
-                 m.settings["scale_bn"]) for m in made}
-    assert recorded == {("gates", "total", 2, 2, True)}
+                 m.settings["scale_bn"], m.settings["joint_heads"]) for m in made}
+    assert recorded == {("gates", "total", 2, 2, True, 3.0)}
     card = (tmp_path / "gates" / "modules" / "c00-band0" / "README.md").read_text()
     assert "2 epochs, convolutions frozen: a scale per kept channel" in card and "BatchNorm layer's scale" in card
+    assert "head refitted together with the other classes' modules (weight 3" in card
+    # the heads as saved are the joint refit's optimum: refitting them again leaves every margin where it is
+    fit = made[0].metrics["joint_heads"]
+    assert fit["weight"] == 3.0 and fit["joint_after"] <= fit["joint_before"]
 
 
 def test_slim_bad_input(tmp_path, npz_data, capsys):
@@ -326,7 +331,10 @@ def test_slim_bad_input(tmp_path, npz_data, capsys):
                           "--gate-epochs >= 1"),
                          (["--granularity", "channel", "--slim-step", "1"], "--slim-step, the share of the kept"),
                          (["--granularity", "channel", "--scale-epochs", "-1"], "--scale-epochs must be >= 0"),
-                         (["--granularity", "channel", "--scale-bn"], "give --scale-epochs N")):
+                         (["--granularity", "channel", "--scale-bn"], "give --scale-epochs N"),
+                         (["--granularity", "channel", "--joint-heads", "-1"], "--joint-heads is the weight"),
+                         (["--granularity", "channel", "--joint-heads", "1", "--classes", "0,1"],
+                          "2 of the model's")):
         assert_user_error(*run(["decompose", str(tmp_path / "m"), "--out", str(tmp_path / "x"), *args], capsys),
                           needle)
     assert not Path(tmp_path / "x").exists()
@@ -732,3 +740,80 @@ def test_learned_scales_that_lose_held_out_accuracy_are_not_kept(monkeypatch):
     calls = iter([80.0, 80.0])  # no loss: kept
     pruner.learn_scales(lambda: next(calls))
     assert any(bool(((g > 0) & (g != 1)).any()) for g in pruner.gates)
+
+
+def _joint_case():
+    """Slim modules of every class of a random ResNet-20 (4 classes) made with their heads fitted alone, the
+    observed inputs their heads are refitted together on, and those inputs' features, labels and source odds."""
+    clf = source("resnet20")
+    data = random_data(per_class=24)
+    s = SlimSettings(size=0.5, samples=24, step=0.3, step_samples=None)
+    modules = slim_modules(clf, data, [0, 1, 2, 3], s)
+    index = Pools(clf, data, s.seed).first([0, 1, 2, 3], 12)
+    return clf, data, modules, index
+
+
+def _margins(modules):
+    return [((m.head_weight[0] - m.head_weight[1]).detach().double(), float((m.head_bias[0] - m.head_bias[1]).detach()))
+            for m in modules]
+
+
+def test_heads_refitted_together_at_weight_zero_are_each_heads_own_fit():
+    """At weight 0 the joint refit's loss is the sum of the modules' own binary losses: it separates, and each
+    module's head reaches the minimum that fitting it alone (``fit_head``, the refit every slim module gets) on
+    the same inputs, to the source's p_c on them, reaches (the loss is convex: one minimum value, though on a
+    few inputs a flat valley of heads reaches it)."""
+    from cnnmod.core.calibrate import _balanced_bce
+    from cnnmod.decompose.joint import fit_heads_jointly, module_features
+
+    clf, data, modules, index = _joint_case()
+    images, labels = data.images[index], data.labels[index]
+    features = module_features(modules, images)
+    p = torch.sigmoid(source_log_odds(clf.net, clf.prepare(images))).double()
+
+    def own(k, w, b):
+        return float(_balanced_bce(features[k] @ w.double() + b, labels == k, p[:, k]) + 1e-4 * (w.double() ** 2).sum())
+
+    before = [own(k, w, b) for k, (w, b) in enumerate(_margins(modules))]
+    fit_heads_jointly(modules, clf, data, index, weight=0.0)
+    for k, (w, b) in enumerate(_margins(modules)):
+        alone_w, alone_b = fit_head(features[k].float(), labels == k, torch.zeros(features[k].shape[1]), 0.0,
+                                    soft=p[:, k])
+        assert own(k, w, b) == pytest.approx(own(k, alone_w, alone_b), abs=1e-4)
+        assert own(k, w, b) <= before[k] + 1e-9
+
+
+def test_heads_refitted_together_minimise_the_joint_loss():
+    """The joint loss (each module's class-balanced binary loss to p_c, plus the weight times the cross-entropy of
+    the softmax over the margins against the softmax over the source's log-odds, plus the heads' L2) is convex
+    in the heads: computed here from the features, its gradient vanishes at the joint refit, and its value there
+    is below its value at the heads fitted alone on the same inputs (weight 0); refitting again moves nothing."""
+    from cnnmod.core.calibrate import _balanced_bce
+    from cnnmod.decompose.joint import fit_heads_jointly, module_features
+
+    clf, data, modules, index = _joint_case()
+    images, labels = data.images[index], data.labels[index]
+    features = module_features(modules, images)
+    odds = source_log_odds(clf.net, clf.prepare(images)).double()
+
+    def loss(heads):
+        z = torch.stack([f @ w + b for f, (w, b) in zip(features, heads, strict=True)], 1)
+        binary = sum(_balanced_bce(z[:, k], labels == k, torch.sigmoid(odds[:, k])) for k in range(4))
+        joint = -(torch.softmax(odds, 1) * torch.log_softmax(z, 1)).sum(1).mean()
+        return binary + 3.0 * joint + 1e-4 * sum((w * w).sum() for w, _ in heads)
+
+    def value(heads):
+        return float(loss([(w, torch.tensor(b, dtype=torch.float64)) for w, b in heads]))
+
+    alone = copy.deepcopy(modules)
+    fit_heads_jointly(alone, clf, data, index, weight=0.0)
+    fit_heads_jointly(modules, clf, data, index, weight=3.0)
+    together = _margins(modules)
+    assert value(together) < value(_margins(alone)) - 1e-4
+    live = [(w.clone().requires_grad_(True), torch.tensor(b, dtype=torch.float64, requires_grad=True))
+            for w, b in together]
+    grads = torch.autograd.grad(loss(live), [t for pair in live for t in pair])
+    assert max(float(g.abs().max()) for g in grads) < 1e-4
+    fit_heads_jointly(modules, clf, data, index, weight=3.0)
+    again = _margins(modules)
+    assert all(torch.allclose(w, w2, atol=1e-4) for (w, _), (w2, _) in zip(together, again, strict=True))

@@ -243,6 +243,9 @@ def decompose_cmd(
     scale_bn: bool = typer.Option(False, "--scale-bn", help="Slim modules, with --scale-epochs: learn every "
                                   "BatchNorm layer's scale and shift with the channel scales (convolutions stay "
                                   "frozen)."),
+    joint_heads: float = typer.Option(0.0, "--joint-heads", help="Slim modules of every class: refit their heads "
+                                      "together, each module's binary loss plus this weight times their "
+                                      "composition's cross-entropy (0: each head alone)."),
     slim_samples: int = typer.Option(2048, "--slim-samples", help="Slim modules: concerned inputs observed."),
     slim_cost: str = typer.Option("params", "--slim-cost", help="Slim modules: rank channels by importance per "
                                   "parameter (params), per FLOP (flops), per their share of both (both), or within "
@@ -282,7 +285,7 @@ def decompose_cmd(
         slim = SlimSettings(size=size, max_loss=max_loss, rule=rule, samples=slim_samples, cost=slim_cost,
                             multiple=slim_multiple, step_samples=slim_step_samples or None, seed=seed,
                             budget=slim_budget, gate_epochs=gate_epochs, step=slim_step,
-                            scale_epochs=scale_epochs, scale_bn=scale_bn)
+                            scale_epochs=scale_epochs, scale_bn=scale_bn, joint_heads=joint_heads)
     elif size is not None or max_loss is not None:
         raise UserError("--size and --max-loss apply to slim modules: add --granularity channel")
     result = decompose_dir(model_dir, out, settings, Run(device, data_root, batch_size, overwrite, country),

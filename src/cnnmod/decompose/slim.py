@@ -198,10 +198,7 @@ def slim_modules(source: Classifier, data: ImageSet, classes: list[int], s: Slim
     s = s.resolved(MODULE_SIZE)
     s.check()
     data = as_image_set(data)
-    if s.joint_heads > 0 and sorted(classes) != list(range(source.num_classes)):
-        raise UserError(f"--joint-heads refits the heads of a module of every class together; these are "
-                        f"{len(classes)} of the model's {source.num_classes} classes: decompose every class, or "
-                        "leave --joint-heads at 0")
+    check_joint(s, classes, source.num_classes)
     teachers: dict[int, torch.Tensor] = {}
     if s.objective == "distill" and classes:
         started = time.perf_counter()
@@ -249,6 +246,14 @@ def slim_modules(source: Classifier, data: ImageSet, classes: list[int], s: Slim
             m.settings["seconds"] = round(m.settings["seconds"] + share, 3)
             m.metrics["joint_heads"] = fit
     return modules
+
+
+def check_joint(s: SlimSettings, classes: list[int], num_classes: int) -> None:
+    """``joint_heads`` refits the heads of a module of every class: say so when ``classes`` are fewer."""
+    if s.joint_heads > 0 and sorted(classes) != list(range(num_classes)):
+        raise UserError(f"--joint-heads refits the heads of a module of every class together; these are "
+                        f"{len(classes)} of the model's {num_classes} classes: decompose every class, or leave "
+                        "--joint-heads at 0")
 
 
 def refit_heads_together(modules: list[SlimModule], source: Classifier, data: ImageSet, s: SlimSettings,

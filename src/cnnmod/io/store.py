@@ -162,17 +162,21 @@ def slim_card(m) -> str:
                       "no retraining) that says \"my class\" or \"not my class\". It loads without its source.", "",
                       f"- parameters: {m.params()} ({100 * m.kept_fraction():.1f}% of the source model's)",
                       f"- kept channels: {m.metrics.get('kept_channels')} of {m.metrics.get('channels')}",
-                      f"- importance rule: {m.settings.get('rule')}", *_learned_line(m.settings), ""])
+                      f"- importance rule: {m.settings.get('rule')}", *_learned_lines(m.settings), ""])
 
 
-def _learned_line(settings: dict) -> list[str]:
+def _learned_lines(settings: dict) -> list[str]:
     """What a slim module learned after its last pruning step (nothing: no line)."""
+    lines = []
     epochs = settings.get("scale_epochs", 0)
-    if not epochs:
-        return []
-    bn = ", and every BatchNorm layer's scale and shift" if settings.get("scale_bn") else ""
-    return [f"- learned after pruning, {epochs} epochs, convolutions frozen: a scale per kept channel (folded into "
-            f"the weights){bn}"]
+    if epochs:
+        bn = ", and every BatchNorm layer's scale and shift" if settings.get("scale_bn") else ""
+        lines.append(f"- learned after pruning, {epochs} epochs, convolutions frozen: a scale per kept channel "
+                     f"(folded into the weights){bn}")
+    if settings.get("joint_heads"):
+        lines.append(f"- head refitted together with the other classes' modules (weight {settings['joint_heads']:g} "
+                     "on their composition's cross-entropy)")
+    return lines
 
 
 def _input_shape(config: dict) -> tuple[int, int, int]:

@@ -11,7 +11,7 @@ from ..compose.voting import compose
 from ..core.metrics import predict_scores
 from ..decompose.fitting import calibrate_decomposition
 from ..decompose.paper import DecomposeSettings, chosen_classes, decompose
-from ..decompose.slim import MODULE_SIZE, SlimSettings, slim_modules
+from ..decompose.slim import MODULE_SIZE, SlimSettings, check_joint, slim_modules
 from ..errors import UserError
 from ..io.artifacts import check_output
 from ..io.models import load_model
@@ -66,11 +66,16 @@ def decompose_dir(model_dir: str | Path, out: str | Path, settings: DecomposeSet
     if slim is not None and dd.active and slim.budget == "total":
         raise UserError("--slim-budget total prunes all modules together in one process: run it without torchrun, "
                         "or use --slim-budget module")
+    if slim is not None and dd.active and slim.joint_heads > 0:
+        raise UserError("--joint-heads refits every module's head together in one process: run it without "
+                        "torchrun, or leave --joint-heads at 0")
     if dd.is_main:
         check_output(Path(out), run.overwrite)
     seed_everything(settings.seed)
     clf = load_model(model_dir, dev)
     chosen = chosen_classes(clf, classes)
+    if slim is not None:
+        check_joint(slim, chosen, clf.num_classes)
     train = split_for(clf, data, run.data_root, "train")
     if settings.calibration_samples > 0 and dd.is_main:
         heads_up(len(chosen), settings.calibration_samples * 2 * clf.num_classes, "calibration",
