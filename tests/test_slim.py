@@ -300,6 +300,7 @@ def test_slim_decomposition_command_and_artifacts(tmp_path, npz_data, capsys):
                            "2", "--slim-budget", "total", "--scale-epochs", "2", "--scale-bn", "--joint-heads", "3",
                            "--no-measure", "--json"], capsys)
     assert rc == 0, err
+    assert "then their heads refitted together (weight 3)" in err
     fractions = [e["params_fraction"] for e in json.loads(stdout)["modules"]]
     assert sum(fractions) / len(fractions) <= 0.4
     made = cnnmod.load_modules(tmp_path / "gates")

@@ -84,6 +84,7 @@ def decompose_dir(model_dir: str | Path, out: str | Path, settings: DecomposeSet
     if slim is not None:
         say(f"slimming {clf.arch} ({clf.num_classes} classes) to {slim.size:g} of its parameters"
             + (f" within {slim.max_loss:g} pp" if slim.max_loss is not None else "") + f", {slim.rule} importance"
+            + (f", then their heads refitted together (weight {slim.joint_heads:g})" if slim.joint_heads else "")
             + (f", classes spread over {dd.world} processes" if dd.active else ""))
         started = time.perf_counter()
         mine = chosen[dd.rank::dd.world]  # each is an independent pruning run: the unit torchrun spreads
