@@ -20,6 +20,15 @@ from ..models.classifier import Classifier
 from ..modules.base import BinaryModule
 
 
+def check_every_class(classes: list[int], num_classes: int) -> None:
+    """Heads are refitted together for a module of every class of one model: one line when ``classes`` are
+    fewer."""
+    if sorted(classes) != list(range(num_classes)):
+        raise UserError(f"--joint-heads refits the heads of a module of every class together; these are "
+                        f"{len(classes)} of the model's {num_classes} classes: decompose every class, or leave "
+                        "--joint-heads at 0")
+
+
 def module_features(modules: list[BinaryModule], images: torch.Tensor, batch_size: int = 512) -> list[torch.Tensor]:
     """Each module's head input (N, F_k) on uint8 ``images``, in batches, without gradients."""
     out = []
@@ -35,22 +44,12 @@ def fit_heads_jointly(modules: list[BinaryModule], source: Classifier, data: Ima
                       weight: float = 1.0, l2: float = 1e-4, batch_size: int = 512) -> dict:
     """Refit, in place, the heads of ``modules`` (binary modules of ``source``, one per class, every class of it)
     on the inputs ``data.images[index]``; returns the fit's losses before and after."""
-    from .slim import source_log_odds  # noqa: PLC0415 -- slim imports this module
+    from .slim import model_log_odds  # noqa: PLC0415 -- slim imports this module
     classes = [m.concerned for m in modules]
-    if sorted(classes) != list(range(source.num_classes)):
-        raise UserError("heads are refitted together for a module of every class of one model; got classes "
-                        f"{sorted(classes)} of {source.num_classes}")
+    check_every_class(classes, source.num_classes)
     images = data.images[index]
     labels = data.labels[index]
-    net = source.net
-    device = next(net.parameters()).device
-    training = net.training
-    net.eval()
-    try:
-        odds = torch.cat([source_log_odds(net, source.prepare(images[i:i + batch_size].to(device)), batch_size).cpu()
-                          for i in range(0, images.shape[0], batch_size)]).double()[:, classes]
-    finally:
-        net.train(training)
+    odds = model_log_odds(source, images, batch_size).double()[:, classes]
     soft = torch.sigmoid(odds)
     target = torch.softmax(odds, 1)
     mine = labels[:, None] == torch.tensor(classes)[None, :]

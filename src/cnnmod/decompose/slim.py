@@ -40,7 +40,7 @@ from ..models.classifier import Classifier
 from ..models.train import split_indices
 from ..modules.masked import binary_head
 from ..modules.slim import SlimModule
-from .joint import fit_heads_jointly
+from .joint import check_every_class, fit_heads_jointly
 from .pruner import Pruner, prune_together
 
 COSTS = ("params", "flops", "both", "none")
@@ -208,15 +208,7 @@ def slim_modules(source: Classifier, data: ImageSet, classes: list[int], s: Slim
         observed = {c: pools.observation(c, s.samples) for c in range(data.num_classes)}
         union = torch.unique(torch.cat(list(observed.values())))
         if union.numel() * data.num_classes <= SHARED_ODDS:
-            net = source.net
-            device = next(net.parameters()).device
-            training = net.training
-            net.eval()
-            try:
-                odds = torch.cat([source_log_odds(net, source.prepare(data.images[union[i:i + batch_size]].to(device)),
-                                                  batch_size).cpu() for i in range(0, union.numel(), batch_size)])
-            finally:
-                net.train(training)
+            odds = model_log_odds(source, data.images[union], batch_size)
             seconds = (time.perf_counter() - started) / len(classes)  # each module's share
             teachers = {c: (torch.sigmoid(odds[torch.searchsorted(union, observed[c]), c:c + 1]), seconds)
                         for c in classes}
@@ -249,11 +241,10 @@ def slim_modules(source: Classifier, data: ImageSet, classes: list[int], s: Slim
 
 
 def check_joint(s: SlimSettings, classes: list[int], num_classes: int) -> None:
-    """``joint_heads`` refits the heads of a module of every class: say so when ``classes`` are fewer."""
-    if s.joint_heads > 0 and sorted(classes) != list(range(num_classes)):
-        raise UserError(f"--joint-heads refits the heads of a module of every class together; these are "
-                        f"{len(classes)} of the model's {num_classes} classes: decompose every class, or leave "
-                        "--joint-heads at 0")
+    """``joint_heads`` refits the heads of a module of every class: say so, before anything runs, when
+    ``classes`` are fewer."""
+    if s.joint_heads > 0:
+        check_every_class(classes, num_classes)
 
 
 def refit_heads_together(modules: list[SlimModule], source: Classifier, data: ImageSet, s: SlimSettings,
@@ -350,6 +341,20 @@ def source_log_odds(net: nn.Module, x: torch.Tensor, batch_size: int = 256,
     eye = torch.eye(z.shape[1], dtype=torch.bool, device=z.device)
     rest = torch.logsumexp(z.unsqueeze(1).masked_fill(eye, float("-inf")), 2)
     return (z - rest).float()
+
+
+def model_log_odds(source: Classifier, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """(N, K) on the CPU: :func:`source_log_odds` of ``source``'s network (in eval mode for the pass) on uint8
+    ``images``, prepared and run in batches on the network's device."""
+    net = source.net
+    device = next(net.parameters()).device
+    training = net.training
+    net.eval()
+    try:
+        return torch.cat([source_log_odds(net, source.prepare(images[i:i + batch_size].to(device)), batch_size).cpu()
+                          for i in range(0, images.shape[0], batch_size)])
+    finally:
+        net.train(training)
 
 
 def as_made(modules: list[SlimModule], **overrides) -> SlimSettings:
