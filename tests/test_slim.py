@@ -298,18 +298,19 @@ def test_slim_decomposition_command_and_artifacts(tmp_path, npz_data, capsys):
     rc, stdout, err = run(["decompose", str(tmp_path / "m"), "--out", str(tmp_path / "gates"), "--granularity",
                            "channel", "--size", "0.4", "--slim-samples", "30", "--rule", "gates", "--gate-epochs",
                            "2", "--slim-budget", "total", "--scale-epochs", "2", "--scale-bn", "--joint-heads", "3",
-                           "--no-measure", "--json"], capsys)
+                           "--reconstruct", "--no-measure", "--json"], capsys)
     assert rc == 0, err
     assert "then their heads refitted together (weight 3)" in err
     fractions = [e["params_fraction"] for e in json.loads(stdout)["modules"]]
     assert sum(fractions) / len(fractions) <= 0.4
     made = cnnmod.load_modules(tmp_path / "gates")
     recorded = {(m.settings["rule"], m.settings["budget"], m.settings["gate_epochs"], m.settings["scale_epochs"],
-                 m.settings["scale_bn"], m.settings["joint_heads"]) for m in made}
-    assert recorded == {("gates", "total", 2, 2, True, 3.0)}
+                 m.settings["scale_bn"], m.settings["joint_heads"], m.settings["reconstruct"]) for m in made}
+    assert recorded == {("gates", "total", 2, 2, True, 3.0, True)}
     card = (tmp_path / "gates" / "modules" / "c00-band0" / "README.md").read_text()
     assert "2 epochs, convolutions frozen: a scale per kept channel" in card and "BatchNorm layer's scale" in card
     assert "head refitted together with the other classes' modules (weight 3" in card
+    assert "by least squares, so that each layer's outputs match the source model's" in card
     # the heads as saved are the joint refit's optimum: refitting them again leaves every margin where it is
     fit = made[0].metrics["joint_heads"]
     assert fit["weight"] == 3.0 and fit["joint_after"] <= fit["joint_before"]
@@ -818,3 +819,94 @@ def test_heads_refitted_together_minimise_the_joint_loss():
     fit_heads_jointly(modules, clf, data, index, weight=3.0)
     again = _margins(modules)
     assert all(torch.allclose(w, w2, atol=1e-4) for (w, _), (w2, _) in zip(together, again, strict=True))
+
+
+def _doubled_unit_mlp():
+    """A random MLP (144-16-12-4) whose first-layer unit 5 is unit 4 doubled (weights and bias: after the ReLU,
+    h5 = 2 h4 on every input): with unit 5 closed, the second layer reads the same thing through weights
+    w4 + 2 w5 on unit 4, which least squares should find."""
+    net = build("mlp", (1, 12, 12), 4, hidden=[16, 12]).eval()
+    first = net.features[1]
+    with torch.no_grad():
+        first.weight[5] = 2 * first.weight[4]
+        first.bias[5] = 2 * first.bias[4]
+    clf = Classifier(net, InputSpec(1, 12, 12, (0.5,), (0.25,)), [f"c{c}" for c in range(4)], "mlp",
+                     {"hidden": [16, 12]}, "random")
+    x = torch.randn(300, 1, 12, 12, generator=torch.Generator().manual_seed(1))
+    s = SlimSettings(size=0.5, reconstruct=True, step_samples=None).resolved(0.5)
+    pruner = Pruner(clf, s, x, (torch.arange(300) % 4 == 1)[:, None], None,
+                    torch.randn(1, 12, generator=torch.Generator().manual_seed(2)), torch.zeros(1))
+    group = next(i for i, g in enumerate(pruner.groups.groups) if "features.1" in g["roots"])
+    pruner.gates[group][5] = 0.0
+    return clf, pruner, x
+
+
+def test_reconstruction_gives_a_closed_units_work_to_the_kept_unit_that_carries_it():
+    """Closing the doubled unit of :func:`_doubled_unit_mlp` changes what the gated network computes; refitted by
+    least squares, the second layer reads unit 4 through w4 + 2 w5 (worked out by hand) and the gated network
+    computes the model's outputs again, on inputs it never saw; the first layer (nothing closed before it) and
+    the source model keep their weights, and the head is not a layer it refits."""
+    clf, pruner, x = _doubled_unit_mlp()
+    original = {k: v.clone() for k, v in clf.net.state_dict().items()}
+    new = torch.randn(50, 1, 12, 12, generator=torch.Generator().manual_seed(3))
+
+    def gated_out():
+        with torch.no_grad(), gated(pruner.net, pruner.graph, pruner.groups, pruner.gates):
+            return pruner.net(new)
+
+    with torch.no_grad():
+        want = clf.net(new)
+    before = float((gated_out() - want).abs().max())
+    assert before > 0.05  # the closed unit mattered
+    pruner.reconstruct()
+    second = pruner.net.features[3].weight
+    expected = original["features.3.weight"][:, 4] + 2 * original["features.3.weight"][:, 5]
+    assert torch.allclose(second[:, 4], expected, atol=1e-3)
+    assert torch.allclose(pruner.net.features[1].weight, original["features.1.weight"], atol=1e-5)
+    assert torch.equal(pruner.net.classifier.weight, original["classifier.weight"])
+    assert float((gated_out() - want).abs().max()) < before / 100
+    assert all(torch.equal(v, original[k]) for k, v in clf.net.state_dict().items())
+
+
+def test_reconstruction_that_loses_held_out_accuracy_is_undone():
+    clf, pruner, _ = _doubled_unit_mlp()
+    before = {k: v.clone() for k, v in pruner.net.state_dict().items()}
+    calls = iter([90.0, 80.0])  # held-out accuracy before, then after: undone
+    pruner.reconstruct(lambda: next(calls))
+    assert all(torch.equal(pruner.net.state_dict()[k], v) for k, v in before.items())
+    calls = iter([80.0, 80.0])  # no loss: kept
+    pruner.reconstruct(lambda: next(calls))
+    assert not torch.equal(pruner.net.features[3].weight, before["features.3.weight"])
+
+
+def test_reconstructed_slim_module_is_cut_alike_exact_and_nearer_the_model():
+    """A slim module of a ResNet-20 (BatchNorm) made with --reconstruct is cut as the module made without it (the
+    refit follows the last step) and holds as many parameters; it computes what its gated network computes; the
+    model is untouched; and on new inputs its features (the head's input) are nearer the model's than those of
+    the module made without it."""
+    clf = source("resnet20")
+    original = {k: v.clone() for k, v in clf.net.state_dict().items()}
+    data = random_data(per_class=20)
+    s = SlimSettings(size=0.4, samples=40, step=0.2, step_samples=16)
+    plain = slim_module(clf, data, 1, s, keep_reference=True)
+    m = slim_module(clf, data, 1, replace(s, reconstruct=True), keep_reference=True)
+    assert all(torch.equal(v, original[k]) for k, v in clf.net.state_dict().items())
+    assert m.removed == plain.removed and m.params() == plain.params()
+    x = torch.randn(40, 1, 12, 12, generator=torch.Generator().manual_seed(5))
+    graph = ModelGraph(clf.net, clf.spec.shape)
+    with torch.no_grad():
+        want = classifier_input(clf.net, graph.head, lambda: clf.net(x))
+    gaps = []
+    for made in (plain, m):
+        net, graph_, groups, gates, hw, hb = made.gated_reference
+        with torch.no_grad(), gated(net, graph_, groups, gates):
+            f = classifier_input(net, graph_.head, lambda net=net: net(x))
+        with torch.no_grad():
+            assert torch.allclose(made(x), f @ hw.T + hb, atol=1e-4)
+        kept = torch.ones(f.shape[1], dtype=torch.bool)  # the features the head still reads
+        for group, gate in zip(groups.groups, gates, strict=True):
+            for layer, index, root in group["consumers"]:
+                if layer == graph_.head.layer:
+                    kept[index[gate[root].cpu() == 0]] = False
+        gaps.append(float((f - want)[:, kept].pow(2).mean()))
+    assert gaps[1] < gaps[0]

@@ -243,6 +243,9 @@ def decompose_cmd(
     scale_bn: bool = typer.Option(False, "--scale-bn", help="Slim modules, with --scale-epochs: learn every "
                                   "BatchNorm layer's scale and shift with the channel scales (convolutions stay "
                                   "frozen)."),
+    reconstruct: bool = typer.Option(False, "--reconstruct", help="Slim modules: after the last pruning step, refit "
+                                     "the kept weights of every convolution by least squares so that each layer's "
+                                     "outputs match the model's own (no loss, no labels)."),
     joint_heads: float = typer.Option(0.0, "--joint-heads", help="Slim modules of every class: refit their heads "
                                       "together, each module's binary loss plus this weight times their "
                                       "composition's cross-entropy (0: each head alone)."),
@@ -285,7 +288,7 @@ def decompose_cmd(
         slim = SlimSettings(size=size, max_loss=max_loss, rule=rule, samples=slim_samples, cost=slim_cost,
                             multiple=slim_multiple, step_samples=slim_step_samples or None, seed=seed,
                             budget=slim_budget, gate_epochs=gate_epochs, step=slim_step,
-                            scale_epochs=scale_epochs, scale_bn=scale_bn, joint_heads=joint_heads)
+                            scale_epochs=scale_epochs, scale_bn=scale_bn, joint_heads=joint_heads, reconstruct=reconstruct)
     elif size is not None or max_loss is not None:
         raise UserError("--size and --max-loss apply to slim modules: add --granularity channel")
     result = decompose_dir(model_dir, out, settings, Run(device, data_root, batch_size, overwrite, country),

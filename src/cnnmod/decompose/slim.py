@@ -17,7 +17,9 @@ until the physically sliced network holds at most ``size`` of the source model's
 data). With ``rule="gates"`` the first cut is learned instead (:meth:`Pruner.learn_gates`: gates in [0, 1]
 trained for the margins with a cost penalty), later steps ranked as taylor. With ``budget="total"`` the modules
 of one decomposition are pruned together to ``size`` on average (:func:`prune_together`). The backbone's
-weights are never trained. The sliced network computes exactly what the gated one does.
+weights are never trained on a loss; with ``reconstruct``, after the last step each layer's kept weights are
+solved by least squares to give the model's own outputs back (:meth:`Pruner.reconstruct`). The sliced network
+computes exactly what the gated one does.
 """
 
 from __future__ import annotations
@@ -66,6 +68,9 @@ class SlimSettings:
     scale_epochs: int = 0           # after the last step: a scale per kept channel learned for the module's loss
                                     # (backbone frozen) for this many epochs over every observed input; 0: none
     scale_bn: bool = False          # with scale_epochs: learn every BatchNorm layer's scale and shift with them
+    reconstruct: bool = False       # after the last step, before the scales: every layer's kept weights refitted
+                                    # by least squares so that its outputs match the model's own on observed
+                                    # inputs (:meth:`Pruner.reconstruct`)
     joint_heads: float = 0.0        # > 0: the heads of a module of every class, made together, refitted together,
                                     # with this weight on their composition's cross-entropy (:mod:`.joint`); 0: each
                                     # head alone

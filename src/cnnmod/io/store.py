@@ -168,6 +168,10 @@ def slim_card(m) -> str:
 def _learned_lines(settings: dict) -> list[str]:
     """What a slim module learned after its last pruning step (nothing: no line)."""
     lines = []
+    if settings.get("reconstruct"):
+        lines.append("- refitted after pruning: the kept weights of every convolution and linear layer, by least "
+                     "squares, so that each layer's outputs match the source model's on observed inputs (no loss, "
+                     "no labels)")
     epochs = settings.get("scale_epochs", 0)
     if epochs:
         bn = ", and every BatchNorm layer's scale and shift" if settings.get("scale_bn") else ""
