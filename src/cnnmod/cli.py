@@ -288,7 +288,8 @@ def decompose_cmd(
         slim = SlimSettings(size=size, max_loss=max_loss, rule=rule, samples=slim_samples, cost=slim_cost,
                             multiple=slim_multiple, step_samples=slim_step_samples or None, seed=seed,
                             budget=slim_budget, gate_epochs=gate_epochs, step=slim_step,
-                            scale_epochs=scale_epochs, scale_bn=scale_bn, joint_heads=joint_heads, reconstruct=reconstruct)
+                            scale_epochs=scale_epochs, scale_bn=scale_bn, joint_heads=joint_heads,
+                            reconstruct=reconstruct)
     elif size is not None or max_loss is not None:
         raise UserError("--size and --max-loss apply to slim modules: add --granularity channel")
     result = decompose_dir(model_dir, out, settings, Run(device, data_root, batch_size, overwrite, country),
