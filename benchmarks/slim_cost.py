@@ -44,6 +44,8 @@ from cnnmod.models.train import TrainSettings
 PARTS = [("importance (Taylor: forward + backward)", "taylor", "pruner.py"),
          ("learned gates and scales (both learn_gates)", "learn_gates", "pruner.py"),
          ("the scales after the last step, their refit with them (learn_scales)", "learn_scales", "pruner.py"),
+         ("the kept weights refitted by least squares, with the refresh after (reconstruct)", "reconstruct",
+          "pruner.py"),
          ("BatchNorm re-estimation", "reestimate_bn", "channels.py"),
          ("head refits (features + fit)", "refit", "pruner.py"),
          ("the source's probabilities", "source_log_odds", "slim.py"),
