@@ -429,6 +429,26 @@ def test_merged_slim_composition(tmp_path, npz_data, capsys):
         assert set(removed) <= set(pruned.removed[root])
     assert pruned.settings["size"] == 0.1 and pruned.settings["cost"] == "both"
     assert json.loads(stdout)["params_fraction"] == pruned.metrics["params_fraction"] <= 0.1
+    # the same cut with its kept weights then refitted to the model's features: the same channels, other weights,
+    # recorded and on its card
+    rc, _, err = run(["compose", str(tmp_path / "slim" / "modules" / "c00-band0"),
+                      str(tmp_path / "slim" / "modules" / "c02-band2"), "--mode", "merged", "--size", "0.1",
+                      "--slim-cost", "both", "--reconstruct", "--out", str(tmp_path / "refitted")], capsys)
+    assert rc == 0, err
+    refitted, _ = load_merged_slim(tmp_path / "refitted")
+    assert refitted.removed == pruned.removed and refitted.params() == pruned.params()
+    assert refitted.settings["reconstruct"] is True and pruned.settings["reconstruct"] is False
+    weights = [(k, v) for k, v in refitted.net.state_dict().items() if k.endswith("conv2.weight")]
+    assert any(not torch.equal(v, pruned.net.state_dict()[k]) for k, v in weights)
+    assert "by least squares" in (tmp_path / "refitted" / "README.md").read_text()
+    # pruned with learned gates instead of Taylor ranking: to the size, and recorded
+    rc, _, err = run(["compose", str(tmp_path / "slim" / "modules" / "c00-band0"),
+                      str(tmp_path / "slim" / "modules" / "c02-band2"), "--mode", "merged", "--size", "0.1",
+                      "--rule", "gates", "--out", str(tmp_path / "gated")], capsys)
+    assert rc == 0, err
+    gated_merge, _ = load_merged_slim(tmp_path / "gated")
+    assert gated_merge.settings["rule"] == "gates" and pruned.settings["rule"] == "taylor"
+    assert gated_merge.metrics["params_fraction"] <= 0.1
     # pruned as far as the held-out top-1 among its classes allows: with no loss allowed against the model
     # restricted to them, it loses none, and the saved network and the model score what was recorded on the
     # held-out inputs (the model's validation images, in each class's seeded order); with any loss allowed, down
@@ -469,6 +489,12 @@ def test_merged_slim_composition(tmp_path, npz_data, capsys):
                            capsys), "--size prunes a merged slim composition")
     assert_user_error(*run(["compose", str(tmp_path / "slim"), "--mode", "merged", "--slim-cost", "flops", "--out",
                             str(tmp_path / "x")], capsys), "give --size too")
+    assert_user_error(*run(["compose", str(tmp_path / "slim"), "--mode", "merged", "--reconstruct", "--out",
+                            str(tmp_path / "x")], capsys), "--reconstruct shapes how --size prunes")
+    assert_user_error(*run(["compose", str(tmp_path / "slim"), "--mode", "merged", "--rule", "gates", "--out",
+                            str(tmp_path / "x")], capsys), "--rule shapes how --size prunes")
+    assert_user_error(*run(["compose", str(tmp_path / "slim"), "--mode", "merged", "--size", "0.2", "--rule", "best",
+                            "--out", str(tmp_path / "x")], capsys), "unknown importance rule 'best'")
     assert_user_error(*run(["compose", str(tmp_path / "slim"), "--mode", "merged", "--size", "2", "--out",
                             str(tmp_path / "x")], capsys), "--size")
     # a merged network is one network: it cannot be taken apart into modules

@@ -347,6 +347,11 @@ def compose_cmd(
     max_loss: float = typer.Option(None, "--max-loss", help="Merged slim compositions: prune the merged network "
                                    "as far as its top-1 among its classes stays within this many points of the "
                                    "model's, on its validation images (--size is then a floor)."),
+    reconstruct: bool = typer.Option(False, "--reconstruct", help="With --size or --max-loss: once pruned, refit "
+                                     "the merged network's kept weights by least squares so that each layer's "
+                                     "outputs match the model's own (no loss, no labels)."),
+    rule: str = typer.Option("taylor", "--rule", help="With --size or --max-loss: channel importance for the "
+                             "merged network's pruning, taylor, gates (learned first) or activation."),
     batch_size: int = typer.Option(256, "--batch-size"),
     device: str = DEVICE, data_root: str = DATA_ROOT, overwrite: bool = OVERWRITE, country: str = COUNTRY,
     as_json: bool = JSON,
@@ -356,7 +361,7 @@ def compose_cmd(
     from .jobs.compose import ComposeSettings, compose_dirs
 
     settings = ComposeSettings(continuous_learning, refit_heads, calibration, mode, size, slim_cost, slim_multiple,
-                               max_loss)
+                               max_loss, reconstruct, rule)
     result = compose_dirs(paths, out, settings, Run(device, data_root, batch_size, overwrite, country))
     emit(result, as_json, f"composed {len(result['classes'])} modules into {out}")
 

@@ -438,7 +438,7 @@ def _write_merged(folder: Path, merged, source: Classifier, extra: dict | None =
                       "one pass for all classes; no retraining of the backbone.", "",
                       f"- classes: {', '.join(merged.qualified_names)}",
                       f"- parameters: {merged.params()} ({100 * merged.metrics['params_fraction']:.1f}% of the "
-                      "source model's)", ""])
+                      "source model's)", *_learned_lines(merged.settings), ""])
     return write_into(folder, "composition", config, merged.net.state_dict(), card)
 
 

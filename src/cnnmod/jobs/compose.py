@@ -44,13 +44,17 @@ class ComposeSettings:
     cost: str | None = None
     multiple: int = 1
     max_loss: float | None = None
+    reconstruct: bool = False
+    rule: str = "taylor"
 
     def check(self, modules: Sequence[BinaryModule]) -> None:
         """Everything that can be said against these settings for ``modules`` before any work starts."""
         check_composable(modules)
         prunes = self.size is not None or self.max_loss is not None
-        if (self.cost is not None or self.multiple != 1) and not prunes:
-            what = "--slim-cost" if self.cost is not None else "--slim-multiple"
+        shaping = {"--slim-cost": self.cost is not None, "--slim-multiple": self.multiple != 1,
+                   "--reconstruct": self.reconstruct, "--rule": self.rule != "taylor"}
+        if any(shaping.values()) and not prunes:
+            what = next(k for k, v in shaping.items() if v)
             raise UserError(f"{what} shapes how --size prunes a merged slim composition: give --size too, or drop it")
         slim = [m.ref.qualified for m in modules if m.granularity == "channel"]
         if (self.refit_heads or self.continuous_learning) and slim:
@@ -76,7 +80,7 @@ class ComposeSettings:
     def slim(self) -> SlimSettings:
         """The merged network's own pruning."""
         return SlimSettings(size=self.size, max_loss=self.max_loss, cost=self.cost or "params",
-                            multiple=self.multiple)
+                            multiple=self.multiple, reconstruct=self.reconstruct, rule=self.rule)
 
 
 def _summary(config: dict, out: Path, started: float) -> dict:
@@ -122,7 +126,8 @@ def _merge_slim(paths, modules: list, out: str | Path, s: ComposeSettings, run: 
     train = split_for(source, None, run.data_root, "train")
     slim = s.slim()
     merged = merge_slim(modules, source, train, as_made(modules, size=slim.size, max_loss=slim.max_loss,
-                                                        cost=slim.cost, multiple=slim.multiple),
+                                                        cost=slim.cost, multiple=slim.multiple,
+                                                        reconstruct=slim.reconstruct, rule=slim.rule),
                         batch_size=run.batch_size)
     save_slim_composition(merged, [source], out, run.overwrite, {"made_from": [str(p) for p in paths]})
     return {"out": str(out), "classes": merged.qualified_names, "mode": "merged", "granularity": "channel",
