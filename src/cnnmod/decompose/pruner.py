@@ -277,7 +277,7 @@ class Pruner:
         re-estimated and the head refitted (:meth:`refresh`). With ``accuracy`` (held-out), kept only if it does
         not fall."""
         before = accuracy() if accuracy is not None else None
-        saved = {k: v.clone() for k, v in self.net.state_dict().items()}
+        saved = {k: v.clone() for k, v in self.net.state_dict().items()} if before is not None else None
         x, _, _ = self.step_view()
         x = x[torch.linspace(0, x.shape[0] - 1, min(INPUTS, x.shape[0])).round().long().to(x.device)]
         refit_layers(self.net, self.source.net, lambda: gated(self.net, self.graph, self.groups, self.gates),
