@@ -77,10 +77,14 @@ class ComposeSettings:
         all_slim = all(m.granularity == "channel" for m in modules)
         return self.mode if all_slim and self.mode in ("merged", "fused") else None
 
+    def pruning(self) -> dict:
+        """The merged network's own pruning, as :class:`SlimSettings` fields."""
+        return {"size": self.size, "max_loss": self.max_loss, "cost": self.cost or "params",
+                "multiple": self.multiple, "reconstruct": self.reconstruct, "rule": self.rule}
+
     def slim(self) -> SlimSettings:
         """The merged network's own pruning."""
-        return SlimSettings(size=self.size, max_loss=self.max_loss, cost=self.cost or "params",
-                            multiple=self.multiple, reconstruct=self.reconstruct, rule=self.rule)
+        return SlimSettings(**self.pruning())
 
 
 def _summary(config: dict, out: Path, started: float) -> dict:
@@ -124,11 +128,7 @@ def _merge_slim(paths, modules: list, out: str | Path, s: ComposeSettings, run: 
     the composition's classes, pruned as ``s`` asks, saved."""
     source = slim_source_of(paths, device)
     train = split_for(source, None, run.data_root, "train")
-    slim = s.slim()
-    merged = merge_slim(modules, source, train, as_made(modules, size=slim.size, max_loss=slim.max_loss,
-                                                        cost=slim.cost, multiple=slim.multiple,
-                                                        reconstruct=slim.reconstruct, rule=slim.rule),
-                        batch_size=run.batch_size)
+    merged = merge_slim(modules, source, train, as_made(modules, **s.pruning()), batch_size=run.batch_size)
     save_slim_composition(merged, [source], out, run.overwrite, {"made_from": [str(p) for p in paths]})
     return {"out": str(out), "classes": merged.qualified_names, "mode": "merged", "granularity": "channel",
             "params_fraction": merged.metrics["params_fraction"],
