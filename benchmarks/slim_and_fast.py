@@ -62,6 +62,10 @@ def main(argv: list[str]) -> None:
                    "--merge-sizes with (SlimSettings.rule), comma-separated; --merge-max-loss prunes with taylor")
     p.add_argument("--merge-reconstruct", action="store_true", help="the pair's merged composition, once pruned, has "
                    "its kept weights refitted to the model's features (SlimSettings.reconstruct)")
+    p.add_argument("--merge-scale-epochs", type=int, default=0, help="the pair's merged composition, once pruned, "
+                   "learns a scale per kept channel for this many epochs (SlimSettings.scale_epochs)")
+    p.add_argument("--merge-scale-bn", action="store_true", help="with --merge-scale-epochs: BatchNorm's scales and "
+                   "shifts too (SlimSettings.scale_bn)")
     p.add_argument("--multiple", type=int, default=1, help="keep channel counts a multiple of this (SlimSettings)")
     p.add_argument("--no-node", action="store_true", help="leave out the paper's node-level modules (measured before)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto: where modules are made, evaluated and timed")
@@ -106,6 +110,8 @@ def main(argv: list[str]) -> None:
                + (f" --merge-max-loss {args.merge_max_loss}" if args.merge_max_loss else "")
                + (f" --merge-rules {args.merge_rules}" if args.merge_rules != "taylor" else "")
                + (" --merge-reconstruct" if args.merge_reconstruct else "")
+               + (f" --merge-scale-epochs {args.merge_scale_epochs}" if args.merge_scale_epochs else "")
+               + (" --merge-scale-bn" if args.merge_scale_bn else "")
                + (" --no-node" if args.no_node else "") + (f" --multiple {args.multiple}" if args.multiple > 1 else "")
                + (f" --device {args.device} --repeats {args.repeats}" if device.type != "cpu" else "")
                + (f" --name-suffix {args.name_suffix}" if args.name_suffix else ""))
@@ -135,7 +141,8 @@ def pair_rows(clf, train, pair_test, images, device, row: dict, modules: dict, p
         two = merge_slim([modules[c] for c in pair], clf, train,
                          SlimSettings(samples=args.samples, seed=args.seed, size=merge_size, cost=row["cost"],
                                       multiple=args.multiple, max_loss=max_loss, rule=merge_rule,
-                                      reconstruct=args.merge_reconstruct))
+                                      reconstruct=args.merge_reconstruct, scale_epochs=args.merge_scale_epochs,
+                                      scale_bn=args.merge_scale_bn))
         two_report = evaluate_against_model(two, clf, pair_test, device)
         two_cost = cost_report(two, images, args.repeats, source=clf)
         label = "union" if merge_size is None and max_loss is None else (
@@ -145,7 +152,8 @@ def pair_rows(clf, train, pair_test, images, device, row: dict, modules: dict, p
                  / f"{pair[0]}-{pair[1]}-{row['cost']}-m{args.multiple}-{label}")
         save_merged_slim(two, clf, saved, overwrite=True)
         rows.append({**row, "merge_size": merge_size, "merge_max_loss": max_loss, "merge_rule": merge_rule,
-                     "merge_reconstruct": args.merge_reconstruct, "pair": pair, "saved": str(saved),
+                     "merge_reconstruct": args.merge_reconstruct, "merge_scale_epochs": args.merge_scale_epochs,
+                     "merge_scale_bn": args.merge_scale_bn, "pair": pair, "saved": str(saved),
                      "held_out_top1": two.metrics.get("held_out_top1"),
                      "held_out_model_top1": two.metrics.get("held_out_model_top1"),
                      "held_out_from": two.metrics.get("held_out_from"),

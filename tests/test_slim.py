@@ -441,6 +441,20 @@ def test_merged_slim_composition(tmp_path, npz_data, capsys):
     weights = [(k, v) for k, v in refitted.net.state_dict().items() if k.endswith("conv2.weight")]
     assert any(not torch.equal(v, pruned.net.state_dict()[k]) for k, v in weights)
     assert "by least squares" in (tmp_path / "refitted" / "README.md").read_text()
+    # the same cut, then a scale per kept channel and BatchNorm's affine learned for its two classes: the same
+    # channels, the scales folded into the weights (no parameter more), recorded and on its card
+    rc, _, err = run(["compose", str(tmp_path / "slim" / "modules" / "c00-band0"),
+                      str(tmp_path / "slim" / "modules" / "c02-band2"), "--mode", "merged", "--size", "0.1",
+                      "--slim-cost", "both", "--scale-epochs", "2", "--scale-bn", "--out", str(tmp_path / "scaled")],
+                     capsys)
+    assert rc == 0, err
+    scaled, _ = load_merged_slim(tmp_path / "scaled")
+    assert scaled.removed == pruned.removed and scaled.params() == pruned.params()
+    assert (scaled.settings["scale_epochs"], scaled.settings["scale_bn"]) == (2, True)
+    assert (pruned.settings["scale_epochs"], pruned.settings["scale_bn"]) == (0, False)
+    bn_weights = [(k, v) for k, v in scaled.net.state_dict().items() if k.endswith("bn1.weight")]
+    assert bn_weights and any(not torch.allclose(v, pruned.net.state_dict()[k]) for k, v in bn_weights)
+    assert "learned after pruning, 2 epochs" in (tmp_path / "scaled" / "README.md").read_text()
     # pruned with learned gates instead of Taylor ranking: to the size, and recorded
     rc, _, err = run(["compose", str(tmp_path / "slim" / "modules" / "c00-band0"),
                       str(tmp_path / "slim" / "modules" / "c02-band2"), "--mode", "merged", "--size", "0.1",
@@ -493,6 +507,10 @@ def test_merged_slim_composition(tmp_path, npz_data, capsys):
                             str(tmp_path / "x")], capsys), "--reconstruct shapes how --size prunes")
     assert_user_error(*run(["compose", str(tmp_path / "slim"), "--mode", "merged", "--rule", "gates", "--out",
                             str(tmp_path / "x")], capsys), "--rule shapes how --size prunes")
+    assert_user_error(*run(["compose", str(tmp_path / "slim"), "--mode", "merged", "--scale-epochs", "2", "--out",
+                            str(tmp_path / "x")], capsys), "--scale-epochs shapes how --size prunes")
+    assert_user_error(*run(["compose", str(tmp_path / "slim"), "--mode", "merged", "--size", "0.2", "--scale-bn",
+                            "--out", str(tmp_path / "x")], capsys), "--scale-bn")
     assert_user_error(*run(["compose", str(tmp_path / "slim"), "--mode", "merged", "--size", "0.2", "--rule", "best",
                             "--out", str(tmp_path / "x")], capsys), "unknown importance rule 'best'")
     assert_user_error(*run(["compose", str(tmp_path / "slim"), "--mode", "merged", "--size", "2", "--out",

@@ -352,6 +352,11 @@ def compose_cmd(
                                      "outputs match the model's own (no loss, no labels)."),
     rule: str = typer.Option("taylor", "--rule", help="With --size or --max-loss: channel importance for the "
                              "merged network's pruning, taylor, gates (learned first) or activation."),
+    scale_epochs: int = typer.Option(0, "--scale-epochs", help="With --size or --max-loss: once pruned, learn a "
+                                     "scale per kept channel for the composition's own classes for this many "
+                                     "epochs (folded into the weights; convolutions frozen)."),
+    scale_bn: bool = typer.Option(False, "--scale-bn", help="With --scale-epochs: learn every BatchNorm layer's "
+                                  "scale and shift with the channel scales."),
     batch_size: int = typer.Option(256, "--batch-size"),
     device: str = DEVICE, data_root: str = DATA_ROOT, overwrite: bool = OVERWRITE, country: str = COUNTRY,
     as_json: bool = JSON,
@@ -361,7 +366,7 @@ def compose_cmd(
     from .jobs.compose import ComposeSettings, compose_dirs
 
     settings = ComposeSettings(continuous_learning, refit_heads, calibration, mode, size, slim_cost, slim_multiple,
-                               max_loss, reconstruct, rule)
+                               max_loss, reconstruct, rule, scale_epochs, scale_bn)
     result = compose_dirs(paths, out, settings, Run(device, data_root, batch_size, overwrite, country))
     emit(result, as_json, f"composed {len(result['classes'])} modules into {out}")
 

@@ -452,5 +452,6 @@ def merge_slim(modules: list[SlimModule], source: Classifier, data: ImageSet, se
                 "world": [info["source_classes"][c] for c in world],
                 "foreign": [f"{f.name}:{','.join(map(str, f.source_classes))}" for f in foreign or []],
                 "size": size, "max_loss": max_loss, "cost": s.cost, "multiple": s.multiple,
-                "reconstruct": s.reconstruct, "rule": s.rule, "seconds": round(time.perf_counter() - started, 3)}
+                "reconstruct": s.reconstruct, "rule": s.rule, "scale_epochs": s.scale_epochs, "scale_bn": s.scale_bn,
+                "seconds": round(time.perf_counter() - started, 3)}
     return MergedSlim(sliced, graph.head.sliced_layer, source.spec, chosen, info, p.removed(), recorded, metrics).eval()

@@ -46,13 +46,16 @@ class ComposeSettings:
     max_loss: float | None = None
     reconstruct: bool = False
     rule: str = "taylor"
+    scale_epochs: int = 0
+    scale_bn: bool = False
 
     def check(self, modules: Sequence[BinaryModule]) -> None:
         """Everything that can be said against these settings for ``modules`` before any work starts."""
         check_composable(modules)
         prunes = self.size is not None or self.max_loss is not None
         shaping = {"--slim-cost": self.cost is not None, "--slim-multiple": self.multiple != 1,
-                   "--reconstruct": self.reconstruct, "--rule": self.rule != "taylor"}
+                   "--reconstruct": self.reconstruct, "--rule": self.rule != "taylor",
+                   "--scale-epochs": self.scale_epochs != 0, "--scale-bn": self.scale_bn}
         if any(shaping.values()) and not prunes:
             what = next(k for k, v in shaping.items() if v)
             raise UserError(f"{what} shapes how --size prunes a merged slim composition: give --size too, or drop it")
@@ -80,7 +83,8 @@ class ComposeSettings:
     def pruning(self) -> dict:
         """The merged network's own pruning, as :class:`SlimSettings` fields."""
         return {"size": self.size, "max_loss": self.max_loss, "cost": self.cost or "params",
-                "multiple": self.multiple, "reconstruct": self.reconstruct, "rule": self.rule}
+                "multiple": self.multiple, "reconstruct": self.reconstruct, "rule": self.rule,
+                "scale_epochs": self.scale_epochs, "scale_bn": self.scale_bn}
 
     def slim(self) -> SlimSettings:
         """The merged network's own pruning."""
