@@ -364,7 +364,8 @@ def model_log_odds(source: Classifier, images: torch.Tensor, batch_size: int = 2
 
 def as_made(modules: list[SlimModule], **overrides) -> SlimSettings:
     """Settings to merge slim modules as they were made: as many observed inputs, the same seed and objective;
-    ``overrides`` (size, max_loss, cost, multiple, rule, reconstruct) shape the merged network's own pruning."""
+    ``overrides`` (the fields of :meth:`cnnmod.jobs.compose.ComposeSettings.pruning`) shape the merged network's
+    own pruning."""
     made = modules[0].settings
     return SlimSettings(samples=made.get("samples", 256), seed=made.get("seed", 0),
                         objective=made.get("objective", "labels"), **overrides)
