@@ -804,6 +804,26 @@ def _margins(modules):
             for m in modules]
 
 
+def test_heads_refitted_together_with_the_odds_already_known_fit_alike():
+    """slim_modules hands the joint refit the source's log-odds it computed on every observed input: the refit
+    then takes them instead of running the model again, and fits the same heads; odds known only on other inputs
+    are not taken (the model runs as without them)."""
+    from cnnmod.decompose.slim import model_log_odds, refit_heads_together
+
+    clf, data, modules, _ = _joint_case()
+    s = SlimSettings(size=0.5, samples=24, joint_heads=3.0)
+    union = torch.arange(len(data))
+    known = union, model_log_odds(clf, data.images[union])
+    fitted = []
+    for given in (None, known, (union[:5], known[1][:5]), (union, known[1] + 10.0)):
+        made = copy.deepcopy(modules)
+        refit_heads_together(made, clf, data, s, known=given)
+        fitted.append(torch.cat([torch.cat([w, torch.tensor([b])]) for w, b in _margins(made)]))
+    assert torch.allclose(fitted[1], fitted[0], atol=1e-4)
+    assert torch.allclose(fitted[2], fitted[0], atol=1e-4)  # not every input known: the model runs
+    assert not torch.allclose(fitted[3], fitted[0], atol=1e-2)  # the odds given are the ones used
+
+
 def test_heads_refitted_together_at_weight_zero_are_each_heads_own_fit():
     """At weight 0 the joint refit's loss is the sum of the modules' own binary losses: it separates, and each
     module's head reaches the minimum that fitting it alone (``fit_head``, the refit every slim module gets) on
@@ -921,6 +941,37 @@ def test_reconstruction_that_loses_held_out_accuracy_is_undone():
     calls = iter([80.0, 80.0])  # no loss: kept
     pruner.reconstruct(lambda: next(calls))
     assert not torch.equal(pruner.net.features[3].weight, before["features.3.weight"])
+
+
+def test_reconstruction_in_one_pass_refits_as_a_pass_per_layer(monkeypatch):
+    """The refit runs as one forward pass over all its inputs when they fit (each layer refitted as the pass
+    reaches it) and otherwise as one pass per layer and batch: on a ResNet-20 with channels closed in every group,
+    the two give every layer the same weights (up to float rounding), and most differ from the weights before;
+    BatchNorm keeps the model's statistics (the refit computed every layer under them)."""
+    from cnnmod.decompose import reconstruct as rec
+
+    clf = source("resnet20")
+    x = torch.randn(96, 1, 12, 12, generator=torch.Generator().manual_seed(7))
+    s = SlimSettings(size=0.5, reconstruct=True, step_samples=None).resolved(0.5)
+    weights = []
+    for one_pass in (2 ** 40, 0):
+        monkeypatch.setattr(rec, "ONE_PASS_BYTES", one_pass)
+        pruner = Pruner(clf, s, x, (torch.arange(96) % 4 == 1)[:, None], None, torch.randn(1, 64), torch.zeros(1),
+                        batch_size=32)
+        for gate in pruner.gates:
+            gate[torch.randperm(gate.numel(), generator=torch.Generator().manual_seed(gate.numel()))[
+                :gate.numel() // 3]] = 0.0
+        before = {k: v.clone() for k, v in pruner.net.state_dict().items() if k.endswith("weight")}
+        pruner.reconstruct()
+        weights.append({k: v.clone() for k, v in pruner.net.state_dict().items() if k.endswith("weight")})
+        # every layer was refitted under the model's BatchNorm statistics, and they stay the model's
+        theirs = clf.net.state_dict()
+        assert all(torch.equal(v, theirs[k]) for k, v in pruner.net.state_dict().items() if "running_" in k)
+    conv = [k for k in before if k.endswith("conv2.weight") or k.endswith("conv1.weight")]
+    assert len(conv) >= 18
+    for k in conv:  # float rounding apart (sums in another order, growing layer after layer: 2e-6 to 3e-4)
+        assert float((weights[0][k] - weights[1][k]).abs().max()) <= 1e-3 * float(weights[0][k].abs().max()), k
+    assert sum(not torch.allclose(weights[0][k], before[k], atol=1e-3) for k in conv) >= len(conv) // 2
 
 
 def test_reconstructed_slim_module_is_cut_alike_exact_and_nearer_the_model():

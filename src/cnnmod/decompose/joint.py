@@ -41,15 +41,19 @@ def module_features(modules: list[BinaryModule], images: torch.Tensor, batch_siz
 
 
 def fit_heads_jointly(modules: list[BinaryModule], source: Classifier, data: ImageSet, index: torch.Tensor,
-                      weight: float = 1.0, l2: float = 1e-4, batch_size: int = 512) -> dict:
+                      weight: float = 1.0, l2: float = 1e-4, batch_size: int = 512,
+                      odds: torch.Tensor | None = None) -> dict:
     """Refit, in place, the heads of ``modules`` (binary modules of ``source``, one per class, every class of it)
-    on the inputs ``data.images[index]``; returns the fit's losses before and after."""
+    on the inputs ``data.images[index]``; returns the fit's losses before and after. ``odds``: the source's
+    log-odds on those inputs (N, K), when already computed."""
     from .slim import model_log_odds  # noqa: PLC0415 -- slim imports this module
     classes = [m.concerned for m in modules]
     check_every_class(classes, source.num_classes)
     images = data.images[index]
     labels = data.labels[index]
-    odds = model_log_odds(source, images, batch_size).double()[:, classes]
+    if odds is None:
+        odds = model_log_odds(source, images, batch_size)
+    odds = odds.double()[:, classes]
     soft = torch.sigmoid(odds)
     target = torch.softmax(odds, 1)
     mine = labels[:, None] == torch.tensor(classes)[None, :]

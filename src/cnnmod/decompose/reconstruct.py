@@ -14,6 +14,8 @@ from torch import nn
 INPUTS = 512  # inputs (of a pruning step's) each layer is refitted on
 POSITIONS = 64  # output positions per image a convolution is refitted at
 RIDGE = 1e-3  # the refit's ridge towards the current weights, times the inputs' mean energy
+ONE_PASS_BYTES = 2 ** 28  # the refit runs as one forward pass over all its inputs when the source's largest
+                          # layer output over all of them stays under this; else one pass per layer
 
 
 class _Caught(Exception):
@@ -64,14 +66,18 @@ def _patches(layer: nn.Module, given: torch.Tensor, pick: tuple | None) -> torch
 
 
 def _model_outputs(src: nn.Module, layers: list[nn.Module], batches: list[torch.Tensor],
-                   generator: torch.Generator) -> tuple[list, list[list[torch.Tensor]]]:
+                   generator: torch.Generator) -> tuple[list, list[list[torch.Tensor]], int]:
     """One pass of the source model over ``batches``: per layer, the output positions it is refitted at, and per
-    batch its outputs there less its bias, as (rows, outputs) in the order :func:`_patches` lays inputs out."""
+    batch its outputs there less its bias, as (rows, outputs) in the order :func:`_patches` lays inputs out; and
+    the bytes of the largest of those layers' outputs for one input."""
     picks: list = [None] * len(layers)
     outputs: list[list[torch.Tensor]] = [[] for _ in layers]
+    largest = 0
 
     def hook(k: int):
         def keep(layer, _inputs, out):
+            nonlocal largest
+            largest = max(largest, out[0].numel() * out.element_size())
             if isinstance(layer, nn.Conv2d):
                 if picks[k] is None:
                     picks[k] = _positions(layer, out.shape, generator)
@@ -93,7 +99,26 @@ def _model_outputs(src: nn.Module, layers: list[nn.Module], batches: list[torch.
         src.train(training)
         for h in handles:
             h.remove()
-    return picks, outputs
+    return picks, outputs, largest
+
+
+def _solve(layer: nn.Module, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``layer``'s weight set to the ridge least-squares solution of the normal equations ``a`` (inputs' Gram
+    matrix) and ``b`` (inputs times targets), pulled towards its current weights."""
+    weight = layer.weight.detach().reshape(layer.weight.shape[0], -1).double()
+    lam = RIDGE * float(a.diagonal().mean()) + 1e-12
+    eye = torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
+    fitted = torch.linalg.solve(a + lam * eye, b + lam * weight.T).T
+    with torch.no_grad():
+        layer.weight.copy_(fitted.reshape(layer.weight.shape).to(layer.weight.dtype))
+
+
+def _normal_equations(layer: nn.Module, given: torch.Tensor, pick: tuple | None,
+                      target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The terms one batch adds to the normal equations of ``layer``'s refit: its input patches' Gram matrix and
+    their product with the model's outputs ``target``."""
+    inp = _patches(layer, given, pick)
+    return (inp.T @ inp).double(), (inp.T @ target.to(inp.device)).double()
 
 
 def refit_layers(net: nn.Module, source: nn.Module, gating: Callable[[], AbstractContextManager],
@@ -104,7 +129,7 @@ def refit_layers(net: nn.Module, source: nn.Module, gating: Callable[[], Abstrac
     inside ``gating()`` (a cut network: the closed channels not read; the layers before it already refitted).
     Least squares on :data:`POSITIONS` random output positions of each image, ridge towards the current weights
     (:data:`RIDGE` times the inputs' mean energy): a layer whose inputs lost nothing keeps its weights. ``net``'s
-    BatchNorm statistics become ``source``'s (the refitted outputs are the model's); re-estimate them after."""
+    BatchNorm statistics become ``source``'s: every layer is refitted under them, to outputs that are the model's."""
     theirs = dict(source.named_modules())
     with torch.no_grad():
         for name, m in net.named_modules():
@@ -114,20 +139,39 @@ def refit_layers(net: nn.Module, source: nn.Module, gating: Callable[[], Abstrac
     layers = [(n, m) for n, m in net.named_modules() if n != head and (
         isinstance(m, nn.Linear) or isinstance(m, nn.Conv2d) and m.groups == 1 and m.padding_mode == "zeros")]
     generator = torch.Generator().manual_seed(seed)
-    picks, targets = _model_outputs(source, [theirs[n] for n, _ in layers], batches, generator)
-    for k, (_, layer) in enumerate(layers):
-        if len(targets[k]) != len(batches):  # not run by the forward pass, or run more than once: left as it is
-            continue
+    picks, targets, largest = _model_outputs(source, [theirs[n] for n, _ in layers], batches, generator)
+    # a layer not run by the forward pass, or run more than once, is left as it is
+    fitted = [(k, layer) for k, (_, layer) in enumerate(layers) if len(targets[k]) == len(batches)]
+    if largest * sum(xb.shape[0] for xb in batches) <= ONE_PASS_BYTES:
+        _refit_in_one_pass(net, fitted, picks, targets, torch.cat(batches), gating)
+        return
+    for k, layer in fitted:
         a = b = 0.0
         for i, xb in enumerate(batches):
             with gating():
                 given = _caught(net, layer, xb)
-            inp = _patches(layer, given, picks[k])
-            a = a + (inp.T @ inp).double()
-            b = b + (inp.T @ targets[k][i].to(inp.device)).double()
-        weight = layer.weight.detach().reshape(layer.weight.shape[0], -1).double()
-        lam = RIDGE * float(a.diagonal().mean()) + 1e-12
-        eye = torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
-        fitted = torch.linalg.solve(a + lam * eye, b + lam * weight.T).T
-        with torch.no_grad():
-            layer.weight.copy_(fitted.reshape(layer.weight.shape).to(layer.weight.dtype))
+            da, db = _normal_equations(layer, given, picks[k], targets[k][i])
+            a, b = a + da, b + db
+        _solve(layer, a, b)
+
+
+def _refit_in_one_pass(net: nn.Module, fitted: list[tuple[int, nn.Module]], picks: list,
+                       targets: list[list[torch.Tensor]], x: torch.Tensor,
+                       gating: Callable[[], AbstractContextManager]) -> None:
+    """:func:`refit_layers` in one forward pass of ``net`` over all inputs ``x`` at once: each layer refitted as
+    the pass reaches it (a pre-hook, after the gates'), so that the layers after it read what the refitted
+    layer computes, as a pass per layer would give them."""
+
+    def fit(k: int):
+        def pre(layer, inputs):
+            _solve(layer, *_normal_equations(layer, inputs[0].detach(), picks[k], torch.cat(targets[k])))
+        return pre
+
+    with gating():
+        handles = [layer.register_forward_pre_hook(fit(k)) for k, layer in fitted]
+        try:
+            with torch.no_grad():
+                net(x)
+        finally:
+            for h in handles:
+                h.remove()

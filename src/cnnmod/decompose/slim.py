@@ -205,6 +205,7 @@ def slim_modules(source: Classifier, data: ImageSet, classes: list[int], s: Slim
     data = as_image_set(data)
     check_joint(s, classes, source.num_classes)
     teachers: dict[int, torch.Tensor] = {}
+    known = None  # the source's log-odds on every observed input, when computed here: (indices, odds)
     if s.objective == "distill" and classes:
         started = time.perf_counter()
         pools = Pools(source, data, s.seed)
@@ -214,6 +215,7 @@ def slim_modules(source: Classifier, data: ImageSet, classes: list[int], s: Slim
         union = torch.unique(torch.cat(list(observed.values())))
         if union.numel() * data.num_classes <= SHARED_ODDS:
             odds = model_log_odds(source, data.images[union], batch_size)
+            known = union, odds
             seconds = (time.perf_counter() - started) / len(classes)  # each module's share
             teachers = {c: (torch.sigmoid(odds[torch.searchsorted(union, observed[c]), c:c + 1]), seconds)
                         for c in classes}
@@ -237,7 +239,7 @@ def slim_modules(source: Classifier, data: ImageSet, classes: list[int], s: Slim
             done(module)
     if s.joint_heads > 0:
         started = time.perf_counter()
-        fit = refit_heads_together(modules, source, data, s, batch_size)
+        fit = refit_heads_together(modules, source, data, s, batch_size, known)
         share = (time.perf_counter() - started) / len(modules)  # each module's share of the joint refit
         for m in modules:
             m.settings["seconds"] = round(m.settings["seconds"] + share, 3)
@@ -253,12 +255,19 @@ def check_joint(s: SlimSettings, classes: list[int], num_classes: int) -> None:
 
 
 def refit_heads_together(modules: list[SlimModule], source: Classifier, data: ImageSet, s: SlimSettings,
-                         batch_size: int = 256) -> dict:
+                         batch_size: int = 256, known: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict:
     """The heads of ``modules`` (one of every class of ``source``) refitted together with weight ``s.joint_heads``
     on their composition's cross-entropy (:func:`cnnmod.decompose.joint.fit_heads_jointly`), on half as many
-    observed inputs of every class as a module observes of its own (:class:`Pools`: never a validation image)."""
+    observed inputs of every class as a module observes of its own (:class:`Pools`: never a validation image).
+    ``known``: the source's log-odds already computed on inputs of ``data`` (sorted indices, (N, K) odds), as
+    :func:`slim_modules` has them; those inputs are then not run through the source again."""
     index = Pools(source, data, s.seed).first(list(range(data.num_classes)), max(s.samples // 2, 1))
-    return fit_heads_jointly(modules, source, data, index, s.joint_heads, batch_size=batch_size)
+    odds = None
+    if known is not None:
+        where = torch.searchsorted(known[0], index).clamp(max=known[0].numel() - 1)
+        if bool((known[0][where] == index).all()):
+            odds = known[1][where]
+    return fit_heads_jointly(modules, source, data, index, s.joint_heads, batch_size=batch_size, odds=odds)
 
 
 class _Making:
