@@ -947,7 +947,8 @@ def test_reconstruction_in_one_pass_refits_as_a_pass_per_layer(monkeypatch):
     """The refit runs as one forward pass over all its inputs when they fit (each layer refitted as the pass
     reaches it) and otherwise as one pass per layer and batch: on a ResNet-20 with channels closed in every group,
     the two give every layer the same weights (up to float rounding), and most differ from the weights before;
-    BatchNorm keeps the model's statistics (the refit computed every layer under them)."""
+    BatchNorm keeps the model's statistics (the refit computed every layer under them) unless scales are learned
+    after it."""
     from cnnmod.decompose import reconstruct as rec
 
     clf = source("resnet20")
@@ -972,6 +973,13 @@ def test_reconstruction_in_one_pass_refits_as_a_pass_per_layer(monkeypatch):
     for k in conv:  # float rounding apart (sums in another order, growing layer after layer: 2e-6 to 3e-4)
         assert float((weights[0][k] - weights[1][k]).abs().max()) <= 1e-3 * float(weights[0][k].abs().max()), k
     assert sum(not torch.allclose(weights[0][k], before[k], atol=1e-3) for k in conv) >= len(conv) // 2
+    # with scales to learn after it, the statistics are re-estimated on the observed inputs first
+    pruner = Pruner(clf, replace(s, scale_epochs=1), x, (torch.arange(96) % 4 == 1)[:, None], None, torch.randn(1, 64),
+                    torch.zeros(1), batch_size=32)
+    pruner.gates[0][:5] = 0.0
+    pruner.reconstruct()
+    theirs = clf.net.state_dict()
+    assert not any(torch.equal(v, theirs[k]) for k, v in pruner.net.state_dict().items() if "running_mean" in k)
 
 
 def test_reconstructed_slim_module_is_cut_alike_exact_and_nearer_the_model():

@@ -274,17 +274,22 @@ class Pruner:
         """After the last step (``reconstruct``): the kept weights of every layer before the head refitted by least
         squares so that its outputs match the source model's (:func:`cnnmod.decompose.reconstruct.refit_layers`,
         on :data:`~cnnmod.decompose.reconstruct.INPUTS` of the step's inputs, spread evenly), then the head
-        refitted (:meth:`refit`). BatchNorm keeps the model's statistics, as the refit computed every layer under
-        them: re-estimated on the observed inputs instead, they normalise the refitted outputs unlike the model, and
-        the ten modules of a quarter of the ResNet-20 lose 0.4 points more (BENCHMARKS.md). With ``accuracy``
-        (held-out), kept only if it does not fall."""
+        refitted (:meth:`refit`). When nothing is learned after it (``scale_epochs`` 0), BatchNorm keeps the model's
+        statistics, as the refit computed every layer under them: re-estimated on the observed inputs instead, they
+        normalise the refitted outputs unlike the model, and the ten modules of a quarter of the ResNet-20 lose 0.4
+        points more. With scales to learn they are re-estimated first (:meth:`refresh`), as the scales were
+        measured (kept, one seed of the best recipe lost 0.24 points more; BENCHMARKS.md, "Within 5 % of
+        training, with the refit"). With ``accuracy`` (held-out), kept only if it does not fall."""
         before = accuracy() if accuracy is not None else None
         saved = {k: v.clone() for k, v in self.net.state_dict().items()} if before is not None else None
         x, _, _ = self.step_view()
         x = x[torch.linspace(0, x.shape[0] - 1, min(INPUTS, x.shape[0])).round().long().to(x.device)]
         refit_layers(self.net, self.source.net, lambda: gated(self.net, self.graph, self.groups, self.gates),
                      self.batches(x), self.graph.head.layer, self.s.seed)
-        self.refit()
+        if self.s.scale_epochs == 0:
+            self.refit()
+        else:
+            self.refresh()
         if before is not None and accuracy() < before:
             self.net.load_state_dict(saved)  # the step's weights and BatchNorm statistics
             self.refit()
