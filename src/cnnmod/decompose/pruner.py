@@ -285,7 +285,7 @@ class Pruner:
         x, _, _ = self.step_view()
         x = x[torch.linspace(0, x.shape[0] - 1, min(INPUTS, x.shape[0])).round().long().to(x.device)]
         refit_layers(self.net, self.source.net, lambda: gated(self.net, self.graph, self.groups, self.gates),
-                     self.batches(x), self.graph.head.layer, self.s.seed, self.graph.gm.graph)
+                     self.batches(x), self.graph.head.layer, self.s.seed)
         if self.s.scale_epochs == 0:
             self.refit()
         else:
