@@ -287,6 +287,19 @@ def test_slim_decomposition_command_and_artifacts(tmp_path, npz_data, capsys):
     assert rc == 0, err
     r = json.loads(stdout)
     assert r["cost"]["module_mean"]["params_fraction"] <= 0.5 and r["model_top1"] is not None
+    assert {m.settings["recipe"] for m in modules} == {None} and {m.settings["step_samples"] for m in modules} == {1024}
+    # a named recipe: its fields, but for the flags given beside it
+    rc, stdout, err = run(["decompose", str(tmp_path / "m"), "--out", str(tmp_path / "cheap"), "--granularity",
+                           "channel", "--slim-recipe", "cheap", "--size", "0.6", "--slim-samples", "30",
+                           "--no-measure", "--json"], capsys)
+    assert rc == 0, err
+    made = cnnmod.load_modules(tmp_path / "cheap")
+    assert {(m.settings["recipe"], m.settings["size"], m.settings["samples"], m.settings["budget"],
+             m.settings["step"], m.settings["step_samples"], m.settings["reconstruct"], m.settings["rule"])
+            for m in made} == {("cheap", 0.6, 30, "total", 0.5, 64, True, "taylor")}
+    assert sum(e["params_fraction"] for e in json.loads(stdout)["modules"]) / len(made) <= 0.6
+    card = (tmp_path / "cheap" / "modules" / "c00-band0" / "README.md").read_text()
+    assert "made with the recipe 'cheap'" in card and "by least squares" in card
     # slim and node-level modules of one model compose together
     rc, _, err = run(["decompose", str(tmp_path / "m"), "--out", str(tmp_path / "node")], capsys)
     assert rc == 0, err
@@ -336,7 +349,11 @@ def test_slim_bad_input(tmp_path, npz_data, capsys):
                          (["--granularity", "channel", "--scale-bn"], "give --scale-epochs N"),
                          (["--granularity", "channel", "--joint-heads", "-1"], "--joint-heads is the weight"),
                          (["--granularity", "channel", "--joint-heads", "1", "--classes", "0,1"],
-                          "2 of the model's")):
+                          "2 of the model's"),
+                         (["--granularity", "channel", "--slim-recipe", "tiny"], "unknown slim recipe 'tiny'"),
+                         (["--slim-recipe", "cheap"], "add --granularity channel"),
+                         (["--granularity", "channel", "--slim-recipe", "small", "--max-loss", "1"],
+                          "does not take --max-loss")):
         assert_user_error(*run(["decompose", str(tmp_path / "m"), "--out", str(tmp_path / "x"), *args], capsys),
                           needle)
     assert not Path(tmp_path / "x").exists()

@@ -47,6 +47,15 @@ from .pruner import Pruner, prune_together
 
 COSTS = ("params", "flops", "both", "none")
 MODULE_SIZE = 0.5  # a slim module's target size when neither --size nor --max-loss is given
+# named recipes (``--slim-recipe``): the measured settings of BENCHMARKS.md's "Slim modules' cost" for the
+# ResNet-20 (BatchNorm) on Fashion-MNIST, as SlimSettings fields; flags given beside a recipe override its fields
+RECIPES = {
+    # half the parameters, ten modules within 1 pp in 1.1-1.4 % of the model's training (three seeds)
+    "cheap": {"size": 0.5, "budget": "total", "step": 0.5, "step_samples": 64, "samples": 256, "reconstruct": True},
+    # a quarter of the parameters, ten modules within 1 pp (-0.78 to -0.92 over three seeds), 47-59 % of training
+    "small": {"size": 0.25, "rule": "gates", "budget": "total", "scale_epochs": 3, "scale_bn": True,
+              "reconstruct": True, "joint_heads": 3.0},
+}
 # a merged composition's own pruning steps: as its figures in BENCHMARKS.md were measured (the cheaper steps of
 # slim modules were measured on modules only)
 MERGED_STEPS = {"step": 0.1, "step_samples": None}
@@ -83,6 +92,17 @@ class SlimSettings:
     multiple: int = 1               # keep each group's channel count a multiple of this (when above it)
     held_out: int = 50              # held-out inputs per class for max_loss
     seed: int = 0
+    recipe: str | None = None       # the named recipe these came from (:data:`RECIPES`), for the record
+
+    @classmethod
+    def from_recipe(cls, name: str | None, **given) -> SlimSettings:
+        """Settings from the named recipe of :data:`RECIPES` (None: the defaults), the fields in ``given`` (those a
+        user set explicitly) overriding it; the recipe's name recorded."""
+        if name is None:
+            return cls(**given)
+        if name not in RECIPES:
+            raise UserError(f"unknown slim recipe {name!r}; use {' or '.join(RECIPES)}")
+        return cls(**{**RECIPES[name], **given, "recipe": name})
 
     def resolved(self, default: float) -> SlimSettings:
         """The one place the target size is decided: as given; else, with ``max_loss``, a floor of 0.01 (prune

@@ -162,7 +162,10 @@ def slim_card(m) -> str:
                       "no retraining) that says \"my class\" or \"not my class\". It loads without its source.", "",
                       f"- parameters: {m.params()} ({100 * m.kept_fraction():.1f}% of the source model's)",
                       f"- kept channels: {m.metrics.get('kept_channels')} of {m.metrics.get('channels')}",
-                      f"- importance rule: {m.settings.get('rule')}", *_learned_lines(m.settings), ""])
+                      f"- importance rule: {m.settings.get('rule')}",
+                      *([f"- made with the recipe {m.settings['recipe']!r} (cnnmod decompose --slim-recipe)"]
+                        if m.settings.get("recipe") else []),
+                      *_learned_lines(m.settings), ""])
 
 
 def _learned_lines(settings: dict) -> list[str]:
