@@ -300,6 +300,12 @@ def test_slim_decomposition_command_and_artifacts(tmp_path, npz_data, capsys):
     assert sum(e["params_fraction"] for e in json.loads(stdout)["modules"]) / len(made) <= 0.6
     card = (tmp_path / "cheap" / "modules" / "c00-band0" / "README.md").read_text()
     assert "made with the recipe 'cheap'" in card and "by least squares" in card
+    # the readable summary: a row per module, its pruning history left to --json
+    rc, _, err = run(["decompose", str(tmp_path / "m"), "--out", str(tmp_path / "cheap"), "--granularity", "channel",
+                      "--slim-recipe", "cheap", "--slim-samples", "30", "--no-measure", "--overwrite"], capsys)
+    assert rc == 0, err
+    assert "history: with --json" in err and "'params_fraction'" not in err
+    assert all(f"band{c}" in err for c in range(3))
     # slim and node-level modules of one model compose together
     rc, _, err = run(["decompose", str(tmp_path / "m"), "--out", str(tmp_path / "node")], capsys)
     assert rc == 0, err

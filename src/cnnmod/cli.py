@@ -51,8 +51,10 @@ def emit(result: dict, as_json: bool, title: str = "") -> None:
     console.print(table)
     for key, value in result.items():  # lists of records (per-class accuracy, epochs) as tables of their own
         if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
-            rows = Table(title=key)
-            columns = list(value[0])
+            # nested fields (a slim module's pruning history) do not read in a cell: named under the table
+            nested = [c for c in value[0] if any(isinstance(v.get(c), (list, dict)) for v in value)]
+            rows = Table(title=key, caption=f"{', '.join(nested)}: with --json" if nested else None)
+            columns = [c for c in value[0] if c not in nested]
             for c in columns:
                 rows.add_column(c)
             for v in value:
