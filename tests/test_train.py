@@ -10,14 +10,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import _free_port
+from conftest import _free_port, assert_user_error, run
 
 from cnnmod.core.metrics import evaluate_classifier
 from cnnmod.data import load
 from cnnmod.data.dataset import ImageSet
-from cnnmod.data.transforms import InputSpec
+from cnnmod.data.transforms import Augment, InputSpec
+from cnnmod.energy import EnergyRecord, training_energy
 from cnnmod.io.models import load_model
+from cnnmod.jobs import train as train_job
 from cnnmod.jobs.train import train
+from cnnmod.models import train as loop
 from cnnmod.models.train import TrainSettings, _val_accuracy, class_weights, epoch_batches
 from cnnmod.runtime import Distributed
 
@@ -46,6 +49,86 @@ def test_same_seed_same_weights(tmp_path: Path, npz_data: str) -> None:
     sa, sb, sc = a.net.state_dict(), b.net.state_dict(), c.net.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert not all(torch.equal(sa[k], sc[k]) for k in sa)
+
+
+def _stopped(s: TrainSettings, out: Path, after: int, monkeypatch) -> None:
+    """Train with ``s`` into ``out``, stopped (as by Ctrl-C) once epoch ``after`` is kept in ``out.resume``."""
+    real = train_job.write_state
+
+    def stop(folder, state, settings):
+        real(folder, state, settings)
+        if state["epoch"] == after:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_job, "write_state", stop)
+    with pytest.raises(KeyboardInterrupt):
+        train(s, out, show_progress=False)
+    monkeypatch.setattr(train_job, "write_state", real)
+    assert not out.exists() and (out.parent / f"{out.name}.resume").is_dir()
+
+
+@pytest.mark.parametrize("arch,optimizer", [("cnn", "sgd"), ("cnn", "adam"), ("mobilenet_v2", "sgd")])
+def test_a_stopped_run_resumed_gives_the_weights_of_one_that_never_stopped(tmp_path: Path, npz_data: str, monkeypatch,
+                                                                           arch: str, optimizer: str) -> None:
+    # crops and flips, so that the augmentation's generator must be restored too; momentum or moments, the
+    # optimizer's state; MobileNetV2's dropout (and BatchNorm), the global generator
+    monkeypatch.setattr(train_job, "default_augment", lambda *a: Augment(crop_padding=1, hflip=True))
+    s = _settings(npz_data, arch=arch, epochs=4, optimizer=optimizer, lr=0.05 if optimizer == "sgd" else 0.01,
+                  arch_args={"width_mult": 0.25} if arch == "mobilenet_v2" else {})
+    whole = train(s, tmp_path / "whole", show_progress=False)
+    _stopped(s, tmp_path / "m", 2, monkeypatch)
+    r = train(s, tmp_path / "m", show_progress=False, resume=True)
+    assert r["resumed_after_epoch"] == 2 and len(r["history"]) == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bands.npz", "m", "whole"]  # the kept state is gone
+    for sub in ("", "last"):
+        a, b = load_model(tmp_path / "whole" / sub).net.state_dict(), load_model(tmp_path / "m" / sub).net.state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a), sub
+    assert [h["val_top1"] for h in r["history"]] == [h["val_top1"] for h in whole["history"]]
+    assert r["best_epoch"] == whole["best_epoch"] and r["test_top1"] == whole["test_top1"]
+    assert load_model(tmp_path / "m").info["training"]["resumed_after_epoch"] == 2
+    # the same, with the augmentation's generator left as a fresh run seeds it: other weights, so the check can tell
+    _stopped(s, tmp_path / "n", 2, monkeypatch)
+    monkeypatch.setattr(loop, "_set_generators", lambda start, gen, device, dd: torch.set_rng_state(start["rng"]))
+    forgot = train(s, tmp_path / "n", show_progress=False, resume=True)["model"].net.state_dict()
+    assert not all(torch.equal(forgot[k], a[k]) for k in a)
+
+
+def test_a_resumed_run_counts_its_earlier_epochs_energy_at_the_power_measured_for_its_own() -> None:
+    # measured: epochs 3 and 4 (4 + 6 = 10 s) took 10 s and 0.002 kWh; epochs 1 and 2 took 30 s more
+    record = EnergyRecord("training", 10.0, 0.002, 0.001, "FRA", 500.0, "estimator", "estimated", False, 0.0015)
+    history = [{"epoch": e, "seconds": s} for e, s in ((1, 10.0), (2, 20.0), (3, 4.0), (4, 6.0))]
+    e = training_energy(record, history, best_epoch=2, resumed_after=2)
+    assert e["training"]["kwh"] == pytest.approx(0.008) and e["training"]["seconds"] == pytest.approx(40.0)
+    assert e["training_to_best_epoch"]["kwh"] == pytest.approx(0.006)  # epochs 1-2: 30 of the 40 s
+    assert training_energy(record, history, best_epoch=4)["training"]["kwh"] == pytest.approx(0.002)  # not resumed
+
+
+def test_a_stopped_run_is_neither_restarted_nor_resumed_by_mistake(tmp_path: Path, npz_data: str, monkeypatch,
+                                                                   capsys) -> None:
+    s = _settings(npz_data, epochs=3)
+    _stopped(s, tmp_path / "m", 1, monkeypatch)
+    capsys.readouterr()
+    args = ["train", "--arch", "cnn", "--data", npz_data, "--batch-size", "16", "--lr", "0.01", "--optimizer", "adam",
+            "--seed", "3", "--device", "cpu", "--out", str(tmp_path / "m")]
+    assert_user_error(*run(args + ["--epochs", "3"], capsys), "m.resume holds epoch 1 of 3 of a training run that "
+                      "stopped", "--resume", "--overwrite")
+    assert_user_error(*run(args + ["--epochs", "5", "--resume"], capsys), "holds a run with other settings: epochs 3 "
+                      "(now 5)")
+    weights = tmp_path / "m.resume" / "model.safetensors"
+    good = weights.read_bytes()
+    weights.write_bytes(good[:-1] + bytes([good[-1] ^ 1]))
+    assert_user_error(*run(args + ["--epochs", "3", "--resume"], capsys), "does not match the checksum")
+    weights.write_bytes(good)
+    rc, out, err = run(args + ["--epochs", "3", "--resume", "--json"], capsys)
+    assert rc == 0, err
+    assert json.loads(out)["resumed_after_epoch"] == 1 and "going on after epoch 1" in err
+    assert not (tmp_path / "m.resume").exists()
+    # --overwrite starts again: the kept state is dropped, not gone on from
+    _stopped(s, tmp_path / "o", 2, monkeypatch)
+    capsys.readouterr()
+    rc, out, err = run(args[:-1] + [str(tmp_path / "o"), "--epochs", "3", "--overwrite", "--json"], capsys)
+    assert rc == 0, err
+    assert "resumed_after_epoch" not in json.loads(out) and not (tmp_path / "o.resume").exists()
 
 
 def test_class_subset_and_subset_size(tmp_path: Path, npz_data: str) -> None:

@@ -130,10 +130,12 @@ def train(
                                   "checkpoint of best balanced validation accuracy (for imbalanced data)."),
     bn: bool = typer.Option(None, "--bn/--no-bn", help="BatchNorm on or off (architectures that have it)."),
     arch_arg: list[str] = ARCH_ARG,
+    resume: bool = typer.Option(False, "--resume", help="Go on from OUT.resume, the last epoch finished by a run of "
+                                "the same settings that stopped (kept after every epoch); without one, start."),
     seed: int = SEED, device: str = DEVICE, data_root: str = DATA_ROOT, overwrite: bool = OVERWRITE,
     country: str = COUNTRY, as_json: bool = JSON,
 ) -> None:
-    """Train a model from scratch, keeping the best-validation checkpoint (and the last epoch)."""
+    """Train a model from scratch, keeping the best-validation checkpoint (and the last epoch); resumable."""
     from .data import parse_class_list
     from .jobs.train import train_dir
     from .models.train import TrainSettings
@@ -144,7 +146,7 @@ def train(
                              classes=parse_class_list(classes), subset=subset, val_split=val_split, epochs=epochs,
                              batch_size=batch_size, lr=lr, optimizer=optimizer, weight_decay=weight_decay,
                              augment=augment, balanced=balanced, seed=seed, device=device, data_root=data_root)
-    result = train_dir(settings, out, overwrite, country)
+    result = train_dir(settings, out, overwrite, country, resume)
     if int(os.environ.get("RANK", "0")) == 0:
         result.pop("model")
         emit(result, as_json, f"trained {arch} on {data}")

@@ -166,9 +166,14 @@ class EnergyMeter:
                                            measure_power_secs=1, tracking_mode="process", allow_multiple_runs=True)
 
 
-def training_energy(record: EnergyRecord, history: list[dict], best_epoch: int) -> dict:
-    """A training run's energy, and its share up to the best epoch (prorated by the epochs' seconds)."""
+def training_energy(record: EnergyRecord, history: list[dict], best_epoch: int, resumed_after: int = 0) -> dict:
+    """A training run's energy, and its share up to the best epoch (prorated by the epochs' seconds). A run
+    resumed after epoch ``resumed_after`` was measured for its later epochs only: the earlier ones are counted at
+    the power measured for those (by their seconds)."""
     total = sum(h.get("seconds", 0.0) for h in history)
+    if resumed_after:
+        measured = sum(h.get("seconds", 0.0) for h in history if h["epoch"] > resumed_after)
+        record = record.prorated(total / measured if measured else 1.0, record.phase)
     upto = sum(h.get("seconds", 0.0) for h in history if h["epoch"] <= best_epoch)
     best = record.prorated(upto / total if total else 1.0, "training up to the best epoch")
     return {"training": record.to_dict(), "training_to_best_epoch": best.to_dict()}

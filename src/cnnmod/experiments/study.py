@@ -128,8 +128,10 @@ class Study:
             return folder, json.loads(energy_path.read_text())
         say(f"[{self.p.name}] training {name}: {s.arch} on {s.data}" + (f" {s.classes}" if s.classes else ""))
         with self.meter.phase(f"training {name}") as m:
-            result = train(s, folder, overwrite=True, show_progress=False)
-        energy = training_energy(m.record, result["history"], result["best_epoch"])
+            # a baseline whose training stopped goes on after its last finished epoch (its folder is its settings')
+            result = train(s, folder, overwrite=True, show_progress=False, resume=True)
+        energy = training_energy(m.record, result["history"], result["best_epoch"],
+                                 result.get("resumed_after_epoch", 0))
         write_json(energy_path, energy)
         return folder, energy
 

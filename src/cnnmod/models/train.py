@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -150,8 +151,12 @@ def _val_accuracy(model: nn.Module, val: ImageSet, spec: InputSpec, device: torc
 
 
 def fit(model: nn.Module, train: ImageSet, val: ImageSet | None, spec: InputSpec, s: TrainSettings, augment: Augment,
-        device: torch.device, dd: Distributed, show_progress: bool = True) -> dict:
-    """Train ``model`` in place; returns history and the best-validation state dict (on the CPU)."""
+        device: torch.device, dd: Distributed, show_progress: bool = True, start: dict | None = None,
+        on_epoch: Callable[[dict], None] | None = None) -> dict:
+    """Train ``model`` in place; returns history and the best-validation state dict (on the CPU). ``start``: the
+    state of a run that stopped after an epoch (:mod:`cnnmod.models.resume`), to go on from; ``on_epoch(state)`` is
+    called on every process after every epoch with that state (the same on every process: each one's
+    augmentation generator is gathered into it)."""
     require_in_memory(train)
     net = model
     if dd.active:
@@ -165,9 +170,22 @@ def fit(model: nn.Module, train: ImageSet, val: ImageSet | None, spec: InputSpec
     labels = train.labels.to(device)
     gen = torch.Generator().manual_seed(s.seed * 7919 + dd.rank)
     history, best_state, best_val, best_epoch = [], None, -1.0, 0
-    train_seconds, seen, step = 0.0, 0, 0
+    train_seconds, seen, step, first, earlier = 0.0, 0, 0, 1, 0.0
+    if start is not None:
+        model.load_state_dict(start["model"])
+        opt.load_state_dict(start["optimizer"])
+        sched.load_state_dict(start["scheduler"])
+        _set_generators(start, gen, device, dd)
+        history, best_state, best_val, best_epoch = start["history"], start["best_state"], start["best_val"], \
+            start["best_epoch"]
+        train_seconds, seen, step, earlier = start["train_seconds"], start["images_seen"], start["step"], \
+            start["wall_seconds"]
+        first = start["epoch"] + 1
+    began = time.perf_counter()
     with progress_bar(f"train {s.arch}", total=total, enabled=show_progress and dd.is_main) as advance:
-        for epoch in range(1, s.epochs + 1):
+        if step:
+            advance(step, epoch=f"{first - 1}/{s.epochs}")
+        for epoch in range(first, s.epochs + 1):
             net.train()
             t0 = time.perf_counter()
             loss_sum, correct, count = torch.zeros((), device=device), torch.zeros((), device=device), 0
@@ -201,7 +219,39 @@ def fit(model: nn.Module, train: ImageSet, val: ImageSet | None, spec: InputSpec
                     best_val, best_epoch = row["val_top1"], epoch
                     best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
             history.append(row)
+            if on_epoch is not None:
+                on_epoch({"epoch": epoch, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                          "scheduler": sched.state_dict(), "best_state": best_state, "best_val": best_val,
+                          "best_epoch": best_epoch, "history": history, "train_seconds": train_seconds,
+                          "images_seen": seen, "step": step,
+                          "wall_seconds": earlier + time.perf_counter() - began, **_generators(gen, device, dd)})
     if best_state is None:  # no validation split: the last epoch is the one kept
         best_state, best_epoch = {k: v.detach().cpu() for k, v in model.state_dict().items()}, s.epochs
     return {"history": history, "best_state": best_state, "best_epoch": best_epoch,
-            "train_seconds": train_seconds, "images_seen": seen}
+            "train_seconds": train_seconds, "images_seen": seen, "resumed_after": first - 1,
+            "earlier_seconds": earlier}
+
+
+def _generators(gen: torch.Generator, device: torch.device, dd: Distributed) -> dict:
+    """The random generators the loop draws from: the global one (dropout; CUDA's on a GPU) and every
+    process's augmentation generator, gathered (a process's row of a zero matrix, summed over processes)."""
+    mine = gen.get_state().long()
+    rows = torch.zeros(dd.world, mine.numel(), dtype=torch.long)
+    rows[dd.rank] = mine
+    if dd.active:
+        rows = dd.all_reduce_sum(rows.to(device)).cpu()
+    kept = {"rng": torch.get_rng_state(), "augment": rows.to(torch.uint8)}
+    if device.type == "cuda":
+        kept["cuda_rng"] = torch.cuda.get_rng_state(device)
+    return kept
+
+
+def _set_generators(start: dict, gen: torch.Generator, device: torch.device, dd: Distributed) -> None:
+    """The generators as :func:`_generators` kept them (this process's own augmentation generator)."""
+    if start["augment"].shape[0] != dd.world:
+        raise UserError(f"the run to resume trained on {start['augment'].shape[0]} process(es), not {dd.world}: "
+                        "go on with as many (torchrun --nproc-per-node)")
+    torch.set_rng_state(start["rng"])
+    gen.set_state(start["augment"][dd.rank].clone())
+    if device.type == "cuda" and "cuda_rng" in start:
+        torch.cuda.set_rng_state(start["cuda_rng"], device)
