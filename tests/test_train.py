@@ -17,6 +17,7 @@ from cnnmod.data import load
 from cnnmod.data.dataset import ImageSet
 from cnnmod.data.transforms import Augment, InputSpec
 from cnnmod.energy import EnergyRecord, training_energy
+from cnnmod.errors import UserError
 from cnnmod.io.models import load_model
 from cnnmod.jobs import train as train_job
 from cnnmod.jobs.train import train
@@ -91,6 +92,15 @@ def test_a_stopped_run_resumed_gives_the_weights_of_one_that_never_stopped(tmp_p
     monkeypatch.setattr(loop, "_set_generators", lambda start, gen, device, dd: torch.set_rng_state(start["rng"]))
     forgot = train(s, tmp_path / "n", show_progress=False, resume=True)["model"].net.state_dict()
     assert not all(torch.equal(forgot[k], a[k]) for k in a)
+
+
+def test_a_run_of_two_processes_goes_on_only_with_two() -> None:
+    gen = torch.Generator().manual_seed(0)
+    kept = loop._generators(gen, torch.device("cpu"), Distributed())  # one process: one augmentation generator
+    assert kept["augment"].shape[0] == 1 and torch.equal(kept["augment"][0], gen.get_state())
+    two = {**kept, "augment": kept["augment"].repeat(2, 1)}
+    with pytest.raises(UserError, match=r"trained on 2 process\(es\), not 1: go on with as many"):
+        loop._set_generators(two, gen, torch.device("cpu"), Distributed())
 
 
 def test_a_resumed_run_counts_its_earlier_epochs_energy_at_the_power_measured_for_its_own() -> None:
