@@ -31,8 +31,8 @@ def resume_folder(out: str | Path) -> Path:
 
 def split_tensors(value, prefix: str, tensors: dict[str, torch.Tensor]):
     """``value`` (nested dicts, lists, tuples, tensors, numbers, strings) as JSON: each tensor moved into
-    ``tensors`` under a key beginning with ``prefix`` and replaced by ``{"tensor": key}``; dict keys become strings
-    (``{"int": k}`` pairs keep integer keys, as an optimizer's state has)."""
+    ``tensors`` under a key beginning with ``prefix`` and replaced by ``{"tensor": key}``; a dict as a list of
+    [key, value] pairs (so that integer keys, as an optimizer's state has, stay integers), a tuple marked as one."""
     if isinstance(value, torch.Tensor):
         key = f"{prefix}"
         tensors[key] = value.detach().cpu().clone()
