@@ -144,6 +144,25 @@ def train_small_cnn(out: Path, data: str, capsys, epochs: int) -> dict:
     return json.loads(stdout)
 
 
+def stopped_training(s, out: Path, after: int, monkeypatch) -> None:
+    """``cnnmod.jobs.train.train`` with settings ``s`` into ``out``, stopped (as by Ctrl-C) once epoch ``after`` is
+    kept in ``out.resume``."""
+    from cnnmod.jobs import train as train_job
+
+    real = train_job.write_state
+
+    def stop(folder, state, settings):
+        real(folder, state, settings)
+        if state["epoch"] == after:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_job, "write_state", stop)
+    with pytest.raises(KeyboardInterrupt):
+        train_job.train(s, out, show_progress=False)
+    monkeypatch.setattr(train_job, "write_state", real)
+    assert not out.exists() and (out.parent / f"{out.name}.resume").is_dir()
+
+
 def random_data(shape=(1, 12, 12), classes=4, per_class=9, seed=0) -> ImageSet:
     g = torch.Generator().manual_seed(seed)
     n = classes * per_class

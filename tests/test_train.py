@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import _free_port, assert_user_error, run
+from conftest import _free_port, assert_user_error, run, stopped_training
 
 from cnnmod.core.metrics import evaluate_classifier
 from cnnmod.data import load
@@ -52,22 +52,6 @@ def test_same_seed_same_weights(tmp_path: Path, npz_data: str) -> None:
     assert not all(torch.equal(sa[k], sc[k]) for k in sa)
 
 
-def _stopped(s: TrainSettings, out: Path, after: int, monkeypatch) -> None:
-    """Train with ``s`` into ``out``, stopped (as by Ctrl-C) once epoch ``after`` is kept in ``out.resume``."""
-    real = train_job.write_state
-
-    def stop(folder, state, settings):
-        real(folder, state, settings)
-        if state["epoch"] == after:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(train_job, "write_state", stop)
-    with pytest.raises(KeyboardInterrupt):
-        train(s, out, show_progress=False)
-    monkeypatch.setattr(train_job, "write_state", real)
-    assert not out.exists() and (out.parent / f"{out.name}.resume").is_dir()
-
-
 @pytest.mark.parametrize("arch,optimizer", [("cnn", "sgd"), ("cnn", "adam"), ("mobilenet_v2", "sgd")])
 def test_a_stopped_run_resumed_gives_the_weights_of_one_that_never_stopped(tmp_path: Path, npz_data: str, monkeypatch,
                                                                            arch: str, optimizer: str) -> None:
@@ -77,7 +61,7 @@ def test_a_stopped_run_resumed_gives_the_weights_of_one_that_never_stopped(tmp_p
     s = _settings(npz_data, arch=arch, epochs=4, optimizer=optimizer, lr=0.05 if optimizer == "sgd" else 0.01,
                   arch_args={"width_mult": 0.25} if arch == "mobilenet_v2" else {})
     whole = train(s, tmp_path / "whole", show_progress=False)
-    _stopped(s, tmp_path / "m", 2, monkeypatch)
+    stopped_training(s, tmp_path / "m", 2, monkeypatch)
     r = train(s, tmp_path / "m", show_progress=False, resume=True)
     assert r["resumed_after_epoch"] == 2 and len(r["history"]) == 4
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bands.npz", "m", "whole"]  # the kept state is gone
@@ -88,7 +72,7 @@ def test_a_stopped_run_resumed_gives_the_weights_of_one_that_never_stopped(tmp_p
     assert r["best_epoch"] == whole["best_epoch"] and r["test_top1"] == whole["test_top1"]
     assert load_model(tmp_path / "m").info["training"]["resumed_after_epoch"] == 2
     # the same, with the augmentation's generator left as a fresh run seeds it: other weights, so the check can tell
-    _stopped(s, tmp_path / "n", 2, monkeypatch)
+    stopped_training(s, tmp_path / "n", 2, monkeypatch)
     monkeypatch.setattr(loop, "_set_generators", lambda start, gen, device, dd: torch.set_rng_state(start["rng"]))
     forgot = train(s, tmp_path / "n", show_progress=False, resume=True)["model"].net.state_dict()
     assert not all(torch.equal(forgot[k], a[k]) for k in a)
@@ -116,7 +100,7 @@ def test_a_resumed_run_counts_its_earlier_epochs_energy_at_the_power_measured_fo
 def test_a_stopped_run_is_neither_restarted_nor_resumed_by_mistake(tmp_path: Path, npz_data: str, monkeypatch,
                                                                    capsys) -> None:
     s = _settings(npz_data, epochs=3)
-    _stopped(s, tmp_path / "m", 1, monkeypatch)
+    stopped_training(s, tmp_path / "m", 1, monkeypatch)
     capsys.readouterr()
     args = ["train", "--arch", "cnn", "--data", npz_data, "--batch-size", "16", "--lr", "0.01", "--optimizer", "adam",
             "--seed", "3", "--device", "cpu", "--out", str(tmp_path / "m")]
@@ -134,7 +118,7 @@ def test_a_stopped_run_is_neither_restarted_nor_resumed_by_mistake(tmp_path: Pat
     assert json.loads(out)["resumed_after_epoch"] == 1 and "going on after epoch 1" in err
     assert not (tmp_path / "m.resume").exists()
     # --overwrite starts again: the kept state is dropped, not gone on from
-    _stopped(s, tmp_path / "o", 2, monkeypatch)
+    stopped_training(s, tmp_path / "o", 2, monkeypatch)
     capsys.readouterr()
     rc, out, err = run(args[:-1] + [str(tmp_path / "o"), "--epochs", "3", "--overwrite", "--json"], capsys)
     assert rc == 0, err
