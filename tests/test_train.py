@@ -22,6 +22,7 @@ from cnnmod.io.models import load_model
 from cnnmod.jobs import train as train_job
 from cnnmod.jobs.train import train
 from cnnmod.models import train as loop
+from cnnmod.models.resume import read_state, write_state
 from cnnmod.models.train import TrainSettings, _val_accuracy, class_weights, epoch_batches
 from cnnmod.runtime import Distributed
 
@@ -76,6 +77,18 @@ def test_a_stopped_run_resumed_gives_the_weights_of_one_that_never_stopped(tmp_p
     monkeypatch.setattr(loop, "_set_generators", lambda start, gen, device, dd: torch.set_rng_state(start["rng"]))
     forgot = train(s, tmp_path / "n", show_progress=False, resume=True)["model"].net.state_dict()
     assert not all(torch.equal(forgot[k], a[k]) for k in a)
+
+
+def test_a_training_state_reads_back_as_written_through_json_and_safetensors(tmp_path: Path) -> None:
+    # integer keys (an optimizer's state), tuples (Adam's betas), None, and a key with dots that meets a path
+    state = {"epoch": 2, 0: {"step": torch.tensor(3.0), "exp_avg": torch.arange(4.0)}, "betas": (0.9, 0.999),
+             "best_state": None, "a.b": torch.ones(2), "a": {"b": torch.zeros(3, dtype=torch.int64)}}
+    write_state(tmp_path / "s", state, {"arch": "cnn", "data": "npz:x", "epochs": 3})
+    back = read_state(tmp_path / "s", {"arch": "cnn", "data": "npz:x", "epochs": 3})
+    assert set(back) == set(state) and back["betas"] == (0.9, 0.999) and back["best_state"] is None
+    for got, want in ((back[0]["step"], state[0]["step"]), (back[0]["exp_avg"], state[0]["exp_avg"]),
+                      (back["a.b"], state["a.b"]), (back["a"]["b"], state["a"]["b"])):
+        assert got.dtype == want.dtype and torch.equal(got, want)
 
 
 def test_a_run_of_two_processes_goes_on_only_with_two() -> None:

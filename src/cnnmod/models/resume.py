@@ -34,7 +34,7 @@ def split_tensors(value, prefix: str, tensors: dict[str, torch.Tensor]):
     ``tensors`` under a key beginning with ``prefix`` and replaced by ``{"tensor": key}``; a dict as a list of
     [key, value] pairs (so that integer keys, as an optimizer's state has, stay integers), a tuple marked as one."""
     if isinstance(value, torch.Tensor):
-        key = f"{prefix}"
+        key = prefix if prefix not in tensors else f"{prefix}#{len(tensors)}"  # a key with dots may meet a path
         tensors[key] = value.detach().cpu().clone()
         return {"tensor": key}
     if isinstance(value, dict):
