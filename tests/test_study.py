@@ -11,6 +11,7 @@ from cnnmod.errors import UserError
 from cnnmod.experiments.presets import Preset
 from cnnmod.experiments.report import charted, figures, write_report
 from cnnmod.experiments.study import PARTS, Study
+from cnnmod.io.artifacts import read_config
 
 TINY = Preset(name="tiny", arch="cnn", epochs=2, weak_epochs=1, weak_subset=30, second_epochs=2, tma_epochs=1,
               optimizer="adam", ci_samples=20, reuse_classes=2, dense_epochs=1)
@@ -119,3 +120,26 @@ def test_cache_keys_ignore_fields_left_at_their_defaults():
     assert _key(_settings(TrainSettings(arch="cnn", data="fashion-mnist", epochs=3, balanced=True))) != \
         _key(_settings(base))
     assert _key(_settings(TrainSettings(arch="cnn", data="digits", epochs=3))) != _key(_settings(base))
+
+
+def test_a_study_stopped_while_training_goes_on_after_the_models_last_epoch(tmp_path, datasets, monkeypatch):
+    from cnnmod.jobs import train as train_job
+
+    a, b = datasets
+    out = tmp_path / "study"
+    real, calls = train_job.write_state, []
+
+    def stop_once(folder, state, settings):
+        real(folder, state, settings)
+        calls.append(folder)
+        if len(calls) == 1:  # the first model's first epoch kept: stopped as by Ctrl-C
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_job, "write_state", stop_once)
+    with pytest.raises(KeyboardInterrupt):
+        Study(out, TINY, a, b, "FRA", seed=1, device="cpu").run()
+    assert calls[0].is_dir() and not calls[0].with_name(calls[0].name[:-len(".resume")]).exists()
+    Study(out, TINY, a, b, "FRA", seed=1, device="cpu").run()
+    model = calls[0].with_name(calls[0].name[:-len(".resume")])
+    assert not calls[0].exists()
+    assert read_config(model)["training"]["resumed_after_epoch"] == 1
