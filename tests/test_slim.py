@@ -135,6 +135,43 @@ def test_a_step_works_on_inputs_spread_over_the_classes():
     assert len(step_rows(few, 20)) == 20 and int(few[step_rows(few, 20), 0].sum()) == 3
 
 
+@pytest.mark.parametrize("arch", ["resnet20", "mobilenet_v2"])
+def test_fisher_is_each_inputs_own_gate_gradient_squared(arch):
+    """``fisher`` against a brute-force loop: each input alone through the gated network (BatchNorm on its running
+    statistics, so inputs do not meet), its share of the class-balanced loss (1/2 over the class's inputs, 1/2
+    over the others'), the gradient with respect to one gate per channel; N times the sum of their squares. The
+    same gradients summed are the batch's (Taylor's, before its absolute value). Some gates are closed first."""
+    clf = source(arch, **({"width_mult": 0.25} if arch == "mobilenet_v2" else {}))
+    data = random_data(per_class=6)
+    x = clf.prepare(data.images)
+    targets = (data.labels == 2)[:, None]
+    frozen = frozen_copy(clf)
+    hw, hb = frozen[0].head.linear_map(frozen[1])
+    p = Pruner(clf, SlimSettings(size=0.5, step_samples=None), x, targets, None, (hw[2] - hw[0])[None],
+               (hb[2] - hb[0])[None], frozen=frozen)
+    g = torch.Generator().manual_seed(1)
+    for gate in p.gates:
+        gate[torch.rand(gate.shape, generator=g) < 0.2] = 0.0
+    n, pos = x.shape[0], int(targets.sum())
+    fisher, summed = [torch.zeros_like(gate) for gate in p.gates], [torch.zeros_like(gate) for gate in p.gates]
+    for i in range(n):
+        live = [gate.clone().requires_grad_(True) for gate in p.gates]
+        with gated(p.net, p.graph, p.groups, live):
+            f = classifier_input(p.net, p.graph.head, lambda i=i: p.net(x[i:i + 1]))
+        z = f @ p.w[0].float() + float(p.b[0])
+        weight = 0.5 / pos if bool(targets[i, 0]) else 0.5 / (n - pos)
+        loss = weight * torch.nn.functional.binary_cross_entropy_with_logits(z, targets[i].float())
+        for k, gr in enumerate(torch.autograd.grad(loss, live, allow_unused=True)):
+            if gr is not None:
+                fisher[k] += n * gr.pow(2)
+                summed[k] += gr
+    got, taylor = p.fisher(), p.taylor()
+    assert len(got) == len(fisher) and sum(int((f > 0).sum()) for f in fisher) > 20
+    for a, b, s, ta in zip(got, fisher, summed, taylor, strict=True):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-12)
+        assert torch.allclose(ta, s.abs(), rtol=1e-4, atol=1e-9)
+
+
 def test_the_last_refit_is_on_every_observed_input():
     """Pruning steps refit the head on the step's inputs; ``finish`` refits it on all observed ones: the head is
     then exactly the logistic fit of the current network's features of all of them."""
@@ -726,7 +763,7 @@ def _block_classes(n_per_class: int, seed: int):
                             {"hidden": [16, 12]}, "blocks")
 
 
-@pytest.mark.parametrize("rule", ["gates", "taylor"])
+@pytest.mark.parametrize("rule", ["gates", "taylor", "fisher"])
 def test_a_small_module_keeps_the_units_that_carry_its_class(rule):
     """At 15% of the hand-built MLP's parameters (about two of the 16 first-layer units), class 1's module keeps
     first- and second-layer unit 1 (the only ones that see class 1's rows) and tells class 1 from the others on

@@ -238,8 +238,8 @@ def decompose_cmd(
                                "(default 0.5; with --max-loss, a floor)."),
     max_loss: float = typer.Option(None, "--max-loss", help="Slim modules: the smallest module losing at most this "
                                    "many pp of binary accuracy on the model's validation images."),
-    rule: str = typer.Option("taylor", "--rule", help="Slim modules: channel importance, taylor, gates (learned "
-                             "for the module first) or activation."),
+    rule: str = typer.Option("taylor", "--rule", help="Slim modules: channel importance, taylor, fisher (each "
+                             "input's gradient, squared), gates (learned for the module first) or activation."),
     gate_epochs: int = typer.Option(10, "--gate-epochs", help="Slim modules, --rule gates: epochs of gate "
                                     "learning over a step's inputs."),
     scale_epochs: int = typer.Option(0, "--scale-epochs", help="Slim modules: after the last pruning step, learn a "
@@ -363,7 +363,7 @@ def compose_cmd(
                                      "the merged network's kept weights by least squares so that each layer's "
                                      "outputs match the model's own (no loss, no labels)."),
     rule: str = typer.Option("taylor", "--rule", help="With --size or --max-loss: channel importance for the "
-                             "merged network's pruning, taylor, gates (learned first) or activation."),
+                             "merged network's pruning, taylor, fisher, gates (learned first) or activation."),
     scale_epochs: int = typer.Option(0, "--scale-epochs", help="With --size or --max-loss: once pruned, learn a "
                                      "scale per kept channel for the composition's own classes for this many "
                                      "epochs (folded into the weights; convolutions frozen)."),

@@ -150,13 +150,16 @@ def _consumers(dg, group, names: dict, channels: int) -> list[tuple[str, torch.T
 def gated(net: nn.Module, graph: ModelGraph, groups: ChannelGroups, gates: list[torch.Tensor]) -> Iterator[None]:
     """Context: ``net`` as slicing would leave it with the closed channels cut: each group's gate multiplied into
     the inputs of the layers that read its channels (the classifier among them), so that whatever lies between
-    (BatchNorm, additions, concatenation) computes as before and a closed channel is simply not read."""
+    (BatchNorm, additions, concatenation) computes as before and a closed channel is simply not read. A gate of
+    shape (B, C) instead of (C,) is a gate per input of a batch of B: the gradient of a loss summed over the batch
+    with respect to row n is then input n's own (:meth:`cnnmod.decompose.pruner.Pruner.fisher`)."""
     by_layer: dict[str, list[tuple[torch.Tensor, int, torch.Tensor]]] = {}
     for g, group in enumerate(groups.groups):
         for layer, index, root in group["consumers"]:
             by_layer.setdefault(layer, []).append((index, g, root))
 
-    constant = not any(g.requires_grad for g in gates)  # then each layer's multiplier is made once, not per batch
+    # then each layer's multiplier is made once, not per batch
+    constant = not any(g.requires_grad or g.dim() > 1 for g in gates)
     made: dict[tuple, torch.Tensor] = {}
 
     def hook(layer: str):
@@ -165,10 +168,11 @@ def gated(net: nn.Module, graph: ModelGraph, groups: ChannelGroups, gates: list[
             key = (layer, x.shape[1], x.device, x.dtype)
             mult = made.get(key) if constant else None
             if mult is None:
-                mult = torch.ones(x.shape[1], device=x.device, dtype=x.dtype)
+                per_input = by_layer[layer] and gates[by_layer[layer][0][1]].dim() == 2
+                mult = torch.ones(*((x.shape[0],) if per_input else ()), x.shape[1], device=x.device, dtype=x.dtype)
                 for index, g, root in by_layer[layer]:
-                    mult = mult.index_put((index.to(x.device),), gates[g][root.to(x.device)].to(x.dtype))
-                mult = mult.view(1, -1, *([1] * (x.dim() - 2)))
+                    mult = mult.index_copy(-1, index.to(x.device), gates[g][..., root.to(x.device)].to(x.dtype))
+                mult = mult.view(x.shape[0] if per_input else 1, -1, *([1] * (x.dim() - 2)))
                 if constant:
                     made[key] = mult
             return (x * mult, *inputs[1:])

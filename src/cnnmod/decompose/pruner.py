@@ -1,7 +1,8 @@
 """The iterative channel pruner behind slim modules and merged slim compositions (docs/method.md, "Slim
 modules"): :class:`Pruner` holds a frozen copy of the source network with a gate per channel and closes gates
-step by step for K binary margins (importance: ``taylor``, learned ``gates`` or ``activation``; BatchNorm
-re-estimated and the head refitted after each step); :func:`take` chooses what one step closes;
+step by step for K binary margins (BatchNorm re-estimated and the head refitted after each step);
+:data:`IMPORTANCE` ranks channels per rule (``taylor``, ``fisher``, learned ``gates`` or ``activation``);
+:func:`take` chooses what one step closes;
 :func:`prune_together` prunes several modules' pruners to one shared budget."""
 
 from __future__ import annotations
@@ -124,20 +125,35 @@ class Pruner:
                    for k in range(logits.shape[1]))
 
     def taylor(self) -> list[torch.Tensor]:
-        """Per channel: |d loss / d gate|, the first-order effect of closing it on the margins' loss."""
+        """Per channel: |d loss / d gate| (summed over the step's batches), the first-order effect of closing it on
+        the margins' loss."""
+        return self.gate_gradients(lambda gr: gr.abs())
+
+    def fisher(self) -> list[torch.Tensor]:
+        """Per channel: N sum_n (d loss / d gate_n)^2 over the step's N inputs, each input's own gradient (a gate
+        per input, :func:`~cnnmod.core.channels.gated`): the empirical Fisher information of the gate, the
+        second-order effect of closing it (Molchanov et al. 2019, OBD's diagonal). A channel whose effects cancel
+        over the inputs (helping some, hurting others) has a small Taylor score and a large Fisher one."""
+        n = self.step_view()[0].shape[0]
+        return self.gate_gradients(lambda gr: n * gr.pow(2).sum(0), per_input=True)
+
+    def gate_gradients(self, score, per_input: bool = False) -> list[torch.Tensor]:
+        """Per channel, ``score(gradient)`` summed over the step's batches: the gradient of the margins' loss with
+        respect to every open gate, one (C,) per batch, or with ``per_input`` one (B, C) row per input."""
         scores = [torch.zeros(g["channels"]) for g in self.groups.groups]
-        live = [g.clone().requires_grad_(True) for g in self.gates]
         x, targets, soft = self.step_view()
         wd, bd = self.w.to(x.device), self.b.to(x.device, torch.float32)
         softs = self.batches(soft) if soft is not None else [None] * len(self.batches(targets))
         for xb, tb, sb in zip(self.batches(x), self.batches(targets), softs, strict=True):
+            live = [(g.detach()[None].repeat(xb.shape[0], 1) if per_input else g.clone()).requires_grad_(True)
+                    for g in self.gates]
             with gated(self.net, self.graph, self.groups, live):
                 f = classifier_input(self.net, self.graph.head, lambda xb=xb: self.net(xb))
             logits = torch.stack([f @ wd[k] + bd[k] for k in range(wd.shape[0])], 1)
             grads = torch.autograd.grad(self.loss(logits, tb, sb), live, allow_unused=True)
             for i, gr in enumerate(grads):
                 if gr is not None:
-                    scores[i] += gr.abs().cpu()
+                    scores[i] += score(gr).cpu()
         return scores
 
     def learn_gates(self, epochs: int | None = None, penalise: bool = True, step: bool = True,
@@ -341,7 +357,7 @@ class Pruner:
         """The open channels that may close (every group keeps one), least important first, as (importance per
         cost, group, channel): with a ``cost``, per the parameters (or FLOPs) each costs; without, relative to
         its group's mean."""
-        scores = self.activation_rates() if self.s.rule == "activation" else self.taylor()  # gates: after theirs
+        scores = IMPORTANCE[self.s.rule](self)
         found = []
         for i, sc in enumerate(scores):
             kept = torch.nonzero(self.gates[i].cpu() > 0).flatten()
@@ -460,6 +476,12 @@ class Pruner:
         self.refit(step=False)
         if floor is not None and (after := accuracy()) < floor and after < before:
             self.w, self.b = saved
+
+
+# what ranks channels at each pruning step, per rule (``SlimSettings.rule``; rule "gates" learns its first cut, then
+# ranks as taylor): a new importance is one entry
+IMPORTANCE = {"taylor": Pruner.taylor, "fisher": Pruner.fisher, "activation": Pruner.activation_rates,
+              "gates": Pruner.taylor}
 
 
 def step_share(s: SlimSettings, fraction: float, size: float | None = None) -> float:

@@ -6,7 +6,9 @@ rest"; a merged composition: one per class, against the composition's other clas
 
 1. rank the open channels by their importance to the margins: the first-order (gradient x gate) effect on
    the margins' class-balanced binary loss, distilled from the source's probabilities or fitted to labels
-   (``rule="taylor"``), or, as the post-hoc baseline of MODA and MwT, how often they are active for the
+   (``rule="taylor"``), or the same effect's second order, each input's own gradient squared (the gate's
+   empirical Fisher information, ``rule="fisher"``), or, as the post-hoc baseline of MODA and MwT, how often
+   they are active for the
    margins' own inputs (``rule="activation"``); per the parameters or FLOPs each channel costs (``cost``);
 2. close the least important until ``step`` of the kept parameters are cut (never below ``size``; at
    least one channel of every group stays);
@@ -43,7 +45,7 @@ from ..models.train import split_indices
 from ..modules.masked import binary_head
 from ..modules.slim import SlimModule
 from .joint import check_every_class, fit_heads_jointly
-from .pruner import Pruner, prune_together
+from .pruner import IMPORTANCE, Pruner, prune_together
 
 COSTS = ("params", "flops", "both", "none")
 MODULE_SIZE = 0.5  # a slim module's target size when neither --size nor --max-loss is given
@@ -71,7 +73,7 @@ class SlimSettings:
     step: float = 0.2               # fraction of kept parameters (or channels) closed per iteration
     step_samples: int | None = 1024  # inputs each pruning step ranks, re-estimates BatchNorm and refits on (half
                                     # concerned); None: all observed. The last refit always uses all observed
-    rule: str = "taylor"            # "taylor", "gates" (learned: gate_epochs, gate_lr) or "activation"
+    rule: str = "taylor"            # "taylor", "fisher", "gates" (learned: gate_epochs, gate_lr) or "activation"
     gate_epochs: int = 10           # rule "gates": epochs over the step's inputs
     gate_lr: float = 0.05           # rule "gates": Adam's step on the gate scores (the head's: a tenth)
     scale_epochs: int = 0           # after the last step: a scale per kept channel learned for the module's loss
@@ -117,8 +119,8 @@ class SlimSettings:
             raise UserError(f"--size is a fraction of the model's parameters in (0, 1], got {self.size}")
         if self.max_loss is not None and self.max_loss < 0:
             raise UserError(f"--max-loss must be >= 0 pp, got {self.max_loss}")
-        if self.rule not in ("taylor", "gates", "activation"):
-            raise UserError(f"unknown importance rule {self.rule!r}; use taylor, gates or activation")
+        if self.rule not in IMPORTANCE:
+            raise UserError(f"unknown importance rule {self.rule!r}; use {', '.join(IMPORTANCE)}")
         if self.gate_epochs < 1 or self.gate_lr <= 0:
             raise UserError("learned gates need --gate-epochs >= 1 and a positive gate learning rate")
         if self.scale_epochs < 0:
