@@ -333,7 +333,7 @@ def test_slim_decomposition_command_and_artifacts(tmp_path, npz_data, capsys):
     made = cnnmod.load_modules(tmp_path / "cheap")
     assert {(m.settings["recipe"], m.settings["size"], m.settings["samples"], m.settings["budget"],
              m.settings["step"], m.settings["step_samples"], m.settings["reconstruct"], m.settings["rule"])
-            for m in made} == {("cheap", 0.6, 30, "total", 0.5, 64, True, "taylor")}
+            for m in made} == {("cheap", 0.6, 30, "total", 0.5, 64, True, "fisher")}
     assert sum(e["params_fraction"] for e in json.loads(stdout)["modules"]) / len(made) <= 0.6
     card = (tmp_path / "cheap" / "modules" / "c00-band0" / "README.md").read_text()
     assert "made with the recipe 'cheap'" in card and "by least squares" in card
