@@ -357,7 +357,7 @@ class Pruner:
         """The open channels that may close (every group keeps one), least important first, as (importance per
         cost, group, channel): with a ``cost``, per the parameters (or FLOPs) each costs; without, relative to
         its group's mean."""
-        scores = IMPORTANCE[self.s.rule](self)
+        scores = getattr(self, IMPORTANCE[self.s.rule])()
         found = []
         for i, sc in enumerate(scores):
             kept = torch.nonzero(self.gates[i].cpu() > 0).flatten()
@@ -478,10 +478,9 @@ class Pruner:
             self.w, self.b = saved
 
 
-# what ranks channels at each pruning step, per rule (``SlimSettings.rule``; rule "gates" learns its first cut, then
-# ranks as taylor): a new importance is one entry
-IMPORTANCE = {"taylor": Pruner.taylor, "fisher": Pruner.fisher, "activation": Pruner.activation_rates,
-              "gates": Pruner.taylor}
+# the Pruner method that ranks channels at each pruning step, per rule (``SlimSettings.rule``; rule "gates" learns
+# its first cut, then ranks as taylor): a new importance is a method and one entry
+IMPORTANCE = {"taylor": "taylor", "fisher": "fisher", "activation": "activation_rates", "gates": "taylor"}
 
 
 def step_share(s: SlimSettings, fraction: float, size: float | None = None) -> float:

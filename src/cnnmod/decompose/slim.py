@@ -8,8 +8,8 @@ rest"; a merged composition: one per class, against the composition's other clas
    the margins' class-balanced binary loss, distilled from the source's probabilities or fitted to labels
    (``rule="taylor"``), or the same effect's second order, each input's own gradient squared (the gate's
    empirical Fisher information, ``rule="fisher"``), or, as the post-hoc baseline of MODA and MwT, how often
-   they are active for the
-   margins' own inputs (``rule="activation"``); per the parameters or FLOPs each channel costs (``cost``);
+   they are active for the margins' own inputs (``rule="activation"``); per the parameters or FLOPs each
+   channel costs (``cost``);
 2. close the least important until ``step`` of the kept parameters are cut (never below ``size``; at
    least one channel of every group stays);
 3. re-estimate BatchNorm statistics and refit the head rows on the observation data.
