@@ -144,23 +144,35 @@ def train_small_cnn(out: Path, data: str, capsys, epochs: int) -> dict:
     return json.loads(stdout)
 
 
-def stopped_training(s, out: Path, after: int, monkeypatch) -> None:
-    """``cnnmod.jobs.train.train`` with settings ``s`` into ``out``, stopped (as by Ctrl-C) once epoch ``after`` is
-    kept in ``out.resume``."""
+def stop_after_epoch(run, after: int, monkeypatch) -> Path:
+    """``run()``, training stopped (as by Ctrl-C) once a run keeps its epoch ``after`` in an ``OUT.resume``
+    folder: that folder, checked to be there with no ``OUT`` beside it."""
     from cnnmod.jobs import train as train_job
 
-    real = train_job.write_state
+    real, kept = train_job.write_state, []
 
     def stop(folder, state, settings):
         real(folder, state, settings)
         if state["epoch"] == after:
+            kept.append(folder)
             raise KeyboardInterrupt
 
     monkeypatch.setattr(train_job, "write_state", stop)
     with pytest.raises(KeyboardInterrupt):
-        train_job.train(s, out, show_progress=False)
+        run()
     monkeypatch.setattr(train_job, "write_state", real)
-    assert not out.exists() and (out.parent / f"{out.name}.resume").is_dir()
+    folder = kept[0]
+    assert folder.is_dir() and not folder.with_name(folder.name[:-len(".resume")]).exists()
+    return folder
+
+
+def stopped_training(s, out: Path, after: int, monkeypatch) -> None:
+    """``cnnmod.jobs.train.train`` with settings ``s`` into ``out``, stopped (as by Ctrl-C) once epoch ``after`` is
+    kept in ``out.resume``."""
+    from cnnmod.jobs.train import train
+
+    kept = stop_after_epoch(lambda: train(s, out, show_progress=False), after, monkeypatch)
+    assert kept == out.parent / f"{out.name}.resume"
 
 
 def random_data(shape=(1, 12, 12), classes=4, per_class=9, seed=0) -> ImageSet:

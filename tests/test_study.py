@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import assert_user_error, run, write_npz
+from conftest import assert_user_error, run, stop_after_epoch, write_npz
 
 from cnnmod.errors import UserError
 from cnnmod.experiments.presets import Preset
@@ -123,23 +123,11 @@ def test_cache_keys_ignore_fields_left_at_their_defaults():
 
 
 def test_a_study_stopped_while_training_goes_on_after_the_models_last_epoch(tmp_path, datasets, monkeypatch):
-    from cnnmod.jobs import train as train_job
-
     a, b = datasets
     out = tmp_path / "study"
-    real, calls = train_job.write_state, []
-
-    def stop_once(folder, state, settings):
-        real(folder, state, settings)
-        calls.append(folder)
-        if len(calls) == 1:  # the first model's first epoch kept: stopped as by Ctrl-C
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(train_job, "write_state", stop_once)
-    with pytest.raises(KeyboardInterrupt):
-        Study(out, TINY, a, b, "FRA", seed=1, device="cpu").run()
-    assert calls[0].is_dir() and not calls[0].with_name(calls[0].name[:-len(".resume")]).exists()
+    # the first model's first epoch kept: stopped as by Ctrl-C
+    kept = stop_after_epoch(lambda: Study(out, TINY, a, b, "FRA", seed=1, device="cpu").run(), 1, monkeypatch)
     Study(out, TINY, a, b, "FRA", seed=1, device="cpu").run()
-    model = calls[0].with_name(calls[0].name[:-len(".resume")])
-    assert not calls[0].exists()
+    model = kept.with_name(kept.name[:-len(".resume")])
+    assert not kept.exists()
     assert read_config(model)["training"]["resumed_after_epoch"] == 1
