@@ -23,7 +23,7 @@ from cnnmod.core.observe import class_order
 from cnnmod.data.transforms import InputSpec
 from cnnmod.decompose.fitting import calibration_set
 from cnnmod.decompose.pruner import Pruner, step_rows, take
-from cnnmod.decompose.slim import Pools, SlimSettings, slim_module, slim_modules, source_log_odds
+from cnnmod.decompose.slim import Pools, SlimSettings, _Making, slim_module, slim_modules, source_log_odds
 from cnnmod.errors import UserError
 from cnnmod.models import build
 from cnnmod.models.classifier import Classifier
@@ -50,6 +50,65 @@ def test_sliced_network_computes_what_the_gated_model_computes(arch, kwargs):
     # the source model was not touched
     assert sum(p.numel() for p in clf.net.parameters()) == sum(p.numel() for p in build(arch, (1, 12, 12), 4,
                                                                                           **kwargs).parameters())
+
+
+def test_narrowing_the_network_as_channels_close_changes_nothing_but_its_cost(monkeypatch):
+    """The pruner narrows its network to the open channels after every step (:meth:`Pruner.narrow`); turned off,
+    every pass runs on the full network with the closed channels gated. Made to close the same channels, the two
+    compute the same at every step: the same channels removed, the same BatchNorm statistics on the channels
+    kept, the same Fisher scores, the same margins (the head's logistic fit to its tolerance: it decays the
+    gated network's dead columns too, so each step starts from the gated one's head), the same least-squares
+    refit, and after the learned scales and last head fit, sliced modules that score new inputs alike; the
+    narrowed network has fewer channels at every step."""
+    clf = source("resnet20")
+    data = random_data(per_class=20)
+    s = SlimSettings(size=0.4, samples=40, step=0.3, step_samples=16, rule="fisher", reconstruct=True,
+                     scale_epochs=2, scale_bn=True).resolved(0.5)
+    made = {}
+    for narrows in (True, False):
+        monkeypatch.setattr(Pruner, "NARROWS", narrows)
+        made[narrows] = _Making(clf, data, 1, s, 256, None, None).pruner
+    a, b = made[True], made[False]
+    full = sum(g.numel() for g in b.gates)
+    x = a.x_obs
+    for _ in range(3):
+        scores_a, scores_b = a.fisher(), b.fisher()
+        for sa, sb, origin in zip(scores_a, scores_b, a.origin, strict=True):
+            assert torch.allclose(sa, sb[origin], rtol=1e-3, atol=1e-6 * float(sb.max()))
+        ranked = a.candidates()
+        chosen = take([(v, 0, i, j) for v, i, j in ranked], a.budget(a.fraction(True)), [a])
+        a.close([(i, j) for _, i, j in chosen], ranked)
+        b.close([(i, int(a.origin[i][j])) for _, i, j in chosen], [])  # the same channels, as the full network has them
+        a.refresh()
+        b.refresh()
+        assert a.removed() == b.removed() and any(a.removed().values())
+        assert sum(g.numel() for g in a.gates) == a.kept_channels() == b.kept_channels() < full
+        theirs, kept = dict(b.net.named_modules()), a.kept_outputs()
+        for name, m in a.net.named_modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                assert torch.allclose(m.running_var, theirs[name].running_var[kept.get(name, slice(None))], rtol=1e-4)
+        za = a.features_of(x) @ a.w.T + a.b.float()
+        zb = b.features_of(x) @ b.w.T + b.b.float()
+        assert torch.allclose(za, zb, atol=1e-3 * float(zb.abs().max()))
+        a.w, a.b = b.w[:, a.head_columns()].clone(), b.b.clone()  # the same head on: the steps compare exactly
+    def margins():
+        return a.features_of(x) @ a.w.T + a.b.float(), b.features_of(x) @ b.w.T + b.b.float()
+
+    for p in (a, b):
+        p.reconstruct()  # least squares, ridge over the inputs each layer reads: the same in both
+    za, zb = margins()
+    assert torch.allclose(za, zb, atol=1e-3 * float(zb.abs().max()))
+    a.w, a.b = b.w[:, a.head_columns()].clone(), b.b.clone()
+    for p in (a, b):
+        # Adam's first steps move every scale by about its rate, whatever its gradient's size, so rounding grows
+        # here: on this network, moving the gated head by 1e-5 alone moves the scores after it by 1e-2
+        p.learn_scales()
+        p.finish()
+    new = clf.prepare(random_data(per_class=4, seed=3).images)
+    with torch.no_grad():
+        za, zb = a.sliced(True, check=True)(new), b.sliced(True, check=True)(new)
+    assert torch.allclose(za, zb, atol=5e-2 * float(zb.abs().max()))
+    assert sum(q.numel() for q in a.sliced(True).parameters()) == sum(q.numel() for q in b.sliced(True).parameters())
 
 
 def test_log_odds_are_the_softmax_probability_of_each_class():
@@ -192,7 +251,8 @@ def test_the_last_refit_is_on_every_observed_input():
     assert torch.allclose(p.w[0], expected[0], atol=1e-4)
     p.refit(step=True)
     assert not torch.allclose(p.w[0], expected[0], atol=1e-3)  # 10 inputs fit another head
-    assert on_step.shape == p.w.shape
+    assert on_step.shape[0] == p.w.shape[0] == 1
+    assert p.w.shape[1] == p.features_of(x[:1]).shape[1] < on_step.shape[1]  # the features the narrowed network has
 
 
 def test_modules_made_together_share_the_sources_probabilities():
@@ -962,6 +1022,7 @@ def _doubled_unit_mlp():
                     torch.randn(1, 12, generator=torch.Generator().manual_seed(2)), torch.zeros(1))
     group = next(i for i, g in enumerate(pruner.groups.groups) if "features.1" in g["roots"])
     pruner.gates[group][5] = 0.0
+    pruner.narrow()  # as a pruning step's refresh does: the network sliced to its open channels
     return clf, pruner, x
 
 
@@ -986,7 +1047,9 @@ def test_reconstruction_gives_a_closed_units_work_to_the_kept_unit_that_carries_
     second = pruner.net.features[3].weight
     expected = original["features.3.weight"][:, 4] + 2 * original["features.3.weight"][:, 5]
     assert torch.allclose(second[:, 4], expected, atol=1e-3)
-    assert torch.allclose(pruner.net.features[1].weight, original["features.1.weight"], atol=1e-5)
+    assert second.shape[1] == 15  # the network was narrowed: unit 5 is gone (unit 4 keeps its place)
+    kept = torch.arange(16) != 5
+    assert torch.allclose(pruner.net.features[1].weight, original["features.1.weight"][kept], atol=1e-5)
     assert torch.equal(pruner.net.classifier.weight, original["classifier.weight"])
     assert float((gated_out() - want).abs().max()) < before / 100
     assert all(torch.equal(v, original[k]) for k, v in clf.net.state_dict().items())
@@ -1022,12 +1085,14 @@ def test_reconstruction_in_one_pass_refits_as_a_pass_per_layer(monkeypatch):
         for gate in pruner.gates:
             gate[torch.randperm(gate.numel(), generator=torch.Generator().manual_seed(gate.numel()))[
                 :gate.numel() // 3]] = 0.0
+        pruner.narrow()
         before = {k: v.clone() for k, v in pruner.net.state_dict().items() if k.endswith("weight")}
         pruner.reconstruct()
         weights.append({k: v.clone() for k, v in pruner.net.state_dict().items() if k.endswith("weight")})
-        # every layer was refitted under the model's BatchNorm statistics, and they stay the model's
-        theirs = clf.net.state_dict()
-        assert all(torch.equal(v, theirs[k]) for k, v in pruner.net.state_dict().items() if "running_" in k)
+        # every layer was refitted under the model's BatchNorm statistics (of the channels it kept), and they stay
+        theirs, kept = clf.net.state_dict(), pruner.kept_outputs()
+        assert all(torch.equal(v, theirs[k][kept[k.rpartition(".")[0]]]) for k, v in pruner.net.state_dict().items()
+                   if "running_" in k)
     conv = [k for k in before if k.endswith("conv2.weight") or k.endswith("conv1.weight")]
     assert len(conv) >= 18
     for k in conv:  # float rounding apart (sums in another order, growing layer after layer: 2e-6 to 3e-4)
@@ -1038,8 +1103,9 @@ def test_reconstruction_in_one_pass_refits_as_a_pass_per_layer(monkeypatch):
                     torch.zeros(1), batch_size=32)
     pruner.gates[0][:5] = 0.0
     pruner.reconstruct()
-    theirs = clf.net.state_dict()
-    assert not any(torch.equal(v, theirs[k]) for k, v in pruner.net.state_dict().items() if "running_mean" in k)
+    theirs, kept = clf.net.state_dict(), pruner.kept_outputs()
+    assert not any(torch.equal(v, theirs[k][kept.get(k.rpartition(".")[0], slice(None))])
+                   for k, v in pruner.net.state_dict().items() if "running_mean" in k)
 
 
 def test_reconstructed_slim_module_is_cut_alike_exact_and_nearer_the_model():
@@ -1056,7 +1122,7 @@ def test_reconstructed_slim_module_is_cut_alike_exact_and_nearer_the_model():
     assert all(torch.equal(v, original[k]) for k, v in clf.net.state_dict().items())
     assert m.removed == plain.removed and m.params() == plain.params()
     x = torch.randn(40, 1, 12, 12, generator=torch.Generator().manual_seed(5))
-    graph = ModelGraph(clf.net, clf.spec.shape)
+    graph, _, full = frozen_copy(clf)
     with torch.no_grad():
         want = classifier_input(clf.net, graph.head, lambda: clf.net(x))
     gaps = []
@@ -1066,10 +1132,12 @@ def test_reconstructed_slim_module_is_cut_alike_exact_and_nearer_the_model():
             f = classifier_input(net, graph_.head, lambda net=net: net(x))
         with torch.no_grad():
             assert torch.allclose(made(x), f @ hw.T + hb, atol=1e-4)
-        kept = torch.ones(f.shape[1], dtype=torch.bool)  # the features the head still reads
-        for group, gate in zip(groups.groups, gates, strict=True):
+        kept = torch.ones(want.shape[1], dtype=torch.bool)  # the model's features the module still reads
+        for group in full.groups:
+            closed = torch.tensor(made.removed.get(group["roots"][0], []), dtype=torch.long)
             for layer, index, root in group["consumers"]:
-                if layer == graph_.head.layer:
-                    kept[index[gate[root].cpu() == 0]] = False
-        gaps.append(float((f - want)[:, kept].pow(2).mean()))
+                if layer == graph.head.layer:
+                    kept[index[torch.isin(root, closed)]] = False
+        assert f.shape[1] == int(kept.sum())  # the narrowed network computes those and no other
+        gaps.append(float((f - want[:, kept]).pow(2).mean()))
     assert gaps[1] < gaps[0]

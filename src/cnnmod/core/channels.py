@@ -71,7 +71,8 @@ class ChannelGroups:
                 continue
             channels = points[0].shape[0]
             self.groups.append({"roots": roots, "points": [p.name for p in points], "channels": channels,
-                                "consumers": _consumers(dg, group, names, channels)})
+                                "consumers": _consumers(dg, group, names, channels),
+                                "outputs": _consumers(dg, group, names, channels, "prune_out_channels", _COMPUTES)})
         self.unsliceable = self._probe(net, graph)
         if not self.groups:
             reason = "; ".join(f"{layer}: {why}" for layer, why in self.unsliceable[:2])
@@ -112,22 +113,30 @@ class ChannelGroups:
         return left_out
 
 
-def _reads(group) -> dict[nn.Module, list[int]]:
-    """Per layer that reads a group's channels: its input indices that the group's pruning would cut."""
+_COMPUTES = (nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm)  # layers whose outputs a narrowed copy maps back
+
+
+def _reads(group, handler: str = "prune_in_channels",
+           kinds: type | tuple = (nn.Conv2d, nn.Linear)) -> dict[nn.Module, list[int]]:
+    """Per layer that reads a group's channels: its input indices that the group's pruning would cut (with
+    ``handler`` "prune_out_channels": per layer that computes them, its output indices)."""
     out: dict[nn.Module, list[int]] = {}
     for dep, idxs in group:
         module = dep.target.module
-        if dep.handler.__name__ == "prune_in_channels" and isinstance(module, (nn.Conv2d, nn.Linear)):
+        if dep.handler.__name__ == handler and isinstance(module, kinds):
             out.setdefault(module, []).extend(int(i) for i in idxs)
     return out
 
 
-def _consumers(dg, group, names: dict, channels: int) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+def _consumers(dg, group, names: dict, channels: int, handler: str = "prune_in_channels",
+               kinds: type | tuple = (nn.Conv2d, nn.Linear)) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
     """The layers that read a group's channels, as slicing cuts them: (layer, its input indices, the group channel
     each one carries). Where a layer reads each channel once, torch-pruning lists its indices in the order of the
     group's channels; where it reads some more than once (a flatten spreads a channel over several features, a
-    concatenation carries it twice), each channel's indices are asked for one by one."""
-    full = _reads(group)
+    concatenation carries it twice), each channel's indices are asked for one by one. With ``handler``
+    "prune_out_channels" and ``kinds`` :data:`_COMPUTES`: the layers that compute the channels, with their output
+    indices."""
+    full = _reads(group, handler, kinds)
     root_item = next(d for d, _ in group if d.handler.__name__ == "prune_out_channels")
     per_channel: list[dict[nn.Module, list[int]]] | None = None
     result = []
@@ -137,8 +146,9 @@ def _consumers(dg, group, names: dict, channels: int) -> list[tuple[str, torch.T
             index, root = torch.tensor(idxs), torch.arange(channels)
         else:
             if per_channel is None:
-                target, handler = root_item.target.module, root_item.handler
-                per_channel = [_reads(dg.get_pruning_group(target, handler, idxs=[j])) for j in range(channels)]
+                target, cut = root_item.target.module, root_item.handler
+                per_channel = [_reads(dg.get_pruning_group(target, cut, idxs=[j]), handler, kinds)
+                               for j in range(channels)]
             pairs = [(i, j) for j, reads in enumerate(per_channel) for i in reads.get(module, [])]
             index = torch.tensor([i for i, _ in pairs], dtype=torch.long)
             root = torch.tensor([j for _, j in pairs], dtype=torch.long)
@@ -292,6 +302,45 @@ def verify_sliced(sliced: nn.Module, x: torch.Tensor, expected: torch.Tensor, na
     if gap > 1e-2 * (float(expected.abs().max()) + 1.0):  # loose enough for TF32 on a GPU
         raise UserError(f"torch-pruning cannot slice {name} faithfully: the sliced network's outputs differ from "
                         f"the gated model's by {gap:.3g}; use --granularity node")
+
+
+def width(layer: nn.Module, side: str) -> int:
+    """How many channels (features) a convolution, linear or BatchNorm layer reads (``side`` "in") or computes
+    ("out")."""
+    if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+        return layer.num_features
+    if isinstance(layer, nn.Linear):
+        return layer.in_features if side == "in" else layer.out_features
+    return layer.in_channels if side == "in" else layer.out_channels
+
+
+def narrowed(groups: ChannelGroups, net: nn.Module,
+             gates: list[torch.Tensor]) -> tuple[ChannelGroups, dict[str, torch.Tensor]]:
+    """``groups`` as they are in ``net`` sliced to the open channels of ``gates`` (:func:`slice_network` keeps
+    the order): every group's channels numbered among its open ones, every layer's inputs and outputs among
+    those that stay. Also, per layer whose inputs lose some: which of them stay (a mask over ``net``'s)."""
+    keep = [g.detach().cpu() > 0 for g in gates]
+    rank = [k.long().cumsum(0) - 1 for k in keep]
+    result = [dict(g) for g in groups.groups]
+    masks = {}
+    for key, side in (("consumers", "in"), ("outputs", "out")):
+        mask: dict[str, torch.Tensor] = {}
+        for g, group in enumerate(groups.groups):
+            for layer, index, root in group.get(key, []):
+                m = mask.setdefault(layer, torch.ones(width(net.get_submodule(layer), side), dtype=torch.bool))
+                m[index[~keep[g][root]]] = False
+        position = {layer: m.long().cumsum(0) - 1 for layer, m in mask.items()}
+        for g, group in enumerate(groups.groups):
+            result[g][key] = [(layer, position[layer][index[keep[g][root]]], rank[g][root[keep[g][root]]])
+                              for layer, index, root in group.get(key, [])]
+        if key == "consumers":
+            masks = {layer: m for layer, m in mask.items() if not bool(m.all())}
+    for group, k in zip(result, keep, strict=True):
+        group["channels"] = int(k.sum())
+    view = copy.copy(groups)
+    view.__dict__.pop("_costs", None)  # what a channel costs depends on the network it is cut from
+    view.groups = result
+    return view, masks
 
 
 def closed_channels(groups: ChannelGroups, gates: list[torch.Tensor]) -> dict[str, list[int]]:

@@ -21,10 +21,12 @@ from ..core.channels import (
     fold_gates,
     frozen_copy,
     gated,
+    narrowed,
     reestimate_bn,
     slice_network,
     sliced_cost,
     verify_sliced,
+    width,
 )
 from ..core.observe import hooks
 from ..errors import UserError
@@ -74,7 +76,14 @@ class Pruner:
     "Slim modules"): row k of the head is a binary margin, "class k" against the others of the observed world,
     fitted on observed inputs ``x_obs`` to ``targets`` (N, K) or, when ``soft`` is given, to the source's
     probabilities (N, K). A slim module has one row; a slim merged composition one per class. ``gates`` start
-    all open, or as given (a merged composition starts from the union of its modules' channels)."""
+    all open, or as given (a merged composition starts from the union of its modules' channels).
+
+    Once channels close, the network is narrowed (:meth:`narrow`): sliced to its open channels, so that every
+    later pass costs what the smaller network costs; ``origin`` maps its channels back to the source's. Where
+    the head is not a plain linear layer (:data:`NARROWS`), the closed channels stay gated in the full network
+    instead; both compute the same."""
+
+    NARROWS = True  # narrow the network as channels close (a test turns it off to compare with the gated one)
 
     def __init__(self, source: Classifier, s: SlimSettings, x_obs: torch.Tensor, targets: torch.Tensor,
                  soft: torch.Tensor | None, w: torch.Tensor, b: torch.Tensor, batch_size: int = 256,
@@ -84,6 +93,9 @@ class Pruner:
         self.graph, self.net, self.groups = frozen or frozen_copy(source)
         device = next(self.net.parameters()).device
         self.gates = gates or [torch.ones(g["channels"], device=device) for g in self.groups.groups]
+        self.source_groups = self.groups  # the source network's groups: what removed() numbers channels by
+        self.origin = [torch.arange(g["channels"]) for g in self.groups.groups]  # per group: its channels' own
+        self.narrows = self.NARROWS and self.graph.head.kind == "linear"
         self.x_obs, self.targets, self.soft = x_obs, targets, soft
         self.bn_rows = bn_rows  # BatchNorm statistics from the first bn_rows observed inputs (default: all)
         self.rows = step_rows(targets, s.step_samples)  # what each step works on (None: all observed)
@@ -270,11 +282,70 @@ class Pruner:
             return self.x_obs, self.targets, self.soft
         return self.x_obs[self.rows], self.targets[self.rows], self.soft[self.rows] if self.soft is not None else None
 
+    def narrow(self) -> None:
+        """With channels closed: the network sliced to its open channels (the open channels' gates kept, the
+        head's rows cut to the features that stay), checked on a few observed inputs against the gated one."""
+        if not self.narrows or all(bool((g > 0).all()) for g in self.gates):
+            return
+        head = self.graph.head
+        hw, hb = head.linear_map(self.net)
+        net = slice_network(self.net, self.source.spec.shape, closed_channels(self.groups, self.gates), head, hw, hb)
+        for q in net.parameters():
+            q.requires_grad_(False)
+        groups, reads = narrowed(self.groups, self.net, self.gates)
+        gates = [g[g > 0].clone() for g in self.gates]
+        x = self.x_obs[:8]
+        with torch.no_grad():
+            with gated(self.net, self.graph, self.groups, self.gates):
+                expected = classifier_input(self.net, head, lambda: self.net(x)) @ hw.T + hb
+            with gated(net, self.graph, groups, gates):
+                verify_sliced(net, x, expected, type(self.source.net).__name__)
+        columns = reads.get(head.layer)
+        if columns is not None:
+            self.w = self.w[:, columns]
+        self.origin = [o[(g > 0).cpu()] for o, g in zip(self.origin, self.gates, strict=True)]
+        self.net, self.groups, self.gates = net, groups, gates
+
+    def snapshot(self) -> tuple:
+        """What :meth:`restore` goes back to: the network as it is now, its channels, gates and head."""
+        return self.net, self.groups, list(self.origin), [g.clone() for g in self.gates], self.w, self.b
+
+    def restore(self, snapshot: tuple) -> None:
+        net, self.groups, origin, gates, self.w, self.b = snapshot
+        self.net, self.origin, self.gates = net, list(origin), [g.clone() for g in gates]
+
+    def kept_outputs(self) -> dict[str, torch.Tensor]:
+        """Per layer of the source network that lost channels in the current network: the indices of its
+        outputs that stay (what :func:`~cnnmod.decompose.reconstruct.refit_layers` compares with the source's)."""
+        return {layer: torch.nonzero(m).flatten() for layer, m in self._kept("outputs", "out").items()
+                if not bool(m.all())}
+
+    def head_columns(self) -> torch.Tensor:
+        """The indices of the source network's head features that the current network computes, in its order."""
+        mask = self._kept("consumers", "in").get(self.graph.head.layer)
+        return torch.arange(self.w.shape[1]) if mask is None else torch.nonzero(mask).flatten()
+
+    def _kept(self, key: str, side: str) -> dict[str, torch.Tensor]:
+        """Per layer of the source network that reads (``key`` "consumers") or computes ("outputs") a group's
+        channels: a mask over its inputs or outputs, False where the current network no longer has them (closed
+        channels it still has, gated, count as kept)."""
+        layers = dict(self.source.net.named_modules())
+        cut: dict[str, torch.Tensor] = {}
+        for group, origin in zip(self.source_groups.groups, self.origin, strict=True):
+            kept = torch.zeros(group["channels"], dtype=torch.bool)
+            kept[origin] = True
+            for layer, index, root in group.get(key, []):
+                mask = cut.setdefault(layer, torch.ones(width(layers[layer], side), dtype=torch.bool))
+                mask[index[~kept[root]]] = False
+        return cut
+
     def refresh(self, step: bool = True) -> None:
-        """BatchNorm statistics re-estimated (on the observed inputs among the first ``bn_rows``), then every row
+        """The network narrowed to its open channels (:meth:`narrow`), BatchNorm statistics re-estimated (on the
+        observed inputs among the first ``bn_rows``), then every row
         refitted: on a step's inputs (``step``), or on all observed ones. The refit runs a plain pass of its own:
         the re-estimation pass's features (each batch normalised by its own statistics, and the observed inputs
         come in blocks of one class) fit heads that rank channels badly (BENCHMARKS.md, "Slim modules' cost")."""
+        self.narrow()
         rows = self.rows if step else None
         limit = self.bn_rows or len(self.x_obs)
         bn = self.x_obs[:limit] if rows is None else self.x_obs[rows[rows < limit]]
@@ -296,12 +367,13 @@ class Pruner:
         points more. With scales to learn they are re-estimated first (:meth:`refresh`), as the scales were
         measured (kept, one seed of the best recipe lost 0.24 points more; BENCHMARKS.md, "Within 5 % of
         training, with the refit"). With ``accuracy`` (held-out), kept only if it does not fall."""
+        self.narrow()
         before = accuracy() if accuracy is not None else None
         saved = {k: v.clone() for k, v in self.net.state_dict().items()} if before is not None else None
         x, _, _ = self.step_view()
         x = x[torch.linspace(0, x.shape[0] - 1, min(INPUTS, x.shape[0])).round().long().to(x.device)]
         refit_layers(self.net, self.source.net, lambda: gated(self.net, self.graph, self.groups, self.gates),
-                     self.batches(x), self.graph.head.layer, self.s.seed)
+                     self.batches(x), self.graph.head.layer, self.s.seed, self.kept_outputs())
         if self.s.scale_epochs == 0:
             self.refit()
         else:
@@ -322,8 +394,19 @@ class Pruner:
     def kept_channels(self) -> int:
         return sum(int((g > 0).sum()) for g in self.gates)
 
+    @property
+    def channels(self) -> int:
+        """The source network's channels in all groups."""
+        return sum(g["channels"] for g in self.source_groups.groups)
+
     def removed(self) -> dict[str, list[int]]:
-        return closed_channels(self.groups, self.gates)
+        """The closed channels of every group of the source network, by the group's first root layer."""
+        out = {}
+        for group, gate, origin in zip(self.source_groups.groups, self.gates, self.origin, strict=True):
+            closed = torch.ones(group["channels"], dtype=torch.bool)
+            closed[origin[gate.cpu() > 0]] = False
+            out[group["roots"][0]] = [int(j) for j in torch.nonzero(closed).flatten()]
+        return out
 
     def head(self, binary: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """The head over the source's features: a module's two rows [margin, 0], or a composition's K margins
@@ -339,7 +422,8 @@ class Pruner:
         if any(bool(((g != 0) & (g != 1)).any()) for g in self.gates):  # learned scales: folded in
             net, columns = fold_gates(self.net, self.graph, self.groups, self.gates)
             head_w = w * columns.to(w.device, w.dtype)
-        sliced = slice_network(net, self.source.spec.shape, self.removed(), self.graph.head, head_w, b)
+        sliced = slice_network(net, self.source.spec.shape, closed_channels(self.groups, self.gates), self.graph.head,
+                               head_w, b)
         if check:
             x = self.x_obs[:8]
             with torch.no_grad(), gated(self.net, self.graph, self.groups, self.gates):
@@ -441,7 +525,7 @@ class Pruner:
             fraction = self.record(binary, history)
             if fraction <= self.s.size:
                 break
-            previous = ([g.clone() for g in self.gates], self.w, self.b)
+            previous = self.snapshot()
             if self.close_least_important(fraction) == 0:  # every group is down to one channel
                 if accuracy is None:
                     raise out_of_reach(self.s.size, self.source.arch, fraction, "the smallest it reaches is")
@@ -455,8 +539,7 @@ class Pruner:
                     raise UserError(f"--max-loss {self.s.max_loss:g} pp cannot be met: the first pruning step "
                                     f"(to {self.fraction(binary):.4f} of the parameters) already loses {lost:.2f} pp "
                                     "of held-out accuracy; give a larger --max-loss, or keep the model whole")
-                for g, old in zip(self.gates, previous[0], strict=True):
-                    g.copy_(old)
+                self.restore(previous)
                 self.refresh()
                 break
         if self.s.reconstruct:

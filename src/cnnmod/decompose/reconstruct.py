@@ -66,10 +66,12 @@ def _patches(layer: nn.Module, given: torch.Tensor, pick: tuple | None) -> torch
 
 
 def _model_outputs(src: nn.Module, layers: list[nn.Module], batches: list[torch.Tensor],
-                   generator: torch.Generator) -> tuple[list, list[list[torch.Tensor]], int]:
+                   generator: torch.Generator,
+                   kept: list[torch.Tensor | None]) -> tuple[list, list[list[torch.Tensor]], int]:
     """One pass of the source model over ``batches``: per layer, the output positions it is refitted at, and per
-    batch its outputs there less its bias, as (rows, outputs) in the order :func:`_patches` lays inputs out; and
-    the bytes of the largest of those layers' outputs for one input."""
+    batch its outputs there less its bias (only its ``kept`` outputs, where given), as (rows, outputs) in the
+    order :func:`_patches` lays inputs out; and the bytes of the largest of those layers' outputs for one
+    input."""
     picks: list = [None] * len(layers)
     outputs: list[list[torch.Tensor]] = [[] for _ in layers]
     largest = 0
@@ -85,6 +87,8 @@ def _model_outputs(src: nn.Module, layers: list[nn.Module], batches: list[torch.
                 out = out[:, :, r.to(out.device), c.to(out.device)].transpose(1, 2)  # (B, P, C)
             if layer.bias is not None:
                 out = out - layer.bias
+            if kept[k] is not None:
+                out = out[..., kept[k].to(out.device)]
             outputs[k].append(out.reshape(-1, out.shape[-1]).detach())
         return keep
 
@@ -104,9 +108,12 @@ def _model_outputs(src: nn.Module, layers: list[nn.Module], batches: list[torch.
 
 def _solve(layer: nn.Module, a: torch.Tensor, b: torch.Tensor) -> None:
     """``layer``'s weight set to the ridge least-squares solution of the normal equations ``a`` (inputs' Gram
-    matrix) and ``b`` (inputs times targets), pulled towards its current weights."""
+    matrix) and ``b`` (inputs times targets), pulled towards its current weights by :data:`RIDGE` times the mean
+    energy of the inputs it reads."""
     weight = layer.weight.detach().reshape(layer.weight.shape[0], -1).double()
-    lam = RIDGE * float(a.diagonal().mean()) + 1e-12
+    energy = a.diagonal()
+    read = energy > 0  # a closed channel (gated, or cut) is not read: it does not dilute the mean
+    lam = RIDGE * (float(energy[read].mean()) if bool(read.any()) else 0.0) + 1e-12
     eye = torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
     fitted = torch.linalg.solve(a + lam * eye, b + lam * weight.T).T
     with torch.no_grad():
@@ -122,24 +129,30 @@ def _normal_equations(layer: nn.Module, given: torch.Tensor, pick: tuple | None,
 
 
 def refit_layers(net: nn.Module, source: nn.Module, gating: Callable[[], AbstractContextManager],
-                 batches: list[torch.Tensor], head: str, seed: int) -> None:
+                 batches: list[torch.Tensor], head: str, seed: int,
+                 kept: dict[str, torch.Tensor] | None = None) -> None:
     """Every convolution (groups 1, zero padding) and linear layer of ``net`` but ``head``, in the order ``net``
     declares them (the zoo's networks: their forward order), refitted so that its outputs match those of the
     layer of the same name in ``source`` (an uncut copy) on ``batches``, its inputs being what ``net`` feeds it
     inside ``gating()`` (a cut network: the closed channels not read; the layers before it already refitted).
     Least squares on :data:`POSITIONS` random output positions of each image, ridge towards the current weights
     (:data:`RIDGE` times the inputs' mean energy): a layer whose inputs lost nothing keeps its weights. ``net``'s
-    BatchNorm statistics become ``source``'s: every layer is refitted under them, to outputs that are the model's."""
+    BatchNorm statistics become ``source``'s: every layer is refitted under them, to outputs that are the model's.
+    ``kept``: per layer of ``net`` that computes fewer outputs than ``source``'s (``net`` sliced), the indices of
+    the source's outputs it still computes."""
     theirs = dict(source.named_modules())
+    kept = kept or {}
     with torch.no_grad():
         for name, m in net.named_modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
-                m.running_mean.copy_(theirs[name].running_mean)
-                m.running_var.copy_(theirs[name].running_var)
+                idx = kept.get(name, slice(None))
+                m.running_mean.copy_(theirs[name].running_mean[idx])
+                m.running_var.copy_(theirs[name].running_var[idx])
     layers = [(n, m) for n, m in net.named_modules() if n != head and (
         isinstance(m, nn.Linear) or isinstance(m, nn.Conv2d) and m.groups == 1 and m.padding_mode == "zeros")]
     generator = torch.Generator().manual_seed(seed)
-    picks, targets, largest = _model_outputs(source, [theirs[n] for n, _ in layers], batches, generator)
+    picks, targets, largest = _model_outputs(source, [theirs[n] for n, _ in layers], batches, generator,
+                                             [kept.get(n) for n, _ in layers])
     # a layer not run by the forward pass, or run more than once, is left as it is
     fitted = [(k, layer) for k, (_, layer) in enumerate(layers) if len(targets[k]) == len(batches)]
     if largest * sum(xb.shape[0] for xb in batches) <= ONE_PASS_BYTES:

@@ -343,12 +343,12 @@ class _Making:
             "held_out_images": len(self.held), "held_out_from": self.pools.held_out_from}
         metrics = {**held_metrics, "params": params, "params_fraction": round(params / p.total_params, 4),
                    "kept_channels": p.kept_channels(),
-                   "channels": int(sum(g.numel() for g in p.gates)), "history": history}
+                   "channels": p.channels, "history": history}
         settings = {**asdict(s), "granularity": "channel", "seconds": round(time.perf_counter() - self.started, 3)}
         module = SlimModule(sliced, self.graph.head.sliced_layer, source.spec, source.class_names[self.concerned],
                             self.concerned, info, p.removed(), settings, metrics)
-        if keep_reference:  # a full copy of the model: only for checks, never saved
-            module.gated_reference = (self.net, self.graph, p.groups, [g.clone() for g in p.gates], *p.head(True))
+        if keep_reference:  # the network it was cut from, gated (the full model's where not narrowed): for checks
+            module.gated_reference = (p.net, self.graph, p.groups, [g.clone() for g in p.gates], *p.head(True))
         return module.eval()
 
 
@@ -481,7 +481,7 @@ def merge_slim(modules: list[SlimModule], source: Classifier, data: ImageSet, se
                                              "held_out_images": len(y_held), "held_out_from": pools.held_out_from}
     metrics = {**held_metrics, "params": params, "params_fraction": round(params / info["params"], 4),
                "kept_channels": p.kept_channels(),
-               "channels": int(sum(g.numel() for g in p.gates)), "history": history}
+               "channels": p.channels, "history": history}
     recorded = {"granularity": "channel", "mode": "merged", "samples": samples, "seed": seed, "objective": objective,
                 "world": [info["source_classes"][c] for c in world],
                 "foreign": [f"{f.name}:{','.join(map(str, f.source_classes))}" for f in foreign or []],
