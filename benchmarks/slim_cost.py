@@ -6,7 +6,9 @@ at a quarter of the model), built from library calls.
     python benchmarks/slim_cost.py runs/bench/resnet20-bn --profile --configs old:step_samples=none,new
     python benchmarks/slim_cost.py runs/bench/resnet20-bn --sizes 0.25 --configs "best:rule=gates;..." --joint-heads 3
 
-For every configuration (``NAME[:KEY=VALUE;KEY=VALUE]``, ``SlimSettings`` fields; ``none`` for None) and size:
+For every configuration (``NAME[:KEY=VALUE;KEY=VALUE]``, ``SlimSettings`` fields; ``none`` for None; and
+``narrow=false``: the pruner's passes on the full network with closed channels gated, as before it narrowed the
+network after every step, ``Pruner.NARROWS``) and size:
 the slim modules of every class, made one after the other in this process, timed; their mean share of the
 model's parameters; the voting composition of all of them against the model on the whole test set; and the
 seconds for the modules over the seconds the model's training took (recorded in its config.json, on this
@@ -34,6 +36,7 @@ from common import record
 from cnnmod.compose.evaluate import evaluate_against_model
 from cnnmod.compose.voting import compose
 from cnnmod.data import load
+from cnnmod.decompose.pruner import Pruner
 from cnnmod.decompose.slim import SlimSettings, refit_heads_together, slim_modules
 from cnnmod.io.models import load_model
 from cnnmod.jobs.train import train
@@ -42,6 +45,7 @@ from cnnmod.models.train import TrainSettings
 # where a module's time goes: (label, function name as cProfile reports it, file it lives in); cumulative times,
 # so a part that calls another counts it too
 PARTS = [("importance (Taylor: forward + backward)", "taylor", "pruner.py"),
+         ("importance (Fisher: forward + backward, a gate per input)", "fisher", "pruner.py"),
          ("learned gates and scales (both learn_gates)", "learn_gates", "pruner.py"),
          ("the scales after the last step, their refit with them (learn_scales)", "learn_scales", "pruner.py"),
          ("the kept weights refitted by least squares, with the refresh after (reconstruct)", "reconstruct",
@@ -50,12 +54,13 @@ PARTS = [("importance (Taylor: forward + backward)", "taylor", "pruner.py"),
          ("head refits (features + fit)", "refit", "pruner.py"),
          ("the source's probabilities", "source_log_odds", "slim.py"),
          ("slicing and checking", "sliced", "pruner.py"),
-         ("copying the network, groups, costs", "frozen_copy", "channels.py")]
+         ("copying the network, groups, costs", "frozen_copy", "channels.py"),
+         ("narrowing the network to its open channels", "narrow", "pruner.py")]
 
 
 def parse_config(text: str) -> tuple[str, dict]:
     name, _, rest = text.partition(":")
-    kinds = {f.name: f.type for f in fields(SlimSettings)}
+    kinds = {f.name: f.type for f in fields(SlimSettings)} | {"narrow": "bool"}
     overrides = {}
     for item in filter(None, rest.split(";")):
         key, _, value = item.partition("=")
@@ -142,7 +147,8 @@ def main(argv: list[str]) -> None:
     rows = []
     for size in (float(v) for v in args.sizes.split(",")):
         for name, overrides in configs:
-            s = replace(SlimSettings(size=size), **overrides)
+            Pruner.NARROWS = overrides.get("narrow", True)
+            s = replace(SlimSettings(size=size), **{k: v for k, v in overrides.items() if k != "narrow"})
             if args.profile:
                 row = {"config": name, "size": size, **overrides, **profile_one(clf, train, s)}
                 print(row, flush=True)
