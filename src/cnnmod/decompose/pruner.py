@@ -80,8 +80,8 @@ class Pruner:
 
     Once channels close, the network is narrowed (:meth:`narrow`): sliced to its open channels, so that every
     later pass costs what the smaller network costs; ``origin`` maps its channels back to the source's. Where
-    the head is not a plain linear layer (:data:`NARROWS`), the closed channels stay gated in the full network
-    instead; both compute the same."""
+    the head is not a plain linear layer, or with :attr:`NARROWS` off, the closed channels stay gated in the full
+    network instead; both compute the same."""
 
     NARROWS = True  # narrow the network as channels close (a test turns it off to compare with the gated one)
 
@@ -311,6 +311,7 @@ class Pruner:
         return self.net, self.groups, list(self.origin), [g.clone() for g in self.gates], self.w, self.b
 
     def restore(self, snapshot: tuple) -> None:
+        """Back to a :meth:`snapshot` (a step undone: its network, narrowed or not, is the one before it)."""
         net, self.groups, origin, gates, self.w, self.b = snapshot
         self.net, self.origin, self.gates = net, list(origin), [g.clone() for g in gates]
 
