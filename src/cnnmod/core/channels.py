@@ -304,7 +304,7 @@ def verify_sliced(sliced: nn.Module, x: torch.Tensor, expected: torch.Tensor, na
                         f"the gated model's by {gap:.3g}; use --granularity node")
 
 
-def width(layer: nn.Module, side: str) -> int:
+def _width(layer: nn.Module, side: str) -> int:
     """How many channels (features) a convolution, linear or BatchNorm layer reads (``side`` "in") or computes
     ("out")."""
     if isinstance(layer, nn.modules.batchnorm._BatchNorm):
@@ -315,26 +315,26 @@ def width(layer: nn.Module, side: str) -> int:
 
 
 def narrowed(groups: ChannelGroups, net: nn.Module,
-             gates: list[torch.Tensor]) -> tuple[ChannelGroups, dict[str, torch.Tensor]]:
+             gates: list[torch.Tensor]) -> tuple[ChannelGroups, dict[str, dict[str, torch.Tensor]]]:
     """``groups`` as they are in ``net`` sliced to the open channels of ``gates`` (:func:`slice_network` keeps
     the order): every group's channels numbered among its open ones, every layer's inputs and outputs among
-    those that stay. Also, per layer whose inputs lose some: which of them stay (a mask over ``net``'s)."""
+    those that stay. Also, under "consumers" (inputs) and "outputs", per layer that loses some: which stay (a
+    mask over ``net``'s)."""
     keep = [g.detach().cpu() > 0 for g in gates]
     rank = [k.long().cumsum(0) - 1 for k in keep]
     result = [dict(g) for g in groups.groups]
-    masks = {}
+    masks: dict[str, dict[str, torch.Tensor]] = {}
     for key, side in (("consumers", "in"), ("outputs", "out")):
         mask: dict[str, torch.Tensor] = {}
         for g, group in enumerate(groups.groups):
             for layer, index, root in group.get(key, []):
-                m = mask.setdefault(layer, torch.ones(width(net.get_submodule(layer), side), dtype=torch.bool))
+                m = mask.setdefault(layer, torch.ones(_width(net.get_submodule(layer), side), dtype=torch.bool))
                 m[index[~keep[g][root]]] = False
         position = {layer: m.long().cumsum(0) - 1 for layer, m in mask.items()}
         for g, group in enumerate(groups.groups):
             result[g][key] = [(layer, position[layer][index[keep[g][root]]], rank[g][root[keep[g][root]]])
                               for layer, index, root in group.get(key, [])]
-        if key == "consumers":
-            masks = {layer: m for layer, m in mask.items() if not bool(m.all())}
+        masks[key] = {layer: m for layer, m in mask.items() if not bool(m.all())}
     for group, k in zip(result, keep, strict=True):
         group["channels"] = int(k.sum())
     view = copy.copy(groups)

@@ -26,7 +26,6 @@ from ..core.channels import (
     slice_network,
     sliced_cost,
     verify_sliced,
-    width,
 )
 from ..core.observe import hooks
 from ..errors import UserError
@@ -292,7 +291,7 @@ class Pruner:
         net = slice_network(self.net, self.source.spec.shape, closed_channels(self.groups, self.gates), head, hw, hb)
         for q in net.parameters():
             q.requires_grad_(False)
-        groups, reads = narrowed(self.groups, self.net, self.gates)
+        groups, masks = narrowed(self.groups, self.net, self.gates)
         gates = [g[g > 0].clone() for g in self.gates]
         x = self.x_obs[:8]
         with torch.no_grad():
@@ -300,7 +299,7 @@ class Pruner:
                 expected = classifier_input(self.net, head, lambda: self.net(x)) @ hw.T + hb
             with gated(net, self.graph, groups, gates):
                 verify_sliced(net, x, expected, type(self.source.net).__name__)
-        columns = reads.get(head.layer)
+        columns = masks["consumers"].get(head.layer)
         if columns is not None:
             self.w = self.w[:, columns]
         self.origin = [o[(g > 0).cpu()] for o, g in zip(self.origin, self.gates, strict=True)]
@@ -318,27 +317,19 @@ class Pruner:
     def kept_outputs(self) -> dict[str, torch.Tensor]:
         """Per layer of the source network that lost channels in the current network: the indices of its
         outputs that stay (what :func:`~cnnmod.decompose.reconstruct.refit_layers` compares with the source's)."""
-        return {layer: torch.nonzero(m).flatten() for layer, m in self._kept("outputs", "out").items()
-                if not bool(m.all())}
+        return {layer: torch.nonzero(m).flatten() for layer, m in self._source_masks()["outputs"].items()}
 
     def head_columns(self) -> torch.Tensor:
         """The indices of the source network's head features that the current network computes, in its order."""
-        mask = self._kept("consumers", "in").get(self.graph.head.layer)
+        mask = self._source_masks()["consumers"].get(self.graph.head.layer)
         return torch.arange(self.w.shape[1]) if mask is None else torch.nonzero(mask).flatten()
 
-    def _kept(self, key: str, side: str) -> dict[str, torch.Tensor]:
-        """Per layer of the source network that reads (``key`` "consumers") or computes ("outputs") a group's
-        channels: a mask over its inputs or outputs, False where the current network no longer has them (closed
-        channels it still has, gated, count as kept)."""
-        layers = dict(self.source.net.named_modules())
-        cut: dict[str, torch.Tensor] = {}
-        for group, origin in zip(self.source_groups.groups, self.origin, strict=True):
-            kept = torch.zeros(group["channels"], dtype=torch.bool)
-            kept[origin] = True
-            for layer, index, root in group.get(key, []):
-                mask = cut.setdefault(layer, torch.ones(width(layers[layer], side), dtype=torch.bool))
-                mask[index[~kept[root]]] = False
-        return cut
+    def _source_masks(self) -> dict[str, dict[str, torch.Tensor]]:
+        """:func:`~cnnmod.core.channels.narrowed`'s masks for the source network narrowed to the current one's
+        channels (closed channels it still has, gated, count as kept)."""
+        kept = [torch.zeros(g["channels"]).index_fill_(0, o, 1.0)
+                for g, o in zip(self.source_groups.groups, self.origin, strict=True)]
+        return narrowed(self.source_groups, self.source.net, kept)[1]
 
     def refresh(self, step: bool = True) -> None:
         """The network narrowed to its open channels (:meth:`narrow`), BatchNorm statistics re-estimated (on the
