@@ -8,6 +8,7 @@ step by step for K binary margins (BatchNorm re-estimated and the head refitted 
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from typing import TYPE_CHECKING
 
 import torch
@@ -293,12 +294,7 @@ class Pruner:
             q.requires_grad_(False)
         groups, masks = narrowed(self.groups, self.net, self.gates)
         gates = [g[g > 0].clone() for g in self.gates]
-        x = self.x_obs[:8]
-        with torch.no_grad():
-            with gated(self.net, self.graph, self.groups, self.gates):
-                expected = classifier_input(self.net, head, lambda: self.net(x)) @ hw.T + hb
-            with gated(net, self.graph, groups, gates):
-                verify_sliced(net, x, expected, type(self.source.net).__name__)
+        self.verify(net, hw, hb, lambda: gated(net, self.graph, groups, gates))
         columns = masks["consumers"].get(head.layer)
         if columns is not None:
             self.w = self.w[:, columns]
@@ -417,12 +413,19 @@ class Pruner:
         sliced = slice_network(net, self.source.spec.shape, closed_channels(self.groups, self.gates), self.graph.head,
                                head_w, b)
         if check:
-            x = self.x_obs[:8]
-            with torch.no_grad(), gated(self.net, self.graph, self.groups, self.gates):
+            self.verify(sliced, w, b)
+        return sliced
+
+    def verify(self, net: nn.Module, w: torch.Tensor, b: torch.Tensor, running=nullcontext) -> None:
+        """``net`` (cut from the current network) run on a few observed inputs, inside ``running()``, and checked
+        against the current gated network with head rows ``w`` and ``b`` (:func:`verify_sliced`)."""
+        x = self.x_obs[:8]
+        with torch.no_grad():
+            with gated(self.net, self.graph, self.groups, self.gates):
                 f = classifier_input(self.net, self.graph.head, lambda: self.net(x))
             expected = f @ w.to(f.device, f.dtype).T + b.to(f.device, f.dtype)
-            verify_sliced(sliced, x, expected, type(self.source.net).__name__)
-        return sliced
+            with running():
+                verify_sliced(net, x, expected, type(self.source.net).__name__)
 
     def fraction(self, binary: bool) -> float:
         first_cut = not self._checked and any(bool((g == 0).any()) for g in self.gates)
