@@ -8,7 +8,8 @@ at a quarter of the model), built from library calls.
 
 For every configuration (``NAME[:KEY=VALUE;KEY=VALUE]``, ``SlimSettings`` fields; ``none`` for None; and
 ``narrow=false``: the pruner's passes on the full network with closed channels gated, as before it narrowed the
-network after every step, ``Pruner.NARROWS``) and size:
+network after every step, ``Pruner.NARROWS``; ``one_pass=false``: BatchNorm re-estimated and the head's features
+taken in two passes, as before one pass did both, ``Pruner.ONE_PASS``) and size:
 the slim modules of every class, made one after the other in this process, timed; their mean share of the
 model's parameters; the voting composition of all of them against the model on the whole test set; and the
 seconds for the modules over the seconds the model's training took (recorded in its config.json, on this
@@ -58,9 +59,12 @@ PARTS = [("importance (Taylor: forward + backward)", "taylor", "pruner.py"),
          ("narrowing the network to its open channels", "narrow", "pruner.py")]
 
 
+SWITCHES = ("narrow", "one_pass")  # configuration keys that set Pruner's class switches, not SlimSettings
+
+
 def parse_config(text: str) -> tuple[str, dict]:
     name, _, rest = text.partition(":")
-    kinds = {f.name: f.type for f in fields(SlimSettings)} | {"narrow": "bool"}
+    kinds = {f.name: f.type for f in fields(SlimSettings)} | {k: "bool" for k in SWITCHES}
     overrides = {}
     for item in filter(None, rest.split(";")):
         key, _, value = item.partition("=")
@@ -147,8 +151,8 @@ def main(argv: list[str]) -> None:
     rows = []
     for size in (float(v) for v in args.sizes.split(",")):
         for name, overrides in configs:
-            Pruner.NARROWS = overrides.get("narrow", True)
-            s = replace(SlimSettings(size=size), **{k: v for k, v in overrides.items() if k != "narrow"})
+            Pruner.NARROWS, Pruner.ONE_PASS = overrides.get("narrow", True), overrides.get("one_pass", True)
+            s = replace(SlimSettings(size=size), **{k: v for k, v in overrides.items() if k not in SWITCHES})
             if args.profile:
                 row = {"config": name, "size": size, **overrides, **profile_one(clf, train, s)}
                 print(row, flush=True)

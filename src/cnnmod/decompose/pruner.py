@@ -84,6 +84,7 @@ class Pruner:
     network instead; both compute the same."""
 
     NARROWS = True  # narrow the network as channels close (a test turns it off to compare with the gated one)
+    ONE_PASS = True  # re-estimate BatchNorm and take the head's features in one pass where they can (refresh)
 
     def __init__(self, source: Classifier, s: SlimSettings, x_obs: torch.Tensor, targets: torch.Tensor,
                  soft: torch.Tensor | None, w: torch.Tensor, b: torch.Tensor, batch_size: int = 256,
@@ -330,13 +331,23 @@ class Pruner:
     def refresh(self, step: bool = True) -> None:
         """The network narrowed to its open channels (:meth:`narrow`), BatchNorm statistics re-estimated (on the
         observed inputs among the first ``bn_rows``), then every row
-        refitted: on a step's inputs (``step``), or on all observed ones. The refit runs a plain pass of its own:
-        the re-estimation pass's features (each batch normalised by its own statistics, and the observed inputs
-        come in blocks of one class) fit heads that rank channels badly (BENCHMARKS.md, "Slim modules' cost")."""
+        refitted: on a step's inputs (``step``), or on all observed ones. Where the two read the same inputs and
+        they fit in one batch, one pass does both (:func:`~cnnmod.core.channels.reestimate_bn` with ``one_batch``:
+        its features are the eval pass's). Otherwise the refit runs a plain pass of its own: features of a
+        re-estimation over several batches (each normalised by its own statistics, and the observed inputs come in
+        blocks of one class) fit heads that rank channels badly (BENCHMARKS.md, "Slim modules' cost")."""
         self.narrow()
         rows = self.rows if step else None
         limit = self.bn_rows or len(self.x_obs)
         bn = self.x_obs[:limit] if rows is None else self.x_obs[rows[rows < limit]]
+        if self.ONE_PASS and bn.shape[0] == self.step_view(step)[0].shape[0] <= self.batch_size:
+            features: list[torch.Tensor] = []
+
+            def run():
+                features.append(self.features_of(bn))
+            reestimate_bn(self.net, run, one_batch=True)
+            self.refit(step, features[0] if features else None)  # no BatchNorm: no pass ran
+            return
 
         def run():
             with gated(self.net, self.graph, self.groups, self.gates):
@@ -370,10 +381,11 @@ class Pruner:
             self.net.load_state_dict(saved)  # the step's weights and BatchNorm statistics
             self.refit()
 
-    def refit(self, step: bool = True) -> None:
-        """Every head row refitted on the current network's features of a step's inputs, or of all observed."""
+    def refit(self, step: bool = True, features: torch.Tensor | None = None) -> None:
+        """Every head row refitted on the current network's features of a step's inputs, or of all observed
+        (``features``: those, already computed)."""
         x, targets, soft = self.step_view(step)
-        features = self.features_of(x)
+        features = self.features_of(x) if features is None else features
         fitted = [fit_head(features, targets[:, k], self.w[k], float(self.b[k]),
                            soft=soft[:, k] if soft is not None else None) for k in range(self.w.shape[0])]
         self.w = torch.stack([w for w, _ in fitted])
