@@ -340,7 +340,8 @@ class Pruner:
         rows = self.rows if step else None
         limit = self.bn_rows or len(self.x_obs)
         bn = self.x_obs[:limit] if rows is None else self.x_obs[rows[rows < limit]]
-        if self.ONE_PASS and bn.shape[0] == self.step_view(step)[0].shape[0] <= self.batch_size:
+        refit_rows = self.x_obs.shape[0] if rows is None else rows.numel()
+        if self.ONE_PASS and bn.shape[0] == refit_rows <= self.batch_size:
             features: list[torch.Tensor] = []
 
             def run():
