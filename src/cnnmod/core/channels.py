@@ -232,23 +232,23 @@ def classifier_input(net: nn.Module, head: Head, fn) -> torch.Tensor:
     return captured["features"]
 
 
-def reestimate_bn(net: nn.Module, run, one_batch: bool = False) -> None:
+def reestimate_bn(net: nn.Module, run, one_batch: bool = False) -> bool:
     """Recompute every BatchNorm's running statistics from scratch on the data ``run`` feeds (weights frozen).
 
     With ``one_batch`` (``run`` feeds a single batch), each layer keeps the variance it normalised that batch by
     (the biased one, where PyTorch stores the unbiased, larger by n / (n - 1) for n values per channel): the
     pass's outputs are then exactly what the network computes in eval mode afterwards, so one pass gives both
-    the statistics and the outputs they make."""
+    the statistics and the outputs they make. Returns whether they are: False when some layer ran more than once
+    (more than one batch, or a BatchNorm the network uses twice), whose statistics then average its runs as
+    without ``one_batch``."""
     bns = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not bns:
-        return
+        return True
     saved = [(m.momentum, m.training) for m in bns]
-    seen: dict[nn.Module, int] = {}
+    seen: dict[nn.Module, list[int]] = {}
 
     def count(m, inputs):
-        if m in seen:
-            raise RuntimeError("reestimate_bn(one_batch=True) was fed more than one batch")
-        seen[m] = inputs[0].numel() // inputs[0].shape[1]
+        seen.setdefault(m, []).append(inputs[0].numel() // inputs[0].shape[1])
     handles = [m.register_forward_pre_hook(count) for m in bns] if one_batch else []
     for m in bns:
         m.reset_running_stats()
@@ -257,15 +257,18 @@ def reestimate_bn(net: nn.Module, run, one_batch: bool = False) -> None:
     try:
         with torch.no_grad():
             run()
-            for m, n in seen.items():
-                if n > 1 and m.running_var is not None:
-                    m.running_var.mul_((n - 1) / n)
+            exact = one_batch and all(len(n) == 1 for n in seen.values())
+            if exact:
+                for m, (n,) in seen.items():
+                    if n > 1 and m.running_var is not None:
+                        m.running_var.mul_((n - 1) / n)
     finally:
         for h in handles:
             h.remove()
         for m, (momentum, training) in zip(bns, saved, strict=True):
             m.momentum = momentum
             m.train(training)
+    return exact
 
 
 def slice_network(net: nn.Module, input_shape: tuple[int, int, int], removed: dict[str, list[int]],

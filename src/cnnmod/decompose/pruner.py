@@ -346,8 +346,9 @@ class Pruner:
 
             def run():
                 features.append(self.features_of(bn))
-            reestimate_bn(self.net, run, one_batch=True)
-            self.refit(step, features[0] if features else None)  # no BatchNorm: no pass ran
+            exact = reestimate_bn(self.net, run, one_batch=True)
+            # no BatchNorm: no pass ran; a BatchNorm run twice in a pass: its features are not the eval pass's
+            self.refit(step, features[0] if features and exact else None)
             return
 
         def run():
