@@ -341,22 +341,11 @@ class Pruner:
         limit = self.bn_rows or len(self.x_obs)
         bn = self.x_obs[:limit] if rows is None else self.x_obs[rows[rows < limit]]
         refit_rows = self.x_obs.shape[0] if rows is None else rows.numel()
-        if self.ONE_PASS and bn.shape[0] == refit_rows <= self.batch_size:
-            features: list[torch.Tensor] = []
-
-            def run():
-                features.append(self.features_of(bn))
-            exact = reestimate_bn(self.net, run, one_batch=True)
-            # no BatchNorm: no pass ran; a BatchNorm run twice in a pass: its features are not the eval pass's
-            self.refit(step, features[0] if features and exact else None)
-            return
-
-        def run():
-            with gated(self.net, self.graph, self.groups, self.gates):
-                for xb in self.batches(bn):
-                    self.net(xb)
-        reestimate_bn(self.net, run)
-        self.refit(step)
+        one = self.ONE_PASS and bn.shape[0] == refit_rows <= self.batch_size
+        features: list[torch.Tensor] = []
+        exact = reestimate_bn(self.net, lambda: features.append(self.features_of(bn)), one_batch=one)
+        # the re-estimation's features serve only where they are the eval pass's (no BatchNorm: no pass ran)
+        self.refit(step, features[0] if features and exact else None)
 
     def reconstruct(self, accuracy=None) -> None:
         """After the last step (``reconstruct``): the kept weights of every layer before the head refitted by least
