@@ -17,7 +17,8 @@ repeats; ``--random-pairs N`` adds N pairs drawn with ``--seed``; ``--merge-rule
 pair to ``--merge-sizes`` with each rule; ``--sizes 1.0`` merges the whole model). Figures go to
 benchmarks/out/slim_<model><suffix>.json (``slim_pair_<model><suffix>.json`` with ``--pair-only``) with a
 markdown table. ``--device cuda`` builds, evaluates and times everything on the GPU (latency with CUDA
-synchronisation around each pass; ``--repeats`` rounds, median).
+synchronisation around each pass; ``--repeats`` rounds, median). ``--retime --compile`` times the saved merged pairs
+again, eager and then each pair and its model under ``torch.compile`` (on a GPU as CUDA graphs), side by side.
 """
 
 from __future__ import annotations
@@ -74,6 +75,8 @@ def main(argv: list[str]) -> None:
     p.add_argument("--retime", action="store_true", help="with --pair-only: measure again the latency of the merged "
                    "pairs that the last run with these settings saved (on a quiet machine, or at a higher priority "
                    "than the other work on it), and rewrite its figures")
+    p.add_argument("--compile", action="store_true", help="with --retime: also time each merged pair and its model "
+                   "both under torch.compile (CUDA graphs on a GPU), side by side, beside the eager figures")
     args = p.parse_args(argv)
     if args.retime:
         return retime(args)
@@ -246,10 +249,17 @@ def retime(args) -> None:
     for r in rows:
         merged, source = load_merged_slim(r["saved"], device)
         r["pair_merged_latency_fraction"] = cost_report(merged, images, args.repeats, source=source)["latency_fraction"]
-        print(r["pair"], pruned_to(r), r["pair_merged_latency_fraction"], flush=True)
+        if args.compile:
+            compiled = cost_report(merged, images, args.repeats, source=source, compile=True)
+            r["pair_merged_latency_fraction_compiled"] = compiled["latency_fraction"]
+            r["pair_merged_latency_ms_compiled"] = compiled["latency_ms"]
+            r["model_latency_ms_compiled"] = compiled["model_latency_ms"]
+        print(r["pair"], pruned_to(r), r["pair_merged_latency_fraction"],
+              r.get("pair_merged_latency_fraction_compiled", ""), flush=True)
     pairs = [list(q) for q in dict.fromkeys(tuple(r["pair"]) for r in rows)]
     table = pair_table(rows)
-    record(path.stem, payload["command"] + "  # latencies: --retime", {"rows": rows, "table": table},
+    record(path.stem, payload["command"] + "  # latencies: --retime" + (" --compile" if args.compile else ""),
+           {"rows": rows, "table": table},
            pair_summary(args.model.name, pairs, rows))
     print(table)
 
@@ -271,7 +281,9 @@ def pair_table(rows: list[dict]) -> str:
                      f"{pruned_to(r)} | "
                      f"{r['pair_merged_top1']:.2f} ({r['pair_model_top1']:.2f}) | "
                      f"{r['pair_merged_params_fraction']:.2f} / {r['pair_merged_flops_fraction']:.2f} / "
-                     f"{r['pair_merged_latency_fraction']:.2f} | {r['seconds']} |")
+                     f"{r['pair_merged_latency_fraction']:.2f}"
+                     + (f" (compiled: {r['pair_merged_latency_fraction_compiled']:.2f})"
+                        if "pair_merged_latency_fraction_compiled" in r else "") + f" | {r['seconds']} |")
     return "\n".join(lines)
 
 

@@ -132,3 +132,36 @@ def test_slim_compositions_load_as_composers(made, tmp_path):
     with torch.no_grad():
         assert torch.allclose(loaded(IMAGES), merged.eval()(IMAGES), atol=1e-6)
         assert torch.equal(loaded(IMAGES), again(IMAGES))
+
+
+def test_compiled_latency_times_the_compiled_passes(made, monkeypatch):
+    """``cost_report(compile=True)`` times the composition and its model each under ``torch.compile`` (on the CPU,
+    inductor's kernels), warmed up first: the compiled composition computes what the eager one does, the counts
+    are the eager report's, and the report says it was compiled."""
+    import cnnmod.core.cost as cost
+
+    clf, data, _, slim = made
+    merged = merge_slim(slim, clf, data, SlimSettings(samples=20)).eval()
+    made_here, calls, real = [], {"n": 0}, cost.compiled
+
+    def spy(fn, device_type):
+        inner = real(fn, device_type)
+
+        def counted(x):
+            calls["n"] += 1
+            return inner(x)
+        made_here.append(inner)
+        return counted
+
+    monkeypatch.setattr(cost, "compiled", spy)
+    eager = cost_report(merged, IMAGES, repeats=1, source=[clf])
+    report = cost_report(merged, IMAGES, repeats=2, source=[clf], compile=True)
+    assert len(made_here) == 2  # the composition and its model, each compiled
+    assert calls["n"] == 2 * (cost.COMPILED_WARMUP + 2)  # warm-ups (the first compiles), then the timed rounds
+    with torch.no_grad():
+        assert torch.allclose(made_here[0](IMAGES), merged(IMAGES), atol=1e-5)
+        assert torch.allclose(made_here[1](IMAGES), clf(clf.prepare(IMAGES)), atol=1e-5)
+    assert report["compiled"] is True and "compiled" not in eager
+    counts = ("params", "flops", "params_fraction", "flops_fraction", "model_params", "model_flops")
+    assert {k: report[k] for k in counts} == {k: eager[k] for k in counts}
+    assert report["latency_ms"] > 0 and report["model_latency_ms"] > 0 and report["latency_fraction"] > 0

@@ -49,12 +49,14 @@ def latency_ms(fn: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor,
 
 @torch.no_grad()
 def latency_side_by_side(fns: list[Callable[[torch.Tensor], torch.Tensor]], images: torch.Tensor,
-                         repeats: int = 5) -> tuple[list[float], float]:
+                         repeats: int = 5, warmup: int = 1) -> tuple[list[float], float]:
     """The median milliseconds of each of ``fns`` on ``images``, and the median over rounds of the ratio of the
     first's time to the sum of the others' (a target against its source models). Each round runs every function
-    once, in turn, so that a burst of other work on the machine slows both sides of a ratio alike."""
-    for fn in fns:
-        fn(images)
+    once, in turn, so that a burst of other work on the machine slows both sides of a ratio alike; ``warmup``
+    untimed runs of each come first."""
+    for _ in range(warmup):
+        for fn in fns:
+            fn(images)
     rounds = [[_timed(fn, images) for fn in fns] for _ in range(repeats)]
     medians = [statistics.median(r[i] for r in rounds) for i in range(len(fns))]
     return medians, statistics.median(r[0] / sum(r[1:]) for r in rounds)
@@ -64,12 +66,24 @@ def _model_fn(source) -> Callable[[torch.Tensor], torch.Tensor]:
     return lambda images: source(source.prepare(images))
 
 
-def cost_report(target, images: torch.Tensor, repeats: int = 5, source=None) -> dict:
+COMPILED_WARMUP = 3  # untimed runs of a compiled function: the first compiles, CUDA graphs are recorded after
+
+
+def compiled(fn: Callable[[torch.Tensor], torch.Tensor], device_type: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``fn`` under ``torch.compile`` for one input shape: on CUDA in mode "reduce-overhead", which replays the
+    whole pass as one CUDA graph instead of launching every kernel from Python (small batches of small images are
+    launch-bound); elsewhere inductor's default, whose fused kernels save the passes over memory between layers.
+    The first call compiles (tens of seconds on a CPU): time it after :data:`COMPILED_WARMUP` calls."""
+    return torch.compile(fn, mode="reduce-overhead" if device_type == "cuda" else None, dynamic=False)
+
+
+def cost_report(target, images: torch.Tensor, repeats: int = 5, source=None, compile: bool = False) -> dict:
     """Parameters, FLOPs per image and latency of ``target`` (a :class:`~cnnmod.compose.base.Composer`: uint8
     images in, scores out) on the batch ``images`` (uint8), with fractions of its source models' (the sum of
     those it holds and those given as ``source``, one model or a list: slim networks hold none). The latencies
     are measured side by side (:func:`latency_side_by_side`): ``latency_fraction`` is the median of the rounds'
-    ratios."""
+    ratios. With ``compile``, the target and every source model are timed compiled (:func:`compiled`), each
+    against the other as they would both be deployed; the report then says so (``"compiled": True``)."""
     target = target.eval()
     sources = {id(s): s for s in target.sources}
     for s in [] if source is None else source if isinstance(source, list) else [source]:
@@ -79,10 +93,14 @@ def cost_report(target, images: torch.Tensor, repeats: int = 5, source=None) -> 
     model_params = sum(count_params(s) for s in sources.values())
     model_flops = sum(count_flops(_model_fn(s), images[:1]) for s in sources.values())
     params, flops = count_params(target), count_flops(target, images[:1])
-    times, latency_fraction = latency_side_by_side([target] + [_model_fn(s) for s in sources.values()], images,
-                                                   repeats)
+    fns = [target] + [_model_fn(s) for s in sources.values()]
+    if compile:
+        torch.compiler.reset()  # compiled afresh: torch.compile's caches, shared by every pass of one code, are bounded
+        fns = [compiled(fn, images.device.type) for fn in fns]
+    times, latency_fraction = latency_side_by_side(fns, images, repeats, COMPILED_WARMUP if compile else 1)
     latency, model_latency = times[0], sum(times[1:])
     return {"params": params, "flops": flops, "latency_ms": round(latency, 3),
             "params_fraction": round(params / model_params, 4), "flops_fraction": round(flops / model_flops, 4),
             "latency_fraction": round(latency_fraction, 4), "latency_batch": int(images.shape[0]),
-            "model_params": model_params, "model_flops": model_flops, "model_latency_ms": round(model_latency, 3)}
+            "model_params": model_params, "model_flops": model_flops, "model_latency_ms": round(model_latency, 3),
+            **({"compiled": True} if compile else {})}
