@@ -43,6 +43,13 @@ timeout "${PAIR56_S:-110}" python3 benchmarks/slim_and_fast.py .devcarry/models/
     --device cuda --repeats 50 --name-suffix _cuda --pair-only --pair 3,5 --merge-max-loss 1 \
     > "$OUT/slim-r56.log" 2>&1
 stamp "slim resnet56 pair rc=$?"; tail -3 "$OUT/slim-r56.log"
+# 5. that pair's merged composition timed again, eager and then as CUDA graphs (torch.compile "reduce-overhead"),
+#    each against the model compiled the same way (COMPILE_S=0 skips it)
+if [ "${COMPILE_S:-150}" -gt 0 ]; then
+    timeout "${COMPILE_S:-150}" python3 benchmarks/slim_and_fast.py .devcarry/models/resnet56 --device cuda \
+        --repeats 50 --name-suffix _cuda --pair-only --retime --compile > "$OUT/compile-r56.log" 2>&1
+    stamp "compiled pair rc=$?"; tail -3 "$OUT/compile-r56.log"
+fi
 
 tar czf "$OUT/results.tgz" benchmarks/out/*.json /tmp/quick/results.json /tmp/quick/report.md \
     /tmp/quick/report.html /tmp/quick/parts/seconds.json 2>/dev/null

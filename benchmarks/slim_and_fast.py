@@ -258,7 +258,8 @@ def retime(args) -> None:
               r.get("pair_merged_latency_fraction_compiled", ""), flush=True)
     pairs = [list(q) for q in dict.fromkeys(tuple(r["pair"]) for r in rows)]
     table = pair_table(rows)
-    record(path.stem, payload["command"] + "  # latencies: --retime" + (" --compile" if args.compile else ""),
+    made_by = payload["command"].split("  # latencies:")[0]  # as first made, whatever retimed it since
+    record(path.stem, made_by + "  # latencies: --retime" + (" --compile" if args.compile else ""),
            {"rows": rows, "table": table},
            pair_summary(args.model.name, pairs, rows))
     print(table)
