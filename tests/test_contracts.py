@@ -4,6 +4,7 @@ the contract promises (shapes, ranges, counts, a save-and-load round trip) holds
 from __future__ import annotations
 
 import inspect
+import shutil
 
 import pytest
 import torch
@@ -134,6 +135,8 @@ def test_slim_compositions_load_as_composers(made, tmp_path):
         assert torch.equal(loaded(IMAGES), again(IMAGES))
 
 
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("clang++") is None,
+                    reason="torch.compile's CPU kernels need a C++ compiler")
 def test_compiled_latency_times_the_compiled_passes(made, monkeypatch):
     """``cost_report(compile=True)`` times the composition and its model each under ``torch.compile`` (on the CPU,
     inductor's kernels), warmed up first: the compiled composition computes what the eager one does, the counts
