@@ -73,7 +73,8 @@ def compiled(fn: Callable[[torch.Tensor], torch.Tensor], device_type: str) -> Ca
     """``fn`` under ``torch.compile`` for one input shape: on CUDA in mode "reduce-overhead", which replays the
     whole pass as one CUDA graph instead of launching every kernel from Python (small batches of small images are
     launch-bound); elsewhere inductor's default, whose fused kernels save the passes over memory between layers.
-    The first call compiles (tens of seconds on a CPU): time it after :data:`COMPILED_WARMUP` calls."""
+    The first call compiles (seconds for a ResNet-20 on two CPU cores, more the first time in a process): time it
+    after :data:`COMPILED_WARMUP` calls."""
     return torch.compile(fn, mode="reduce-overhead" if device_type == "cuda" else None, dynamic=False)
 
 
