@@ -84,7 +84,9 @@ def cost_report(target, images: torch.Tensor, repeats: int = 5, source=None, com
     those it holds and those given as ``source``, one model or a list: slim networks hold none). The latencies
     are measured side by side (:func:`latency_side_by_side`): ``latency_fraction`` is the median of the rounds'
     ratios. With ``compile``, the target and every source model are timed compiled (:func:`compiled`), each
-    against the other as they would both be deployed; the report then says so (``"compiled": True``)."""
+    against the other as they would both be deployed; the report then says so (``"compiled": True``). Compiling
+    first resets ``torch.compile``'s caches (``torch.compiler.reset()``), for the whole process: functions compiled
+    before compile again on their next call."""
     target = target.eval()
     sources = {id(s): s for s in target.sources}
     for s in [] if source is None else source if isinstance(source, list) else [source]:
