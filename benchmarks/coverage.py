@@ -1,7 +1,7 @@
 """The coverage matrix: every architecture family x every capability, with the composed accuracy after a short
 training on Fashion-MNIST (docs/coverage.md).
 
-Per family (:mod:`cnnmod.models.families`, by reference, as a user's own code is reached): train briefly, then
+Per family (:mod:`families`, by reference, as a user's own code is reached): train briefly, then
 node-level decomposition (mc, mc-bln, mc-bi; ReLU families only) composed and measured against the model on the
 test split; slim modules of every class composed by vote and merged into one network; a save + reload of the
 decomposition (the reloaded composition must score bit for bit the same); an ONNX export of the mc-bln
@@ -23,16 +23,17 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # families.py
 from common import ROOT, record  # noqa: E402
+from families import FAMILIES, RELU_FAMILIES  # noqa: E402
 
 import cnnmod  # noqa: E402
-from cnnmod.compose.evaluate import evaluate_against_model  # noqa: E402
+from cnnmod.composition.evaluate import evaluate_against_model  # noqa: E402
 from cnnmod.data import load  # noqa: E402
-from cnnmod.decompose.slim import SlimSettings, merge_slim, slim_modules  # noqa: E402
 from cnnmod.io.export import export_onnx  # noqa: E402
 from cnnmod.jobs.train import train  # noqa: E402
-from cnnmod.models.families import FAMILIES, RELU_FAMILIES  # noqa: E402
 from cnnmod.models.train import TrainSettings  # noqa: E402
+from cnnmod.slim.make import SlimSettings, merge_slim, slim_modules  # noqa: E402
 
 CAPABILITIES = ["model", "mc", "mc-bln", "mc-bi", "slim", "merged", "save+reload", "onnx"]
 
@@ -45,7 +46,7 @@ def run_family(name: str, args, work: Path) -> dict:
     device = torch.device("cpu")
     row: dict = {}
     started = time.perf_counter()
-    settings = TrainSettings(arch=f"cnnmod.models.families:{name}", arch_args={"width": args.width},
+    settings = TrainSettings(arch=f"families:{name}", arch_args={"width": args.width},
                              data="fashion-mnist", subset=args.subset, epochs=args.epochs, optimizer="adam",
                              lr=0.003, batch_size=128, seed=0, device="cpu", augment=False)
     result = train(settings, work / "model", show_progress=False)

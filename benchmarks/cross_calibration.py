@@ -19,11 +19,11 @@ from pathlib import Path
 import torch
 from common import record
 
-from cnnmod.compose.evaluate import evaluate_composition
-from cnnmod.compose.reuse import fuse_slim
-from cnnmod.compose.voting import compose
+from cnnmod.composition.evaluate import evaluate_composition
+from cnnmod.composition.voting import compose
 from cnnmod.core.calibrate import MODES
 from cnnmod.io.store import load_modules, load_source_of
+from cnnmod.reuse import fuse_slim
 
 
 def main(argv: list[str]) -> None:

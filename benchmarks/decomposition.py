@@ -18,15 +18,15 @@ from pathlib import Path
 import torch
 from common import ROOT, record
 
-from cnnmod.compose.evaluate import evaluate_against_model
-from cnnmod.compose.voting import compose
+from cnnmod.composition.evaluate import evaluate_against_model
+from cnnmod.composition.voting import compose
 from cnnmod.core.graph import ModelGraph
 from cnnmod.core.observe import observe
 from cnnmod.data import load
-from cnnmod.decompose.paper import VARIANTS, DecomposeSettings, decompose
-from cnnmod.io.models import load_model
 from cnnmod.jobs.train import train
+from cnnmod.models.folder import load_model
 from cnnmod.models.train import TrainSettings
+from cnnmod.node.method import VARIANTS, DecomposeSettings, decompose
 
 CNN_MODELS = {
     # name: (arch, arch args, epochs, subset, optimizer). BatchNorm-free ResNets train with Adam (lr 1e-3), as

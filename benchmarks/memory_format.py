@@ -22,9 +22,9 @@ from common import record
 from torch import nn
 
 from cnnmod.data import load
-from cnnmod.decompose import pruner as pruner_module
-from cnnmod.decompose.slim import SlimSettings, slim_modules
-from cnnmod.io.models import load_model
+from cnnmod.models.folder import load_model
+from cnnmod.slim import pruner as pruner_module
+from cnnmod.slim.make import SlimSettings, slim_modules
 
 LAYOUTS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 

@@ -111,10 +111,10 @@ def one(arch: str, classes: int, size: int, per_class: int, data: Path, work: Pa
     from cnnmod.core.observe import observe
     from cnnmod.data.registry import load
     from cnnmod.data.transforms import InputSpec
-    from cnnmod.decompose.paper import VARIANTS, DecomposeSettings, decompose
     from cnnmod.io.store import save_decomposition
     from cnnmod.models import build
     from cnnmod.models.classifier import wrap
+    from cnnmod.node.method import VARIANTS, DecomposeSettings, decompose
 
     torch.manual_seed(0)
     train = load(f"imagenet:{data}", "train")
@@ -365,10 +365,10 @@ def compose_part(args) -> dict:
 def save_decomposition_of(arch: str, classes: int, data: Path, out: Path, per_class: int) -> None:
     from cnnmod.data.registry import load
     from cnnmod.data.transforms import InputSpec
-    from cnnmod.decompose.paper import DecomposeSettings, decompose
     from cnnmod.io.store import save_decomposition
     from cnnmod.models import build
     from cnnmod.models.classifier import wrap
+    from cnnmod.node.method import DecomposeSettings, decompose
 
     torch.manual_seed(0)
     train = load(f"imagenet:{data}", "train")
@@ -382,7 +382,7 @@ def save_decomposition_of(arch: str, classes: int, data: Path, out: Path, per_cl
 @torch.no_grad()
 def time_composition(dec: Path, pick: str, batch: int = 8) -> dict:
     import cnnmod
-    from cnnmod.io.artifacts import read_config
+    from cnnmod.artifacts import read_config
 
     started = time.perf_counter()
     entries = read_config(dec)["modules"]

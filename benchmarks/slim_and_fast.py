@@ -32,15 +32,15 @@ from pathlib import Path
 
 from common import OUT, record
 
-from cnnmod.compose.evaluate import evaluate_against_model
-from cnnmod.compose.voting import compose
+from cnnmod.composition.evaluate import evaluate_against_model
+from cnnmod.composition.voting import compose
 from cnnmod.core.cost import cost_report
 from cnnmod.data import load
-from cnnmod.decompose.paper import DecomposeSettings, decompose
-from cnnmod.decompose.slim import SlimSettings, merge_slim, slim_modules
-from cnnmod.io.models import load_model
 from cnnmod.io.store import load_merged_slim, save_merged_slim
+from cnnmod.models.folder import load_model
+from cnnmod.node.method import DecomposeSettings, decompose
 from cnnmod.runtime import pick_device
+from cnnmod.slim.make import SlimSettings, merge_slim, slim_modules
 
 
 def main(argv: list[str]) -> None:

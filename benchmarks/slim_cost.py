@@ -34,14 +34,14 @@ from pathlib import Path
 import torch
 from common import record
 
-from cnnmod.compose.evaluate import evaluate_against_model
-from cnnmod.compose.voting import compose
+from cnnmod.composition.evaluate import evaluate_against_model
+from cnnmod.composition.voting import compose
 from cnnmod.data import load
-from cnnmod.decompose.pruner import Pruner
-from cnnmod.decompose.slim import SlimSettings, refit_heads_together, slim_modules
-from cnnmod.io.models import load_model
 from cnnmod.jobs.train import train
+from cnnmod.models.folder import load_model
 from cnnmod.models.train import TrainSettings
+from cnnmod.slim.make import SlimSettings, refit_heads_together, slim_modules
+from cnnmod.slim.pruner import Pruner
 
 # where a module's time goes: (label, function name as cProfile reports it, file it lives in); cumulative times,
 # so a part that calls another counts it too

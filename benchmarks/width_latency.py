@@ -19,8 +19,8 @@ from torch.profiler import ProfilerActivity, profile
 
 from cnnmod.core.cost import count_flops, latency_ms
 from cnnmod.data import load
-from cnnmod.io.models import load_model
 from cnnmod.models import build
+from cnnmod.models.folder import load_model
 
 
 def main(argv: list[str]) -> None:

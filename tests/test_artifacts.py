@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 
+from cnnmod.artifacts import atomic_folder
 from cnnmod.data.transforms import InputSpec
 from cnnmod.errors import UserError
-from cnnmod.io.artifacts import atomic_folder
-from cnnmod.io.models import load_model, save_model
 from cnnmod.io.store import pack_mask, unpack_mask
 from cnnmod.models import build
 from cnnmod.models.classifier import Classifier
+from cnnmod.models.folder import load_model, save_model
 
 
 def _classifier(seed: int = 0) -> Classifier:

@@ -11,13 +11,13 @@ import torch
 from conftest import random_data, source
 
 import cnnmod
-from cnnmod.compose.base import Composer, vote
-from cnnmod.compose.evaluate import evaluate_against_model
-from cnnmod.compose.slim import FusedSlim
+from cnnmod.composition.base import Composer, vote
+from cnnmod.composition.evaluate import evaluate_against_model
 from cnnmod.core.cost import cost_report
-from cnnmod.decompose.slim import SlimSettings, merge_slim, slim_module
 from cnnmod.io.store import MODULE_KINDS, load_composer, load_merged_slim, save_merged_slim
 from cnnmod.modules.base import BinaryModule, ClassRef
+from cnnmod.slim.make import SlimSettings, merge_slim, slim_module
+from cnnmod.slim.merged import FusedSlim
 
 IMAGES = torch.randint(0, 256, (6, 1, 12, 12), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
 

@@ -14,11 +14,11 @@ from conftest import random_data, run, source, stopped_training
 import cnnmod
 from cnnmod.core.channels import classifier_input, gated
 from cnnmod.core.cost import cost_report
-from cnnmod.decompose.paper import DecomposeSettings, decompose
-from cnnmod.decompose.slim import SlimSettings, merge_slim, slim_module
 from cnnmod.io.store import load_merged_slim, save_merged_slim
 from cnnmod.jobs.train import train
 from cnnmod.models.train import TrainSettings
+from cnnmod.node.method import DecomposeSettings, decompose
+from cnnmod.slim.make import SlimSettings, merge_slim, slim_module
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

@@ -11,17 +11,18 @@ from conftest import random_data
 from torch import nn
 
 from cnnmod import UserError
-from cnnmod.compose.base import vote
-from cnnmod.compose.voting import compose
+from cnnmod.composition.base import vote
+from cnnmod.composition.voting import compose
 from cnnmod.core.graph import ModelGraph
+from cnnmod.core.masking import binary_head
 from cnnmod.core.observe import class_order, hooks, observe
 from cnnmod.core.ops import transpose_cover
 from cnnmod.data.dataset import ImageSet
 from cnnmod.data.transforms import InputSpec, to_input
-from cnnmod.decompose.paper import DecomposeSettings, decompose, keep_masks
 from cnnmod.models import build
 from cnnmod.models.classifier import Classifier
-from cnnmod.modules.masked import Module, binary_head
+from cnnmod.node.method import DecomposeSettings, decompose, keep_masks
+from cnnmod.node.module import Module
 
 # Inputs are given as raw pixel values; this spec makes the model's input x = pixel - 128.
 PIXEL_SPEC = dict(mean=(128 / 255,), std=(1 / 255,))
@@ -171,7 +172,7 @@ def test_bln_walks_back_through_hidden_dense_layers():
     # module of class 1: w_c = fc[1] = [1, 0], w_uc = mean(fc[0], fc[2]) = [-0.5, 0]: feature 0 marked;
     # below it, l1 unit 0 feeds l2 unit 0 with weight -1 <= -0.5: marked; unit 1 (weight 1) is not
     hw, _ = binary_head(g.module("fc").weight.detach(), g.module("fc").bias.detach(), 1)
-    from cnnmod.decompose.paper import marked_features
+    from cnnmod.node.method import marked_features
 
     marked = marked_features(hw, 0.5)
     assert marked.tolist() == [True, False]
@@ -403,8 +404,8 @@ def test_marked_features_are_exactly_zero_for_any_input(arch, kwargs):
     data = random_data()
     modules = decompose(net, data, "mc-bln", show_progress=False)
     x = torch.randn(16, 1, 12, 12) * 2
-    from cnnmod.decompose.paper import marked_features
-    from cnnmod.modules.masked import masked_features
+    from cnnmod.core.masking import masked_features
+    from cnnmod.node.method import marked_features
 
     some_marked = False
     for m in modules:

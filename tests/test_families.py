@@ -6,24 +6,25 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import random_data
+from families import FAMILIES, RELU_FAMILIES
 from torch import nn
 
 import cnnmod
-from cnnmod.compose.evaluate import evaluate_against_model
+from cnnmod.composition.evaluate import evaluate_against_model
 from cnnmod.core.channels import classifier_input, closed_channels, fold_gates, frozen_copy, gated, slice_network
 from cnnmod.core.graph import ModelGraph
+from cnnmod.core.masking import binary_head, masked_features
 from cnnmod.data import load
 from cnnmod.data.transforms import InputSpec
-from cnnmod.decompose import DecomposeSettings, decompose
-from cnnmod.decompose.paper import marked_features
-from cnnmod.decompose.slim import SlimSettings, slim_module
 from cnnmod.errors import UserError
 from cnnmod.io.export import export_onnx
 from cnnmod.jobs.train import train
 from cnnmod.models.classifier import Classifier
-from cnnmod.models.families import FAMILIES, RELU_FAMILIES
 from cnnmod.models.train import TrainSettings
-from cnnmod.modules.masked import Module, binary_head, masked_features
+from cnnmod.node import DecomposeSettings, decompose
+from cnnmod.node.method import marked_features
+from cnnmod.node.module import Module
+from cnnmod.slim.make import SlimSettings, slim_module
 
 SHAPE = (1, 16, 16)
 GATED = {"se_resnet", "attention_resnet", "ghostnet"}  # a gate reads the nodes MC-BI may switch off (by design)
@@ -144,7 +145,7 @@ def test_every_family_saves_reloads_by_reference_and_exports(tmp_path, name):
     """By reference, as a user's own network is: node-level modules (ReLU families) or slim ones saved,
     reloaded with trust (bit for bit the same scores) and exported to ONNX (checked against PyTorch)."""
     clf = family(name)
-    clf.arch, clf.arch_args = f"cnnmod.models.families:{name}", {"in_channels": 1, "num_classes": 4, "width": 8}
+    clf.arch, clf.arch_args = f"families:{name}", {"in_channels": 1, "num_classes": 4, "width": 8}
     data = random_data(SHAPE, 4, 6)
     if name in RELU_FAMILIES and name not in ("nin", "linear_pool_head"):
         modules = decompose(clf, data, settings=DecomposeSettings(calibration_samples=0), show_progress=False)
@@ -194,7 +195,7 @@ def test_after_a_short_training_mc_bln_composes_within_the_papers_cost(name):
     within the paper's 1.77 pp of the model on the test split: by the paper's rule where a ReLU follows every
     convolution (SE-ResNet), and with --exact-only everywhere (linear bottlenecks, concatenations and
     pre-activation BatchNorms follow some convolutions there: the paper's rule costs 2.8-6.4 pp on these)."""
-    settings = TrainSettings(arch=f"cnnmod.models.families:{name}", arch_args={"width": 8}, data="digits",
+    settings = TrainSettings(arch=f"families:{name}", arch_args={"width": 8}, data="digits",
                              input_size=[16, 16], epochs=10, optimizer="adam", lr=0.005, augment=False,
                              device="cpu", seed=0)
     with cnnmod.trusting():
@@ -219,7 +220,7 @@ def test_channel_scales_fold_into_the_sliced_network_exactly(name):
     with the scales folded in computes what the gated network computes, for random scales and random closed
     channels (each group keeping one)."""
     clf = family(name)
-    graph, net, groups = frozen_copy(clf)
+    graph, net, groups = frozen_copy(clf.net, clf.spec.shape)
     g = torch.Generator().manual_seed(0)
     gates = []
     for group in groups.groups:

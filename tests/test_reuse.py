@@ -131,8 +131,8 @@ def test_continuous_learning_keeps_nodes_active_for_foreign_inputs(two_models, t
     assert [e["data"] for e in relearned[3].settings["continuous_learning"]] == [a]
     # every calibration was refitted on the composition's classes of both data sets: on those held-out inputs
     # its Platt loss is the optimum, no worse than the calibration fitted on the module's own data set alone
-    from cnnmod.core.calibrate import _balanced_bce
-    from cnnmod.decompose.fitting import calibration_set
+    from cnnmod.composition.fitting import calibration_set
+    from cnnmod.core.calibrate import balanced_bce
 
     made = cnnmod.load_modules(dec_a) + [cnnmod.load_module(dec_b / "modules" / "c01-band1")]
     held = {a: calibration_set(cnnmod.data.load(a, "train"), 100, 0),
@@ -148,15 +148,15 @@ def test_continuous_learning_keeps_nodes_active_for_foreign_inputs(two_models, t
             mine.append((source == m.source_class) & (name == m.ref.dataset))
         margin, target = torch.cat(margins).double(), torch.cat(mine)
         (a_new, b_new), (a_old, b_old) = m.calibration["platt"], m0.calibration["platt"]
-        new_loss = float(_balanced_bce(a_new * margin + b_new, target))
-        assert new_loss <= float(_balanced_bce(a_old * margin + b_old, target)) + 1e-6
+        new_loss = float(balanced_bce(a_new * margin + b_new, target))
+        assert new_loss <= float(balanced_bce(a_old * margin + b_old, target)) + 1e-6
         assert new_loss == pytest.approx(m.calibration["loss_platt"], abs=1e-5)
 
 
 def test_refit_heads_is_the_balanced_logistic_optimum_on_the_composition_classes(two_models, tmp_path, capsys):
-    from cnnmod.core.calibrate import _balanced_bce
-    from cnnmod.decompose.fitting import observation_set
-    from cnnmod.modules.masked import masked_features
+    from cnnmod.composition.fitting import observation_set
+    from cnnmod.core.calibrate import balanced_bce
+    from cnnmod.core.masking import masked_features
 
     dec_a, dec_b, a, b = two_models
     parts = [str(dec_a / "modules" / "c00-band0"), str(dec_b / "modules" / "c01-band1")]
@@ -186,14 +186,14 @@ def test_refit_heads_is_the_balanced_logistic_optimum_on_the_composition_classes
         l2 = m.settings["head_refit"]["l2"]
         w = (m.head_weight[0] - m.head_weight[1]).double().requires_grad_(True)
         bias = (m.head_bias[0] - m.head_bias[1]).double().requires_grad_(True)
-        loss = _balanced_bce(f @ w + bias, t) + l2 * (w * w).sum()
+        loss = balanced_bce(f @ w + bias, t) + l2 * (w * w).sum()
         grads = torch.autograd.grad(loss, [w, bias])
         # stationary: the refitted margin is the optimum of the class-balanced logistic loss (with its L2 term) ...
         assert max(float(g.abs().max()) for g in grads) < 1e-3
         # ... so no worse than the paper's head on the same inputs
         w0 = (m0.head_weight[0] - m0.head_weight[1]).double()
         b0 = (m0.head_bias[0] - m0.head_bias[1]).double()
-        assert float(loss.detach()) <= float(_balanced_bce(f @ w0 + b0, t) + l2 * (w0 * w0).sum()) + 1e-9
+        assert float(loss.detach()) <= float(balanced_bce(f @ w0 + b0, t) + l2 * (w0 * w0).sum()) + 1e-9
     # on one data set, without continuous learning; the composition records it
     rc, _, err = run(["compose", str(dec_a), "--out", str(tmp_path / "intra"), "--refit-heads"], capsys)
     assert rc == 0, err
@@ -358,8 +358,8 @@ def test_typical_distances_match_a_hand_computation():
 def test_platt_ood_passes_own_images_and_stops_foreign_ones(two_models):
     """A module's in-distribution test, measured through a composition, scores its own held-out training
     inputs by rank (as fitted) and pushes noise images, which no training set holds, to the floor."""
+    from cnnmod.composition.fitting import calibration_set
     from cnnmod.core.calibrate import TYPICAL_ALPHA, apply, typicality
-    from cnnmod.decompose.fitting import calibration_set
 
     dec_a, _, a, _ = two_models
     modules = cnnmod.load_modules(dec_a)
@@ -383,7 +383,7 @@ def test_platt_ood_passes_own_images_and_stops_foreign_ones(two_models):
 
 def test_merged_and_fused_compositions(two_models, tmp_path, capsys):
     from cnnmod.core.cost import cost_report
-    from cnnmod.modules.masked import Module
+    from cnnmod.node.module import Module
 
     dec_a, dec_b, a, b = two_models
     modules = cnnmod.load_modules(dec_a)
@@ -413,7 +413,7 @@ def test_merged_and_fused_compositions(two_models, tmp_path, capsys):
 
 def test_cached_module_scores_give_the_composition_figures(two_models):
     """A study's cache of each module's test scores changes no figure of any composition that reuses them."""
-    from cnnmod.compose.evaluate import evaluate_composition
+    from cnnmod.composition.evaluate import evaluate_composition
 
     dec_a, dec_b, _, _ = two_models
     a, b = cnnmod.load_modules(dec_a), cnnmod.load_modules(dec_b)

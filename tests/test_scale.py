@@ -200,7 +200,7 @@ def test_training_on_a_streamed_set_is_refused(tmp_path, capsys):
 
 def test_a_full_disk_leaves_nothing_half_written(decomposed, tmp_path, capsys, monkeypatch):
     model, _ = decomposed
-    import cnnmod.io.artifacts as artifacts
+    import cnnmod.artifacts as artifacts
 
     real, calls = artifacts.save_file, []
 

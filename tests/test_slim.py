@@ -16,18 +16,18 @@ import torch
 from conftest import assert_user_error, random_data, run, source
 
 import cnnmod
-from cnnmod.core.calibrate import TYPICAL_ALPHA, fit_head, typicality
+from cnnmod.composition.fitting import calibration_set
+from cnnmod.core.calibrate import TYPICAL_ALPHA, fit_head, source_log_odds, typicality
 from cnnmod.core.channels import classifier_input, cost_per_channel, frozen_copy, gated, reestimate_bn
 from cnnmod.core.graph import ModelGraph
 from cnnmod.core.observe import class_order
 from cnnmod.data.transforms import InputSpec
-from cnnmod.decompose.fitting import calibration_set
-from cnnmod.decompose.pruner import Pruner, step_rows, take
-from cnnmod.decompose.slim import Pools, SlimSettings, _Making, slim_module, slim_modules, source_log_odds
 from cnnmod.errors import UserError
 from cnnmod.models import build
 from cnnmod.models.classifier import Classifier
 from cnnmod.models.train import split_train_val
+from cnnmod.slim.make import Pools, SlimSettings, _Making, slim_module, slim_modules
+from cnnmod.slim.pruner import Pruner, step_rows, take
 
 
 @pytest.mark.parametrize("arch,kwargs", [("resnet20", {}), ("resnet20", {"bn": False}), ("vgg11", {}),
@@ -148,7 +148,7 @@ def test_cost_per_channel_counts_every_coupled_layer():
     clf = source("cnn")  # 1x12x12 -> conv 16 (3x3) -> pool -> conv 32 (3x3) -> pool -> 32x3x3 -> dense 64 -> head
     from cnnmod.core.channels import frozen_copy
 
-    graph, net, groups = frozen_copy(clf)
+    graph, net, groups = frozen_copy(clf.net, clf.spec.shape)
     roots = [g["roots"][0] for g in groups.groups]
     params = dict(zip(roots, cost_per_channel(net, groups, clf.spec.shape, graph.head, "params"), strict=True))
     assert params["conv1"] == 1 * 9 + 1 + 32 * 9         # its kernel and bias, and conv2's input slice
@@ -215,7 +215,7 @@ def test_fisher_is_each_inputs_own_gate_gradient_squared(arch):
     data = random_data(per_class=6)
     x = clf.prepare(data.images)
     targets = (data.labels == 2)[:, None]
-    frozen = frozen_copy(clf)
+    frozen = frozen_copy(clf.net, clf.spec.shape)
     hw, hb = frozen[0].head.linear_map(frozen[1])
     p = Pruner(clf, SlimSettings(size=0.5, step_samples=None), x, targets, None, (hw[2] - hw[0])[None],
                (hb[2] - hb[0])[None], frozen=frozen)
@@ -249,7 +249,7 @@ def test_the_last_refit_is_on_every_observed_input():
     data = random_data(per_class=20)
     x = clf.prepare(data.images)
     targets = (data.labels == 1)[:, None]
-    frozen = frozen_copy(clf)
+    frozen = frozen_copy(clf.net, clf.spec.shape)
     hw, hb = frozen[0].head.linear_map(frozen[1])
     p = Pruner(clf, SlimSettings(size=0.5, step_samples=10), x, targets, None, (hw[1] - hw[0])[None],
                (hb[1] - hb[0])[None], frozen=frozen)
@@ -803,7 +803,7 @@ def test_a_total_budget_gives_the_channels_to_the_module_that_needs_them(monkeyp
     matters a million times more to class 0's module than to class 2's, class 2's module gives what the steps cut
     (up to twice ``step`` of its own per step) and class 0's keeps most of the network; with a budget per module
     both are cut to ``size``."""
-    from cnnmod.decompose import slim as slim_mod
+    from cnnmod.slim import make as slim_mod
 
     made = slim_mod._Making.__init__
     taylor = slim_mod.Pruner.taylor
@@ -981,7 +981,8 @@ def test_heads_refitted_together_with_the_odds_already_known_fit_alike():
     """slim_modules hands the joint refit the source's log-odds it computed on every observed input: the refit
     then takes them instead of running the model again, and fits the same heads; odds known only on other inputs
     are not taken (the model runs as without them)."""
-    from cnnmod.decompose.slim import model_log_odds, refit_heads_together
+    from cnnmod.core.calibrate import model_log_odds
+    from cnnmod.slim.make import refit_heads_together
 
     clf, data, modules, _ = _joint_case()
     s = SlimSettings(size=0.5, samples=24, joint_heads=3.0)
@@ -1002,8 +1003,8 @@ def test_heads_refitted_together_at_weight_zero_are_each_heads_own_fit():
     module's head reaches the minimum that fitting it alone (``fit_head``, the refit every slim module gets) on
     the same inputs, to the source's p_c on them, reaches (the loss is convex: one minimum value, though on a
     few inputs a flat valley of heads reaches it)."""
-    from cnnmod.core.calibrate import _balanced_bce
-    from cnnmod.decompose.joint import fit_heads_jointly, module_features
+    from cnnmod.composition.joint import fit_heads_jointly, module_features
+    from cnnmod.core.calibrate import balanced_bce
 
     clf, data, modules, index = _joint_case()
     images, labels = data.images[index], data.labels[index]
@@ -1011,7 +1012,7 @@ def test_heads_refitted_together_at_weight_zero_are_each_heads_own_fit():
     p = torch.sigmoid(source_log_odds(clf.net, clf.prepare(images))).double()
 
     def own(k, w, b):
-        return float(_balanced_bce(features[k] @ w.double() + b, labels == k, p[:, k]) + 1e-4 * (w.double() ** 2).sum())
+        return float(balanced_bce(features[k] @ w.double() + b, labels == k, p[:, k]) + 1e-4 * (w.double() ** 2).sum())
 
     before = [own(k, w, b) for k, (w, b) in enumerate(_margins(modules))]
     fit_heads_jointly(modules, clf, data, index, weight=0.0)
@@ -1027,8 +1028,8 @@ def test_heads_refitted_together_minimise_the_joint_loss():
     the softmax over the margins against the softmax over the source's log-odds, plus the heads' L2) is convex
     in the heads: computed here from the features, its gradient vanishes at the joint refit, and its value there
     is below its value at the heads fitted alone on the same inputs (weight 0); refitting again moves nothing."""
-    from cnnmod.core.calibrate import _balanced_bce
-    from cnnmod.decompose.joint import fit_heads_jointly, module_features
+    from cnnmod.composition.joint import fit_heads_jointly, module_features
+    from cnnmod.core.calibrate import balanced_bce
 
     clf, data, modules, index = _joint_case()
     images, labels = data.images[index], data.labels[index]
@@ -1037,7 +1038,7 @@ def test_heads_refitted_together_minimise_the_joint_loss():
 
     def loss(heads):
         z = torch.stack([f @ w + b for f, (w, b) in zip(features, heads, strict=True)], 1)
-        binary = sum(_balanced_bce(z[:, k], labels == k, torch.sigmoid(odds[:, k])) for k in range(4))
+        binary = sum(balanced_bce(z[:, k], labels == k, torch.sigmoid(odds[:, k])) for k in range(4))
         joint = -(torch.softmax(odds, 1) * torch.log_softmax(z, 1)).sum(1).mean()
         return binary + 3.0 * joint + 1e-4 * sum((w * w).sum() for w, _ in heads)
 
@@ -1125,7 +1126,7 @@ def test_reconstruction_in_one_pass_refits_as_a_pass_per_layer(monkeypatch):
     the two give every layer the same weights (up to float rounding), and most differ from the weights before;
     BatchNorm keeps the model's statistics (the refit computed every layer under them) unless scales are learned
     after it."""
-    from cnnmod.decompose import reconstruct as rec
+    from cnnmod.slim import recovery as rec
 
     clf = source("resnet20")
     x = torch.randn(96, 1, 12, 12, generator=torch.Generator().manual_seed(7))
@@ -1175,7 +1176,7 @@ def test_reconstructed_slim_module_is_cut_alike_exact_and_nearer_the_model():
     assert all(torch.equal(v, original[k]) for k, v in clf.net.state_dict().items())
     assert m.removed == plain.removed and m.params() == plain.params()
     x = torch.randn(40, 1, 12, 12, generator=torch.Generator().manual_seed(5))
-    graph, _, full = frozen_copy(clf)
+    graph, _, full = frozen_copy(clf.net, clf.spec.shape)
     with torch.no_grad():
         want = classifier_input(clf.net, graph.head, lambda: clf.net(x))
     gaps = []

@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 from conftest import assert_user_error, run, stop_after_epoch, write_npz
 
+from cnnmod.artifacts import read_config
 from cnnmod.errors import UserError
 from cnnmod.experiments.presets import Preset
 from cnnmod.experiments.report import charted, figures, write_report
 from cnnmod.experiments.study import PARTS, Study
-from cnnmod.io.artifacts import read_config
 
 TINY = Preset(name="tiny", arch="cnn", epochs=2, weak_epochs=1, weak_subset=30, second_epochs=2, tma_epochs=1,
               optimizer="adam", ci_samples=20, reuse_classes=2, dense_epochs=1)

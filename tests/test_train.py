@@ -18,10 +18,10 @@ from cnnmod.data.dataset import ImageSet
 from cnnmod.data.transforms import Augment, InputSpec
 from cnnmod.energy import EnergyRecord, training_energy
 from cnnmod.errors import UserError
-from cnnmod.io.models import load_model
 from cnnmod.jobs import train as train_job
 from cnnmod.jobs.train import train
 from cnnmod.models import train as loop
+from cnnmod.models.folder import load_model
 from cnnmod.models.resume import read_state, write_state
 from cnnmod.models.train import TrainSettings, _val_accuracy, class_weights, epoch_batches
 from cnnmod.runtime import Distributed

@@ -280,10 +280,10 @@ def decompose_cmd(
 ) -> None:
     """Decompose a model into one binary module per class (Pan & Rajan's CI + TI + MC)."""
     from .data import parse_class_list
-    from .decompose.paper import DecomposeSettings
-    from .decompose.slim import SlimSettings
     from .jobs.common import Run
     from .jobs.decompose import decompose_dir
+    from .node.method import DecomposeSettings
+    from .slim.make import SlimSettings
 
     settings = DecomposeSettings(variant=variant, delta=delta, condition=condition, ci_samples=ci_samples,
                                  correct_only=correct_only, tau=tau, seed=seed, exact_only=exact_only,
@@ -425,10 +425,10 @@ def reproduce_cmd(
     as_json: bool = JSON,
 ) -> None:
     """The paper's whole study: decomposition cost, reuse, replacement, energy, the dense table; with a report."""
+    from .artifacts import write_json
     from .experiments.presets import preset as get_preset
     from .experiments.report import write_report
     from .experiments.study import Study
-    from .io.artifacts import write_json
 
     study = Study(out, get_preset(preset), data, second_data, country, seed, device, data_root, resume)
     command = " ".join(["cnnmod", "reproduce", "--preset", preset, "--data", data, "--second-data", second_data,

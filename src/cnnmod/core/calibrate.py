@@ -25,13 +25,14 @@ from __future__ import annotations
 import math
 
 import torch
+from torch import nn
 
 MODES = ("none", "temperature", "platt", "platt-ood")
 TYPICAL_ALPHA = 0.2  # p-values above it leave the score as it is (0.05, 0.2 and 1 compared on the quick study)
 _RIDGE = 1e-3        # covariance + _RIDGE * mean variance * I: masked (constant) channels stay invertible
 
 
-def _balanced_bce(logits: torch.Tensor, targets: torch.Tensor, soft: torch.Tensor | None = None) -> torch.Tensor:
+def balanced_bce(logits: torch.Tensor, targets: torch.Tensor, soft: torch.Tensor | None = None) -> torch.Tensor:
     """Binary cross-entropy in which the inputs of the class (``targets``) weigh as much as all the others;
     ``soft`` replaces the hard targets by probabilities (a teacher's), keeping the weighting."""
     pos, neg = targets, ~targets
@@ -63,17 +64,17 @@ def fit(margins: torch.Tensor, targets: torch.Tensor) -> dict:
     m = margins.detach().double().cpu()
     t = targets.detach().bool().cpu()
     log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
-    _minimise([log_t], lambda: _balanced_bce(m / log_t.exp(), t))
+    _minimise([log_t], lambda: balanced_bce(m / log_t.exp(), t))
     ab = torch.tensor([1.0, 0.0], dtype=torch.float64, requires_grad=True)
-    _minimise([ab], lambda: _balanced_bce(ab[0] * m + ab[1], t))
+    _minimise([ab], lambda: balanced_bce(ab[0] * m + ab[1], t))
     temperature = float(log_t.detach().exp())
     a, b = (float(v) for v in ab.detach())
     if not (math.isfinite(temperature) and math.isfinite(a) and math.isfinite(b)):  # separable data: no scale
         temperature, a, b = 1.0, 1.0, 0.0
     return {"temperature": temperature, "platt": [a, b], "positives": int(t.sum()), "negatives": int((~t).sum()),
-            "loss_none": float(_balanced_bce(m, t)),
-            "loss_temperature": float(_balanced_bce(m / temperature, t)),
-            "loss_platt": float(_balanced_bce(a * m + b, t))}
+            "loss_none": float(balanced_bce(m, t)),
+            "loss_temperature": float(balanced_bce(m / temperature, t)),
+            "loss_platt": float(balanced_bce(a * m + b, t))}
 
 
 def fit_head(features: torch.Tensor, targets: torch.Tensor, init_w: torch.Tensor, init_b: float,
@@ -89,7 +90,7 @@ def fit_head(features: torch.Tensor, targets: torch.Tensor, init_w: torch.Tensor
 
     def closure():
         opt.zero_grad()
-        loss = _balanced_bce(f @ w + b, t, p) + l2 * (w * w).sum()
+        loss = balanced_bce(f @ w + b, t, p) + l2 * (w * w).sum()
         loss.backward()
         return loss
 
@@ -209,3 +210,31 @@ def apply(margins: torch.Tensor, calibration: dict | None, mode: str, gate: torc
             raise ValueError("platt-ood scores need the inputs' in-distribution gate")
         p = p * gate.to(p)
     return p
+
+
+def source_log_odds(net: nn.Module, x: torch.Tensor, batch_size: int = 256,
+                    classes: list[int] | None = None) -> torch.Tensor:
+    """(N, K): for every input and class c, the network's log-odds of c against all other classes
+    (z_c - logsumexp of the others): sigmoid of it is the network's p_c. With ``classes``, among those only
+    (columns in their order): the model restricted to them."""
+    with torch.no_grad():
+        z = torch.cat([net(x[i:i + batch_size]) for i in range(0, x.shape[0], batch_size)]).double()
+    if classes is not None:
+        z = z[:, classes]
+    eye = torch.eye(z.shape[1], dtype=torch.bool, device=z.device)
+    rest = torch.logsumexp(z.unsqueeze(1).masked_fill(eye, float("-inf")), 2)
+    return (z - rest).float()
+
+
+def model_log_odds(source: Classifier, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """(N, K) on the CPU: :func:`source_log_odds` of ``source``'s network (in eval mode for the pass) on uint8
+    ``images``, prepared and run in batches on the network's device."""
+    net = source.net
+    device = next(net.parameters()).device
+    training = net.training
+    net.eval()
+    try:
+        return torch.cat([source_log_odds(net, source.prepare(images[i:i + batch_size].to(device)), batch_size).cpu()
+                          for i in range(0, images.shape[0], batch_size)])
+    finally:
+        net.train(training)

@@ -14,7 +14,6 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..errors import UserError
-from ..models.classifier import Classifier
 from .graph import Head, ModelGraph
 
 
@@ -162,7 +161,7 @@ def gated(net: nn.Module, graph: ModelGraph, groups: ChannelGroups, gates: list[
     the inputs of the layers that read its channels (the classifier among them), so that whatever lies between
     (BatchNorm, additions, concatenation) computes as before and a closed channel is simply not read. A gate of
     shape (B, C) instead of (C,) is a gate per input of a batch of B: the gradient of a loss summed over the batch
-    with respect to row n is then input n's own (:meth:`cnnmod.decompose.pruner.Pruner.fisher`)."""
+    with respect to row n is then input n's own (:meth:`cnnmod.slim.pruner.Pruner.fisher`)."""
     by_layer: dict[str, list[tuple[torch.Tensor, int, torch.Tensor]]] = {}
     for g, group in enumerate(groups.groups):
         for layer, index, root in group["consumers"]:
@@ -369,13 +368,13 @@ def closed_channels(groups: ChannelGroups, gates: list[torch.Tensor]) -> dict[st
             for g, gate in zip(groups.groups, gates, strict=True)}
 
 
-def frozen_copy(source: Classifier) -> tuple[ModelGraph, nn.Module, ChannelGroups]:
-    """The source's graph, a frozen copy of its network to gate and re-estimate, and its channel groups."""
-    graph = ModelGraph(source.net, source.spec.shape)
-    net = copy.deepcopy(source.net).eval()
+def frozen_copy(source: nn.Module, input_shape: tuple[int, int, int]) -> tuple[ModelGraph, nn.Module, ChannelGroups]:
+    """The graph of network ``source``, a frozen copy of it to gate and re-estimate, and its channel groups."""
+    graph = ModelGraph(source, input_shape)
+    net = copy.deepcopy(source).eval()
     for p in net.parameters():
         p.requires_grad_(False)
-    return graph, net, ChannelGroups(net, graph, source.spec.shape)
+    return graph, net, ChannelGroups(net, graph, input_shape)
 
 
 def sliced_cost(net: nn.Module, input_shape: tuple[int, int, int], removed: dict[str, list[int]], head: Head,

@@ -79,7 +79,7 @@ def compiled(fn: Callable[[torch.Tensor], torch.Tensor], device_type: str) -> Ca
 
 
 def cost_report(target, images: torch.Tensor, repeats: int = 5, source=None, compile: bool = False) -> dict:
-    """Parameters, FLOPs per image and latency of ``target`` (a :class:`~cnnmod.compose.base.Composer`: uint8
+    """Parameters, FLOPs per image and latency of ``target`` (a :class:`~cnnmod.composition.base.Composer`: uint8
     images in, scores out) on the batch ``images`` (uint8), with fractions of its source models' (the sum of
     those it holds and those given as ``source``, one model or a list: slim networks hold none). The latencies
     are measured side by side (:func:`latency_side_by_side`): ``latency_fraction`` is the median of the rounds'

@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..artifacts import write_json
 from ..errors import UserError
-from ..io.artifacts import write_json
 from ..progress import say
 from . import cifar, digits, folder, idx, imagenet, npz, tiny_imagenet
 from . import stream as streaming

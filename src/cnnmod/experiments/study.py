@@ -15,22 +15,22 @@ import time
 from dataclasses import MISSING, fields, replace
 from pathlib import Path
 
-from ..compose.evaluate import evaluate_against_model, evaluate_composition
-from ..compose.reuse import continuous_learning, refit_composition
-from ..compose.voting import compose
+from ..artifacts import write_json
+from ..composition.evaluate import evaluate_against_model, evaluate_composition
+from ..composition.voting import compose
 from ..core.metrics import evaluate_classifier
 from ..data import ImageSet, load
-from ..decompose.paper import DecomposeSettings, decompose
 from ..energy import EnergyMeter, training_energy
 from ..errors import UserError
-from ..io.artifacts import write_json
-from ..io.models import load_model
 from ..io.store import load_modules, save_composition, save_decomposition
 from ..jobs.train import train
 from ..models.classifier import split_for
+from ..models.folder import load_model
 from ..models.train import TrainSettings
-from ..modules.masked import Module
+from ..node.method import DecomposeSettings, decompose
+from ..node.module import Module
 from ..progress import say
+from ..reuse import continuous_learning, refit_composition
 from ..runtime import pick_device, seed_everything
 from .figures import PAPER, summarise
 from .presets import Preset

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 
+from ..artifacts import atomic_file
 from ..errors import UserError
-from .artifacts import atomic_file
 from .store import load_composer
 
 

@@ -29,9 +29,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..compose.base import Composer
-from ..compose.slim import FusedSlim, MergedSlim
-from ..compose.voting import check_composable, compose
+from ..artifacts import CARD, CONFIG, atomic_folder, read_artifact, read_config, write_into
+from ..composition.base import Composer
+from ..composition.voting import check_composable, compose
 from ..core.bits import pack_bits, unpack_bits
 from ..core.channels import slice_network
 from ..core.graph import ModelGraph
@@ -39,12 +39,12 @@ from ..data.transforms import InputSpec
 from ..errors import UserError
 from ..models import build
 from ..models.classifier import Classifier
+from ..models.folder import load_model, load_weights, save_into
 from ..models.reference import allows_code
 from ..modules.base import BinaryModule
-from ..modules.masked import Module
-from ..modules.slim import SlimModule
-from .artifacts import CARD, CONFIG, atomic_folder, read_artifact, read_config, write_into
-from .models import load_model, load_weights, save_into
+from ..node.module import Module
+from ..slim.merged import FusedSlim, MergedSlim
+from ..slim.module import SlimModule
 
 MODEL_DIR = "model"
 MODULES_DIR = "modules"

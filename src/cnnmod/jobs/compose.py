@@ -9,13 +9,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..compose.base import find_class
-from ..compose.reuse import continuous_learning, fuse_slim, refit_composition
-from ..compose.voting import check_calibration, check_composable, check_mode
-from ..decompose.slim import SlimSettings, as_made, merge_slim
+from ..artifacts import check_output
+from ..composition.base import find_class
+from ..composition.voting import check_calibration, check_composable, check_mode
 from ..errors import UserError
-from ..io.artifacts import check_output
-from ..io.models import load_model
 from ..io.store import (
     composition_setting,
     load_modules,
@@ -25,8 +22,11 @@ from ..io.store import (
     slim_source_of,
 )
 from ..models.classifier import split_for
+from ..models.folder import load_model
 from ..modules.base import BinaryModule
+from ..reuse import continuous_learning, fuse_slim, refit_composition
 from ..runtime import pick_device
+from ..slim.make import SlimSettings, as_made, merge_slim
 from .common import Run, seconds_since
 
 
@@ -140,7 +140,7 @@ def _merge_slim(paths, modules: list, out: str | Path, s: ComposeSettings, run: 
 
 
 def _fuse_slim(paths, modules: list, out: str | Path, run: Run, device) -> dict:
-    """``compose --mode fused`` of slim ``modules``: :func:`cnnmod.compose.reuse.fuse_slim`, grouped by model (in
+    """``compose --mode fused`` of slim ``modules``: :func:`cnnmod.reuse.fuse_slim`, grouped by model (in
     the order their modules come), saved."""
     models = {m.info["weights_sha256"]: m for m in (load_model(f, device) for f in {slim_source_dir(p) for p in paths})}
     by_model: dict[str, list] = {}

@@ -6,19 +6,19 @@ import shutil
 import time
 from pathlib import Path
 
-from ..compose.evaluate import binary_report
-from ..compose.voting import compose
+from ..artifacts import check_output
+from ..composition.evaluate import binary_report
+from ..composition.fitting import calibrate_decomposition
+from ..composition.voting import compose
 from ..core.metrics import predict_scores
-from ..decompose.fitting import calibrate_decomposition
-from ..decompose.paper import DecomposeSettings, chosen_classes, decompose
-from ..decompose.slim import MODULE_SIZE, SlimSettings, check_joint, slim_modules
 from ..errors import UserError
-from ..io.artifacts import check_output
-from ..io.models import load_model
 from ..io.store import load_modules, save_decomposition
 from ..models.classifier import split_for
+from ..models.folder import load_model
+from ..node.method import DecomposeSettings, chosen_classes, decompose
 from ..progress import progress_bar, say
 from ..runtime import Distributed, init_distributed, pick_device, seed_everything
+from ..slim.make import MODULE_SIZE, SlimSettings, check_joint, slim_modules
 from .common import Run
 
 HEADS_UP = 2_000_000  # module passes (one module, one image) past which a step is announced with its cost

@@ -7,15 +7,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..compose.base import Composer
-from ..compose.evaluate import composition_test_sets, evaluate_against_model, evaluate_composition
+from ..artifacts import read_config
+from ..composition.base import Composer
+from ..composition.evaluate import composition_test_sets, evaluate_against_model, evaluate_composition
 from ..core.cost import cost_report
 from ..core.metrics import evaluate_classifier
 from ..errors import UserError
-from ..io.artifacts import read_config
-from ..io.models import load_model
 from ..io.store import load_composer, load_source_of
 from ..models.classifier import Classifier, test_set_for
+from ..models.folder import load_model
 from ..runtime import init_distributed, pick_device
 from .common import Run
 

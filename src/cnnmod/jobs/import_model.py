@@ -8,14 +8,14 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from ..artifacts import check_output
 from ..core.metrics import evaluate_classifier
 from ..data import load
 from ..data.dataset import ImageSet
 from ..data.transforms import InputSpec
 from ..errors import UserError
-from ..io.artifacts import check_output
-from ..io.models import save_model
 from ..models.classifier import Classifier
+from ..models.folder import save_model
 from ..models.reference import trusting
 from ..models.registry import create, load_weights
 from ..runtime import pick_device

@@ -11,16 +11,16 @@ from pathlib import Path
 
 import torch
 
+from ..artifacts import atomic_folder, check_output
 from ..core.metrics import evaluate_classifier
 from ..data import load
 from ..data.registry import default_augment
 from ..data.transforms import InputSpec
 from ..energy import EnergyMeter, training_energy
 from ..errors import UserError
-from ..io.artifacts import atomic_folder, check_output
-from ..io.models import save_into
 from ..models import build
 from ..models.classifier import Classifier
+from ..models.folder import save_into
 from ..models.reference import trusting
 from ..models.registry import create
 from ..models.resume import read_state, resume_folder, stopped_at, write_state

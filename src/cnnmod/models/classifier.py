@@ -1,7 +1,7 @@
 """A trained classifier with what it needs to be used: input spec, class names, provenance.
 
 ``Classifier`` is an ``nn.Module`` whose ``forward`` takes normalised float input; ``prepare`` turns uint8
-images of any size and channel count into that input. :mod:`cnnmod.io.models` moves it to and from a model
+images of any size and channel count into that input. :mod:`cnnmod.models.folder` moves it to and from a model
 artifact folder; :func:`split_for` finds the data it was trained on.
 """
 

@@ -1,6 +1,6 @@
 """Resumable training: the state of the last finished epoch, kept beside the output folder while a model trains.
 
-``cnnmod train --out OUT`` writes, after every epoch, ``OUT.resume/``: an artifact folder (:mod:`cnnmod.io.artifacts`:
+``cnnmod train --out OUT`` writes, after every epoch, ``OUT.resume/``: an artifact folder (:mod:`cnnmod.artifacts`:
 written atomically, tensors in safetensors with their sha256, a card) of kind ``training-state`` holding everything
 the loop needs to go on as if it had never stopped: the weights, the optimizer's and the schedule's state, the best
 checkpoint so far, the history, and every random generator the loop draws from (the global one, and each process's
@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
+from ..artifacts import atomic_folder, read_artifact, read_config, write_into
 from ..errors import UserError
-from ..io.artifacts import atomic_folder, read_artifact, read_config, write_into
 
 KIND = "training-state"
 # settings that may differ between the run that stopped and the one that goes on: where the data lies

@@ -1,7 +1,5 @@
-"""The module contract (:class:`BinaryModule`) and its kinds: node-level (the paper's) and slim."""
+"""The module contract (:class:`BinaryModule`), the table of module kinds, and the batched runner over any kind."""
 
 from .base import BinaryModule, ClassRef
-from .masked import Module
-from .slim import SlimModule
 
-__all__ = ["BinaryModule", "ClassRef", "Module", "SlimModule"]
+__all__ = ["BinaryModule", "ClassRef"]

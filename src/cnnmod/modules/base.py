@@ -1,7 +1,7 @@
 """The module contract: what every binary "my class / not my class" classifier offers, whatever its kind.
 
-Two kinds implement it: the paper's node-level module (:class:`cnnmod.modules.masked.Module`: masks over its
-source model, ``granularity = "node"``) and the slim module (:class:`cnnmod.modules.slim.SlimModule`: a
+Two kinds implement it: the paper's node-level module (:class:`cnnmod.node.module.Module`: masks over its
+source model, ``granularity = "node"``) and the slim module (:class:`cnnmod.slim.module.SlimModule`: a
 physically smaller network, ``granularity = "channel"``). Composition, evaluation, cost, export and the
 artifact store use only what is declared here; ``granularity`` names the kind in the store's table
 (:mod:`cnnmod.io.store`).
@@ -169,3 +169,15 @@ class BinaryModule(Typical, nn.Module, ABC):
     def params(self) -> int:
         """Parameters it needs to run alone."""
         return self.shared_params() + self.own_params()
+
+    # ------------------------------------------------------------------ fitting and measures
+    @abstractmethod
+    def with_head(self, weight: torch.Tensor, bias: torch.Tensor, settings: dict) -> BinaryModule:
+        """A copy of this module with the two-way head ``weight`` (2, F) and ``bias`` (2,) and ``settings``
+        (its features, calibration and metrics as they are): how heads are refitted without knowing the kind."""
+
+    @classmethod
+    def pairwise_jaccard(cls, modules: Sequence[BinaryModule]) -> float | None:
+        """The mean Jaccard index over pairs of modules of one source model, for kinds that keep parts of a
+        shared model (None for the others)."""
+        return None

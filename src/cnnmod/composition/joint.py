@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from ..core.calibrate import _balanced_bce
+from ..core.calibrate import balanced_bce, model_log_odds
 from ..data.dataset import ImageSet
 from ..errors import UserError
 from ..models.classifier import Classifier
@@ -46,7 +46,6 @@ def fit_heads_jointly(modules: list[BinaryModule], source: Classifier, data: Ima
     """Refit, in place, the heads of ``modules`` (binary modules of ``source``, one per class, every class of it)
     on the inputs ``data.images[index]``; returns the fit's losses before and after. ``odds``: the source's
     log-odds on those inputs (N, K), when already computed."""
-    from .slim import model_log_odds  # noqa: PLC0415 -- slim imports this module
     classes = [m.concerned for m in modules]
     check_every_class(classes, source.num_classes)
     images = data.images[index]
@@ -63,7 +62,7 @@ def fit_heads_jointly(modules: list[BinaryModule], source: Classifier, data: Ima
 
     def losses() -> tuple[torch.Tensor, torch.Tensor]:
         margins = torch.stack([f @ w + b for f, w, b in zip(features, ws, bs, strict=True)], 1)
-        binary = sum(_balanced_bce(margins[:, k], mine[:, k], soft[:, k]) for k in range(len(modules)))
+        binary = sum(balanced_bce(margins[:, k], mine[:, k], soft[:, k]) for k in range(len(modules)))
         joint = -(target * torch.log_softmax(margins, 1)).sum(1).mean()
         return binary, joint
 

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import torch
 
+from ..artifacts import atomic_folder, read_artifact, write_into
 from ..data.transforms import InputSpec
 from ..errors import UserError
-from ..models import build
-from ..models.classifier import Classifier
-from ..models.reference import allows_code
-from ..models.registry import load_weights
-from .artifacts import atomic_folder, read_artifact, write_into
+from . import build
+from .classifier import Classifier
+from .reference import allows_code
+from .registry import load_weights
 
 
 def model_card(clf: Classifier) -> str:

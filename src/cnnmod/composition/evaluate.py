@@ -1,4 +1,4 @@
-"""Measuring a composition (any :class:`~cnnmod.compose.base.Composer`): against its source model on the same
+"""Measuring a composition (any :class:`~cnnmod.composition.base.Composer`): against its source model on the same
 test images, or on the union of its classes' test images, each from its own data set."""
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from ..core.calibrate import _balanced_bce, fit_head
+from ..core.calibrate import balanced_bce, fit_head
 from ..core.channels import (
     classifier_input,
     closed_channels,
@@ -31,10 +31,10 @@ from ..core.channels import (
 from ..core.observe import hooks
 from ..errors import UserError
 from ..models.classifier import Classifier
-from .reconstruct import INPUTS, refit_layers
+from .recovery import INPUTS, refit_layers
 
 if TYPE_CHECKING:
-    from .slim import SlimSettings
+    from .make import SlimSettings
 
 
 SCALE_RANGE = (0.05, 4.0)  # learned channel scales (SlimSettings.scale_epochs) stay in this range
@@ -91,7 +91,7 @@ class Pruner:
                  frozen: tuple | None = None, gates: list[torch.Tensor] | None = None,
                  bn_rows: int | None = None) -> None:
         self.source, self.s, self.batch_size = source, s, batch_size
-        self.graph, self.net, self.groups = frozen or frozen_copy(source)
+        self.graph, self.net, self.groups = frozen or frozen_copy(source.net, source.spec.shape)
         device = next(self.net.parameters()).device
         self.gates = gates or [torch.ones(g["channels"], device=device) for g in self.groups.groups]
         self.source_groups = self.groups  # the source network's groups: what removed() numbers channels by
@@ -134,7 +134,7 @@ class Pruner:
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor, soft: torch.Tensor | None) -> torch.Tensor:
         """The rows' class-balanced binary losses, summed."""
-        return sum(_balanced_bce(logits[:, k], targets[:, k], soft[:, k] if soft is not None else None)
+        return sum(balanced_bce(logits[:, k], targets[:, k], soft[:, k] if soft is not None else None)
                    for k in range(logits.shape[1]))
 
     def taylor(self) -> list[torch.Tensor]:
@@ -313,7 +313,7 @@ class Pruner:
 
     def kept_outputs(self) -> dict[str, torch.Tensor]:
         """Per layer of the source network that lost channels in the current network: the indices of its
-        outputs that stay (what :func:`~cnnmod.decompose.reconstruct.refit_layers` compares with the source's)."""
+        outputs that stay (what :func:`~cnnmod.slim.recovery.refit_layers` compares with the source's)."""
         return {layer: torch.nonzero(m).flatten() for layer, m in self._source_masks()["outputs"].items()}
 
     def head_columns(self) -> torch.Tensor:
@@ -349,8 +349,8 @@ class Pruner:
 
     def reconstruct(self, accuracy=None) -> None:
         """After the last step (``reconstruct``): the kept weights of every layer before the head refitted by least
-        squares so that its outputs match the source model's (:func:`cnnmod.decompose.reconstruct.refit_layers`,
-        on :data:`~cnnmod.decompose.reconstruct.INPUTS` of the step's inputs, spread evenly), then the head
+        squares so that its outputs match the source model's (:func:`cnnmod.slim.recovery.refit_layers`,
+        on :data:`~cnnmod.slim.recovery.INPUTS` of the step's inputs, spread evenly), then the head
         refitted (:meth:`refit`). When nothing is learned after it (``scale_epochs`` 0), BatchNorm keeps the model's
         statistics, as the refit computed every layer under them: re-estimated on the observed inputs instead, they
         normalise the refitted outputs unlike the model, and the ten modules of a quarter of the ResNet-20 lose 0.4

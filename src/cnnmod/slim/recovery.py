@@ -1,7 +1,7 @@
 """The kept weights of a cut network refitted by least squares to give the source model's own outputs back
 (``SlimSettings.reconstruct``; docs/method.md, "Slim modules"): the reconstruction step of post-training channel
 pruning (He et al. 2017; ThiNet), no loss, no label, no gradient step. :func:`refit_layers` is the one entry;
-:class:`~cnnmod.decompose.pruner.Pruner` calls it after its last step."""
+:class:`~cnnmod.slim.pruner.Pruner` calls it after its last step."""
 
 from __future__ import annotations
 

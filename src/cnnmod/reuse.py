@@ -9,17 +9,17 @@ from collections.abc import Sequence
 
 import torch
 
-from ..data import load
-from ..data.dataset import ImageSet
-from ..decompose.fitting import calibrate_modules, fitted_on, refit_heads
-from ..decompose.paper import relearn
-from ..decompose.slim import as_made, merge_slim
-from ..errors import UserError
-from ..models.classifier import Classifier, split_for
-from ..modules.base import BinaryModule
-from ..modules.slim import SlimModule
-from ..progress import progress_bar
-from .slim import FusedSlim
+from .composition.fitting import calibrate_modules, fitted_on, refit_heads
+from .data import load
+from .data.dataset import ImageSet
+from .errors import UserError
+from .models.classifier import Classifier, split_for
+from .modules.base import BinaryModule
+from .node.method import relearn
+from .progress import progress_bar
+from .slim.make import as_made, merge_slim
+from .slim.merged import FusedSlim
+from .slim.module import SlimModule
 
 
 def composition_sets(modules: Sequence[BinaryModule], data_root: str | None = None) -> dict[str, ImageSet]:
@@ -79,7 +79,7 @@ def _by_making(modules: Sequence, per_class) -> dict[tuple[int, int], list[int]]
 
 def refit_heads_on(modules: Sequence[BinaryModule], sets: dict[str, ImageSet],
                    batch_size: int = 256) -> list[BinaryModule]:
-    """Every module's head refitted (:func:`cnnmod.decompose.refit_heads`) on as many inputs per class of the
+    """Every module's head refitted (:func:`cnnmod.composition.fitting.refit_heads`) on as many inputs per class of the
     composition's classes as the module was observed on, in the same seeded order."""
     out = list(modules)
     observed = _by_making(modules, lambda m: int(m.settings.get("observed", m.settings.get("ci_samples", 1000))))

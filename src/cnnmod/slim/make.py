@@ -31,10 +31,11 @@ import time
 from dataclasses import asdict, dataclass, replace
 
 import torch
-from torch import nn
 
-from ..compose.slim import MergedSlim
+from ..composition.joint import check_every_class, fit_heads_jointly
+from ..core.calibrate import model_log_odds, source_log_odds
 from ..core.channels import frozen_copy
+from ..core.masking import binary_head
 from ..core.observe import class_order, tangling_budget
 from ..data.dataset import ImageSet
 from ..data.registry import split_spec
@@ -42,9 +43,8 @@ from ..data.torch_dataset import as_image_set
 from ..errors import UserError
 from ..models.classifier import Classifier
 from ..models.train import split_indices
-from ..modules.masked import binary_head
-from ..modules.slim import SlimModule
-from .joint import check_every_class, fit_heads_jointly
+from .merged import MergedSlim
+from .module import SlimModule
 from .pruner import IMPORTANCE, Pruner, prune_together
 
 COSTS = ("params", "flops", "both", "none")
@@ -244,7 +244,7 @@ def slim_modules(source: Classifier, data: ImageSet, classes: list[int], s: Slim
             seconds = (time.perf_counter() - started) / len(classes)  # each module's share
             teachers = {c: (torch.sigmoid(odds[torch.searchsorted(union, observed[c]), c:c + 1]), seconds)
                         for c in classes}
-    frozen = frozen_copy(source)  # graph, channel groups and their costs: one network's, whichever module's
+    frozen = frozen_copy(source.net, source.spec.shape)  # graph, channel groups and their costs: one network's, whichever module's
     if s.budget == "total" and len(classes) > 1:
         makings = [_Making(source, data, c, s, batch_size, teachers.get(c), frozen) for c in classes]
         started = time.perf_counter()
@@ -282,7 +282,7 @@ def check_joint(s: SlimSettings, classes: list[int], num_classes: int) -> None:
 def refit_heads_together(modules: list[SlimModule], source: Classifier, data: ImageSet, s: SlimSettings,
                          batch_size: int = 256, known: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict:
     """The heads of ``modules`` (one of every class of ``source``) refitted together with weight ``s.joint_heads``
-    on their composition's cross-entropy (:func:`cnnmod.decompose.joint.fit_heads_jointly`), on half as many
+    on their composition's cross-entropy (:func:`cnnmod.composition.joint.fit_heads_jointly`), on half as many
     observed inputs of every class as a module observes of its own (:class:`Pools`: never a validation image).
     ``known``: the source's log-odds already computed on inputs of ``data`` (sorted indices, (N, K) odds), as
     :func:`slim_modules` has them; those inputs are then not run through the source again."""
@@ -305,7 +305,7 @@ class _Making:
         self.source, self.concerned, self.s = source, concerned, s
         self.started = time.perf_counter() - (teacher[1] if teacher is not None else 0.0)
         if frozen is None:
-            frozen = frozen_copy(source)
+            frozen = frozen_copy(source.net, source.spec.shape)
         else:
             frozen = (frozen[0], copy.deepcopy(frozen[1]), frozen[2])
         self.graph, self.net, _ = frozen
@@ -368,34 +368,6 @@ def slim_module(source: Classifier, data: ImageSet, concerned: int, s: SlimSetti
     return making.module(history, keep_reference)
 
 
-def source_log_odds(net: nn.Module, x: torch.Tensor, batch_size: int = 256,
-                    classes: list[int] | None = None) -> torch.Tensor:
-    """(N, K): for every input and class c, the network's log-odds of c against all other classes
-    (z_c - logsumexp of the others): sigmoid of it is the network's p_c. With ``classes``, among those only
-    (columns in their order): the model restricted to them."""
-    with torch.no_grad():
-        z = torch.cat([net(x[i:i + batch_size]) for i in range(0, x.shape[0], batch_size)]).double()
-    if classes is not None:
-        z = z[:, classes]
-    eye = torch.eye(z.shape[1], dtype=torch.bool, device=z.device)
-    rest = torch.logsumexp(z.unsqueeze(1).masked_fill(eye, float("-inf")), 2)
-    return (z - rest).float()
-
-
-def model_log_odds(source: Classifier, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """(N, K) on the CPU: :func:`source_log_odds` of ``source``'s network (in eval mode for the pass) on uint8
-    ``images``, prepared and run in batches on the network's device."""
-    net = source.net
-    device = next(net.parameters()).device
-    training = net.training
-    net.eval()
-    try:
-        return torch.cat([source_log_odds(net, source.prepare(images[i:i + batch_size].to(device)), batch_size).cpu()
-                          for i in range(0, images.shape[0], batch_size)])
-    finally:
-        net.train(training)
-
-
 def as_made(modules: list[SlimModule], **overrides) -> SlimSettings:
     """Settings to merge slim modules as they were made: as many observed inputs, the same seed and objective;
     ``overrides`` (the fields of :meth:`cnnmod.jobs.compose.ComposeSettings.pruning`) shape the merged network's
@@ -416,7 +388,7 @@ def merge_slim(modules: list[SlimModule], source: Classifier, data: ImageSet, se
     parameters; with ``max_loss``, until the next step would put its top-1 among its classes more than that many
     points under the model's restricted to them, on ``held_per_class`` held-out inputs of each class
     (:class:`Pools`; ``size`` is then a floor). ``foreign``: for a fused composition
-    (:class:`cnnmod.compose.slim.FusedSlim`), the training images of the classes it takes from other models (one
+    (:class:`cnnmod.slim.merged.FusedSlim`), the training images of the classes it takes from other models (one
     set per data set, restricted to those classes): ``samples`` of each of their classes are observed too, as
     inputs of none of this network's classes, so that its scores stay low on them (BatchNorm statistics still
     come from its own classes' inputs). The backbone is not trained."""
@@ -430,7 +402,7 @@ def merge_slim(modules: list[SlimModule], source: Classifier, data: ImageSet, se
                                                 settings.objective)
     s = replace(settings.resolved(1.0), **MERGED_STEPS)
     s.check()
-    frozen = frozen_copy(source)
+    frozen = frozen_copy(source.net, source.spec.shape)
     graph, net, groups = frozen
     device = next(net.parameters()).device
     gates = []

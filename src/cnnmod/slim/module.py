@@ -1,19 +1,20 @@
 """The slim module: a physically smaller network for one class, cut from its source model without retraining.
 
-It loads and runs without its source model (:mod:`cnnmod.decompose.slim` makes it).
+It loads and runs without its source model (:mod:`cnnmod.slim.make` makes it).
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from ..core.graph import Head, ModelGraph
+from ..core.masking import masked_features
 from ..data.transforms import InputSpec
-from .base import BinaryModule
-from .masked import masked_features
+from ..modules.base import BinaryModule
 
 
 class SlimModule(BinaryModule):
@@ -88,7 +89,7 @@ class SlimModule(BinaryModule):
     def batched_features(cls, modules: Sequence[SlimModule], x: torch.Tensor, union: bool,
                          pooled: list | None = None) -> torch.Tensor:
         """Its own network's head input (1, B, F); ``pooled`` receives every observation point's output of it,
-        averaged over positions, (1, B, channels) (as :func:`cnnmod.modules.masked.masked_features`)."""
+        averaged over positions, (1, B, channels) (as :func:`cnnmod.node.module.masked_features`)."""
         (m,) = modules  # each slim module is its own source
         masks = {p.name: torch.ones(1, *p.shape, dtype=torch.bool, device=x.device) for p in m.points}
         return masked_features(m.net, m.points, Head(m.classifier_name, None), masks, x, pooled)
@@ -97,6 +98,15 @@ class SlimModule(BinaryModule):
     def batched_logits(cls, modules: Sequence[SlimModule], x: torch.Tensor, union: bool) -> torch.Tensor:
         (m,) = modules
         return m(x).unsqueeze(0)
+
+    def with_head(self, weight: torch.Tensor, bias: torch.Tensor, settings: dict) -> SlimModule:
+        net = copy.deepcopy(self.net)
+        layer = net.get_submodule(self.classifier_name)
+        with torch.no_grad():
+            layer.weight.copy_(weight.to(layer.weight))
+            layer.bias.copy_(bias.to(layer.bias))
+        return SlimModule(net, self.classifier_name, self.spec, self.class_name, self.concerned, self.source_info,
+                          self.removed, settings, self.metrics, self.calibration, self.typical).eval()
 
     def kept_fraction(self) -> float:
         """The share of the source model's parameters this module keeps."""

@@ -17,7 +17,6 @@ from ..core.calibrate import MODES as CALIBRATIONS
 from ..core.calibrate import gated_score, score
 from ..errors import UserError
 from ..modules.base import BinaryModule, ClassRef
-from ..modules.masked import pairwise_jaccard
 from .base import Composer
 
 
@@ -142,9 +141,10 @@ class Composition(Composer):
         return [(id(m), Composition([m], calibration=self.calibration)) for m in self.parts]
 
     def pairwise_jaccard(self) -> float | None:
-        if any(m.granularity != "node" for m in self.parts) or len({m.source_key for m in self.parts}) > 1:
+        kinds = {type(m) for m in self.parts}
+        if len(kinds) > 1 or len({m.source_key for m in self.parts}) > 1:
             return None
-        return pairwise_jaccard(self.modules_list)
+        return kinds.pop().pairwise_jaccard(self.modules_list)
 
     # ---------------------------------------------------------------- batched passes, per source model
     def group_logits(self, group: list[int], images: torch.Tensor) -> torch.Tensor:
@@ -154,7 +154,7 @@ class Composition(Composer):
 
     def group_features(self, group: list[int], images: torch.Tensor, pooled: list | None = None) -> torch.Tensor:
         """What the heads of one source model's modules see: (K, B, F), in one batched pass (``pooled``: see
-        :func:`cnnmod.modules.masked.masked_features`)."""
+        :func:`cnnmod.node.module.masked_features`)."""
         parts = [self.parts[i] for i in group]
         return type(parts[0]).batched_features(parts, parts[0].prepare(images), self.mode != "vote", pooled)
 

@@ -8,11 +8,11 @@ from itertools import chain
 
 import torch
 
-from ..compose.voting import Composition
 from ..core.calibrate import fit, fit_head, fit_typical, margin
 from ..core.observe import class_order
 from ..data.dataset import ImageSet
-from ..modules.masked import Module
+from ..modules.base import BinaryModule
+from .voting import Composition
 
 
 def calibration_set(data: ImageSet, per_class: int, seed: int) -> ImageSet:
@@ -93,8 +93,8 @@ def observation_set(data: ImageSet, per_class: int, seed: int) -> ImageSet:
     return data.take(torch.cat([idx[:per_class] for idx in order]))
 
 
-def refit_heads(modules: list[Module], sets: dict[str, ImageSet], per_class: int, seed: int,
-                batch_size: int = 256, l2: float = 1e-4) -> list[Module]:
+def refit_heads(modules: list[BinaryModule], sets: dict[str, ImageSet], per_class: int, seed: int,
+                batch_size: int = 256, l2: float = 1e-4) -> list[BinaryModule]:
     """Beyond the paper: each module's two-way head refitted on the composition's own classes, from every data
     set in it (``sets`` as for :func:`calibrate_modules`; the first ``per_class`` inputs of each class in the
     observation order, disjoint from the calibration inputs). A monotone recalibration cannot stop a module from
@@ -111,9 +111,7 @@ def refit_heads(modules: list[Module], sets: dict[str, ImageSet], per_class: int
         head_w = torch.stack([w0[1] + w, w0[1]])
         head_b = torch.stack([b0[1] + b, b0[1]])
         settings = {**m.settings, "head_refit": {"fitted_on": classes, "per_class": per_class, "l2": l2}}
-        refit = Module(m.source, m.graph, m.concerned, {k: v.cpu() for k, v in m.masks.items()}, head_w, head_b,
-                       settings, dict(m.metrics), m.calibration, m.typical)
-        out.append(refit.to(m.head_weight.device))
+        out.append(m.with_head(head_w, head_b, settings))
     return out
 
 

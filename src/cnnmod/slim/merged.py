@@ -1,14 +1,14 @@
 """Slim compositions: slim modules of one model merged into one network (:class:`MergedSlim`), and merged
-networks of several models side by side (:class:`FusedSlim`). :mod:`cnnmod.decompose.slim` makes them."""
+networks of several models side by side (:class:`FusedSlim`). :mod:`cnnmod.slim.make` makes them."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from ..composition.base import Composer
 from ..data.transforms import InputSpec, to_input
 from ..modules.base import ClassRef, base_dataset
-from .base import Composer
 
 
 class MergedSlim(Composer):

@@ -1,7 +1,7 @@
 """Small instances of the architecture families users bring, written here in the shape of the public model
 libraries' versions (CIFAR model zoos, torchvision), so that every capability is tested and benchmarked on
 every family (docs/coverage.md). They are ordinary user code as far as cnnmod is concerned: reach them by
-reference, ``--arch cnnmod.models.families:densenet``, or through :data:`FAMILIES`.
+reference, ``--arch families:densenet``, or through :data:`FAMILIES`.
 
 Every factory takes ``in_channels``, ``num_classes`` and ``width`` (the first stage's channels) and returns a
 plain ``nn.Module`` whose forward returns (N, num_classes) logits.

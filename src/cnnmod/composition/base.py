@@ -1,8 +1,8 @@
 """The composition contract: uint8 images in, one score p_c per class out, whatever runs inside.
 
-Three kinds implement it: :class:`cnnmod.compose.voting.Composition` (the paper's voting over modules, and
-``mode="merged"`` for node-level modules of one model), :class:`cnnmod.compose.slim.MergedSlim` (slim modules
-of one model as one network) and :class:`cnnmod.compose.slim.FusedSlim` (merged slim networks of several
+Three kinds implement it: :class:`cnnmod.composition.voting.Composition` (the paper's voting over modules, and
+``mode="merged"`` for node-level modules of one model), :class:`cnnmod.slim.merged.MergedSlim` (slim modules
+of one model as one network) and :class:`cnnmod.slim.merged.FusedSlim` (merged slim networks of several
 models side by side). Evaluation, cost, export and the study take any :class:`Composer`.
 """
 

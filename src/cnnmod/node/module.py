@@ -14,50 +14,13 @@ import math
 from collections.abc import Sequence
 
 import torch
-from torch import nn
 
 from ..core.bits import or_rows, pack_bits, unpack_bits
 from ..core.graph import Head, ModelGraph, ObservationPoint
-from ..core.observe import hooks
+from ..core.masking import masked_features
 from ..data.transforms import InputSpec
 from ..models.classifier import Classifier
-from .base import BinaryModule
-
-
-def masked_features(net: nn.Module, points: Sequence[ObservationPoint], head: Head,
-                    masks: dict[str, torch.Tensor], x: torch.Tensor, pooled: list | None = None) -> torch.Tensor:
-    """Run ``net`` once per mask set, batched: masks (K, *shape) per point; returns head inputs (K, B, F).
-
-    A list given as ``pooled`` receives every point's masked output, averaged over its spatial positions:
-    (K, B, channels), in point order (what :mod:`cnnmod.calibrate`'s in-distribution test measures)."""
-    k = next(iter(masks.values())).shape[0]
-    b = x.shape[0]
-    xk = x.repeat(k, *([1] * (x.dim() - 1))) if k > 1 else x
-    def apply(p: ObservationPoint, out: torch.Tensor) -> torch.Tensor:
-        m = masks[p.name]
-        kept = out.reshape(k, b, *p.shape) * m.unsqueeze(1).to(out.dtype)
-        if pooled is not None:
-            pooled.append(kept.reshape(k, b, p.shape[0], -1).mean(-1))
-        return kept.reshape(k * b, *p.shape)
-
-    with head.capture(net) as captured, hooks(net, points, apply):
-        net(xk)
-    return captured["features"].reshape(k, b, -1)
-
-
-def binary_head(weight: torch.Tensor, bias: torch.Tensor, concerned: int, scratch: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The paper's binary head (docs/method.md, "Channeling"): rows [class c, mean of the other rows] and
-    biases likewise; (2, F) and (2,). ``scratch`` (n - 1, F), when given, receives the other rows, so that a
-    loop over 1,000 classes does not allocate (and fragment) a 1,000-row copy per class; the result is the
-    same to the bit."""
-    weight, bias = weight.detach(), bias.detach()
-    others = torch.tensor([i for i in range(weight.shape[0]) if i != concerned], dtype=torch.long,
-                          device=weight.device)
-    rows = torch.index_select(weight, 0, others, out=scratch) if scratch is not None else weight[others]
-    w = torch.stack([weight[concerned], rows.mean(0)])
-    b = torch.stack([bias[concerned], bias[others].mean(0)])
-    return w, b
+from ..modules.base import BinaryModule
 
 
 class Module(BinaryModule):
@@ -173,6 +136,18 @@ class Module(BinaryModule):
     def own_params(self) -> int:
         return self.head_weight.numel() + self.head_bias.numel()
 
+    @classmethod
+    def pairwise_jaccard(cls, modules: Sequence[Module]) -> float | None:
+        """Mean Jaccard index over all pairs of modules of one source model (None with fewer than two)."""
+        flats = [m.flat_mask() for m in modules]
+        values = [jaccard(flats[i], flats[j]) for i in range(len(flats)) for j in range(i + 1, len(flats))]
+        return sum(values) / len(values) if values else None
+
+    def with_head(self, weight: torch.Tensor, bias: torch.Tensor, settings: dict) -> Module:
+        copy = Module(self.source, self.graph, self.concerned, {k: v.cpu() for k, v in self.masks.items()}, weight,
+                      bias, settings, dict(self.metrics), self.calibration, self.typical)
+        return copy.to(self.head_weight.device)
+
     def flat_mask(self) -> torch.Tensor:
         return torch.cat([self.mask(i).reshape(-1).cpu() for i in range(len(self.point_names))])
 
@@ -210,6 +185,4 @@ def jaccard(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def pairwise_jaccard(modules: Sequence[Module]) -> float | None:
     """Mean Jaccard index over all pairs of modules of one source model (None with fewer than two)."""
-    flats = [m.flat_mask() for m in modules]
-    values = [jaccard(flats[i], flats[j]) for i in range(len(flats)) for j in range(i + 1, len(flats))]
-    return sum(values) / len(values) if values else None
+    return Module.pairwise_jaccard(modules)

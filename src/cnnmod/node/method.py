@@ -15,16 +15,17 @@ from dataclasses import asdict, dataclass, replace
 import torch
 from torch import nn
 
+from ..composition.fitting import calibrate_decomposition
 from ..core.graph import ModelGraph
+from ..core.masking import binary_head
 from ..core.observe import ActivationStats, observe, tangling_budget
 from ..data.dataset import ImageSet
 from ..data.registry import split_spec
 from ..data.torch_dataset import as_image_set
 from ..errors import UserError
 from ..models.classifier import Classifier, check_class_names, wrap
-from ..modules.masked import Module, binary_head
 from ..runtime import Distributed
-from .fitting import calibrate_decomposition
+from .module import Module
 
 VARIANTS = ("mc", "mc-bln", "mc-bi")
 CONDITIONS = ("pseudocode", "prose")

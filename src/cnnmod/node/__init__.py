@@ -1,0 +1,6 @@
+"""The paper's module kind: masks over the source model's nodes (CI, TI, MC, MC-BLN, MC-BI) and a two-way head."""
+
+from .method import DecomposeSettings, decompose
+from .module import Module
+
+__all__ = ["DecomposeSettings", "Module", "decompose"]
