@@ -33,7 +33,7 @@ from cnnmod.data import load  # noqa: E402
 from cnnmod.io.export import export_onnx  # noqa: E402
 from cnnmod.jobs.train import train  # noqa: E402
 from cnnmod.models.train import TrainSettings  # noqa: E402
-from cnnmod.slim.make import SlimSettings, merge_slim, slim_modules  # noqa: E402
+from cnnmod.slim import SlimSettings, merge_slim, slim_modules  # noqa: E402
 
 CAPABILITIES = ["model", "mc", "mc-bln", "mc-bi", "slim", "merged", "save+reload", "onnx"]
 

@@ -23,8 +23,9 @@ from torch import nn
 
 from cnnmod.data import load
 from cnnmod.models.folder import load_model
-from cnnmod.slim import pruner as pruner_module
-from cnnmod.slim.make import SlimSettings, slim_modules
+from cnnmod.slim import ModuleMaker, SlimSettings
+from cnnmod.slim.importance import Fisher
+from cnnmod.slim.recovery import Scales
 
 LAYOUTS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 
@@ -41,21 +42,12 @@ def least(f, repeats: int) -> float:
 
 def quarter_pruner(clf, train, concerned: int):
     """The pruner of one slim module of ``concerned`` cut to a quarter of the parameters (Fisher, its own budget,
-    the refit), as the library leaves it after its last step."""
-    kept = {}
-    finish = pruner_module.Pruner.finish
-
-    def keep(self, *args, **kwargs):
-        kept["pruner"] = self
-        return finish(self, *args, **kwargs)
-
-    pruner_module.Pruner.finish = keep
-    try:
-        slim_modules(clf, train, [concerned], SlimSettings(size=0.25, rule="fisher", budget="module", step=0.5,
-                                                            step_samples=256, samples=1024, reconstruct=True))
-    finally:
-        pruner_module.Pruner.finish = finish
-    return kept["pruner"]
+    the refit), as the library leaves it after its last step and recoveries."""
+    s = SlimSettings(size=0.25, rule="fisher", budget="module", step=0.5, step_samples=256, samples=1024,
+                     reconstruct=True)
+    maker = ModuleMaker(clf, train, concerned, s)
+    maker.prune()
+    return maker.pruner
 
 
 def main(argv: list[str]) -> None:
@@ -92,8 +84,8 @@ def main(argv: list[str]) -> None:
     x_last = [False]  # whether the training step's inputs are in channels_last
     passes = {"the model's training step (4 x 256 images)": training_steps,
               "a quarter module: one epoch of scales and BatchNorm's affine over its observed inputs":
-                  lambda: p.learn_gates(1, penalise=False, step=False, affine=True),
-              "a quarter module: Fisher's per-input gate gradients on a step's inputs": p.fisher,
+                  lambda: Scales(1, bn=True).learn(p),
+              "a quarter module: Fisher's per-input gate gradients on a step's inputs": lambda: Fisher()(p),
               "a quarter module: features of all its observed inputs": lambda: p.features_of(p.x_obs)}
     x_last = [False]
     seconds: dict[str, dict[str, list[float]]] = {k: {n: [] for n in LAYOUTS} for k in passes}

@@ -36,11 +36,11 @@ from cnnmod.composition.evaluate import evaluate_against_model
 from cnnmod.composition.voting import compose
 from cnnmod.core.cost import cost_report
 from cnnmod.data import load
-from cnnmod.io.store import load_merged_slim, save_merged_slim
 from cnnmod.models.folder import load_model
 from cnnmod.node.method import DecomposeSettings, decompose
 from cnnmod.runtime import pick_device
-from cnnmod.slim.make import SlimSettings, merge_slim, slim_modules
+from cnnmod.slim import SlimSettings, merge_slim, slim_modules
+from cnnmod.slim.artifact import load_merged_slim, save_merged_slim
 
 
 def main(argv: list[str]) -> None:

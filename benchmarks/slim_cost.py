@@ -4,12 +4,10 @@ at a quarter of the model), built from library calls.
     python benchmarks/slim_cost.py runs/bench/resnet20-bn --sizes 0.75,0.5,0.35,0.25,0.15
     python benchmarks/slim_cost.py runs/bench/resnet20-bn --sizes 0.5 --configs old:step_samples=none,new
     python benchmarks/slim_cost.py runs/bench/resnet20-bn --profile --configs old:step_samples=none,new
-    python benchmarks/slim_cost.py runs/bench/resnet20-bn --sizes 0.25 --configs "best:rule=gates;..." --joint-heads 3
+    python benchmarks/slim_cost.py runs/bench/resnet20-bn --sizes 0.25 --configs "best:rule=fisher;..." --joint-heads 3
 
-For every configuration (``NAME[:KEY=VALUE;KEY=VALUE]``, ``SlimSettings`` fields; ``none`` for None; and
-``narrow=false``: the pruner's passes on the full network with closed channels gated, as before it narrowed the
-network after every step, ``Pruner.NARROWS``; ``one_pass=false``: BatchNorm re-estimated and the head's features
-taken in two passes, as before one pass did both, ``Pruner.ONE_PASS``) and size:
+For every configuration (``NAME[:KEY=VALUE;KEY=VALUE]``, ``SlimSettings`` fields; ``none`` for None; ``rule`` may
+name an importance a benchmark registers, such as ``activation`` from importances.py) and size:
 the slim modules of every class, made one after the other in this process, timed; their mean share of the
 model's parameters; the voting composition of all of them against the model on the whole test set; and the
 seconds for the modules over the seconds the model's training took (recorded in its config.json, on this
@@ -31,6 +29,7 @@ import time
 from dataclasses import fields, replace
 from pathlib import Path
 
+import importances  # noqa: F401 -- registers the baselines' importances
 import torch
 from common import record
 
@@ -40,31 +39,25 @@ from cnnmod.data import load
 from cnnmod.jobs.train import train
 from cnnmod.models.folder import load_model
 from cnnmod.models.train import TrainSettings
-from cnnmod.slim.make import SlimSettings, refit_heads_together, slim_modules
-from cnnmod.slim.pruner import Pruner
+from cnnmod.slim import SlimSettings
+from cnnmod.slim.make import refit_heads_together, slim_modules
 
 # where a module's time goes: (label, function name as cProfile reports it, file it lives in); cumulative times,
 # so a part that calls another counts it too
-PARTS = [("importance (Taylor: forward + backward)", "taylor", "pruner.py"),
-         ("importance (Fisher: forward + backward, a gate per input)", "fisher", "pruner.py"),
-         ("learned gates and scales (both learn_gates)", "learn_gates", "pruner.py"),
-         ("the scales after the last step, their refit with them (learn_scales)", "learn_scales", "pruner.py"),
-         ("the kept weights refitted by least squares, with the refresh after (reconstruct)", "reconstruct",
-          "pruner.py"),
+PARTS = [("importance (Taylor or Fisher: forward + backward)", "gate_gradients", "importance.py"),
+         ("learning the scales after the last step (Scales.learn)", "learn", "recovery.py"),
+         ("the kept weights refitted by least squares (refit_layers)", "refit_layers", "refit.py"),
          ("BatchNorm re-estimation", "reestimate_bn", "channels.py"),
          ("head refits (features + fit)", "refit", "pruner.py"),
-         ("the source's probabilities", "source_log_odds", "slim.py"),
+         ("the source's probabilities", "source_log_odds", "calibrate.py"),
          ("slicing and checking", "sliced", "pruner.py"),
          ("copying the network, groups, costs", "frozen_copy", "channels.py"),
          ("narrowing the network to its open channels", "narrow", "pruner.py")]
 
 
-SWITCHES = ("narrow", "one_pass")  # configuration keys that set Pruner's class switches, not SlimSettings
-
-
 def parse_config(text: str) -> tuple[str, dict]:
     name, _, rest = text.partition(":")
-    kinds = {f.name: f.type for f in fields(SlimSettings)} | {k: "bool" for k in SWITCHES}
+    kinds = {f.name: f.type for f in fields(SlimSettings)}
     overrides = {}
     for item in filter(None, rest.split(";")):
         key, _, value = item.partition("=")
@@ -151,8 +144,7 @@ def main(argv: list[str]) -> None:
     rows = []
     for size in (float(v) for v in args.sizes.split(",")):
         for name, overrides in configs:
-            Pruner.NARROWS, Pruner.ONE_PASS = overrides.get("narrow", True), overrides.get("one_pass", True)
-            s = replace(SlimSettings(size=size), **{k: v for k, v in overrides.items() if k not in SWITCHES})
+            s = replace(SlimSettings(size=size), **overrides)
             if args.profile:
                 row = {"config": name, "size": size, **overrides, **profile_one(clf, train, s)}
                 print(row, flush=True)

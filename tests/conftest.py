@@ -198,3 +198,17 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def slim_with_reference(clf: Classifier, data: ImageSet, concerned: int, s) -> tuple:
+    """A slim module made as ``slim_module`` makes it, and the gated network it was cut from, as the pruner holds
+    it after its last step: (module, (net, graph, groups, gates, head_weight, head_bias))."""
+    from cnnmod.slim import ModuleMaker
+    from cnnmod.slim.config import MODULE_SIZE
+
+    s = s.resolved(MODULE_SIZE)
+    s.check()
+    maker = ModuleMaker(clf, data, concerned, s)
+    module = maker.module(maker.prune())
+    p = maker.pruner
+    return module, (p.net, p.graph, p.groups, [g.clone() for g in p.gates], *p.head(True))

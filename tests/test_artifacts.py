@@ -12,10 +12,10 @@ import torch
 from cnnmod.artifacts import atomic_folder
 from cnnmod.data.transforms import InputSpec
 from cnnmod.errors import UserError
-from cnnmod.io.store import pack_mask, unpack_mask
 from cnnmod.models import build
 from cnnmod.models.classifier import Classifier
 from cnnmod.models.folder import load_model, save_model
+from cnnmod.node.artifact import pack_mask, unpack_mask
 
 
 def _classifier(seed: int = 0) -> Classifier:

@@ -14,9 +14,11 @@ import cnnmod
 from cnnmod.composition.base import Composer, vote
 from cnnmod.composition.evaluate import evaluate_against_model
 from cnnmod.core.cost import cost_report
-from cnnmod.io.store import MODULE_KINDS, load_composer, load_merged_slim, save_merged_slim
+from cnnmod.io.store import load_composer
 from cnnmod.modules.base import BinaryModule, ClassRef
-from cnnmod.slim.make import SlimSettings, merge_slim, slim_module
+from cnnmod.modules.kinds import MODULE_KINDS
+from cnnmod.slim import SlimSettings, merge_slim, slim_module
+from cnnmod.slim.artifact import load_merged_slim, save_merged_slim
 from cnnmod.slim.merged import FusedSlim
 
 IMAGES = torch.randint(0, 256, (6, 1, 12, 12), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))

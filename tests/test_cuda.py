@@ -9,16 +9,16 @@ import json
 
 import pytest
 import torch
-from conftest import random_data, run, source, stopped_training
+from conftest import random_data, run, slim_with_reference, source, stopped_training
 
 import cnnmod
 from cnnmod.core.channels import classifier_input, gated
 from cnnmod.core.cost import cost_report
-from cnnmod.io.store import load_merged_slim, save_merged_slim
 from cnnmod.jobs.train import train
 from cnnmod.models.train import TrainSettings
 from cnnmod.node.method import DecomposeSettings, decompose
-from cnnmod.slim.make import SlimSettings, merge_slim, slim_module
+from cnnmod.slim import SlimSettings, merge_slim, slim_module
+from cnnmod.slim.artifact import load_merged_slim, save_merged_slim
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -52,12 +52,12 @@ def test_node_modules_made_on_cuda_match_the_cpu_ones():
 
 def test_slim_module_made_on_cuda_is_its_gated_network_and_moves_to_cpu():
     clf, data = source("resnet20").to("cuda"), random_data(per_class=20)
-    m = slim_module(clf, data, 1, SlimSettings(size=0.4, samples=40, step=0.2, max_loss=5.0), keep_reference=True)
+    m, (net, graph, groups, gates, hw, hb) = slim_with_reference(
+        clf, data, 1, SlimSettings(size=0.4, samples=40, step=0.2, max_loss=5.0))
     assert next(m.parameters()).is_cuda
     # pruned until 0.4 of the parameters, or until the next step would lose more than 5 points on held-out data
     assert m.metrics["params_fraction"] <= 0.4 or len(m.metrics["history"]) > 1
     assert m.metrics["held_out_binary_accuracy_start"] - m.metrics["held_out_binary_accuracy"] <= 5.0
-    net, graph, groups, gates, hw, hb = m.gated_reference
     x = torch.randn(9, 1, 12, 12, device="cuda")
     with torch.no_grad(), gated(net, graph, groups, gates):
         features = classifier_input(net, graph.head, lambda: net(x))

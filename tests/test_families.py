@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import random_data
+from conftest import random_data, slim_with_reference
 from families import FAMILIES, RELU_FAMILIES
 from torch import nn
 
@@ -24,7 +24,7 @@ from cnnmod.models.train import TrainSettings
 from cnnmod.node import DecomposeSettings, decompose
 from cnnmod.node.method import marked_features
 from cnnmod.node.module import Module
-from cnnmod.slim.make import SlimSettings, slim_module
+from cnnmod.slim import SlimSettings, slim_module
 
 SHAPE = (1, 16, 16)
 GATED = {"se_resnet", "attention_resnet", "ghostnet"}  # a gate reads the nodes MC-BI may switch off (by design)
@@ -129,10 +129,9 @@ def test_slim_modules_on_every_family_compute_what_the_gated_model_computes(name
         with pytest.raises(UserError, match=r"--size 0.6 is out of reach .* the smallest it reaches is 0\.7\d+"):
             slim_module(clf, random_data(SHAPE, 4, 10), 1, SlimSettings(size=size, samples=10, step=0.25))
         size = 0.78
-    m = slim_module(clf, random_data(SHAPE, 4, 10), 1, SlimSettings(size=size, samples=10, step=0.25),
-                    keep_reference=True)
+    m, (net, graph, groups, gates, hw, hb) = slim_with_reference(
+        clf, random_data(SHAPE, 4, 10), 1, SlimSettings(size=size, samples=10, step=0.25))
     assert m.params() < 0.8 * clf.params()
-    net, graph, groups, gates, hw, hb = m.gated_reference
     x = torch.randn(5, *SHAPE)
     with torch.no_grad(), gated(net, graph, groups, gates):
         expected = classifier_input(net, graph.head, lambda: net(x)) @ hw.T + hb

@@ -11,7 +11,7 @@ import torch
 from conftest import assert_user_error, run, train_small_cnn
 
 import cnnmod
-from cnnmod.io.store import pack_mask, unpack_mask
+from cnnmod.node.artifact import pack_mask, unpack_mask
 
 
 @pytest.fixture

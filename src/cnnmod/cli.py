@@ -238,10 +238,8 @@ def decompose_cmd(
                                "(default 0.5; with --max-loss, a floor)."),
     max_loss: float = typer.Option(None, "--max-loss", help="Slim modules: the smallest module losing at most this "
                                    "many pp of binary accuracy on the model's validation images."),
-    rule: str = typer.Option("taylor", "--rule", help="Slim modules: channel importance, taylor, fisher (each "
-                             "input's gradient, squared), gates (learned for the module first) or activation."),
-    gate_epochs: int = typer.Option(10, "--gate-epochs", help="Slim modules, --rule gates: epochs of gate "
-                                    "learning over a step's inputs."),
+    rule: str = typer.Option("taylor", "--rule", help="Slim modules: channel importance, taylor or fisher (each "
+                             "input's gradient, squared)."),
     scale_epochs: int = typer.Option(0, "--scale-epochs", help="Slim modules: after the last pruning step, learn a "
                                      "scale per kept channel (backbone frozen, folded into the weights) for this "
                                      "many epochs over the observed inputs (0: none)."),
@@ -256,8 +254,7 @@ def decompose_cmd(
                                       "composition's cross-entropy (0: each head alone)."),
     slim_samples: int = typer.Option(2048, "--slim-samples", help="Slim modules: concerned inputs observed."),
     slim_cost: str = typer.Option("params", "--slim-cost", help="Slim modules: rank channels by importance per "
-                                  "parameter (params), per FLOP (flops), per their share of both (both), or within "
-                                  "each layer (none)."),
+                                  "parameter (params) or per FLOP (flops)."),
     slim_multiple: int = typer.Option(1, "--slim-multiple", help="Slim modules: keep every layer's channel count a "
                                       "multiple of this when above it (8 suits CPU convolutions)."),
     slim_budget: str = typer.Option("module", "--slim-budget", help="Slim modules: module (each holds at most "
@@ -283,7 +280,7 @@ def decompose_cmd(
     from .jobs.common import Run
     from .jobs.decompose import decompose_dir
     from .node.method import DecomposeSettings
-    from .slim.make import SlimSettings
+    from .slim.config import SlimSettings
 
     settings = DecomposeSettings(variant=variant, delta=delta, condition=condition, ci_samples=ci_samples,
                                  correct_only=correct_only, tau=tau, seed=seed, exact_only=exact_only,
@@ -295,7 +292,7 @@ def decompose_cmd(
     if granularity == "channel":
         fields = {"size": size, "max_loss": max_loss, "rule": rule, "samples": slim_samples, "cost": slim_cost,
                   "multiple": slim_multiple, "step_samples": slim_step_samples or None, "budget": slim_budget,
-                  "gate_epochs": gate_epochs, "step": slim_step, "scale_epochs": scale_epochs, "scale_bn": scale_bn,
+                  "step": slim_step, "scale_epochs": scale_epochs, "scale_bn": scale_bn,
                   "joint_heads": joint_heads, "reconstruct": reconstruct}
         options = {"samples": "slim_samples", "cost": "slim_cost", "multiple": "slim_multiple",
                    "step_samples": "slim_step_samples", "budget": "slim_budget", "step": "slim_step"}
@@ -352,8 +349,8 @@ def compose_cmd(
                              "modules as one network, one pass) or fused (one merged pass per source model)."),
     size: float = typer.Option(None, "--size", help="Merged slim compositions: prune the merged network further, "
                                "for the composition's own classes, to this fraction of the model's parameters."),
-    slim_cost: str = typer.Option(None, "--slim-cost", help="With --size: rank channels per parameter, flops, "
-                                  "both or none (as for decompose; default params)."),
+    slim_cost: str = typer.Option(None, "--slim-cost", help="With --size: rank channels per parameter or per FLOP, "
+                                  "params or flops (as for decompose; default params)."),
     slim_multiple: int = typer.Option(1, "--slim-multiple", help="With --size: keep channel counts a multiple of "
                                       "this (as for decompose)."),
     max_loss: float = typer.Option(None, "--max-loss", help="Merged slim compositions: prune the merged network "
@@ -363,7 +360,7 @@ def compose_cmd(
                                      "the merged network's kept weights by least squares so that each layer's "
                                      "outputs match the model's own (no loss, no labels)."),
     rule: str = typer.Option("taylor", "--rule", help="With --size or --max-loss: channel importance for the "
-                             "merged network's pruning, taylor, fisher, gates (learned first) or activation."),
+                             "merged network's pruning, taylor or fisher."),
     scale_epochs: int = typer.Option(0, "--scale-epochs", help="With --size or --max-loss: once pruned, learn a "
                                      "scale per kept channel for the composition's own classes for this many "
                                      "epochs (folded into the weights; convolutions frozen)."),

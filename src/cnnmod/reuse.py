@@ -17,8 +17,7 @@ from .models.classifier import Classifier, split_for
 from .modules.base import BinaryModule
 from .node.method import relearn
 from .progress import progress_bar
-from .slim.make import as_made, merge_slim
-from .slim.merged import FusedSlim
+from .slim.merged import FusedSlim, as_made, merge_slim
 from .slim.module import SlimModule
 
 

@@ -9,7 +9,8 @@ models side by side). Evaluation, cost, export and the study take any :class:`Co
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -125,3 +126,23 @@ def find_class(refs: Sequence[ClassRef], text: str) -> int:
         raise UserError(f"--class {text!r} matches {len(candidates)} modules; say which with dataset:class "
                         f"(one of {', '.join(refs[i].qualified for i in candidates)})")
     return candidates[0]
+
+
+@dataclass(frozen=True)
+class ComposerKind:
+    """A composition that is a network of its own (not module folders composed as recorded), by its ``mode``: how
+    it is saved (``save(composer, sources, out, overwrite, extra)`` -> its config) and loaded (``load(path,
+    device)`` -> the composer and its source models)."""
+
+    mode: str
+    save: Callable[..., dict]
+    load: Callable[..., tuple[Composer, list]]
+
+
+COMPOSER_KINDS: dict[str, ComposerKind] = {}
+
+
+def register_composer_kind(kind: ComposerKind) -> ComposerKind:
+    """Make a kind of composition known to the store by its ``mode``."""
+    COMPOSER_KINDS[kind.mode] = kind
+    return kind

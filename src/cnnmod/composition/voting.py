@@ -66,7 +66,7 @@ def check_mode(modules: Sequence[BinaryModule], mode: str) -> None:
         raise UserError(f"unknown composition mode {mode!r}; choose {', '.join(MODES)}")
     if mode == "vote":
         return
-    if any(m.granularity != "node" for m in modules):
+    if not all(m.union_pass for m in modules):
         raise UserError(f"--mode {mode} of this composition merges node-level modules; slim modules merge with "
                         "cnnmod compose --mode merged (one model) or --mode fused (several), and slim and "
                         "node-level modules together run with --mode vote")

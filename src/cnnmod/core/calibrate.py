@@ -226,9 +226,9 @@ def source_log_odds(net: nn.Module, x: torch.Tensor, batch_size: int = 256,
     return (z - rest).float()
 
 
-def model_log_odds(source: Classifier, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """(N, K) on the CPU: :func:`source_log_odds` of ``source``'s network (in eval mode for the pass) on uint8
-    ``images``, prepared and run in batches on the network's device."""
+def model_log_odds(source, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """(N, K) on the CPU: :func:`source_log_odds` of a classifier's network (``source.net``, in eval mode for the
+    pass) on uint8 ``images``, prepared (``source.prepare``) and run in batches on the network's device."""
     net = source.net
     device = next(net.parameters()).device
     training = net.training

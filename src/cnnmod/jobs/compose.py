@@ -24,9 +24,11 @@ from ..io.store import (
 from ..models.classifier import split_for
 from ..models.folder import load_model
 from ..modules.base import BinaryModule
+from ..modules.kinds import kind_of
 from ..reuse import continuous_learning, fuse_slim, refit_composition
 from ..runtime import pick_device
-from ..slim.make import SlimSettings, as_made, merge_slim
+from ..slim.config import SlimSettings
+from ..slim.merged import as_made, merge_slim
 from .common import Run, seconds_since
 
 
@@ -59,7 +61,7 @@ class ComposeSettings:
         if any(shaping.values()) and not prunes:
             what = next(k for k, v in shaping.items() if v)
             raise UserError(f"{what} shapes how --size prunes a merged slim composition: give --size too, or drop it")
-        slim = [m.ref.qualified for m in modules if m.granularity == "channel"]
+        slim = [m.ref.qualified for m in modules if not kind_of(m).refits]
         if (self.refit_heads or self.continuous_learning) and slim:
             what = "--refit-heads" if self.refit_heads else "--continuous-learning"
             raise UserError(f"{what} works on node-level modules; {slim[0]} is a slim module (its head was fitted "
@@ -76,9 +78,9 @@ class ComposeSettings:
             check_calibration(modules, self.calibration, self.mode)
 
     def slim_network(self, modules: Sequence[BinaryModule]) -> str | None:
-        """"merged" or "fused" where the composition is a slim network of its own (all modules slim, that mode)."""
-        all_slim = all(m.granularity == "channel" for m in modules)
-        return self.mode if all_slim and self.mode in ("merged", "fused") else None
+        """The mode where the composition is a network of its own: every module's kind builds one in that mode
+        (:class:`~cnnmod.modules.kinds.ModuleKind` ``networks``: slim modules, merged or fused)."""
+        return self.mode if all(self.mode in kind_of(m).networks for m in modules) else None
 
     def pruning(self) -> dict:
         """The merged network's own pruning, as :class:`SlimSettings` fields."""

@@ -18,7 +18,8 @@ from ..models.folder import load_model
 from ..node.method import DecomposeSettings, chosen_classes, decompose
 from ..progress import progress_bar, say
 from ..runtime import Distributed, init_distributed, pick_device, seed_everything
-from ..slim.make import MODULE_SIZE, SlimSettings, check_joint, slim_modules
+from ..slim.config import MODULE_SIZE, SlimSettings
+from ..slim.make import check_joint, slim_modules
 from .common import Run
 
 HEADS_UP = 2_000_000  # module passes (one module, one image) past which a step is announced with its cost

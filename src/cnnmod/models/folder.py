@@ -9,7 +9,8 @@ from pathlib import Path
 
 import torch
 
-from ..artifacts import atomic_folder, read_artifact, write_into
+from ..artifacts import CONFIG, atomic_folder, read_artifact, read_config, write_into
+from ..core.graph import ModelGraph
 from ..data.transforms import InputSpec
 from ..errors import UserError
 from . import build
@@ -83,3 +84,24 @@ def checked_input(config: dict, path) -> InputSpec:
     except (KeyError, TypeError, ValueError) as e:
         raise UserError(f"{path}/config.json is malformed: 'input' must give channels, height, width, mean and "
                         f"std ({type(e).__name__}: {e})")
+
+
+class SourceCache:
+    """Loads each source model once, so modules of one model share it (and compose in one batched pass)."""
+
+    def __init__(self) -> None:
+        self.models: dict[Path, tuple[Classifier, ModelGraph]] = {}
+
+    def get(self, path: Path, sha: str, device: torch.device | str) -> tuple[Classifier, ModelGraph]:
+        path = path.resolve()
+        if path not in self.models:
+            if not (path / CONFIG).is_file():
+                raise UserError(f"the module's source model is not at {path}; copy the source model folder with "
+                                "the module (keep their relative places)")
+            config = read_config(path, "model")
+            if config.get("weights_sha256") != sha:
+                raise UserError(f"the source model at {path} is not the one the module was made from (its weights "
+                                "sha256 differs); give the module its own source model")
+            clf = load_model(path, device)
+            self.models[path] = (clf, ModelGraph(clf.net, clf.spec.shape))
+        return self.models[path]

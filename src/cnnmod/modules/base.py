@@ -57,7 +57,9 @@ class BinaryModule(Typical, nn.Module, ABC):
     ``settings`` and ``metrics`` travel with it into its artifact.
     """
 
-    granularity: ClassVar[str]  # the artifact kind: "node" or "channel"
+    granularity: ClassVar[str]  # the artifact kind: "node" or "channel" (:mod:`cnnmod.modules.kinds`)
+    union_pass: ClassVar[bool] = False  # modules of one source can run as one pass through the union of what
+                                        # they keep (:meth:`batched_features` with ``union``)
 
     concerned: int
     settings: dict

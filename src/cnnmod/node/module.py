@@ -55,6 +55,7 @@ class Module(BinaryModule):
         self.typical = typical  # the in-distribution test's statistics (cnnmod.calibrate.fit_typical)
 
     granularity = "node"
+    union_pass = True
 
     # ---------------------------------------------------------------- what it is
     @property

@@ -1,14 +1,27 @@
-"""Slim compositions: slim modules of one model merged into one network (:class:`MergedSlim`), and merged
-networks of several models side by side (:class:`FusedSlim`). :mod:`cnnmod.slim.make` makes them."""
+"""Slim compositions: slim modules of one model merged into one network (:class:`MergedSlim`, made by
+:func:`merge_slim`), and merged networks of several models side by side (:class:`FusedSlim`)."""
 
 from __future__ import annotations
+
+import time
 
 import torch
 from torch import nn
 
 from ..composition.base import Composer
+from ..core.calibrate import source_log_odds
+from ..core.channels import ChannelGroups, frozen_copy
+from ..core.observe import class_order
+from ..data.dataset import ImageSet
 from ..data.transforms import InputSpec, to_input
+from ..errors import UserError
+from ..models.classifier import Classifier
 from ..modules.base import ClassRef, base_dataset
+from .config import SlimSettings
+from .make import Pools, source_info, source_margin
+from .module import SlimModule
+from .pruner import Margins, Pruner
+from .schedule import prune
 
 
 class MergedSlim(Composer):
@@ -85,3 +98,100 @@ class FusedSlim(Composer):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return torch.cat([p(images) for p in self.parts], 1)
+
+
+def as_made(modules: list[SlimModule], **overrides) -> SlimSettings:
+    """Settings to merge slim modules as they were made: as many observed inputs, the same seed; ``overrides``
+    (:class:`SlimSettings` fields) shape the merged network's own pruning."""
+    made = modules[0].settings
+    return SlimSettings(samples=made.get("samples", 256), seed=made.get("seed", 0), **overrides)
+
+
+def merge_slim(modules: list[SlimModule], source: Classifier, data: ImageSet, settings: SlimSettings, *,
+               held_per_class: int = 1000, foreign: list[ImageSet] | None = None,
+               batch_size: int = 256) -> MergedSlim:
+    """Merge slim modules of ``source`` into one network (the union of their kept channels) and refit every
+    class's head row on it: class c against the composition's other classes (the composition's world: inputs of
+    its classes, ``settings.samples`` of each from ``data``, the source's training split), to the source's p_c
+    among them. With ``settings.size``, channels are then closed, as
+    for a slim module (ranked by ``cost``), until the network holds at most that share of the model's
+    parameters; with ``max_loss``, until the next step would put its top-1 among its classes more than that many
+    points under the model's restricted to them, on ``held_per_class`` held-out inputs of each class
+    (:class:`Pools`; ``size`` is then a floor). ``foreign``: for a fused composition
+    (:class:`cnnmod.slim.merged.FusedSlim`), the training images of the classes it takes from other models (one
+    set per data set, restricted to those classes): ``samples`` of each of their classes are observed too, as
+    inputs of none of this network's classes, so that its scores stay low on them (BatchNorm statistics still
+    come from its own classes' inputs). The backbone is not trained."""
+    if not modules:
+        raise UserError("nothing to merge: no modules")
+    sha = source.info.get("weights_sha256")
+    if any(m.source_info.get("weights_sha256") != sha for m in modules):
+        raise UserError("--mode merged needs slim modules of one source model; these come from several")
+    started = time.perf_counter()
+    size, max_loss, samples, seed = settings.size, settings.max_loss, settings.samples, settings.seed
+    s = settings.merging()
+    s.check()
+    frozen = frozen_copy(source.net, source.spec.shape)
+    graph, net, groups = frozen
+    device = next(net.parameters()).device
+    gates = union_gates(modules, groups, device)
+    chosen = [m.concerned for m in modules]
+    world = chosen if len(chosen) > 1 else list(range(data.num_classes))  # one class alone: against all
+    pools = Pools(source, data, seed)
+    idx = pools.first(world, samples)
+    x_obs = source.prepare(data.images[idx].to(device))
+    targets = data.labels[idx].to(device)[:, None] == torch.tensor(chosen, device=device)[None, :]
+    soft = torch.sigmoid(source_log_odds(net, x_obs, batch_size, world)[:, [world.index(c) for c in chosen]])
+    own = x_obs.shape[0]
+    for f in foreign or []:
+        order = class_order(f.labels, f.num_classes, seed)
+        x_obs = torch.cat([x_obs, source.prepare(f.images[torch.cat([o[:samples] for o in order])].to(device))])
+    if x_obs.shape[0] > own:  # none of them is of this network's classes
+        targets = torch.cat([targets, targets.new_zeros(x_obs.shape[0] - own, len(chosen))])
+        soft = torch.cat([soft, soft.new_zeros(x_obs.shape[0] - own, len(chosen))])
+    rows = [source_margin(graph.head.linear_map(net), c) for c in chosen]
+    margins = Margins(x_obs, targets, soft, torch.stack([w for w, _ in rows]), torch.tensor([b for _, b in rows]),
+                      bn_rows=own)
+    p = Pruner(source, s, margins, batch_size, frozen, gates)
+    if max_loss is not None:
+        held = pools.held_out(world, held_per_class)
+        x_held, y_held = source.prepare(data.images[held].to(device)), data.labels[held]
+        model_odds = source_log_odds(net, x_held, batch_size, world)[:, [world.index(c) for c in chosen]].cpu()
+
+    def top1(z: torch.Tensor | None = None) -> float:
+        return p.top1(x_held, y_held, chosen, z)
+
+    pruning = size is not None or max_loss is not None
+    p.refresh()  # a merged network's steps work on every observed input
+    # the reference is the model restricted to the composition's classes: a union that already loses more than
+    # max_loss against it is not pruned further
+    start = top1(model_odds) if max_loss is not None else None
+    history = prune(p, False, top1 if max_loss is not None else None, start) if pruning else []
+    sliced = p.sliced(False, check=True)
+    info = source_info(source)
+    params = sum(q.numel() for q in sliced.parameters())
+    held_metrics = {} if start is None else {"held_out_model_top1": start, "held_out_top1": top1(),
+                                             "held_out_images": len(y_held), "held_out_from": pools.held_out_from}
+    metrics = {**held_metrics, "params": params, "params_fraction": round(params / info["params"], 4),
+               "kept_channels": p.kept_channels(),
+               "channels": p.channels, "history": history}
+    recorded = {"granularity": "channel", "mode": "merged", "samples": samples, "seed": seed, "objective": "distill",
+                "world": [info["source_classes"][c] for c in world],
+                "foreign": [f"{f.name}:{','.join(map(str, f.source_classes))}" for f in foreign or []],
+                "size": size, "max_loss": max_loss, "cost": s.cost, "multiple": s.multiple,
+                "reconstruct": s.reconstruct, "rule": s.rule, "scale_epochs": s.scale_epochs, "scale_bn": s.scale_bn,
+                "seconds": round(time.perf_counter() - started, 3)}
+    return MergedSlim(sliced, graph.head.sliced_layer, source.spec, chosen, info, p.removed(), recorded, metrics).eval()
+
+
+def union_gates(modules: list[SlimModule], groups: ChannelGroups, device: torch.device) -> list[torch.Tensor]:
+    """Per channel group of the source network, 1 for the channels any of ``modules`` keeps, else 0."""
+    gates = []
+    for g in groups.groups:
+        gate = torch.zeros(g["channels"], device=device)
+        for m in modules:
+            kept = torch.ones(g["channels"], dtype=torch.bool)
+            kept[m.removed.get(g["roots"][0], [])] = False
+            gate[kept.to(device)] = 1.0
+        gates.append(gate)
+    return gates

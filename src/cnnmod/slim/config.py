@@ -1,0 +1,111 @@
+"""How slim modules and merged slim compositions are cut: one typed config (:class:`SlimSettings`), checked once,
+and the named recipes (:data:`RECIPES`) that are instances of it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+from ..errors import UserError
+from .importance import IMPORTANCES
+
+COSTS = ("params", "flops")  # what a channel's importance is divided by when channels are ranked
+BUDGETS = ("module", "total")
+MODULE_SIZE = 0.5  # a slim module's target size when neither size nor max_loss is given
+
+
+@dataclass(frozen=True)
+class SlimSettings:
+    """How slim modules and merged slim compositions are cut (docs/method.md, "Slim modules")."""
+
+    size: float | None = None       # target fraction of the source model's parameters, in (0, 1]; None: the
+                                    # job's default (:meth:`resolved`)
+    max_loss: float | None = None   # or: stop before losing more than this (pp of held-out binary accuracy)
+    step: float = 0.2               # share of the kept parameters one pruning step cuts
+    step_samples: int | None = 1024  # inputs each pruning step ranks, re-estimates BatchNorm and refits on (half
+                                    # concerned); None: all observed. The last refit always uses all observed
+    rule: str = "taylor"            # the channel importance, a name of :data:`~cnnmod.slim.importance.IMPORTANCES`
+    scale_epochs: int = 0           # recovery after the last step: a scale per kept channel learned for the
+                                    # module's loss (backbone frozen) for this many epochs; 0: none
+    scale_bn: bool = False          # with scale_epochs: every BatchNorm layer's scale and shift learned with them
+    reconstruct: bool = False       # recovery after the last step, before the scales: every layer's kept weights
+                                    # refitted by least squares to give the model's own outputs back
+    joint_heads: float = 0.0        # > 0: the heads of a module of every class refitted together, with this
+                                    # weight on their composition's cross-entropy; 0: each head alone
+    budget: str = "module"          # "module": each module holds at most ``size``; "total": the modules made
+                                    # together hold ``size`` on average, channels ranked across them
+    cost: str = "params"            # rank channels by importance per parameter or per FLOP they cost
+    samples: int = 2048             # concerned inputs observed (and as many unconcerned, spread over classes)
+    multiple: int = 1               # keep each group's channel count a multiple of this (when above it)
+    held_out: int = 50              # held-out inputs per class for max_loss
+    seed: int = 0
+    recipe: str | None = None       # the named recipe these came from (:data:`RECIPES`), for the record
+
+    @classmethod
+    def from_recipe(cls, name: str | None, **given) -> SlimSettings:
+        """The named recipe of :data:`RECIPES` (None: the defaults), the fields in ``given`` overriding it."""
+        if name is None:
+            return cls(**given)
+        if name not in RECIPES:
+            raise UserError(f"unknown slim recipe {name!r}; use {' or '.join(RECIPES)}")
+        return replace(RECIPES[name], **given)
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    def resolved(self, default: float) -> SlimSettings:
+        """The one place the target size is decided: as given; else, with ``max_loss``, a floor of 0.01 (prune
+        as far as the loss allows); else ``default`` (a slim module: :data:`MODULE_SIZE`; a merged composition:
+        1.0, no pruning)."""
+        if self.size is not None:
+            return self
+        return replace(self, size=0.01 if self.max_loss is not None else default)
+
+    def merging(self) -> SlimSettings:
+        """A merged composition's own pruning: smaller steps over every observed input (a merged network keeps
+        several classes' channels, so each step weighs more of what they share)."""
+        return replace(self.resolved(1.0), step=0.1, step_samples=None)
+
+    def check(self) -> None:
+        if self.size is not None and not 0 < self.size <= 1:
+            raise UserError(f"--size is a fraction of the model's parameters in (0, 1], got {self.size}")
+        if self.max_loss is not None and self.max_loss < 0:
+            raise UserError(f"--max-loss must be >= 0 pp, got {self.max_loss}")
+        if self.rule not in IMPORTANCES:
+            raise UserError(f"unknown importance rule {self.rule!r}; use {', '.join(IMPORTANCES)}")
+        if self.scale_epochs < 0:
+            raise UserError(f"--scale-epochs must be >= 0 (0: no learned channel scales), got {self.scale_epochs}")
+        if self.scale_bn and self.scale_epochs == 0:
+            raise UserError("--scale-bn learns BatchNorm's scales and shifts with the channel scales: give "
+                            "--scale-epochs N (N >= 1) too")
+        if not self.joint_heads >= 0:
+            raise UserError(f"--joint-heads is the weight of the composition's loss in the heads' joint refit, >= 0 "
+                            f"(0: each head alone), got {self.joint_heads}")
+        if self.cost not in COSTS:
+            raise UserError(f"unknown slim cost {self.cost!r}; use {' or '.join(COSTS)}")
+        if self.budget not in BUDGETS:
+            raise UserError(f"unknown slim budget {self.budget!r}; use module or total")
+        if self.budget == "total" and self.max_loss is not None:
+            raise UserError("--slim-budget total shares --size among the modules; it does not take --max-loss "
+                            "(each module's own floor): give --size, or --slim-budget module")
+        if self.multiple < 1:
+            raise UserError(f"the channel multiple must be at least 1, got {self.multiple}")
+        if not 0 < self.step < 1:
+            raise UserError(f"--slim-step, the share of the kept parameters a pruning step cuts, must be in (0, 1), "
+                            f"got {self.step}")
+        if self.step_samples is not None and self.step_samples < 2:
+            raise UserError(f"--slim-step-samples must be at least 2, got {self.step_samples}")
+        if self.samples < 1:
+            raise UserError(f"--slim-samples must be at least 1, got {self.samples}")
+
+
+# The named recipes (``--slim-recipe``), measured on the benchmark ResNet-20 on Fashion-MNIST (BENCHMARKS.md, "Slim
+# modules' cost"): fields given beside a recipe override it.
+RECIPES = {
+    # half the parameters, ten modules within 1 pp composed, in about 1 % of the model's training
+    "cheap": SlimSettings(size=0.5, rule="fisher", budget="total", step=0.5, step_samples=64, samples=256,
+                          reconstruct=True, recipe="cheap"),
+    # a quarter of the parameters, ten modules within 1 pp composed, in 18-21 % of the model's training
+    "small": SlimSettings(size=0.25, rule="fisher", budget="total", step=0.5, step_samples=256, scale_epochs=3,
+                          scale_bn=True, reconstruct=True, joint_heads=3.0, recipe="small"),
+}
