@@ -33,6 +33,7 @@ from cnnmod.data import load  # noqa: E402
 from cnnmod.io.export import export_onnx  # noqa: E402
 from cnnmod.jobs.train import train  # noqa: E402
 from cnnmod.models.train import TrainSettings  # noqa: E402
+from cnnmod.runtime import Passes  # noqa: E402
 from cnnmod.slim import SlimSettings, merge_slim, slim_modules  # noqa: E402
 
 CAPABILITIES = ["model", "mc", "mc-bln", "mc-bi", "slim", "merged", "save+reload", "onnx"]
@@ -66,7 +67,7 @@ def run_family(name: str, args, work: Path) -> dict:
             continue
         try:
             made[variant] = cnnmod.decompose(clf, train_set, variant, settings=decompose_settings,
-                                             show_progress=False)
+                                             passes=Passes(progress=False))
             report = evaluate_against_model(cnnmod.compose(made[variant]), clf, test, device)
             row["model"] = report["model_top1"]
             row[variant] = round(report["composed_top1"] - report["model_top1"], 2)

@@ -21,12 +21,13 @@ from common import ROOT, record
 from cnnmod.composition.evaluate import evaluate_against_model
 from cnnmod.composition.voting import compose
 from cnnmod.core.graph import ModelGraph
-from cnnmod.core.observe import observe
+from cnnmod.core.observe import Sampling, observe
 from cnnmod.data import load
 from cnnmod.jobs.train import train
 from cnnmod.models.folder import load_model
 from cnnmod.models.train import TrainSettings
 from cnnmod.node.method import VARIANTS, DecomposeSettings, decompose
+from cnnmod.runtime import Passes
 
 CNN_MODELS = {
     # name: (arch, arch args, epochs, subset, optimizer). BatchNorm-free ResNets train with Adam (lr 1e-3), as
@@ -62,7 +63,7 @@ def study(model_dir: Path, variants: tuple[str, ...], samples: int, seed: int, c
     train_set, test = load("fashion-mnist", "train"), load("fashion-mnist", "test")
     graph = ModelGraph(clf.net, clf.spec.shape)
     t0 = time.perf_counter()
-    stats = observe(clf.net, graph, clf.prepare, train_set, samples=samples, seed=seed, device=torch.device("cpu"))
+    stats = observe(clf.net, graph, clf.prepare, train_set, Sampling(samples, seed), Passes("cpu"))
     observe_seconds = time.perf_counter() - t0
     training = clf.info.get("training", {})
     rows, passes = [], {(False, False): (stats, observe_seconds)}
@@ -73,11 +74,11 @@ def study(model_dir: Path, variants: tuple[str, ...], samples: int, seed: int, c
         kind = (s.correct_only, s.tau > 0)
         if kind not in passes:
             t1 = time.perf_counter()
-            passes[kind] = (observe(clf.net, graph, clf.prepare, train_set, samples=samples, seed=seed,
-                                    correct_only=s.correct_only, counts=s.tau > 0, device=torch.device("cpu")),
+            passes[kind] = (observe(clf.net, graph, clf.prepare, train_set,
+                                    Sampling(samples, seed, s.correct_only, s.tau > 0), Passes("cpu")),
                             time.perf_counter() - t1)
         t0 = time.perf_counter()
-        modules = decompose(clf, train_set, settings=s, stats=passes[kind][0], show_progress=False)
+        modules = decompose(clf, train_set, settings=s, stats=passes[kind][0], passes=Passes(progress=False))
         seconds = passes[kind][1] + time.perf_counter() - t0
         report = evaluate_against_model(compose(modules), clf, test, torch.device("cpu"), 512)
         row = {"model": model_dir.name, "arch": clf.arch, "bn": clf.arch_args.get("bn", None),

@@ -108,13 +108,14 @@ def one(arch: str, classes: int, size: int, per_class: int, data: Path, work: Pa
     """Observe once, then every variant's modules of every class, each decomposition saved to disk: the peak
     resident memory and the seconds of each step (run in a fresh process)."""
     from cnnmod.core.graph import ModelGraph
-    from cnnmod.core.observe import observe
+    from cnnmod.core.observe import Sampling, observe
     from cnnmod.data.registry import load
     from cnnmod.data.transforms import InputSpec
     from cnnmod.io.store import save_decomposition
     from cnnmod.models import build
     from cnnmod.models.classifier import wrap
     from cnnmod.node.method import VARIANTS, DecomposeSettings, decompose
+    from cnnmod.runtime import Passes
 
     torch.manual_seed(0)
     train = load(f"imagenet:{data}", "train")
@@ -125,14 +126,14 @@ def one(arch: str, classes: int, size: int, per_class: int, data: Path, work: Pa
                "nodes": sum(p.size for p in graph.points), "points": len(graph.points),
                "baseline_mb": peak_mb()}
     started = time.perf_counter()
-    stats = observe(clf.net, graph, clf.prepare, train, samples=per_class, batch_size=batch, show_progress=False)
+    stats = observe(clf.net, graph, clf.prepare, train, Sampling(per_class), Passes(batch_size=batch, progress=False))
     figures["observe_s"] = round(time.perf_counter() - started, 2)
     figures["bits_mb"] = round(sum(t.numel() for t in stats.active.values()) * (1 + len(stats.early)) / 2**20, 1)
     figures["after_observe_mb"] = peak_mb()
     settings = DecomposeSettings(ci_samples=per_class, calibration_samples=0)
     for variant in VARIANTS:
         started = time.perf_counter()
-        modules = decompose(clf, train, variant, settings=settings, stats=stats, show_progress=False)
+        modules = decompose(clf, train, variant, settings=settings, stats=stats, passes=Passes(progress=False))
         figures[f"{variant}_s"] = round(time.perf_counter() - started, 2)
         figures[f"{variant}_kept"] = round(sum(m.metrics["kept_fraction"] for m in modules) / len(modules), 4)
         started = time.perf_counter()

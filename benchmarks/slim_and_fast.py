@@ -38,7 +38,7 @@ from cnnmod.core.cost import cost_report
 from cnnmod.data import load
 from cnnmod.models.folder import load_model
 from cnnmod.node.method import DecomposeSettings, decompose
-from cnnmod.runtime import pick_device
+from cnnmod.runtime import Passes, pick_device
 from cnnmod.slim import SlimSettings, merge_slim, slim_modules
 from cnnmod.slim.artifact import load_merged_slim, save_merged_slim
 
@@ -185,7 +185,8 @@ def pair_summary(name: str, pairs: list[list[int]], rows: list[dict]) -> str:
 
 def node_row(clf, train, test, images, device, repeats: int) -> dict:
     """The paper's modules (node level, mc-bln): voting and merged compositions of all classes."""
-    node = decompose(clf, train, settings=DecomposeSettings(calibration_samples=0), device=device, show_progress=False)
+    node = decompose(clf, train, settings=DecomposeSettings(calibration_samples=0),
+                     passes=Passes(device, progress=False))
     node_report = evaluate_against_model(compose(node), clf, test, device)
     node_cost = cost_report(compose(node), images, repeats)
     merged_node = evaluate_against_model(compose(node, mode="merged"), clf, test, device)

@@ -30,8 +30,7 @@ def made():
     clf = source("cnn")
     clf.arch = "cnn"
     data = random_data(per_class=20)
-    node = cnnmod.decompose(clf, data, settings=cnnmod.DecomposeSettings(ci_samples=10, calibration_samples=5),
-                            show_progress=False)
+    node = cnnmod.decompose(clf, data, settings=cnnmod.DecomposeSettings(ci_samples=10, calibration_samples=5))
     slim = [slim_module(clf, data, c, SlimSettings(size=0.6, samples=20, step=0.3)) for c in (0, 2)]
     return clf, data, node, slim
 

@@ -17,6 +17,7 @@ from cnnmod.core.cost import cost_report
 from cnnmod.jobs.train import train
 from cnnmod.models.train import TrainSettings
 from cnnmod.node.method import DecomposeSettings, decompose
+from cnnmod.runtime import Passes
 from cnnmod.slim import SlimSettings, merge_slim, slim_module
 from cnnmod.slim.artifact import load_merged_slim, save_merged_slim
 
@@ -38,8 +39,8 @@ def images(n: int = 16, seed: int = 3) -> torch.Tensor:
 def test_node_modules_made_on_cuda_match_the_cpu_ones():
     clf, data = source("resnet20"), random_data(per_class=20)
     s = DecomposeSettings(calibration_samples=0)
-    on_cpu = decompose(copy.deepcopy(clf), data, settings=s, device="cpu", show_progress=False)
-    on_gpu = decompose(copy.deepcopy(clf), data, settings=s, device="cuda", show_progress=False)
+    on_cpu = decompose(copy.deepcopy(clf), data, settings=s, passes=Passes("cpu"))
+    on_gpu = decompose(copy.deepcopy(clf), data, settings=s, passes=Passes("cuda"))
     assert next(on_gpu[0].parameters()).is_cuda
     kept = [(mc.masks[k] == mg.masks[k].cpu()).float().mean() for mc, mg in zip(on_cpu, on_gpu, strict=True)
             for k in mc.masks]

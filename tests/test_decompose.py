@@ -15,7 +15,7 @@ from cnnmod.composition.base import vote
 from cnnmod.composition.voting import compose
 from cnnmod.core.graph import ModelGraph
 from cnnmod.core.masking import binary_head
-from cnnmod.core.observe import class_order, hooks, observe
+from cnnmod.core.observe import Sampling, class_order, hooks, observe
 from cnnmod.core.ops import transpose_cover
 from cnnmod.data.dataset import ImageSet
 from cnnmod.data.transforms import InputSpec, to_input
@@ -23,6 +23,7 @@ from cnnmod.models import build
 from cnnmod.models.classifier import Classifier
 from cnnmod.node.method import DecomposeSettings, decompose, keep_masks
 from cnnmod.node.module import Module
+from cnnmod.runtime import Passes
 
 # Inputs are given as raw pixel values; this spec makes the model's input x = pixel - 128.
 PIXEL_SPEC = dict(mean=(128 / 255,), std=(1 / 255,))
@@ -84,16 +85,16 @@ def kept(module: Module) -> set[int]:
 def test_hand_mlp_ci_ti(seed):
     data = hand_mlp_data()
     net = HandMLP()
-    modules = decompose(net, data, "mc", settings=DecomposeSettings(seed=seed), show_progress=False)
+    modules = decompose(net, data, "mc", settings=DecomposeSettings(seed=seed))
     b_early = position_of_b(seed) < 2  # TI takes the first k = floor(4 / 2) = 2 inputs of each other class
     assert kept(modules[0]) == {0, 1, 2, 3}                            # CI {0,1,3} (B), TI: C {1}, D {2}
     assert kept(modules[1]) == {0, 1, 2} | ({3} if b_early else set())  # CI {1}; TI: class 0 {0}(+{1,3}), D {2}
     assert kept(modules[2]) == {0, 1, 2} | ({3} if b_early else set())
     # with tau = 0.5, CI keeps only units active for at least half of the class's inputs: h3 (1 of 4) goes
-    modules = decompose(net, data, "mc", settings=DecomposeSettings(seed=seed, tau=0.5), show_progress=False)
+    modules = decompose(net, data, "mc", settings=DecomposeSettings(seed=seed, tau=0.5))
     assert kept(modules[0]) == {0, 1, 2}
     # with 3 inputs per class, class 0 is observed on its first 3 only, and k = floor(3 / 2) = 1
-    modules = decompose(net, data, "mc", settings=DecomposeSettings(seed=seed, ci_samples=3), show_progress=False)
+    modules = decompose(net, data, "mc", settings=DecomposeSettings(seed=seed, ci_samples=3))
     pos = position_of_b(seed)
     assert kept(modules[0]) == {0, 1, 2} | ({3} if pos < 3 else set())
     assert kept(modules[1]) == {0, 1, 2} | ({3} if pos < 1 else set())
@@ -102,15 +103,15 @@ def test_hand_mlp_ci_ti(seed):
 def test_hand_mlp_heads_and_bln_conditions():
     data, net = hand_mlp_data(), HandMLP()
     # head rows: module 0: w_c = [2,-1,-1,1], w_uc = [-1,.5,.5,0]; module 1: [-1,2,-1,0] / [.5,-1,.5,.5]; ...
-    mc = decompose(net, data, "mc", show_progress=False)
+    mc = decompose(net, data, "mc")
     assert torch.allclose(mc[1].head_weight, torch.tensor([[-1.0, 2, -1, 0], [0.5, -1, 0.5, 0.5]]))
     assert torch.allclose(mc[1].head_bias, torch.tensor([0.5, -0.25]))
     # pseudo-code condition (w_uc <= -0.5 and w_c >= 0.5) marks feature c of module c: switched off at the layer
-    bln = decompose(net, data, "mc-bln", show_progress=False)
+    bln = decompose(net, data, "mc-bln")
     for c in range(3):
         assert kept(bln[c]) == kept(mc[c]) - {c}
     # prose condition (|w_c| < 0.5 and w_uc >= 0.5): module 0 marks nothing, modules 1 and 2 mark feature 3
-    prose = decompose(net, data, "mc-bln", settings=DecomposeSettings(condition="prose"), show_progress=False)
+    prose = decompose(net, data, "mc-bln", settings=DecomposeSettings(condition="prose"))
     assert kept(prose[0]) == kept(mc[0])
     assert kept(prose[1]) == kept(mc[1]) - {3}
     assert kept(prose[2]) == kept(mc[2]) - {3}
@@ -122,7 +123,7 @@ def test_relative_delta_is_in_units_of_the_heads_weights():
     (1.031) nothing is (w_uc = -1 > -1.031). The head scaled by 10 marks the same with the relative delta, where
     the absolute one marks more."""
     data, net = hand_mlp_data(), HandMLP()
-    mc = decompose(net, data, "mc", show_progress=False)
+    mc = decompose(net, data, "mc")
 
     def off(delta: float, relative: bool, scale: float = 1.0) -> set:
         with torch.no_grad():
@@ -130,7 +131,7 @@ def test_relative_delta_is_in_units_of_the_heads_weights():
             scaled.fc.weight.mul_(scale)
             scaled.fc.bias.mul_(scale)
         s = DecomposeSettings(delta=delta, relative_delta=relative)
-        m = decompose(scaled, data, "mc-bln", settings=s, classes=[0], show_progress=False)[0]
+        m = decompose(scaled, data, "mc-bln", settings=s, classes=[0])[0]
         return kept(mc[0]) - kept(m)
 
     assert off(0.5, False) == off(0.5, True) == {0}
@@ -141,7 +142,7 @@ def test_relative_delta_is_in_units_of_the_heads_weights():
 
 def test_hand_mlp_scores_match_formula():
     data, net = hand_mlp_data(), HandMLP()
-    bln = decompose(net, data, "mc-bln", settings=DecomposeSettings(seed=0), show_progress=False)
+    bln = decompose(net, data, "mc-bln", settings=DecomposeSettings(seed=0))
     w2, b2 = net.fc.weight.detach(), net.fc.bias.detach()
     x = torch.tensor([[5.0, 0], [5, 2], [0, 5], [-5, -5], [3, 4]])
     pixels = (x + 128).to(torch.uint8).reshape(-1, 1, 1, 2)
@@ -220,7 +221,7 @@ def test_hand_residual_network_modules():
     tl[:2, :2] = True
     br = torch.zeros(4, 4, dtype=torch.bool)
     br[2:, 2:] = True
-    mc = decompose(net, data, "mc", show_progress=False)
+    mc = decompose(net, data, "mc")
     # class 0 activates channel 0 on the top-left; class 1 channel 1 on the bottom-right; class 2 nothing.
     # k = max(1, floor(2 / 2)) = 1 input of each other class; both of a class are identical anyway.
     expect = {0: (tl, br), 1: (tl, br), 2: (tl, br)}  # (channel 0 kept, channel 1 kept), at conv1 and conv2 alike
@@ -231,7 +232,7 @@ def test_hand_residual_network_modules():
     # MC-BLN (pseudo-code): module 0: w_c = [1,-1], w_uc = mean([-1,1],[0,0]) = [-.5,.5] -> feature 0 marked;
     # through global average pooling, max pooling and the residual addition, channel 0 is switched off in both
     # conv2 (one input of the addition) and conv1 (the other input, through its ReLU), at every position.
-    bln = decompose(net, data, "mc-bln", show_progress=False)
+    bln = decompose(net, data, "mc-bln")
     for point in ("conv1", "conv2"):
         assert not bln[0].masks[point][0].any()
         assert torch.equal(bln[0].masks[point][1], br)
@@ -338,15 +339,15 @@ def test_the_bits_of_the_pass_are_what_a_per_sample_loop_counts(arch, kwargs):
 
     graph = ModelGraph(net.float(), (1, 12, 12))
     net.double()
-    stats = observe(net, graph, prepare, data, samples=7, seed=3, batch_size=3, show_progress=False, counts=True)
+    stats = observe(net, graph, prepare, data, Sampling(7, 3, counts=True), Passes(batch_size=3))
     # bits only, and spilled to memory-mapped files (as a pass past the memory bound is)
-    bits_only = observe(net, graph, prepare, data, samples=7, seed=3, batch_size=5, show_progress=False,
+    bits_only = observe(net, graph, prepare, data, Sampling(7, 3), Passes(batch_size=5),
                         spill_above=0)
     assert bits_only.counts is None and stats.spill is None
     spilled = bits_only.spill.path
     assert len(list(spilled.iterdir())) == 2 * len(graph.points)  # active and early, per point
-    counted = observe(net, graph, prepare, data, samples=7, seed=3, batch_size=2, show_progress=False, counts=True,
-                      spill_above=0)  # counts spilled too, in the narrowest type that holds them
+    # counts spilled too, in the narrowest type that holds them
+    counted = observe(net, graph, prepare, data, Sampling(7, 3, counts=True), Passes(batch_size=2), spill_above=0)
     assert len(list(counted.spill.path.iterdir())) == 3 * len(graph.points)
     for p in graph.points:
         assert stats.counts[p.name].dtype == counted.counts[p.name].dtype == torch.int16
@@ -402,7 +403,7 @@ def test_marked_features_are_exactly_zero_for_any_input(arch, kwargs):
                 m.running_mean.normal_(0, 0.1)
                 m.bias.normal_(0, 0.1)
     data = random_data()
-    modules = decompose(net, data, "mc-bln", show_progress=False)
+    modules = decompose(net, data, "mc-bln")
     x = torch.randn(16, 1, 12, 12) * 2
     from cnnmod.core.masking import masked_features
     from cnnmod.node.method import marked_features
@@ -444,8 +445,8 @@ def test_mc_bi_switches_off_only_nodes_that_cannot_matter(arch, kwargs, keep):
     assert torch.allclose(before(x), after(x), atol=1e-5)
     # and the decomposition's MC-BI only ever removes nodes from MC-BLN's
     data = random_data(per_class=3)
-    bln = decompose(net, data, "mc-bln", show_progress=False)
-    bi = decompose(net, data, "mc-bi", show_progress=False)
+    bln = decompose(net, data, "mc-bln")
+    bi = decompose(net, data, "mc-bi")
     for m_bln, m_bi in zip(bln, bi, strict=True):
         assert all(not (m_bi.masks[k] & ~m_bln.masks[k]).any() for k in m_bln.masks)
         assert torch.allclose(m_bln(x), m_bi(x), atol=1e-5)
@@ -480,8 +481,8 @@ def test_same_seed_same_modules():
     torch.manual_seed(5)
     net = build("cnn", (1, 12, 12), 4).eval()
     data = random_data()
-    a = decompose(net, data, "mc-bi", settings=DecomposeSettings(seed=7, ci_samples=5), show_progress=False)
-    b = decompose(net, data, "mc-bi", settings=DecomposeSettings(seed=7, ci_samples=5), show_progress=False)
+    a = decompose(net, data, "mc-bi", settings=DecomposeSettings(seed=7, ci_samples=5))
+    b = decompose(net, data, "mc-bi", settings=DecomposeSettings(seed=7, ci_samples=5))
     for x, y in zip(a, b, strict=True):
         assert all(torch.equal(x.masks[k], y.masks[k]) for k in x.masks)
         assert torch.equal(x.head_weight, y.head_weight)
@@ -510,7 +511,7 @@ def test_refuses_non_relu_and_untraceable_models():
     data = random_data()
     net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Tanh(), nn.Flatten(), nn.Linear(2 * 10 * 10, 4))
     with pytest.raises(UserError, match="ReLU"):
-        decompose(net, data, show_progress=False)
+        decompose(net, data)
 
     class Branchy(nn.Module):
         def __init__(self):
@@ -525,37 +526,37 @@ def test_refuses_non_relu_and_untraceable_models():
             return self.fc(y.mean((2, 3)))
 
     with pytest.raises(UserError, match="trace"):
-        decompose(Branchy(), data, show_progress=False)
+        decompose(Branchy(), data)
 
 
 def test_refuses_mismatched_data_and_empty_classes():
     net = build("cnn", (1, 12, 12), 4).eval()
     three = Classifier(net, InputSpec(1, 12, 12, (0.5,), (0.25,)), ["a", "b", "c"])
     with pytest.raises(UserError, match="3 classes but the data set rand has 4"):
-        decompose(three, random_data(classes=4), show_progress=False)
+        decompose(three, random_data(classes=4))
     clf = Classifier(net, InputSpec(1, 12, 12, (0.5,), (0.25,)), ["a", "b", "c", "d"])
     with pytest.raises(UserError, match="takes 1x12x12"):
-        decompose(clf, random_data(shape=(1, 8, 8)), show_progress=False)
+        decompose(clf, random_data(shape=(1, 8, 8)))
     data = random_data()
     empty = ImageSet("rand", "train", data.images[data.labels != 2], data.labels[data.labels != 2],
                      data.class_names, (0.5,), (0.25,))
     with pytest.raises(UserError, match="no training images"):
-        decompose(clf, empty, show_progress=False)
+        decompose(clf, empty)
     with pytest.raises(UserError, match="variant"):
-        decompose(clf, data, "mc-xyz", show_progress=False)
+        decompose(clf, data, "mc-xyz")
 
 
 def test_composition_refuses_mixed_shapes_and_duplicates():
     a_net, b_net = build("cnn", (1, 12, 12), 4).eval(), build("cnn", (1, 8, 8), 4).eval()
-    a = decompose(a_net, random_data(), show_progress=False)
-    b = decompose(b_net, random_data(shape=(1, 8, 8)), show_progress=False)
+    a = decompose(a_net, random_data())
+    b = decompose(b_net, random_data(shape=(1, 8, 8)))
     with pytest.raises(UserError, match="input shapes"):
         compose([a[0], b[1]])
     with pytest.raises(UserError, match="two modules for class 0"):
         compose([a[0], a[1], a[0]])
     # two source models of one input shape compose; each column is that module's own score
     c_net = build("cnn", (1, 12, 12), 4).eval()
-    c = decompose(c_net, random_data(seed=1), show_progress=False)
+    c = decompose(c_net, random_data(seed=1))
     mixed = compose([a[0], c[1], a[2]])
     assert len(mixed.groups) == 2
     images = torch.randint(0, 256, (5, 1, 12, 12), dtype=torch.uint8)
@@ -577,7 +578,7 @@ def test_every_zoo_model_decomposes(arch, kwargs, shape):
     graph = ModelGraph(net, shape)
     convs = [n for n, m in net.named_modules() if isinstance(m, nn.Conv2d)]
     assert len([p for p in graph.points if p.kind == "conv"]) == len(convs)  # every convolution is observed
-    variants = {v: decompose(net, data, v, show_progress=False) for v in ("mc", "mc-bln", "mc-bi")}
+    variants = {v: decompose(net, data, v) for v in ("mc", "mc-bln", "mc-bi")}
     images = data.images[:5]
     for c in range(3):
         a, b, d = (variants[v][c] for v in ("mc", "mc-bln", "mc-bi"))

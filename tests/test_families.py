@@ -47,7 +47,7 @@ def family(name: str, seed: int = 0) -> Classifier:
 def test_the_node_rule_refuses_non_relu_networks_in_one_line_pointing_to_slim():
     for name in ("mobilenet_v3", "efficientnet"):
         with pytest.raises(UserError, match=r"uses layer .*(Hardswish|SiLU).* needs ReLU-family .*granularity channel"):
-            decompose(family(name), random_data(SHAPE, 4, 3), show_progress=False)
+            decompose(family(name), random_data(SHAPE, 4, 3))
 
 
 @pytest.mark.parametrize("name", RELU_FAMILIES)
@@ -58,7 +58,7 @@ def test_node_level_variants_on_every_relu_family(name):
     clf = family(name)
     data = random_data(SHAPE, 4, 6)
     settings = DecomposeSettings(calibration_samples=0)
-    made = {v: decompose(clf, data, v, settings=settings, show_progress=False) for v in ("mc", "mc-bln", "mc-bi")}
+    made = {v: decompose(clf, data, v, settings=settings) for v in ("mc", "mc-bln", "mc-bi")}
     x = torch.randn(6, *SHAPE) * 2
     for m_mc, m_bln, m_bi in zip(made["mc"], made["mc-bln"], made["mc-bi"], strict=True):
         assert 0 < m_bi.kept_fraction() <= m_bln.kept_fraction() <= m_mc.kept_fraction() <= 1
@@ -147,7 +147,7 @@ def test_every_family_saves_reloads_by_reference_and_exports(tmp_path, name):
     clf.arch, clf.arch_args = f"families:{name}", {"in_channels": 1, "num_classes": 4, "width": 8}
     data = random_data(SHAPE, 4, 6)
     if name in RELU_FAMILIES and name not in ("nin", "linear_pool_head"):
-        modules = decompose(clf, data, settings=DecomposeSettings(calibration_samples=0), show_progress=False)
+        modules = decompose(clf, data, settings=DecomposeSettings(calibration_samples=0))
     else:  # non-ReLU families, and the two convolution heads, whose sliced networks end in a new Linear
         modules = [slim_module(clf, data, c, SlimSettings(size=0.6, samples=6, step=0.3)) for c in (0, 2)]
     cnnmod.save_decomposition(modules, tmp_path / "d", source=clf)
@@ -179,7 +179,7 @@ def test_exact_only_modules_compute_the_model_on_their_own_observed_inputs(name)
     gaps = {}
     for exact in (True, False):
         s = DecomposeSettings(variant="mc", ci_samples=6, calibration_samples=0, exact_only=exact)
-        m = decompose(clf, data, settings=s, classes=[2], show_progress=False)[0]
+        m = decompose(clf, data, settings=s, classes=[2])[0]
         masks = {k: v.unsqueeze(0) for k, v in m.masks.items()}
         with torch.no_grad():
             gaps[exact] = float((masked_features(clf.net, m.points, m.head, masks, mine)[0] - reference).abs().max())
@@ -203,7 +203,7 @@ def test_after_a_short_training_mc_bln_composes_within_the_papers_cost(name):
     cost = {}
     for exact in (False, True):
         s = DecomposeSettings(calibration_samples=0, exact_only=exact)
-        modules = decompose(clf, observed, "mc-bln", settings=s, show_progress=False)
+        modules = decompose(clf, observed, "mc-bln", settings=s)
         report = evaluate_against_model(cnnmod.compose(modules), clf, test, torch.device("cpu"))
         assert report["model_top1"] > 50, report["model_top1"]  # a cost measured on a model that works
         cost[exact] = report["model_top1"] - report["composed_top1"]

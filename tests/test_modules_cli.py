@@ -82,7 +82,7 @@ def test_loaded_modules_score_like_the_originals(decomposition, tmp_path):
     # decomposing the loaded source again with the recorded settings gives the same modules
     source = modules[0].source
     train = cnnmod.data.load(source.dataset, "train")
-    again = cnnmod.decompose(source, train, "mc-bi", show_progress=False)
+    again = cnnmod.decompose(source, train, "mc-bi")
     assert torch.equal(cnnmod.compose(again)(images), scores)
     # a module folder copied with its source (same relative places) loads anywhere and scores the same
     elsewhere = tmp_path / "elsewhere"

@@ -20,12 +20,13 @@ from PIL import Image
 import cnnmod
 from cnnmod.core.graph import ModelGraph
 from cnnmod.core.metrics import evaluate_classifier
-from cnnmod.core.observe import observe
+from cnnmod.core.observe import Sampling, observe
 from cnnmod.data import stream
 from cnnmod.data.registry import load
 from cnnmod.errors import UserError
 from cnnmod.models import build
 from cnnmod.models.classifier import wrap
+from cnnmod.runtime import Passes
 
 
 def _image(path: Path, rng, size=(12, 12), mode="RGB") -> None:
@@ -62,8 +63,8 @@ def test_a_streamed_folder_is_the_in_memory_one_read_batch_by_batch(tmp_path):
                                                                                     stream=True)
     clf = wrap(build("cnn", (3, 12, 12), 3).eval(), data=train_mem)
     graph = ModelGraph(clf.net, clf.spec.shape)
-    a = observe(clf.net, graph, clf.prepare, train_mem, samples=5, show_progress=False)
-    b = observe(clf.net, graph, clf.prepare, train_streamed, samples=5, show_progress=False)
+    a = observe(clf.net, graph, clf.prepare, train_mem, Sampling(5), Passes())
+    b = observe(clf.net, graph, clf.prepare, train_streamed, Sampling(5), Passes())
     for p in graph.points:
         assert torch.equal(a.active[p.name], b.active[p.name])
         assert all(torch.equal(a.early[k][p.name], b.early[k][p.name]) for k in a.early)
@@ -276,6 +277,8 @@ from cnnmod.core.graph import ModelGraph
 from cnnmod.core.observe import observe
 from cnnmod.models import build
 from cnnmod.models.classifier import wrap
+from cnnmod.core.observe import Sampling
+from cnnmod.runtime import Passes
 dd, dev = init_distributed(torch.device("cpu"))
 g = torch.Generator().manual_seed(0)
 images = torch.randint(0, 256, (12, 1, 8, 8), generator=g, dtype=torch.uint8)
@@ -284,7 +287,7 @@ if dd.rank == 1 and sys.argv[1] == "differ":
 data = ImageSet("d", "train", images, torch.arange(12) % 3, ["a", "b", "c"], (0.5,), (0.25,))
 clf = wrap(build("cnn", (1, 8, 8), 3).eval(), data=data)
 try:
-    observe(clf.net, ModelGraph(clf.net, (1, 8, 8)), clf.prepare, data, samples=2, dd=dd, show_progress=False)
+    observe(clf.net, ModelGraph(clf.net, (1, 8, 8)), clf.prepare, data, Sampling(2), Passes(dd=dd))
     said = "observed"
 except UserError as e:
     said = f"refused: {e}"

@@ -26,7 +26,7 @@ def datasets(tmp_path: Path) -> tuple[str, str]:
 def test_every_part_then_resume_and_report(tmp_path, datasets):
     a, b = datasets
     out = tmp_path / "study"
-    study = Study(out, TINY, a, b, "FRA", seed=1, device="cpu")
+    study = Study(out, TINY, (a, b), "FRA", seed=1, device="cpu")
     snapshots: list[dict] = []
     results = study.run(on_part=lambda r: snapshots.append(dict(r)))
     assert len(study.meter.records) > 0
@@ -72,7 +72,7 @@ def test_every_part_then_resume_and_report(tmp_path, datasets):
     s = results["summary"]
     assert s["intra_reuse_pp"] == pytest.approx(sum(r["delta_pp"] for r in results["intra_reuse"]), abs=1e-6)
     # a second run resumes: nothing is trained or measured again, and the figures are the same
-    again = Study(out, TINY, a, b, "FRA", seed=1, device="cpu")
+    again = Study(out, TINY, (a, b), "FRA", seed=1, device="cpu")
     second = again.run()
     assert again.meter.records == [] and second["summary"] == s
     # the time each part took is kept from the run that did it
@@ -88,13 +88,13 @@ def test_every_part_then_resume_and_report(tmp_path, datasets):
     for part in ("inter_reuse", "inter_replace"):
         (out / "parts" / f"{part}.json").unlink()
     assert len(list((out / "parts" / "inter_replace").glob("*.json"))) == 4
-    third = Study(out, TINY, a, b, "FRA", seed=1, device="cpu")
+    third = Study(out, TINY, (a, b), "FRA", seed=1, device="cpu")
     resumed = third.run()
     assert third.meter.records == [] and resumed["summary"] == s
     assert resumed["inter_replace"] == results["inter_replace"]
     # another preset's folder is refused, naming what differs
     with pytest.raises(UserError, match="other settings"):
-        Study(out, Preset(name="other", arch="cnn"), a, b, "FRA", seed=1, device="cpu")
+        Study(out, Preset(name="other", arch="cnn"), (a, b), "FRA", seed=1, device="cpu")
 
 
 def test_reproduce_command_bad_input(tmp_path, capsys):
@@ -126,8 +126,8 @@ def test_a_study_stopped_while_training_goes_on_after_the_models_last_epoch(tmp_
     a, b = datasets
     out = tmp_path / "study"
     # the first model's first epoch kept: stopped as by Ctrl-C
-    kept = stop_after_epoch(lambda: Study(out, TINY, a, b, "FRA", seed=1, device="cpu").run(), 1, monkeypatch)
-    Study(out, TINY, a, b, "FRA", seed=1, device="cpu").run()
+    kept = stop_after_epoch(lambda: Study(out, TINY, (a, b), "FRA", seed=1, device="cpu").run(), 1, monkeypatch)
+    Study(out, TINY, (a, b), "FRA", seed=1, device="cpu").run()
     model = kept.with_name(kept.name[:-len(".resume")])
     assert not kept.exists()
     assert read_config(model)["training"]["resumed_after_epoch"] == 1

@@ -188,13 +188,13 @@ def test_a_plain_module_is_saved_only_when_it_can_be_reloaded(tmp_path, user_pac
     torch.manual_seed(0)
     net = usernets.Net(4, 5).eval()
     settings = cnnmod.DecomposeSettings(calibration_samples=0)
-    modules = cnnmod.decompose(net, data, settings=settings, show_progress=False)
+    modules = cnnmod.decompose(net, data, settings=settings)
     with pytest.raises(cnnmod.UserError, match=r"records no architecture.*cnnmod.wrap\(model, arch="):
         cnnmod.save_decomposition(modules, tmp_path / "d")
     assert not (tmp_path / "d").exists()
     clf = cnnmod.wrap(net, data=data, arch="usernets:Net", arch_args={"width": 5})
     assert clf.arch_args == {"width": 5, "num_classes": 4, "in_channels": 1}
-    modules = cnnmod.decompose(clf, data, settings=settings, show_progress=False)
+    modules = cnnmod.decompose(clf, data, settings=settings)
     cnnmod.save_decomposition(modules, tmp_path / "d")
     loaded = cnnmod.load_modules(tmp_path / "d", trust_code=True)
     x = torch.randn(3, 1, 12, 12)
@@ -217,8 +217,7 @@ def test_a_registered_class_records_its_own_arguments(tmp_path):
     try:
         data = random_data((1, 12, 12), 4, 6)
         net = Tiny(width=5).eval()
-        modules = cnnmod.decompose(net, data, settings=cnnmod.DecomposeSettings(calibration_samples=0),
-                                   show_progress=False)
+        modules = cnnmod.decompose(net, data, settings=cnnmod.DecomposeSettings(calibration_samples=0))
         cnnmod.save_decomposition(modules, tmp_path / "d")
         config = json.loads((tmp_path / "d" / "model" / "config.json").read_text())
         assert config["arch"]["args"] == {"num_classes": 4, "width": 5}
@@ -255,8 +254,8 @@ def test_a_torch_dataset_decomposes_as_the_same_images_do():
     spec = InputSpec(1, 12, 12, (0.5,), (0.25,))
     clf = cnnmod.wrap(net, spec=spec, class_names=data.class_names, arch="cnn")
     settings = cnnmod.DecomposeSettings(calibration_samples=0)
-    from_ds = cnnmod.decompose(clf, ds, settings=settings, show_progress=False)
-    from_set = cnnmod.decompose(clf, data, settings=settings, show_progress=False)
+    from_ds = cnnmod.decompose(clf, ds, settings=settings)
+    from_set = cnnmod.decompose(clf, data, settings=settings)
     assert all(torch.equal(a.flat_mask(), b.flat_mask()) for a, b in zip(from_ds, from_set, strict=True))
     loader = torch.utils.data.DataLoader(ds, batch_size=5)
     assert torch.equal(cnnmod.from_dataset(loader, data.class_names).images, data.images)
@@ -311,4 +310,4 @@ def test_a_model_that_fails_on_the_datas_size_is_one_line():
     net = cnnmod.models.build("densenet121", (3, 64, 64), 4).eval()
     with pytest.raises(cnnmod.UserError, match=r"DenseNet121 fails on a 3x8x8 input \(RuntimeError: .*too small\); "
                                                "check the input size"):
-        cnnmod.decompose(net, random_data((3, 8, 8), 4, 3), show_progress=False)
+        cnnmod.decompose(net, random_data((3, 8, 8), 4, 3))

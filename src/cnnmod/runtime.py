@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -90,6 +90,18 @@ class Distributed:
     def barrier(self) -> None:
         if self.active:
             dist.barrier()
+
+
+@dataclass(frozen=True)
+class Passes:
+    """How a job's passes over data run: on ``device`` (None: where the model is), ``batch_size`` inputs at a
+    time, shared among torchrun's processes (``dd``), with a progress bar or without (``progress``; none either
+    way where ``$CNNMOD_NO_PROGRESS`` is set)."""
+
+    device: torch.device | str | None = None
+    batch_size: int = 256
+    dd: Distributed = field(default_factory=Distributed)
+    progress: bool = True
 
 
 def init_distributed(device: torch.device) -> tuple[Distributed, torch.device]:

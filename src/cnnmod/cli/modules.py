@@ -237,7 +237,7 @@ def reproduce_cmd(
     from ..experiments.report import write_report
     from ..experiments.study import Study
 
-    study = Study(out, get_preset(preset), data, second_data, country, seed, device, data_root, resume)
+    study = Study(out, get_preset(preset), (data, second_data), country, seed, device, data_root, resume)
     command = " ".join(["cnnmod", "reproduce", "--preset", preset, "--data", data, "--second-data", second_data,
                         "--seed", str(seed), "--country", study.meter.country])
     written: list[Path] = []

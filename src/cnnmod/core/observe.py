@@ -29,7 +29,7 @@ from torch import nn
 from ..data.dataset import ImageSet
 from ..errors import UserError
 from ..progress import progress_bar
-from ..runtime import Distributed
+from ..runtime import Distributed, Passes
 from .bits import or_rows, pack_bits, unpack_bits
 from .graph import ModelGraph, ObservationPoint
 
@@ -163,16 +163,27 @@ def _correct(net: nn.Module, prepare, data: ImageSet, order: list[torch.Tensor],
     return out
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """Which inputs an observation pass reads and what it keeps: up to ``samples`` of every class in its seeded
+    order (``seed``), only those the model gets right (``correct_only``), and activation counts beside the bits
+    (``counts``, for ``tau``)."""
+
+    samples: int = 1000
+    seed: int = 0
+    correct_only: bool = False
+    counts: bool = False
+
+
 @torch.no_grad()
-def observe(net: nn.Module, graph: ModelGraph, prepare, data: ImageSet, *, samples: int = 1000, seed: int = 0,
-            correct_only: bool = False, device: torch.device | None = None, batch_size: int = 256,
-            dd: Distributed | None = None, show_progress: bool = True, counts: bool = False,
-            spill_above: int | None = None) -> ActivationStats:
-    """Observe up to ``samples`` training inputs of every class of ``data`` (labels = the model's outputs),
-    one class after another; ``counts`` also keeps activation counts (for ``tau``). Bits that would take more
-    than ``spill_above`` bytes (default :data:`SPILL_ABOVE`, 4 GiB) live in memory-mapped files (:class:`Spill`)."""
-    dd = dd or Distributed()
-    device = device or next(net.parameters()).device
+def observe(net: nn.Module, graph: ModelGraph, prepare, data: ImageSet, sampling: Sampling = Sampling(),
+            passes: Passes = Passes(), spill_above: int | None = None) -> ActivationStats:
+    """Observe the training inputs of every class of ``data`` that ``sampling`` picks (labels = the model's
+    outputs), one class after another, run as ``passes`` says. Bits that would take more than ``spill_above``
+    bytes (default :data:`SPILL_ABOVE`, 4 GiB) live in memory-mapped files (:class:`Spill`)."""
+    samples, seed, correct_only, counts = sampling.samples, sampling.seed, sampling.correct_only, sampling.counts
+    dd, batch_size, show_progress = passes.dd, passes.batch_size, passes.progress
+    device = torch.device(passes.device) if passes.device is not None else next(net.parameters()).device
     n = data.num_classes
     if samples < 1:
         raise UserError(f"--ci-samples must be at least 1, got {samples}")

@@ -8,12 +8,22 @@ import html
 import io
 from pathlib import Path
 
-import matplotlib
-
 from .figures import FIGURES
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+PLOTS_EXTRA = "pip install 'cnnmod[report]'"  # what brings matplotlib, which draws the report's plots
+
+
+def _pyplot():
+    """matplotlib's pyplot on its file-only backend, or None where matplotlib is not installed (the report then
+    has its tables and says how to get the plots): the library itself never needs a plotting package."""
+    try:
+        import matplotlib
+    except ImportError:
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def _f(v, digits: int = 2, sign: bool = False) -> str:
@@ -141,7 +151,7 @@ def markdown(r: dict) -> str:
 def _png(fig) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    _pyplot().close(fig)
     return base64.b64encode(buf.getvalue()).decode()
 
 
@@ -151,7 +161,10 @@ def charted(summary: dict) -> list[tuple[str, str]]:
 
 
 def figures(r: dict) -> dict[str, str]:
-    """name -> base64 PNG of each plot."""
+    """name -> base64 PNG of each plot (none without matplotlib)."""
+    plt = _pyplot()
+    if plt is None:
+        return {}
     out = {}
     s, paper = r["summary"], r["paper"]
     keys = charted(s)
@@ -267,8 +280,11 @@ def write_report(results: dict, out: Path) -> tuple[Path, Path]:
     md = markdown(results)
     (out / "report.md").write_text(md)
     body = _md_to_html(md)
+    plots = figures(results)
     images = "".join(f'<h2>Plot: {name.replace("_", " ")}</h2><img alt="{name}" src="data:image/png;base64,{b64}">'
-                     for name, b64 in figures(results).items())
+                     for name, b64 in plots.items())
+    if not plots:
+        images = f"<p>The plots need matplotlib: <code>{html.escape(PLOTS_EXTRA)}</code>, then run again.</p>"
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>cnnmod study ({results['preset']['name']})"
             f"</title><style>{STYLE}</style></head><body>{body}{images}</body></html>")
     (out / "report.html").write_text(page)

@@ -17,7 +17,7 @@ from ..models.classifier import split_for
 from ..models.folder import load_model
 from ..node.method import DecomposeSettings, chosen_classes, decompose
 from ..progress import progress_bar, say
-from ..runtime import Distributed, init_distributed, pick_device, seed_everything
+from ..runtime import Distributed, Passes, init_distributed, pick_device, seed_everything
 from ..slim.config import MODULE_SIZE, SlimSettings
 from ..slim.make import check_joint, slim_modules
 from .common import Run
@@ -101,8 +101,8 @@ def decompose_dir(model_dir: str | Path, out: str | Path, settings: DecomposeSet
         say(f"decomposing {clf.arch} ({clf.num_classes} classes) with {settings.variant}: up to "
             f"{settings.ci_samples} inputs per class of {train.name}")
         with meter.phase("decomposition") as spent:
-            modules = decompose(clf, train, settings=settings, classes=classes, device=dev, batch_size=batch_size,
-                                dd=dd)
+            modules = decompose(clf, train, settings=settings, classes=classes,
+                                passes=Passes(dev, batch_size, dd))
         seconds, variant = modules[0].settings["decomposition_seconds"], settings.variant
     energy = {"decomposition": spent.record.to_dict()}
     result = {"out": str(out), "seconds": seconds, "variant": variant}

@@ -26,7 +26,7 @@ from ..models.registry import create
 from ..models.resume import read_state, resume_folder, stopped_at, write_state
 from ..models.train import TrainSettings, fit, require_in_memory, split_train_val
 from ..progress import say
-from ..runtime import init_distributed, pick_device, seed_everything
+from ..runtime import Passes, init_distributed, pick_device, seed_everything
 
 
 def train(s: TrainSettings, out: str | Path | None, overwrite: bool = False, show_progress: bool = True,
@@ -73,8 +73,8 @@ def train(s: TrainSettings, out: str | Path | None, overwrite: bool = False, sho
             write_state(kept, state, settings)
 
     started = time.perf_counter()
-    result = fit(model, train_set, val_set, spec, s, default_augment(s.data, s.data_root), device, dd, show_progress,
-                 start, keep if kept is not None else None)
+    result = fit(model, (train_set, val_set), spec, s, default_augment(s.data, s.data_root),
+                 Passes(device, s.batch_size, dd, show_progress), start, keep if kept is not None else None)
     last_state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     seconds = time.perf_counter() - started + result["earlier_seconds"]
     resumed = {"resumed_after_epoch": result["resumed_after"]} if result["resumed_after"] else {}

@@ -23,7 +23,7 @@ from ..data.dataset import ImageSet
 from ..data.transforms import Augment, InputSpec, to_input
 from ..errors import UserError
 from ..progress import progress_bar
-from ..runtime import Distributed
+from ..runtime import Distributed, Passes
 
 
 @dataclass
@@ -150,13 +150,16 @@ def _val_accuracy(model: nn.Module, val: ImageSet, spec: InputSpec, device: torc
     return 100.0 * float(counts[0].sum() / counts[1].sum().clamp(min=1))
 
 
-def fit(model: nn.Module, train: ImageSet, val: ImageSet | None, spec: InputSpec, s: TrainSettings, augment: Augment,
-        device: torch.device, dd: Distributed, show_progress: bool = True, start: dict | None = None,
+def fit(model: nn.Module, sets: tuple[ImageSet, ImageSet | None], spec: InputSpec, s: TrainSettings,
+        augment: Augment, passes: Passes, start: dict | None = None,
         on_epoch: Callable[[dict], None] | None = None) -> dict:
-    """Train ``model`` in place; returns history and the best-validation state dict (on the CPU). ``start``: the
-    state of a run that stopped after an epoch (:mod:`cnnmod.models.resume`), to go on from; ``on_epoch(state)`` is
-    called on every process after every epoch with that state (the same on every process: each one's
-    augmentation generator is gathered into it)."""
+    """Train ``model`` in place on ``sets`` (training split, validation split or None), on ``passes.device`` among
+    ``passes.dd``'s processes (``s.batch_size`` images a step); returns history and the best-validation state dict
+    (on the CPU). ``start``: the state of a run that stopped after an epoch (:mod:`cnnmod.models.resume`), to go on
+    from; ``on_epoch(state)`` is called on every process after every epoch with that state (the same on every
+    process: each one's augmentation generator is gathered into it)."""
+    train, val = sets
+    device, dd, show_progress = torch.device(passes.device), passes.dd, passes.progress
     require_in_memory(train)
     net = model
     if dd.active:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Hashable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -41,6 +41,31 @@ class ClassRef:
     def key(self) -> tuple[str, int]:
         """What makes two classes the same class: data set and index in it."""
         return (self.dataset, self.source_class)
+
+
+@dataclass
+class ModuleRecord:
+    """What a module carries into its folder beside its weights: the settings it was made with, the metrics
+    measured on it, its score calibration (a dict, see :mod:`cnnmod.core.calibrate`) and its in-distribution test
+    (``typical``)."""
+
+    settings: dict = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)
+    calibration: dict | None = None
+    typical: dict[str, torch.Tensor] | None = None
+
+    @classmethod
+    def of(cls, module: BinaryModule, **changed) -> ModuleRecord:
+        """``module``'s record (copies of its dicts), with the fields in ``changed`` in place of its own."""
+        return cls(**{"settings": dict(module.settings), "metrics": dict(module.metrics),
+                      "calibration": module.calibration, "typical": module.typical, **changed})
+
+    def apply(self, module: BinaryModule) -> None:
+        """Give ``module`` this record's settings, metrics (copies), calibration and in-distribution test."""
+        module.settings = dict(self.settings or {})
+        module.metrics = dict(self.metrics or {})
+        module.calibration = dict(self.calibration) if self.calibration else None
+        module.typical = self.typical
 
 
 def base_dataset(spec: str) -> str:

@@ -15,6 +15,7 @@ from ..artifacts import write_into
 from ..core.bits import pack_bits, unpack_bits
 from ..errors import UserError
 from ..models.folder import SourceCache
+from ..modules.base import ModuleRecord
 from ..modules.kinds import ModuleKind, register_module_kind, typical_of, typical_tensors
 from .module import Module
 
@@ -103,8 +104,8 @@ def load_node(path: Path, config: dict, tensors: dict[str, torch.Tensor], device
     except KeyError as e:
         raise UserError(f"{path}/model.safetensors lacks {e}; the module is damaged")
     typical = typical_of(tensors)
-    m = Module(clf, graph, config["concerned_class"], masks, head_w, head_b, config.get("settings"),
-               config.get("metrics"), config.get("calibration"), typical)
+    record = ModuleRecord(config.get("settings") or {}, config.get("metrics") or {}, config.get("calibration"), typical)
+    m = Module(clf, graph, config["concerned_class"], masks, head_w, head_b, record)
     return m.to(device)
 
 

@@ -18,13 +18,14 @@ from torch import nn
 from ..composition.fitting import calibrate_decomposition
 from ..core.graph import ModelGraph
 from ..core.masking import binary_head
-from ..core.observe import ActivationStats, observe, tangling_budget
+from ..core.observe import ActivationStats, Sampling, observe, tangling_budget
 from ..data.dataset import ImageSet
 from ..data.registry import split_spec
 from ..data.torch_dataset import as_image_set
 from ..errors import UserError
 from ..models.classifier import Classifier, check_class_names, wrap
-from ..runtime import Distributed
+from ..modules.base import ModuleRecord
+from ..runtime import Distributed, Passes
 from .module import Module
 
 VARIANTS = ("mc", "mc-bln", "mc-bi")
@@ -143,15 +144,17 @@ def apply_variant(graph: ModelGraph, masks: dict[str, torch.Tensor], head_weight
 
 
 def decompose(model: nn.Module, data: ImageSet, variant: str | None = None, *, classes: list[int] | None = None,
-              settings: DecomposeSettings | None = None, device: torch.device | str | None = None,
-              batch_size: int = 256, dd: Distributed | None = None, show_progress: bool = True,
+              settings: DecomposeSettings | None = None, passes: Passes | None = None,
               stats: ActivationStats | None = None) -> list[Module]:
     """One module per class (or per class in ``classes``) of ``model``, observed on ``data`` (its training split:
     an :class:`ImageSet`, or a torch Dataset of (image, label) pairs).
 
-    ``settings`` holds every switch; ``variant``, when given, overrides ``settings.variant``. ``stats`` reuses
-    an earlier observation pass (all three variants come from the same one).
+    ``settings`` holds every switch; ``variant``, when given, overrides ``settings.variant``. ``passes``: the
+    device (default: the model's), batch size, torchrun processes and progress of the passes over ``data``.
+    ``stats`` reuses an earlier observation pass (all three variants come from the same one).
     """
+    passes = passes or Passes()
+    device, batch_size, dd = passes.device, passes.batch_size, passes.dd
     s = settings or DecomposeSettings()
     if variant is not None:
         s = replace(s, variant=variant)
@@ -167,9 +170,8 @@ def decompose(model: nn.Module, data: ImageSet, variant: str | None = None, *, c
     graph.require_relu()
     started = time.perf_counter()
     if stats is None:
-        stats = observe(clf.net, graph, clf.prepare, data, samples=s.ci_samples, seed=s.seed,
-                        correct_only=s.correct_only, device=device, batch_size=batch_size, dd=dd,
-                        show_progress=show_progress, counts=s.tau > 0)
+        sampling = Sampling(s.ci_samples, s.seed, s.correct_only, counts=s.tau > 0)
+        stats = observe(clf.net, graph, clf.prepare, data, sampling, replace(passes, device=device))
     weight, bias = (t.cpu() for t in graph.head.linear_map(clf.net))
     modules = []
     scratch = weight.new_empty((weight.shape[0] - 1, weight.shape[1]))
@@ -177,14 +179,14 @@ def decompose(model: nn.Module, data: ImageSet, variant: str | None = None, *, c
         hw, hb = binary_head(weight, bias, c, scratch)
         masks = module_masks(graph, stats, c, hw, s)
         recorded = {**asdict(s), "observed": int(stats.observed[c])}
-        modules.append(Module(clf, graph, c, masks, hw, hb, recorded).to(device))
+        modules.append(Module(clf, graph, c, masks, hw, hb, ModuleRecord(recorded)).to(device))
     seconds = time.perf_counter() - started
     for m in modules:
         m.metrics["kept_fraction"] = round(m.kept_fraction(), 6)
         m.settings["decomposition_seconds"] = round(seconds, 3)
     if s.calibration_samples > 0:
         started = time.perf_counter()
-        calibrate_sharded(modules, data, s.calibration_samples, s.seed, batch_size, dd or Distributed())
+        calibrate_sharded(modules, data, s.calibration_samples, s.seed, batch_size, dd)
         for m in modules:
             m.settings["calibration_seconds"] = round(time.perf_counter() - started, 3)
     return modules
@@ -224,16 +226,17 @@ def relearn(module: Module, foreign: ImageSet, *, device: torch.device | None = 
     n = module.source.num_classes
     k = tangling_budget(int(module.settings.get("observed", s.ci_samples)), n)
     device = device or module.head_weight.device
-    stats = observe(module.source.net, module.graph, module.prepare, foreign, samples=k, seed=s.seed,
-                    device=device, batch_size=batch_size, show_progress=False)
+    stats = observe(module.source.net, module.graph, module.prepare, foreign, Sampling(k, s.seed),
+                    Passes(device, batch_size, progress=False))
     seen = {p.name: stats.any_class(p) for p in stats.points}
     masks = {name: m.cpu() | seen[name] for name, m in module.masks.items()}
     masks = apply_variant(module.graph, masks, module.head_weight.cpu(), s)
     learned = list(module.settings.get("continuous_learning", [])) + [
         {"data": foreign.name, "classes": foreign.class_names, "per_class": k}]
     out = Module(module.source, module.graph, module.concerned, masks, module.head_weight.cpu(),
-                 module.head_bias.cpu(), {**module.settings, "continuous_learning": learned}, dict(module.metrics),
-                 module.calibration, module.typical)  # fitted before relearning: the head and the source's data
+                 module.head_bias.cpu(), ModuleRecord.of(module, settings={**module.settings,
+                                                                           "continuous_learning": learned}))
+    # calibrated before relearning: the head and the source's data
     # are unchanged; the in-distribution test measures the activations of the module as it was made
     out.metrics["kept_fraction"] = round(out.kept_fraction(), 6)
     return out.to(device)

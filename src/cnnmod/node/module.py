@@ -20,7 +20,7 @@ from ..core.graph import Head, ModelGraph, ObservationPoint
 from ..core.masking import masked_features
 from ..data.transforms import InputSpec
 from ..models.classifier import Classifier
-from ..modules.base import BinaryModule
+from ..modules.base import BinaryModule, ModuleRecord
 
 
 class Module(BinaryModule):
@@ -31,9 +31,7 @@ class Module(BinaryModule):
     """
 
     def __init__(self, source: Classifier, graph: ModelGraph, concerned: int, masks: dict[str, torch.Tensor],
-                 head_weight: torch.Tensor, head_bias: torch.Tensor, settings: dict | None = None,
-                 metrics: dict | None = None, calibration: dict | None = None,
-                 typical: dict[str, torch.Tensor] | None = None) -> None:
+                 head_weight: torch.Tensor, head_bias: torch.Tensor, record: ModuleRecord | None = None) -> None:
         super().__init__()
         self.source = source
         self.graph = graph
@@ -49,10 +47,7 @@ class Module(BinaryModule):
             self.register_buffer(f"packed_{i}", pack_bits(m.reshape(-1).to(torch.bool)), persistent=False)
         self.register_buffer("_head_weight", head_weight.float(), persistent=False)
         self.register_buffer("_head_bias", head_bias.float(), persistent=False)
-        self.settings = dict(settings or {})
-        self.metrics = dict(metrics or {})
-        self.calibration = dict(calibration) if calibration else None  # see cnnmod.calibrate
-        self.typical = typical  # the in-distribution test's statistics (cnnmod.calibrate.fit_typical)
+        (record or ModuleRecord()).apply(self)  # settings, metrics, calibration, in-distribution test
 
     granularity = "node"
     union_pass = True
@@ -146,7 +141,7 @@ class Module(BinaryModule):
 
     def with_head(self, weight: torch.Tensor, bias: torch.Tensor, settings: dict) -> Module:
         copy = Module(self.source, self.graph, self.concerned, {k: v.cpu() for k, v in self.masks.items()}, weight,
-                      bias, settings, dict(self.metrics), self.calibration, self.typical)
+                      bias, ModuleRecord.of(self, settings=settings))
         return copy.to(self.head_weight.device)
 
     def flat_mask(self) -> torch.Tensor:

@@ -22,6 +22,7 @@ from ..models import build
 from ..models.classifier import Classifier
 from ..models.folder import SourceCache, load_model, load_weights, save_into
 from ..models.reference import allows_code
+from ..modules.base import ModuleRecord
 from ..modules.kinds import ModuleKind, register_module_kind, typical_of, typical_tensors
 from .merged import FusedSlim, MergedSlim
 from .module import SlimModule
@@ -96,9 +97,10 @@ def load_slim(path: Path, config: dict, tensors: dict[str, torch.Tensor], device
     net = build_sliced(config)
     load_weights(net, {k: v for k, v in tensors.items() if not k.startswith("typical.")},
                  f"slim {config['source']['arch']}", path)
+    record = ModuleRecord(config.get("settings") or {}, config.get("metrics") or {}, config.get("calibration"),
+                          typical_of(tensors))
     m = SlimModule(net, config["classifier"], InputSpec.from_dict(config["input"]), config["class_name"],
-                   config["concerned_class"], config["source"], config["removed"], config.get("settings", {}),
-                   config.get("metrics"), config.get("calibration"), typical_of(tensors))
+                   config["concerned_class"], config["source"], config["removed"], record)
     return m.to(device).eval()
 
 

@@ -29,6 +29,7 @@ from ..data.registry import split_spec
 from ..data.torch_dataset import as_image_set
 from ..models.classifier import Classifier
 from ..models.train import split_indices
+from ..modules.base import ModuleRecord
 from .config import MODULE_SIZE, SlimSettings
 from .module import SlimModule
 from .pruner import Margins, Pruner
@@ -238,7 +239,7 @@ class ModuleMaker:
                    "channels": p.channels, "history": history}
         settings = {**asdict(s), "granularity": "channel", "seconds": round(time.perf_counter() - self.started, 3)}
         module = SlimModule(sliced, self.graph.head.sliced_layer, source.spec, source.class_names[self.concerned],
-                            self.concerned, info, p.removed(), settings, metrics)
+                            self.concerned, info, p.removed(), ModuleRecord(settings, metrics))
         return module.eval()
 
 

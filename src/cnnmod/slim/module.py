@@ -14,7 +14,7 @@ from torch import nn
 from ..core.graph import Head, ModelGraph
 from ..core.masking import masked_features
 from ..data.transforms import InputSpec
-from ..modules.base import BinaryModule
+from ..modules.base import BinaryModule, ModuleRecord
 
 
 class SlimModule(BinaryModule):
@@ -23,8 +23,7 @@ class SlimModule(BinaryModule):
     granularity = "channel"
 
     def __init__(self, net: nn.Module, classifier: str, spec: InputSpec, class_name: str, concerned: int,
-                 source_info: dict, removed: dict[str, list[int]], settings: dict, metrics: dict | None = None,
-                 calibration: dict | None = None, typical: dict[str, torch.Tensor] | None = None) -> None:
+                 source_info: dict, removed: dict[str, list[int]], record: ModuleRecord | None = None) -> None:
         super().__init__()
         self.net = net
         self.classifier_name = classifier
@@ -33,10 +32,7 @@ class SlimModule(BinaryModule):
         self.concerned = concerned
         self.source_info = dict(source_info)  # arch, args, dataset, class names, source classes, weights sha256
         self.removed = {k: list(v) for k, v in removed.items()}
-        self.settings = dict(settings)
-        self.metrics = dict(metrics or {})
-        self.calibration = dict(calibration) if calibration else None
-        self.typical = typical
+        (record or ModuleRecord()).apply(self)  # settings, metrics, calibration, in-distribution test
 
     @property
     def class_name(self) -> str:
@@ -106,7 +102,7 @@ class SlimModule(BinaryModule):
             layer.weight.copy_(weight.to(layer.weight))
             layer.bias.copy_(bias.to(layer.bias))
         return SlimModule(net, self.classifier_name, self.spec, self.class_name, self.concerned, self.source_info,
-                          self.removed, settings, self.metrics, self.calibration, self.typical).eval()
+                          self.removed, ModuleRecord.of(self, settings=settings)).eval()
 
     def kept_fraction(self) -> float:
         """The share of the source model's parameters this module keeps."""
