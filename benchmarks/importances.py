@@ -1,14 +1,16 @@
-"""Channel importances that benchmarks compare against the library's (Taylor, Fisher), registered by name so that
-``SlimSettings(rule="activation")`` ranks with them once this module is imported. Measured dominated for slim
-modules (BENCHMARKS.md, "Slim modules' cost"), they are baselines, not library settings."""
+"""Channel importances and costs that benchmarks compare against the library's, registered by name once this module
+is imported: ``SlimSettings(rule="activation")`` (how often a channel is active for the margins' own inputs, the
+post-hoc baseline; measured dominated for slim modules, BENCHMARKS.md, "Slim modules' cost") and
+``SlimSettings(cost="both")`` (a channel's share of the parameters plus its share of the FLOPs, which the merged
+pairs of "Two classes, seven pairs" were measured with). They are a benchmark's settings, not the library's."""
 
 from __future__ import annotations
 
 import torch
 
-from cnnmod.core.channels import gated
+from cnnmod.core.channels import cost_per_channel, gated, sliced_cost
 from cnnmod.core.observe import hooks
-from cnnmod.slim.importance import Importance, register_importance
+from cnnmod.slim.importance import Importance, register_channel_cost, register_importance
 
 
 @register_importance
@@ -32,3 +34,14 @@ class ActivationRate(Importance):
             for xb in pruner.batches(mine):
                 pruner.net(xb)
         return [sum(counts[p] for p in g["points"]) / max(len(mine), 1) for g in pruner.groups.groups]
+
+
+def params_and_flops(pruner) -> list[torch.Tensor]:
+    """Per group, one channel's share of the model's parameters plus its share of the model's FLOPs."""
+    shape, head = pruner.source.spec.shape, pruner.graph.head
+    total_flops = sliced_cost(pruner.net, shape, {}, head, "flops")
+    flops = cost_per_channel(pruner.net, pruner.groups, shape, head, "flops")
+    return [p / pruner.total_params + f / total_flops for p, f in zip(pruner.per_channel, flops, strict=True)]
+
+
+register_channel_cost("both", params_and_flops)

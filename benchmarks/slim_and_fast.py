@@ -1,11 +1,11 @@
 """Slim modules against the paper's (issue: beyond the paper), built from library calls.
 
-    python benchmarks/slim_and_fast.py runs/bench/resnet20-bn --sizes 0.5,0.25 --rules taylor,activation
+    python benchmarks/slim_and_fast.py runs/bench/resnet20-bn --sizes 0.5,0.25 --rules taylor,fisher,activation
     python benchmarks/slim_and_fast.py runs/bench/resnet20-bn --sizes 0.35,0.25 --costs params,both --pair-only
     python benchmarks/slim_and_fast.py runs/bench/resnet20-bn --sizes 0.5 --costs both --pair-only --pair 0,6 \
         --random-pairs 6 --merge-sizes 0.3,0.2 --multiple 8
     python benchmarks/slim_and_fast.py runs/bench/resnet20-bn --sizes 1.0 --costs both --pair-only --pair 0,6 \
-        --merge-sizes 0.3 --merge-rules taylor,gates --merge-max-loss 1 --multiple 8
+        --merge-sizes 0.3 --merge-rules taylor,fisher --merge-max-loss 1 --multiple 8
     python benchmarks/slim_and_fast.py runs/bench/resnet20-bn --sizes 0.5 --device cuda --repeats 50 --name-suffix _cuda
 
 For each size and importance rule: slim modules of all classes; their mean parameter fraction; the composed
@@ -13,7 +13,7 @@ top-1/top-5 against the model on the full test set; and, measured side by side i
 at batch 256 of the model, of the paper's voting composition (node-level modules, one batched pass) and of
 the slim composition. ``--costs`` compares channel costs (params, flops, both: ``SlimSettings.cost``);
 ``--pair-only`` makes only the pairs' modules and measures only their 2-class merged compositions (``--pair``
-repeats; ``--random-pairs N`` adds N pairs drawn with ``--seed``; ``--merge-rules taylor,gates`` prunes the merged
+repeats; ``--random-pairs N`` adds N pairs drawn with ``--seed``; ``--merge-rules taylor,fisher`` prunes the merged
 pair to ``--merge-sizes`` with each rule; ``--sizes 1.0`` merges the whole model). Figures go to
 benchmarks/out/slim_<model><suffix>.json (``slim_pair_<model><suffix>.json`` with ``--pair-only``) with a
 markdown table. ``--device cuda`` builds, evaluates and times everything on the GPU (latency with CUDA
@@ -30,6 +30,7 @@ import sys
 import time
 from pathlib import Path
 
+import importances  # noqa: F401 -- registers the benchmarks' importance and cost
 from common import OUT, record
 
 from cnnmod.composition.evaluate import evaluate_against_model

@@ -157,10 +157,12 @@ def test_every_family_saves_reloads_by_reference_and_exports(tmp_path, name):
     images = torch.randint(0, 256, (5, *SHAPE), dtype=torch.uint8)
     with torch.no_grad():
         assert torch.equal(cnnmod.compose(loaded)(images), cnnmod.compose(modules)(images))
+    pytest.importorskip("onnx")  # the onnx extra (the dev extra installs it)
+    pytest.importorskip("onnxruntime")
     folders = sorted(str(p) for p in (tmp_path / "d" / "modules").iterdir())
     with cnnmod.trusting():
         result = export_onnx(folders, tmp_path / "c.onnx")
-    assert result["max_abs_difference"] is None or result["max_abs_difference"] < 1e-4
+    assert result["max_abs_difference"] < 1e-4  # onnxruntime's scores against cnnmod's, on a batch of images
 
 
 @pytest.mark.parametrize("name", ["preact_resnet", "densenet", "pyramidnet", "mobilenet_v2"])

@@ -145,3 +145,14 @@ def test_the_library_and_its_command_line_import_no_plotting_package():
             "print(sorted(m for m in sys.modules if m.split('.')[0] == 'matplotlib'))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_no_assertion_sits_in_a_message_slot():
+    """``assert a, b == c`` checks ``a`` only: a comparison in an assertion's message is a check that never runs."""
+    found = []
+    for path in sorted(SRC.parent.parent.joinpath("tests").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Assert) and node.msg is not None and any(
+                    isinstance(n, ast.Compare) for n in ast.walk(node.msg)):
+                found.append(f"{path.name}:{node.lineno}")
+    assert found == []

@@ -265,7 +265,10 @@ def test_modules_picked_from_a_decomposition_read_only_theirs(decomposed, capsys
     with pytest.raises(UserError, match="has no module for class 7"):
         cnnmod.load_modules(f"{out}:7")
     rc, stdout, err = run(["compose", f"{out}:1,2", "--out", str(tmp_path / "c"), "--json"], capsys)
-    assert rc == 0, err and json.loads(stdout)["classes"] == ["band1", "band2"]
+    assert rc == 0, err
+    # a composition names its classes qualified by their data set, as its folder records them
+    assert json.loads(stdout)["classes"] == [m.ref.qualified for m in everything[1:3]]
+    assert [c.rpartition(":")[2] for c in json.loads(stdout)["classes"]] == ["band1", "band2"]
 
 
 RANKS_SEE = """

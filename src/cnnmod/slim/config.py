@@ -6,9 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, replace
 
 from ..errors import UserError
-from .importance import IMPORTANCES
+from .importance import CHANNEL_COSTS, IMPORTANCES
 
-COSTS = ("params", "flops")  # what a channel's importance is divided by when channels are ranked
 BUDGETS = ("module", "total")
 MODULE_SIZE = 0.5  # a slim module's target size when neither size nor max_loss is given
 
@@ -33,7 +32,8 @@ class SlimSettings:
                                     # weight on their composition's cross-entropy; 0: each head alone
     budget: str = "module"          # "module": each module holds at most ``size``; "total": the modules made
                                     # together hold ``size`` on average, channels ranked across them
-    cost: str = "params"            # rank channels by importance per parameter or per FLOP they cost
+    cost: str = "params"            # rank channels by importance per what they cost, a name of
+                                    # :data:`~cnnmod.slim.importance.CHANNEL_COSTS`: per parameter or per FLOP
     samples: int = 2048             # concerned inputs observed (and as many unconcerned, spread over classes)
     multiple: int = 1               # keep each group's channel count a multiple of this (when above it)
     held_out: int = 50              # held-out inputs per class for max_loss
@@ -81,8 +81,8 @@ class SlimSettings:
         if not self.joint_heads >= 0:
             raise UserError(f"--joint-heads is the weight of the composition's loss in the heads' joint refit, >= 0 "
                             f"(0: each head alone), got {self.joint_heads}")
-        if self.cost not in COSTS:
-            raise UserError(f"unknown slim cost {self.cost!r}; use {' or '.join(COSTS)}")
+        if self.cost not in CHANNEL_COSTS:
+            raise UserError(f"unknown slim cost {self.cost!r}; use {' or '.join(CHANNEL_COSTS)}")
         if self.budget not in BUDGETS:
             raise UserError(f"unknown slim budget {self.budget!r}; use module or total")
         if self.budget == "total" and self.max_loss is not None:

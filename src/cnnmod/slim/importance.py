@@ -1,8 +1,11 @@
 """Channel importance for slim pruning (docs/method.md, "Slim modules"): an :class:`Importance` scores every open
-channel of a :class:`~cnnmod.slim.pruner.Pruner` by what closing it would cost the margins it prunes for.
+channel of a :class:`~cnnmod.slim.pruner.Pruner` by what closing it would cost the margins it prunes for, and a
+channel cost (:data:`CHANNEL_COSTS`) says what the importance is divided by when channels are ranked.
 
 A new importance is a subclass registered by name (:func:`register_importance`); ``SlimSettings.rule`` names it.
-The library registers Taylor's and Fisher's; benchmarks register their baselines the same way."""
+A new channel cost is a function registered by name (:func:`register_channel_cost`); ``SlimSettings.cost`` names
+it. The library registers Taylor's and Fisher's importance and the parameter and FLOP costs; benchmarks register
+their baselines the same way."""
 
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ from typing import ClassVar
 
 import torch
 
-from ..core.channels import classifier_input, gated
+from ..core.channels import classifier_input, cost_per_channel, gated, sliced_cost
 
 
 class Importance(ABC):
@@ -37,6 +40,28 @@ def register_importance(cls: type[Importance]) -> type[Importance]:
 
 def importance(name: str) -> Importance:
     return IMPORTANCES[name]()
+
+
+def params_cost(pruner) -> list[torch.Tensor]:
+    """Per group, the parameters one of its channels costs."""
+    return pruner.per_channel
+
+
+def flops_cost(pruner) -> list[torch.Tensor]:
+    """Per group, the share of the model's FLOPs (per image) one of its channels costs."""
+    shape, head = pruner.source.spec.shape, pruner.graph.head
+    total = sliced_cost(pruner.net, shape, {}, head, "flops")
+    return [f / total for f in cost_per_channel(pruner.net, pruner.groups, shape, head, "flops")]
+
+
+CHANNEL_COSTS: dict[str, Callable] = {"params": params_cost, "flops": flops_cost}
+
+
+def register_channel_cost(name: str, cost: Callable) -> Callable:
+    """Make ``cost(pruner)`` (per group, what one of its channels costs) available by ``name``
+    (``SlimSettings(cost=name)``)."""
+    CHANNEL_COSTS[name] = cost
+    return cost
 
 
 def gate_gradients(pruner, score: Callable[[torch.Tensor], torch.Tensor],

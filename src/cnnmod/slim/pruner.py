@@ -24,12 +24,11 @@ from ..core.channels import (
     narrowed,
     reestimate_bn,
     slice_network,
-    sliced_cost,
     verify_sliced,
 )
 from ..models.classifier import Classifier
 from .config import SlimSettings
-from .importance import importance
+from .importance import CHANNEL_COSTS, importance
 
 
 @dataclass
@@ -94,12 +93,10 @@ class Pruner:
         self.total_params = sum(p.numel() for p in source.net.parameters())
         self.importance = importance(s.rule)  # ranks the open channels at every step (:mod:`.schedule`)
         self._checked = False  # the first sliced network with channels cut is verified (then the last)
-        shape, head = source.spec.shape, self.graph.head
-        self.per_channel = cost_per_channel(self.net, self.groups, shape, head, "params")  # per group, its share
-        self.rank_cost = self.per_channel  # what importance is divided by when channels are ranked
-        if s.cost == "flops":
-            total_flops = sliced_cost(self.net, shape, {}, head, "flops")
-            self.rank_cost = [f / total_flops for f in cost_per_channel(self.net, self.groups, shape, head, "flops")]
+        # per group, the parameters one channel costs (what a step's budget counts), and what its importance is
+        # divided by when channels are ranked
+        self.per_channel = cost_per_channel(self.net, self.groups, source.spec.shape, self.graph.head, "params")
+        self.rank_cost = CHANNEL_COSTS[s.cost](self)
 
     # ---------------------------------------------------------------- passes
     def batches(self, x: torch.Tensor) -> list[torch.Tensor]:
