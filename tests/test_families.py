@@ -3,6 +3,8 @@ applies, slim modules for all, and the properties each must keep whatever the in
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import random_data, slim_with_reference
@@ -18,9 +20,8 @@ from cnnmod.data import load
 from cnnmod.data.transforms import InputSpec
 from cnnmod.errors import UserError
 from cnnmod.io.export import export_onnx
-from cnnmod.jobs.train import train
 from cnnmod.models.classifier import Classifier
-from cnnmod.models.train import TrainSettings
+from cnnmod.models.folder import load_model
 from cnnmod.node import DecomposeSettings, decompose
 from cnnmod.node.method import marked_features
 from cnnmod.node.module import Module
@@ -196,11 +197,8 @@ def test_after_a_short_training_mc_bln_composes_within_the_papers_cost(name):
     within the paper's 1.77 pp of the model on the test split: by the paper's rule where a ReLU follows every
     convolution (SE-ResNet), and with --exact-only everywhere (linear bottlenecks, concatenations and
     pre-activation BatchNorms follow some convolutions there: the paper's rule costs 2.8-6.4 pp on these)."""
-    settings = TrainSettings(arch=f"families:{name}", arch_args={"width": 8}, data="digits",
-                             input_size=[16, 16], epochs=10, optimizer="adam", lr=0.005, augment=False,
-                             device="cpu", seed=0)
-    with cnnmod.trusting():
-        clf = train(settings, None, show_progress=False)["model"].eval()
+    with cnnmod.trusting():  # trained once by tests/fixtures/make_digits_models.py; by reference, as users' code is
+        clf = load_model(Path(__file__).parent / "fixtures" / "digits16" / name).eval()
     test, observed = load("digits", "test"), load("digits", "train")
     cost = {}
     for exact in (False, True):

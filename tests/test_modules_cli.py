@@ -125,7 +125,8 @@ def test_decompose_bad_input(model_dir, tmp_path, capsys):
                       "unknown variant")
     assert_user_error(*run(["decompose", str(model_dir), "--out", str(target), "--classes", "0,7"], capsys),
                       "no class 7")
-    assert_user_error(*run(["decompose", str(model_dir), "--out", str(target), "--tau", "2"], capsys), "--tau")
+    assert_user_error(*run(["decompose", str(model_dir), "--out", str(target), "--ci-samples", "0"], capsys),
+                      "--ci-samples must be at least 1")
     assert not target.exists()
     assert_user_error(*run(["decompose", str(tmp_path / "nope"), "--out", str(target)], capsys), "nope")
     target.mkdir()
@@ -135,7 +136,7 @@ def test_decompose_bad_input(model_dir, tmp_path, capsys):
 def test_decompose_some_classes_then_evaluate_them(model_dir, tmp_path, capsys):
     out = tmp_path / "two"
     rc, stdout, err = run(["decompose", str(model_dir), "--out", str(out), "--classes", "0,2", "--json",
-                           "--ci-samples", "5", "--correct-only"], capsys)
+                           "--ci-samples", "5"], capsys)
     assert rc == 0, err
     assert [m["class"] for m in json.loads(stdout)["modules"]] == [0, 2]
     rc, stdout, err = run(["evaluate", str(out), "--json"], capsys)

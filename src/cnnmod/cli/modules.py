@@ -32,16 +32,10 @@ def decompose_cmd(
     variant: str = typer.Option("mc-bln", "--variant", help="mc, mc-bln (the paper's choice) or mc-bi."),
     classes: str = typer.Option(None, "--classes", help="Decompose only these classes, e.g. 0,3,7."),
     ci_samples: int = typer.Option(1000, "--ci-samples", help="Training inputs observed per class."),
-    correct_only: bool = typer.Option(False, "--correct-only", help="Observe only inputs the model gets right."),
     exact_only: bool = typer.Option(False, "--exact-only", help="Switch nodes off only where a ReLU follows "
                                     "(pre-activation networks: a 0 before an addition or BatchNorm is not "
                                     "inactive)."),
-    relative_delta: bool = typer.Option(False, "--relative-delta", help="MC-BLN's --delta in units of the weights "
-                                        "it is compared with (their root mean square), not absolute."),
-    tau: float = typer.Option(0.0, "--tau", help="Keep a node active for at least this rate of its class (0: paper)."),
     delta: float = typer.Option(0.5, "--delta", help="MC-BLN's weight threshold."),
-    condition: str = typer.Option("pseudocode", "--condition",
-                                  help="MC-BLN's marking rule: pseudocode (default) or prose."),
     granularity: str = typer.Option("node", "--granularity",
                                     help="node (the paper's masks) or channel (slim modules, physically smaller)."),
     size: float = typer.Option(None, "--size", help="Slim modules: target fraction of the model's parameters "
@@ -92,10 +86,8 @@ def decompose_cmd(
     from ..node.method import DecomposeSettings
     from ..slim.config import SlimSettings
 
-    settings = DecomposeSettings(variant=variant, delta=delta, condition=condition, ci_samples=ci_samples,
-                                 correct_only=correct_only, tau=tau, seed=seed, exact_only=exact_only,
-                                 relative_delta=relative_delta,
-                                 calibration_samples=calibration_samples)
+    settings = DecomposeSettings(variant=variant, delta=delta, ci_samples=ci_samples, seed=seed,
+                                 exact_only=exact_only, calibration_samples=calibration_samples)
     if granularity not in ("node", "channel"):
         raise UserError(f"unknown granularity {granularity!r}; use node or channel")
     slim = None

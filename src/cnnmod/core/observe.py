@@ -80,7 +80,7 @@ class ActivationStats:
 
     def count(self, point: ObservationPoint, c: int) -> torch.Tensor:
         if self.counts is None:
-            raise UserError("this observation pass recorded no activation counts, which --tau needs; observe "
+            raise UserError("this observation pass recorded no activation counts, which tau > 0 needs; observe "
                             "again with counts=True")
         return self.counts[point.name][c]
 
@@ -203,7 +203,7 @@ def observe(net: nn.Module, graph: ModelGraph, prepare, data: ImageSet, sampling
             idx = idx[correct[c]]
             if idx.numel() == 0:
                 raise UserError(f"the model classifies no training image of class {c} ({data.class_names[c]}) "
-                                "correctly; drop --correct-only or check the model and data")
+                                "correctly; drop correct_only or check the model and data")
         chosen.append(idx[:samples])
     observed = torch.tensor([int(i.numel()) for i in chosen], dtype=torch.int64)
     budgets = sorted({tangling_budget(int(o), n) for o in observed})

@@ -53,7 +53,7 @@ class DecomposeSettings:
         if self.condition not in CONDITIONS:
             raise UserError(f"unknown MC-BLN condition {self.condition!r}; choose pseudocode or prose")
         if not 0.0 <= self.tau <= 1.0:
-            raise UserError(f"--tau is an activation rate in [0, 1], got {self.tau}")
+            raise UserError(f"tau is an activation rate in [0, 1], got {self.tau}")
         if self.delta < 0:
             raise UserError(f"--delta must be >= 0, got {self.delta}")
         if self.ci_samples < 1:
