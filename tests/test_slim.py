@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import itertools
 import json
 import shutil
@@ -884,7 +885,7 @@ def test_learned_channel_scales_are_folded_into_the_slim_module():
     """With --scale-epochs the kept channels' gates end as learned scales (not all 0 or 1): the slim module,
     with them folded into its weights, computes what the gated network computes on new inputs, and costs no
     parameter more than the module cut the same way without them."""
-    clf = source("resnet20")
+    clf = source("resnet20", width=8)
     data = random_data(per_class=20)
     s = SlimSettings(size=0.4, samples=40, step=0.2, step_samples=16)
     plain = slim_module(clf, data, 1, s)
@@ -904,7 +905,7 @@ def test_learned_batchnorm_affine_stays_in_the_module_and_is_exact():
     BatchNorm weights differ from the model's on its kept channels, the model itself is untouched (each module
     learns on its own copy), the module computes what its gated network computes, and it holds exactly the
     parameters of the module cut the same way without them. On held-out inputs, a fall in accuracy undoes them."""
-    clf = source("resnet20")
+    clf = source("resnet20", width=8)
     original = {k: v.clone() for k, v in clf.net.state_dict().items()}
     data = random_data(per_class=20)
     s = SlimSettings(size=0.4, samples=40, step=0.2, step_samples=16, scale_epochs=3)
@@ -933,7 +934,7 @@ def test_learned_batchnorm_affine_stays_in_the_module_and_is_exact():
 def test_learned_scales_that_lose_held_out_accuracy_are_not_kept():
     """With held-out inputs (--max-loss), learned scales that lower the held-out accuracy are undone: the gates
     go back to what the last step left."""
-    clf = source("resnet20")
+    clf = source("resnet20", width=8)
     data = random_data(per_class=20)
     features = ModelGraph(clf.net, clf.spec.shape).head.linear_map(clf.net)[0].shape[1]
     pruner = Pruner(clf, SlimSettings(size=0.4, samples=40, step_samples=16, scale_epochs=2).resolved(0.4),
@@ -949,9 +950,15 @@ def test_learned_scales_that_lose_held_out_accuracy_are_not_kept():
 
 
 def _joint_case():
-    """Slim modules of every class of a random ResNet-20 (4 classes) made with their heads fitted alone, the
-    observed inputs their heads are refitted together on, and those inputs' features, labels and source odds."""
-    clf = source("resnet20")
+    """Slim modules of every class of a random ResNet-20 (4 classes) made with their heads fitted alone (a copy
+    each time: the tests refit them in place), and the observed inputs their heads are refitted together on."""
+    clf, data, modules, index = _joint_made()
+    return clf, data, copy.deepcopy(modules), index
+
+
+@functools.cache
+def _joint_made():
+    clf = source("resnet20", width=8)
     data = random_data(per_class=24)
     s = SlimSettings(size=0.5, samples=24, step=0.3, step_samples=None)
     modules = slim_modules(clf, data, [0, 1, 2, 3], s)
@@ -1155,7 +1162,7 @@ def test_reconstructed_slim_module_is_cut_alike_exact_and_nearer_the_model():
     refit follows the last step) and holds as many parameters; it computes what its gated network computes; the
     model is untouched; and on new inputs its features (the head's input) are nearer the model's than those of
     the module made without it."""
-    clf = source("resnet20")
+    clf = source("resnet20", width=8)
     original = {k: v.clone() for k, v in clf.net.state_dict().items()}
     data = random_data(per_class=20)
     s = SlimSettings(size=0.4, samples=40, step=0.2, step_samples=16)
