@@ -85,7 +85,7 @@ def test_atomic_folder_leaves_nothing_on_failure_and_guards_existing(tmp_path: P
             raise RuntimeError("interrupted")
     assert list(tmp_path.iterdir()) == []
     save_model(_classifier(), tmp_path / "out")
-    with pytest.raises(UserError, match="exists already.*--overwrite"):
+    with pytest.raises(UserError, match="exists already.*pass overwrite"):
         save_model(_classifier(1), tmp_path / "out")
     save_model(_classifier(1), tmp_path / "out", overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

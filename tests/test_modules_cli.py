@@ -145,7 +145,7 @@ def test_decompose_some_classes_then_evaluate_them(model_dir, tmp_path, capsys):
     assert [c["class"] for c in r["per_class"]] == [0, 2] and r["test_images"] == sum(
         c["count"] for c in r["per_class"])
     config = json.loads((out / "modules" / "c00-band0" / "config.json").read_text())
-    assert config["settings"]["observed"] == 5 and config["settings"]["correct_only"] is True
+    assert config["settings"]["observed"] == 5 and config["settings"]["ci_samples"] == 5
 
 
 

@@ -396,7 +396,7 @@ def test_merged_and_fused_compositions(two_models, tmp_path, capsys):
     assert cost_report(merged, images)["flops_fraction"] == pytest.approx(1.0, rel=0.01)   # one pass
     assert cost_report(cnnmod.compose(modules), images)["flops_fraction"] == pytest.approx(3.0, rel=0.01)
     other = cnnmod.load_module(dec_b / "modules" / "c01-band1")
-    with pytest.raises(UserError, match="--mode fused"):
+    with pytest.raises(UserError, match="mode fused"):
         cnnmod.compose(modules + [other], mode="merged")
     fused = cnnmod.compose(modules + [other], mode="fused")
     assert torch.allclose(fused(images)[:, :3], merged(images), atol=1e-6)

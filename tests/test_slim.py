@@ -754,9 +754,9 @@ def test_a_size_out_of_reach_names_the_smallest_one():
     fc1 (1x3x3)+1 and the two-way head 2x1+2 = 34 of its 23,556 parameters: 0.00144, said as 0.0015."""
     clf = source("cnn")
     assert sum(p.numel() for p in clf.net.parameters()) == 160 + 4640 + 18496 + 260
-    with pytest.raises(UserError, match=r"--size 0.001 is out of reach for .*: every channel group keeps at least "
+    with pytest.raises(UserError, match=r"size 0.001 is out of reach for .*: every channel group keeps at least "
                                         r"one channel, so the smallest it reaches is 0.0015 of the parameters; ask "
-                                        r"for --size 0.0015 or more"):
+                                        r"for size 0.0015 or more"):
         slim_module(clf, random_data(per_class=30), 2, SlimSettings(size=0.001, samples=40, step=0.5))
 
 
@@ -764,7 +764,7 @@ def test_a_max_loss_the_first_step_misses_says_what_it_loses(monkeypatch):
     scores = itertools.chain([100.0, 100.0], itertools.repeat(90.0))  # before pruning (measured, then as the
     # reference), then after every step: 10 points lost at once
     monkeypatch.setattr(Pruner, "top1", lambda self, *a, **k: next(scores))
-    with pytest.raises(UserError, match=r"--max-loss 1 pp cannot be met: the first pruning step \(to 0\.\d+ of the "
+    with pytest.raises(UserError, match=r"max_loss 1 pp cannot be met: the first pruning step \(to 0\.\d+ of the "
                                         r"parameters\) already loses 10.00 pp of held-out accuracy"):
         slim_module(source("cnn"), random_data(per_class=30), 2, SlimSettings(max_loss=1.0, samples=40, held_out=10,
                                                                               step=0.2))
@@ -824,9 +824,11 @@ def test_a_total_budget_gives_the_channels_to_the_module_that_needs_them(monkeyp
 
 
 def test_a_total_budget_takes_no_max_loss():
-    with pytest.raises(UserError, match="--slim-budget total shares --size among the modules; it does not take "
-                                        "--max-loss"):
+    # in the library's words, and in the command line's (the flags it has for those settings)
+    with pytest.raises(UserError, match="budget total shares size among the modules; it does not take max_loss") as e:
         SlimSettings(max_loss=1.0, budget="total").check()
+    assert e.value.for_command_line({"budget": "--slim-budget"}).startswith(
+        "--slim-budget total shares --size among the modules; it does not take --max-loss")
     with pytest.raises(UserError, match="unknown slim budget 'all'; use module or total"):
         SlimSettings(budget="all").check()
 

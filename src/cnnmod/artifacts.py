@@ -39,9 +39,9 @@ def sha256_file(path: Path) -> str:
 def check_output(out: Path, overwrite: bool) -> None:
     """Refuse an existing output folder unless overwriting; call before long work so it fails early."""
     if out.exists() and not overwrite:
-        raise UserError(f"{out} exists already; choose another --out or pass --overwrite")
+        raise UserError(f"{out} exists already; choose another «out» or pass «overwrite»")
     if out.exists() and not out.is_dir():
-        raise UserError(f"{out} exists and is not a folder; choose another --out")
+        raise UserError(f"{out} exists and is not a folder; choose another «out»")
 
 
 @contextmanager

@@ -15,7 +15,7 @@ import typer
 from ..errors import UserError
 from ..runtime import leave_together, shutdown_distributed
 from . import data, models, modules  # noqa: F401 -- the commands register themselves on the app
-from .app import app
+from .app import FLAGS, app
 
 TRUST_CODE = "--trust-code"  # anywhere on the line: artifacts may import the code their architecture names
 SKIP_BAD_IMAGES = "--skip-bad-images"  # anywhere on the line: streamed splits leave unreadable images out
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
             rc = command.main(args=argv, prog_name="cnnmod", standalone_mode=False)
         leave_together()  # under torchrun: no rank tears down its connections while another still works
     except UserError as e:
-        sys.stderr.write(f"cnnmod: error: {e}\n")
+        sys.stderr.write(f"cnnmod: error: {e.for_command_line(FLAGS)}\n")
         return 2
     except OSError as e:
         if e.errno not in (errno.ENOSPC, errno.EDQUOT):

@@ -21,6 +21,11 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 data_app = typer.Typer(no_args_is_help=True, help="Inspect and download data sets.")
 app.add_typer(data_app, name="data")
 
+# the flag of each library setting whose flag is not ``--`` + its name with dashes (UserError.for_command_line)
+FLAGS = {"step": "--slim-step", "step_samples": "--slim-step-samples", "samples": "--slim-samples",
+         "cost": "--slim-cost", "budget": "--slim-budget", "multiple": "--slim-multiple", "recipe": "--slim-recipe",
+         "trust_code": "--trust-code", "cls": "--class", "replacement": "--with"}
+
 JSON = typer.Option(False, "--json", help="Print one JSON object on stdout.")
 SEED = typer.Option(0, "--seed", help="Random seed; the same seed gives the same result.")
 DEVICE = typer.Option("auto", "--device", help="auto, cpu or cuda.")

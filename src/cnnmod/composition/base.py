@@ -123,7 +123,7 @@ def find_class(refs: Sequence[ClassRef], text: str) -> int:
         raise UserError(f"the composition has no class {text!r}; its classes are "
                         f"{', '.join(r.qualified for r in refs)}")
     if len(candidates) > 1:
-        raise UserError(f"--class {text!r} matches {len(candidates)} modules; say which with dataset:class "
+        raise UserError(f"«cls» {text!r} matches {len(candidates)} modules; say which with dataset:class "
                         f"(one of {', '.join(refs[i].qualified for i in candidates)})")
     return candidates[0]
 

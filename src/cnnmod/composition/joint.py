@@ -24,9 +24,9 @@ def check_every_class(classes: list[int], num_classes: int) -> None:
     """Heads are refitted together for a module of every class of one model: one line when ``classes`` are
     fewer."""
     if sorted(classes) != list(range(num_classes)):
-        raise UserError(f"--joint-heads refits the heads of a module of every class together; these are "
+        raise UserError(f"«joint_heads» refits the heads of a module of every class together; these are "
                         f"{len(classes)} of the model's {num_classes} classes: decompose every class, or leave "
-                        "--joint-heads at 0")
+                        "«joint_heads» at 0")
 
 
 def module_features(modules: list[BinaryModule], images: torch.Tensor, batch_size: int = 512) -> list[torch.Tensor]:

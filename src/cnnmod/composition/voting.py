@@ -44,14 +44,14 @@ def check_calibration(modules: Sequence[BinaryModule], calibration: str, mode: s
         missing = [m.class_name for m in modules if not m.calibration]
         if missing:
             raise UserError(f"the modules of {', '.join(missing[:3])} have no calibration; decompose with "
-                            "--calibration-samples N (N > 0), or compose with --calibration none")
+                            "«calibration_samples» N (N > 0), or compose with «calibration» none")
     if calibration == "platt-ood":
         missing = [m.class_name for m in modules if m.typical is None]
         if missing:
             raise UserError(f"the modules of {', '.join(missing[:3])} have no in-distribution test (modules made "
-                            "before cnnmod had it have none): use --calibration platt, or decompose again")
+                            "before cnnmod had it have none): use «calibration» platt, or decompose again")
         if mode != "vote":
-            raise UserError("--calibration platt-ood measures each module's own activations: compose with --mode "
+            raise UserError("«calibration» platt-ood measures each module's own activations: compose with «mode» "
                             "vote")
 
 
@@ -67,11 +67,11 @@ def check_mode(modules: Sequence[BinaryModule], mode: str) -> None:
     if mode == "vote":
         return
     if not all(m.union_pass for m in modules):
-        raise UserError(f"--mode {mode} of this composition merges node-level modules; slim modules merge with "
-                        "cnnmod compose --mode merged (one model) or --mode fused (several), and slim and "
-                        "node-level modules together run with --mode vote")
+        raise UserError(f"«mode» {mode} of this composition merges node-level modules; slim modules merge with "
+                        "cnnmod compose «mode» merged (one model) or «mode» fused (several), and slim and "
+                        "node-level modules together run with «mode» vote")
     if mode == "merged" and len({m.source_key for m in modules}) > 1:
-        raise UserError("--mode merged needs modules of one source model; these come from several: use --mode fused "
+        raise UserError("«mode» merged needs modules of one source model; these come from several: use «mode» fused "
                         "(one merged network per source model, their scores fused)")
 
 

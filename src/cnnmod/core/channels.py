@@ -57,7 +57,7 @@ class ChannelGroups:
             found = list(dg.get_all_groups(ignored_layers=[classifier], root_module_types=[nn.Conv2d, nn.Linear]))
         except Exception as e:  # noqa: BLE001 - torch-pruning's failures all mean the same to the user
             raise UserError(f"torch-pruning cannot trace {type(net).__name__} to slice it ({str(e)[:120]}); "
-                            "use --granularity node")
+                            "use «granularity» node")
         names = {m: n for n, m in net.named_modules()}
         layer_points = {p.layer: p for p in graph.points}
         self.groups: list[dict] = []
@@ -76,7 +76,7 @@ class ChannelGroups:
         if not self.groups:
             reason = "; ".join(f"{layer}: {why}" for layer, why in self.unsliceable[:2])
             raise UserError(f"{type(net).__name__} has no channels that torch-pruning can slice"
-                            f"{' (' + reason + ')' if reason else ''}; use --granularity node")
+                            f"{' (' + reason + ')' if reason else ''}; use «granularity» node")
 
     def _probe(self, net: nn.Module, graph: ModelGraph) -> list[tuple[str, str]]:
         """Cut one channel of every group and compare the sliced network with the gated one; groups that fail
@@ -290,7 +290,7 @@ def slice_network(net: nn.Module, input_shape: tuple[int, int, int], removed: di
             dg.get_pruning_group(layer, handler, idxs=list(idxs)).prune()
         except Exception as e:  # noqa: BLE001 - whatever torch-pruning trips on means the same to the user
             raise UserError(f"torch-pruning cannot slice {type(net).__name__} at layer {root!r} "
-                            f"({type(e).__name__}: {str(e)[:100]}); use --granularity node")
+                            f"({type(e).__name__}: {str(e)[:100]}); use «granularity» node")
     kept = head.kept(sliced)
     linear = nn.Linear(kept.numel(), head_w.shape[0] if head_w is not None else outputs).to(device)
     if head_w is not None and head_b is not None:
@@ -313,14 +313,14 @@ def verify_sliced(sliced: nn.Module, x: torch.Tensor, expected: torch.Tensor, na
         where = f"after layer {done[-1]!r}" if done else "at its first layer"
         raise UserError(f"torch-pruning cannot slice {name}: with channels cut, it fails {where} "
                         f"({str(e)[:120]}), where an operation depends on the channel count; "
-                        "use --granularity node")
+                        "use «granularity» node")
     finally:
         for h in handles:
             h.remove()
     gap = float((out - expected).abs().max())
     if gap > 1e-2 * (float(expected.abs().max()) + 1.0):  # loose enough for TF32 on a GPU
         raise UserError(f"torch-pruning cannot slice {name} faithfully: the sliced network's outputs differ from "
-                        f"the gated model's by {gap:.3g}; use --granularity node")
+                        f"the gated model's by {gap:.3g}; use «granularity» node")
 
 
 def _width(layer: nn.Module, side: str) -> int:

@@ -249,7 +249,7 @@ class ModelGraph:
             if self.ops[n.name].activation and n.name not in self.gate_branch:
                 raise UserError(f"the model uses {self.describe(n)}; the paper's node rule needs ReLU-family hidden "
                                 "activations (active means > 0): use slim modules for this model "
-                                "(cnnmod decompose --granularity channel)")
+                                "(cnnmod decompose «granularity» channel)")
 
     def _skip_back(self, node, kinds: tuple[str, ...]):
         while isinstance(node, Node) and self.kinds[node.name] in kinds:

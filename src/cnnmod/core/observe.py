@@ -186,7 +186,7 @@ def observe(net: nn.Module, graph: ModelGraph, prepare, data: ImageSet, sampling
     device = torch.device(passes.device) if passes.device is not None else next(net.parameters()).device
     n = data.num_classes
     if samples < 1:
-        raise UserError(f"--ci-samples must be at least 1, got {samples}")
+        raise UserError(f"«ci_samples» must be at least 1, got {samples}")
     order = class_order(data.labels, n, seed)
     for c, idx in enumerate(order):
         if idx.numel() == 0:

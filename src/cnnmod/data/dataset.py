@@ -61,7 +61,7 @@ class ImageSet:
     def subset(self, classes: list[int]) -> ImageSet:
         """Keep only ``classes`` (indices into this set's labels), relabelled 0..k-1 in the order given."""
         if not classes:
-            raise UserError("the class list is empty; name at least one class, e.g. --classes 0,3,7")
+            raise UserError("the class list is empty; name at least one class, e.g. «classes» 0,3,7")
         if len(set(classes)) != len(classes):
             raise UserError(f"the class list {classes} names a class twice")
         for c in classes:

@@ -115,7 +115,7 @@ def fetch(name: str, root: Path, spec: FetchSpec | None = None, mirror: str | No
                         "(digits ships with scikit-learn)")
     final = root / spec.target
     if final.exists() and not overwrite:
-        raise UserError(f"{final} exists already; use --overwrite to fetch again")
+        raise UserError(f"{final} exists already; use «overwrite» to fetch again")
     root.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=".fetch-", dir=root))
     try:

@@ -196,7 +196,7 @@ def load(spec: str, split: str = "train", data_root: str | os.PathLike | None = 
         return joined.subset(classes) if classes is not None else joined
     name, spec_classes = split_spec(spec)
     if spec_classes is not None and classes is not None and spec_classes != classes:
-        raise UserError(f"{spec} names classes {spec_classes} but --classes says {classes}; give them once")
+        raise UserError(f"{spec} names classes {spec_classes} but «classes» says {classes}; give them once")
     chosen = classes if classes is not None else spec_classes
     streamed = _streamed(name, data_root_path(data_root), stream)
     if streamed is not None:

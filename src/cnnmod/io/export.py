@@ -23,7 +23,7 @@ def export_onnx(paths: list[str | Path], out: str | Path, overwrite: bool = Fals
         raise UserError("exporting to ONNX needs the onnx extra: pip install 'cnnmod[onnx]' (onnx and onnxruntime)")
     out = Path(out)
     if out.exists() and not overwrite:
-        raise UserError(f"{out} exists already; choose another file or pass --overwrite")
+        raise UserError(f"{out} exists already; choose another file or pass «overwrite»")
     comp = load_composer(paths, "cpu", calibration)[0].eval()
     calibration = comp.calibration
     shape = tuple(comp.input_shape)

@@ -266,8 +266,8 @@ def slim_source_of(paths: Sequence[str | os.PathLike], device: torch.device | st
     """The source model of slim modules given as decomposition folders or module folders inside one."""
     found = {slim_source_dir(p) for p in paths}
     if len(found) != 1:
-        raise UserError("--mode merged needs slim modules of one decomposition folder; these come from "
-                        f"{len(found)}: use --mode fused (one merged network per model, their scores side by side)")
+        raise UserError("«mode» merged needs slim modules of one decomposition folder; these come from "
+                        f"{len(found)}: use «mode» fused (one merged network per model, their scores side by side)")
     return load_model(found.pop(), device)
 
 

@@ -55,24 +55,24 @@ class ComposeSettings:
         """Everything that can be said against these settings for ``modules`` before any work starts."""
         check_composable(modules)
         prunes = self.size is not None or self.max_loss is not None
-        shaping = {"--slim-cost": self.cost is not None, "--slim-multiple": self.multiple != 1,
-                   "--reconstruct": self.reconstruct, "--rule": self.rule != "taylor",
-                   "--scale-epochs": self.scale_epochs != 0, "--scale-bn": self.scale_bn}
+        shaping = {"«cost»": self.cost is not None, "«multiple»": self.multiple != 1,
+                   "«reconstruct»": self.reconstruct, "«rule»": self.rule != "taylor",
+                   "«scale_epochs»": self.scale_epochs != 0, "«scale_bn»": self.scale_bn}
         if any(shaping.values()) and not prunes:
             what = next(k for k, v in shaping.items() if v)
-            raise UserError(f"{what} shapes how --size prunes a merged slim composition: give --size too, or drop it")
+            raise UserError(f"{what} shapes how «size» prunes a merged slim composition: give «size» too, or drop it")
         slim = [m.ref.qualified for m in modules if not kind_of(m).refits]
         if (self.refit_heads or self.continuous_learning) and slim:
-            what = "--refit-heads" if self.refit_heads else "--continuous-learning"
+            what = "«refit_heads»" if self.refit_heads else "«continuous_learning»"
             raise UserError(f"{what} works on node-level modules; {slim[0]} is a slim module (its head was fitted "
                             "when it was made): compose node-level modules, or drop the option")
         if self.slim_network(modules) == "merged":
             self.slim().check()
             return
         if prunes:
-            what = "--size" if self.size is not None else "--max-loss"
+            what = "«size»" if self.size is not None else "«max_loss»"
             raise UserError(f"{what} prunes a merged slim composition: compose slim modules of one model with "
-                            "--mode merged")
+                            "«mode» merged")
         if self.slim_network(modules) is None:
             check_mode(modules, self.mode)
             check_calibration(modules, self.calibration, self.mode)
@@ -178,7 +178,7 @@ def replace_dir(target: str | Path, cls: str, replacement: str | Path, out: str 
     position = find_class([m.ref for m in modules], cls)
     new = load_modules(replacement, dev)
     if len(new) != 1:
-        raise UserError(f"--with must be one module folder; {replacement} holds {len(new)} modules (pick one of its "
+        raise UserError(f"«replacement» must be one module folder; {replacement} holds {len(new)} modules (pick one of its "
                         "modules/ folders)")
     old = modules[position]
     modules[position] = new[0]

@@ -65,11 +65,11 @@ def decompose_dir(model_dir: str | Path, out: str | Path, settings: DecomposeSet
     batch_size = run.batch_size
     dd, dev = init_distributed(pick_device(run.device))
     if slim is not None and dd.active and slim.budget == "total":
-        raise UserError("--slim-budget total prunes all modules together in one process: run it without torchrun, "
-                        "or use --slim-budget module")
+        raise UserError("«budget» total prunes all modules together in one process: run it without torchrun, "
+                        "or use «budget» module")
     if slim is not None and dd.active and slim.joint_heads > 0:
-        raise UserError("--joint-heads refits every module's head together in one process: run it without "
-                        "torchrun, or leave --joint-heads at 0")
+        raise UserError("«joint_heads» refits every module's head together in one process: run it without "
+                        "torchrun, or leave «joint_heads» at 0")
     if dd.is_main:
         check_output(Path(out), run.overwrite)
     seed_everything(settings.seed)

@@ -33,7 +33,7 @@ class EvaluateSettings:
 
     def check(self) -> None:
         if self.latency_batch < 1:
-            raise UserError(f"--latency-batch must be at least 1, got {self.latency_batch}")
+            raise UserError(f"«latency_batch» must be at least 1, got {self.latency_batch}")
 
 
 def evaluate_model_dir(model_dir: str | Path, data: str | None = None, resize: bool = False,
@@ -84,7 +84,7 @@ def evaluate_dir(paths: list[str | Path], settings: EvaluateSettings | None = No
         head = {"paths": [str(p) for p in paths]}
         if source is None:
             if s.data is not None:
-                raise UserError("--data applies to modules of one model; a composition across models is evaluated "
+                raise UserError("«data» applies to modules of one model; a composition across models is evaluated "
                                 "on each class's own data set")
             report = evaluate_composition(composer, run.data_root, dev, run.batch_size, dd=dd)
             if composer.mode == "fused":

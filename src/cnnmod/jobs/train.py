@@ -43,8 +43,8 @@ def train(s: TrainSettings, out: str | Path | None, overwrite: bool = False, sho
         check_output(Path(out), overwrite)
         if kept.exists() and not resume:
             if not overwrite:
-                raise UserError(f"{kept} holds {stopped_at(kept)} of a training run that stopped: add --resume to "
-                                "go on from it, or --overwrite to start again")
+                raise UserError(f"{kept} holds {stopped_at(kept)} of a training run that stopped: add «resume» to "
+                                "go on from it, or «overwrite» to start again")
             shutil.rmtree(kept)
     dd.barrier()
     start = read_state(kept, settings) if resume and kept is not None and kept.exists() else None

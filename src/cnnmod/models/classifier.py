@@ -118,5 +118,5 @@ def split_for(clf: Classifier, data: str | None, data_root: str | None, split: s
     own = name == split_spec(clf.dataset)[0] if clf.dataset else False  # trained on it, resized or not
     if test.input_shape != clf.spec.shape and not resize and not own:
         raise UserError(f"the model takes {'x'.join(map(str, clf.spec.shape))} images but {spec} has "
-                        f"{'x'.join(map(str, test.input_shape))}; pass --resize to convert them")
+                        f"{'x'.join(map(str, test.input_shape))}; pass «resize» to convert them")
     return test

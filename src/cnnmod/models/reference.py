@@ -76,7 +76,7 @@ def resolve(ref: str, *, trusted: bool = False) -> Callable[..., nn.Module]:
     module, _, attr = ref.partition(":")
     if not trusted and not _trusted(module):
         raise UserError(f"this artifact's architecture is {ref}: loading it imports and runs {module}; allow it with "
-                        f"--trust-code, trust_code=True or {TRUST_ENV}={module.split('.')[0]}")
+                        f"«trust_code», trust_code=True or {TRUST_ENV}={module.split('.')[0]}")
     try:
         obj = importlib.import_module(module)
     except ImportError as e:

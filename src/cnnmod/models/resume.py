@@ -92,5 +92,5 @@ def read_state(folder: Path, settings: dict) -> dict:
     if differ:
         said = ", ".join(f"{k} {kept.get(k)!r} (now {settings.get(k)!r})" for k in differ)
         raise UserError(f"{folder} holds a run with other settings: {said}; give the same settings to go on from "
-                        "it, or --overwrite to start again")
+                        "it, or «overwrite» to start again")
     return join_tensors(config["state"], tensors)

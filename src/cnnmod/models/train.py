@@ -50,21 +50,21 @@ class TrainSettings:
         if self.optimizer not in ("sgd", "adam"):
             raise UserError(f"unknown optimizer {self.optimizer!r}; use sgd or adam")
         if self.epochs < 1:
-            raise UserError("--epochs must be at least 1")
+            raise UserError("«epochs» must be at least 1")
         if self.batch_size < 2:
-            raise UserError("--batch-size must be at least 2")
+            raise UserError("«batch_size» must be at least 2")
         if not 0 <= self.val_split < 1:
-            raise UserError("--val-split must be in [0, 1)")
+            raise UserError("«val_split» must be in [0, 1)")
         if self.subset is not None and self.subset < 2:
-            raise UserError("--subset must be at least 2 images")
+            raise UserError("«subset» must be at least 2 images")
         # SGD at 0.1 suits BatchNorm; BatchNorm-free networks diverge there and train at 0.02
         sgd_lr = 0.02 if self.arch_args.get("bn") is False else 0.1
         lr = self.lr if self.lr is not None else (sgd_lr if self.optimizer == "sgd" else 1e-3)
         wd = self.weight_decay if self.weight_decay is not None else (5e-4 if self.optimizer == "sgd" else 0.0)
         if lr <= 0:
-            raise UserError("--lr must be positive")
+            raise UserError("«lr» must be positive")
         if self.input_size is not None and (len(self.input_size) != 2 or min(self.input_size) < 1):
-            raise UserError(f"--input-size takes HEIGHTxWIDTH, e.g. 28x28, not {self.input_size}")
+            raise UserError(f"«input_size» takes HEIGHTxWIDTH, e.g. 28x28, not {self.input_size}")
         return TrainSettings(**{**asdict(self), "lr": lr, "weight_decay": wd})
 
 

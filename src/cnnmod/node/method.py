@@ -55,11 +55,11 @@ class DecomposeSettings:
         if not 0.0 <= self.tau <= 1.0:
             raise UserError(f"tau is an activation rate in [0, 1], got {self.tau}")
         if self.delta < 0:
-            raise UserError(f"--delta must be >= 0, got {self.delta}")
+            raise UserError(f"«delta» must be >= 0, got {self.delta}")
         if self.ci_samples < 1:
-            raise UserError(f"--ci-samples must be at least 1, got {self.ci_samples}")
+            raise UserError(f"«ci_samples» must be at least 1, got {self.ci_samples}")
         if self.calibration_samples < 0:
-            raise UserError(f"--calibration-samples must be >= 0, got {self.calibration_samples}")
+            raise UserError(f"«calibration_samples» must be >= 0, got {self.calibration_samples}")
 
 
 def as_classifier(model: nn.Module, data: ImageSet) -> Classifier:

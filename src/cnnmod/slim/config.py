@@ -68,35 +68,35 @@ class SlimSettings:
 
     def check(self) -> None:
         if self.size is not None and not 0 < self.size <= 1:
-            raise UserError(f"--size is a fraction of the model's parameters in (0, 1], got {self.size}")
+            raise UserError(f"«size» is a fraction of the model's parameters in (0, 1], got {self.size}")
         if self.max_loss is not None and self.max_loss < 0:
-            raise UserError(f"--max-loss must be >= 0 pp, got {self.max_loss}")
+            raise UserError(f"«max_loss» must be >= 0 pp, got {self.max_loss}")
         if self.rule not in IMPORTANCES:
             raise UserError(f"unknown importance rule {self.rule!r}; use {', '.join(IMPORTANCES)}")
         if self.scale_epochs < 0:
-            raise UserError(f"--scale-epochs must be >= 0 (0: no learned channel scales), got {self.scale_epochs}")
+            raise UserError(f"«scale_epochs» must be >= 0 (0: no learned channel scales), got {self.scale_epochs}")
         if self.scale_bn and self.scale_epochs == 0:
-            raise UserError("--scale-bn learns BatchNorm's scales and shifts with the channel scales: give "
-                            "--scale-epochs N (N >= 1) too")
+            raise UserError("«scale_bn» learns BatchNorm's scales and shifts with the channel scales: give "
+                            "«scale_epochs» N (N >= 1) too")
         if not self.joint_heads >= 0:
-            raise UserError(f"--joint-heads is the weight of the composition's loss in the heads' joint refit, >= 0 "
+            raise UserError(f"«joint_heads» is the weight of the composition's loss in the heads' joint refit, >= 0 "
                             f"(0: each head alone), got {self.joint_heads}")
         if self.cost not in CHANNEL_COSTS:
             raise UserError(f"unknown slim cost {self.cost!r}; use {' or '.join(CHANNEL_COSTS)}")
         if self.budget not in BUDGETS:
             raise UserError(f"unknown slim budget {self.budget!r}; use module or total")
         if self.budget == "total" and self.max_loss is not None:
-            raise UserError("--slim-budget total shares --size among the modules; it does not take --max-loss "
-                            "(each module's own floor): give --size, or --slim-budget module")
+            raise UserError("«budget» total shares «size» among the modules; it does not take «max_loss» "
+                            "(each module's own floor): give «size», or «budget» module")
         if self.multiple < 1:
             raise UserError(f"the channel multiple must be at least 1, got {self.multiple}")
         if not 0 < self.step < 1:
-            raise UserError(f"--slim-step, the share of the kept parameters a pruning step cuts, must be in (0, 1), "
+            raise UserError(f"«step», the share of the kept parameters a pruning step cuts, must be in (0, 1), "
                             f"got {self.step}")
         if self.step_samples is not None and self.step_samples < 2:
-            raise UserError(f"--slim-step-samples must be at least 2, got {self.step_samples}")
+            raise UserError(f"«step_samples» must be at least 2, got {self.step_samples}")
         if self.samples < 1:
-            raise UserError(f"--slim-samples must be at least 1, got {self.samples}")
+            raise UserError(f"«samples» must be at least 1, got {self.samples}")
 
 
 # The named recipes (``--slim-recipe``), measured on the benchmark ResNet-20 on Fashion-MNIST (BENCHMARKS.md, "Slim

@@ -126,7 +126,7 @@ def merge_slim(modules: list[SlimModule], source: Classifier, data: ImageSet, se
         raise UserError("nothing to merge: no modules")
     sha = source.info.get("weights_sha256")
     if any(m.source_info.get("weights_sha256") != sha for m in modules):
-        raise UserError("--mode merged needs slim modules of one source model; these come from several")
+        raise UserError("«mode» merged needs slim modules of one source model; these come from several")
     started = time.perf_counter()
     size, max_loss, samples, seed = settings.size, settings.max_loss, settings.samples, settings.seed
     s = settings.merging()

@@ -43,8 +43,8 @@ def step_share(s: SlimSettings, fraction: float, size: float | None = None) -> f
 def out_of_reach(size: float, arch: str, fraction: float, reached: str) -> UserError:
     """The one-line error for a size no step can reach: every group is down to one channel at ``fraction``."""
     least = math.ceil(fraction * 1e4) / 1e4
-    return UserError(f"--size {size:g} is out of reach for {arch}: every channel group keeps at least one channel, "
-                     f"so {reached} {least:g} of the parameters; ask for --size {least:g} or more")
+    return UserError(f"«size» {size:g} is out of reach for {arch}: every channel group keeps at least one channel, "
+                     f"so {reached} {least:g} of the parameters; ask for «size» {least:g} or more")
 
 
 def take(ranked: list[tuple[float, int, int, int]], budget: float, pruners: list[Pruner],
@@ -135,9 +135,9 @@ def prune(pruner: Pruner, binary: bool, accuracy: Callable[[], float] | None = N
             # not even the first step meets it: the slim module would be the whole model (a merged composition
             # keeps its union instead: what it was made from)
             if binary and len(history) == 1:
-                raise UserError(f"--max-loss {s.max_loss:g} pp cannot be met: the first pruning step (to "
+                raise UserError(f"«max_loss» {s.max_loss:g} pp cannot be met: the first pruning step (to "
                                 f"{pruner.fraction(binary):.4f} of the parameters) already loses {lost:.2f} pp of "
-                                "held-out accuracy; give a larger --max-loss, or keep the model whole")
+                                "held-out accuracy; give a larger «max_loss», or keep the model whole")
             pruner.restore(previous)
             pruner.refresh()
             break
