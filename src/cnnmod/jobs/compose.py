@@ -178,8 +178,8 @@ def replace_dir(target: str | Path, cls: str, replacement: str | Path, out: str 
     position = find_class([m.ref for m in modules], cls)
     new = load_modules(replacement, dev)
     if len(new) != 1:
-        raise UserError(f"«replacement» must be one module folder; {replacement} holds {len(new)} modules (pick one of its "
-                        "modules/ folders)")
+        raise UserError(f"«replacement» must be one module folder; {replacement} holds {len(new)} modules (pick one "
+                        "of its modules/ folders)")
     old = modules[position]
     modules[position] = new[0]
     if new[0].ref.key in [m.ref.key for i, m in enumerate(modules) if i != position]:
