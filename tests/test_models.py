@@ -82,5 +82,7 @@ def test_imagenet_zoo_has_torchvisions_keys_shapes_and_outputs(name):
         logits = net(x)
     expected = torch.tensor(fixture["logits"])
     assert torch.allclose(logits, expected, atol=1e-3 * (1 + float(expected.abs().max())))
-    assert [list(v.shape) for v in build(name, (3, 64, 64), 1000).state_dict().values()][-2:] == fixture["fc_1000"]
+    with torch.device("meta"):  # shapes only: no memory, no initialisation
+        thousand = build(name, (3, 64, 64), 1000)
+    assert [list(v.shape) for v in thousand.state_dict().values()][-2:] == fixture["fc_1000"]
     del net, state
