@@ -70,7 +70,7 @@ def decompose_cmd(
                                           "pruning step ranks and refits on (0: all; the last refit uses all)."),
     slim_recipe: str = typer.Option(None, "--slim-recipe", help="Slim modules: a measured recipe, cheap (half the "
                                     "parameters in about 1 % of the model's training) or small (a quarter, "
-                                    "about half of its training); the slim flags given beside it override it."),
+                                    "about a fifth of its training); the slim flags given beside it override it."),
     calibration_samples: int = typer.Option(100, "--calibration-samples",
                                             help="Held-out training inputs per class to fit score calibration."),
     measure: bool = typer.Option(True, "--measure/--no-measure",
