@@ -138,8 +138,10 @@ def test_a_stopped_run_is_neither_restarted_nor_resumed_by_mistake(tmp_path: Pat
     assert "resumed_after_epoch" not in json.loads(out) and not (tmp_path / "o.resume").exists()
 
 
-def test_class_subset_and_subset_size(tmp_path: Path, npz_data: str) -> None:
+def test_class_subset_and_subset_size(tmp_path: Path, npz_data: str, capsys) -> None:
     r = train(_settings(npz_data, classes=[2, 0], subset=40, epochs=1), tmp_path / "m", show_progress=False)
+    # 40 of the two classes' images, a tenth of them held out for validation
+    assert "36 images, 4 for validation, 2 classes" in capsys.readouterr().err
     m = load_model(tmp_path / "m")
     assert m.class_names == ["band2", "band0"] and m.source_classes == [2, 0]
     h = r["history"][0]

@@ -50,10 +50,18 @@ def test_to_input_normalises_resizes_and_converts_channels() -> None:
 
 
 def test_augment_keeps_shape_and_is_seeded() -> None:
-    x = torch.randint(0, 255, (4, 1, 6, 6), dtype=torch.uint8)
+    """Every augmented image is one of its input's 6x6 windows once zero-padded by 1, flipped or not (all 18 tried),
+    the same for the same seed; across 8 images some move."""
+    x = torch.randint(1, 255, (8, 1, 6, 6), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     a = Augment(crop_padding=1, hflip=True)
-    assert torch.equal(a(x, torch.Generator().manual_seed(3)), a(x, torch.Generator().manual_seed(3)))
-    assert a(x, torch.Generator()).dtype == torch.uint8
+    out = a(x, torch.Generator().manual_seed(3))
+    assert out.shape == x.shape and out.dtype == torch.uint8
+    assert torch.equal(out, a(x, torch.Generator().manual_seed(3)))
+    padded = torch.nn.functional.pad(x, (1, 1, 1, 1))
+    for i in range(len(x)):
+        windows = [padded[i, :, dy:dy + 6, dx:dx + 6] for dy in range(3) for dx in range(3)]
+        assert any(torch.equal(out[i], w) or torch.equal(out[i], w.flip(-1)) for w in windows)
+    assert any(not torch.equal(out[i], x[i]) for i in range(len(x)))
 
 
 class _Quiet(http.server.SimpleHTTPRequestHandler):
