@@ -91,3 +91,10 @@ def test_console_script_exit_status_and_usage(tmp_path: Path) -> None:
     assert proc.returncode == 2 and proc.stderr.startswith("cnnmod: error:") and "Traceback" not in proc.stderr
     proc = subprocess.run([sys.executable, "-m", "cnnmod", "train", "--arch", "cnn"], capture_output=True, text=True)
     assert proc.returncode == 2 and "Missing option" in proc.stderr
+
+
+def test_version_prints_the_packages_version(capsys) -> None:
+    from importlib.metadata import version
+
+    rc, out, err = run(["version"], capsys)
+    assert rc == 0 and out == f"cnnmod {version('cnnmod')}\n" and err == ""
