@@ -112,3 +112,23 @@ def test_the_device_packing_is_numpys_bit_order():
         packed = pack_bits_torch(b)
         assert torch.equal(packed, torch.from_numpy(np.packbits(b.numpy().astype(np.uint8), axis=-1)))
         assert torch.equal(unpack_bits_torch(packed, n), b)
+
+
+def test_folders_written_by_an_earlier_cnnmod_load_and_score_as_they_did():
+    """tests/fixtures/format_96f1610 was written by cnnmod at commit 96f1610 (before the kinds became plug-ins):
+    a model, its node-level and slim decompositions, a merged slim composition and a calibrated voting
+    composition, with the scores each gave then on fixed images. Today's cnnmod loads every one and scores alike."""
+    import json
+
+    import numpy as np
+
+    from cnnmod.io.store import load_composer
+
+    here = Path(__file__).parent / "fixtures" / "format_96f1610"
+    recorded = json.loads((here / "scores.json").read_text())["scores"]
+    images = torch.from_numpy(np.load(here / "bands.npz")["x_train"][::7].copy())
+    for name, scores in recorded.items():
+        composer, _ = load_composer(here / name)
+        with torch.no_grad():
+            got = composer.eval()(images)
+        assert torch.allclose(got, torch.tensor(scores), atol=1e-5), name
