@@ -403,7 +403,7 @@ def test_channel_groups_torch_pruning_cannot_slice_are_kept_whole_and_named():
         assert torch.allclose(m(x), expected, atol=1e-4)
     clf = Classifier(ShuffleOnly().eval(), InputSpec(1, 12, 12, (0.5,), (0.25,)), [f"r{c}" for c in range(4)])
     with pytest.raises(UserError, match=r"ShuffleOnly has no channels that torch-pruning can slice \(conv1: .*"
-                                        r"--granularity node"):
+                                        r"granularity node"):
         slim_module(clf, random_data(per_class=20), 1, SlimSettings(size=0.4, samples=40, step=0.2))
 
 
