@@ -98,3 +98,36 @@ def test_version_prints_the_packages_version(capsys) -> None:
 
     rc, out, err = run(["version"], capsys)
     assert rc == 0 and out == f"cnnmod {version('cnnmod')}\n" and err == ""
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--epochs", "0"], "--epochs must be at least 1"),
+    (["--batch-size", "1"], "--batch-size must be at least 2"),
+    (["--val-split", "1.0"], "--val-split must be in [0, 1)"),
+    (["--val-split", "-0.1"], "--val-split must be in [0, 1)"),
+    (["--subset", "1"], "--subset must be at least 2 images"),
+    (["--lr", "0"], "--lr must be positive"),
+    (["--optimizer", "rmsprop"], "unknown optimizer 'rmsprop'"),
+    (["--input-size", "0x4"], "--input-size '0x4' is not HEIGHTxWIDTH"),
+])
+def test_bad_training_values_are_one_line_and_write_nothing(tmp_path, npz_data, capsys, args, needle) -> None:
+    out = tmp_path / "m"
+    assert_user_error(*run(["train", "--arch", "cnn", "--data", npz_data, "--out", str(out), *args], capsys), needle)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--ci-samples", "0"], "--ci-samples must be at least 1"),
+    (["--delta", "-1"], "--delta must be >= 0"),
+    (["--calibration-samples", "-1"], "--calibration-samples must be >= 0"),
+    (["--variant", "mc-xyz"], "unknown variant 'mc-xyz'"),
+    (["--granularity", "channel", "--slim-step-samples", "1"], "--slim-step-samples must be at least 2"),
+    (["--granularity", "channel", "--slim-samples", "0"], "--slim-samples must be at least 1"),
+    (["--granularity", "channel", "--slim-multiple", "0"], "--slim-multiple (keep channel counts a multiple of it) must be at least 1"),
+    (["--granularity", "channel", "--slim-recipe", "huge"], "unknown slim recipe 'huge'"),
+    (["--granularity", "channel", "--max-loss", "-1"], "--max-loss must be >= 0 pp"),
+])
+def test_bad_decomposition_values_are_one_line_and_write_nothing(trained, tmp_path, capsys, args, needle) -> None:
+    out = tmp_path / "d"
+    assert_user_error(*run(["decompose", str(trained), "--out", str(out), *args], capsys), needle)
+    assert not out.exists()
