@@ -89,7 +89,8 @@ class SlimSettings:
             raise UserError("«budget» total shares «size» among the modules; it does not take «max_loss» "
                             "(each module's own floor): give «size», or «budget» module")
         if self.multiple < 1:
-            raise UserError(f"«multiple» (keep channel counts a multiple of it) must be at least 1, got {self.multiple}")
+            raise UserError(f"«multiple» (keep channel counts a multiple of it) must be at least 1, got "
+                            f"{self.multiple}")
         if not 0 < self.step < 1:
             raise UserError(f"«step», the share of the kept parameters a pruning step cuts, must be in (0, 1), "
                             f"got {self.step}")
