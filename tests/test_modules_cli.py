@@ -70,6 +70,12 @@ def test_evaluate_command_is_consistent_with_the_model(decomposition, model_dir,
     assert weighted == pytest.approx(r["composed_top1"], abs=1e-3)
     kept = [c["kept_fraction"] for c in r["per_class"]]
     assert r["jaccard_model_mean"] == pytest.approx(sum(kept) / len(kept), abs=1e-5)
+    # the mean pairwise Jaccard index of the modules' kept nodes, counted from their masks as sets of node indices
+    nodes = [set(torch.cat([v.reshape(-1) for v in m.masks.values()]).nonzero().flatten().tolist())
+             for m in cnnmod.load_modules(out)]
+    pairs = [(a, b) for i, a in enumerate(nodes) for b in nodes[i + 1:]]
+    expected = sum(len(a & b) / len(a | b) for a, b in pairs) / len(pairs)
+    assert r["jaccard_pairwise_mean"] == pytest.approx(expected, abs=1e-5)
 
 
 def test_loaded_modules_score_like_the_originals(decomposition, tmp_path):
