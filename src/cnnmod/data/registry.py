@@ -107,7 +107,7 @@ def _resolve(name: str, root: Path) -> tuple[str, Path, list[Path], Callable, Au
             return name, d, kind.find(d), kind.decode, kind.augment
         except UserError as e:
             first_error = first_error or e
-    raise UserError(f"{first_error} (looked in {', '.join(str(c) for c in candidates)})")
+    raise UserError(f"{first_error.message} (looked in {', '.join(str(c) for c in candidates)})")
 
 
 def _channel_stats(x: np.ndarray) -> tuple[list[float], list[float]]:
