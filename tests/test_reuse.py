@@ -226,6 +226,12 @@ def test_resized_training(tmp_path, capsys):
     assert rc == 0, err
     model = cnnmod.load_model(tmp_path / "d16")
     assert model.spec.shape == (1, 16, 16)
+    # an 8x8 image is brought to 16x16 bilinearly: a ramp along the rows stays a ramp, output column i reading the
+    # source at (i + 0.5) / 2 - 0.5, clamped to the edges; then normalised with the data's mean and std
+    ramp = (torch.arange(8) * 30).to(torch.uint8).expand(1, 1, 8, 8).clone()
+    at = ((torch.arange(16) + 0.5) / 2 - 0.5).clamp(0, 7)
+    expected = ((30 * at / 255 - model.spec.mean[0]) / model.spec.std[0]).expand(16, 16)
+    assert torch.allclose(model.prepare(ramp)[0, 0], expected, atol=1e-4)
     rc, _, err = run(["decompose", str(tmp_path / "d16"), "--out", str(tmp_path / "d16-dec"), "--ci-samples", "5"],
                      capsys)
     assert rc == 0, err
