@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_cifar10
+from conftest import write_cifar10, write_idx_set
 
 from cnnmod.cli import main
 from cnnmod.data import load
@@ -128,3 +128,41 @@ def test_fetch_refuses_unsafe_archive_paths(tmp_path: Path, http_root) -> None:
     with pytest.raises(UserError, match="unsafe path"):
         fetch("x", tmp_path / "data", spec=spec, show_progress=False)
     assert not (tmp_path / "escape.txt").exists()
+
+
+def _md5(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def test_fetch_keeps_unpacked_files_as_they_come(tmp_path: Path, http_root) -> None:
+    """Fashion-MNIST's four gzipped IDX files are kept as downloaded, checksums verified, and load as the set."""
+    served, url = http_root
+    arrays = write_idx_set(served)
+    names = [f"{stem}-{kind}-idx{n}-ubyte.gz" for stem in ("train", "t10k")
+             for kind, n in (("images", 3), ("labels", 1))]
+    spec = FetchSpec("fashion-mnist", tuple(RemoteFile(f"{url}/{n}", _md5(served / n)) for n in names), "none")
+    root = tmp_path / "data"
+    assert fetch("fashion-mnist", root, spec=spec, show_progress=False) == root / "fashion-mnist"
+    assert sorted(p.name for p in (root / "fashion-mnist").iterdir()) == sorted(names)
+    train = load("fashion-mnist", "train", root)
+    assert torch.equal(train.images[:, 0], torch.from_numpy(arrays["train"][0]))
+    assert train.labels.tolist() == arrays["train"][1].tolist()
+
+
+def test_fetch_unpacks_a_zip_archive(tmp_path: Path, http_root) -> None:
+    """Tiny ImageNet comes as one zip holding its folder: downloaded, verified, unpacked, and it loads."""
+    import zipfile
+
+    from test_data_formats import _write_tiny_imagenet
+
+    served, url = http_root
+    _write_tiny_imagenet(tmp_path / "src")
+    with zipfile.ZipFile(served / "tiny-imagenet-200.zip", "w") as zf:
+        for p in sorted((tmp_path / "src").rglob("*")):
+            zf.write(p, p.relative_to(tmp_path / "src"))
+    spec = FetchSpec("tiny-imagenet-200", (RemoteFile(f"{url}/tiny-imagenet-200.zip",
+                                                      _md5(served / "tiny-imagenet-200.zip")),), "zip")
+    root = tmp_path / "data"
+    assert fetch("tiny-imagenet", root, spec=spec, show_progress=False) == root / "tiny-imagenet-200"
+    assert sorted(p.name for p in root.iterdir()) == ["tiny-imagenet-200"]  # no archive or temporary left
+    assert load("tiny-imagenet", "train", root).images.shape == (8, 3, 64, 64)
