@@ -132,3 +132,24 @@ def test_bad_decomposition_values_are_one_line_and_write_nothing(trained, tmp_pa
     out = tmp_path / "d"
     assert_user_error(*run(["decompose", str(trained), "--out", str(out), *args], capsys), needle)
     assert not out.exists()
+
+
+def test_import_takes_a_class_subset_and_a_crop(tmp_path: Path, npz_data: str, capsys) -> None:
+    """Weights trained on two of the data set's three classes, evaluated center-cropped: the model folder records
+    those classes (by name and index) and the crop, and prepares an image as a center crop of it."""
+    torch.manual_seed(0)
+    torch.save(build("cnn", (1, 4, 4), 2).state_dict(), tmp_path / "w.pt")
+    out = tmp_path / "m"
+    rc, _, err = run(["import", "--arch", "cnn", "--weights", str(tmp_path / "w.pt"), "--data", npz_data,
+                      "--classes", "2,0", "--input-size", "4x4", "--fit", "center-crop", "--crop", "0.5",
+                      "--out", str(out)], capsys)
+    assert rc == 0, err
+    import cnnmod
+
+    model = cnnmod.load_model(out)
+    assert model.class_names == ["band2", "band0"] and model.source_classes == [2, 0]
+    assert (model.spec.fit, model.spec.crop) == ("center-crop", 0.5)
+    # an 8x8 image: its shorter side to 4 / 0.5 = 8 (no resize), then the centre 4x4
+    image = torch.arange(64, dtype=torch.uint8).view(1, 1, 8, 8)
+    expected = ((image[..., 2:6, 2:6].float() / 255 - model.spec.mean[0]) / model.spec.std[0])
+    assert torch.allclose(model.prepare(image), expected, atol=1e-5)

@@ -224,3 +224,50 @@ def test_latency_measured_side_by_side():
     assert calls["n"] == 2 + 2 * 5
     assert fraction == pytest.approx(2.0, rel=0.25)
     assert target >= 20 and model >= 10
+
+
+def test_evaluate_takes_the_calibration_and_mode_asked(decomposition, model_dir, capsys):
+    out, _ = decomposition
+    rc, stdout, err = run(["evaluate", str(out), "--calibration", "platt", "--mode", "merged", "--no-cost", "--json"],
+                          capsys)
+    assert rc == 0, err
+    r = json.loads(stdout)
+    assert (r["calibration"], r["mode"]) == ("platt", "merged")
+    # the composition asked for, built here, scores the test split as the command says it did
+    test = cnnmod.data.load(cnnmod.load_model(model_dir).dataset, "test")
+    comp = cnnmod.compose(cnnmod.load_modules(out), calibration="platt", mode="merged").eval()
+    expected = 100.0 * float((comp.predict(test.images) == test.labels).float().mean())
+    assert r["composed_top1"] == pytest.approx(expected, abs=0.01)
+
+
+def test_train_takes_its_options(tmp_path, npz_data, capsys):
+    rc, _, err = run(["train", "--arch", "resnet20", "--arch-arg", "width=4", "--no-bn", "--data", npz_data,
+                      "--epochs", "1", "--val-split", "0.25", "--weight-decay", "0.001", "--no-augment", "--out",
+                      str(tmp_path / "m")], capsys)
+    assert rc == 0, err
+    assert "90 images, 30 for validation" in err  # a quarter of the 120 training images held out
+    model = cnnmod.load_model(tmp_path / "m")
+    t = model.info["training"]
+    assert (t["val_split"], t["weight_decay"], t["augment"]) == (0.25, 0.001, False)
+    assert model.arch_args["bn"] is False
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.net.modules())
+
+
+def test_export_of_one_module_without_the_check(decomposition, tmp_path, capsys):
+    onnx = pytest.importorskip("onnx")
+    onnxruntime = pytest.importorskip("onnxruntime")
+    out, _ = decomposition
+    folder = out / "modules" / "c01-band1"
+    rc, stdout, err = run(["export", str(folder), "--onnx", str(tmp_path / "one.onnx"), "--no-check", "--json"],
+                          capsys)
+    assert rc == 0, err
+    r = json.loads(stdout)
+    (module,) = cnnmod.load_modules(folder)
+    assert r["classes"] == [module.ref.qualified] and "max_abs_difference" not in r  # not checked, as asked
+    assert [o.name for o in onnx.load(str(tmp_path / "one.onnx")).graph.output] == ["scores"]
+    images = torch.randint(0, 256, (r["batch"] if r["batch"] != "any" else 3, 1, 8, 8), dtype=torch.uint8)
+    session = onnxruntime.InferenceSession(str(tmp_path / "one.onnx"), providers=["CPUExecutionProvider"])
+    got = torch.from_numpy(session.run(None, {"images": images.numpy()})[0])
+    with torch.no_grad():
+        expected = module.score(module.prepare(images))
+    assert got.shape == (images.shape[0], 1) and torch.allclose(got[:, 0], expected, atol=1e-5)
