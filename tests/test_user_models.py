@@ -261,6 +261,9 @@ def test_a_torch_dataset_decomposes_as_the_same_images_do():
     assert torch.equal(cnnmod.from_dataset(loader, data.class_names).images, data.images)
     with pytest.raises(cnnmod.UserError, match=r"item 3 of the Dataset is a Tensor, not an \(image, label\) pair"):
         cnnmod.from_dataset(PairsDataset(data.images, data.labels, bad=3))
+    empty = torch.utils.data.TensorDataset(torch.zeros(0, 1, 12, 12), torch.zeros(0, dtype=torch.long))
+    with pytest.raises(cnnmod.UserError, match="the Dataset is empty"):
+        cnnmod.decompose(clf, empty, settings=settings)
 
 
 def test_center_crop_fits_images_as_imagenet_evaluation_does():
