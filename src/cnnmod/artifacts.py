@@ -26,6 +26,7 @@ FORMAT_VERSION = 1
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
 CARD = "README.md"
+SOURCES_DIR = "sources"  # where a composition folder keeps the source models it was made from
 
 
 def sha256_file(path: Path) -> str:

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from .. import node, slim  # noqa: F401 -- each kind registers itself in the tables of kinds
-from ..artifacts import CARD, CONFIG, atomic_folder, read_artifact, read_config
+from ..artifacts import CARD, CONFIG, SOURCES_DIR, atomic_folder, read_artifact, read_config
 from ..composition.base import COMPOSER_KINDS, Composer
 from ..composition.voting import check_composable, compose
 from ..errors import UserError
@@ -38,7 +38,6 @@ from ..modules.kinds import kind_named, kind_of
 
 MODEL_DIR = "model"
 MODULES_DIR = "modules"
-SOURCES_DIR = "sources"
 
 
 def slug(text: str) -> str:

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..artifacts import atomic_folder, read_artifact, write_into
+from ..artifacts import SOURCES_DIR, atomic_folder, read_artifact, write_into
 from ..composition.base import ComposerKind, register_composer_kind
 from ..core.channels import slice_network
 from ..core.graph import ModelGraph
@@ -27,7 +27,6 @@ from ..modules.kinds import ModuleKind, register_module_kind, typical_of, typica
 from .merged import FusedSlim, MergedSlim
 from .module import SlimModule
 
-SOURCES_DIR = "sources"
 PARTS_DIR = "parts"
 
 
