@@ -5,13 +5,7 @@ from __future__ import annotations
 import typer
 
 from ..progress import console
-from .app import (
-    DATA_ROOT,
-    JSON,
-    OVERWRITE,
-    data_app,
-    emit,
-)
+from .app import DATA_ROOT, JSON, OVERWRITE, data_app, emit
 
 
 @data_app.command("info")

@@ -11,16 +11,7 @@ import typer
 
 from .. import __version__
 from ..errors import UserError
-from .app import (
-    COUNTRY,
-    DATA_ROOT,
-    DEVICE,
-    JSON,
-    OVERWRITE,
-    SEED,
-    app,
-    emit,
-)
+from .app import COUNTRY, DATA_ROOT, DEVICE, JSON, OVERWRITE, SEED, app, emit
 
 
 @app.command("decompose")
