@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import assert_user_error, run, train_small_cnn
+from conftest import assert_user_error, run, train_small_cnn, write_npz
 from safetensors.torch import save_file
 
 from cnnmod.models import build
@@ -153,3 +153,15 @@ def test_import_takes_a_class_subset_and_a_crop(tmp_path: Path, npz_data: str, c
     image = torch.arange(64, dtype=torch.uint8).view(1, 1, 8, 8)
     expected = ((image[..., 2:6, 2:6].float() / 255 - model.spec.mean[0]) / model.spec.std[0])
     assert torch.allclose(model.prepare(image), expected, atol=1e-5)
+
+
+def test_decompose_bad_batch_size_and_data_of_another_size(trained, tmp_path, capsys) -> None:
+    out = tmp_path / "d"
+    assert_user_error(*run(["decompose", str(trained), "--out", str(out), "--batch-size", "0"], capsys),
+                      "--batch-size must be at least 1")
+    # data of another image size is refused with a fix decompose has (it has no --resize)
+    big = tmp_path / "big.npz"
+    write_npz(big, size=12)
+    assert_user_error(*run(["decompose", str(trained), "--out", str(out), "--data", f"npz:{big}"], capsys),
+                      "the model takes 1x8x8 images", "give data of the model's input size")
+    assert not out.exists()

@@ -6,6 +6,7 @@ import time
 from dataclasses import dataclass
 
 from ..energy import EnergyMeter
+from ..errors import UserError
 
 
 @dataclass(frozen=True)
@@ -19,6 +20,10 @@ class Run:
     batch_size: int = 256
     overwrite: bool = False
     country: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise UserError(f"«batch_size» must be at least 1, got {self.batch_size}")
 
     def meter(self) -> EnergyMeter:
         return EnergyMeter(self.country)

@@ -77,7 +77,7 @@ def decompose_dir(model_dir: str | Path, out: str | Path, settings: DecomposeSet
     chosen = chosen_classes(clf, classes)
     if slim is not None:
         check_joint(slim, chosen, clf.num_classes)
-    train = split_for(clf, data, run.data_root, "train")
+    train = split_for(clf, data, run.data_root, "train", resize=None)
     if settings.calibration_samples > 0 and dd.is_main:
         heads_up(len(chosen), settings.calibration_samples * 2 * clf.num_classes, "calibration",
                  "held-out training images", "--calibration-samples 1 (or 0)")
@@ -107,7 +107,7 @@ def decompose_dir(model_dir: str | Path, out: str | Path, settings: DecomposeSet
     energy = {"decomposition": spent.record.to_dict()}
     result = {"out": str(out), "seconds": seconds, "variant": variant}
     if measure:  # sharded over the ranks like the rest
-        test = split_for(clf, data, run.data_root, "test").subset([m.concerned for m in modules])
+        test = split_for(clf, data, run.data_root, "test", resize=None).subset([m.concerned for m in modules])
         if dd.is_main:
             heads_up(len(modules), len(test), "measuring", "test images", "--no-measure")
         comp = compose(modules).eval()

@@ -97,11 +97,12 @@ def test_set_for(clf: Classifier, data: str | None, data_root: str | None, resiz
     return split_for(clf, data, data_root, "test", resize)
 
 
-def split_for(clf: Classifier, data: str | None, data_root: str | None, split: str, resize: bool = False) -> ImageSet:
+def split_for(clf: Classifier, data: str | None, data_root: str | None, split: str,
+              resize: bool | None = False) -> ImageSet:
     """A split of the data a classifier was trained on: by default its own data set and classes.
 
     An explicit data set must have the model's class count; its images must have the model's input shape
-    unless ``resize`` allows converting them.
+    unless ``resize`` allows converting them (None: the caller has no such choice, and the error does not offer it).
     """
     spec = data or clf.dataset
     if not spec:
@@ -117,6 +118,7 @@ def split_for(clf: Classifier, data: str | None, data_root: str | None, split: s
     check_class_names(clf, test)
     own = name == split_spec(clf.dataset)[0] if clf.dataset else False  # trained on it, resized or not
     if test.input_shape != clf.spec.shape and not resize and not own:
+        fix = "pass «resize» to convert them" if resize is not None else "give data of the model's input size"
         raise UserError(f"the model takes {'x'.join(map(str, clf.spec.shape))} images but {spec} has "
-                        f"{'x'.join(map(str, test.input_shape))}; pass «resize» to convert them")
+                        f"{'x'.join(map(str, test.input_shape))}; {fix}")
     return test
