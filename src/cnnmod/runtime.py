@@ -17,7 +17,7 @@ def pick_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for but no CUDA device is available; use --device cpu or auto")
+        raise UserError("«device» cuda was asked for but no CUDA device is available; use «device» cpu or auto")
     if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
         raise UserError(f"unknown device {name!r}; use auto, cpu or cuda")
     if name.startswith("cuda:"):
@@ -27,7 +27,7 @@ def pick_device(name: str = "auto") -> torch.device:
             raise UserError(f"unknown device {name!r}; use cuda or cuda:N with N a GPU's number")
         if int(index) >= count:
             have = f"{count} CUDA device(s), cuda:0 to cuda:{count - 1}" if count else "no CUDA device"
-            raise UserError(f"--device {name}: this machine has {have}; use --device cuda, cpu or auto")
+            raise UserError(f"«device» {name}: this machine has {have}; use «device» cuda, cpu or auto")
     return torch.device(name)
 
 

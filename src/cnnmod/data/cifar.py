@@ -35,7 +35,7 @@ class _SafeUnpickler(pickle.Unpickler):
 
 def load_batch(path: Path) -> dict:
     if not path.is_file():
-        raise UserError(f"missing data file {path}; run `cnnmod data fetch` or point --data-root at the folder")
+        raise UserError(f"missing data file {path}; run `cnnmod data fetch` or point «data_root» at the folder")
     try:
         obj = _SafeUnpickler(io.BytesIO(path.read_bytes()), encoding="bytes").load()
     except Exception as e:  # noqa: BLE001 - any failure to parse is the same user problem
@@ -72,7 +72,7 @@ def sources(root: Path, hundred: bool) -> list[Path]:
         files = [d / f for f in CIFAR10_TRAIN] + [d / "test_batch", d / "batches.meta"]
     for f in files:
         if not f.is_file():
-            raise UserError(f"missing data file {f}; run `cnnmod data fetch` or point --data-root at the folder")
+            raise UserError(f"missing data file {f}; run `cnnmod data fetch` or point «data_root» at the folder")
     return files
 
 

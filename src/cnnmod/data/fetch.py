@@ -81,7 +81,7 @@ def _download(url: str, dest: Path, show_progress: bool) -> None:
                     out.write(chunk)
                     advance(len(chunk))
     except (urllib.error.URLError, OSError, ValueError) as e:
-        raise UserError(f"cannot download {url}: {getattr(e, 'reason', e)}; check the network or use --mirror")
+        raise UserError(f"cannot download {url}: {getattr(e, 'reason', e)}; check the network or use «mirror»")
 
 
 def _safe_members(names: list[str], archive: Path) -> None:

@@ -23,7 +23,7 @@ def find_file(root: Path, stem: str) -> Path:
     for candidate in (root / stem, root / f"{stem}.gz"):
         if candidate.is_file():
             return candidate
-    raise UserError(f"missing data file {root / stem}(.gz); run `cnnmod data fetch` or point --data-root at the folder")
+    raise UserError(f"missing data file {root / stem}(.gz); run `cnnmod data fetch` or point «data_root» at the folder")
 
 
 def read_idx(path: Path) -> np.ndarray:

@@ -22,7 +22,7 @@ def _wnids(d: Path) -> list[str]:
     elif (d / "train").is_dir():
         wnids = sorted(p.name for p in (d / "train").iterdir() if p.is_dir())
     else:
-        raise UserError(f"missing {d / 'train'}; run `cnnmod data fetch tiny-imagenet` or point --data-root at it")
+        raise UserError(f"missing {d / 'train'}; run `cnnmod data fetch tiny-imagenet` or point «data_root» at it")
     if not wnids:
         raise UserError(f"{d} lists no classes")
     return wnids
@@ -32,7 +32,7 @@ def sources(root: Path) -> list[Path]:
     d = root / DIR
     ann = d / "val" / "val_annotations.txt"
     if not ann.is_file():
-        raise UserError(f"missing {ann}; run `cnnmod data fetch tiny-imagenet` or point --data-root at the folder")
+        raise UserError(f"missing {ann}; run `cnnmod data fetch tiny-imagenet` or point «data_root» at the folder")
     return [d / "train", ann] + [p for p in (d / "wnids.txt", d / "words.txt") if p.exists()]
 
 

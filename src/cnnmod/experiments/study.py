@@ -94,9 +94,9 @@ class Study:
                 raise UserError(f"{self.out} holds a study of other settings ({', '.join(diff)}: e.g. preset "
                                 f"{recorded.get('preset', {}).get('name')!r}); choose another --out or remove it")
             if not resume:
-                raise UserError(f"{self.out} holds a study already; pass --resume to go on with it, or another --out")
+                raise UserError(f"{self.out} holds a study already; pass «resume» to go on with it, or another «out»")
         elif self.out.exists() and any(self.out.iterdir()):
-            raise UserError(f"{self.out} exists and is not a study folder; choose another --out")
+            raise UserError(f"{self.out} exists and is not a study folder; choose another «out»")
         self.out.mkdir(parents=True, exist_ok=True)
         write_json(header_path, self.header)
 

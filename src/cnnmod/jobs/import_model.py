@@ -58,7 +58,7 @@ def input_spec(data: ImageSet, size: list[int] | None = None, mean: list[float] 
     try:
         return InputSpec(c, h, w, mean, std, fit, crop)
     except ValueError as e:
-        raise UserError(f"the input spec is not valid: {e} (--mean, --std, --fit, --crop)")
+        raise UserError(f"the input spec is not valid: {e} («mean», «std», «fit», «crop»)")
 
 
 def import_model(arch: str, weights: Path, data: str, out: Path, classes: list[int] | None = None,

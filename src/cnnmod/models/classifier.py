@@ -106,7 +106,7 @@ def split_for(clf: Classifier, data: str | None, data_root: str | None, split: s
     """
     spec = data or clf.dataset
     if not spec:
-        raise UserError("the model does not record its data set; pass --data NAME")
+        raise UserError("the model does not record its data set; pass «data» NAME")
     name, spec_classes = split_spec(spec)
     classes = spec_classes
     if classes is None and name == clf.dataset and clf.source_classes != list(range(len(clf.source_classes))):

@@ -71,7 +71,7 @@ def _trusted(module: str) -> bool:
 def resolve(ref: str, *, trusted: bool = False) -> Callable[..., nn.Module]:
     """The callable a reference names, imported (only when trusted, or ``trusted`` says the user typed it)."""
     if not _REFERENCE.match(ref):
-        raise UserError(f"--arch {ref!r} is not a reference of the form package.module:callable "
+        raise UserError(f"«arch» {ref!r} is not a reference of the form package.module:callable "
                         "(e.g. mynets.cifar:resnet20)")
     module, _, attr = ref.partition(":")
     if not trusted and not _trusted(module):
