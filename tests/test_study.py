@@ -132,3 +132,31 @@ def test_a_study_stopped_while_training_goes_on_after_the_models_last_epoch(tmp_
     model = kept.with_name(kept.name[:-len(".resume")])
     assert not kept.exists()
     assert read_config(model)["training"]["resumed_after_epoch"] == 1
+
+
+def test_reproduce_command_writes_results_and_report_and_resumes(tmp_path, datasets, capsys, monkeypatch):
+    """``cnnmod reproduce`` through the command line (on the tiny preset, made known for the test): results.json,
+    report.md and report.html written, the main and second data sets as given; run again it resumes (every part
+    kept, the same figures); with --no-resume a study already there is refused."""
+    import json
+
+    from cnnmod.experiments import presets
+
+    monkeypatch.setitem(presets.PRESETS, "tiny", TINY)
+    a, b = datasets
+    out = tmp_path / "study"
+    args = ["reproduce", "--preset", "tiny", "--out", str(out), "--data", a, "--second-data", b, "--seed", "1",
+            "--country", "FRA", "--device", "cpu", "--json"]
+    rc, stdout, err = run(args, capsys)
+    assert rc == 0, err
+    summary = json.loads(stdout)
+    results = json.loads((out / "results.json").read_text())
+    assert (results["data"], results["second_data"], results["unfinished"]) == (a, b, [])
+    assert summary["report"] == str(out / "report.html") and (out / "report.md").is_file()
+    assert summary["intra_reuse_pp"] == results["summary"]["intra_reuse_pp"]
+    assert results["command"].startswith("cnnmod reproduce --preset tiny")
+    rc, stdout, err = run(args, capsys)
+    assert rc == 0, err
+    assert "done before, kept" in err
+    assert json.loads((out / "results.json").read_text())["summary"] == results["summary"]
+    assert_user_error(*run([*args, "--no-resume"], capsys), "holds a study already")
