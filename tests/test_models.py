@@ -86,3 +86,21 @@ def test_imagenet_zoo_has_torchvisions_keys_shapes_and_outputs(name):
         thousand = build(name, (3, 64, 64), 1000)
     assert [list(v.shape) for v in thousand.state_dict().values()][-2:] == fixture["fc_1000"]
     del net, state
+
+
+def test_top1_top5_and_per_class_accuracy_counted_by_hand() -> None:
+    """12 classes, distinct random scores: top-k counted by sorting each row, per-class top-1 by counting."""
+    from cnnmod.core.metrics import accuracy_report
+
+    g = torch.Generator().manual_seed(0)
+    scores = torch.rand(200, 12, generator=g)
+    labels = torch.randint(0, 12, (200,), generator=g)
+    rows, truth = scores.tolist(), labels.tolist()
+    ranked = [sorted(range(12), key=lambda j, r=r: -r[j]) for r in rows]
+    top = {k: 100.0 * sum(t in order[:k] for order, t in zip(ranked, truth, strict=True)) / 200 for k in (1, 5)}
+    report = accuracy_report(scores, labels, [f"c{c}" for c in range(12)])
+    assert (report["top1"], report["top5"], report["count"]) == (pytest.approx(top[1], abs=1e-4),
+                                                                 pytest.approx(top[5], abs=1e-4), 200)
+    for c, row in enumerate(report["per_class"]):
+        mine = [order[0] == t for order, t in zip(ranked, truth, strict=True) if t == c]
+        assert row["count"] == len(mine) and row["top1"] == pytest.approx(100.0 * sum(mine) / len(mine), abs=1e-4)
