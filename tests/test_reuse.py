@@ -270,9 +270,13 @@ def test_codecarbon_measures_a_phase():
         for _ in range(200):
             x = torch.tanh(x @ x.T / 300)
     r = m.record
-    assert r.tracker == "codecarbon" and r.kwh > 0 and r.country == "DEU"
+    assert r.tracker == "codecarbon" and r.country == "DEU"
+    # some energy, and no more than a kilowatt over the phase's seconds could draw on any machine that runs this
+    assert 0 < r.kwh <= 1000 * r.seconds / 3.6e6
     assert r.kg_co2e == pytest.approx(r.kwh * carbon_intensities()["DEU"] / 1000, rel=1e-9)
-    assert r.power.startswith(("measured", "estimated"))
+    # how the power was known names the hardware codecarbon tracked, the CPU always among it: read from the
+    # tracker's configuration, which codecarbon keeps in a private attribute (this check fails if that changes)
+    assert r.power.startswith(("measured", "estimated")) and "CPU" in r.power
 
 
 def test_unknown_country_is_a_user_error(tmp_path, capsys):
