@@ -5,13 +5,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import assert_user_error, run, stop_after_epoch, write_npz
 
 from cnnmod.artifacts import read_config
+from cnnmod.data import load
 from cnnmod.errors import UserError
 from cnnmod.experiments.presets import Preset
 from cnnmod.experiments.report import charted, figures, write_report
 from cnnmod.experiments.study import PARTS, Study
+from cnnmod.io.store import load_composer
+from cnnmod.models.folder import load_model
 
 TINY = Preset(name="tiny", arch="cnn", epochs=2, weak_epochs=1, weak_subset=30, second_epochs=2, tma_epochs=1,
               optimizer="adam", ci_samples=20, reuse_classes=2, dense_epochs=1)
@@ -60,6 +64,18 @@ def test_every_part_then_resume_and_report(tmp_path, datasets):
     assert (replace_row["models_trained"], replace_row["compositions"]) == (1, 3)  # one better model, trained once
     for row in results["intra_reuse"]:
         assert row["delta_pp"] == pytest.approx(row["ma"] - row["tma"], abs=1e-3)
+        # MA and TMA counted here from what the study saved: the composition's votes and the model trained from
+        # scratch on the two classes, on those classes' test images
+        c0, c1 = row["classes"]
+        test = load(a, "test", classes=[c0, c1])
+        composition, _ = load_composer(out / "compositions" / f"intra-{c0}-{c1}")
+        (tma_dir,) = (out / "models").glob(f"tma-{c0}-{c1}-*")
+        tma = load_model(tma_dir).eval()
+        with torch.no_grad():
+            ma_right = composition.eval().predict(test.images) == test.labels
+            tma_right = tma(tma.prepare(test.images)).argmax(1) == test.labels
+        assert row["ma"] == pytest.approx(100.0 * float(ma_right.float().mean()), abs=0.01)
+        assert row["tma"] == pytest.approx(100.0 * float(tma_right.float().mean()), abs=0.01)
         assert row["training_energy"]["training"]["kg_co2e"] > 0 and row["reuse_energy"]["kwh"] > 0
     for row in results["inter_reuse"]:  # the refitted composition is measured, and differs from MMA's only by it
         assert row["delta_refit_pp"] == pytest.approx(row["mma_refit"] - row["tma"], abs=1e-3)
