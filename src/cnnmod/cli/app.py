@@ -24,7 +24,7 @@ app.add_typer(data_app, name="data")
 # the flag of each library setting whose flag is not ``--`` + its name with dashes (UserError.for_command_line)
 FLAGS = {"step": "--slim-step", "step_samples": "--slim-step-samples", "samples": "--slim-samples",
          "cost": "--slim-cost", "budget": "--slim-budget", "multiple": "--slim-multiple", "recipe": "--slim-recipe",
-         "trust_code": "--trust-code", "cls": "--class", "replacement": "--with"}
+         "cls": "--class", "replacement": "--with"}
 
 JSON = typer.Option(False, "--json", help="Print one JSON object on stdout.")
 SEED = typer.Option(0, "--seed", help="Random seed; the same seed gives the same result.")

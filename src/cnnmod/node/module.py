@@ -178,7 +178,3 @@ def jaccard(a: torch.Tensor, b: torch.Tensor) -> float:
     union = int((a | b).sum())
     return int((a & b).sum()) / union if union else 1.0
 
-
-def pairwise_jaccard(modules: Sequence[Module]) -> float | None:
-    """Mean Jaccard index over all pairs of modules of one source model (None with fewer than two)."""
-    return Module.pairwise_jaccard(modules)

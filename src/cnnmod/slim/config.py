@@ -3,7 +3,7 @@ and the named recipes (:data:`RECIPES`) that are instances of it."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 
 from ..errors import UserError
 from .importance import CHANNEL_COSTS, IMPORTANCES
@@ -48,10 +48,6 @@ class SlimSettings:
         if name not in RECIPES:
             raise UserError(f"unknown slim recipe {name!r}; use {' or '.join(RECIPES)}")
         return replace(RECIPES[name], **given)
-
-    @classmethod
-    def field_names(cls) -> list[str]:
-        return [f.name for f in fields(cls)]
 
     def resolved(self, default: float) -> SlimSettings:
         """The one place the target size is decided: as given; else, with ``max_loss``, a floor of 0.01 (prune
