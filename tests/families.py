@@ -393,6 +393,20 @@ def ghostnet(in_channels=1, num_classes=10, width=8):
                          nn.Flatten(), nn.Linear(4 * width, num_classes))
 
 
+def conv_head(in_channels=1, num_classes=10, width=8):
+    """MobileNetV2 with its classifier written as a convolution: pool, then a 1x1 convolution, then flatten."""
+    body = list(mobilenet_v2(in_channels, num_classes, width))[:-3]  # up to the pooling
+    return nn.Sequential(*body, nn.Conv2d(4 * width, num_classes, 1), nn.Flatten())
+
+
+def conv_hidden_head(in_channels=1, num_classes=10, width=8):
+    """GhostNet with MobileNetV3's kind of head: pool, a 1x1 convolution and ReLU (a hidden dense layer), then a
+    1x1 convolution to the classes, then flatten."""
+    body = list(ghostnet(in_channels, num_classes, width))[:-5]  # up to the pooling
+    return nn.Sequential(*body, nn.AdaptiveAvgPool2d(1), nn.Conv2d(3 * width, 4 * width, 1), nn.ReLU(inplace=True),
+                         nn.Conv2d(4 * width, num_classes, 1), nn.Flatten())
+
+
 class FunctionalNet(nn.Module):
     """A network written with functional ops only between its layers: F.relu, F.max_pool2d, x.mean, view."""
 
@@ -421,5 +435,6 @@ FAMILIES: dict[str, Callable[..., nn.Module]] = {
     "mobilenet_v1": mobilenet_v1, "mobilenet_v2": mobilenet_v2, "mobilenet_v3": mobilenet_v3,
     "efficientnet": efficientnet, "shufflenet_v2": shufflenet_v2, "squeezenet": squeezenet, "mnasnet": mnasnet,
     "ghostnet": ghostnet, "functional": functional, "linear_pool_head": linear_pool_head,
+    "conv_head": conv_head, "conv_hidden_head": conv_hidden_head,
 }
 RELU_FAMILIES = [name for name in FAMILIES if name not in ("mobilenet_v3", "efficientnet")]

@@ -78,10 +78,30 @@ def test_import_state_dicts(tmp_path: Path, npz_data: str, capsys) -> None:
     torch.save(build("mlp", (1, 8, 8), 3).state_dict(), tmp_path / "mlp.pt")
     assert_user_error(*run(["import", "--arch", "cnn", "--weights", str(tmp_path / "mlp.pt"), "--data", npz_data,
                             "--out", str(tmp_path / "bad")], capsys), "not a cnn", "missing conv1.bias")
-    # a pickle that is not a plain state dict is refused by weights_only loading
+    # a pickle that is not a plain state dict is refused by weights_only loading, in one line that says why
     torch.save({"model": np.zeros(3, dtype=object)}, tmp_path / "obj.pt")
     assert_user_error(*run(["import", "--arch", "cnn", "--weights", str(tmp_path / "obj.pt"), "--data", npz_data,
-                            "--out", str(tmp_path / "bad")], capsys), "cannot read")
+                            "--out", str(tmp_path / "bad")], capsys), "holds a pickled object", "state_dict()")
+    # a whole pickled model: the same line, no terminal colour codes
+    torch.save(build("cnn", (1, 8, 8), 3), tmp_path / "whole.pt")
+    rc, _, err = run(["import", "--arch", "cnn", "--weights", str(tmp_path / "whole.pt"), "--data", npz_data,
+                      "--out", str(tmp_path / "bad")], capsys)
+    assert_user_error(rc, _, err, "holds a pickled object")
+    assert "\x1b" not in err
+    # a training checkpoint: the weights under "model" (or EMA weights, preferred) load; one without names its keys
+    weights = build("cnn", (1, 8, 8), 3).state_dict()
+    ema = {k: v + 1 if v.is_floating_point() else v for k, v in weights.items()}
+    torch.save({"model": weights, "model_ema": ema, "optimizer": {}, "epoch": 3}, tmp_path / "ckpt.pth")
+    rc, stdout, err = run(["import", "--arch", "cnn", "--weights", str(tmp_path / "ckpt.pth"), "--data", npz_data,
+                           "--out", str(tmp_path / "ck"), "--json"], capsys)
+    assert rc == 0, err
+    import cnnmod
+
+    loaded = cnnmod.load_model(tmp_path / "ck").net.state_dict()
+    assert all(torch.equal(loaded[k], ema[k]) for k in ema)
+    torch.save({"module.": weights, "optimizer": {}, "epoch": 3}, tmp_path / "odd.pth")
+    assert_user_error(*run(["import", "--arch", "cnn", "--weights", str(tmp_path / "odd.pth"), "--data", npz_data,
+                            "--out", str(tmp_path / "bad")], capsys), "found: module., optimizer, epoch")
     assert not (tmp_path / "bad").exists()
 
 
@@ -117,16 +137,25 @@ def test_bad_training_values_are_one_line_and_write_nothing(tmp_path, npz_data, 
 
 
 @pytest.mark.parametrize("args,needle", [
-    (["--ci-samples", "0"], "--ci-samples must be at least 1"),
-    (["--delta", "-1"], "--delta must be >= 0"),
-    (["--calibration-samples", "-1"], "--calibration-samples must be >= 0"),
+    (["--set", "ci_samples=0"], "ci_samples (--set ci_samples=...) must be at least 1"),
+    (["--set", "delta=-1"], "delta (--set delta=...) must be >= 0"),
+    (["--set", "calibration_samples=-1"], "calibration_samples (--set calibration_samples=...) must be >= 0"),
     (["--variant", "mc-xyz"], "unknown variant 'mc-xyz'"),
-    (["--granularity", "channel", "--slim-step-samples", "1"], "--slim-step-samples must be at least 2"),
-    (["--granularity", "channel", "--slim-samples", "0"], "--slim-samples must be at least 1"),
-    (["--granularity", "channel", "--slim-multiple", "0"],
-     "--slim-multiple (keep channel counts a multiple of it) must be at least 1"),
-    (["--granularity", "channel", "--slim-recipe", "huge"], "unknown slim recipe 'huge'"),
+    (["--granularity", "channel", "--set", "step_samples=1"],
+     "step_samples (--set step_samples=...) must be at least 2"),
+    (["--granularity", "channel", "--set", "samples=0"], "samples (--set samples=...) must be at least 1"),
+    (["--granularity", "channel", "--set", "multiple=0"],
+     "multiple (--set multiple=...) (keep channel counts a multiple of it) must be at least 1"),
+    (["--granularity", "channel", "--recipe", "huge"], "unknown recipe 'huge'"),
     (["--granularity", "channel", "--max-loss", "-1"], "--max-loss must be >= 0 pp"),
+    (["--set", "step=0.3"], "'step' is not a setting here; the settings are: variant, delta"),
+    (["--set", "tau=0.3"], "'tau' is not a setting here"),
+    (["--set", "ci_samples=many"], "the setting ci_samples='many' is not a whole number"),
+    (["--set", "nonsense"], "--set 'nonsense' is not KEY=VALUE"),
+    (["--recipe", "small"], "--recipe small makes slim modules: add --granularity channel"),
+    (["--granularity", "channel", "--recipe", "paper"], "the paper makes no slim modules"),
+    (["--size", "0.3"], "--size and --max-loss apply to slim modules: add --granularity channel"),
+    (["--classes", "Jacket"], "no class named 'Jacket'; the classes are band0, band1, band2"),
 ])
 def test_bad_decomposition_values_are_one_line_and_write_nothing(trained, tmp_path, capsys, args, needle) -> None:
     out = tmp_path / "d"

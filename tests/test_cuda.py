@@ -96,7 +96,7 @@ def test_cli_trains_decomposes_and_evaluates_on_cuda(tmp_path, npz_data, capsys)
     rc, _, err = run(["decompose", str(tmp_path / "m"), "--out", str(tmp_path / "node"), "--device", "cuda"], capsys)
     assert rc == 0, err
     rc, _, err = run(["decompose", str(tmp_path / "m"), "--out", str(tmp_path / "slim"), "--device", "cuda",
-                      "--granularity", "channel", "--size", "0.5", "--slim-samples", "30"], capsys)
+                      "--granularity", "channel", "--size", "0.5", "--set", "samples=30"], capsys)
     assert rc == 0, err
     reports = {}
     for device in ("cuda", "cpu"):

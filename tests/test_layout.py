@@ -22,7 +22,7 @@ FLOORS = [
     ["modules"],
     ["composition"],
     ["node", "slim"],
-    ["reuse", "io"],
+    ["reuse", "io", "recipes", "api"],
     ["energy"],
     ["jobs"],
     ["experiments"],

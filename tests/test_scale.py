@@ -226,7 +226,7 @@ def decomposed(tmp_path, npz_data, capsys) -> tuple[Path, Path]:
     model = tmp_path / "model"
     train_small_cnn(model, npz_data, capsys, epochs=3)
     out = tmp_path / "dec"
-    rc, _, err = run(["decompose", str(model), "--out", str(out), "--calibration-samples", "0"], capsys)
+    rc, _, err = run(["decompose", str(model), "--out", str(out), "--set", "calibration_samples=0"], capsys)
     assert rc == 0, err
     return model, out
 
@@ -314,8 +314,9 @@ def test_torchrun_ranks_that_see_different_data_are_refused(tmp_path):
 
 def test_torchrun_slim_modules_equal_one_process(decomposed, tmp_path, capsys):
     model, _ = decomposed
-    args = ["decompose", str(model), "--granularity", "channel", "--size", "0.5", "--slim-samples", "16",
-            "--device", "cpu", "--json"]
+    # each module its own budget (one budget for all is one process's: torchrun prunes them apart)
+    args = ["decompose", str(model), "--granularity", "channel", "--size", "0.5", "--set", "samples=16",
+            "--set", "budget=module", "--device", "cpu", "--json"]
     rc, _, err = run([*args, "--out", str(tmp_path / "one")], capsys)
     assert rc == 0, err
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -349,7 +350,8 @@ def test_a_disk_that_fills_while_spilling_is_one_line_and_leaves_no_spill(decomp
             raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(os, "posix_fallocate", full)
-    rc, out, err = run(["decompose", str(model), "--out", str(tmp_path / "d"), "--calibration-samples", "0"], capsys)
+    rc, out, err = run(["decompose", str(model), "--out", str(tmp_path / "d"), "--set", "calibration_samples=0"],
+                       capsys)
     assert rc == 2 and out == "" and "cnnmod: error: the disk is full (No space left on device" in err
     assert len(calls) == 4 and list(spill.iterdir()) == [] and not (tmp_path / "d").exists()
 
@@ -359,12 +361,12 @@ def test_quadratic_steps_are_announced_with_their_cost(decomposed, tmp_path, cap
 
     model, _ = decomposed
     monkeypatch.setattr(job, "HEADS_UP", 10)
-    rc, _, err = run(["decompose", str(model), "--out", str(tmp_path / "d"), "--calibration-samples", "2"], capsys)
+    rc, _, err = run(["decompose", str(model), "--out", str(tmp_path / "d"), "--set", "calibration_samples=2"], capsys)
     assert rc == 0, err
     said = " ".join(err.split())
     assert "calibration: each of the 3 modules scores 12 held-out training images (36 module passes" in said
-    assert "--calibration-samples 1 (or 0)" in said
-    assert "measuring: each of the 3 modules scores" in said and "--no-measure" in said
+    assert "--set calibration_samples=1 (or 0)" in said
+    assert "measuring: each of the 3 modules scores" in said and "--set measure=false" in said
 
 
 def test_torchrun_evaluation_equals_one_process(decomposed, tmp_path, capsys):

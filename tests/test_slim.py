@@ -422,10 +422,12 @@ def test_slim_decomposition_command_and_artifacts(tmp_path, npz_data, capsys):
     assert rc == 0, err
     out = tmp_path / "slim"
     rc, stdout, err = run(["decompose", str(tmp_path / "m"), "--out", str(out), "--granularity", "channel",
-                           "--size", "0.5", "--slim-samples", "30", "--slim-step", "0.3", "--json"], capsys)
+                           "--size", "0.5", "--set", "samples=30", "--set", "step=0.3", "--json"], capsys)
     assert rc == 0, err
     result = json.loads(stdout)
-    assert result["variant"] == "channel" and all(e["params_fraction"] <= 0.5 for e in result["modules"])
+    # the best recipe for half the parameters (cheap): one budget, the ten modules hold half on average
+    fractions = [e["params_fraction"] for e in result["modules"]]
+    assert result["variant"] == "channel" and sum(fractions) / len(fractions) <= 0.5
     modules = cnnmod.load_modules(out)
     assert {m.settings["step"] for m in modules} == {0.3}  # as asked, and saved with each module
     images = torch.randint(0, 256, (5, 1, 8, 8), dtype=torch.uint8)
@@ -450,11 +452,11 @@ def test_slim_decomposition_command_and_artifacts(tmp_path, npz_data, capsys):
     assert rc == 0, err
     r = json.loads(stdout)
     assert r["cost"]["module_mean"]["params_fraction"] <= 0.5 and r["model_top1"] is not None
-    assert {m.settings["recipe"] for m in modules} == {None} and {m.settings["step_samples"] for m in modules} == {1024}
+    assert {(m.settings["recipe"], m.settings["step_samples"]) for m in modules} == {("cheap", 64)}
     # a named recipe: its fields, but for the flags given beside it
     rc, stdout, err = run(["decompose", str(tmp_path / "m"), "--out", str(tmp_path / "cheap"), "--granularity",
-                           "channel", "--slim-recipe", "cheap", "--size", "0.6", "--slim-samples", "30",
-                           "--no-measure", "--json"], capsys)
+                           "channel", "--recipe", "cheap", "--size", "0.6", "--set", "samples=30",
+                           "--set", "measure=false", "--json"], capsys)
     assert rc == 0, err
     made = cnnmod.load_modules(tmp_path / "cheap")
     assert {(m.settings["recipe"], m.settings["size"], m.settings["samples"], m.settings["budget"],
@@ -473,9 +475,10 @@ def test_slim_decomposition_command_and_artifacts(tmp_path, npz_data, capsys):
     # Fisher and one budget for all modules, every recovery, from the command line: the mean holds, the settings
     # saved
     rc, stdout, err = run(["decompose", str(tmp_path / "m"), "--out", str(tmp_path / "gates"), "--granularity",
-                           "channel", "--size", "0.4", "--slim-samples", "30", "--rule", "fisher",
-                           "--slim-budget", "total", "--scale-epochs", "2", "--scale-bn", "--joint-heads", "3",
-                           "--reconstruct", "--no-measure"], capsys)
+                           "channel", "--size", "0.4", "--set", "samples=30", "--set", "rule=fisher",
+                           "--set", "budget=total", "--set", "scale_epochs=2", "--set", "scale_bn=true",
+                           "--set", "joint_heads=3",
+                           "--set", "reconstruct=true", "--set", "measure=false"], capsys)
     assert rc == 0, err
     assert "then their heads refitted together (weight 3)" in err
     # the readable summary: a row per module, its pruning history left to --json
@@ -504,20 +507,24 @@ def test_slim_bad_input(tmp_path, npz_data, capsys):
                          (["--granularity", "channel", "--size", "1.5"], "--size"),
                          (["--size", "0.5"], "--granularity channel"),
                          (["--granularity", "edge"], "unknown granularity"),
-                         (["--granularity", "channel", "--rule", "magic"], "importance rule"),
-                         (["--granularity", "channel", "--slim-cost", "watts"], "unknown slim cost 'watts'"),
-                         (["--granularity", "channel", "--slim-budget", "all"], "unknown slim budget 'all'"),
-                         (["--granularity", "channel", "--slim-budget", "total", "--max-loss", "1"],
+                         (["--granularity", "channel", "--set", "rule=magic"], "importance rule"),
+                         (["--granularity", "channel", "--set", "cost=watts"], "unknown slim cost 'watts'"),
+                         (["--granularity", "channel", "--set", "budget=all"], "unknown slim budget 'all'"),
+                         (["--granularity", "channel", "--set", "budget=total", "--max-loss", "1"],
                           "does not take --max-loss"),
-                         (["--granularity", "channel", "--slim-step", "1"], "--slim-step, the share of the kept"),
-                         (["--granularity", "channel", "--scale-epochs", "-1"], "--scale-epochs must be >= 0"),
-                         (["--granularity", "channel", "--scale-bn"], "give --scale-epochs N"),
-                         (["--granularity", "channel", "--joint-heads", "-1"], "--joint-heads is the weight"),
-                         (["--granularity", "channel", "--joint-heads", "1", "--classes", "0,1"],
+                         (["--granularity", "channel", "--set", "step=1"],
+                          "step (--set step=...), the share of the kept"),
+                         (["--granularity", "channel", "--set", "scale_epochs=-1"],
+                          "scale_epochs (--set scale_epochs=...) must be >= 0"),
+                         (["--granularity", "channel", "--set", "scale_bn=true"],
+                          "give scale_epochs (--set scale_epochs=...) N"),
+                         (["--granularity", "channel", "--set", "joint_heads=-1"],
+                          "joint_heads (--set joint_heads=...) is the weight"),
+                         (["--granularity", "channel", "--set", "joint_heads=1", "--classes", "0,1"],
                           "2 of the model's"),
-                         (["--granularity", "channel", "--slim-recipe", "tiny"], "unknown slim recipe 'tiny'"),
-                         (["--slim-recipe", "cheap"], "add --granularity channel"),
-                         (["--granularity", "channel", "--slim-recipe", "small", "--max-loss", "1"],
+                         (["--granularity", "channel", "--recipe", "tiny"], "unknown recipe 'tiny'"),
+                         (["--recipe", "cheap"], "add --granularity channel"),
+                         (["--granularity", "channel", "--recipe", "small", "--max-loss", "1"],
                           "does not take --max-loss")):
         assert_user_error(*run(["decompose", str(tmp_path / "m"), "--out", str(tmp_path / "x"), *args], capsys),
                           needle)
@@ -533,7 +540,7 @@ def test_onnx_export_of_node_and_slim_compositions(tmp_path, npz_data, capsys):
     rc, _, err = run(["decompose", str(tmp_path / "m"), "--out", str(tmp_path / "node")], capsys)
     assert rc == 0, err
     rc, _, err = run(["decompose", str(tmp_path / "m"), "--out", str(tmp_path / "slim"), "--granularity", "channel",
-                      "--slim-samples", "20", "--scale-epochs", "2"], capsys)  # learned scales, folded in
+                      "--set", "samples=20", "--set", "scale_epochs=2"], capsys)  # learned scales, folded in
     assert rc == 0, err
     images = torch.randint(0, 256, (6, 1, 8, 8), dtype=torch.uint8)
     for name in ("node", "slim"):
@@ -545,8 +552,23 @@ def test_onnx_export_of_node_and_slim_compositions(tmp_path, npz_data, capsys):
         session = onnxruntime.InferenceSession(str(file), providers=["CPUExecutionProvider"])
         got = torch.from_numpy(session.run(None, {"images": images.numpy()})[0])
         with torch.no_grad():
-            expected = cnnmod.compose(cnnmod.load_modules(tmp_path / name))(images)
+            expected = cnnmod.compose(cnnmod.load_modules(tmp_path / name), "vote", "none")(images)
         assert torch.allclose(got, expected, atol=1e-4)
+        import onnx
+
+        meta = {p.key: p.value for p in onnx.load(str(file)).metadata_props}
+        assert json.loads(meta["classes"]) == result["classes"] and meta["cnnmod_version"] == cnnmod.__version__
+        assert json.loads(meta["input"])["shape"] == ["batch", 1, 8, 8]
+    # one module alone exports as a detector: its calibrated probability
+    file = tmp_path / "one.onnx"
+    rc, stdout, err = run(["export", str(tmp_path / "slim" / "modules" / "c01-band1"), "--onnx", str(file), "--json"],
+                          capsys)
+    assert rc == 0 and json.loads(stdout)["calibration"] == "platt", err
+    one = cnnmod.load_module(tmp_path / "slim" / "modules" / "c01-band1")
+    got = torch.from_numpy(onnxruntime.InferenceSession(str(file), providers=["CPUExecutionProvider"])
+                           .run(None, {"images": images.numpy()})[0])
+    with torch.no_grad():
+        assert torch.allclose(got[:, 0], one.score(one.prepare(images), "platt"), atol=1e-4)
     # the in-distribution test exports too (a comparison and a sum, no searchsorted)
     for name in ("node", "slim"):
         file = tmp_path / f"{name}-ood.onnx"
@@ -577,7 +599,7 @@ def test_merged_slim_composition(tmp_path, npz_data, capsys):
                      capsys)
     assert rc == 0, err
     rc, _, err = run(["decompose", str(tmp_path / "m"), "--out", str(tmp_path / "slim"), "--granularity", "channel",
-                      "--size", "0.3", "--slim-samples", "30"], capsys)
+                      "--size", "0.3", "--set", "samples=30"], capsys)
     assert rc == 0, err
     modules = cnnmod.load_modules(tmp_path / "slim")
     out = tmp_path / "merged"
@@ -602,10 +624,11 @@ def test_merged_slim_composition(tmp_path, npz_data, capsys):
     assert r["mode"] == "merged" and r["cost"]["composition"]["flops_fraction"] < 1.0
     assert [c["class"] for c in r["per_class"]] == [0, 2]
     assert merged.settings["world"] == [0, 2]  # its heads were fitted on its own classes' inputs
-    # pruned further for its two classes, to a size: smaller, and no bigger than asked
+    # pruned further for its two classes, to a size (without the default recoveries): smaller, no bigger than asked
     rc, stdout, err = run(["compose", str(tmp_path / "slim" / "modules" / "c00-band0"),
                            str(tmp_path / "slim" / "modules" / "c02-band2"), "--mode", "merged", "--size", "0.25",
-                           "--slim-cost", "flops", "--out", str(tmp_path / "pruned"), "--json"], capsys)
+                           "--set", "cost=flops", "--set", "reconstruct=false", "--set", "scale_epochs=0",
+                           "--set", "scale_bn=false", "--out", str(tmp_path / "pruned"), "--json"], capsys)
     assert rc == 0, err
     pruned, _ = load_merged_slim(tmp_path / "pruned")
     assert pruned.params() <= 0.25 * sum(p.numel() for p in source.net.parameters()) < merged.params()
@@ -618,7 +641,8 @@ def test_merged_slim_composition(tmp_path, npz_data, capsys):
     # the scales folded into the weights (no parameter more), recorded and on its card
     rc, _, err = run(["compose", str(tmp_path / "slim" / "modules" / "c00-band0"),
                       str(tmp_path / "slim" / "modules" / "c02-band2"), "--mode", "merged", "--size", "0.25",
-                      "--slim-cost", "flops", "--reconstruct", "--scale-epochs", "2", "--scale-bn", "--out",
+                      "--set", "cost=flops", "--set", "reconstruct=true", "--set", "scale_epochs=2",
+                      "--set", "scale_bn=true", "--out",
                       str(tmp_path / "refitted")], capsys)
     assert rc == 0, err
     refitted, _ = load_merged_slim(tmp_path / "refitted")
@@ -660,28 +684,35 @@ def test_merged_slim_composition(tmp_path, npz_data, capsys):
                                            .argmax(1)] == train.labels[held]
     assert 100.0 * float(model_right.float().mean()) == pytest.approx(careful.metrics["held_out_model_top1"],
                                                                       abs=1e-6)
-    rc, _, err = run(["compose", *pair, "--mode", "merged", "--max-loss", "100", "--size", "0.2", "--rule", "fisher",
+    rc, _, err = run(["compose", *pair, "--mode", "merged", "--max-loss", "100", "--size", "0.2",
+                      "--set", "rule=fisher",
                       "--out", str(tmp_path / "reckless")], capsys)
     assert rc == 0, err
     reckless, _ = load_merged_slim(tmp_path / "reckless")
     assert reckless.metrics["params_fraction"] <= 0.2  # down to the floor
     assert reckless.settings["max_loss"] == 100
-    assert reckless.settings["rule"] == "fisher" and pruned.settings["rule"] == "taylor"
-    assert_user_error(*run(["compose", str(tmp_path / "slim"), "--max-loss", "1", "--out", str(tmp_path / "x")],
+    assert reckless.settings["rule"] == pruned.settings["rule"] == "fisher"  # the default for merged pruning
+    assert_user_error(*run(["compose", str(tmp_path / "slim"), "--mode", "vote", "--max-loss", "1", "--out",
+                            str(tmp_path / "x")],
                            capsys), "--max-loss prunes a merged slim composition")
-    assert_user_error(*run(["compose", str(tmp_path / "slim"), "--size", "0.5", "--out", str(tmp_path / "x")],
-                           capsys), "--size prunes a merged slim composition")
-    assert_user_error(*run(["compose", str(tmp_path / "slim"), "--mode", "merged", "--slim-cost", "flops", "--out",
-                            str(tmp_path / "x")], capsys), "give --size too")
-    assert_user_error(*run(["compose", str(tmp_path / "slim"), "--mode", "merged", "--reconstruct", "--out",
-                            str(tmp_path / "x")], capsys), "--reconstruct shapes how --size prunes")
-    assert_user_error(*run(["compose", str(tmp_path / "slim"), "--mode", "merged", "--rule", "fisher", "--out",
-                            str(tmp_path / "x")], capsys), "--rule shapes how --size prunes")
-    assert_user_error(*run(["compose", str(tmp_path / "slim"), "--mode", "merged", "--scale-epochs", "2", "--out",
-                            str(tmp_path / "x")], capsys), "--scale-epochs shapes how --size prunes")
-    assert_user_error(*run(["compose", str(tmp_path / "slim"), "--mode", "merged", "--size", "0.2", "--scale-bn",
-                            "--out", str(tmp_path / "x")], capsys), "--scale-bn")
-    assert_user_error(*run(["compose", str(tmp_path / "slim"), "--mode", "merged", "--size", "0.2", "--rule", "best",
+    assert_user_error(*run(["compose", str(tmp_path / "slim"), "--mode", "vote", "--size", "0.5", "--out",
+                            str(tmp_path / "x")], capsys), "--size prunes a merged slim composition")
+    assert_user_error(*run(["compose", str(tmp_path / "slim"), "--mode", "merged", "--set", "cost=flops", "--out",
+                            str(tmp_path / "x")], capsys),
+                      "cost (--set cost=...) shapes how --size prunes", "give --size too")
+    assert_user_error(*run(["compose", str(tmp_path / "slim"), "--mode", "merged", "--set", "reconstruct=true", "--out",
+                            str(tmp_path / "x")], capsys),
+                      "reconstruct (--set reconstruct=...) shapes how --size prunes")
+    assert_user_error(*run(["compose", str(tmp_path / "slim"), "--mode", "merged", "--set", "rule=fisher", "--out",
+                            str(tmp_path / "x")], capsys), "rule (--set rule=...) shapes how --size prunes")
+    assert_user_error(*run(["compose", str(tmp_path / "slim"), "--mode", "merged", "--set", "scale_epochs=2", "--out",
+                            str(tmp_path / "x")], capsys),
+                      "scale_epochs (--set scale_epochs=...) shapes how --size prunes")
+    assert_user_error(*run(["compose", str(tmp_path / "slim"), "--mode", "merged", "--size", "0.2",
+                            "--set", "scale_epochs=0", "--set", "scale_bn=true",
+                            "--out", str(tmp_path / "x")], capsys), "scale_bn (--set scale_bn=...) learns")
+    assert_user_error(*run(["compose", str(tmp_path / "slim"), "--mode", "merged", "--size", "0.2",
+                            "--set", "rule=best",
                             "--out", str(tmp_path / "x")], capsys), "unknown importance rule 'best'")
     assert_user_error(*run(["compose", str(tmp_path / "slim"), "--mode", "merged", "--size", "2", "--out",
                             str(tmp_path / "x")], capsys), "--size")
@@ -713,7 +744,7 @@ def test_fused_slim_composition_of_two_models(tmp_path, npz_data, capsys):
                          capsys)
         assert rc == 0, err
         rc, _, err = run(["decompose", str(tmp_path / name), "--out", str(tmp_path / f"{name}-slim"),
-                          "--granularity", "channel", "--size", "0.5", "--slim-samples", "30"], capsys)
+                          "--granularity", "channel", "--size", "0.5", "--set", "samples=30"], capsys)
         assert rc == 0, err
     picked = [str(tmp_path / "a-slim" / "modules" / "c00-band0"), str(tmp_path / "a-slim" / "modules" / "c02-band2"),
               str(tmp_path / "b-slim" / "modules" / "c01-column1")]

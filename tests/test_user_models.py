@@ -120,8 +120,8 @@ def test_imported_by_reference_with_its_own_preprocessing_evaluates_as_its_users
         cnnmod.load_model(out)
     assert cnnmod.load_model(out, trust_code=True).arch == "usernets:Net"
     # decomposed and reloaded, by the CLI and the API, once trusted
-    rc, stdout, err = run(["decompose", str(out), "--out", str(tmp_path / "d"), "--ci-samples", "20",
-                           "--calibration-samples", "0", "--trust-code", "--json"], capsys)
+    rc, stdout, err = run(["decompose", str(out), "--out", str(tmp_path / "d"), "--set", "ci_samples=20",
+                           "--set", "calibration_samples=0", "--trust-code", "--json"], capsys)
     assert rc == 0, err
     modules = cnnmod.load_modules(tmp_path / "d", trust_code=True)
     assert len(modules) == 10 and modules[0].spec.height == 16
@@ -188,13 +188,13 @@ def test_a_plain_module_is_saved_only_when_it_can_be_reloaded(tmp_path, user_pac
     torch.manual_seed(0)
     net = usernets.Net(4, 5).eval()
     settings = cnnmod.DecomposeSettings(calibration_samples=0)
-    modules = cnnmod.decompose(net, data, settings=settings)
+    modules = cnnmod.decompose(net, data, recipe=settings)
     with pytest.raises(cnnmod.UserError, match=r"records no architecture.*cnnmod.wrap\(model, arch="):
         cnnmod.save_decomposition(modules, tmp_path / "d")
     assert not (tmp_path / "d").exists()
     clf = cnnmod.wrap(net, data=data, arch="usernets:Net", arch_args={"width": 5})
     assert clf.arch_args == {"width": 5, "num_classes": 4, "in_channels": 1}
-    modules = cnnmod.decompose(clf, data, settings=settings)
+    modules = cnnmod.decompose(clf, data, recipe=settings)
     cnnmod.save_decomposition(modules, tmp_path / "d")
     loaded = cnnmod.load_modules(tmp_path / "d", trust_code=True)
     x = torch.randn(3, 1, 12, 12)
@@ -217,7 +217,7 @@ def test_a_registered_class_records_its_own_arguments(tmp_path):
     try:
         data = random_data((1, 12, 12), 4, 6)
         net = Tiny(width=5).eval()
-        modules = cnnmod.decompose(net, data, settings=cnnmod.DecomposeSettings(calibration_samples=0))
+        modules = cnnmod.decompose(net, data, recipe=cnnmod.DecomposeSettings(calibration_samples=0))
         cnnmod.save_decomposition(modules, tmp_path / "d")
         config = json.loads((tmp_path / "d" / "model" / "config.json").read_text())
         assert config["arch"]["args"] == {"num_classes": 4, "width": 5}
@@ -254,8 +254,8 @@ def test_a_torch_dataset_decomposes_as_the_same_images_do():
     spec = InputSpec(1, 12, 12, (0.5,), (0.25,))
     clf = cnnmod.wrap(net, spec=spec, class_names=data.class_names, arch="cnn")
     settings = cnnmod.DecomposeSettings(calibration_samples=0)
-    from_ds = cnnmod.decompose(clf, ds, settings=settings)
-    from_set = cnnmod.decompose(clf, data, settings=settings)
+    from_ds = cnnmod.decompose(clf, ds, recipe=settings)
+    from_set = cnnmod.decompose(clf, data, recipe=settings)
     assert all(torch.equal(a.flat_mask(), b.flat_mask()) for a, b in zip(from_ds, from_set, strict=True))
     loader = torch.utils.data.DataLoader(ds, batch_size=5)
     assert torch.equal(cnnmod.from_dataset(loader, data.class_names).images, data.images)
@@ -263,7 +263,7 @@ def test_a_torch_dataset_decomposes_as_the_same_images_do():
         cnnmod.from_dataset(PairsDataset(data.images, data.labels, bad=3))
     empty = torch.utils.data.TensorDataset(torch.zeros(0, 1, 12, 12), torch.zeros(0, dtype=torch.long))
     with pytest.raises(cnnmod.UserError, match="the Dataset is empty"):
-        cnnmod.decompose(clf, empty, settings=settings)
+        cnnmod.decompose(clf, empty, recipe=settings)
 
 
 def test_center_crop_fits_images_as_imagenet_evaluation_does():
@@ -301,7 +301,7 @@ def test_a_torchvision_resnet50_checkpoint_imports_and_decomposes(tmp_path, caps
     assert abs(json.loads(stdout)["test_top1"] - expected) < 1e-3
     assert torch.equal(clf.prepare(test.images[:2]), to_input(test.images[:2], spec))
     rc, stdout, err = run(["decompose", str(out), "--out", str(tmp_path / "d"), "--data-root", str(tmp_path / "data"),
-                           "--ci-samples", "2", "--calibration-samples", "0", "--json"], capsys)
+                           "--set", "ci_samples=2", "--set", "calibration_samples=0", "--json"], capsys)
     assert rc == 0, err
     rc, stdout, err = run(["import", "--arch", "densenet121", "--weights", str(tmp_path / "r50.pth"), "--data",
                            "cifar10", "--data-root", str(tmp_path / "data"), "--input-size", "16", "--out",

@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from functools import lru_cache
+from pathlib import Path
 
 from .errors import UserError
 
@@ -87,16 +88,26 @@ class Measurement:
         self.record: EnergyRecord | None = None
 
 
-def _power_source(hardware: list[str]) -> tuple[str, bool]:
-    """How codecarbon knew the power of the hardware it tracked (its names, e.g. "CPU(Cpu Load)", "RAM()"),
-    and whether it was measured."""
-    text = ", ".join(h.replace("()", "") for h in hardware)
-    lowered = text.lower()
-    if "rapl" in lowered or "powergadget" in lowered or "powermetrics" in lowered:
-        return f"measured: {text}", True
-    if "gpu" in lowered:
-        return f"measured GPU counters, estimated CPU: {text}", False
-    return f"estimated: {text} (codecarbon: CPU load x the processor's rated power, RAM by size)", False
+RAPL = Path("/sys/class/powercap/intel-rapl:0/energy_uj")  # the CPU's energy counter codecarbon reads on Linux
+
+
+def rapl_readable() -> bool:
+    """Whether this process can read the CPU's RAPL energy counter (then codecarbon measures the CPU)."""
+    try:
+        int(RAPL.read_text())
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+def _power_source(cpu: str, gpu: str | None, rapl: bool) -> tuple[str, bool]:
+    """How the power of the tracked hardware was known (from codecarbon's emissions data: the CPU and GPU models;
+    and whether the RAPL counter is readable), and whether it was measured."""
+    if rapl:
+        return f"measured: CPU {cpu} (RAPL)" + (f", GPU {gpu} (NVML)" if gpu else ""), True
+    if gpu:
+        return f"measured GPU counters ({gpu}), estimated CPU {cpu} (CPU load x its rated power)", False
+    return f"estimated: CPU {cpu} (codecarbon: CPU load x the processor's rated power, RAM by size)", False
 
 
 class EnergyMeter:
@@ -153,7 +164,7 @@ class EnergyMeter:
                 tracker.stop()
             seconds = time.perf_counter() - t0
             data = tracker.final_emissions_data
-            power, measured = _power_source([str(h) for h in tracker._conf.get("hardware", [])])
+            power, measured = _power_source(data.cpu_model or "?", data.gpu_model or None, rapl_readable())
             m.record = self._record(name, seconds, float(data.energy_consumed), power, measured)
 
     def _codecarbon_tracker(self):

@@ -33,16 +33,32 @@ def progress_bar(description: str, total: float | None, enabled: bool = True) ->
     if not console.is_terminal:  # a log or a pipe: no live bar, a plain line every tenth of the way
         yield _plain(description, total)
         return
+    global _live
+    if _live is not None:  # inside another bar: a line of its own in the same display (rich shows one at a time)
+        task = _live.add_task(description, total=total, info="")
+        try:
+            yield _advancer(_live, task)
+        finally:
+            _live.remove_task(task)
+        return
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                TimeElapsedColumn(), TimeRemainingColumn()]
     with Progress(*columns, console=console, transient=False) as bar:
-        task = bar.add_task(description, total=total, info="")
+        _live = bar
+        try:
+            yield _advancer(bar, bar.add_task(description, total=total, info=""))
+        finally:
+            _live = None
 
-        def advance(n: float = 1, **fields) -> None:
-            info = "  ".join(f"{k} {v}" for k, v in fields.items())
-            bar.update(task, advance=n, **({"info": info} if fields else {}))
 
-        yield advance
+_live: Progress | None = None  # the bar on screen, if any
+
+
+def _advancer(bar: Progress, task) -> Callable[..., None]:
+    def advance(n: float = 1, **fields) -> None:
+        info = "  ".join(f"{k} {v}" for k, v in fields.items())
+        bar.update(task, advance=n, **({"info": info} if fields else {}))
+    return advance
 
 
 def _plain(description: str, total: float | None) -> Callable[..., None]:

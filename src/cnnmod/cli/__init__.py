@@ -7,34 +7,51 @@ and logs go to stderr. A mistake the user can fix prints one line and exits with
 from __future__ import annotations
 
 import errno
+import os
 import sys
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import typer
 
+from .. import __version__
 from ..errors import UserError
-from ..runtime import leave_together, shutdown_distributed
 from . import data, models, modules  # noqa: F401 -- the commands register themselves on the app
-from .app import FLAGS, app
+from .app import FLAGS, app  # noqa: F401
 
 TRUST_CODE = "--trust-code"  # anywhere on the line: artifacts may import the code their architecture names
 SKIP_BAD_IMAGES = "--skip-bad-images"  # anywhere on the line: streamed splits leave unreadable images out
 
 
-def main(argv: list[str] | None = None) -> int:
-    from ..data.stream import skipping_bad_images
-    from ..models.reference import trusting
+def command_line_flags() -> dict[str, str]:
+    """The command line's word for every setting an error may name (:meth:`UserError.for_command_line`): a recipe's
+    fields without a flag of their own are ``--set NAME=VALUE``."""
+    from ..node.method import DecomposeSettings
+    from ..recipes import settable
+    from ..slim.config import SlimSettings
 
-    command = typer.main.get_command(app)
+    own = {"size", "max_loss", "variant"}
+    names = [n for n in settable(DecomposeSettings) + settable(SlimSettings) + ["measure"] if n not in own]
+    return {**{n: f"{n} (--set {n}=...)" for n in names}, **FLAGS}
+
+
+def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv in (["--version"], ["-V"], ["version"]):  # without importing torch
+        sys.stdout.write(f"cnnmod {__version__}\n")
+        return 0
+    command = typer.main.get_command(app)
     trust, skip = TRUST_CODE in argv, SKIP_BAD_IMAGES in argv
     argv = [a for a in argv if a not in (TRUST_CODE, SKIP_BAD_IMAGES)]
     try:
-        with trusting(trust), skipping_bad_images(skip):
+        with _switches(trust, skip):
             rc = command.main(args=argv, prog_name="cnnmod", standalone_mode=False)
-        leave_together()  # under torchrun: no rank tears down its connections while another still works
+        if "torch" in sys.modules:
+            from ..runtime import leave_together
+
+            leave_together()  # under torchrun: no rank tears down its connections while another still works
     except UserError as e:
-        sys.stderr.write(f"cnnmod: error: {e.for_command_line(FLAGS)}\n")
+        sys.stderr.write(f"cnnmod: error: {e.for_command_line(command_line_flags())}\n")
         return 2
     except OSError as e:
         if e.errno not in (errno.ENOSPC, errno.EDQUOT):
@@ -56,9 +73,32 @@ def main(argv: list[str] | None = None) -> int:
             sys.stderr.write(f"cnnmod: error: {e}\n")
         return int(getattr(e, "exit_code", 2))
     finally:
-        shutdown_distributed()
+        if "torch" in sys.modules:
+            from ..runtime import shutdown_distributed
+
+            shutdown_distributed()
     return rc if isinstance(rc, int) else 0
 
 
+@contextmanager
+def _switches(trust: bool, skip: bool):
+    """``--trust-code`` and ``--skip-bad-images`` in force for the command (imported only when given, so that
+    ``--help`` does not import torch)."""
+    with ExitStack() as stack:
+        if trust:
+            from ..models.reference import trusting
+
+            stack.enter_context(trusting(True))
+        if skip:
+            from ..data.stream import skipping_bad_images
+
+            stack.enter_context(skipping_bad_images(True))
+        yield
+
+
 def run() -> None:
+    """The ``cnnmod`` console script: as ``python -m cnnmod``, the working folder is on the import path, so that
+    ``--arch mynets:MyNet`` finds mynets.py where the user stands."""
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     sys.exit(main())

@@ -21,20 +21,42 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 data_app = typer.Typer(no_args_is_help=True, help="Inspect and download data sets.")
 app.add_typer(data_app, name="data")
 
-# the flag of each library setting whose flag is not ``--`` + its name with dashes (UserError.for_command_line)
-FLAGS = {"step": "--slim-step", "step_samples": "--slim-step-samples", "samples": "--slim-samples",
-         "cost": "--slim-cost", "budget": "--slim-budget", "multiple": "--slim-multiple", "recipe": "--slim-recipe",
-         "cls": "--class", "replacement": "--with"}
+# the flag of each library setting whose flag is not ``--`` + its name with dashes (UserError.for_command_line);
+# a recipe's fields without a flag of their own are set with ``--set NAME=VALUE`` (:func:`flags_for`)
+FLAGS = {"cls": "--class", "replacement": "--with"}
+EVERY_COMMAND = ("Every command also takes --data-root DIR (where data sets live; default $CNNMOD_DATA), "
+                 "--country CODE (carbon intensity; default $CNNMOD_COUNTRY or USA), --trust-code (load a model "
+                 "whose architecture is your own code) and --skip-bad-images (leave unreadable images out).")
 
 JSON = typer.Option(False, "--json", help="Print one JSON object on stdout.")
-SEED = typer.Option(0, "--seed", help="Random seed; the same seed gives the same result.")
-DEVICE = typer.Option("auto", "--device", help="auto, cpu or cuda.")
-DATA_ROOT = typer.Option(None, "--data-root",
+SEED = typer.Option(0, "--seed", metavar="N", help="Random seed; the same seed gives the same result.")
+DEVICE = typer.Option("auto", "--device", metavar="auto|cpu|cuda", help="Where to run.")
+DATA_ROOT = typer.Option(None, "--data-root", metavar="DIR", hidden=True,
                          help="Folder holding the data sets (default: $CNNMOD_DATA or the cache).")
 OVERWRITE = typer.Option(False, "--overwrite", help="Replace the output folder if it exists.")
-COUNTRY = typer.Option(None, "--country", help="Country for the carbon intensity, ISO 3166-1 alpha-3 (default: "
-                       "$CNNMOD_COUNTRY or USA).")
-ARCH_ARG = typer.Option([], "--arch-arg", help="Architecture option KEY=VALUE: width=32, stem=cifar, hidden=49,49.")
+COUNTRY = typer.Option(None, "--country", metavar="CODE", hidden=True,
+                       help="Country for the carbon intensity, ISO 3166-1 alpha-3 (default: $CNNMOD_COUNTRY or USA).")
+BATCH_SIZE = typer.Option(256, "--batch-size", metavar="N", help="Images per batch.")
+SET = typer.Option([], "--set", metavar="KEY=VALUE", help="Any setting of the recipe, repeatable "
+                   "(docs/commands.md lists them), e.g. --set step=0.3.")
+ARCH_ARG = typer.Option([], "--arch-arg", metavar="KEY=VALUE",
+                        help="Architecture option: width=32, stem=cifar, hidden=49,49.")
+
+
+def flags_for(settable: list[str], own: dict[str, str]) -> dict[str, str]:
+    """The command line's words for a command's settings: its own flags, ``--set NAME=`` for the others."""
+    return {**{name: f"--set {name}=" for name in settable}, **FLAGS, **own}
+
+
+def parse_set(items: list[str]) -> dict[str, str]:
+    """``--set KEY=VALUE`` items as {key: text} (each value parsed by the setting it names)."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"--set {item!r} is not KEY=VALUE (e.g. --set step=0.3)")
+        out[key.strip().replace("-", "_")] = value.strip()
+    return out
 
 
 def emit(result: dict, as_json: bool, title: str = "") -> None:
@@ -62,6 +84,61 @@ def emit(result: dict, as_json: bool, title: str = "") -> None:
             for v in value:
                 rows.add_row(*(f"{v.get(c):.4g}" if isinstance(v.get(c), float) else str(v.get(c)) for c in columns))
             console.print(rows)
+    line = summary(result)
+    if line:
+        console.print(f"[bold]summary[/bold]  {line}")
+
+
+def summary(result: dict) -> str:
+    """What a command's result comes to, in one line: accuracy against the model, the work's CO2e (measured or
+    estimated), the inference cost against the model, and the command's seconds."""
+    parts = []
+    if "composed_top1" in result and "model_top1" in result:
+        parts.append(f"top-1 {result['composed_top1']:.2f} % (model {result['model_top1']:.2f}, "
+                     f"{result['composed_top1'] - result['model_top1']:+.2f} pp)")
+    elif "composed_top1" in result:
+        parts.append(f"top-1 {result['composed_top1']:.2f} %")
+    elif result.get("held_out_top1") is not None and result.get("held_out_model_top1") is not None:
+        parts.append(f"held-out top-1 {result['held_out_top1']:.2f} % (model {result['held_out_model_top1']:.2f})")
+    elif "test_top1" in result:
+        parts.append(f"test top-1 {result['test_top1']:.2f} %")
+    modules = [m for m in result.get("modules", []) if isinstance(m, dict) and m.get("balanced_accuracy") is not None]
+    if modules:
+        own = sum(m["balanced_accuracy"] for m in modules) / len(modules)
+        model = [m["model_balanced_accuracy"] for m in modules if m.get("model_balanced_accuracy") is not None]
+        parts.append(f"modules alone: balanced accuracy {own:.2f} %"
+                     + (f" (the model one-vs-rest {sum(model) / len(model):.2f})" if model else ""))
+    fractions = [m["params_fraction"] for m in result.get("modules", []) if isinstance(m, dict)
+                 and m.get("params_fraction") is not None]
+    if fractions:
+        parts.append(f"{100 * sum(fractions) / len(fractions):.1f} % of the model's parameters on average")
+    cost = (result.get("cost") or {}).get("composition")
+    if cost:
+        parts.append("against the model: " + ", ".join(
+            f"{name} {cost[key]:.2f}x" for name, key in (("parameters", "params_fraction"),
+                                                       ("FLOPs", "flops_fraction"),
+                                                       ("latency", "latency_fraction")) if cost.get(key) is not None))
+    elif result.get("params_fraction") is not None:
+        parts.append(f"{100 * result['params_fraction']:.1f} % of the model's parameters")
+    energy = [e for e in (result.get("energy") or {}).values() if isinstance(e, dict) and "kg_co2e" in e]
+    if energy:
+        kg = sum(e["kg_co2e"] for e in energy)
+        how = "measured" if all(e.get("measured") for e in energy) else "estimated"
+        parts.append(f"{kg * 1000:.3g} g CO2e ({how})")
+    if isinstance(result.get("seconds"), (int, float)):
+        parts.append(f"{result['seconds']:.1f} s")
+    return "; ".join(parts)
+
+
+def class_list(text: str | None, data: str, data_root: str | None) -> list[int] | None:
+    """``--classes`` of a data set: indices, or names of its classes (read from the data set only then)."""
+    from ..data import parse_class_list
+
+    if text is None or all(p.strip().lstrip("-").isdigit() for p in text.split(",")) or "+" in data:
+        return parse_class_list(text)
+    from ..data import load
+
+    return parse_class_list(text, load(data, "train", data_root).class_names)
 
 
 def parse_size(text: str | None) -> list[int] | None:

@@ -12,10 +12,12 @@ from .app import (
     COUNTRY,
     DATA_ROOT,
     DEVICE,
+    EVERY_COMMAND,
     JSON,
     OVERWRITE,
     SEED,
     app,
+    class_list,
     emit,
     parse_arch_args,
     parse_floats,
@@ -23,7 +25,7 @@ from .app import (
 )
 
 
-@app.command()
+@app.command(epilog=EVERY_COMMAND)
 def train(
     arch: str = typer.Option(..., "--arch", help="Architecture: resnet20/32/56, resnet18/34/50, vgg11/16, mlp, cnn, "
                              "a registered name, or your own network: package.module:callable."),
@@ -52,14 +54,14 @@ def train(
     country: str = COUNTRY, as_json: bool = JSON,
 ) -> None:
     """Train a model from scratch, keeping the best-validation checkpoint (and the last epoch); resumable."""
-    from ..data import parse_class_list
     from ..jobs.train import train_dir
     from ..models.train import TrainSettings
 
     data = "+".join(data)
     settings = TrainSettings(arch=arch, data=data, arch_args=parse_arch_args(arch_arg, bn),
                              input_size=parse_size(input_size),
-                             classes=parse_class_list(classes), subset=subset, val_split=val_split, epochs=epochs,
+                             classes=class_list(classes, data, data_root), subset=subset, val_split=val_split,
+                             epochs=epochs,
                              batch_size=batch_size, lr=lr, optimizer=optimizer, weight_decay=weight_decay,
                              augment=augment, balanced=balanced, seed=seed, device=device, data_root=data_root)
     result = train_dir(settings, out, overwrite, country, resume)
@@ -68,7 +70,7 @@ def train(
         emit(result, as_json, f"trained {arch} on {data}")
 
 
-@app.command("evaluate-model")
+@app.command("evaluate-model", epilog=EVERY_COMMAND)
 def evaluate_model(
     model_dir: Path = typer.Argument(..., help="A model folder."),
     data: str = typer.Option(None, "--data", help="Data set (default: the one the model was trained on)."),
@@ -84,7 +86,7 @@ def evaluate_model(
     emit(result, as_json, f"{model_dir} on {result['data']}")
 
 
-@app.command("import")
+@app.command("import", epilog=EVERY_COMMAND)
 def import_weights(
     arch: str = typer.Option(..., "--arch", help="A zoo name (resnet50, mobilenet_v2, ...), a name registered with "
                              "@cnnmod.register_arch, or your own network: package.module:callable."),
@@ -109,12 +111,11 @@ def import_weights(
     data_root: str = DATA_ROOT, device: str = DEVICE, overwrite: bool = OVERWRITE, as_json: bool = JSON,
 ) -> None:
     """Wrap a user's state dict into a model artifact (evaluated on the data set's test split)."""
-    from ..data import parse_class_list
     from ..jobs.common import Run
     from ..jobs.import_model import import_model
 
     inputs = {"size": parse_size(input_size), "mean": parse_floats(mean, "--mean"), "std": parse_floats(std, "--std"),
               "fit": fit, "crop": crop, "channels": channels}
-    result = import_model(arch, weights, data, out, parse_class_list(classes), parse_arch_args(arch_arg, bn),
+    result = import_model(arch, weights, data, out, class_list(classes, data, data_root), parse_arch_args(arch_arg, bn),
                           Run(device, data_root, overwrite=overwrite), inputs)
     emit(result, as_json, f"imported {weights}")

@@ -10,97 +10,57 @@ from pathlib import Path
 import typer
 
 from .. import __version__
-from ..errors import UserError
-from .app import COUNTRY, DATA_ROOT, DEVICE, JSON, OVERWRITE, SEED, app, emit
+from .app import (
+    BATCH_SIZE,
+    COUNTRY,
+    DATA_ROOT,
+    DEVICE,
+    EVERY_COMMAND,
+    JSON,
+    OVERWRITE,
+    SEED,
+    SET,
+    app,
+    emit,
+    parse_set,
+)
 
 
-@app.command("decompose")
+@app.command("decompose", epilog=EVERY_COMMAND)
 def decompose_cmd(
-    ctx: typer.Context,
-    model_dir: Path = typer.Argument(..., help="A model folder (cnnmod train or cnnmod import made it)."),
-    out: Path = typer.Option(..., "--out", help="Output decomposition folder: the model once, one folder per module."),
-    data: str = typer.Option(None, "--data", help="Data set to observe (default: the one the model was trained on)."),
-    variant: str = typer.Option("mc-bln", "--variant", help="mc, mc-bln (the paper's choice) or mc-bi."),
-    classes: str = typer.Option(None, "--classes", help="Decompose only these classes, e.g. 0,3,7."),
-    ci_samples: int = typer.Option(1000, "--ci-samples", help="Training inputs observed per class."),
-    exact_only: bool = typer.Option(False, "--exact-only", help="Switch nodes off only where a ReLU follows "
-                                    "(pre-activation networks: a 0 before an addition or BatchNorm is not "
-                                    "inactive)."),
-    delta: float = typer.Option(0.5, "--delta", help="MC-BLN's weight threshold."),
-    granularity: str = typer.Option("node", "--granularity",
-                                    help="node (the paper's masks) or channel (slim modules, physically smaller)."),
-    size: float = typer.Option(None, "--size", help="Slim modules: target fraction of the model's parameters "
-                               "(default 0.5; with --max-loss, a floor)."),
-    max_loss: float = typer.Option(None, "--max-loss", help="Slim modules: the smallest module losing at most this "
-                                   "many pp of binary accuracy on the model's validation images."),
-    rule: str = typer.Option("taylor", "--rule", help="Slim modules: channel importance, taylor or fisher (each "
-                             "input's gradient, squared)."),
-    scale_epochs: int = typer.Option(0, "--scale-epochs", help="Slim modules: after the last pruning step, learn a "
-                                     "scale per kept channel (backbone frozen, folded into the weights) for this "
-                                     "many epochs over the observed inputs (0: none)."),
-    scale_bn: bool = typer.Option(False, "--scale-bn", help="Slim modules, with --scale-epochs: learn every "
-                                  "BatchNorm layer's scale and shift with the channel scales (convolutions stay "
-                                  "frozen)."),
-    reconstruct: bool = typer.Option(False, "--reconstruct", help="Slim modules: after the last pruning step, refit "
-                                     "the kept weights of every convolution by least squares so that each layer's "
-                                     "outputs match the model's own (no loss, no labels)."),
-    joint_heads: float = typer.Option(0.0, "--joint-heads", help="Slim modules of every class: refit their heads "
-                                      "together, each module's binary loss plus this weight times their "
-                                      "composition's cross-entropy (0: each head alone)."),
-    slim_samples: int = typer.Option(2048, "--slim-samples", help="Slim modules: concerned inputs observed."),
-    slim_cost: str = typer.Option("params", "--slim-cost", help="Slim modules: rank channels by importance per "
-                                  "parameter (params) or per FLOP (flops)."),
-    slim_multiple: int = typer.Option(1, "--slim-multiple", help="Slim modules: keep every layer's channel count a "
-                                      "multiple of this when above it (8 suits CPU convolutions)."),
-    slim_budget: str = typer.Option("module", "--slim-budget", help="Slim modules: module (each holds at most "
-                                    "--size) or total (the modules hold --size on average: pruned together, "
-                                    "channels ranked across them)."),
-    slim_step: float = typer.Option(0.2, "--slim-step", help="Slim modules: share of the kept parameters each "
-                                    "pruning step cuts, in (0, 1)."),
-    slim_step_samples: int = typer.Option(1024, "--slim-step-samples", help="Slim modules: observed inputs each "
-                                          "pruning step ranks and refits on (0: all; the last refit uses all)."),
-    slim_recipe: str = typer.Option(None, "--slim-recipe", help="Slim modules: a measured recipe, cheap (half the "
-                                    "parameters in about 1 % of the model's training) or small (a quarter, "
-                                    "about a fifth of its training); the slim flags given beside it override it."),
-    calibration_samples: int = typer.Option(100, "--calibration-samples",
-                                            help="Held-out training inputs per class to fit score calibration."),
-    measure: bool = typer.Option(True, "--measure/--no-measure",
-                                 help="Record each module's binary accuracy on the test split."),
-    batch_size: int = typer.Option(256, "--batch-size"),
-    seed: int = SEED, device: str = DEVICE, data_root: str = DATA_ROOT, overwrite: bool = OVERWRITE,
-    country: str = COUNTRY, as_json: bool = JSON,
+    model: Path = typer.Argument(..., help="A model folder (cnnmod train or cnnmod import made it)."),
+    out: Path = typer.Option(..., "--out", metavar="DIR", help="Output folder: the model once, one folder per "
+                             "module."),
+    data: str = typer.Option(None, "--data", metavar="NAME", help="Data set to observe (default: the model's own)."),
+    classes: str = typer.Option(None, "--classes", metavar="LIST", help="Only these classes, by index or name: "
+                                "0,3,7 or T-shirt/top,Dress (default: all)."),
+    granularity: str = typer.Option("node", "--granularity", metavar="node|channel",
+                                    help="node: the paper's masks over the model; channel: slim modules, "
+                                    "physically smaller networks."),
+    variant: str = typer.Option("mc-bln", "--variant", metavar="mc|mc-bln|mc-bi", help="Node-level: the paper's "
+                                "variant."),
+    size: float = typer.Option(None, "--size", metavar="F", help="Channel: each module's share of the model's "
+                               "parameters (default 0.5)."),
+    max_loss: float = typer.Option(None, "--max-loss", metavar="PP", help="Channel: the smallest module losing at "
+                                   "most this many points of binary accuracy (--size is then a floor)."),
+    recipe: str = typer.Option(None, "--recipe", metavar="NAME", help="best (default: the best measured for the "
+                               "granularity and size), paper (the paper's settings), cheap or small (slim)."),
+    settings: list[str] = SET,
+    batch_size: int = BATCH_SIZE, seed: int = SEED, device: str = DEVICE, overwrite: bool = OVERWRITE,
+    as_json: bool = JSON, data_root: str = DATA_ROOT, country: str = COUNTRY,
 ) -> None:
-    """Decompose a model into one binary module per class (Pan & Rajan's CI + TI + MC)."""
-    from ..data import parse_class_list
+    """Decompose a model into one binary module per class, with the best measured settings."""
     from ..jobs.common import Run
-    from ..jobs.decompose import decompose_dir
-    from ..node.method import DecomposeSettings
-    from ..slim.config import SlimSettings
+    from ..jobs.decompose import decompose_dir, settings_for
 
-    settings = DecomposeSettings(variant=variant, delta=delta, ci_samples=ci_samples, seed=seed,
-                                 exact_only=exact_only, calibration_samples=calibration_samples)
-    if granularity not in ("node", "channel"):
-        raise UserError(f"unknown granularity {granularity!r}; use node or channel")
-    slim = None
-    if granularity == "channel":
-        fields = {"size": size, "max_loss": max_loss, "rule": rule, "samples": slim_samples, "cost": slim_cost,
-                  "multiple": slim_multiple, "step_samples": slim_step_samples or None, "budget": slim_budget,
-                  "step": slim_step, "scale_epochs": scale_epochs, "scale_bn": scale_bn,
-                  "joint_heads": joint_heads, "reconstruct": reconstruct}
-        options = {"samples": "slim_samples", "cost": "slim_cost", "multiple": "slim_multiple",
-                   "step_samples": "slim_step_samples", "budget": "slim_budget", "step": "slim_step"}
-        given = {k: v for k, v in fields.items() if slim_recipe is None or
-                 ctx.get_parameter_source(options.get(k, k)).name != "DEFAULT"}
-        slim = SlimSettings.from_recipe(slim_recipe, **given, seed=seed)
-    elif size is not None or max_loss is not None or slim_recipe is not None:
-        raise UserError("--size, --max-loss and --slim-recipe apply to slim modules: add --granularity channel")
-    result = decompose_dir(model_dir, out, settings, Run(device, data_root, batch_size, overwrite, country),
-                           slim=slim, data=data, classes=parse_class_list(classes), measure=measure)
+    node, slim, measure = settings_for(granularity, recipe, variant, size, max_loss, seed, parse_set(settings))
+    result = decompose_dir(model, out, node, Run(device, data_root, batch_size, overwrite, country),
+                           slim=slim, data=data, classes=classes, measure=measure)
     if int(os.environ.get("RANK", "0")) == 0:
-        emit(result, as_json, f"decomposed {model_dir} into {out}")
+        emit(result, as_json, f"decomposed {model} into {out}")
 
 
-@app.command("evaluate")
+@app.command("evaluate", epilog=EVERY_COMMAND)
 def evaluate_cmd(
     paths: list[Path] = typer.Argument(..., help="A decomposition or composition folder, or module folders."),
     data: str = typer.Option(None, "--data", help="Test data for one model's modules (default: its data set)."),
@@ -109,9 +69,10 @@ def evaluate_cmd(
                                     "composition's own)."),
     mode: str = typer.Option(None, "--mode", help="vote, merged or fused (default: the composition's own)."),
     cost: bool = typer.Option(True, "--cost/--no-cost", help="Measure parameters, FLOPs and latency too."),
-    latency_batch: int = typer.Option(256, "--latency-batch", help="Batch size of the latency measurement."),
-    batch_size: int = typer.Option(512, "--batch-size"),
-    device: str = DEVICE, data_root: str = DATA_ROOT, country: str = COUNTRY, as_json: bool = JSON,
+    latency_batch: int = typer.Option(64, "--latency-batch", metavar="N", help="Batch size of the latency "
+                                      "measurement."),
+    batch_size: int = typer.Option(512, "--batch-size", metavar="N", help="Images per batch."),
+    device: str = DEVICE, as_json: bool = JSON, data_root: str = DATA_ROOT, country: str = COUNTRY,
 ) -> None:
     """Composed modules on their classes' test images: top-1/top-5 and per-class accuracy; for one model's
     modules also the model on the same images, the decomposition cost and Jaccard indices."""
@@ -123,57 +84,43 @@ def evaluate_cmd(
     emit(result, as_json, "model vs composed modules")
 
 
-@app.command("compose")
+@app.command("compose", epilog=EVERY_COMMAND)
 def compose_cmd(
-    paths: list[Path] = typer.Argument(..., help="Module folders; a decomposition or composition folder stands for "
-                                       "all its modules. Modules may come from several models and data sets."),
-    out: Path = typer.Option(..., "--out", help="Output composition folder."),
+    paths: list[Path] = typer.Argument(..., help="Module folders; a decomposition or "
+                                       "composition folder stands for all its modules. Modules may come from "
+                                       "several models and data sets."),
+    out: Path = typer.Option(..., "--out", metavar="DIR", help="Output composition folder."),
+    mode: str = typer.Option(None, "--mode", metavar="vote|merged|fused", help="vote: a pass per module (the "
+                             "paper); merged: one model's modules as one network, one pass; fused: one merged "
+                             "network per model (default: merged for one model's modules, else vote)."),
+    calibration: str = typer.Option(None, "--calibration", metavar="NAME", help="none (the paper), temperature, "
+                                    "platt or platt-ood (default: none for one model's modules, platt for several "
+                                    "models', platt-ood for several data sets')."),
+    size: float = typer.Option(None, "--size", metavar="F", help="Merged slim compositions: prune the network "
+                               "further, for its own classes, to this share of the model's parameters."),
+    max_loss: float = typer.Option(None, "--max-loss", metavar="PP", help="Merged slim compositions: prune as far "
+                                   "as top-1 among its classes stays within this many points of the model's."),
     continuous_learning: bool = typer.Option(False, "--continuous-learning",
                                              help="Modules relearn the other data sets' classes (no training)."),
-    refit_heads: bool = typer.Option(False, "--refit-heads",
-                                     help="Beyond the paper: refit each module's two-way head on the composition's "
-                                     "classes (a linear fit on the features it already computes; no network "
-                                     "weight changes), then its calibration."),
-    calibration: str = typer.Option("none", "--calibration",
-                                    help="Compare scores as they are (none, the paper) or calibrated: temperature, "
-                                    "platt, or platt-ood (Platt times each module's in-distribution test; for "
-                                    "modules of several data sets)."),
-    mode: str = typer.Option("vote", "--mode", help="vote (the paper: a pass per module), merged (one model's "
-                             "modules as one network, one pass) or fused (one merged pass per source model)."),
-    size: float = typer.Option(None, "--size", help="Merged slim compositions: prune the merged network further, "
-                               "for the composition's own classes, to this fraction of the model's parameters."),
-    slim_cost: str = typer.Option(None, "--slim-cost", help="With --size: rank channels per parameter or per FLOP, "
-                                  "params or flops (as for decompose; default params)."),
-    slim_multiple: int = typer.Option(1, "--slim-multiple", help="With --size: keep channel counts a multiple of "
-                                      "this (as for decompose)."),
-    max_loss: float = typer.Option(None, "--max-loss", help="Merged slim compositions: prune the merged network "
-                                   "as far as its top-1 among its classes stays within this many points of the "
-                                   "model's, on its validation images (--size is then a floor)."),
-    reconstruct: bool = typer.Option(False, "--reconstruct", help="With --size or --max-loss: once pruned, refit "
-                                     "the merged network's kept weights by least squares so that each layer's "
-                                     "outputs match the model's own (no loss, no labels)."),
-    rule: str = typer.Option("taylor", "--rule", help="With --size or --max-loss: channel importance for the "
-                             "merged network's pruning, taylor or fisher."),
-    scale_epochs: int = typer.Option(0, "--scale-epochs", help="With --size or --max-loss: once pruned, learn a "
-                                     "scale per kept channel for the composition's own classes for this many "
-                                     "epochs (folded into the weights; convolutions frozen)."),
-    scale_bn: bool = typer.Option(False, "--scale-bn", help="With --scale-epochs: learn every BatchNorm layer's "
-                                  "scale and shift with the channel scales."),
-    batch_size: int = typer.Option(256, "--batch-size"),
-    device: str = DEVICE, data_root: str = DATA_ROOT, overwrite: bool = OVERWRITE, country: str = COUNTRY,
-    as_json: bool = JSON,
+    refit_heads: bool = typer.Option(False, "--refit-heads", help="Refit each node-level module's two-way head on "
+                                     "the composition's classes (no network weight changes)."),
+    settings: list[str] = SET,
+    batch_size: int = BATCH_SIZE, device: str = DEVICE, overwrite: bool = OVERWRITE, as_json: bool = JSON,
+    data_root: str = DATA_ROOT, country: str = COUNTRY,
 ) -> None:
     """Reuse: compose modules into a new classifier over their classes."""
     from ..jobs.common import Run
     from ..jobs.compose import ComposeSettings, compose_dirs
+    from ..recipes import parse_setting
+    from ..slim.config import SlimSettings
 
-    settings = ComposeSettings(continuous_learning, refit_heads, calibration, mode, size, slim_cost, slim_multiple,
-                               max_loss, reconstruct, rule, scale_epochs, scale_bn)
-    result = compose_dirs(paths, out, settings, Run(device, data_root, batch_size, overwrite, country))
+    pruning = {k: parse_setting(SlimSettings, k, v) for k, v in parse_set(settings).items()}
+    s = ComposeSettings(continuous_learning, refit_heads, calibration, mode, size, max_loss, pruning)
+    result = compose_dirs(paths, out, s, Run(device, data_root, batch_size, overwrite, country))
     emit(result, as_json, f"composed {len(result['classes'])} modules into {out}")
 
 
-@app.command("replace")
+@app.command("replace", epilog=EVERY_COMMAND)
 def replace_cmd(
     target: Path = typer.Argument(..., help="A composition or decomposition folder."),
     cls: str = typer.Option(..., "--class", help="The class to replace: dataset:name, dataset:index, a name or index."),
@@ -189,7 +136,7 @@ def replace_cmd(
     emit(result, as_json, f"replaced {result['replaced']} by {result['with']}")
 
 
-@app.command("remove")
+@app.command("remove", epilog=EVERY_COMMAND)
 def remove_cmd(
     target: Path = typer.Argument(..., help="A composition or decomposition folder."),
     cls: str = typer.Option(..., "--class", help="The class to remove: dataset:name, dataset:index, a name or index."),
@@ -204,7 +151,7 @@ def remove_cmd(
     emit(result, as_json, f"removed {result['removed']}")
 
 
-@app.command("reproduce")
+@app.command("reproduce", epilog=EVERY_COMMAND)
 def reproduce_cmd(
     preset: str = typer.Option("quick", "--preset", help="quick (minutes on 2 CPU cores, small models) or full."),
     out: Path = typer.Option(..., "--out", help="Study folder: caches, results.json, report.md, report.html."),
@@ -237,7 +184,7 @@ def reproduce_cmd(
     emit(summary, as_json, f"study ({preset}) in {out}")
 
 
-@app.command("export")
+@app.command("export", epilog=EVERY_COMMAND)
 def export_cmd(
     paths: list[Path] = typer.Argument(..., help="A module, decomposition or composition folder (or several)."),
     onnx: Path = typer.Option(..., "--onnx", help="The ONNX file to write."),

@@ -17,13 +17,19 @@ from ..runtime import Distributed
 from .base import Composer
 
 
-def binary_report(scores: torch.Tensor, labels: torch.Tensor, column: int) -> dict:
-    """A module's own task on a test set: does it vote "mine" (p_c > 0.5) exactly for its class's images?"""
-    votes, mine = scores[:, column] > 0.5, labels == column
+def binary_report(scores: torch.Tensor, labels: torch.Tensor, column: int, votes: torch.Tensor | None = None) -> dict:
+    """A module's own task on a test set: does it vote "mine" (p_c > 0.5, or as ``votes`` says) exactly for its
+    class's images? Accuracy, balanced accuracy (the mean of the two rates below), true positive and true
+    negative rates, in %."""
+    votes = scores[:, column] > 0.5 if votes is None else votes
+    mine = labels == column
     pos, neg = int(mine.sum()), int((~mine).sum())
+    tpr = 100.0 * float(votes[mine].float().mean()) if pos else None
+    tnr = 100.0 * float((~votes[~mine]).float().mean()) if neg else None
     return {"binary_accuracy": round(100.0 * float((votes == mine).float().mean()), 4) if labels.numel() else None,
-            "true_positive_rate": round(100.0 * float(votes[mine].float().mean()), 4) if pos else None,
-            "true_negative_rate": round(100.0 * float((~votes[~mine]).float().mean()), 4) if neg else None}
+            "balanced_accuracy": round((tpr + tnr) / 2, 4) if pos and neg else None,
+            "true_positive_rate": round(tpr, 4) if pos else None,
+            "true_negative_rate": round(tnr, 4) if neg else None}
 
 
 def composed_scores(composer: Composer, images: torch.Tensor, device: torch.device, batch_size: int,

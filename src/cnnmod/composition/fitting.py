@@ -12,6 +12,7 @@ from ..core.calibrate import fit, fit_head, fit_typical, margin
 from ..core.observe import class_order
 from ..data.dataset import ImageSet
 from ..modules.base import BinaryModule
+from ..progress import progress_bar
 from .voting import Composition
 
 
@@ -24,13 +25,15 @@ def calibration_set(data: ImageSet, per_class: int, seed: int) -> ImageSet:
 
 @torch.no_grad()
 def _module_outputs(modules: list, sets: dict[str, ImageSet], choose, per_class: int, seed: int, batch_size: int,
-                    features: bool, layers: bool = False) -> tuple[list, list[torch.Tensor]]:
+                    what: str = "margins", advance=None) -> tuple[list, list[torch.Tensor]]:
     """For every module, over the inputs ``choose(data, per_class, seed)`` picks from each of ``sets``: its
-    margins ``z_c - z_uc`` (with ``features``, its head's inputs; with ``layers``, the list of its pooled
+    margins ``z_c - z_uc`` (``what`` "margins"; "features": its head's inputs; "layers": the list of its pooled
     activations, :meth:`Composition.group_layers`) and whether each input is its own (of the module's class of
-    the module's data set). Modules of one source run in one batched pass."""
+    the module's data set). Modules of one source run in one batched pass; ``advance(n)`` is told of every n
+    images each group has scored."""
     comp = Composition(modules).eval()
     device = next(chain(comp.buffers(), comp.parameters())).device
+    layers, features = what == "layers", what == "features"
     outputs: list[list[torch.Tensor]] = [[] for _ in modules]
     mine: list[list[torch.Tensor]] = [[] for _ in modules]
     for name, data in sets.items():
@@ -47,6 +50,8 @@ def _module_outputs(modules: list, sets: dict[str, ImageSet], choose, per_class:
                 else:
                     logits = comp.group_logits(group, images)  # (K, B, 2)
                     out = logits[..., 0] - logits[..., 1]
+                if advance is not None:
+                    advance(len(images))
                 for j, i in enumerate(group):
                     outputs[i].append([t.cpu() for t in out[j]] if layers else out[j].cpu())
         for i, m in enumerate(modules):
@@ -61,21 +66,24 @@ def calibrate_modules(modules: list, sets: dict[str, ImageSet], per_class: int, 
     """Fit every module's score calibration (temperature and Platt) on held-out training inputs of ``sets``
     (data set name -> training split, possibly restricted to some classes); an input is the module's own when it
     is of the module's class of the module's data set."""
-    margins, mine = _module_outputs(modules, sets, calibration_set, per_class, seed, batch_size, features=False)
+    margins, mine = _module_outputs(modules, sets, calibration_set, per_class, seed, batch_size)
     for m, margins_m, own in zip(modules, margins, mine, strict=True):
         m.calibration = {**fit(margins_m, own), "per_class": per_class}
 
 
-def calibrate_decomposition(modules: list, data: ImageSet, per_class: int, seed: int, batch_size: int = 256
-                            ) -> None:
+def calibrate_decomposition(modules: list, data: ImageSet, per_class: int, seed: int, batch_size: int = 256,
+                            show: bool = True) -> None:
     """At decomposition, on the source's training split ``data``: every module's score calibration (as
     :func:`calibrate_modules`, on the last ``per_class`` inputs of each class in the observation order) and its
     in-distribution test (:func:`cnnmod.calibrate.fit_typical`: class statistics from the first ``per_class``,
     the p-values' reference from the calibration inputs). One pass over the calibration inputs serves both: the
     margins are the head's rows applied to the last of its layers."""
     sets = {modules[0].ref.dataset: data}
-    fit_on, _ = _module_outputs(modules, sets, observation_set, per_class, seed, batch_size, False, layers=True)
-    held, mine = _module_outputs(modules, sets, calibration_set, per_class, seed, batch_size, False, layers=True)
+    groups = len(Composition(modules).groups)
+    total = groups * (len(observation_set(data, per_class, seed)) + len(calibration_set(data, per_class, seed)))
+    with progress_bar("calibrating", total, show) as step:
+        fit_on, _ = _module_outputs(modules, sets, observation_set, per_class, seed, batch_size, "layers", step)
+        held, mine = _module_outputs(modules, sets, calibration_set, per_class, seed, batch_size, "layers", step)
     labels = observation_set(data, per_class, seed).labels
     for m, f, h, own in zip(modules, fit_on, held, mine, strict=True):
         m.calibration = {**fit(margin(m, h[-1].to(m.head_weight)).cpu(), own), "per_class": per_class}
@@ -102,7 +110,7 @@ def refit_heads(modules: list[BinaryModule], sets: dict[str, ImageSet], per_clas
     ``w_c - w_uc`` are a class-balanced logistic regression ("mine" vs the composition's other classes) on the
     features the module already computes, started from the paper's head; the "not mine" row stays. No weight
     of the network changes; the masks stay."""
-    features, mine = _module_outputs(modules, sets, observation_set, per_class, seed, batch_size, features=True)
+    features, mine = _module_outputs(modules, sets, observation_set, per_class, seed, batch_size, "features")
     out = []
     classes = fitted_on(sets)
     for i, m in enumerate(modules):

@@ -153,6 +153,20 @@ class ConvPoolHead(Head):
         return nn.Sequential(OrderedDict(body=net, head=head))
 
 
+class PooledConvHead(Head):
+    """Pooling, then a 1x1 convolution on the (C, 1, 1) result (MobileNetV3's and GhostNet's last layer): a linear
+    layer on the pooled features, its weight the convolution's; sliced, flatten + ``nn.Linear``."""
+
+    kind = "pooled_conv"
+
+    @property
+    def sliced_layer(self) -> str:
+        return f"{self.layer}.1"
+
+    def replace(self, net, head):
+        return super().replace(net, nn.Sequential(nn.Flatten(), head))
+
+
 class ClassMapHead(Head):
     """Class maps pooled after a nonlinearity (NiN, SqueezeNet): the head is not linear in the pooled input, so
     the features are the pooled class maps themselves, and the binary head takes z_c from the concerned map and
@@ -179,6 +193,15 @@ class ClassMapHead(Head):
 
     def replace(self, net, head):
         return nn.Sequential(OrderedDict(body=net, head=head))  # the network ends in the pooled class maps
+
+
+def _pointwise_on_pooled(graph: ModelGraph, node: Node) -> bool:
+    """Whether a convolution node is 1x1 (stride 1, no padding, one group) on a (C, 1, 1) input: a linear layer on
+    pooled features."""
+    conv = graph.module(node.target)
+    src = graph.ops[node.name].inputs(node)
+    return (conv.kernel_size == (1, 1) and conv.stride == (1, 1) and ops.pair(conv.padding) == (0, 0)
+            and conv.groups == 1 and bool(src) and graph.shapes.get(src[0].name, ())[1:] == (1, 1))
 
 
 # ------------------------------------------------------------------------------------------------ the graph
@@ -273,6 +296,8 @@ class ModelGraph:
         if kind == "linear":
             src = self.ops[end.name].inputs(end)[0]
             return Head(end.target, src)
+        if kind == "conv" and _pointwise_on_pooled(self, end):
+            return PooledConvHead(end.target, self.ops[end.name].inputs(end)[0])
         if kind in ("pool", "reduce") and self._global_pool(end):
             inner = self.ops[end.name].inputs(end)[0]
             before = self._skip_back(inner, ("identity",))

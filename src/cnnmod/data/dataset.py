@@ -122,11 +122,22 @@ class ImageSet:
         return self.take(torch.cat(picked))
 
 
-def parse_class_list(text: str | None) -> list[int] | None:
-    """``"0,3,7"`` -> ``[0, 3, 7]``; ``None`` or ``""`` -> ``None``; anything else is a user error."""
+def parse_class_list(text: str | None, names: list[str] | None = None) -> list[int] | None:
+    """``"0,3,7"`` -> ``[0, 3, 7]``; with the data's class ``names``, names too (``"T-shirt/top,Dress"`` ->
+    ``[0, 3]``, case aside); ``None`` or ``""`` -> ``None``; anything else is a user error."""
     if text is None or text.strip() == "":
         return None
-    try:
-        return [int(part) for part in text.split(",")]
-    except ValueError:
-        raise UserError(f"cannot read the class list {text!r}: give class indices separated by commas, e.g. 0,3,7")
+    lowered = [n.lower() for n in names] if names is not None else None
+    out = []
+    for part in (p.strip() for p in text.split(",")):
+        if part.lstrip("-").isdigit():
+            out.append(int(part))
+        elif lowered is not None and part.lower() in lowered:
+            out.append(lowered.index(part.lower()))
+        elif lowered is not None:
+            raise UserError(f"no class named {part!r}; the classes are {', '.join(names[:20])}"
+                            + (" ..." if len(names) > 20 else "") + " (or give their indices)")
+        else:
+            raise UserError(f"cannot read the class list {text!r}: give class indices separated by commas, e.g. "
+                            "0,3,7")
+    return out

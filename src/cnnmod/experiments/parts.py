@@ -5,6 +5,7 @@ table."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 from ..composition.evaluate import evaluate_against_model
@@ -196,6 +197,10 @@ def energy(study, results: dict) -> list[dict]:
                      "models_trained": len(trained), "compositions": len(reused),
                      "ratio_all_training_to_all_reuse_with_decomposition":
                          sum(trained) / (sum(reused) + one_time) if reused and trained else None,
+                     # how many compositions the one decomposition must serve before reuse saves CO2e: each saves
+                     # training less reuse, the decomposition is paid once
+                     "break_even_compositions": math.ceil(one_time / (train_kg - reuse))
+                         if reuse is not None and train_kg is not None and train_kg > reuse else None,
                      "power": study.meter.records[-1].power if study.meter.records else None,
                      "tracker": study.meter.backend})
     return rows

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
 
 import torch
 
+from .. import __version__
 from ..artifacts import atomic_file
 from ..errors import UserError
 from .store import load_composer
@@ -14,7 +16,8 @@ from .store import load_composer
 
 def export_onnx(paths: list[str | Path], out: str | Path, overwrite: bool = False, check: bool = True,
                 calibration: str | None = None) -> dict:
-    """Export the composition of the modules at ``paths`` (one module folder gives a one-column classifier);
+    """Export the composition of the modules at ``paths`` (one module folder gives a one-column classifier: its
+    Platt-calibrated probability unless ``calibration`` says otherwise);
     with ``check``, onnxruntime's scores are compared with cnnmod's on a random batch (of another size, where the
     exported batch size is dynamic)."""
     try:
@@ -25,11 +28,17 @@ def export_onnx(paths: list[str | Path], out: str | Path, overwrite: bool = Fals
     if out.exists() and not overwrite:
         raise UserError(f"{out} exists already; choose another file or pass «overwrite»")
     comp = load_composer(paths, "cpu", calibration)[0].eval()
+    if calibration is None and len(comp.qualified_names) == 1 and comp.calibration == "none":
+        try:  # one module alone is a detector: its calibrated probability, 0.5 the balanced decision
+            comp = load_composer(paths, "cpu", "platt")[0].eval()
+        except UserError:  # made without calibration: its own score
+            pass
     calibration = comp.calibration
     shape = tuple(comp.input_shape)
     example = torch.randint(0, 256, (2, *shape), dtype=torch.uint8)
     with atomic_file(out) as tmp:
         dynamic = _export(comp, example, tmp)
+        _describe(tmp, comp, shape, calibration)
         result = {"out": str(out), "classes": [f"{c}" for c in comp.qualified_names], "input_shape": list(shape),
                   "input": "uint8 images (batch, channels, height, width)", "output": "scores p_c (batch, classes)",
                   "batch": "any" if dynamic else example.shape[0], "calibration": calibration,
@@ -54,6 +63,28 @@ def _export(comp, example: torch.Tensor, path: Path) -> bool:
         except Exception as e:  # noqa: BLE001 - the exporter's failures are reported in one line below
             errors.append(str(e).strip().splitlines()[0][:140] if str(e).strip() else type(e).__name__)
     raise UserError(f"torch.onnx cannot export this composition: {errors[-1]}")
+
+
+def _describe(path: Path, comp, shape: tuple[int, int, int], calibration: str) -> None:
+    """Write into the file's metadata what a user of it needs: the classes in output order, the input it takes
+    and the cnnmod that made it (``onnx.load(path).metadata_props``; onnxruntime's ``get_modelmeta()``)."""
+    import onnx
+
+    model = onnx.load(str(path))
+    described = {
+        "cnnmod_version": __version__,
+        "classes": json.dumps(list(comp.qualified_names)),
+        "input": json.dumps({"name": "images", "dtype": "uint8", "layout": "NCHW", "shape": ["batch", *shape],
+                             "range": [0, 255], "normalisation": "inside the model"}),
+        "output": json.dumps({"name": "scores", "meaning": "p_c per class, in the order of classes",
+                              "calibration": calibration}),
+    }
+    del model.metadata_props[:]
+    for key, value in described.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+    model.producer_name, model.producer_version = "cnnmod", __version__
+    onnx.save(model, str(path))
 
 
 def _check(path: str, comp, shape: tuple[int, int, int], batch: int | None) -> float | None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..artifacts import check_output
@@ -25,6 +25,8 @@ from ..models.classifier import split_for
 from ..models.folder import load_model
 from ..modules.base import BinaryModule
 from ..modules.kinds import kind_of
+from ..progress import say
+from ..recipes import PRUNING, chosen, composition_defaults, merging_settings
 from ..reuse import continuous_learning, fuse_slim, refit_composition
 from ..runtime import pick_device
 from ..slim.config import SlimSettings
@@ -35,32 +37,34 @@ from .common import Run, seconds_since
 @dataclass(frozen=True)
 class ComposeSettings:
     """How ``cnnmod compose`` builds its classifier: continuous learning and refitted heads (node-level modules),
-    how scores are compared (``calibration``) and run (``mode``), and, for a merged slim composition, how far it
-    is pruned (``size``, ``max_loss``, ranked by ``cost``, counts a ``multiple`` of this)."""
+    how scores are compared (``calibration``) and run (``mode``; None: as :func:`cnnmod.recipes.composition_defaults`
+    chooses for the modules), and, for a merged slim composition, how far it is pruned (``size``, ``max_loss``;
+    ``pruning``: other :class:`SlimSettings` fields over :func:`cnnmod.recipes.merging_settings`)."""
 
     continuous_learning: bool = False
     refit_heads: bool = False
-    calibration: str = "none"
-    mode: str = "vote"
+    calibration: str | None = None
+    mode: str | None = None
     size: float | None = None
-    cost: str | None = None
-    multiple: int = 1
     max_loss: float | None = None
-    reconstruct: bool = False
-    rule: str = "taylor"
-    scale_epochs: int = 0
-    scale_bn: bool = False
+    pruning: dict = field(default_factory=dict)
+
+    def resolved(self, modules: Sequence[BinaryModule]) -> tuple[ComposeSettings, str]:
+        """The mode and calibration chosen where not given (:func:`cnnmod.recipes.composition_defaults`), and a
+        line saying what was chosen and why ("" when both were given)."""
+        mode, calibration, why = chosen(modules, self.mode, self.calibration,
+                                        self.continuous_learning or self.refit_heads)
+        if self.mode is not None and self.calibration is not None:
+            return self, ""
+        return replace(self, mode=mode, calibration=calibration), f"mode {mode}, calibration {calibration}: {why}"
 
     def check(self, modules: Sequence[BinaryModule]) -> None:
         """Everything that can be said against these settings for ``modules`` before any work starts."""
         check_composable(modules)
         prunes = self.size is not None or self.max_loss is not None
-        shaping = {"«cost»": self.cost is not None, "«multiple»": self.multiple != 1,
-                   "«reconstruct»": self.reconstruct, "«rule»": self.rule != "taylor",
-                   "«scale_epochs»": self.scale_epochs != 0, "«scale_bn»": self.scale_bn}
-        if any(shaping.values()) and not prunes:
-            what = next(k for k, v in shaping.items() if v)
-            raise UserError(f"{what} shapes how «size» prunes a merged slim composition: give «size» too, or drop it")
+        if self.pruning and not prunes:
+            raise UserError(f"«{next(iter(self.pruning))}» shapes how «size» prunes a merged slim composition: give "
+                            "«size» too, or drop it")
         slim = [m.ref.qualified for m in modules if not kind_of(m).refits]
         if (self.refit_heads or self.continuous_learning) and slim:
             what = "«refit_heads»" if self.refit_heads else "«continuous_learning»"
@@ -82,15 +86,9 @@ class ComposeSettings:
         (:class:`~cnnmod.modules.kinds.ModuleKind` ``networks``: slim modules, merged or fused)."""
         return self.mode if all(self.mode in kind_of(m).networks for m in modules) else None
 
-    def pruning(self) -> dict:
-        """The merged network's own pruning, as :class:`SlimSettings` fields."""
-        return {"size": self.size, "max_loss": self.max_loss, "cost": self.cost or "params",
-                "multiple": self.multiple, "reconstruct": self.reconstruct, "rule": self.rule,
-                "scale_epochs": self.scale_epochs, "scale_bn": self.scale_bn}
-
     def slim(self) -> SlimSettings:
         """The merged network's own pruning."""
-        return SlimSettings(**self.pruning())
+        return merging_settings(size=self.size, max_loss=self.max_loss, **self.pruning)
 
 
 def _summary(config: dict, out: Path, started: float) -> dict:
@@ -108,6 +106,7 @@ def compose_dirs(paths: Sequence[str | Path], out: str | Path, settings: Compose
     dev = pick_device(run.device)
     with run.meter().phase("composition") as spent:
         modules = load_modules(paths, dev)
+        s, why = s.resolved(modules)
         s.check(modules)
         network = s.slim_network(modules)
         made_from = {"made_from": [str(p) for p in paths]}
@@ -125,6 +124,8 @@ def compose_dirs(paths: Sequence[str | Path], out: str | Path, settings: Compose
                                                                     "calibration": s.calibration, "mode": s.mode,
                                                                     **made_from})
             result = {**_summary(config, Path(out), started), "calibration": s.calibration, "mode": s.mode}
+    if why:  # once it is made: a mistake found on the way stays the one line said
+        say(f"composed with {why}")
     result["seconds"] = seconds_since(started)
     return {**result, "energy": {"composition": spent.record.to_dict()}}
 
@@ -134,7 +135,9 @@ def _merge_slim(paths, modules: list, out: str | Path, s: ComposeSettings, run: 
     the composition's classes, pruned as ``s`` asks, saved."""
     source = slim_source_of(paths, device)
     train = split_for(source, None, run.data_root, "train")
-    merged = merge_slim(modules, source, train, as_made(modules, **s.pruning()), batch_size=run.batch_size)
+    prune = s.slim()
+    pruning = {k: getattr(prune, k) for k in PRUNING} if s.size is not None or s.max_loss is not None else {}
+    merged = merge_slim(modules, source, train, as_made(modules, **pruning), batch_size=run.batch_size)
     save_slim_composition(merged, [source], out, run.overwrite, {"made_from": [str(p) for p in paths]})
     return {"out": str(out), "classes": merged.qualified_names, "mode": "merged", "granularity": "channel",
             "params_fraction": merged.metrics["params_fraction"],
@@ -184,10 +187,17 @@ def replace_dir(target: str | Path, cls: str, replacement: str | Path, out: str 
     modules[position] = new[0]
     if new[0].ref.key in [m.ref.key for i, m in enumerate(modules) if i != position]:
         raise UserError(f"the composition has class {new[0].ref.qualified} already; replace that class instead")
-    config = save_composition(modules, out, run.overwrite, {"made_from": [str(target)], **inherited_settings(target),
+    mode, calibration, why = composition_defaults(modules)
+    if mode != "vote" and not all(m.union_pass for m in modules) or inherited_settings(target)["mode"] == "vote":
+        mode = "vote"  # a module folder's composition: merged where it was and still can be
+    if mode != inherited_settings(target)["mode"] or calibration != inherited_settings(target)["calibration"]:
+        say(f"the composition now runs with mode {mode}, calibration {calibration}: {why}")
+    config = save_composition(modules, out, run.overwrite, {"made_from": [str(target)], "mode": mode,
+                                                            "calibration": calibration,
                                                             "replaced": {"class": old.ref.qualified,
                                                                          "with": str(replacement)}})
-    return {**_summary(config, Path(out), started), "replaced": old.ref.qualified, "with": new[0].ref.qualified}
+    return {**_summary(config, Path(out), started), "replaced": old.ref.qualified, "with": new[0].ref.qualified,
+            "mode": mode, "calibration": calibration}
 
 
 def remove_dir(target: str | Path, cls: str, out: str | Path, run: Run | None = None) -> dict:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import shutil
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from ..artifacts import check_output
@@ -11,12 +14,14 @@ from ..composition.evaluate import binary_report
 from ..composition.fitting import calibrate_decomposition
 from ..composition.voting import compose
 from ..core.metrics import predict_scores
+from ..data.dataset import parse_class_list
 from ..errors import UserError
 from ..io.store import load_modules, save_decomposition
 from ..models.classifier import split_for
 from ..models.folder import load_model
 from ..node.method import DecomposeSettings, chosen_classes, decompose
 from ..progress import progress_bar, say
+from ..recipes import node_settings, parse_setting, settable, slim_settings
 from ..runtime import Distributed, Passes, init_distributed, pick_device, seed_everything
 from ..slim.config import MODULE_SIZE, SlimSettings
 from ..slim.make import check_joint, slim_modules
@@ -50,37 +55,71 @@ def gather_modules(modules: list, chosen: list[int], clf, out: Path, dd: Distrib
     return sorted(gathered, key=lambda m: position[m.concerned])
 
 
+def settings_for(granularity: str, recipe: str | None, variant: str, size: float | None, max_loss: float | None,
+                 seed: int, given: dict[str, str]) -> tuple[DecomposeSettings, object, bool]:
+    """What ``cnnmod decompose``'s options ask for: the node-level settings (also the calibration's), the slim
+    settings as a function of the run (None for node-level modules; :func:`cnnmod.recipes.slim_settings`), and
+    whether each module is measured on the test split. ``given``: ``--set`` KEY=VALUE texts."""
+    if granularity not in ("node", "channel"):
+        raise UserError(f"unknown granularity {granularity!r}; use node or channel")
+    measure = parse_setting(JobSettings, "measure", given.pop("measure")) if "measure" in given else True
+    node_names = set(settable(DecomposeSettings))
+    node_given = {k: parse_setting(DecomposeSettings, k, v) for k, v in given.items() if k in node_names}
+    if granularity == "node":
+        if size is not None or max_loss is not None:
+            raise UserError("«size» and «max_loss» apply to slim modules: add «granularity» channel")
+        rest = [k for k in given if k not in node_names]
+        if rest:
+            parse_setting(DecomposeSettings, rest[0], given[rest[0]])  # says which settings there are
+        return node_settings(recipe, variant=variant, seed=seed, **node_given), None, measure
+    calibration = {k: v for k, v in node_given.items() if k == "calibration_samples"}
+    slim_given = {k: parse_setting(SlimSettings, k, v) for k, v in given.items() if k != "calibration_samples"}
+    for k, v in (("size", size), ("max_loss", max_loss)):
+        if v is not None:
+            slim_given[k] = v
+    slim_settings(recipe, **slim_given, seed=seed)  # refused now, before the model loads, if it cannot be
+    return (DecomposeSettings(seed=seed, **calibration), partial(slim_settings, recipe, **slim_given, seed=seed),
+            measure)
+
+
+@dataclass(frozen=True)
+class JobSettings:
+    """Settings of the decomposition job itself (``--set measure=false``)."""
+
+    measure: bool = True
+
+
 def decompose_dir(model_dir: str | Path, out: str | Path, settings: DecomposeSettings | None = None,
-                  run: Run | None = None, *, slim: SlimSettings | None = None, data: str | None = None,
-                  classes: list[int] | None = None, measure: bool = True) -> dict:
+                  run: Run | None = None, *, slim: SlimSettings | Callable[..., SlimSettings] | None = None,
+                  data: str | None = None, classes: list[int] | str | None = None, measure: bool = True) -> dict:
     """Decompose the model in ``model_dir`` into ``out``: node-level modules (``settings``) or, with ``slim``,
-    slim modules; observed on ``data`` (default: the model's own training split), for ``classes`` (default:
-    all). With ``measure``, each module's binary accuracy on the test split is recorded in its config (one
-    batched pass of all modules)."""
+    slim modules (its settings, or a function of ``every_class`` and ``one_process`` that gives them:
+    :func:`cnnmod.recipes.slim_settings`); observed on ``data`` (default: the model's own training split), for
+    ``classes`` (default: all; indices, or a text of indices and names). With ``measure``, each module's binary
+    accuracy on the test split is recorded in its config (one batched pass of all modules)."""
+    wall = time.perf_counter()
     settings, run = settings or DecomposeSettings(), run or Run()
     settings.check()
-    if slim is not None:
-        slim = slim.resolved(MODULE_SIZE)
-        slim.check()
     batch_size = run.batch_size
     dd, dev = init_distributed(pick_device(run.device))
-    if slim is not None and dd.active and slim.budget == "total":
-        raise UserError("«budget» total prunes all modules together in one process: run it without torchrun, "
-                        "or use «budget» module")
-    if slim is not None and dd.active and slim.joint_heads > 0:
-        raise UserError("«joint_heads» refits every module's head together in one process: run it without "
-                        "torchrun, or leave «joint_heads» at 0")
     if dd.is_main:
         check_output(Path(out), run.overwrite)
     seed_everything(settings.seed)
     clf = load_model(model_dir, dev)
+    if isinstance(classes, str):
+        classes = parse_class_list(classes, clf.class_names)
     chosen = chosen_classes(clf, classes)
+    if callable(slim):
+        slim = slim(every_class=len(chosen) == clf.num_classes, one_process=not dd.active)
     if slim is not None:
+        slim = slim.resolved(MODULE_SIZE)
+        slim.check()
         check_joint(slim, chosen, clf.num_classes)
+        check_one_process(slim, dd)
     train = split_for(clf, data, run.data_root, "train", resize=None)
     if settings.calibration_samples > 0 and dd.is_main:
         heads_up(len(chosen), settings.calibration_samples * 2 * clf.num_classes, "calibration",
-                 "held-out training images", "--calibration-samples 1 (or 0)")
+                 "held-out training images", "--set calibration_samples=1 (or 0)")
     meter = run.meter()
     if slim is not None:
         say(f"slimming {clf.arch} ({clf.num_classes} classes) to {slim.size:g} of its parameters"
@@ -89,13 +128,17 @@ def decompose_dir(model_dir: str | Path, out: str | Path, settings: DecomposeSet
             + (f", classes spread over {dd.world} processes" if dd.active else ""))
         started = time.perf_counter()
         mine = chosen[dd.rank::dd.world]  # each is an independent pruning run: the unit torchrun spreads
-        with meter.phase("decomposition") as spent, progress_bar("slimming", len(mine), dd.is_main) as step:
-            modules = slim_modules(clf, train, mine, slim, batch_size,
-                                   done=lambda m: step(params=f"{m.metrics['params_fraction']:.2f}"))
+        with meter.phase("decomposition") as spent:
+            with progress_bar("slimming", len(mine), dd.is_main) as step:
+                modules = slim_modules(clf, train, mine, slim, batch_size,
+                                       done=lambda m: step(params=f"{m.metrics['params_fraction']:.2f}"))
+            parts = {"decomposition_seconds": round(time.perf_counter() - started, 3)}
+            started = time.perf_counter()
             if settings.calibration_samples > 0 and modules:  # as for node-level modules
-                calibrate_decomposition(modules, train, settings.calibration_samples, settings.seed, batch_size)
+                calibrate_decomposition(modules, train, settings.calibration_samples, settings.seed, batch_size,
+                                        dd.is_main)
+            parts["calibration_seconds"] = round(time.perf_counter() - started, 3)
         modules = gather_modules(modules, chosen, clf, Path(out), dd, dev)
-        seconds = round(time.perf_counter() - started, 3)
         variant = "channel"
     else:
         say(f"decomposing {clf.arch} ({clf.num_classes} classes) with {settings.variant}: up to "
@@ -103,30 +146,58 @@ def decompose_dir(model_dir: str | Path, out: str | Path, settings: DecomposeSet
         with meter.phase("decomposition") as spent:
             modules = decompose(clf, train, settings=settings, classes=classes,
                                 passes=Passes(dev, batch_size, dd))
-        seconds, variant = modules[0].settings["decomposition_seconds"], settings.variant
+        parts = {k: modules[0].settings.get(k, 0.0) for k in ("decomposition_seconds", "calibration_seconds")}
+        variant = settings.variant
     energy = {"decomposition": spent.record.to_dict()}
-    result = {"out": str(out), "seconds": seconds, "variant": variant}
+    result = {"out": str(out), "variant": variant}
     if measure:  # sharded over the ranks like the rest
-        test = split_for(clf, data, run.data_root, "test", resize=None).subset([m.concerned for m in modules])
-        if dd.is_main:
-            heads_up(len(modules), len(test), "measuring", "test images", "--no-measure")
-        comp = compose(modules).eval()
         started = time.perf_counter()
         with meter.phase("evaluation") as spent:
-            scores = predict_scores(comp, lambda x: x, test.images, dev, max(8, 2 * batch_size // len(modules)), dd)
+            measure_modules(modules, clf, split_for(clf, data, run.data_root, "test", resize=None), dev,
+                            batch_size, dd)
         energy["evaluation"] = spent.record.to_dict()
-        for i, m in enumerate(modules):
-            m.metrics.update(binary_report(scores, test.labels, i))
-        result["measure_seconds"] = round(time.perf_counter() - started, 3)
+        parts["measure_seconds"] = round(time.perf_counter() - started, 3)
     if not dd.is_main:
         return result
     training_seconds = clf.info.get("training", {}).get("seconds")
+    making = parts["decomposition_seconds"] + parts["calibration_seconds"]
     extra = {"training_seconds": training_seconds,
-             "seconds_to_training": round(seconds / training_seconds, 6) if training_seconds else None,
+             "seconds_to_training": round(making / training_seconds, 6) if training_seconds else None,
              "energy": energy}
     config = save_decomposition(modules, out, run.overwrite, extra, source=clf)
     result.update(extra)
     result["modules"] = [{**e, "path": str(Path(out) / e["path"])} for e in config["modules"]]
     for entry, m in zip(result["modules"], modules, strict=True):
         entry.update({k: v for k, v in m.metrics.items() if k != "kept_fraction"})
-    return result
+    return {"seconds": round(time.perf_counter() - wall, 3), **parts, **result}
+
+
+def check_one_process(slim: SlimSettings, dd: Distributed) -> None:
+    """What torchrun cannot spread over its processes, refused before any work."""
+    if dd.active and slim.budget == "total":
+        raise UserError("«budget» total prunes all modules together in one process: run it without torchrun, "
+                        "or use «budget» module")
+    if dd.active and slim.joint_heads > 0:
+        raise UserError("«joint_heads» refits every module's head together in one process: run it without "
+                        "torchrun, or leave «joint_heads» at 0")
+
+
+def measure_modules(modules: list, clf, test, device, batch_size: int, dd: Distributed) -> None:
+    """Each module alone as a detector of its class, on the test images of the decomposed classes: its calibrated
+    probability (Platt, fitted on held-out training images with both classes weighted equally; the raw score
+    where it has no calibration) over 0.5, against the model's own one-vs-rest decision (its arg-max is the
+    class) on the same images. One batched pass of all modules and one of the model; in each module's
+    metrics."""
+    test = test.subset([m.concerned for m in modules])
+    if dd.is_main:
+        heads_up(len(modules), len(test), "measuring", "test images", "--set measure=false")
+    calibrated = all(m.calibration for m in modules)
+    comp = compose(modules, calibration="platt" if calibrated else "none").eval()
+    scores = predict_scores(comp, lambda x: x, test.images, device, max(8, 2 * batch_size // len(modules)), dd)
+    model_scores = predict_scores(clf, clf.prepare, test.images, device, batch_size, dd)
+    predicted = model_scores.argmax(1)
+    for i, m in enumerate(modules):
+        m.metrics.update(binary_report(scores, test.labels, i))
+        m.metrics["calibrated"] = calibrated
+        model = binary_report(scores, test.labels, i, votes=predicted == m.concerned)
+        m.metrics["model_balanced_accuracy"] = model["balanced_accuracy"]

@@ -29,7 +29,7 @@ class EvaluateSettings:
     calibration: str | None = None
     mode: str | None = None
     cost: bool = True
-    latency_batch: int = 256
+    latency_batch: int = 64
 
     def check(self) -> None:
         if self.latency_batch < 1:
@@ -66,7 +66,7 @@ def costs(composer: Composer, images, per_module: bool, sources: list[Classifier
     out = {"composition": cost_report(composer, images, source=sources)}
     parts = composer.separately() if per_module else None
     if parts:
-        reports = [cost_report(alone, images, source=sources) for _, alone in parts]
+        reports = [cost_report(alone, images, repeats=3, source=sources) for _, alone in parts]
         out["module_mean"] = {k: round(sum(r[k] for r in reports) / len(reports), 4) for k in reports[0]}
     return out
 

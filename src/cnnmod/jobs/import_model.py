@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -21,8 +22,15 @@ from ..models.registry import create, load_weights
 from ..runtime import pick_device
 from .common import Run
 
+# where a checkpoint keeps its weights, in the order tried (EMA weights first, as timm's loader takes them)
+CHECKPOINT_KEYS = ("state_dict_ema", "model_ema", "ema", "state_dict", "model", "net", "weights")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """The weights in a .safetensors file, or in a .pt/.pth file read with ``weights_only`` (no code runs): a state
+    dict, or a checkpoint that holds one under a usual key (:data:`CHECKPOINT_KEYS`; a ``module.`` prefix, as
+    DataParallel saves it, is dropped when the weights load)."""
     if not path.is_file():
         raise UserError(f"no such weights file {path}")
     if path.suffix == ".safetensors":
@@ -33,13 +41,33 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling refusal or damage is the same user problem
-        raise UserError(f"cannot read {path} as a state dict ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
-                        "save it with torch.save(model.state_dict(), path) or as .safetensors")
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise UserError(f"{path} does not hold a state dict (a mapping of names to tensors)")
-    return obj
+        text = _ANSI.sub("", str(e))
+        if "global" in text.lower() and ("unsupported" in text.lower() or "weights_only" in text.lower()):
+            raise UserError(f"{path} holds a pickled object (a whole model?), not only tensors: cnnmod does not "
+                            "unpickle it (that would run its code); save its weights with "
+                            "torch.save(model.state_dict(), path) and import those")
+        first = next((line.strip() for line in text.splitlines() if line.strip()), type(e).__name__)
+        raise UserError(f"cannot read {path} as a state dict ({type(e).__name__}: {first[:160]}); save it with "
+                        "torch.save(model.state_dict(), path) or as .safetensors")
+    return weights_in(obj, path)
+
+
+def weights_in(obj, path: Path) -> dict[str, torch.Tensor]:
+    """The state dict in what ``torch.load`` gave: itself, or under the first of :data:`CHECKPOINT_KEYS` that
+    holds one; otherwise one line naming the keys found."""
+    if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return obj
+    if isinstance(obj, dict):
+        for key in CHECKPOINT_KEYS:
+            inner = obj.get(key)
+            if isinstance(inner, dict) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
+                return inner
+        found = ", ".join(map(str, list(obj)[:8])) + (" ..." if len(obj) > 8 else "")
+        raise UserError(f"{path} is a checkpoint without weights under a key cnnmod knows (found: {found}; tried: "
+                        f"{', '.join(CHECKPOINT_KEYS)}): save the state dict itself with "
+                        "torch.save(model.state_dict(), path)")
+    raise UserError(f"{path} does not hold a state dict (a mapping of names to tensors) but a "
+                    f"{type(obj).__name__}: save it with torch.save(model.state_dict(), path)")
 
 
 def input_spec(data: ImageSet, size: list[int] | None = None, mean: list[float] | None = None,

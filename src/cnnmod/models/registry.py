@@ -122,7 +122,8 @@ def build(name: str, input_shape: Shape, num_classes: int, /, **kwargs) -> nn.Mo
 
 def load_weights(net: nn.Module, tensors: dict[str, torch.Tensor], arch: str, source: Path | str) -> None:
     """Load a state dict strictly; a mismatch is a user error naming what does not fit."""
-    tensors = {k.removeprefix("module."): v for k, v in tensors.items()}
+    # the prefixes DataParallel ("module.") and torch.compile ("_orig_mod.") put before every name
+    tensors = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in tensors.items()}
     expected = net.state_dict()
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))

@@ -186,19 +186,19 @@ def decompose(model: nn.Module, data: ImageSet, variant: str | None = None, *, c
         m.settings["decomposition_seconds"] = round(seconds, 3)
     if s.calibration_samples > 0:
         started = time.perf_counter()
-        calibrate_sharded(modules, data, s.calibration_samples, s.seed, batch_size, dd)
+        calibrate_sharded(modules, data, s.calibration_samples, s.seed, batch_size, dd, passes.progress)
         for m in modules:
             m.settings["calibration_seconds"] = round(time.perf_counter() - started, 3)
     return modules
 
 
 def calibrate_sharded(modules: list[Module], data: ImageSet, per_class: int, seed: int, batch_size: int,
-                      dd: Distributed) -> None:
+                      dd: Distributed, show: bool = True) -> None:
     """Calibration of every module, each rank fitting every world-th module (each module's fit is its own),
     the fits then shared with every rank."""
     mine = modules[dd.rank::dd.world]
     if mine:
-        calibrate_decomposition(mine, data, per_class, seed, batch_size)
+        calibrate_decomposition(mine, data, per_class, seed, batch_size, show and dd.is_main)
     fits = dd.gather_objects([(m.calibration, {k: v.cpu() for k, v in (m.typical or {}).items()} or None)
                               for m in mine])
     for r, part in enumerate(fits):

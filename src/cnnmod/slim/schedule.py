@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 import torch
 
 from ..errors import UserError
+from ..progress import progress_bar
 from .config import SlimSettings
 from .pruner import Pruner
 from .recovery import recover
@@ -153,12 +154,24 @@ def prune_together(pruners: list[Pruner], size: float) -> list[list[dict]]:
     of all the kept parameters are cut, no module giving more than twice ``step`` of its own. Each module's
     BatchNorm statistics and head are refreshed after each step it lost channels in; each keeps at least one
     channel per group. Then each one's recoveries. The history of each module's way down."""
-    s = pruners[0].s
     histories: list[list[dict]] = [[] for _ in pruners]
-    total = pruners[0].total_params
+    with progress_bar("pruning together", len(pruners) * 2) as advance:  # the steps, then each one's recoveries
+        _steps_together(pruners, size, histories, advance)
+        for p in pruners:
+            recover(p)
+            advance(1)
+    return histories
+
+
+def _steps_together(pruners: list[Pruner], size: float, histories: list[list[dict]], advance) -> None:
+    s, total, done = pruners[0].s, pruners[0].total_params, 0.0
     while True:
         fractions = [p.record(True, h) for p, h in zip(pruners, histories, strict=True)]
         mean = sum(fractions) / len(fractions)
+        # the steps' half of the bar: how far the mean has come from the whole model down to ``size``
+        reached = len(pruners) * min(1.0, (1 - mean) / max(1 - size, 1e-9))
+        advance(reached - done, params=f"{mean:.2f}")
+        done = reached
         if mean <= size:
             break
         ranked = sorted((v, k, i, j) for k, p in enumerate(pruners) for v, i, j in candidates(p))
@@ -172,6 +185,3 @@ def prune_together(pruners: list[Pruner], size: float) -> list[list[dict]]:
             if mine:
                 close(p, mine, [(v, i, j) for v, kk, i, j in ranked if kk == k])
                 p.refresh()
-    for p in pruners:
-        recover(p)
-    return histories
