@@ -1,4 +1,4 @@
-"""Shared helpers for benchmarks: the machine's description and the BENCHMARKS.md ledger."""
+"""Shared helpers for benchmarks: the machine's description and the ledger (docs/results/benchmarks-history.md)."""
 
 from __future__ import annotations
 
@@ -28,7 +28,8 @@ def machine() -> str:
 
 
 def record(name: str, command: str, figures: dict, summary: str) -> Path:
-    """Write ``benchmarks/out/NAME.json`` and return its path; print the ledger line to add to BENCHMARKS.md."""
+    """Write ``benchmarks/out/NAME.json`` and return its path; print the ledger line to add to the ledger
+    (docs/results/benchmarks-history.md)."""
     OUT.mkdir(parents=True, exist_ok=True)
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d")
     payload = {"benchmark": name, "date": stamp, "machine": machine(), "command": command, "figures": figures}

@@ -4,7 +4,7 @@
     python benchmarks/training.py throughput   # cnnmod's loop vs a bare PyTorch loop over the same tensors
     python benchmarks/training.py loading      # reloading Fashion-MNIST from the decode cache
 
-Figures go to benchmarks/out/*.json; the printed ledger line goes into BENCHMARKS.md.
+Figures go to benchmarks/out/*.json; the printed ledger line goes into docs/results/benchmarks-history.md.
 """
 
 from __future__ import annotations

@@ -5,8 +5,8 @@ it wherever the fix is in the user's hands (a path, a name, a file), never for a
 
 A message names a setting the user can change as ``«name»``, the name the library's own calls and configs use
 (``«step»``: ``SlimSettings(step=...)``). Read from the library, ``str(error)`` says ``step``; the command line
-says its flag instead (``--slim-step``: :meth:`UserError.for_command_line`), so that each reader is told what it
-can type.
+says its own words instead (``step (--set step=...)``, ``--size``: :meth:`UserError.for_command_line`), so that
+each reader is told what it can type.
 """
 
 from __future__ import annotations

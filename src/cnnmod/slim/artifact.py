@@ -49,7 +49,7 @@ def slim_card(m) -> str:
                       f"- parameters: {m.params()} ({100 * m.kept_fraction():.1f}% of the source model's)",
                       f"- kept channels: {m.metrics.get('kept_channels')} of {m.metrics.get('channels')}",
                       f"- importance rule: {m.settings.get('rule')}",
-                      *([f"- made with the recipe {m.settings['recipe']!r} (cnnmod decompose --slim-recipe)"]
+                      *([f"- made with the recipe {m.settings['recipe']!r} (cnnmod decompose --recipe)"]
                         if m.settings.get("recipe") else []),
                       *_learned_lines(m.settings), ""])
 

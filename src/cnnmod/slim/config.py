@@ -96,8 +96,9 @@ class SlimSettings:
             raise UserError(f"«samples» must be at least 1, got {self.samples}")
 
 
-# The named recipes (``--slim-recipe``), measured on the benchmark ResNet-20 on Fashion-MNIST (BENCHMARKS.md, "Slim
-# modules' cost"): fields given beside a recipe override it.
+# The named recipes (``--recipe``; :mod:`cnnmod.recipes` chooses among them by default), measured on the
+# benchmark ResNet-20 on Fashion-MNIST (BENCHMARKS.md, "Slim modules' cost"): fields given beside a recipe
+# override it.
 RECIPES = {
     # half the parameters, ten modules within 1 pp composed, in about 1 % of the model's training
     "cheap": SlimSettings(size=0.5, rule="fisher", budget="total", step=0.5, step_samples=64, samples=256,
