@@ -119,7 +119,8 @@ def merge(modules: list[SlimModule], model: Classifier | None, data: ImageSet | 
 
 def evaluate(composer: Composer, test=None, *, model: Classifier | None = None, batch_size: int = 512) -> dict:
     """``composer`` on test images: with its source ``model``, both on ``test`` (default: the model's own test
-    split), restricted to the composer's classes (top-1, top-5, per class, the binary report of every column);
+    split; the model's whole test split is restricted to the composer's classes, else its labels are the
+    composer's columns) (top-1, top-5, per class, the binary report of every column);
     without, each class on its own data set's test split, by name. As ``cnnmod evaluate`` reports them."""
     device = next(composer.parameters()).device
     if model is None:
@@ -127,6 +128,10 @@ def evaluate(composer: Composer, test=None, *, model: Classifier | None = None, 
             raise UserError("evaluating on given «data» needs the modules' source model: evaluate(composer, data, "
                             "model=model)")
         return evaluate_composition(composer, None, device, batch_size)
+    classes = [r.index for r in composer.refs]
     if test is None:
-        test = test_set_for(model, None, None).subset([r.index for r in composer.refs])
+        test = test_set_for(model, None, None)
+    test = as_image_set(test)
+    if test.num_classes == model.num_classes and test.num_classes != len(classes):  # the model's whole test split
+        test = test.subset(classes)
     return evaluate_against_model(composer, model, test, device, batch_size)
