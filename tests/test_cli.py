@@ -48,7 +48,8 @@ def test_user_errors(tmp_path: Path, trained: Path, npz_data: str, capsys) -> No
     assert_user_error(*run(["train", "--arch", "resnet99", "--data", npz_data, "--out", str(tmp_path / "x")], capsys),
                       "unknown architecture")
     assert_user_error(*run(base + ["--data", npz_data, "--classes", "0,9"], capsys), "has no class 9")
-    assert_user_error(*run(base + ["--data", npz_data, "--classes", "0,x"], capsys), "class list")
+    assert_user_error(*run(base + ["--data", npz_data, "--classes", "0,x"], capsys),
+                      "no class named 'x'; the classes are band0")
     assert_user_error(*run(["train", "--arch", "cnn", "--data", npz_data, "--out", str(trained)], capsys),
                       "exists already", "--overwrite")
     assert_user_error(*run(base + ["--data", npz_data, "--arch-arg", "depth"], capsys), "KEY=VALUE")

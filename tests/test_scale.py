@@ -314,9 +314,11 @@ def test_torchrun_ranks_that_see_different_data_are_refused(tmp_path):
 
 def test_torchrun_slim_modules_equal_one_process(decomposed, tmp_path, capsys):
     model, _ = decomposed
-    # each module its own budget (one budget for all is one process's: torchrun prunes them apart)
+    # each module its own budget (one budget for all is one process's: torchrun prunes them apart); without the
+    # least-squares refit, whose solver rounds differently with the number of threads, so that the modules can be
+    # compared bit for bit
     args = ["decompose", str(model), "--granularity", "channel", "--size", "0.5", "--set", "samples=16",
-            "--set", "budget=module", "--device", "cpu", "--json"]
+            "--set", "budget=module", "--set", "reconstruct=false", "--device", "cpu", "--json"]
     rc, _, err = run([*args, "--out", str(tmp_path / "one")], capsys)
     assert rc == 0, err
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

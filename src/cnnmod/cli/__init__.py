@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import os
 import sys
+import time
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import typer
 from .. import __version__
 from ..errors import UserError
 from . import data, models, modules  # noqa: F401 -- the commands register themselves on the app
-from .app import FLAGS, app  # noqa: F401
+from .app import FLAGS, STARTED, app  # noqa: F401
 
 TRUST_CODE = "--trust-code"  # anywhere on the line: artifacts may import the code their architecture names
 SKIP_BAD_IMAGES = "--skip-bad-images"  # anywhere on the line: streamed splits leave unreadable images out
@@ -36,6 +37,7 @@ def command_line_flags() -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    STARTED["at"] = time.perf_counter()
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv in (["--version"], ["-V"], ["version"]):  # without importing torch
         sys.stdout.write(f"cnnmod {__version__}\n")

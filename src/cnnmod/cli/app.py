@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 
 import typer
 
@@ -59,10 +60,17 @@ def parse_set(items: list[str]) -> dict[str, str]:
     return out
 
 
+STARTED = {"at": time.perf_counter()}  # when the command started (set again by each call of cnnmod.cli.main)
+
+
 def emit(result: dict, as_json: bool, title: str = "") -> None:
-    """One JSON object on stdout, or a readable table on stderr (from torchrun's first process only)."""
+    """One JSON object on stdout, or a readable table on stderr (from torchrun's first process only). A result's
+    ``seconds`` become the command's own wall clock, from the start of the command (loading torch and the model
+    included), its parts left beside it."""
     if int(os.environ.get("RANK", "0")) != 0:
         return
+    if isinstance(result.get("seconds"), (int, float)):
+        result = {**result, "seconds": round(time.perf_counter() - STARTED["at"], 3)}
     if as_json:
         sys.stdout.write(json.dumps(result) + "\n")
         return
