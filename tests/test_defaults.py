@@ -144,6 +144,9 @@ def test_each_module_alone_is_a_detector_with_its_figures_on_its_card(tmp_path, 
         model_ba = (100 * float(own[mine].float().mean()) + 100 * float((~own[~mine]).float().mean())) / 2
         assert entry["model_balanced_accuracy"] == pytest.approx(model_ba, abs=1e-3)
         assert m.metrics["balanced_accuracy"] == entry["balanced_accuracy"]
+        card = (Path(entry["path"]) / "README.md").read_text()
+        assert f"balanced accuracy {entry['balanced_accuracy']:.2f} %" in card
+        assert f"one-vs-rest decision on the same images: balanced accuracy {model_ba:.2f} %" in card
     # the command's seconds are its wall clock, its parts beside it
     assert result["seconds"] >= result["decomposition_seconds"] + result["calibration_seconds"] + \
         result["measure_seconds"] - 1e-3

@@ -58,3 +58,19 @@ def typical_tensors(m: BinaryModule) -> dict[str, torch.Tensor]:
 def typical_of(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
     """The in-distribution test stored among a module's tensors (None when it has none)."""
     return {k[len("typical."):]: v for k, v in tensors.items() if k.startswith("typical.")} or None
+
+
+def detector_lines(metrics: dict) -> list[str]:
+    """A module card's lines on the module alone as a detector of its class (as ``cnnmod decompose`` measured it:
+    :func:`cnnmod.jobs.decompose.measure_modules`); none where it was not measured."""
+    if metrics.get("balanced_accuracy") is None:
+        return []
+    how = "its calibrated probability" if metrics.get("calibrated") else "its score"
+    lines = [f"- alone, as a detector of its class ({how} over 0.5, on the test images of the decomposed classes): "
+             f"balanced accuracy {metrics['balanced_accuracy']:.2f} % (true positives "
+             f"{metrics.get('true_positive_rate', 0):.2f} %, true negatives "
+             f"{metrics.get('true_negative_rate', 0):.2f} %)"]
+    if metrics.get("model_balanced_accuracy") is not None:
+        lines.append(f"- the source model's own one-vs-rest decision on the same images: balanced accuracy "
+                     f"{metrics['model_balanced_accuracy']:.2f} %")
+    return lines

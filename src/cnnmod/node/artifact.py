@@ -16,7 +16,7 @@ from ..core.bits import pack_bits, unpack_bits
 from ..errors import UserError
 from ..models.folder import SourceCache
 from ..modules.base import ModuleRecord
-from ..modules.kinds import ModuleKind, register_module_kind, typical_of, typical_tensors
+from ..modules.kinds import ModuleKind, detector_lines, register_module_kind, typical_of, typical_tensors
 from .module import Module
 
 
@@ -60,9 +60,7 @@ def module_card(m: Module) -> str:
              "model without retraining (Pan & Rajan, ICSE 2022).", "",
              f"- variant: {m.settings.get('variant')}",
              f"- kept nodes: {m.kept_nodes()} of {m.total_nodes()} ({100 * m.kept_fraction():.2f}%)"]
-    for key, value in m.metrics.items():
-        if key != "kept_fraction":
-            lines.append(f"- {key}: {value}")
+    lines += detector_lines(m.metrics)
     lines += ["", "Load it with `cnnmod.load_module(path)`; it needs its source model at the recorded path.", ""]
     return "\n".join(lines)
 

@@ -23,7 +23,7 @@ from ..models.classifier import Classifier
 from ..models.folder import SourceCache, load_model, load_weights, save_into
 from ..models.reference import allows_code
 from ..modules.base import ModuleRecord
-from ..modules.kinds import ModuleKind, register_module_kind, typical_of, typical_tensors
+from ..modules.kinds import ModuleKind, detector_lines, register_module_kind, typical_of, typical_tensors
 from .merged import FusedSlim, MergedSlim
 from .module import SlimModule
 
@@ -51,7 +51,7 @@ def slim_card(m) -> str:
                       f"- importance rule: {m.settings.get('rule')}",
                       *([f"- made with the recipe {m.settings['recipe']!r} (cnnmod decompose --recipe)"]
                         if m.settings.get("recipe") else []),
-                      *_learned_lines(m.settings), ""])
+                      *_learned_lines(m.settings), *detector_lines(m.metrics), ""])
 
 
 def _learned_lines(settings: dict) -> list[str]:
