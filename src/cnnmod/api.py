@@ -21,7 +21,7 @@ from .models.classifier import Classifier, split_for, test_set_for
 from .modules.base import BinaryModule
 from .node.method import DecomposeSettings, as_classifier, check_data, chosen_classes
 from .node.method import decompose as decompose_nodes
-from .recipes import PRUNING, chosen, merging_settings, node_settings, slim_settings
+from .recipes import chosen, merging_overrides, node_settings, slim_settings
 from .runtime import Passes
 from .slim.config import SlimSettings
 from .slim.make import slim_modules
@@ -112,9 +112,7 @@ def merge(modules: list[SlimModule], model: Classifier | None, data: ImageSet | 
                         "mode='merged', model=model)")
     if data is None:
         data = made[1] if made and made[0] is source else split_for(source, None, None, "train")
-    prune = merging_settings(**pruning) if pruning else None
-    overrides = {k: getattr(prune, k) for k in PRUNING} if prune else {}
-    return merge_slim(modules, source, as_image_set(data), as_made(modules, **overrides))
+    return merge_slim(modules, source, as_image_set(data), as_made(modules, **merging_overrides(**pruning)))
 
 
 def evaluate(composer: Composer, test=None, *, model: Classifier | None = None, batch_size: int = 512) -> dict:

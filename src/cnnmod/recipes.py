@@ -84,6 +84,19 @@ def slim_settings(recipe: str | None = None, *, every_class: bool = True, one_pr
 PRUNING = ("size", "max_loss", "rule", "reconstruct", "scale_epochs", "scale_bn", "cost", "multiple")
 
 
+def merging_overrides(size: float | None = None, max_loss: float | None = None, **given) -> dict:
+    """The :class:`SlimSettings` fields a merged slim composition is pruned with (:func:`merging_settings`), to
+    give :func:`cnnmod.slim.merged.as_made`; none when neither ``size`` nor ``max_loss`` asks for pruning (and
+    then no other field may be given)."""
+    if size is None and max_loss is None:
+        if given:
+            raise UserError(f"«{next(iter(given))}» shapes how «size» prunes a merged slim composition: give «size» "
+                            "too, or drop it")
+        return {}
+    s = merging_settings(size=size, max_loss=max_loss, **given)
+    return {k: getattr(s, k) for k in PRUNING}
+
+
 def merging_settings(**given) -> SlimSettings:
     """How a merged slim composition is pruned further when asked to (``size`` or ``max_loss``): Fisher
     importance, least-squares reconstruction, then channel scales and BatchNorm's affine learned for the

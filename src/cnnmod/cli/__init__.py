@@ -18,7 +18,7 @@ import typer
 from .. import __version__
 from ..errors import UserError
 from . import data, models, modules  # noqa: F401 -- the commands register themselves on the app
-from .app import FLAGS, STARTED, app  # noqa: F401
+from .app import FLAGS, STARTED, app
 
 TRUST_CODE = "--trust-code"  # anywhere on the line: artifacts may import the code their architecture names
 SKIP_BAD_IMAGES = "--skip-bad-images"  # anywhere on the line: streamed splits leave unreadable images out

@@ -23,7 +23,7 @@ data_app = typer.Typer(no_args_is_help=True, help="Inspect and download data set
 app.add_typer(data_app, name="data")
 
 # the flag of each library setting whose flag is not ``--`` + its name with dashes (UserError.for_command_line);
-# a recipe's fields without a flag of their own are set with ``--set NAME=VALUE`` (:func:`flags_for`)
+# a recipe's fields without a flag of their own are set with ``--set NAME=VALUE`` (cnnmod.cli.command_line_flags)
 FLAGS = {"cls": "--class", "replacement": "--with"}
 EVERY_COMMAND = ("Every command also takes --data-root DIR (where data sets live; default $CNNMOD_DATA), "
                  "--country CODE (carbon intensity; default $CNNMOD_COUNTRY or USA), --trust-code (load a model "
@@ -42,11 +42,6 @@ SET = typer.Option([], "--set", metavar="KEY=VALUE", help="Any setting of the re
                    "(docs/commands.md lists them), e.g. --set step=0.3.")
 ARCH_ARG = typer.Option([], "--arch-arg", metavar="KEY=VALUE",
                         help="Architecture option: width=32, stem=cifar, hidden=49,49.")
-
-
-def flags_for(settable: list[str], own: dict[str, str]) -> dict[str, str]:
-    """The command line's words for a command's settings: its own flags, ``--set NAME=`` for the others."""
-    return {**{name: f"--set {name}=" for name in settable}, **FLAGS, **own}
 
 
 def parse_set(items: list[str]) -> dict[str, str]:

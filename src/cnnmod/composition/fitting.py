@@ -29,8 +29,8 @@ def _module_outputs(modules: list, sets: dict[str, ImageSet], choose, per_class:
     """For every module, over the inputs ``choose(data, per_class, seed)`` picks from each of ``sets``: its
     margins ``z_c - z_uc`` (``what`` "margins"; "features": its head's inputs; "layers": the list of its pooled
     activations, :meth:`Composition.group_layers`) and whether each input is its own (of the module's class of
-    the module's data set). Modules of one source run in one batched pass; ``advance(n)`` is told of every n
-    images each group has scored."""
+    the module's data set). Modules of one source run in one batched pass; ``advance(n)`` is told of n more
+    inputs scored (by every group: each group's batch counts its share)."""
     comp = Composition(modules).eval()
     device = next(chain(comp.buffers(), comp.parameters())).device
     layers, features = what == "layers", what == "features"
@@ -51,7 +51,7 @@ def _module_outputs(modules: list, sets: dict[str, ImageSet], choose, per_class:
                     logits = comp.group_logits(group, images)  # (K, B, 2)
                     out = logits[..., 0] - logits[..., 1]
                 if advance is not None:
-                    advance(len(images))
+                    advance(len(images) / len(comp.groups))
                 for j, i in enumerate(group):
                     outputs[i].append([t.cpu() for t in out[j]] if layers else out[j].cpu())
         for i, m in enumerate(modules):
@@ -79,12 +79,11 @@ def calibrate_decomposition(modules: list, data: ImageSet, per_class: int, seed:
     the p-values' reference from the calibration inputs). One pass over the calibration inputs serves both: the
     margins are the head's rows applied to the last of its layers."""
     sets = {modules[0].ref.dataset: data}
-    groups = len(Composition(modules).groups)
-    total = groups * (len(observation_set(data, per_class, seed)) + len(calibration_set(data, per_class, seed)))
-    with progress_bar("calibrating", total, show) as step:
-        fit_on, _ = _module_outputs(modules, sets, observation_set, per_class, seed, batch_size, "layers", step)
-        held, mine = _module_outputs(modules, sets, calibration_set, per_class, seed, batch_size, "layers", step)
-    labels = observation_set(data, per_class, seed).labels
+    observed, heldout = observation_set(data, per_class, seed), calibration_set(data, per_class, seed)
+    with progress_bar("calibrating", len(observed) + len(heldout), show) as step:
+        fit_on, _ = _module_outputs(modules, sets, lambda *_: observed, per_class, seed, batch_size, "layers", step)
+        held, mine = _module_outputs(modules, sets, lambda *_: heldout, per_class, seed, batch_size, "layers", step)
+    labels = observed.labels
     for m, f, h, own in zip(modules, fit_on, held, mine, strict=True):
         m.calibration = {**fit(margin(m, h[-1].to(m.head_weight)).cpu(), own), "per_class": per_class}
         m.typical = fit_typical(f, labels, h)

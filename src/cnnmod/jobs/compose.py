@@ -26,7 +26,7 @@ from ..models.folder import load_model
 from ..modules.base import BinaryModule
 from ..modules.kinds import kind_of
 from ..progress import say
-from ..recipes import PRUNING, chosen, composition_defaults, merging_settings
+from ..recipes import chosen, composition_defaults, merging_overrides, merging_settings
 from ..reuse import continuous_learning, fuse_slim, refit_composition
 from ..runtime import pick_device
 from ..slim.config import SlimSettings
@@ -61,10 +61,7 @@ class ComposeSettings:
     def check(self, modules: Sequence[BinaryModule]) -> None:
         """Everything that can be said against these settings for ``modules`` before any work starts."""
         check_composable(modules)
-        prunes = self.size is not None or self.max_loss is not None
-        if self.pruning and not prunes:
-            raise UserError(f"«{next(iter(self.pruning))}» shapes how «size» prunes a merged slim composition: give "
-                            "«size» too, or drop it")
+        prunes = bool(merging_overrides(self.size, self.max_loss, **self.pruning))
         slim = [m.ref.qualified for m in modules if not kind_of(m).refits]
         if (self.refit_heads or self.continuous_learning) and slim:
             what = "«refit_heads»" if self.refit_heads else "«continuous_learning»"
@@ -135,8 +132,7 @@ def _merge_slim(paths, modules: list, out: str | Path, s: ComposeSettings, run: 
     the composition's classes, pruned as ``s`` asks, saved."""
     source = slim_source_of(paths, device)
     train = split_for(source, None, run.data_root, "train")
-    prune = s.slim()
-    pruning = {k: getattr(prune, k) for k in PRUNING} if s.size is not None or s.max_loss is not None else {}
+    pruning = merging_overrides(s.size, s.max_loss, **s.pruning)
     merged = merge_slim(modules, source, train, as_made(modules, **pruning), batch_size=run.batch_size)
     save_slim_composition(merged, [source], out, run.overwrite, {"made_from": [str(p) for p in paths]})
     return {"out": str(out), "classes": merged.qualified_names, "mode": "merged", "granularity": "channel",
@@ -188,9 +184,10 @@ def replace_dir(target: str | Path, cls: str, replacement: str | Path, out: str 
     if new[0].ref.key in [m.ref.key for i, m in enumerate(modules) if i != position]:
         raise UserError(f"the composition has class {new[0].ref.qualified} already; replace that class instead")
     mode, calibration, why = composition_defaults(modules)
-    if mode != "vote" and not all(m.union_pass for m in modules) or inherited_settings(target)["mode"] == "vote":
+    inherited = inherited_settings(target)
+    if inherited["mode"] == "vote" or not all(m.union_pass for m in modules):
         mode = "vote"  # a module folder's composition: merged where it was and still can be
-    if mode != inherited_settings(target)["mode"] or calibration != inherited_settings(target)["calibration"]:
+    if (mode, calibration) != (inherited["mode"], inherited["calibration"]):
         say(f"the composition now runs with mode {mode}, calibration {calibration}: {why}")
     config = save_composition(modules, out, run.overwrite, {"made_from": [str(target)], "mode": mode,
                                                             "calibration": calibration,
