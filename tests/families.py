@@ -429,6 +429,120 @@ def functional(in_channels=1, num_classes=10, width=8):
     return FunctionalNet(in_channels, num_classes, width)
 
 
+# ---------------------------------------------------------------------------------------- transformers
+class TimmAttention(nn.Module):
+    """Attention as timm and most papers' code write it: one qkv layer reshaped to a fixed head count, the heads
+    joined back to the input's width C (so heads cannot be cut inside it: cnnmod converts it)."""
+
+    def __init__(self, dim: int, num_heads: int) -> None:
+        super().__init__()
+        self.num_heads, self.scale = num_heads, (dim // num_heads) ** -0.5
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+        return self.proj((attn @ v).transpose(1, 2).reshape(B, N, C))
+
+
+class HFSelfAttention(nn.Module):
+    """Hugging Face's layout: separate query/key/value layers, ``num_attention_heads``, a tuple returned; the
+    output projection lives in a sibling module."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.num_attention_heads, self.attention_head_size = heads, dim // heads
+        self.query, self.key, self.value = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+
+    def split(self, x):
+        return x.view(x.shape[0], x.shape[1], self.num_attention_heads, self.attention_head_size).transpose(1, 2)
+
+    def forward(self, hidden_states, head_mask=None):
+        q, k, v = self.split(self.query(hidden_states)), self.split(self.key(hidden_states)), \
+            self.split(self.value(hidden_states))
+        probs = (q @ k.transpose(-1, -2) / self.attention_head_size ** 0.5).softmax(-1)
+        context = (probs @ v).transpose(1, 2).reshape(hidden_states.shape[0], hidden_states.shape[1], -1)
+        return (context,)
+
+
+class HFAttention(nn.Module):
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.attention = HFSelfAttention(dim, heads)
+        self.output = nn.Sequential()
+        self.output.dense, self.output.dropout = nn.Linear(dim, dim), nn.Dropout(0.0)
+
+    def forward(self, x):
+        return self.output(self.attention(x)[0])
+
+
+class MHAWrapper(nn.Module):
+    """``nn.MultiheadAttention`` called on the tokens as query, key and value."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.mha = nn.MultiheadAttention(dim, heads, batch_first=True)
+
+    def forward(self, x):
+        return self.mha(x, x, x, need_weights=False)[0]
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, dim: int, heads: int, attention: str) -> None:
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = {"timm": TimmAttention, "hf": HFAttention, "mha": MHAWrapper}[attention](dim, heads)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Dropout(0.0), nn.Linear(2 * dim, dim))
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class SmallViT(nn.Module):
+    """A user's own small ViT: patch embedding, class token, learned positions, pre-norm blocks, final LayerNorm,
+    the class token to a linear head."""
+
+    def __init__(self, in_channels=1, num_classes=10, width=8, attention="timm", patch=4, image=16, depth=2):
+        super().__init__()
+        dim = 4 * width
+        self.patch = nn.Conv2d(in_channels, dim, patch, patch)
+        self.cls = nn.Parameter(torch.randn(1, 1, dim) * 0.1)
+        self.pos = nn.Parameter(torch.randn(1, (image // patch) ** 2 + 1, dim) * 0.1)
+        self.blocks = nn.Sequential(*[TransformerBlock(dim, 4, attention) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim)
+        self.fc = nn.Linear(dim, num_classes)
+
+    def forward(self, x):
+        x = self.patch(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], 1) + self.pos
+        return self.fc(self.norm(self.blocks(x))[:, 0])
+
+
+def vit_timm(in_channels=1, num_classes=10, width=8):
+    return SmallViT(in_channels, num_classes, width, "timm")
+
+
+def vit_hf(in_channels=1, num_classes=10, width=8):
+    return SmallViT(in_channels, num_classes, width, "hf")
+
+
+def vit_mha(in_channels=1, num_classes=10, width=8):
+    return SmallViT(in_channels, num_classes, width, "mha")
+
+
+def convnext(in_channels=1, num_classes=10, width=8):
+    """ConvNeXt's blocks (depthwise 7x7, channel LayerNorm, GELU MLP on channels-last tokens, layer scale), two
+    stages; the zoo's ConvNeXt class, as timm writes it."""
+    from cnnmod.models.transformers import ConvNeXt
+    net = ConvNeXt(in_channels, num_classes, (1, 1), (width, 2 * width), conv_mlp=False, patch=2)
+    for name, q in net.named_parameters():
+        if name.endswith("gamma"):  # layer scales as trained ones are, not 1e-6 as they start
+            nn.init.uniform_(q, 0.5, 1.5)
+    return net
+
+
 FAMILIES: dict[str, Callable[..., nn.Module]] = {
     "preact_resnet": preact_resnet, "se_resnet": se_resnet, "densenet": densenet, "wrn": wrn, "resnext": resnext,
     "nin": nin, "pyramidnet": pyramidnet, "ror": ror, "attention_resnet": attention_resnet,
@@ -436,5 +550,7 @@ FAMILIES: dict[str, Callable[..., nn.Module]] = {
     "efficientnet": efficientnet, "shufflenet_v2": shufflenet_v2, "squeezenet": squeezenet, "mnasnet": mnasnet,
     "ghostnet": ghostnet, "functional": functional, "linear_pool_head": linear_pool_head,
     "conv_head": conv_head, "conv_hidden_head": conv_hidden_head,
+    "vit_timm": vit_timm, "vit_hf": vit_hf, "vit_mha": vit_mha, "convnext": convnext,
 }
-RELU_FAMILIES = [name for name in FAMILIES if name not in ("mobilenet_v3", "efficientnet")]
+TRANSFORMERS = ["vit_timm", "vit_hf", "vit_mha", "convnext"]  # GELU and LayerNorm: slim modules only
+RELU_FAMILIES = [name for name in FAMILIES if name not in ("mobilenet_v3", "efficientnet", *TRANSFORMERS)]

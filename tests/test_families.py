@@ -231,11 +231,12 @@ def test_channel_scales_fold_into_the_sliced_network_exactly(name):
     with torch.no_grad(), gated(net, graph, groups, gates):
         expected = classifier_input(net, graph.head, lambda: net(x)) @ w.T + b
     folded, columns = fold_gates(net, graph, groups, gates)
-    sliced = slice_network(folded, SHAPE, closed_channels(groups, gates), graph.head, w * columns, b)
+    sliced = slice_network(folded, SHAPE, closed_channels(groups, gates), graph.head, w * columns, b,
+                           units=groups.units)
     with torch.no_grad():
         got = sliced(x)
     assert torch.allclose(got, expected, atol=1e-4 * (1 + float(expected.abs().max()))), name
     # and the scales matter: without folding them the sliced network computes something else
-    plain = slice_network(net, SHAPE, closed_channels(groups, gates), graph.head, w, b)
+    plain = slice_network(net, SHAPE, closed_channels(groups, gates), graph.head, w, b, units=groups.units)
     with torch.no_grad():
         assert not torch.allclose(plain(x), expected, atol=1e-3)

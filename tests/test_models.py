@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -104,3 +105,36 @@ def test_top1_top5_and_per_class_accuracy_counted_by_hand() -> None:
     for c, row in enumerate(report["per_class"]):
         mine = [order[0] == t for order, t in zip(ranked, truth, strict=True) if t == c]
         assert row["count"] == len(mine) and row["top1"] == pytest.approx(100.0 * sum(mine) / len(mine), abs=1e-4)
+
+
+TIMM = {"vit_tiny_p4_32": ("vit_tiny", {"patch": 4}), "vit_small_p4_28_gray": ("vit_small", {"patch": 4}),
+        "convnext_atto": ("convnext_atto", {}), "convnext_tiny": ("convnext_tiny", {})}
+
+
+@pytest.mark.parametrize("fixture_name", list(TIMM))
+def test_transformer_zoo_has_timms_keys_shapes_and_outputs(fixture_name):
+    """Against timm 1.0.31 itself (tests/fixtures/make_timm_fixture.py, run once without timm's dependencies):
+    every state-dict key in order with its shape, the 1000-class head's, and the logits under the same
+    deterministic weights, for ViTs at other patch and image sizes than timm's defaults."""
+    fixture = json.loads((Path(__file__).parent / "fixtures" / "timm_1.0.31.json").read_text())["models"][fixture_name]
+    name, args = TIMM[fixture_name]
+    shape = tuple(fixture["input_shape"])
+    net = build(name, shape, 10, **args).eval()
+    state = net.state_dict()
+    assert [[k, list(v.shape)] for k, v in state.items()] == fixture["keys"]
+    net.load_state_dict(fill(state))
+    x = torch.sin(torch.arange(2 * math.prod(shape), dtype=torch.float64) * 0.11).reshape(2, *shape).float()
+    with torch.no_grad():
+        logits = net(x)
+    expected = torch.tensor(fixture["logits"])
+    assert torch.allclose(logits, expected, atol=1e-3 * (1 + float(expected.abs().max())))
+    with torch.device("meta"):
+        thousand = build(name, shape, 1000, **args)
+    assert [list(v.shape) for v in thousand.state_dict().values()][-2:] == fixture["head_1000"]
+
+
+def test_transformer_zoo_refuses_sizes_it_cannot_cut_in_one_line():
+    with pytest.raises(UserError, match=r"28x28 images into 16x16 patches: give patch=N .*patch=4 for 28x28"):
+        build("vit_tiny", (1, 28, 28), 10)
+    with pytest.raises(UserError, match=r"too small for patch=4 \(give --arch-arg patch=2 for 28x28\)"):
+        build("convnext_atto", (1, 28, 28), 10)

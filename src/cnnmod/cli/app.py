@@ -105,13 +105,14 @@ def summary(result: dict) -> str:
         parts.append(f"held-out top-1 {result['held_out_top1']:.2f} % (model {result['held_out_model_top1']:.2f})")
     elif "test_top1" in result:
         parts.append(f"test top-1 {result['test_top1']:.2f} %")
-    modules = [m for m in result.get("modules", []) if isinstance(m, dict) and m.get("balanced_accuracy") is not None]
+    listed = result.get("modules") if isinstance(result.get("modules"), list) else []  # evaluate: a count
+    modules = [m for m in listed if isinstance(m, dict) and m.get("balanced_accuracy") is not None]
     if modules:
         own = sum(m["balanced_accuracy"] for m in modules) / len(modules)
         model = [m["model_balanced_accuracy"] for m in modules if m.get("model_balanced_accuracy") is not None]
         parts.append(f"modules alone: balanced accuracy {own:.2f} %"
                      + (f" (the model one-vs-rest {sum(model) / len(model):.2f})" if model else ""))
-    fractions = [m["params_fraction"] for m in result.get("modules", []) if isinstance(m, dict)
+    fractions = [m["params_fraction"] for m in listed if isinstance(m, dict)
                  and m.get("params_fraction") is not None]
     if fractions:
         parts.append(f"{100 * sum(fractions) / len(fractions):.1f} % of the model's parameters on average")

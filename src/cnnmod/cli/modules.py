@@ -34,11 +34,12 @@ def decompose_cmd(
     data: str = typer.Option(None, "--data", metavar="NAME", help="Data set to observe (default: the model's own)."),
     classes: str = typer.Option(None, "--classes", metavar="LIST", help="Only these classes, by index or name: "
                                 "0,3,7 or T-shirt/top,Dress (default: all)."),
-    granularity: str = typer.Option("node", "--granularity", metavar="node|channel",
+    granularity: str = typer.Option(None, "--granularity", metavar="node|channel",
                                     help="node: the paper's masks over the model; channel: slim modules, "
-                                    "physically smaller networks."),
-    variant: str = typer.Option("mc-bln", "--variant", metavar="mc|mc-bln|mc-bi", help="Node-level: the paper's "
-                                "variant."),
+                                    "physically smaller networks (default: node where the model's activations "
+                                    "are ReLU-family, else channel)."),
+    variant: str = typer.Option(None, "--variant", metavar="mc|mc-bln|mc-bi", help="Node-level: the paper's "
+                                "variant (default mc-bln)."),
     size: float = typer.Option(None, "--size", metavar="F", help="Channel: each module's share of the model's "
                                "parameters (default 0.5)."),
     max_loss: float = typer.Option(None, "--max-loss", metavar="PP", help="Channel: the smallest module losing at "
@@ -53,9 +54,10 @@ def decompose_cmd(
     from ..jobs.common import Run
     from ..jobs.decompose import decompose_dir, settings_for
 
-    node, slim, measure = settings_for(granularity, recipe, variant, size, max_loss, seed, parse_set(settings))
+    node, slim, measure, auto = settings_for(granularity, recipe, variant, size, max_loss, seed,
+                                             parse_set(settings))
     result = decompose_dir(model, out, node, Run(device, data_root, batch_size, overwrite, country),
-                           slim=slim, data=data, classes=classes, measure=measure)
+                           slim=slim, data=data, classes=classes, measure=measure, auto=auto)
     if int(os.environ.get("RANK", "0")) == 0:
         emit(result, as_json, f"decomposed {model} into {out}")
 

@@ -6,6 +6,7 @@ parameters and FLOPs."""
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -15,6 +16,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ..errors import UserError
 from .graph import Head, ModelGraph
+from .units import Unit, canonical, find_units
 
 
 def _dependency_graph(net: nn.Module, input_shape: tuple[int, int, int]):
@@ -30,7 +32,8 @@ def _dependency_graph(net: nn.Module, input_shape: tuple[int, int, int]):
     try:
         for p in net.parameters():
             p.requires_grad_(True)
-        with torch.enable_grad():
+        with torch.enable_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # its notes on parameters it finds outside layers (layer scales)
             return tp.DependencyGraph().build_dependency(net, example_inputs=torch.zeros(1, *input_shape,
                                                                                          device=device))
     finally:
@@ -47,36 +50,55 @@ def _tp():
 
 
 class ChannelGroups:
-    """Coupled channel groups of a network and the observation points that carry each group's channels."""
+    """Coupled channel groups of a network and the observation points that carry each group's channels; in a
+    transformer, its attention heads and MLP hidden units (:mod:`cnnmod.core.units`), the residual width left
+    whole. ``units``: the unit groups by root, as :func:`slice_network` takes them."""
 
     def __init__(self, net: nn.Module, graph: ModelGraph, input_shape: tuple[int, int, int]) -> None:
         self.input_shape = input_shape
+        self.units: dict[str, Unit] = find_units(graph)
+        self.groups: list[dict] = []
+        self.left_out: list[tuple[str, str]] = []
+        if not any(u.kind == "heads" for u in self.units.values()):
+            self.groups = self._traced(net, graph)
+        self.groups += [u.group() for u in self.units.values()]
+        self.unsliceable = self.left_out + self._probe(net, graph)
+        if not self.groups:
+            reason = "; ".join(f"{layer}: {why}" for layer, why in self.unsliceable[:2])
+            raise UserError(f"{type(net).__name__} has no channels that torch-pruning can slice"
+                            f"{' (' + reason + ')' if reason else ''}; use «granularity» node")
+
+    def _traced(self, net: nn.Module, graph: ModelGraph) -> list[dict]:
+        """The channel groups torch-pruning's dependency graph finds (those of an MLP's hidden units aside: the
+        unit groups slice them). A network it cannot trace has none where it has unit groups."""
         classifier = net.get_submodule(graph.head.layer)
         try:
-            dg = _dependency_graph(net, input_shape)
+            dg = _dependency_graph(net, input_shape=self.input_shape)
             found = list(dg.get_all_groups(ignored_layers=[classifier], root_module_types=[nn.Conv2d, nn.Linear]))
         except Exception as e:  # noqa: BLE001 - torch-pruning's failures all mean the same to the user
+            if self.units:
+                return []
             raise UserError(f"torch-pruning cannot trace {type(net).__name__} to slice it ({str(e)[:120]}); "
                             "use «granularity» node")
         names = {m: n for n, m in net.named_modules()}
         layer_points = {p.layer: p for p in graph.points}
-        self.groups: list[dict] = []
+        groups = []
         for group in found:
             roots = [names[d.target.module] for d, _ in group
                      if d.handler.__name__ == "prune_out_channels" and d.target.module is not classifier
                      and isinstance(d.target.module, (nn.Conv2d, nn.Linear))]
             points = [layer_points[r] for r in roots if r in layer_points]
-            if not points:
+            if not points or any(r in self.units for r in roots):
                 continue
-            channels = points[0].shape[0]
-            self.groups.append({"roots": roots, "points": [p.name for p in points], "channels": channels,
-                                "consumers": _consumers(dg, group, names, channels),
-                                "outputs": _consumers(dg, group, names, channels, "prune_out_channels", _COMPUTES)})
-        self.unsliceable = self._probe(net, graph)
-        if not self.groups:
-            reason = "; ".join(f"{layer}: {why}" for layer, why in self.unsliceable[:2])
-            raise UserError(f"{type(net).__name__} has no channels that torch-pruning can slice"
-                            f"{' (' + reason + ')' if reason else ''}; use «granularity» node")
+            norms = [names[d.target.module] for d, _ in group if isinstance(d.target.module, _NORMS)]
+            if norms:  # a channel's value there depends on every other channel's: gating is not slicing
+                self.left_out.append((roots[0], f"normalised over its channels by {norms[0]} (LayerNorm)"))
+                continue
+            channels = points[0].shape[0] if points[0].kind == "conv" else points[0].shape[-1]
+            groups.append({"roots": roots, "points": [p.name for p in points], "channels": channels,
+                           "consumers": _consumers(dg, group, names, channels),
+                           "outputs": _consumers(dg, group, names, channels, "prune_out_channels", _COMPUTES)})
+        return groups
 
     def _probe(self, net: nn.Module, graph: ModelGraph) -> list[tuple[str, str]]:
         """Cut one channel of every group and compare the sliced network with the gated one; groups that fail
@@ -98,7 +120,8 @@ class ChannelGroups:
                 with torch.no_grad():
                     with gated(net, graph, self, gates):
                         expected = classifier_input(net, graph.head, lambda: net(x)) @ w.T + b
-                    got = slice_network(net, self.input_shape, {root: [0]}, graph.head, w, b)(x)
+                    got = slice_network(net, self.input_shape, {root: [0]}, graph.head, w, b,
+                                        units=self.units)(x)
                 gap = float((got - expected).abs().max())
                 if gap > 1e-3 * (float(expected.abs().max()) + 1.0):
                     left_out.append((root, f"the sliced network differs by {gap:.2g}"))
@@ -112,6 +135,7 @@ class ChannelGroups:
         return left_out
 
 
+_NORMS = (nn.LayerNorm, nn.GroupNorm)  # normalise over channels: a group through one is left whole
 _COMPUTES = (nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm)  # layers whose outputs a narrowed copy maps back
 
 
@@ -172,16 +196,20 @@ def gated(net: nn.Module, graph: ModelGraph, groups: ChannelGroups, gates: list[
     made: dict[tuple, torch.Tensor] = {}
 
     def hook(layer: str):
-        def apply(_m, inputs):
+        def apply(m, inputs):
             x = inputs[0]
-            key = (layer, x.shape[1], x.device, x.dtype)
+            last = isinstance(m, nn.Linear)  # a linear layer reads features last ((B, tokens, F) too)
+            width = x.shape[-1] if last else x.shape[1]
+            key = (layer, x.shape, x.device, x.dtype)
             mult = made.get(key) if constant else None
             if mult is None:
                 per_input = by_layer[layer] and gates[by_layer[layer][0][1]].dim() == 2
-                mult = torch.ones(*((x.shape[0],) if per_input else ()), x.shape[1], device=x.device, dtype=x.dtype)
+                mult = torch.ones(*((x.shape[0],) if per_input else ()), width, device=x.device, dtype=x.dtype)
                 for index, g, root in by_layer[layer]:
                     mult = mult.index_copy(-1, index.to(x.device), gates[g][..., root.to(x.device)].to(x.dtype))
-                mult = mult.view(x.shape[0] if per_input else 1, -1, *([1] * (x.dim() - 2)))
+                rest = [1] * (x.dim() - 2)
+                mult = mult.view(x.shape[0] if per_input else 1, *rest, -1) if last else \
+                    mult.view(x.shape[0] if per_input else 1, -1, *rest)
                 if constant:
                     made[key] = mult
             return (x * mult, *inputs[1:])
@@ -272,25 +300,21 @@ def reestimate_bn(net: nn.Module, run, one_batch: bool = False) -> bool:
 
 def slice_network(net: nn.Module, input_shape: tuple[int, int, int], removed: dict[str, list[int]],
                   head: Head, head_w: torch.Tensor | None, head_b: torch.Tensor | None,
-                  outputs: int = 2) -> nn.Module:
-    """A copy of ``net`` without the removed channels (coupled layers cut together), its classifier replaced by
-    an ``nn.Linear`` of ``head_w``'s rows (over the source's head features; the columns of the features that
-    survive are kept), or of ``outputs`` rows, left to be loaded, when none are given."""
-    tp = _tp()
+                  outputs: int = 2, units: dict[str, Unit] | None = None) -> nn.Module:
+    """A copy of ``net`` without the removed channels (coupled layers cut together; the groups of ``units``, by
+    their roots, cut by the units themselves), its classifier replaced by an ``nn.Linear`` of ``head_w``'s rows
+    (over the source's head features; the columns of the features that survive are kept), or of ``outputs`` rows,
+    left to be loaded, when none are given."""
     sliced = copy.deepcopy(net).eval()
     device = next(sliced.parameters()).device
     head.tag(sliced)  # the head's first row numbers its input features, to read off which survive
-    dg = _dependency_graph(sliced, input_shape)
+    units = units or {}
     for root, idxs in removed.items():
-        if not idxs:
-            continue
-        layer = sliced.get_submodule(root)
-        handler = tp.prune_conv_out_channels if isinstance(layer, nn.Conv2d) else tp.prune_linear_out_channels
-        try:
-            dg.get_pruning_group(layer, handler, idxs=list(idxs)).prune()
-        except Exception as e:  # noqa: BLE001 - whatever torch-pruning trips on means the same to the user
-            raise UserError(f"torch-pruning cannot slice {type(net).__name__} at layer {root!r} "
-                            f"({type(e).__name__}: {str(e)[:100]}); use «granularity» node")
+        if idxs and root in units:
+            units[root].cut(sliced, idxs)
+    traced = {root: idxs for root, idxs in removed.items() if idxs and root not in units}
+    if traced:
+        _slice_traced(sliced, input_shape, traced, type(net).__name__)
     kept = head.kept(sliced)
     linear = nn.Linear(kept.numel(), head_w.shape[0] if head_w is not None else outputs).to(device)
     if head_w is not None and head_b is not None:
@@ -298,6 +322,21 @@ def slice_network(net: nn.Module, input_shape: tuple[int, int, int], removed: di
             linear.weight.copy_(head_w[:, kept.to(head_w.device)].to(device))
             linear.bias.copy_(head_b.to(device))
     return head.replace(sliced, linear)
+
+
+def _slice_traced(sliced: nn.Module, input_shape: tuple[int, int, int], removed: dict[str, list[int]],
+                  name: str) -> None:
+    """``sliced`` (in place) without the ``removed`` channels of torch-pruning's groups."""
+    tp = _tp()
+    dg = _dependency_graph(sliced, input_shape)
+    for root, idxs in removed.items():
+        layer = sliced.get_submodule(root)
+        handler = tp.prune_conv_out_channels if isinstance(layer, nn.Conv2d) else tp.prune_linear_out_channels
+        try:
+            dg.get_pruning_group(layer, handler, idxs=list(idxs)).prune()
+        except Exception as e:  # noqa: BLE001 - whatever torch-pruning trips on means the same to the user
+            raise UserError(f"torch-pruning cannot slice {name} at layer {root!r} "
+                            f"({type(e).__name__}: {str(e)[:100]}); use «granularity» node")
 
 
 def verify_sliced(sliced: nn.Module, x: torch.Tensor, expected: torch.Tensor, name: str) -> None:
@@ -368,19 +407,22 @@ def closed_channels(groups: ChannelGroups, gates: list[torch.Tensor]) -> dict[st
             for g, gate in zip(groups.groups, gates, strict=True)}
 
 
-def frozen_copy(source: nn.Module, input_shape: tuple[int, int, int]) -> tuple[ModelGraph, nn.Module, ChannelGroups]:
-    """The graph of network ``source``, a frozen copy of it to gate and re-estimate, and its channel groups."""
-    graph = ModelGraph(source, input_shape)
-    net = copy.deepcopy(source).eval()
+def frozen_copy(source: nn.Module, input_shape: tuple[int, int, int],
+                heads: dict[str, int] | None = None) -> tuple[ModelGraph, nn.Module, ChannelGroups]:
+    """The graph of network ``source`` (its attention layers in the canonical form slicing keeps,
+    :func:`cnnmod.core.units.canonical`; ``heads``: head counts by layer, where a layer does not record its
+    own), a frozen copy of it to gate and re-estimate, and its channel groups."""
+    net = canonical(copy.deepcopy(source).eval(), heads, input_shape)
     for p in net.parameters():
         p.requires_grad_(False)
+    graph = ModelGraph(net, input_shape)
     return graph, net, ChannelGroups(net, graph, input_shape)
 
 
 def sliced_cost(net: nn.Module, input_shape: tuple[int, int, int], removed: dict[str, list[int]], head: Head,
-                 what: str) -> float:
+                what: str, units: dict[str, Unit] | None = None) -> float:
     """Parameters, or FLOPs per image, of ``net`` with the ``removed`` channels sliced away."""
-    sliced = slice_network(net, input_shape, removed, head, None, None)
+    sliced = slice_network(net, input_shape, removed, head, None, None, units=units)
     if what == "params":
         return float(sum(p.numel() for p in sliced.parameters()))
     x = torch.zeros(1, *input_shape, device=next(net.parameters()).device)
@@ -396,6 +438,6 @@ def cost_per_channel(net: nn.Module, groups: ChannelGroups, input_shape: tuple[i
     memo = groups.__dict__.setdefault("_costs", {})
     if (what, input_shape) not in memo:
         whole = sliced_cost(net, input_shape, {}, head, what)
-        memo[what, input_shape] = [whole - sliced_cost(net, input_shape, {g["roots"][0]: [0]}, head, what)
-                                   for g in groups.groups]
+        memo[what, input_shape] = [whole - sliced_cost(net, input_shape, {g["roots"][0]: [0]}, head, what,
+                                                       groups.units) for g in groups.groups]
     return memo[what, input_shape]

@@ -30,6 +30,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from ..errors import UserError
 from . import ops
 from .ops import Node
+from .units import is_attention
 
 
 @dataclass(frozen=True)
@@ -46,11 +47,15 @@ class ObservationPoint:
 
 
 class _NamingTracer(torch.fx.Tracer):
-    """A tracer that remembers which module it was inside when tracing failed."""
+    """A tracer that remembers which module it was inside when tracing failed, and keeps attention layers whole
+    (:func:`cnnmod.core.units.is_attention`: one node each, as the slicer reads them)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.stack: list[str] = []
+
+    def is_leaf_module(self, m: nn.Module, qualified_name: str) -> bool:
+        return is_attention(m) or super().is_leaf_module(m, qualified_name)
 
     def call_module(self, m, forward, args, kwargs):
         self.stack.append(self.path_of_module(m))
@@ -264,6 +269,14 @@ class ModelGraph:
                 if used[n.target] > 1:
                     raise UserError(f"layer {n.target!r} is called twice in the forward pass; cnnmod needs every "
                                     "convolution and linear layer used once")
+
+    def follows_node_rule(self) -> bool:
+        """Whether :meth:`require_relu` passes."""
+        try:
+            self.require_relu()
+        except UserError:
+            return False
+        return True
 
     def require_relu(self) -> None:
         """Node-level decomposition's condition (docs/method.md, "Architectures beyond the paper's"): hidden

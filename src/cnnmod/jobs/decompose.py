@@ -13,6 +13,7 @@ from ..artifacts import check_output
 from ..composition.evaluate import binary_report
 from ..composition.fitting import calibrate_decomposition
 from ..composition.voting import compose
+from ..core.graph import ModelGraph
 from ..core.metrics import predict_scores
 from ..data.dataset import parse_class_list
 from ..errors import UserError
@@ -23,7 +24,7 @@ from ..node.method import DecomposeSettings, chosen_classes, decompose
 from ..progress import progress_bar, say
 from ..recipes import node_settings, parse_setting, settable, slim_settings
 from ..runtime import Distributed, Passes, init_distributed, pick_device, seed_everything
-from ..slim.config import MODULE_SIZE, SlimSettings
+from ..slim.config import MODULE_SIZE, RECIPES, SlimSettings
 from ..slim.make import check_joint, slim_modules
 from .common import Run
 
@@ -55,15 +56,30 @@ def gather_modules(modules: list, chosen: list[int], clf, out: Path, dd: Distrib
     return sorted(gathered, key=lambda m: position[m.concerned])
 
 
-def settings_for(granularity: str, recipe: str | None, variant: str, size: float | None, max_loss: float | None,
-                 seed: int, given: dict[str, str]) -> tuple[DecomposeSettings, object, bool]:
+def settings_for(granularity: str | None, recipe: str | None, variant: str | None, size: float | None,
+                 max_loss: float | None, seed: int, given: dict[str, str]) -> tuple[DecomposeSettings, object, bool,
+                                                                                    bool]:
     """What ``cnnmod decompose``'s options ask for: the node-level settings (also the calibration's), the slim
     settings as a function of the run (None for node-level modules; :func:`cnnmod.recipes.slim_settings`), and
-    whether each module is measured on the test split. ``given``: ``--set`` KEY=VALUE texts."""
+    whether each module is measured on the test split, and whether the model picks the granularity.
+    ``given``: ``--set`` KEY=VALUE texts. ``granularity`` None: whichever the options ask for (a size, a slim
+    recipe or setting: channel; a variant or a node setting: node); where they ask for neither, both settings are
+    returned, and :func:`decompose_dir` picks by the model (its ``auto``)."""
+    measure = parse_setting(JobSettings, "measure", given.pop("measure")) if "measure" in given else True
+    node_names, slim_names = set(settable(DecomposeSettings)), set(settable(SlimSettings))
+    if granularity is None:
+        slim_asked = size is not None or max_loss is not None or recipe in RECIPES or \
+            any(k in slim_names and k not in node_names for k in given)
+        node_asked = variant is not None or any(k in node_names and k not in slim_names for k in given)
+        if slim_asked != node_asked:
+            granularity = "channel" if slim_asked else "node"
+    variant = variant or "mc-bln"
+    if granularity is None:
+        node = settings_for("node", recipe, variant, None, None, seed, dict(given))[0]
+        slim_given = {k: v for k, v in given.items() if k in slim_names or k == "calibration_samples"}
+        return node, settings_for("channel", recipe, variant, None, None, seed, slim_given)[1], measure, True
     if granularity not in ("node", "channel"):
         raise UserError(f"unknown granularity {granularity!r}; use node or channel")
-    measure = parse_setting(JobSettings, "measure", given.pop("measure")) if "measure" in given else True
-    node_names = set(settable(DecomposeSettings))
     node_given = {k: parse_setting(DecomposeSettings, k, v) for k, v in given.items() if k in node_names}
     if granularity == "node":
         if size is not None or max_loss is not None:
@@ -71,7 +87,7 @@ def settings_for(granularity: str, recipe: str | None, variant: str, size: float
         rest = [k for k in given if k not in node_names]
         if rest:
             parse_setting(DecomposeSettings, rest[0], given[rest[0]])  # says which settings there are
-        return node_settings(recipe, variant=variant, seed=seed, **node_given), None, measure
+        return node_settings(recipe, variant=variant, seed=seed, **node_given), None, measure, False
     calibration = {k: v for k, v in node_given.items() if k == "calibration_samples"}
     slim_given = {k: parse_setting(SlimSettings, k, v) for k, v in given.items() if k != "calibration_samples"}
     for k, v in (("size", size), ("max_loss", max_loss)):
@@ -79,7 +95,7 @@ def settings_for(granularity: str, recipe: str | None, variant: str, size: float
             slim_given[k] = v
     slim_settings(recipe, **slim_given, seed=seed)  # refused now, before the model loads, if it cannot be
     return (DecomposeSettings(seed=seed, **calibration), partial(slim_settings, recipe, **slim_given, seed=seed),
-            measure)
+            measure, False)
 
 
 @dataclass(frozen=True)
@@ -91,12 +107,14 @@ class JobSettings:
 
 def decompose_dir(model_dir: str | Path, out: str | Path, settings: DecomposeSettings | None = None,
                   run: Run | None = None, *, slim: SlimSettings | Callable[..., SlimSettings] | None = None,
-                  data: str | None = None, classes: list[int] | str | None = None, measure: bool = True) -> dict:
+                  data: str | None = None, classes: list[int] | str | None = None, measure: bool = True,
+                  auto: bool = False) -> dict:
     """Decompose the model in ``model_dir`` into ``out``: node-level modules (``settings``) or, with ``slim``,
     slim modules (its settings, or a function of ``every_class`` and ``one_process`` that gives them:
     :func:`cnnmod.recipes.slim_settings`); observed on ``data`` (default: the model's own training split), for
     ``classes`` (default: all; indices, or a text of indices and names). With ``measure``, each module's binary
-    accuracy on the test split is recorded in its config (one batched pass of all modules)."""
+    accuracy on the test split is recorded in its config (one batched pass of all modules). With ``auto`` (the
+    granularity not given), node-level modules where the model follows the paper's node rule, else ``slim``'s."""
     wall = time.perf_counter()
     settings, run = settings or DecomposeSettings(), run or Run()
     settings.check()
@@ -109,6 +127,11 @@ def decompose_dir(model_dir: str | Path, out: str | Path, settings: DecomposeSet
     if isinstance(classes, str):
         classes = parse_class_list(classes, clf.class_names)
     chosen = chosen_classes(clf, classes)
+    if callable(slim) and auto and ModelGraph(clf.net, clf.spec.shape).follows_node_rule():
+        slim = None  # the model has the paper's ReLU-family activations: node-level modules
+    elif auto and dd.is_main:
+        say("the paper's node rule needs ReLU-family activations, which this model lacks: slim modules "
+            "(--granularity channel)")
     if callable(slim):
         slim = slim(every_class=len(chosen) == clf.num_classes, one_process=not dd.active)
     if slim is not None:
@@ -141,6 +164,7 @@ def decompose_dir(model_dir: str | Path, out: str | Path, settings: DecomposeSet
         modules = gather_modules(modules, chosen, clf, Path(out), dd, dev)
         variant = "channel"
     else:
+        ModelGraph(clf.net, clf.spec.shape).require_relu()  # before anything is said: a refusal is one line
         say(f"decomposing {clf.arch} ({clf.num_classes} classes) with {settings.variant}: up to "
             f"{settings.ci_samples} inputs per class of {train.name}")
         with meter.phase("decomposition") as spent:

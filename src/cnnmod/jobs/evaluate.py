@@ -91,7 +91,7 @@ def evaluate_dir(paths: list[str | Path], settings: EvaluateSettings | None = No
                 head.update({"variant": composer.variant, "modules": len(composer.refs), "parts": len(sources)})
             else:
                 head["modules"] = len(composer.refs)
-            if s.cost:
+            if s.cost and (sources or composer.sources):  # slim modules saved without their model: no ratio
                 images = composition_test_sets(composer.refs, run.data_root)[0][0].images[:s.latency_batch].to(dev)
                 report["cost"] = costs(composer, images, False, sources)
         else:

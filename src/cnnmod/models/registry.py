@@ -14,6 +14,7 @@ from .imagenet import VGG16BN, DenseNet121, MobileNetV2, ResNet50
 from .reference import REGISTERED, call, callable_for, check_output, complete_args, is_reference
 from .resnet import CifarResNet, ResNet
 from .small import MLP, SmallCNN
+from .transformers import CONVNEXT, VIT, ConvNeXt, VisionTransformer
 from .vgg import VGG
 
 Shape = tuple[int, int, int]
@@ -63,12 +64,43 @@ def _densenet121(input_shape: Shape, num_classes: int) -> nn.Module:
     return DenseNet121(input_shape[0], num_classes)
 
 
+def _vit(name: str):
+    width, heads = VIT[name]
+
+    def make(input_shape: Shape, num_classes: int, patch: int = 16, depth: int = 12, dim: int = width,
+             heads: int = heads) -> nn.Module:
+        c, h, w = input_shape
+        if h % patch or w % patch:
+            raise UserError(f"{name} cuts {h}x{w} images into {patch}x{patch} patches: give patch=N with N dividing "
+                            "both sides (--arch-arg patch=4 for 28x28)")
+        if dim % heads:
+            raise UserError(f"{name}'s width {dim} does not split into {heads} heads; give dim and heads with dim "
+                            "a multiple of heads")
+        return VisionTransformer(input_shape, num_classes, dim, depth, heads, patch)
+    return make
+
+
+def _convnext(name: str):
+    depths, dims, conv_mlp = CONVNEXT[name]
+
+    def make(input_shape: Shape, num_classes: int, patch: int = 4) -> nn.Module:
+        side = min(input_shape[1:]) // patch // 8
+        if side < 1:
+            raise UserError(f"{name} halves its {patch}x{patch} stem's output three times: a "
+                            f"{input_shape[1]}x{input_shape[2]} image is too small for patch={patch} (give "
+                            f"--arch-arg patch=2 for 28x28)")
+        return ConvNeXt(input_shape[0], num_classes, depths, dims, conv_mlp, patch)
+    return make
+
+
 ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     "resnet20": _resnet_cifar(20), "resnet32": _resnet_cifar(32), "resnet56": _resnet_cifar(56),
     "resnet18": _resnet((2, 2, 2, 2)), "resnet34": _resnet((3, 4, 6, 3)),
     "vgg11": _vgg(11), "vgg16": _vgg(16), "mlp": _mlp, "cnn": _cnn,
     # torchvision's layouts: its checkpoints load as they are
     "resnet50": _resnet50, "mobilenet_v2": _mobilenet_v2, "vgg16_bn": _vgg16_bn, "densenet121": _densenet121,
+    # timm's layouts: its checkpoints load as they are
+    **{name: _vit(name) for name in VIT}, **{name: _convnext(name) for name in CONVNEXT},
 }
 
 

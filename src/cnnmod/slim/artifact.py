@@ -17,6 +17,7 @@ from ..artifacts import SOURCES_DIR, atomic_folder, read_artifact, write_into
 from ..composition.base import ComposerKind, register_composer_kind
 from ..core.channels import slice_network
 from ..core.graph import ModelGraph
+from ..core.units import canonical, find_units, parse_heads
 from ..data.transforms import InputSpec
 from ..models import build
 from ..models.classifier import Classifier
@@ -76,19 +77,20 @@ def _input_shape(config: dict) -> tuple[int, int, int]:
     return tuple(config["input"][k] for k in ("channels", "height", "width"))
 
 
-def build_sliced(config: dict) -> nn.Module:
-    """The network of a saved slim module: its source architecture, sliced as recorded (weights to be loaded)."""
+def build_sliced(config: dict, outputs: int = 2) -> nn.Module:
+    """The network of a saved slim module (or, with ``outputs`` rows, merged slim composition): its source
+    architecture, attention in the form slicing keeps, sliced as recorded (weights to be loaded)."""
     info, shape = config["source"], _input_shape(config)
     net = build(info["arch"], shape, len(info["class_names"]), **info["arch_args"]).eval()
-    return slice_network(net, shape, config["removed"], ModelGraph(net, shape).head, None, None)
+    net = canonical(net, parse_heads((config.get("settings") or {}).get("heads")), shape)
+    graph = ModelGraph(net, shape)
+    return slice_network(net, shape, config["removed"], graph.head, None, None, outputs=outputs,
+                         units=find_units(graph))
 
 
 def build_merged(config: dict) -> nn.Module:
     """The network of a saved merged slim composition (weights to be loaded)."""
-    info, shape = config["source"], _input_shape(config)
-    net = build(info["arch"], shape, len(info["class_names"]), **info["arch_args"]).eval()
-    return slice_network(net, shape, config["removed"], ModelGraph(net, shape).head, None, None,
-                         outputs=len(config["concerned"]))
+    return build_sliced(config, outputs=len(config["concerned"]))
 
 
 def load_slim(path: Path, config: dict, tensors: dict[str, torch.Tensor], device: torch.device | str,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from ..core.units import parse_heads
 from ..errors import UserError
 from .importance import CHANNEL_COSTS, IMPORTANCES
 
@@ -38,6 +39,8 @@ class SlimSettings:
     multiple: int = 1               # keep each group's channel count a multiple of this (when above it)
     held_out: int = 50              # held-out inputs per class for max_loss
     seed: int = 0
+    heads: str | None = None        # head counts of attention layers that record none and whose count is not
+                                    # read off their outputs: "layer=N,layer=N"
     recipe: str | None = None       # the named recipe these came from (:data:`RECIPES`), for the record
 
     @classmethod
@@ -92,6 +95,7 @@ class SlimSettings:
                             f"got {self.step}")
         if self.step_samples is not None and self.step_samples < 2:
             raise UserError(f"«step_samples» must be at least 2, got {self.step_samples}")
+        parse_heads(self.heads)
         if self.samples < 1:
             raise UserError(f"«samples» must be at least 1, got {self.samples}")
 

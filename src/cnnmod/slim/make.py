@@ -22,6 +22,7 @@ import torch
 from ..composition.joint import check_every_class, fit_heads_jointly
 from ..core.calibrate import model_log_odds, source_log_odds
 from ..core.channels import frozen_copy
+from ..core.units import parse_heads
 from ..core.masking import binary_head
 from ..core.observe import class_order, tangling_budget
 from ..data.dataset import ImageSet
@@ -129,7 +130,7 @@ def slim_modules(source: Classifier, data: ImageSet, classes: list[int], s: Slim
             teachers = {c: (torch.sigmoid(odds[torch.searchsorted(union, observed[c]), c:c + 1]), seconds)
                         for c in classes}
     # the graph, channel groups and their costs are one network's, whichever module's
-    frozen = frozen_copy(source.net, source.spec.shape)
+    frozen = frozen_copy(source.net, source.spec.shape, parse_heads(s.heads))
     if s.budget == "total" and len(classes) > 1:
         makings = [ModuleMaker(source, data, c, s, batch_size, teachers.get(c), frozen) for c in classes]
         started = time.perf_counter()
@@ -193,7 +194,7 @@ class ModuleMaker:
         self.source, self.concerned, self.s = source, concerned, s
         self.started = time.perf_counter() - (teacher[1] if teacher is not None else 0.0)
         if frozen is None:
-            frozen = frozen_copy(source.net, source.spec.shape)
+            frozen = frozen_copy(source.net, source.spec.shape, parse_heads(s.heads))
         else:
             frozen = (frozen[0], copy.deepcopy(frozen[1]), frozen[2])
         self.graph, self.net, _ = frozen

@@ -11,6 +11,7 @@ from torch import nn
 from ..composition.base import Composer
 from ..core.calibrate import source_log_odds
 from ..core.channels import ChannelGroups, frozen_copy
+from ..core.units import parse_heads
 from ..core.observe import class_order
 from ..data.dataset import ImageSet
 from ..data.transforms import InputSpec, to_input
@@ -131,7 +132,8 @@ def merge_slim(modules: list[SlimModule], source: Classifier, data: ImageSet, se
     size, max_loss, samples, seed = settings.size, settings.max_loss, settings.samples, settings.seed
     s = settings.merging()
     s.check()
-    frozen = frozen_copy(source.net, source.spec.shape)
+    heads = modules[0].settings.get("heads")
+    frozen = frozen_copy(source.net, source.spec.shape, parse_heads(heads))
     graph, net, groups = frozen
     device = next(net.parameters()).device
     gates = union_gates(modules, groups, device)
@@ -180,7 +182,7 @@ def merge_slim(modules: list[SlimModule], source: Classifier, data: ImageSet, se
                 "foreign": [f"{f.name}:{','.join(map(str, f.source_classes))}" for f in foreign or []],
                 "size": size, "max_loss": max_loss, "cost": s.cost, "multiple": s.multiple,
                 "reconstruct": s.reconstruct, "rule": s.rule, "scale_epochs": s.scale_epochs, "scale_bn": s.scale_bn,
-                "seconds": round(time.perf_counter() - started, 3)}
+                "heads": heads, "seconds": round(time.perf_counter() - started, 3)}
     return MergedSlim(sliced, graph.head.sliced_layer, source.spec, chosen, info, p.removed(), recorded, metrics).eval()
 
 

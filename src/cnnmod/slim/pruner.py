@@ -6,6 +6,7 @@ after the last step, the recoveries' (:mod:`.recovery`)."""
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from ..core.channels import (
     slice_network,
     verify_sliced,
 )
+from ..core.units import HeadAttention, canonical, is_attention, parse_heads
 from ..models.classifier import Classifier
 from .config import SlimSettings
 from .importance import CHANNEL_COSTS, importance
@@ -81,7 +83,8 @@ class Pruner:
     def __init__(self, source: Classifier, s: SlimSettings, margins: Margins, batch_size: int = 256,
                  frozen: tuple | None = None, gates: list[torch.Tensor] | None = None, narrows: bool = True) -> None:
         self.source, self.s, self.batch_size = source, s, batch_size
-        self.graph, self.net, self.groups = frozen or frozen_copy(source.net, source.spec.shape)
+        self.graph, self.net, self.groups = frozen or frozen_copy(source.net, source.spec.shape,
+                                                                           parse_heads(s.heads))
         device = next(self.net.parameters()).device
         self.gates = gates or [torch.ones(g["channels"], device=device) for g in self.groups.groups]
         self.source_groups = self.groups  # the source network's groups: what removed() numbers channels by
@@ -97,6 +100,16 @@ class Pruner:
         # divided by when channels are ranked
         self.per_channel = cost_per_channel(self.net, self.groups, source.spec.shape, self.graph.head, "params")
         self.rank_cost = CHANNEL_COSTS[s.cost](self)
+
+    def reference(self) -> nn.Module:
+        """The source network with its layers named as the pruner's are: attention converted to the form slicing
+        keeps (:func:`cnnmod.core.units.canonical`; the source itself where it has none to convert)."""
+        if not hasattr(self, "_reference"):
+            net = self.source.net
+            if any(is_attention(m) and not isinstance(m, HeadAttention) for m in net.modules()):
+                net = canonical(copy.deepcopy(net).eval(), parse_heads(self.s.heads), self.source.spec.shape)
+            self._reference = net
+        return self._reference
 
     # ---------------------------------------------------------------- passes
     def batches(self, x: torch.Tensor) -> list[torch.Tensor]:
@@ -135,7 +148,8 @@ class Pruner:
             return
         head = self.graph.head
         hw, hb = head.linear_map(self.net)
-        net = slice_network(self.net, self.source.spec.shape, closed_channels(self.groups, self.gates), head, hw, hb)
+        net = slice_network(self.net, self.source.spec.shape, closed_channels(self.groups, self.gates), head, hw, hb,
+                            units=self.groups.units)
         for q in net.parameters():
             q.requires_grad_(False)
         groups, masks = narrowed(self.groups, self.net, self.gates)
@@ -207,7 +221,7 @@ class Pruner:
         channels (closed channels it still has, gated, count as kept)."""
         kept = [torch.zeros(g["channels"]).index_fill_(0, o, 1.0)
                 for g, o in zip(self.source_groups.groups, self.origin, strict=True)]
-        return narrowed(self.source_groups, self.source.net, kept)[1]
+        return narrowed(self.source_groups, self.reference(), kept)[1]
 
     def kept_outputs(self) -> dict[str, torch.Tensor]:
         """Per layer of the source network that lost channels in the current network: the indices of its outputs
@@ -238,7 +252,7 @@ class Pruner:
             net, columns = fold_gates(self.net, self.graph, self.groups, self.gates)
             head_w = w * columns.to(w.device, w.dtype)
         sliced = slice_network(net, self.source.spec.shape, closed_channels(self.groups, self.gates), self.graph.head,
-                               head_w, b)
+                               head_w, b, units=self.groups.units)
         if check:
             self.verify(sliced, w, b)
         return sliced

@@ -55,7 +55,7 @@ class Reconstruct(Recovery):
         saved = {k: v.clone() for k, v in p.net.state_dict().items()} if before is not None else None
         x, _, _ = p.step_view()
         x = x[torch.linspace(0, x.shape[0] - 1, min(INPUTS, x.shape[0])).round().long().to(x.device)]
-        refit_layers(p.net, p.source.net, lambda: gated(p.net, p.graph, p.groups, p.gates), p.batches(x),
+        refit_layers(p.net, p.reference(), lambda: gated(p.net, p.graph, p.groups, p.gates), p.batches(x),
                      p.graph.head.layer, p.s.seed, p.kept_outputs())
         if p.s.scale_epochs == 0:
             p.refit()

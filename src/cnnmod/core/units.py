@@ -1,0 +1,437 @@
+"""Units of a transformer that a slim module keeps or drops (docs/method.md, "Modules of a transformer"): whole
+attention heads and the hidden units of a two-layer MLP. The residual width, the embeddings and the class token
+always stay.
+
+* Attention is read in one canonical form, :class:`HeadAttention` (one ``qkv`` linear layer reshaped to heads,
+  scaled dot-product attention, an output projection ``proj``): the layouts users write (timm's fused ``qkv``,
+  separate query/key/value layers as Hugging Face writes them, ``nn.MultiheadAttention``) are converted to it
+  once (:func:`canonical`), each conversion checked to compute what the user's layer computes. A head is gated at
+  the projection's input (its ``head_dim`` columns) and sliced by cutting its rows of ``qkv`` and its columns of
+  ``proj``.
+* An MLP's hidden units: a linear layer (or 1x1 convolution) whose outputs reach one other such layer only through
+  elementwise activations and dropout (GELU, SiLU, ...); sliced by cutting the first layer's rows and the second's
+  columns.
+
+Each unit group says, as :class:`cnnmod.core.channels.ChannelGroups` needs it, which layers read its units
+(``consumers``) and which compute them (``outputs``).
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import UserError
+
+HEAD_COUNT_NAMES = ("num_heads", "num_attention_heads", "n_heads", "heads", "n_head")
+QKV_NAMES = (("query", "key", "value"), ("q_proj", "k_proj", "v_proj"), ("q", "k", "v"),
+             ("to_q", "to_k", "to_v"))
+OUT_NAMES = ("proj", "out_proj", "o_proj", "to_out", "out", "dense")
+
+
+class HeadAttention(nn.Module):
+    """Multi-head self-attention in the form slicing keeps: ``qkv`` (dim -> 3 heads head_dim), heads of
+    ``head_dim``, softmax(q k^T scale) v, ``proj`` (heads head_dim -> dim). timm's ``Attention`` state-dict keys;
+    ``forward`` depends on ``num_heads``, never on the input's width, so a copy with heads cut computes the rest
+    unchanged. ``returns``: how the layer it replaced returned its output (``"tensor"``, ``"tuple:N"`` (the output
+    first, N entries, the others None) or ``"mha"`` (``nn.MultiheadAttention``'s call and (output, None)))."""
+
+    def __init__(self, dim: int, num_heads: int, head_dim: int, qkv_bias: bool = True, proj_bias: bool = True,
+                 out_dim: int | None = None, scale: float | None = None, returns: str = "tensor",
+                 batch_first: bool = True) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, head_dim
+        self.scale = head_dim ** -0.5 if scale is None else float(scale)
+        self.returns, self.batch_first = returns, batch_first
+        self.qkv = nn.Linear(dim, 3 * num_heads * head_dim, bias=qkv_bias)
+        self.proj = nn.Linear(num_heads * head_dim, out_dim or dim, bias=proj_bias)
+
+    def attend(self, x: torch.Tensor) -> torch.Tensor:
+        b, n = x.shape[0], x.shape[1]
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        return self.proj(out.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim))
+
+    def forward(self, x: torch.Tensor, *args, **kwargs):
+        extra = (args[2:] if self.returns == "mha" else args) + tuple(kwargs.values())
+        if any(isinstance(a, torch.Tensor) for a in extra):
+            raise UserError("cnnmod's attention runs without masks or head masks; call the layer on the tokens "
+                            "alone")
+        if self.returns == "mha":
+            if not self.batch_first:
+                return self.attend(x.transpose(0, 1)).transpose(0, 1), None
+            return self.attend(x), None
+        out = self.attend(x)
+        if self.returns.startswith("tuple:"):
+            return (out,) + (None,) * (int(self.returns.split(":")[1]) - 1)
+        return out
+
+    def keep_heads(self, heads: torch.Tensor) -> None:
+        """Cut to the heads ``heads`` (indices, in order): their rows of ``qkv``, their columns of ``proj``."""
+        d, h = self.head_dim, self.num_heads
+        cols = (heads[:, None] * d + torch.arange(d)).flatten()
+        rows = torch.cat([part * h * d + cols for part in range(3)])
+        self.qkv = _cut_linear(self.qkv, rows=rows)
+        if isinstance(self.proj, _Identity):  # the projection lies outside (its columns are cut there)
+            self.proj = _Identity(cols.numel())
+        else:
+            self.proj = _cut_linear(self.proj, cols=cols)
+        self.num_heads = int(heads.numel())
+
+    def extra_repr(self) -> str:
+        return f"num_heads={self.num_heads}, head_dim={self.head_dim}"
+
+
+def _cut_linear(layer: nn.Module, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> nn.Module:
+    """A copy of a linear layer or 1x1 convolution with only the output ``rows`` and input ``cols`` kept."""
+    w = layer.weight.detach()
+    b = layer.bias.detach() if layer.bias is not None else None
+    if rows is not None:
+        rows = rows.to(w.device)
+        w, b = w[rows], (b[rows] if b is not None else None)
+    if cols is not None:
+        w = w[:, cols.to(w.device)]
+    if isinstance(layer, nn.Linear):
+        new = nn.Linear(w.shape[1], w.shape[0], bias=b is not None)
+    else:
+        new = nn.Conv2d(w.shape[1], w.shape[0], layer.kernel_size, layer.stride, layer.padding, layer.dilation,
+                        bias=b is not None)
+    new = new.to(w.device, w.dtype)
+    with torch.no_grad():
+        new.weight.copy_(w)
+        if b is not None:
+            new.bias.copy_(b)
+    new.train(layer.training)
+    return new
+
+
+# ------------------------------------------------------------------------------------------------ attention
+def head_count(m: nn.Module) -> int | None:
+    """The head count an attention layer records under one of :data:`HEAD_COUNT_NAMES`, or None."""
+    for name in HEAD_COUNT_NAMES:
+        v = getattr(m, name, None)
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+            return v
+    return None
+
+
+def _separate(m: nn.Module) -> tuple[nn.Linear, nn.Linear, nn.Linear] | None:
+    for names in QKV_NAMES:
+        layers = [getattr(m, n, None) for n in names]
+        if all(isinstance(v, nn.Linear) for v in layers):
+            return tuple(layers)
+    return None
+
+
+def _out_projection(m: nn.Module) -> nn.Linear | None:
+    for name in OUT_NAMES:
+        v = getattr(m, name, None)
+        if isinstance(v, nn.Sequential) and len(v) and isinstance(v[0], nn.Linear):
+            v = v[0]  # to_out = Sequential(Linear, Dropout)
+        if isinstance(v, nn.Linear):
+            return v
+    return None
+
+
+def is_attention(m: nn.Module) -> bool:
+    """Whether ``m`` is a self-attention layer in one of the layouts :func:`canonical` converts."""
+    if isinstance(m, (HeadAttention, nn.MultiheadAttention)):
+        return True
+    if type(m).__module__.startswith("torch.nn"):
+        return False
+    fused = isinstance(getattr(m, "qkv", None), nn.Linear)
+    return fused or _separate(m) is not None
+
+
+def _layout(m: nn.Module, name: str) -> tuple[torch.Tensor, torch.Tensor | None, nn.Linear | None, int | None]:
+    """A recognised attention layer's fused q/k/v weight (3 H d, dim) and bias, its output projection (None: the
+    layer ends at the heads' concatenation, the projection lies outside it) and its recorded head count."""
+    if isinstance(m, nn.MultiheadAttention):
+        if not m._qkv_same_embed_dim or m.bias_k is not None or m.add_zero_attn:
+            raise UserError(f"cnnmod cannot follow the attention in layer {name!r}: nn.MultiheadAttention with "
+                            "separate key/value sizes, bias_k or add_zero_attn; use self-attention with one "
+                            "embedding size")
+        return m.in_proj_weight.detach(), (m.in_proj_bias.detach() if m.in_proj_bias is not None else None), \
+            m.out_proj, m.num_heads
+    fused = getattr(m, "qkv", None)
+    if isinstance(fused, nn.Linear):
+        w, b = fused.weight.detach(), fused.bias.detach() if fused.bias is not None else None
+    else:
+        q, k, v = _separate(m)
+        w = torch.cat([q.weight, k.weight, v.weight]).detach()
+        b = torch.cat([q.bias, k.bias, v.bias]).detach() if q.bias is not None else None
+    return w, b, _out_projection(m), head_count(m)
+
+
+def parse_heads(text: str | None) -> dict[str, int]:
+    """``"layer=N,layer=N"`` (the ``heads`` setting) as {layer: N}."""
+    out: dict[str, int] = {}
+    for part in filter(None, (text or "").split(",")):
+        layer, _, n = part.partition("=")
+        if not n.strip().isdigit() or int(n) < 1:
+            raise UserError(f"«heads» gives head counts as layer=N,layer=N (N a whole number), got {part!r}")
+        out[layer.strip()] = int(n)
+    return out
+
+
+def to_canonical(m: nn.Module, name: str, heads: dict[str, int] | None = None,
+                 example: torch.Tensor | None = None) -> HeadAttention:
+    """The :class:`HeadAttention` computing what attention layer ``m`` computes, checked on ``example`` (its input
+    in the network) or on random tokens. The head count: given in ``heads``, else the one the layer records, else
+    the one (of the divisors of its width) that computes what the layer does; a layer that computes something else
+    is one line naming it."""
+    if isinstance(m, HeadAttention):
+        return m
+    w, b, proj, recorded = _layout(m, name)
+    given = (heads or {}).get(name) or recorded
+    width = w.shape[0] // 3
+    if given is not None:
+        if w.shape[0] % (3 * given):
+            raise UserError(f"the attention layer {name!r} projects to {w.shape[0]} query/key/value features, not "
+                            f"a multiple of 3 x {given} heads; give its head count: --set heads={name}=N")
+        return _converted(m, name, w, b, proj, given, example)
+    for n in [n for n in range(1, width + 1) if width % n == 0 and width // n >= 4]:
+        try:
+            return _converted(m, name, w, b, proj, n, example)
+        except UserError:
+            continue
+    raise UserError(f"cannot read the head count of the attention layer {name!r} ({type(m).__name__} records none "
+                    f"of {', '.join(HEAD_COUNT_NAMES)}, and no count computes what it does); give it: "
+                    f"--set heads={name}=N")
+
+
+def _converted(m: nn.Module, name: str, w: torch.Tensor, b: torch.Tensor | None, proj: nn.Linear | None, n: int,
+               example: torch.Tensor | None) -> HeadAttention:
+    d, dim = w.shape[0] // (3 * n), w.shape[1]
+    returns, batch_first = "tensor", True
+    if isinstance(m, nn.MultiheadAttention):
+        returns, batch_first = "mha", m.batch_first
+    else:
+        returns = _returns(m, name, dim, example)
+    scale = getattr(m, "scale", None)
+    scale = float(scale) if isinstance(scale, (int, float)) else None
+    out_dim = proj.out_features if proj is not None else n * d
+    new = HeadAttention(dim, n, d, qkv_bias=b is not None, proj_bias=proj is None or proj.bias is not None,
+                        out_dim=out_dim, scale=scale, returns=returns, batch_first=batch_first)
+    new = new.to(w.device, w.dtype)
+    with torch.no_grad():
+        new.qkv.weight.copy_(w)
+        if b is not None:
+            new.qkv.bias.copy_(b)
+        if proj is not None:
+            new.proj.weight.copy_(proj.weight)
+            if proj.bias is not None:
+                new.proj.bias.copy_(proj.bias)
+    if proj is None:
+        new.proj = _Identity(n * d)
+    _check_same(m, new, name, dim, example)
+    return new.train(m.training)
+
+
+class _Identity(nn.Module):
+    """No projection: the heads' concatenation as it is, where the attention layer's own projection lies outside
+    it (the layer after it reads the heads)."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.features = n
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def _example(dim: int, example: torch.Tensor | None) -> torch.Tensor:
+    return example if example is not None else torch.randn(2, 5, dim, generator=torch.Generator().manual_seed(0))
+
+
+def _returns(m: nn.Module, name: str, dim: int, example: torch.Tensor | None) -> str:
+    """How layer ``m`` returns its output: one tensor, or a tuple with it first."""
+    x = _example(dim, example).to(next(m.parameters()))
+    was = m.training
+    m.eval()
+    try:
+        with torch.no_grad():
+            out = m(x)
+    except Exception as e:  # noqa: BLE001 - any failure here means the layer is not attention cnnmod can follow
+        raise UserError(f"cnnmod cannot follow the attention in layer {name!r} ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:100] if str(e) else ''}); slim modules of it are not possible")
+    finally:
+        m.train(was)
+    return f"tuple:{len(out)}" if isinstance(out, (tuple, list)) else "tensor"
+
+
+def _check_same(m: nn.Module, new: HeadAttention, name: str, dim: int, example: torch.Tensor | None) -> None:
+    x = _example(dim, example).to(new.qkv.weight)
+    was = m.training
+    m.eval()
+    new.eval()
+    try:
+        with torch.no_grad():
+            theirs = m(x, x, x, need_weights=False) if isinstance(m, nn.MultiheadAttention) else m(x)
+            ours = new(x)
+    except Exception as e:  # noqa: BLE001 - any failure here means the layer is not attention cnnmod can follow
+        raise UserError(f"cnnmod cannot follow the attention in layer {name!r} ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:100] if str(e) else ''}); slim modules of it are not possible")
+    finally:
+        m.train(was)
+    theirs = theirs[0] if isinstance(theirs, (tuple, list)) else theirs
+    ours = ours[0] if isinstance(ours, (tuple, list)) else ours
+    if not isinstance(theirs, torch.Tensor) or theirs.shape != ours.shape:
+        raise UserError(f"cnnmod cannot follow the attention in layer {name!r}: it returns "
+                        f"{tuple(getattr(theirs, 'shape', ()))}, not the attended tokens; slim modules of it are not "
+                        "possible")
+    gap = float((theirs - ours).abs().max())
+    if gap > 1e-4 * (float(theirs.abs().max()) + 1.0):
+        raise UserError(f"cnnmod cannot follow the attention in layer {name!r} ({type(m).__name__}): it computes "
+                        f"something besides softmax(q k^T / sqrt(d)) v over its heads (differs by {gap:.2g}: a "
+                        "normalisation, a position bias, a mask); slim modules of it are not possible")
+
+
+def canonical(net: nn.Module, heads: dict[str, int] | None = None,
+              input_shape: tuple[int, ...] | None = None) -> nn.Module:
+    """``net`` (changed in place) with every attention layer in :class:`HeadAttention` form (each conversion
+    checked on the tokens the layer reads in ``net``'s forward pass on a random input of ``input_shape``, or on
+    random tokens); ``heads``: head counts by layer name, where a layer does not record its own."""
+    found = [(n, m) for n, m in net.named_modules() if n and is_attention(m) and not isinstance(m, HeadAttention)]
+    if not found:
+        return net
+    examples: dict[str, torch.Tensor] = {}
+    if input_shape is not None:
+        hooks = [m.register_forward_pre_hook(lambda _m, i, n=n: examples.setdefault(n, i[0].detach()))
+                 for n, m in found]
+        was = net.training
+        net.eval()
+        try:
+            with torch.no_grad():
+                net(torch.randn(2, *input_shape, generator=torch.Generator().manual_seed(0)).to(
+                    next(net.parameters()).device))
+        except Exception:  # noqa: BLE001 - the forward's own failure is reported where the model is read
+            pass
+        finally:
+            net.train(was)
+            for h in hooks:
+                h.remove()
+    for name, m in found:
+        parent, _, attr = name.rpartition(".")
+        setattr(net.get_submodule(parent) if parent else net, attr, to_canonical(m, name, heads, examples.get(name)))
+    return net
+
+
+# ------------------------------------------------------------------------------------------------ unit groups
+@dataclass(frozen=True)
+class Unit:
+    """A group of units slicing cuts together: ``root`` names it (the attention layer, or the MLP's first layer),
+    ``channels`` counts them; ``consumers`` and ``outputs`` as :class:`cnnmod.core.channels.ChannelGroups` keeps
+    them ((layer, index, unit) of the layers that read, and that compute, the units)."""
+
+    root: str
+    kind: str  # "heads" or "hidden"
+    channels: int
+    reader: str  # the layer that reads the units (the projection, the MLP's second layer)
+    width: int  # features per unit (head_dim; 1 for hidden units)
+
+    def group(self) -> dict:
+        per = torch.arange(self.channels * self.width)
+        unit = per // self.width
+        if self.kind == "heads":
+            n = self.channels * self.width
+            rows = torch.cat([part * n + per for part in range(3)])
+            computes = [(f"{self.root}.qkv", rows, unit.repeat(3))]
+        else:
+            computes = [(self.root, per, unit)]
+        return {"roots": [self.root], "points": [], "channels": self.channels, "unit": self.kind,
+                "consumers": [(self.reader, per, unit)], "outputs": computes}
+
+    def cut(self, net: nn.Module, removed: list[int]) -> None:
+        """Slice ``net`` (in place) to the units not in ``removed``."""
+        first = net.get_submodule(self.root)
+        n = first.num_heads if self.kind == "heads" else _outputs(first)  # as many as the network has now
+        keep = torch.tensor([i for i in range(n) if i not in set(removed)], dtype=torch.long)
+        if self.kind == "heads":
+            attn = first
+            attn.keep_heads(keep)
+            if self.reader != f"{self.root}.proj":  # the projection after the layer reads the heads
+                cols = (keep[:, None] * self.width + torch.arange(self.width)).flatten()
+                _replace(net, self.reader, _cut_linear(net.get_submodule(self.reader), cols=cols))
+            return
+        _replace(net, self.root, _cut_linear(net.get_submodule(self.root), rows=keep))
+        _replace(net, self.reader, _cut_linear(net.get_submodule(self.reader), cols=keep))
+
+
+def _replace(net: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, attr = name.rpartition(".")
+    setattr(net.get_submodule(parent) if parent else net, attr, new)
+
+
+_ELEMENTWISE = ("relu", "other_activation", "identity")  # the op table's kinds an MLP's hidden units pass
+
+
+def find_units(graph) -> dict[str, Unit]:
+    """The unit groups of a :class:`~cnnmod.core.graph.ModelGraph` (traced with attention layers as leaves), by
+    root: the heads of every :class:`HeadAttention` with a projection of its own, and the hidden units of every
+    linear layer (or 1x1 convolution, groups 1) whose only use reaches one other such layer through elementwise
+    activations and dropout alone (never the classifier)."""
+    units: dict[str, Unit] = {}
+    gm = graph.gm
+    for node in gm.graph.nodes:
+        if node.op != "call_module":
+            continue
+        m = gm.get_submodule(node.target)
+        if isinstance(m, HeadAttention):
+            reader = f"{node.target}.proj" if not isinstance(m.proj, _Identity) else _reader(graph, node, True)
+            if reader is not None and m.num_heads > 1:
+                units[node.target] = Unit(node.target, "heads", m.num_heads, reader, m.head_dim)
+            continue
+        if node.target == graph.head.layer or not _pointwise(m):
+            continue
+        reader = _reader(graph, node)
+        if reader is not None and reader != graph.head.layer and _pointwise(gm.get_submodule(reader)):
+            units[node.target] = Unit(node.target, "hidden", _outputs(m), reader, 1)
+    return units
+
+
+def _pointwise(m: nn.Module) -> bool:
+    if isinstance(m, nn.Linear):
+        return True
+    return isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and m.groups == 1 and m.stride == (1, 1) and \
+        m.padding in (0, (0, 0)) and m.padding_mode == "zeros"
+
+
+def _outputs(m: nn.Module) -> int:
+    return m.out_features if isinstance(m, nn.Linear) else m.out_channels
+
+
+def _reader(graph, node: torch.fx.Node, linear: bool = False) -> str | None:
+    """The one layer ``node``'s output reaches through elementwise nodes, each used once, or None (``linear``:
+    a linear layer, reached through the first item of a tuple too)."""
+    while True:
+        users = list(node.users)
+        if len(users) != 1:
+            return None
+        (node,) = users
+        if node.op == "call_module":
+            m = graph.gm.get_submodule(node.target)
+            if isinstance(m, nn.Linear) if linear else _pointwise(m):
+                return node.target
+        first_item = node.op == "call_function" and node.target is operator.getitem and node.args[1] == 0
+        if not (first_item and linear) and (graph.kinds.get(node.name) not in _ELEMENTWISE or
+                                            len(node.all_input_nodes) != 1):
+            return None
+
+
+def unit_cost(unit: Unit, net: nn.Module) -> int:
+    """The parameters one unit costs: its rows of the layers that compute it, its columns of the reader."""
+    if unit.kind == "heads":
+        attn, reader = net.get_submodule(unit.root), net.get_submodule(unit.reader)
+        return 3 * unit.width * (attn.qkv.in_features + (attn.qkv.bias is not None)) + \
+            unit.width * reader.out_features
+    first, second = net.get_submodule(unit.root), net.get_submodule(unit.reader)
+    return math.prod(first.weight.shape[1:]) + (first.bias is not None) + math.prod(second.weight.shape) // \
+        second.weight.shape[1]

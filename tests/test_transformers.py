@@ -1,0 +1,184 @@
+"""Modules of transformers: attention in the layouts users write, read in one canonical form; heads and MLP hidden
+units cut; the errors a network the slicer cannot follow gets. (The families of tests/families.py, vit_timm,
+vit_hf, vit_mha and convnext, run every slim capability in tests/test_families.py.)"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import assert_user_error, random_data, run
+from families import HFSelfAttention, SmallViT, TimmAttention
+from torch import nn
+
+import cnnmod
+from cnnmod.core.channels import frozen_copy
+from cnnmod.core.units import HeadAttention, canonical, to_canonical
+from cnnmod.data.transforms import InputSpec
+from cnnmod.errors import UserError
+from cnnmod.models.classifier import Classifier
+from cnnmod.models.folder import save_into
+
+SHAPE = (1, 16, 16)
+
+
+def tokens(n: int = 3, length: int = 7, dim: int = 32, seed: int = 1) -> torch.Tensor:
+    return torch.randn(n, length, dim, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("layout", ["timm", "hf", "mha", "mha-seq-first"])
+def test_every_attention_layout_converts_to_what_it_computes(layout):
+    """On tokens it was not checked on: the canonical form returns what the user's layer returns, in its shape."""
+    torch.manual_seed(0)
+    if layout == "timm":
+        layer = TimmAttention(32, 4)
+    elif layout == "hf":
+        layer = HFSelfAttention(32, 4)
+    else:
+        layer = nn.MultiheadAttention(32, 4, batch_first=layout == "mha")
+    layer.eval()
+    ours = to_canonical(layer, "attn").eval()
+    assert isinstance(ours, HeadAttention) and ours.num_heads == 4 and ours.head_dim == 8
+    x = tokens()
+    with torch.no_grad():
+        if layout.startswith("mha"):
+            theirs, _ = layer(x, x, x, need_weights=False)
+            mine, none = ours(x, x, x, need_weights=False)
+            assert none is None
+        elif layout == "hf":
+            (theirs,), (mine,) = layer(x), ours(x)
+        else:
+            theirs, mine = layer(x), ours(x)
+    assert torch.allclose(mine, theirs, atol=1e-5)
+
+
+def test_cutting_heads_leaves_the_kept_heads_terms_computed_by_hand():
+    """softmax(q_h k_h^T / sqrt(d)) v_h, each kept head's block of the projection's columns, the bias once: written
+    out head by head here, against a layer with head 1 of 3 cut."""
+    torch.manual_seed(0)
+    attn = HeadAttention(12, 3, 4).eval()
+    x = tokens(2, 5, 12)
+    w_qkv, b_qkv = attn.qkv.weight.detach(), attn.qkv.bias.detach()
+    w_p, b_p = attn.proj.weight.detach(), attn.proj.bias.detach()
+    expected = b_p.expand(2, 5, 12).clone()
+    for h in (0, 2):
+        q, k, v = (x @ w_qkv[part * 12 + 4 * h:part * 12 + 4 * h + 4].T + b_qkv[part * 12 + 4 * h:part * 12 + 4 * h + 4]
+                   for part in range(3))
+        weights = torch.exp(q @ k.transpose(1, 2) / 2.0)
+        head = (weights / weights.sum(-1, keepdim=True)) @ v
+        expected += head @ w_p[:, 4 * h:4 * h + 4].T
+    attn.keep_heads(torch.tensor([0, 2]))
+    assert attn.num_heads == 2 and attn.qkv.out_features == 24 and attn.proj.in_features == 8
+    with torch.no_grad():
+        assert torch.allclose(attn(x), expected, atol=1e-5)
+
+
+class Unlabelled(TimmAttention):
+    """timm's layout with the head count kept under a name cnnmod does not know."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__(dim, heads)
+        self._h = self.num_heads
+        del self.num_heads
+
+    def forward(self, x):
+        self.num_heads = self._h
+        try:
+            return super().forward(x)
+        finally:
+            del self.num_heads
+
+
+class QKNorm(TimmAttention):
+    """Normalised queries and keys: not softmax(q k^T / sqrt(d)) v."""
+
+    def forward(self, x):
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k = nn.functional.normalize(q, dim=-1), nn.functional.normalize(k, dim=-1)
+        return self.proj(((q @ k.transpose(-2, -1)).softmax(-1) @ v).transpose(1, 2).reshape(B, N, C))
+
+
+def vit_with(attention: type, dim: int = 32, heads: int = 4) -> nn.Module:
+    net = SmallViT(1, 4, dim // 4)
+    for block in net.blocks:
+        block.attn = attention(dim, heads)
+    return net.eval()
+
+
+def test_a_head_count_the_layer_does_not_record_is_read_off_its_outputs_or_given():
+    net = vit_with(Unlabelled)
+    graph, frozen, groups = frozen_copy(net, SHAPE)
+    assert [(g["roots"][0], g["channels"]) for g in groups.groups if g["unit"] == "heads"] == \
+        [("blocks.0.attn", 4), ("blocks.1.attn", 4)]
+    tiny = vit_with(Unlabelled, dim=8, heads=4)  # heads of 2 features: too narrow to be read off
+    with pytest.raises(UserError, match=r"cannot read the head count of the attention layer 'blocks.0.attn' "
+                                        r".*give it: --set heads=blocks.0.attn=N"):
+        canonical(tiny, None, SHAPE)
+    x = torch.randn(2, *SHAPE)
+    with torch.no_grad():
+        before = tiny(x)
+        given = canonical(tiny, {"blocks.0.attn": 4, "blocks.1.attn": 4}, SHAPE)
+        assert given.blocks[1].attn.num_heads == 4
+        assert torch.allclose(given(x), before, atol=1e-5)
+
+
+def test_attention_the_slicer_cannot_follow_is_named_in_one_line():
+    with pytest.raises(UserError, match=r"cannot follow the attention in layer 'blocks.0.attn' \(QKNorm\): it "
+                                        r"computes something besides softmax"):
+        canonical(vit_with(QKNorm), {"blocks.0.attn": 4}, SHAPE)
+
+
+def vit_classifier(attention: str = "timm") -> Classifier:
+    torch.manual_seed(0)
+    net = SmallViT(1, 4, 8, attention).eval()
+    with torch.no_grad():
+        net.fc.weight.normal_(0, 1)
+    return Classifier(net, InputSpec(*SHAPE, (0.5,), (0.25,)), [f"r{c}" for c in range(4)], "x", {}, "rand")
+
+
+def test_a_merged_transformer_composition_keeps_the_union_of_its_modules_heads_and_units():
+    clf = vit_classifier("mha")
+    data = random_data(SHAPE, 4, 8)
+    modules = cnnmod.decompose(clf, data, granularity="channel", size=0.5, samples=8)
+    assert sum(m.params() for m in modules) <= 0.5 * len(modules) * clf.params()  # half, on average
+    assert all(m.params() < clf.params() for m in modules)
+    merged = cnnmod.compose(modules[:2], mode="merged", model=clf, data=data)
+    roots = {r for m in modules for r in m.removed}
+    assert any(r.endswith(".attn.mha") for r in roots) and any(r.endswith(".mlp.0") for r in roots)
+    for root in roots:  # closed in the merged network only where both modules closed it
+        both = set(modules[0].removed.get(root, [])) & set(modules[1].removed.get(root, []))
+        assert set(merged.removed.get(root, [])) == both, root
+    images = torch.randint(0, 256, (3, *SHAPE), dtype=torch.uint8)
+    with torch.no_grad():
+        assert merged(images).shape == (3, 2)
+
+
+def test_node_level_decomposition_of_a_gelu_transformer_and_a_bad_head_setting_are_one_line(tmp_path, capsys):
+    clf = vit_classifier()
+    clf.arch, clf.arch_args = "families:vit_timm", {"in_channels": 1, "num_classes": 4, "width": 8}
+    save_into(clf, tmp_path / "vit")
+    images = random_data(SHAPE, 4, 6)
+    np.savez(tmp_path / "d.npz", x_train=images.images[:, 0].numpy(), y_train=images.labels.numpy(),
+             x_test=images.images[:, 0].numpy(), y_test=images.labels.numpy())
+    common = [str(tmp_path / "vit"), "--data", f"npz:{tmp_path / 'd.npz'}", "--trust-code"]
+    rc, out, err = run(["decompose", *common, "--granularity", "node", "--out", str(tmp_path / "n")], capsys)
+    assert_user_error(rc, out, err, "GELU", "needs ReLU-family", "--granularity channel")
+    rc, out, err = run(["decompose", *common, "--set", "heads=blocks.0.attn=four", "--out", str(tmp_path / "c")],
+                       capsys)
+    assert_user_error(rc, out, err, "heads", "layer=N")
+    assert not (tmp_path / "n").exists() and not (tmp_path / "c").exists()
+    rc, out, err = run(["decompose", *common, "--size", "0.5", "--set", "samples=6", "--json", "--out",
+                        str(tmp_path / "ok")], capsys)
+    assert rc == 0, err
+    fractions = [m["params_fraction"] for m in json.loads(out)["modules"]]
+    assert len(fractions) == 4 and sum(fractions) <= 0.5 * 4
+    # no granularity given: the model's GELU makes them slim modules, and the command says why
+    rc, out, err = run(["decompose", *common, "--classes", "1", "--out", str(tmp_path / "a")],
+                       capsys)
+    assert rc == 0 and "node rule needs ReLU-family activations" in err, err
+    assert (tmp_path / "a" / "modules").exists()
+    assert json.loads(next((tmp_path / "a" / "modules").iterdir()).joinpath("config.json").read_text())[
+        "granularity"] == "channel"
