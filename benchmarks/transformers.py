@@ -92,11 +92,10 @@ def main(argv: list[str]) -> None:
     table = ["| size | recipe | modules' parameters | voting top-1 (cost pp) | merged top-1 (cost pp) | merged "
              "parameters | seconds for ten | / training |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        m = r.get("merged") or {}
+        m = r.get("merged") or {"top1": float("nan"), "cost_pp": float("nan"), "params_fraction": float("nan")}
         table.append(f"| {r['size']} | {r['recipe']} | {100 * r['params_fraction']:.1f} % | {r['vote']['top1']:.2f} "
-                     f"({r['vote']['cost_pp']:+.2f}) | {m.get('top1', float('nan')):.2f} ({m.get('cost_pp', 0):+.2f}) | "
-                     f"{100 * m.get('params_fraction', float('nan')):.1f} % | {r['seconds']} | "
-                     f"{100 * r['to_training']:.1f} % |")
+                     f"({r['vote']['cost_pp']:+.2f}) | {m['top1']:.2f} ({m['cost_pp']:+.2f}) | "
+                     f"{100 * m['params_fraction']:.1f} % | {r['seconds']} | {100 * r['to_training']:.1f} % |")
     if pairs:
         table += ["", "| pair | merged top-1 (model on the pair) | cost pp | parameters | FLOPs | latency |",
                   "|---|---|---|---|---|---|"]

@@ -505,7 +505,7 @@ def test_slim_bad_input(tmp_path, npz_data, capsys):
     assert rc == 0, err
     for args, needle in ((["--granularity", "channel", "--size", "0"], "--size"),
                          (["--granularity", "channel", "--size", "1.5"], "--size"),
-                         (["--size", "0.5"], "--granularity channel"),
+                         (["--granularity", "node", "--size", "0.5"], "--granularity channel"),
                          (["--granularity", "edge"], "unknown granularity"),
                          (["--granularity", "channel", "--set", "rule=magic"], "importance rule"),
                          (["--granularity", "channel", "--set", "cost=watts"], "unknown slim cost 'watts'"),
@@ -523,7 +523,7 @@ def test_slim_bad_input(tmp_path, npz_data, capsys):
                          (["--granularity", "channel", "--set", "joint_heads=1", "--classes", "0,1"],
                           "2 of the model's"),
                          (["--granularity", "channel", "--recipe", "tiny"], "unknown recipe 'tiny'"),
-                         (["--recipe", "cheap"], "add --granularity channel"),
+                         (["--granularity", "node", "--recipe", "cheap"], "add --granularity channel"),
                          (["--granularity", "channel", "--recipe", "small", "--max-loss", "1"],
                           "does not take --max-loss")):
         assert_user_error(*run(["decompose", str(tmp_path / "m"), "--out", str(tmp_path / "x"), *args], capsys),

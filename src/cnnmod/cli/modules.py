@@ -54,10 +54,9 @@ def decompose_cmd(
     from ..jobs.common import Run
     from ..jobs.decompose import decompose_dir, settings_for
 
-    node, slim, measure, auto = settings_for(granularity, recipe, variant, size, max_loss, seed,
-                                             parse_set(settings))
+    node, slim, measure = settings_for(granularity, recipe, variant, size, max_loss, seed, parse_set(settings))
     result = decompose_dir(model, out, node, Run(device, data_root, batch_size, overwrite, country),
-                           slim=slim, data=data, classes=classes, measure=measure, auto=auto)
+                           slim=slim, data=data, classes=classes, measure=measure)
     if int(os.environ.get("RANK", "0")) == 0:
         emit(result, as_json, f"decomposed {model} into {out}")
 

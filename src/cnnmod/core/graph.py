@@ -4,9 +4,9 @@
   (after its ``nn.BatchNorm2d`` when one directly follows) and of every hidden ``nn.Linear``, outside the
   branches of multiplicative gates; each is the output of one module, so it can be observed and masked with a
   forward hook.
-* The head (:class:`Head`): an ``nn.Linear`` classifier, a 1x1 convolution followed by global average pooling
-  (a linear map of the pooled features), or class maps pooled after a nonlinearity (NiN, SqueezeNet).
-* Per-sample shapes of every node (shape propagation on one example input).
+* The head (:class:`Head`): an ``nn.Linear`` classifier, a 1x1 convolution with global average pooling (either
+  order: a linear map of the pooled features), or class maps pooled after a nonlinearity (NiN, SqueezeNet).
+* Per-sample shapes of every node (shape propagation on one example input); attention layers as one node each.
 * Two walks over the graph between the observation points and the head, both over the op table of
   :mod:`cnnmod.core.ops`: marking nodes backwards from the head (MC-BLN), and liveness of nodes given the
   masks (MC-BI).
@@ -47,8 +47,7 @@ class ObservationPoint:
 
 
 class _NamingTracer(torch.fx.Tracer):
-    """A tracer that remembers which module it was inside when tracing failed, and keeps attention layers whole
-    (:func:`cnnmod.core.units.is_attention`: one node each, as the slicer reads them)."""
+    """Remembers the module it was in when tracing failed; attention layers stay one node each (units.py)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -140,8 +139,7 @@ class Head:
 
 
 class ConvPoolHead(Head):
-    """A 1x1 convolution followed by global average pooling: pooling and the convolution commute, so the head is
-    the convolution's weights applied to the pooled input (docs/method.md)."""
+    """A 1x1 convolution then global average pooling: they commute, so the head is the convolution on the pool."""
 
     kind = "conv_pool"
 
@@ -159,8 +157,7 @@ class ConvPoolHead(Head):
 
 
 class PooledConvHead(Head):
-    """Pooling, then a 1x1 convolution on the (C, 1, 1) result (MobileNetV3's and GhostNet's last layer): a linear
-    layer on the pooled features, its weight the convolution's; sliced, flatten + ``nn.Linear``."""
+    """Pooling, then a 1x1 convolution (MobileNetV3's, GhostNet's end): dense on the pool; sliced, flatten + Linear."""
 
     kind = "pooled_conv"
 
@@ -201,8 +198,7 @@ class ClassMapHead(Head):
 
 
 def _pointwise_on_pooled(graph: ModelGraph, node: Node) -> bool:
-    """Whether a convolution node is 1x1 (stride 1, no padding, one group) on a (C, 1, 1) input: a linear layer on
-    pooled features."""
+    """Whether a convolution node is 1x1 (stride 1, no padding, one group) on (C, 1, 1): dense on pooled features."""
     conv = graph.module(node.target)
     src = graph.ops[node.name].inputs(node)
     return (conv.kernel_size == (1, 1) and conv.stride == (1, 1) and ops.pair(conv.padding) == (0, 0)
@@ -270,14 +266,6 @@ class ModelGraph:
                     raise UserError(f"layer {n.target!r} is called twice in the forward pass; cnnmod needs every "
                                     "convolution and linear layer used once")
 
-    def follows_node_rule(self) -> bool:
-        """Whether :meth:`require_relu` passes."""
-        try:
-            self.require_relu()
-        except UserError:
-            return False
-        return True
-
     def require_relu(self) -> None:
         """Node-level decomposition's condition (docs/method.md, "Architectures beyond the paper's"): hidden
         activations of the ReLU family, where "inactive" means exactly zero after the activation."""
@@ -338,8 +326,7 @@ class ModelGraph:
             self.shapes[src[0].name][0]
 
     def _find_gates(self) -> tuple[set[str], set[str]]:
-        """Gate operands of products (values that come from a sigmoid-like activation) and the branches that
-        compute them (nodes whose every use leads into a gate)."""
+        """Gate operands of products (sigmoid-like values) and the branches computing them (every use into a gate)."""
         gates: set[str] = set()
         for n in self.gm.graph.nodes:
             if self.kinds[n.name] != "multiply":

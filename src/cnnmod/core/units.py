@@ -40,15 +40,15 @@ class HeadAttention(nn.Module):
     ``head_dim``, softmax(q k^T scale) v, ``proj`` (heads head_dim -> dim). timm's ``Attention`` state-dict keys;
     ``forward`` depends on ``num_heads``, never on the input's width, so a copy with heads cut computes the rest
     unchanged. ``returns``: how the layer it replaced returned its output (``"tensor"``, ``"tuple:N"`` (the output
-    first, N entries, the others None) or ``"mha"`` (``nn.MultiheadAttention``'s call and (output, None)))."""
+    first, N entries, the others None), or ``"mha"`` / ``"mha-seq-first"``: ``nn.MultiheadAttention``'s call and
+    (output, None), batch first or not)."""
 
     def __init__(self, dim: int, num_heads: int, head_dim: int, qkv_bias: bool = True, proj_bias: bool = True,
-                 out_dim: int | None = None, scale: float | None = None, returns: str = "tensor",
-                 batch_first: bool = True) -> None:
+                 out_dim: int | None = None, scale: float | None = None, returns: str = "tensor") -> None:
         super().__init__()
         self.num_heads, self.head_dim = num_heads, head_dim
         self.scale = head_dim ** -0.5 if scale is None else float(scale)
-        self.returns, self.batch_first = returns, batch_first
+        self.returns = returns
         self.qkv = nn.Linear(dim, 3 * num_heads * head_dim, bias=qkv_bias)
         self.proj = nn.Linear(num_heads * head_dim, out_dim or dim, bias=proj_bias)
 
@@ -60,12 +60,13 @@ class HeadAttention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim))
 
     def forward(self, x: torch.Tensor, *args, **kwargs):
-        extra = (args[2:] if self.returns == "mha" else args) + tuple(kwargs.values())
+        mha = self.returns.startswith("mha")
+        extra = (args[2:] if mha else args) + tuple(kwargs.values())
         if any(isinstance(a, torch.Tensor) for a in extra):
             raise UserError("cnnmod's attention runs without masks or head masks; call the layer on the tokens "
                             "alone")
-        if self.returns == "mha":
-            if not self.batch_first:
+        if mha:
+            if self.returns == "mha-seq-first":
                 return self.attend(x.transpose(0, 1)).transpose(0, 1), None
             return self.attend(x), None
         out = self.attend(x)
@@ -210,16 +211,15 @@ def to_canonical(m: nn.Module, name: str, heads: dict[str, int] | None = None,
 def _converted(m: nn.Module, name: str, w: torch.Tensor, b: torch.Tensor | None, proj: nn.Linear | None, n: int,
                example: torch.Tensor | None) -> HeadAttention:
     d, dim = w.shape[0] // (3 * n), w.shape[1]
-    returns, batch_first = "tensor", True
     if isinstance(m, nn.MultiheadAttention):
-        returns, batch_first = "mha", m.batch_first
+        returns = "mha" if m.batch_first else "mha-seq-first"
     else:
         returns = _returns(m, name, dim, example)
     scale = getattr(m, "scale", None)
     scale = float(scale) if isinstance(scale, (int, float)) else None
     out_dim = proj.out_features if proj is not None else n * d
     new = HeadAttention(dim, n, d, qkv_bias=b is not None, proj_bias=proj is None or proj.bias is not None,
-                        out_dim=out_dim, scale=scale, returns=returns, batch_first=batch_first)
+                        out_dim=out_dim, scale=scale, returns=returns)
     new = new.to(w.device, w.dtype)
     with torch.no_grad():
         new.qkv.weight.copy_(w)

@@ -57,14 +57,12 @@ def gather_modules(modules: list, chosen: list[int], clf, out: Path, dd: Distrib
 
 
 def settings_for(granularity: str | None, recipe: str | None, variant: str | None, size: float | None,
-                 max_loss: float | None, seed: int, given: dict[str, str]) -> tuple[DecomposeSettings, object, bool,
-                                                                                    bool]:
+                 max_loss: float | None, seed: int, given: dict[str, str]) -> tuple[DecomposeSettings, object, bool]:
     """What ``cnnmod decompose``'s options ask for: the node-level settings (also the calibration's), the slim
     settings as a function of the run (None for node-level modules; :func:`cnnmod.recipes.slim_settings`), and
-    whether each module is measured on the test split, and whether the model picks the granularity.
-    ``given``: ``--set`` KEY=VALUE texts. ``granularity`` None: whichever the options ask for (a size, a slim
-    recipe or setting: channel; a variant or a node setting: node); where they ask for neither, both settings are
-    returned, and :func:`decompose_dir` picks by the model (its ``auto``)."""
+    whether each module is measured on the test split. ``given``: ``--set`` KEY=VALUE texts. ``granularity``
+    None: whichever the options ask for (a size, a slim recipe or setting: channel; a variant or a node setting:
+    node); where they ask for neither, the slim settings come as :class:`ByModel` (the model decides)."""
     measure = parse_setting(JobSettings, "measure", given.pop("measure")) if "measure" in given else True
     node_names, slim_names = set(settable(DecomposeSettings)), set(settable(SlimSettings))
     if granularity is None:
@@ -77,7 +75,7 @@ def settings_for(granularity: str | None, recipe: str | None, variant: str | Non
     if granularity is None:
         node = settings_for("node", recipe, variant, None, None, seed, dict(given))[0]
         slim_given = {k: v for k, v in given.items() if k in slim_names or k == "calibration_samples"}
-        return node, settings_for("channel", recipe, variant, None, None, seed, slim_given)[1], measure, True
+        return node, ByModel(settings_for("channel", recipe, variant, None, None, seed, slim_given)[1]), measure
     if granularity not in ("node", "channel"):
         raise UserError(f"unknown granularity {granularity!r}; use node or channel")
     node_given = {k: parse_setting(DecomposeSettings, k, v) for k, v in given.items() if k in node_names}
@@ -87,7 +85,7 @@ def settings_for(granularity: str | None, recipe: str | None, variant: str | Non
         rest = [k for k in given if k not in node_names]
         if rest:
             parse_setting(DecomposeSettings, rest[0], given[rest[0]])  # says which settings there are
-        return node_settings(recipe, variant=variant, seed=seed, **node_given), None, measure, False
+        return node_settings(recipe, variant=variant, seed=seed, **node_given), None, measure
     calibration = {k: v for k, v in node_given.items() if k == "calibration_samples"}
     slim_given = {k: parse_setting(SlimSettings, k, v) for k, v in given.items() if k != "calibration_samples"}
     for k, v in (("size", size), ("max_loss", max_loss)):
@@ -95,7 +93,24 @@ def settings_for(granularity: str | None, recipe: str | None, variant: str | Non
             slim_given[k] = v
     slim_settings(recipe, **slim_given, seed=seed)  # refused now, before the model loads, if it cannot be
     return (DecomposeSettings(seed=seed, **calibration), partial(slim_settings, recipe, **slim_given, seed=seed),
-            measure, False)
+            measure)
+
+
+@dataclass(frozen=True)
+class ByModel:
+    """Slim settings (as :func:`settings_for` gives them) for a model without the ReLU-family activations the
+    paper's node rule needs; a model with them gets node-level modules. What no granularity given means."""
+
+    slim: Callable[..., SlimSettings]
+
+
+def _follows_node_rule(clf) -> bool:
+    """Whether the model's hidden activations are of the ReLU family the paper's node rule needs."""
+    try:
+        ModelGraph(clf.net, clf.spec.shape).require_relu()
+    except UserError:
+        return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -106,15 +121,14 @@ class JobSettings:
 
 
 def decompose_dir(model_dir: str | Path, out: str | Path, settings: DecomposeSettings | None = None,
-                  run: Run | None = None, *, slim: SlimSettings | Callable[..., SlimSettings] | None = None,
-                  data: str | None = None, classes: list[int] | str | None = None, measure: bool = True,
-                  auto: bool = False) -> dict:
+                  run: Run | None = None, *, slim: SlimSettings | Callable[..., SlimSettings] | ByModel | None = None,
+                  data: str | None = None, classes: list[int] | str | None = None, measure: bool = True) -> dict:
     """Decompose the model in ``model_dir`` into ``out``: node-level modules (``settings``) or, with ``slim``,
     slim modules (its settings, or a function of ``every_class`` and ``one_process`` that gives them:
     :func:`cnnmod.recipes.slim_settings`); observed on ``data`` (default: the model's own training split), for
     ``classes`` (default: all; indices, or a text of indices and names). With ``measure``, each module's binary
-    accuracy on the test split is recorded in its config (one batched pass of all modules). With ``auto`` (the
-    granularity not given), node-level modules where the model follows the paper's node rule, else ``slim``'s."""
+    accuracy on the test split is recorded in its config (one batched pass of all modules). ``slim`` a
+    :class:`ByModel`: node-level modules where the model follows the paper's node rule, else slim ones."""
     wall = time.perf_counter()
     settings, run = settings or DecomposeSettings(), run or Run()
     settings.check()
@@ -127,11 +141,11 @@ def decompose_dir(model_dir: str | Path, out: str | Path, settings: DecomposeSet
     if isinstance(classes, str):
         classes = parse_class_list(classes, clf.class_names)
     chosen = chosen_classes(clf, classes)
-    if callable(slim) and auto and ModelGraph(clf.net, clf.spec.shape).follows_node_rule():
-        slim = None  # the model has the paper's ReLU-family activations: node-level modules
-    elif auto and dd.is_main:
-        say("the paper's node rule needs ReLU-family activations, which this model lacks: slim modules "
-            "(--granularity channel)")
+    if isinstance(slim, ByModel):
+        by_model, slim = slim, None if _follows_node_rule(clf) else slim.slim
+        if slim is by_model.slim and dd.is_main:
+            say("the paper's node rule needs ReLU-family activations, which this model lacks: slim modules "
+                "(--granularity channel)")
     if callable(slim):
         slim = slim(every_class=len(chosen) == clf.num_classes, one_process=not dd.active)
     if slim is not None:

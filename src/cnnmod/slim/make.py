@@ -22,9 +22,9 @@ import torch
 from ..composition.joint import check_every_class, fit_heads_jointly
 from ..core.calibrate import model_log_odds, source_log_odds
 from ..core.channels import frozen_copy
-from ..core.units import parse_heads
 from ..core.masking import binary_head
 from ..core.observe import class_order, tangling_budget
+from ..core.units import parse_heads
 from ..data.dataset import ImageSet
 from ..data.registry import split_spec
 from ..data.torch_dataset import as_image_set

@@ -11,8 +11,8 @@ from torch import nn
 from ..composition.base import Composer
 from ..core.calibrate import source_log_odds
 from ..core.channels import ChannelGroups, frozen_copy
-from ..core.units import parse_heads
 from ..core.observe import class_order
+from ..core.units import parse_heads
 from ..data.dataset import ImageSet
 from ..data.transforms import InputSpec, to_input
 from ..errors import UserError
