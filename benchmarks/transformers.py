@@ -16,6 +16,7 @@ model's (batch 64, side by side). Figures go to benchmarks/out/transformers_<mod
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import time
 from pathlib import Path
@@ -27,12 +28,30 @@ from slim_cost import training_estimate
 import cnnmod
 from cnnmod.composition.evaluate import evaluate_against_model
 from cnnmod.core.cost import cost_report
+from cnnmod.core.graph import ModelGraph
+from cnnmod.core.units import canonical, find_units
 from cnnmod.data import load
 from cnnmod.models.folder import load_model
 from cnnmod.recipes import slim_settings
 from cnnmod.slim.make import slim_modules
 
 CPU = torch.device("cpu")
+
+
+def unit_shares(clf, modules: list) -> dict:
+    """The share of the model's attention heads and of its MLP hidden units the modules keep, on average (Vulcan
+    reports the MLP's units class-specific and attention class-agnostic: a module that keeps more heads than units
+    agrees)."""
+    net = canonical(copy.deepcopy(clf.net).eval(), None, clf.spec.shape)
+    units = find_units(ModelGraph(net, clf.spec.shape))
+    shares = {}
+    for kind in ("heads", "hidden"):
+        total = sum(u.channels for u in units.values() if u.kind == kind)
+        if total:
+            kept = [1 - sum(len(m.removed.get(r, [])) for r, u in units.items() if u.kind == kind) / total
+                    for m in modules]
+            shares[kind] = round(sum(kept) / len(kept), 4)
+    return shares
 
 
 def composed(composer, clf, test) -> dict:
@@ -79,6 +98,7 @@ def main(argv: list[str]) -> None:
         row = {"size": size, "recipe": s.recipe, "seconds": round(seconds, 1),
                "to_training": round(seconds / training["estimated_seconds"], 4),
                "params_fraction": round(sum(m.kept_fraction() for m in modules) / len(modules), 4),
+               "kept": unit_shares(clf, modules),
                "vote": composed(cnnmod.compose(modules, mode="vote"), clf, test)}
         if not args.no_merged:
             merged = cnnmod.compose(modules, mode="merged", model=clf, data=train)
