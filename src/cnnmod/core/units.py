@@ -193,14 +193,16 @@ def to_canonical(m: nn.Module, name: str, heads: dict[str, int] | None = None,
     w, b, proj, recorded = _layout(m, name)
     given = (heads or {}).get(name) or recorded
     width = w.shape[0] // 3
+    x = _example(w.shape[1], example).to(w)
+    theirs = _their_output(m, name, x)  # the user's layer runs once, whatever head counts are tried
     if given is not None:
         if w.shape[0] % (3 * given):
             raise UserError(f"the attention layer {name!r} projects to {w.shape[0]} query/key/value features, not "
                             f"a multiple of 3 x {given} heads; give its head count: --set heads={name}=N")
-        return _converted(m, name, w, b, proj, given, example)
+        return _converted(m, name, (w, b, proj), given, x, theirs)
     for n in [n for n in range(1, width + 1) if width % n == 0 and width // n >= 4]:
         try:
-            return _converted(m, name, w, b, proj, n, example)
+            return _converted(m, name, (w, b, proj), n, x, theirs)
         except UserError:
             continue
     raise UserError(f"cannot read the head count of the attention layer {name!r} ({type(m).__name__} records none "
@@ -208,13 +210,15 @@ def to_canonical(m: nn.Module, name: str, heads: dict[str, int] | None = None,
                     f"--set heads={name}=N")
 
 
-def _converted(m: nn.Module, name: str, w: torch.Tensor, b: torch.Tensor | None, proj: nn.Linear | None, n: int,
-               example: torch.Tensor | None) -> HeadAttention:
+def _converted(m: nn.Module, name: str, fused: tuple, n: int, x: torch.Tensor, theirs) -> HeadAttention:
+    """``m`` as a :class:`HeadAttention` of ``n`` heads (``fused``: its q/k/v weight, bias and projection, as
+    :func:`_layout` reads them), checked against ``theirs``, what ``m`` returned for the tokens ``x``."""
+    w, b, proj = fused
     d, dim = w.shape[0] // (3 * n), w.shape[1]
     if isinstance(m, nn.MultiheadAttention):
         returns = "mha" if m.batch_first else "mha-seq-first"
     else:
-        returns = _returns(m, name, dim, example)
+        returns = f"tuple:{len(theirs)}" if isinstance(theirs, (tuple, list)) else "tensor"
     scale = getattr(m, "scale", None)
     scale = float(scale) if isinstance(scale, (int, float)) else None
     out_dim = proj.out_features if proj is not None else n * d
@@ -231,7 +235,7 @@ def _converted(m: nn.Module, name: str, w: torch.Tensor, b: torch.Tensor | None,
                 new.proj.bias.copy_(proj.bias)
     if proj is None:
         new.proj = _Identity(n * d)
-    _check_same(m, new, name, dim, example)
+    _check_same(m, new, name, x, theirs)
     return new.train(m.training)
 
 
@@ -251,36 +255,24 @@ def _example(dim: int, example: torch.Tensor | None) -> torch.Tensor:
     return example if example is not None else torch.randn(2, 5, dim, generator=torch.Generator().manual_seed(0))
 
 
-def _returns(m: nn.Module, name: str, dim: int, example: torch.Tensor | None) -> str:
-    """How layer ``m`` returns its output: one tensor, or a tuple with it first."""
-    x = _example(dim, example).to(next(m.parameters()))
+def _their_output(m: nn.Module, name: str, x: torch.Tensor):
+    """What the user's attention layer returns for the tokens ``x`` (in eval mode, as the module will run)."""
     was = m.training
     m.eval()
     try:
         with torch.no_grad():
-            out = m(x)
+            return m(x, x, x, need_weights=False) if isinstance(m, nn.MultiheadAttention) else m(x)
     except Exception as e:  # noqa: BLE001 - any failure here means the layer is not attention cnnmod can follow
         raise UserError(f"cnnmod cannot follow the attention in layer {name!r} ({type(e).__name__}: "
                         f"{str(e).splitlines()[0][:100] if str(e) else ''}); slim modules of it are not possible")
     finally:
         m.train(was)
-    return f"tuple:{len(out)}" if isinstance(out, (tuple, list)) else "tensor"
 
 
-def _check_same(m: nn.Module, new: HeadAttention, name: str, dim: int, example: torch.Tensor | None) -> None:
-    x = _example(dim, example).to(new.qkv.weight)
-    was = m.training
-    m.eval()
-    new.eval()
-    try:
-        with torch.no_grad():
-            theirs = m(x, x, x, need_weights=False) if isinstance(m, nn.MultiheadAttention) else m(x)
-            ours = new(x)
-    except Exception as e:  # noqa: BLE001 - any failure here means the layer is not attention cnnmod can follow
-        raise UserError(f"cnnmod cannot follow the attention in layer {name!r} ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0][:100] if str(e) else ''}); slim modules of it are not possible")
-    finally:
-        m.train(was)
+def _check_same(m: nn.Module, new: HeadAttention, name: str, x: torch.Tensor, theirs) -> None:
+    """One line naming the layer unless ``new`` returns for ``x`` what the user's layer returned (``theirs``)."""
+    with torch.no_grad():
+        ours = new.eval()(x)
     theirs = theirs[0] if isinstance(theirs, (tuple, list)) else theirs
     ours = ours[0] if isinstance(ours, (tuple, list)) else ours
     if not isinstance(theirs, torch.Tensor) or theirs.shape != ours.shape:
