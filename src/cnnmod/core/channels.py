@@ -12,9 +12,9 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from ..errors import UserError
+from .cost import count_flops
 from .graph import Head, ModelGraph
 from .units import Unit, canonical, find_units
 
@@ -425,10 +425,7 @@ def sliced_cost(net: nn.Module, input_shape: tuple[int, int, int], removed: dict
     sliced = slice_network(net, input_shape, removed, head, None, None, units=units)
     if what == "params":
         return float(sum(p.numel() for p in sliced.parameters()))
-    x = torch.zeros(1, *input_shape, device=next(net.parameters()).device)
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        sliced.eval()(x)
-    return float(counter.get_total_flops())
+    return float(count_flops(sliced.eval(), torch.zeros(1, *input_shape, device=next(net.parameters()).device)))
 
 
 def cost_per_channel(net: nn.Module, groups: ChannelGroups, input_shape: tuple[int, int, int], head: Head,

@@ -8,10 +8,12 @@ fractions are about 1; a composition of K such modules costs about K model passe
 from __future__ import annotations
 
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.utils.benchmark as benchmark
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 
@@ -22,10 +24,25 @@ def count_params(obj) -> int:
     return obj.params()
 
 
+@contextmanager
+def attention_counted() -> Iterator[None]:
+    """Every attention computed in ops torch's flop counter sees: ``nn.MultiheadAttention``'s fused fast path
+    (taken under eval and no_grad, one op the counter does not count) off, and ``scaled_dot_product_attention``
+    run as its math (its matmuls counted; the fused CPU and CUDA kernels are not). The results are the same."""
+    was = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(was)
+
+
 @torch.no_grad()
 def count_flops(fn: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor) -> int:
-    """FLOPs of ``fn`` on ``images``, per image."""
-    with FlopCounterMode(display=False) as counter:
+    """FLOPs of ``fn`` on ``images``, per image (a multiply-add counts two), attention included
+    (:func:`attention_counted`)."""
+    with attention_counted(), FlopCounterMode(display=False) as counter:
         fn(images)
     return int(counter.get_total_flops() // max(images.shape[0], 1))
 
