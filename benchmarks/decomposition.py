@@ -92,8 +92,8 @@ def study(model_dir: Path, variants: tuple[str, ...], samples: int, seed: int, c
                **{k: v for k, v in report.items() if k != "per_class"}, "per_class": report["per_class"]}
         rows.append(row)
         print(f"{row['model']:12s} {variant:7s} model {row['model_top1']:.2f}/{row['model_top5']:.2f} composed "
-              f"{row['composed_top1']:.2f}/{row['composed_top5']:.2f} cost {row['decomposition_cost_top1_pp']:+.2f}/"
-              f"{row['decomposition_cost_top5_pp']:+.2f} jaccard {row['jaccard_model_mean']:.4f} "
+              f"{row['composed_top1']:.2f}/{row['composed_top5']:.2f} cost {row['top1_change_pp']:+.2f}/"
+              f"{row['top5_change_pp']:+.2f} jaccard {row['jaccard_model_mean']:.4f} "
               f"{seconds:.1f}s ({100 * (row['decomposition_to_training'] or 0):.2f}% of training)", flush=True)
     return rows
 
@@ -104,8 +104,8 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         pct = f"{100 * r['decomposition_to_training']:.2f}%" if r["decomposition_to_training"] else "-"
         lines.append(f"| {r['model']} | {r['variant']} | {r['model_top1']:.2f} / {r['model_top5']:.2f} | "
-                     f"{r['composed_top1']:.2f} / {r['composed_top5']:.2f} | {r['decomposition_cost_top1_pp']:+.2f} / "
-                     f"{r['decomposition_cost_top5_pp']:+.2f} | {r['jaccard_model_mean']:.4f} / "
+                     f"{r['composed_top1']:.2f} / {r['composed_top5']:.2f} | {r['top1_change_pp']:+.2f} / "
+                     f"{r['top5_change_pp']:+.2f} | {r['jaccard_model_mean']:.4f} / "
                      f"{r['jaccard_pairwise_mean']:.4f} | {r['decomposition_seconds']:.1f} | {pct} |")
     return "\n".join(lines)
 
@@ -124,8 +124,8 @@ def cnn(args) -> None:
         rows += study(model_dir, tuple(args.variants.split(",")), args.samples, args.seed, args.condition,
                       tuple(filter(None, args.switches.split(","))), tuple(args.switch_variants.split(",")))
     bln = [r for r in rows if r["variant"] == "mc-bln"]
-    figures = {"rows": rows, "mean_cost_mc_bln_top1_pp": mean([r["decomposition_cost_top1_pp"] for r in bln]),
-               "mean_cost_mc_bln_top5_pp": mean([r["decomposition_cost_top5_pp"] for r in bln]),
+    figures = {"rows": rows, "mean_cost_mc_bln_top1_pp": mean([r["top1_change_pp"] for r in bln]),
+               "mean_cost_mc_bln_top5_pp": mean([r["top5_change_pp"] for r in bln]),
                "mean_jaccard_mc_bln": mean([r["jaccard_model_mean"] for r in bln]), "table": table(rows)}
     suffix = ("" if args.condition == "pseudocode" else f"_{args.condition}") + "_" + "_".join(names)
     path = record(f"decomposition_cnn{suffix}", f"python benchmarks/decomposition.py cnn --models {args.models} "
@@ -147,7 +147,7 @@ def dense(args) -> None:
                               args.seed, args.runs)
         rows += study(model_dir, tuple(args.variants.split(",")), args.samples, args.seed)
     figures = {"rows": rows, "table": table(rows),
-               "max_abs_cost_top1_pp": max(abs(r["decomposition_cost_top1_pp"]) for r in rows)}
+               "max_abs_cost_top1_pp": max(abs(r["top1_change_pp"]) for r in rows)}
     path = record("decomposition_dense", "python benchmarks/decomposition.py dense", figures,
                   f"MLPs of 1-4 x 49 units: max |cost| {figures['max_abs_cost_top1_pp']:.2f} pp top-1 over "
                   f"{len(rows)} rows")

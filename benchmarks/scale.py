@@ -329,7 +329,7 @@ def tiny_part(args) -> dict:
         result, s, mb = cli(["evaluate", str(work / "reuse5"), "--mode", mode, *common])
         steps[f"evaluate_5_{mode}"] = {"seconds": s, "peak_mb": mb, "model_top1": result.get("model_top1"),
                                        "composed_top1": result.get("composed_top1"),
-                                       "cost_pp": result.get("decomposition_cost_top1_pp")}
+                                       "cost_pp": result.get("top1_change_pp")}
     result, s, mb = cli(["evaluate-model", str(work / "model"), *common])
     steps["evaluate_model"] = {"seconds": s, "peak_mb": mb, "top1": result.get("top1")}
     row = {"data": "tiny-imagenet layout, 200 classes, 64x64", "train_per_class": args.tiny_per_class,

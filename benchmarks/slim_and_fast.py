@@ -196,7 +196,7 @@ def node_row(clf, train, test, images, device, repeats: int) -> dict:
            "params_fraction": cost_report(compose(node[:1]), images)["params_fraction"],
            "model_top1": node_report["model_top1"],
            "composed_top1": node_report["composed_top1"], "composed_top5": node_report["composed_top5"],
-           "cost_top1_pp": node_report["decomposition_cost_top1_pp"],
+           "cost_top1_pp": node_report["top1_change_pp"],
            "composition_latency_fraction": node_cost["latency_fraction"],
            "composition_flops_fraction": node_cost["flops_fraction"],
            "merged_top1": merged_node["composed_top1"],
@@ -214,7 +214,7 @@ def all_classes(clf, train, test, images, device, modules: list, args) -> dict:
     merged_report = evaluate_against_model(merged, clf, test, device)
     merged_cost = cost_report(merged, images, args.repeats, source=clf)
     return {"model_top1": report["model_top1"], "composed_top1": report["composed_top1"],
-            "composed_top5": report["composed_top5"], "cost_top1_pp": report["decomposition_cost_top1_pp"],
+            "composed_top5": report["composed_top5"], "cost_top1_pp": report["top1_change_pp"],
             "composition_latency_fraction": cost["latency_fraction"],
             "composition_flops_fraction": cost["flops_fraction"],
             "merged_top1": merged_report["composed_top1"],

@@ -108,7 +108,7 @@ def measured(name: str, size: float, overrides: dict, modules: list, seconds: fl
            "params_fraction": round(sum(m.metrics["params_fraction"] for m in modules) / len(modules), 4),
            "max_params_fraction": max(m.metrics["params_fraction"] for m in modules),
            "model_top1": report["model_top1"], "composed_top1": report["composed_top1"],
-           "cost_top1_pp": report["decomposition_cost_top1_pp"], "seconds": round(seconds, 1),
+           "cost_top1_pp": report["top1_change_pp"], "seconds": round(seconds, 1),
            "training_seconds": training_seconds,
            "to_training": round(seconds / training_seconds, 4),
            # where the cost sits: each class's share of the parameters, pruning steps, top-1 and binary

@@ -56,7 +56,7 @@ def unit_shares(clf, modules: list) -> dict:
 
 def composed(composer, clf, test) -> dict:
     r = evaluate_against_model(composer, clf, test, CPU)
-    return {"top1": r["composed_top1"], "model_top1": r["model_top1"], "cost_pp": r["decomposition_cost_top1_pp"]}
+    return {"top1": r["composed_top1"], "model_top1": r["model_top1"], "cost_pp": r["top1_change_pp"]}
 
 
 def pair_row(pair: list[int], modules: list, clf, train, test, size: float) -> dict:

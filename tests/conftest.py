@@ -175,6 +175,15 @@ def stopped_training(s, out: Path, after: int, monkeypatch) -> None:
     assert kept == out.parent / f"{out.name}.resume"
 
 
+def as_trained(net, data: ImageSet) -> Classifier:
+    """A plain network taken as trained on ``data``'s own normalisation, stated (cnnmod never assumes it)."""
+    if isinstance(net, Classifier):
+        return net
+    from cnnmod.models.classifier import wrap
+
+    return wrap(net, data=data, mean=data.mean, std=data.std)
+
+
 def random_data(shape=(1, 12, 12), classes=4, per_class=9, seed=0) -> ImageSet:
     g = torch.Generator().manual_seed(seed)
     n = classes * per_class

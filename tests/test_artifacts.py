@@ -59,12 +59,12 @@ def test_wrong_format_version_kind_and_missing_parts(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="format 99"):
         load_model(tmp_path / "m")
     cfg_path.write_text(json.dumps({**config, "kind": "module"}))
-    with pytest.raises(UserError, match="is a module, not a model"):
+    with pytest.raises(UserError, match="is a module folder: expected a model folder"):
         load_model(tmp_path / "m")
     cfg_path.write_text("{not json")
     with pytest.raises(UserError, match="corrupt"):
         load_model(tmp_path / "m")
-    with pytest.raises(UserError, match="no such folder"):
+    with pytest.raises(UserError, match="does not exist: expected a model folder"):
         load_model(tmp_path / "absent")
 
 

@@ -60,7 +60,7 @@ def test_user_errors(tmp_path: Path, trained: Path, npz_data: str, capsys) -> No
     assert_user_error(*run(["evaluate-model", str(trained), "--data", "digits"], capsys), "3 classes", "10")
     (trained / "model.safetensors").write_bytes(b"\x00" * 10)
     assert_user_error(*run(["evaluate-model", str(trained)], capsys), "checksum")
-    assert_user_error(*run(["evaluate-model", str(tmp_path / "nothing")], capsys), "no such folder")
+    assert_user_error(*run(["evaluate-model", str(tmp_path / "nothing")], capsys), "does not exist: expected a model folder")
 
 
 def test_import_state_dicts(tmp_path: Path, npz_data: str, capsys) -> None:
@@ -71,10 +71,15 @@ def test_import_state_dicts(tmp_path: Path, npz_data: str, capsys) -> None:
     results = []
     for name in ("w.pt", "w.safetensors"):
         rc, out, err = run(["import", "--arch", "cnn", "--weights", str(tmp_path / name), "--data", npz_data,
-                            "--out", str(tmp_path / f"m-{name}"), "--json"], capsys)
+                            "--mean", "0.5", "--std", "0.25", "--out", str(tmp_path / f"m-{name}"), "--json"], capsys)
         assert rc == 0, err
         results.append(json.loads(out)["test_top1"])
     assert results[0] == results[1]
+    # the normalisation is the user's to state: without it, one line naming the flags, nothing written
+    assert_user_error(*run(["import", "--arch", "cnn", "--weights", str(tmp_path / "w.pt"), "--data", npz_data,
+                            "--out", str(tmp_path / "unstated")], capsys), "state the normalisation", "--mean",
+                      "--std")
+    assert not (tmp_path / "unstated").exists()
     # weights of another architecture
     torch.save(build("mlp", (1, 8, 8), 3).state_dict(), tmp_path / "mlp.pt")
     assert_user_error(*run(["import", "--arch", "cnn", "--weights", str(tmp_path / "mlp.pt"), "--data", npz_data,
@@ -94,7 +99,7 @@ def test_import_state_dicts(tmp_path: Path, npz_data: str, capsys) -> None:
     ema = {k: v + 1 if v.is_floating_point() else v for k, v in weights.items()}
     torch.save({"model": weights, "model_ema": ema, "optimizer": {}, "epoch": 3}, tmp_path / "ckpt.pth")
     rc, stdout, err = run(["import", "--arch", "cnn", "--weights", str(tmp_path / "ckpt.pth"), "--data", npz_data,
-                           "--out", str(tmp_path / "ck"), "--json"], capsys)
+                           "--mean", "0.5", "--std", "0.25", "--out", str(tmp_path / "ck"), "--json"], capsys)
     assert rc == 0, err
     import cnnmod
 
@@ -173,7 +178,7 @@ def test_import_takes_a_class_subset_and_a_crop(tmp_path: Path, npz_data: str, c
     out = tmp_path / "m"
     rc, _, err = run(["import", "--arch", "cnn", "--weights", str(tmp_path / "w.pt"), "--data", npz_data,
                       "--classes", "2,0", "--input-size", "4x4", "--fit", "center-crop", "--crop", "0.5",
-                      "--out", str(out)], capsys)
+                      "--mean", "0.3", "--std", "0.3", "--out", str(out)], capsys)
     assert rc == 0, err
     import cnnmod
 

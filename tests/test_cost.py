@@ -3,11 +3,10 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
+from families import HFAttention, MHAWrapper, TimmAttention
 
 from cnnmod.core.cost import count_flops
 from cnnmod.core.units import HeadAttention
-from families import HFAttention, MHAWrapper, TimmAttention
 
 N, D, H = 17, 32, 4  # tokens (16 patches and a class token), width, heads
 

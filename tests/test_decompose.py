@@ -7,7 +7,7 @@ import gc
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import random_data
+from conftest import as_trained, random_data
 from torch import nn
 
 from cnnmod import UserError
@@ -21,9 +21,15 @@ from cnnmod.data.dataset import ImageSet
 from cnnmod.data.transforms import InputSpec, to_input
 from cnnmod.models import build
 from cnnmod.models.classifier import Classifier
-from cnnmod.node.method import DecomposeSettings, decompose, keep_masks
+from cnnmod.node.method import DecomposeSettings, keep_masks
+from cnnmod.node.method import decompose as decompose_model
 from cnnmod.node.module import Module
 from cnnmod.runtime import Passes
+
+def decompose(net, data, *args, **kwargs):
+    """The library's decomposition of ``net`` as trained on ``data``'s normalisation (stated, as a user does)."""
+    return decompose_model(as_trained(net, data), data, *args, **kwargs)
+
 
 # Inputs are given as raw pixel values; this spec makes the model's input x = pixel - 128.
 PIXEL_SPEC = dict(mean=(128 / 255,), std=(1 / 255,))

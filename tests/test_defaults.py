@@ -94,7 +94,8 @@ def test_the_console_script_finds_the_users_module_where_they_stand(tmp_path, np
     torch.save({"model": net.state_dict(), "epoch": 1}, tmp_path / "ckpt.pth")
     script = Path(sys.executable).parent / "cnnmod"
     done = subprocess.run([str(script), "import", "--arch", "mynets:Net", "--weights", "ckpt.pth", "--data", npz_data,
-                           "--out", "m", "--json"], cwd=tmp_path, capture_output=True, text=True)
+                           "--mean", "0", "--std", "1", "--out", "m", "--json"], cwd=tmp_path, capture_output=True,
+                          text=True)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["out"] == "m" and (tmp_path / "m" / "model.safetensors").exists()
 
@@ -151,7 +152,7 @@ def test_each_module_alone_is_a_detector_with_its_figures_on_its_card(tmp_path, 
     assert result["seconds"] >= result["decomposition_seconds"] + result["calibration_seconds"] + \
         result["measure_seconds"] - 1e-3
     # read by a person: a summary of what the modules come to and what making them cost
-    rc, _, err = run(["decompose", str(tmp_path / "m"), "--out", str(tmp_path / "d2"), "--set",
-                      "calibration_samples=10"], capsys)
-    assert rc == 0 and "summary" in err and "modules alone: balanced accuracy" in err, err
-    assert "g CO2e (estimated)" in err or "g CO2e (measured)" in err
+    rc, out, err = run(["decompose", str(tmp_path / "m"), "--out", str(tmp_path / "d2"), "--set",
+                        "calibration_samples=10"], capsys)
+    assert rc == 0 and "summary" in out and "modules alone: balanced accuracy" in out, err
+    assert "g CO2e (estimated)" in out or "g CO2e (measured)" in out

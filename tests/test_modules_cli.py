@@ -59,12 +59,12 @@ def test_evaluate_command_is_consistent_with_the_model(decomposition, model_dir,
     rc, stdout, err = run(["evaluate", str(out), "--json"], capsys)
     assert rc == 0, err
     r = json.loads(stdout)
-    for key in ("model_top1", "model_top5", "composed_top1", "composed_top5", "decomposition_cost_top1_pp",
-                "decomposition_cost_top5_pp", "jaccard_model_mean", "jaccard_pairwise_mean", "per_class", "seconds"):
+    for key in ("model_top1", "model_top5", "composed_top1", "composed_top5", "top1_change_pp",
+                "top5_change_pp", "jaccard_model_mean", "jaccard_pairwise_mean", "per_class", "seconds"):
         assert key in r
     rc, stdout, _ = run(["evaluate-model", str(model_dir), "--json"], capsys)
     assert r["model_top1"] == json.loads(stdout)["top1"]  # the model's figure is the model's, by another path
-    assert r["decomposition_cost_top1_pp"] == pytest.approx(r["composed_top1"] - r["model_top1"], abs=1e-3)
+    assert r["top1_change_pp"] == pytest.approx(r["composed_top1"] - r["model_top1"], abs=1e-3)
     counts = [c["count"] for c in r["per_class"]]
     weighted = sum(c["composed_top1"] * n for c, n in zip(r["per_class"], counts, strict=True)) / sum(counts)
     assert weighted == pytest.approx(r["composed_top1"], abs=1e-3)

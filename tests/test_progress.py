@@ -22,3 +22,14 @@ def test_progress_stays_silent_when_disabled(monkeypatch, capsys):
         for _ in range(10):
             advance(1)
     assert capsys.readouterr().err == ""
+
+
+def test_fractional_steps_are_counted_in_whole_units(monkeypatch, capsys):
+    """Work that advances by parts of a unit (an epoch's share of the batches) reads as whole counts."""
+    monkeypatch.delenv("CNNMOD_NO_PROGRESS", raising=False)
+    with progress_bar("scale", total=20) as advance:
+        for _ in range(67):
+            advance(20 / 67)
+    lines = capsys.readouterr().err.strip().splitlines()
+    counts = [line.split(": ")[1].split(" ")[0] for line in lines]
+    assert counts[-1] == "20/20" and all(c.split("/")[0].isdigit() for c in counts), counts

@@ -61,7 +61,7 @@ def test_a_streamed_folder_is_the_in_memory_one_read_batch_by_batch(tmp_path):
     torch.manual_seed(0)
     train_mem, train_streamed = load(f"folder:{root}", "train", stream=False), load(f"folder:{root}", "train",
                                                                                     stream=True)
-    clf = wrap(build("cnn", (3, 12, 12), 3).eval(), data=train_mem)
+    clf = wrap(build("cnn", (3, 12, 12), 3).eval(), data=train_mem, mean=train_mem.mean, std=train_mem.std)
     graph = ModelGraph(clf.net, clf.spec.shape)
     a = observe(clf.net, graph, clf.prepare, train_mem, Sampling(5), Passes())
     b = observe(clf.net, graph, clf.prepare, train_streamed, Sampling(5), Passes())
@@ -288,7 +288,7 @@ for case in ("same", "differ"):  # one launch: the same data on both ranks, then
     if dd.rank == 1 and case == "differ":
         images[3] = 0
     data = ImageSet("d", "train", images, torch.arange(12) % 3, ["a", "b", "c"], (0.5,), (0.25,))
-    clf = wrap(build("cnn", (1, 8, 8), 3).eval(), data=data)
+    clf = wrap(build("cnn", (1, 8, 8), 3).eval(), data=data, mean=data.mean, std=data.std)
     try:
         observe(clf.net, ModelGraph(clf.net, (1, 8, 8)), clf.prepare, data, Sampling(2), Passes(dd=dd))
         said = "observed"

@@ -42,7 +42,7 @@ def test_every_part_then_resume_and_report(tmp_path, datasets):
     assert "**Unfinished:** inter_reuse, intra_replace" in partial.read_text()
     # the accuracy chart holds the scenarios measured so far (and only those): no bars of 0 for the rest
     assert [key for _, key in charted(snapshots[1]["summary"])] == [
-        "decomposition_cost_top1_pp", "decomposition_cost_top5_pp", "intra_reuse_pp", "intra_reuse_refit_pp"]
+        "top1_change_pp", "top5_change_pp", "intra_reuse_pp", "intra_reuse_refit_pp"]
     assert "accuracy" in figures(snapshots[1]) and "accuracy" not in figures(
         {**snapshots[1], "summary": {k: None for k in snapshots[1]["summary"]}})
     assert len(results["decomposition"]) == 3 and {r["variant"] for r in results["decomposition"]} == {

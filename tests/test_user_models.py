@@ -138,7 +138,7 @@ def test_trusted_packages_from_the_environment(tmp_path, user_package, monkeypat
     import usernets
     save_file(usernets.make(4).state_dict(), str(weights1))
     rc, _, err = run(["import", "--arch", "usernets:make", "--arch-arg", "width=4", "--weights", str(weights1),
-                      "--data", "digits", "--out", str(out)], capsys)
+                      "--data", "digits", "--mean", "0", "--std", "1", "--out", str(out)], capsys)
     assert rc == 0, err
     assert cnnmod.load_model(out).arch_args == {"width": 4, "num_classes": 10}
 
@@ -157,7 +157,8 @@ def test_bad_architecture_references_are_one_line(tmp_path, user_package, capsys
     import usernets
     weights = tmp_path / "w.safetensors"
     save_file(usernets.Net(10, 6).state_dict(), str(weights))
-    argv = ["import", "--arch", arch, "--weights", str(weights), "--data", "digits", "--out", str(tmp_path / "m")]
+    argv = ["import", "--arch", arch, "--weights", str(weights), "--data", "digits", "--mean", "0", "--std", "1",
+            "--out", str(tmp_path / "m")]
     for a in args:
         argv += ["--arch-arg", a]
     rc, stdout, err = run(argv, capsys)
@@ -188,11 +189,11 @@ def test_a_plain_module_is_saved_only_when_it_can_be_reloaded(tmp_path, user_pac
     torch.manual_seed(0)
     net = usernets.Net(4, 5).eval()
     settings = cnnmod.DecomposeSettings(calibration_samples=0)
-    modules = cnnmod.decompose(net, data, recipe=settings)
+    modules = cnnmod.decompose(cnnmod.wrap(net, data=data, mean=data.mean, std=data.std), data, recipe=settings)
     with pytest.raises(cnnmod.UserError, match=r"records no architecture.*cnnmod.wrap\(model, arch="):
         cnnmod.save_decomposition(modules, tmp_path / "d")
     assert not (tmp_path / "d").exists()
-    clf = cnnmod.wrap(net, data=data, arch="usernets:Net", arch_args={"width": 5})
+    clf = cnnmod.wrap(net, data=data, mean=0, std=1, arch="usernets:Net", arch_args={"width": 5})
     assert clf.arch_args == {"width": 5, "num_classes": 4, "in_channels": 1}
     modules = cnnmod.decompose(clf, data, recipe=settings)
     cnnmod.save_decomposition(modules, tmp_path / "d")
@@ -201,7 +202,7 @@ def test_a_plain_module_is_saved_only_when_it_can_be_reloaded(tmp_path, user_pac
     with torch.no_grad():
         assert torch.allclose(loaded[2](x), modules[2](x), atol=1e-5)
     with pytest.raises(cnnmod.UserError, match="usernets:Net needs"):  # the wrong arguments for these weights
-        cnnmod.wrap(net, data=data, arch="usernets:Net", arch_args={"width": 3})
+        cnnmod.wrap(net, data=data, mean=0, std=1, arch="usernets:Net", arch_args={"width": 3})
 
 
 def test_a_registered_class_records_its_own_arguments(tmp_path):
@@ -217,7 +218,8 @@ def test_a_registered_class_records_its_own_arguments(tmp_path):
     try:
         data = random_data((1, 12, 12), 4, 6)
         net = Tiny(width=5).eval()
-        modules = cnnmod.decompose(net, data, recipe=cnnmod.DecomposeSettings(calibration_samples=0))
+        model = cnnmod.wrap(net, data=data, mean=data.mean, std=data.std)
+        modules = cnnmod.decompose(model, data, recipe=cnnmod.DecomposeSettings(calibration_samples=0))
         cnnmod.save_decomposition(modules, tmp_path / "d")
         config = json.loads((tmp_path / "d" / "model" / "config.json").read_text())
         assert config["arch"]["args"] == {"num_classes": 4, "width": 5}
@@ -304,7 +306,8 @@ def test_a_torchvision_resnet50_checkpoint_imports_and_decomposes(tmp_path, caps
                            "--set", "ci_samples=2", "--set", "calibration_samples=0", "--json"], capsys)
     assert rc == 0, err
     rc, stdout, err = run(["import", "--arch", "densenet121", "--weights", str(tmp_path / "r50.pth"), "--data",
-                           "cifar10", "--data-root", str(tmp_path / "data"), "--input-size", "16", "--out",
+                           "cifar10", "--data-root", str(tmp_path / "data"), "--input-size", "16", "--mean", "0",
+                           "--std", "1", "--out",
                            str(tmp_path / "s")], capsys)  # four stride-2 stages: 16 pixels pool down to nothing
     assert_user_error(rc, stdout, err, "densenet121 fails on a 3x16x16 input", "check the input size")
 

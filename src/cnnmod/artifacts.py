@@ -109,14 +109,30 @@ def write_into(folder: Path, kind: str, config: dict, tensors: dict[str, torch.T
     return full
 
 
+# the folders cnnmod writes, and the command that makes each
+MADE_BY = {"model": "a model folder (cnnmod train or cnnmod import makes one)",
+           "decomposition": "a decomposition folder (cnnmod decompose makes one)",
+           "composition": "a composition folder (cnnmod compose makes one)",
+           "module": "a module folder (the modules/ folders inside what cnnmod decompose makes)"}
+
+
+def expected(kind: str | None) -> str:
+    """What a folder should have been, and the command that makes it."""
+    if kind in MADE_BY:
+        return MADE_BY[kind]
+    return ("a cnnmod folder: a model (cnnmod train or import), a decomposition (cnnmod decompose), a composition "
+            "(cnnmod compose) or a module folder inside one")
+
+
 def read_config(path: str | os.PathLike, kind: str | None = None) -> dict:
     """The verified config of the artifact at ``path`` (format version and kind checked; weights not read)."""
     path = Path(path)
     if not path.is_dir():
-        raise UserError(f"{path} is not an artifact folder (no such folder)")
+        state = "is a file" if path.exists() else "does not exist"
+        raise UserError(f"{path} {state}: expected {expected(kind)}")
     cfg_path = path / CONFIG
     if not cfg_path.is_file():
-        raise UserError(f"{path} is not an artifact folder: it has no {CONFIG}")
+        raise UserError(f"{path} is not a cnnmod folder (it has no {CONFIG}): expected {expected(kind)}")
     try:
         config = json.loads(cfg_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -127,7 +143,7 @@ def read_config(path: str | os.PathLike, kind: str | None = None) -> dict:
         raise UserError(f"{path} has artifact format {config['format_version']}; this cnnmod reads format "
                         f"{FORMAT_VERSION}: upgrade cnnmod or make the artifact again")
     if kind is not None and config["kind"] != kind:
-        raise UserError(f"{path} is a {config['kind']}, not a {kind}")
+        raise UserError(f"{path} is a {config['kind']} folder: expected {expected(kind)}")
     return config
 
 

@@ -12,6 +12,7 @@ each reader is told what it can type.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 _NAMED = re.compile(r"«(\w+)»")
 
@@ -26,7 +27,12 @@ class UserError(Exception):
     def __str__(self) -> str:
         return _NAMED.sub(lambda m: m.group(1), self.message)
 
-    def for_command_line(self, flags: dict[str, str]) -> str:
-        """The message with every named setting as the command line's flag for it: ``flags[name]``, or ``--name``
-        with dashes for underscores."""
-        return _NAMED.sub(lambda m: flags.get(m.group(1), "--" + m.group(1).replace("_", "-")), self.message)
+    def for_command_line(self, flags: dict[str, str] | Callable[[str], str]) -> str:
+        """The message with every named setting as the command line's word for it: ``flags(name)`` or
+        ``flags[name]``, else ``--name`` with dashes for underscores."""
+        word = flags if callable(flags) else lambda n: flags.get(n, "--" + n.replace("_", "-"))
+        return _NAMED.sub(lambda m: word(m.group(1)), self.message)
+
+    def names(self) -> list[str]:
+        """The settings the message names."""
+        return _NAMED.findall(self.message)

@@ -73,16 +73,16 @@ def _plain(description: str, total: float | None) -> Callable[..., None]:
             state["info"] = "  ".join(f"{k} {v}" for k, v in fields.items())
         elapsed = time.perf_counter() - started
         if total:
-            tenth = int(10 * state["done"] / total)
+            tenth = int(10 * state["done"] / total + 1e-9)  # parts of a unit may not sum to it exactly
             if tenth <= state["said"]:
                 return
             state["said"] = tenth
-            where = f"{state['done']:g}/{total:g} ({100 * state['done'] / total:.0f}%)"
+            where = f"{round(state['done'])}/{round(total)} ({100 * state['done'] / total:.0f}%)"  # whole counts
         else:
             if elapsed - state["said"] < 60:
                 return
             state["said"] = elapsed
-            where = f"{state['done']:g}"
+            where = f"{round(state['done'])}"
         say(f"{description}: {where}  {state['info']}  {elapsed:.0f} s".replace("   ", "  "))
 
     return advance

@@ -1,7 +1,8 @@
 """The ``cnnmod`` command: a thin layer over the library.
 
-Every command takes ``--json`` (one JSON object on stdout, nothing else there); human output, progress bars
-and logs go to stderr. A mistake the user can fix prints one line and exits with status 2.
+Every command prints its result on stdout (tables and a summary line, or with ``--json`` one JSON object, nothing
+else there); progress bars and notes go to stderr. A mistake the user can fix prints one line and exits with status
+2, naming only options of the command it ran (or saying which command has the option).
 """
 
 from __future__ import annotations
@@ -24,16 +25,54 @@ TRUST_CODE = "--trust-code"  # anywhere on the line: artifacts may import the co
 SKIP_BAD_IMAGES = "--skip-bad-images"  # anywhere on the line: streamed splits leave unreadable images out
 
 
-def command_line_flags() -> dict[str, str]:
-    """The command line's word for every setting an error may name (:meth:`UserError.for_command_line`): a recipe's
-    fields without a flag of their own are ``--set NAME=VALUE``."""
+def options_of(command) -> set[str]:
+    """Every flag a click command takes (``--size``, ``--no-cost``), and the switches every command takes."""
+    return {o for p in getattr(command, "params", []) for o in [*p.opts, *p.secondary_opts]} | {TRUST_CODE,
+                                                                                              SKIP_BAD_IMAGES}
+
+
+def commands(group=None, prefix: str = "") -> dict[str, object]:
+    """Every command of the application by its full name (``decompose``, ``data info``)."""
+    group = group or typer.main.get_command(app)
+    out = {}
+    for name, cmd in getattr(group, "commands", {}).items():
+        out.update(commands(cmd, f"{prefix}{name} ") if hasattr(cmd, "commands") else {f"{prefix}{name}": cmd})
+    return out
+
+
+def command_named(argv: list[str]) -> str | None:
+    """The command a command line runs (``decompose``; ``data info``), or None where it names none."""
+    every = commands()
+    words = [a for a in argv if not a.startswith("-")][:2]
+    for n in (2, 1):
+        if " ".join(words[:n]) in every:
+            return " ".join(words[:n])
+    return None
+
+
+def command_line_flags(name: str | None = None):
+    """The command line's word for each setting an error may name (:meth:`UserError.for_command_line`), as command
+    ``name`` reads it: its own flag; ``--set NAME=VALUE`` for a recipe's field where the command takes ``--set``;
+    else the flag and the command that has it, so that a hint never names an option its command lacks."""
     from ..node.method import DecomposeSettings
     from ..recipes import settable
     from ..slim.config import SlimSettings
 
+    every = commands()
+    options = options_of(every[name]) if name in every else None
     own = {"size", "max_loss", "variant"}
-    names = [n for n in settable(DecomposeSettings) + settable(SlimSettings) + ["measure"] if n not in own]
-    return {**{n: f"{n} (--set {n}=...)" for n in names}, **FLAGS}
+    settable_names = set(settable(DecomposeSettings) + settable(SlimSettings) + ["measure"]) - own
+
+    def word(setting: str) -> str:
+        flag = FLAGS.get(setting, "--" + setting.replace("_", "-"))
+        if setting in settable_names and (options is None or "--set" in options):
+            return f"{setting} (--set {setting}=...)"
+        if options is None or flag in options:
+            return flag
+        owners = [n for n, cmd in every.items() if flag in options_of(cmd)]
+        return f"{flag} of cnnmod {owners[0]}" if owners else setting
+
+    return word
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
 
             leave_together()  # under torchrun: no rank tears down its connections while another still works
     except UserError as e:
-        sys.stderr.write(f"cnnmod: error: {e.for_command_line(command_line_flags())}\n")
+        sys.stderr.write(f"cnnmod: error: {e.for_command_line(command_line_flags(command_named(argv)))}\n")
         return 2
     except OSError as e:
         if e.errno not in (errno.ENOSPC, errno.EDQUOT):

@@ -1,8 +1,9 @@
 """The ``cnnmod`` command's application, its shared options, the parsing of option values and the output of a
 result; the commands live beside it (:mod:`.models`, :mod:`.modules`, :mod:`.data`).
 
-Every command takes ``--json`` (one JSON object on stdout, nothing else there); human output, progress bars
-and logs go to stderr. A mistake the user can fix prints one line and exits with status 2.
+Every command prints its result on stdout: readable tables and a summary line, or with ``--json`` one JSON object
+(nothing else there); progress bars and notes go to stderr. A mistake the user can fix prints one line and exits
+with status 2.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import time
 import typer
 
 from ..errors import UserError
-from ..progress import console
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Decompose trained CNN classifiers into reusable, replaceable per-class modules.")
@@ -58,10 +58,28 @@ def parse_set(items: list[str]) -> dict[str, str]:
 STARTED = {"at": time.perf_counter()}  # when the command started (set again by each call of cnnmod.cli.main)
 
 
+def _cell(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def fitting_columns(records: list[dict], columns: list[str], width: int) -> list[str]:
+    """The first of ``columns`` that fit a table ``width`` characters wide, each column as wide as its widest cell
+    or its header (rich adds three characters a column and one for the border); at least the first."""
+    shown, used = [], 1
+    for c in columns:
+        need = max([len(c)] + [len(_cell(r.get(c))) for r in records]) + 3
+        if shown and used + need > width:
+            break
+        shown.append(c)
+        used += need
+    return shown
+
+
 def emit(result: dict, as_json: bool, title: str = "") -> None:
-    """One JSON object on stdout, or a readable table on stderr (from torchrun's first process only). A result's
-    ``seconds`` become the command's own wall clock, from the start of the command (loading torch and the model
-    included), its parts left beside it."""
+    """The result on stdout (from torchrun's first process only): one JSON object, or readable tables that fit the
+    terminal (80 columns where stdout is not one) and a summary line. A result's ``seconds`` become the command's
+    own wall clock, from the start of the command (loading torch and the model included), its parts left beside
+    it. Progress and notes stay on stderr."""
     if int(os.environ.get("RANK", "0")) != 0:
         return
     if isinstance(result.get("seconds"), (int, float)):
@@ -69,27 +87,29 @@ def emit(result: dict, as_json: bool, title: str = "") -> None:
     if as_json:
         sys.stdout.write(json.dumps(result) + "\n")
         return
+    from rich.console import Console
     from rich.table import Table
 
+    out = Console(highlight=False)
     table = Table(title=title, show_header=False)
     for key, value in result.items():
-        if not isinstance(value, (list, dict)):
-            table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
-    console.print(table)
+        if value is not None and not isinstance(value, (list, dict)):
+            table.add_row(key, _cell(value))
+    out.print(table)
     for key, value in result.items():  # lists of records (per-class accuracy, epochs) as tables of their own
         if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
-            # nested fields (a slim module's pruning history) do not read in a cell: named under the table
-            nested = [c for c in value[0] if any(isinstance(v.get(c), (list, dict)) for v in value)]
-            rows = Table(title=key, caption=f"{', '.join(nested)}: with --json" if nested else None)
-            columns = [c for c in value[0] if c not in nested]
+            plain = [c for c in value[0] if not any(isinstance(v.get(c), (list, dict)) for v in value)]
+            columns = fitting_columns(value, plain, out.width)
+            rest = [c for c in value[0] if c not in columns]
+            rows = Table(title=key, caption=f"also {', '.join(rest)}: with --json" if rest else None)
             for c in columns:
-                rows.add_column(c)
+                rows.add_column(c, no_wrap=True)
             for v in value:
-                rows.add_row(*(f"{v.get(c):.4g}" if isinstance(v.get(c), float) else str(v.get(c)) for c in columns))
-            console.print(rows)
+                rows.add_row(*(_cell(v.get(c)) for c in columns))
+            out.print(rows)
     line = summary(result)
     if line:
-        console.print(f"[bold]summary[/bold]  {line}")
+        out.print(f"[bold]summary[/bold]  {line}")
 
 
 def summary(result: dict) -> str:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import sys
+
 import typer
 
-from ..progress import console
 from .app import DATA_ROOT, JSON, OVERWRITE, data_app, emit
 
 
@@ -16,7 +17,7 @@ def data_info(name: str = typer.Argument(...), data_root: str = DATA_ROOT, as_js
     result = info(name, data_root)
     emit(result, as_json, name)
     if not as_json:
-        console.print("classes: " + ", ".join(f"{i} {n}" for i, n in enumerate(result["class_names"][:20])))
+        sys.stdout.write("classes: " + ", ".join(f"{i} {n}" for i, n in enumerate(result["class_names"][:20])) + "\n")
 
 
 @data_app.command("fetch")

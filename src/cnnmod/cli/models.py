@@ -101,9 +101,11 @@ def import_weights(
     input_size: str = typer.Option(None, "--input-size", help="The input the model expects, HEIGHTxWIDTH "
                                    "(default: the data's size)."),
     channels: int = typer.Option(None, "--channels", help="Input channels the model expects (default: the data's)."),
-    mean: str = typer.Option(None, "--mean", help="Normalisation mean per channel, in [0, 1] units, e.g. "
-                             "0.485,0.456,0.406 (default: the data's own)."),
-    std: str = typer.Option(None, "--std", help="Normalisation std per channel (default: the data's own)."),
+    mean: str = typer.Option(None, "--mean", help="The normalisation the weights were trained with: mean per "
+                             "channel in [0, 1] units, e.g. 0.485,0.456,0.406; 0 with --std 1 for [0, 1] inputs "
+                             "(ToTensor alone). Checked on the training images; without it cnnmod names the one "
+                             "that fits."),
+    std: str = typer.Option(None, "--std", help="The normalisation's std per channel, e.g. 0.229,0.224,0.225."),
     fit: str = typer.Option("resize", "--fit", help="How other images are brought to the input size: resize, or "
                             "center-crop (shorter side to size/crop, then the centre, as ImageNet models are "
                             "evaluated)."),

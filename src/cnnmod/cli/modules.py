@@ -40,12 +40,14 @@ def decompose_cmd(
                                     "are ReLU-family, else channel)."),
     variant: str = typer.Option(None, "--variant", metavar="mc|mc-bln|mc-bi", help="Node-level: the paper's "
                                 "variant (default mc-bln)."),
-    size: float = typer.Option(None, "--size", metavar="F", help="Channel: each module's share of the model's "
-                               "parameters (default 0.5)."),
+    size: float = typer.Option(None, "--size", metavar="F", help="Channel: the modules' mean share of the model's "
+                               "parameters, one budget shared by all classes (default 0.5; below 0.5 the slower "
+                               "small recipe)."),
     max_loss: float = typer.Option(None, "--max-loss", metavar="PP", help="Channel: the smallest module losing at "
                                    "most this many points of binary accuracy (--size is then a floor)."),
-    recipe: str = typer.Option(None, "--recipe", metavar="NAME", help="best (default: the best measured for the "
-                               "granularity and size), paper (the paper's settings), cheap or small (slim)."),
+    recipe: str = typer.Option(None, "--recipe", metavar="NAME", help="best (default: the best measured; for slim "
+                               "modules cheap at --size 0.5 and above, small below), paper (the paper's settings), "
+                               "cheap or small (slim)."),
     settings: list[str] = SET,
     batch_size: int = BATCH_SIZE, seed: int = SEED, device: str = DEVICE, overwrite: bool = OVERWRITE,
     as_json: bool = JSON, data_root: str = DATA_ROOT, country: str = COUNTRY,
@@ -87,9 +89,9 @@ def evaluate_cmd(
 
 @app.command("compose", epilog=EVERY_COMMAND)
 def compose_cmd(
-    paths: list[Path] = typer.Argument(..., help="Module folders; a decomposition or "
-                                       "composition folder stands for all its modules. Modules may come from "
-                                       "several models and data sets."),
+    paths: list[Path] = typer.Argument(None, help="Module folders; a decomposition or composition folder stands "
+                                       "for all its modules, DIR:0,6 for those of classes 0 and 6. Modules may come "
+                                       "from several models and data sets."),
     out: Path = typer.Option(..., "--out", metavar="DIR", help="Output composition folder."),
     mode: str = typer.Option(None, "--mode", metavar="vote|merged|fused", help="vote: a pass per module (the "
                              "paper); merged: one model's modules as one network, one pass; fused: one merged "
@@ -110,11 +112,15 @@ def compose_cmd(
     data_root: str = DATA_ROOT, country: str = COUNTRY,
 ) -> None:
     """Reuse: compose modules into a new classifier over their classes."""
+    from ..errors import UserError
     from ..jobs.common import Run
     from ..jobs.compose import ComposeSettings, compose_dirs
     from ..recipes import parse_setting
     from ..slim.config import SlimSettings
 
+    if not paths:
+        raise UserError("nothing to compose: give module folders, a decomposition folder or DIR:0,6 (its classes 0 "
+                        "and 6), e.g. cnnmod compose runs/fm-slim:0,6 --out runs/pair")
     pruning = {k: parse_setting(SlimSettings, k, v) for k, v in parse_set(settings).items()}
     s = ComposeSettings(continuous_learning, refit_heads, calibration, mode, size, max_loss, pruning)
     result = compose_dirs(paths, out, s, Run(device, data_root, batch_size, overwrite, country))
@@ -192,7 +198,8 @@ def export_cmd(
     calibration: str = typer.Option(None, "--calibration",
                                     help="none, temperature, platt or platt-ood (default: as made)."),
     check: bool = typer.Option(True, "--check/--no-check", help="Compare onnxruntime's scores with cnnmod's."),
-    overwrite: bool = OVERWRITE, as_json: bool = JSON,
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the ONNX file if it exists."),
+    as_json: bool = JSON,
 ) -> None:
     """Export a module or composition as one ONNX file: uint8 images in, scores p_c out."""
     from ..io.export import export_onnx

@@ -65,8 +65,8 @@ def evaluate_against_model(composer: Composer, source: Classifier, test: ImageSe
     pairwise = composer.pairwise_jaccard()
     return {"model_top1": model["top1"], "model_top5": model["top5"],
             "composed_top1": composed["top1"], "composed_top5": composed["top5"],
-            "decomposition_cost_top1_pp": round(composed["top1"] - model["top1"], 4),
-            "decomposition_cost_top5_pp": round(composed["top5"] - model["top5"], 4),
+            "top1_change_pp": round(composed["top1"] - model["top1"], 4),
+            "top5_change_pp": round(composed["top5"] - model["top5"], 4),
             "jaccard_model_mean": round(sum(kept) / len(kept), 6),
             "jaccard_pairwise_mean": round(pairwise, 6) if pairwise is not None else None,
             "test_images": len(test), "composed_seconds": round(composed_seconds, 3), "per_class": per_class}

@@ -3,8 +3,9 @@
 Images may be uint8 tensors (C, H, W), float tensors in [0, 1] (C, H, W) (what torchvision's ``ToTensor``
 gives), PIL images, or uint8 numpy arrays (H, W) / (H, W, C); a ``DataLoader`` may batch them. Labels are ints
 (or 0-d tensors). Every image must have the same shape: bring them to one size in the Dataset's own transform.
-Normalisation is not the Dataset's business here: the model's :class:`~cnnmod.data.transforms.InputSpec` does it,
-so a Dataset whose transform already normalises is refused (its values leave [0, 1]).
+Normalisation is not the Dataset's business here: the model's :class:`~cnnmod.data.transforms.InputSpec` does it
+(stated to :func:`cnnmod.wrap` as ``mean``/``std``), so a Dataset whose transform already normalises is refused (its
+values leave [0, 1]).
 """
 
 from __future__ import annotations
@@ -36,8 +37,8 @@ def _to_uint8(image, index: int) -> torch.Tensor:
     if image.is_floating_point():
         if float(image.min()) < -1e-6 or float(image.max()) > 1 + 1e-6:
             raise UserError(f"item {index} of the Dataset has values from {float(image.min()):.3g} to "
-                            f"{float(image.max()):.3g}; give images in [0, 1] (drop Normalize from its transform: "
-                            "the model's input spec normalises)")
+                            f"{float(image.max()):.3g}; give images in [0, 1]: drop Normalize from its transform "
+                            "and give its constants to cnnmod.wrap(net, data=..., mean=..., std=...) instead")
         return (image * 255).round().clamp(0, 255).to(torch.uint8)
     raise UserError(f"item {index} of the Dataset is a {image.dtype} tensor; give uint8 or float images")
 
@@ -59,8 +60,9 @@ def _pairs(dataset):
 def from_dataset(dataset, class_names: list[str] | None = None, name: str = "dataset", split: str = "train",
                  mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None) -> ImageSet:
     """Read every (image, label) of ``dataset`` into an :class:`ImageSet`. ``class_names`` defaults to the
-    Dataset's own ``classes`` (as torchvision's have) or to the label numbers; ``mean``/``std`` to the images'
-    own statistics."""
+    Dataset's own ``classes`` (as torchvision's have) or to the label numbers; ``mean``/``std`` (the set's
+    statistics, what cnnmod trains its own models with) to the images' own. A network trained elsewhere states its
+    own normalisation to :func:`cnnmod.wrap`."""
     images, labels, shape = [], [], None
     for i, (image, label) in enumerate(_pairs(dataset)):
         x = _to_uint8(image, i)

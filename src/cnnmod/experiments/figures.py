@@ -32,10 +32,10 @@ _REPLACE = ("scenario", ("intra_replace", "inter_replace"))
 _WHOLE = "ratio_all_training_to_all_reuse_with_decomposition"
 
 FIGURES: tuple[Figure, ...] = (
-    Figure("decomposition_cost_top1_pp", "decomposition cost, top-1 (pp)", "decomposition",
-           "decomposition_cost_top1_pp", _MC_BLN, -1.77),
-    Figure("decomposition_cost_top5_pp", "decomposition cost, top-5 (pp)", "decomposition",
-           "decomposition_cost_top5_pp", _MC_BLN, -0.85),
+    Figure("top1_change_pp", "top-1 change by decomposition (pp; negative: a loss)", "decomposition",
+           "top1_change_pp", _MC_BLN, -1.77),
+    Figure("top5_change_pp", "top-5 change by decomposition (pp; negative: a loss)", "decomposition",
+           "top5_change_pp", _MC_BLN, -0.85),
     Figure("intra_reuse_pp", "intra-data-set reuse, MA - TMA (pp)", "intra_reuse", "delta_pp", paper=2.5),
     Figure("inter_reuse_pp", "inter-data-set reuse, MA - TMA (pp)", "inter_reuse", "delta_pp", paper=-12.06),
     Figure("inter_reuse_cl_pp", "inter-data-set reuse with continuous learning (pp)", "inter_reuse", "delta_cl_pp",

@@ -217,7 +217,7 @@ def dense(study, results: dict) -> list[dict]:
             modules, _ = study.decomposition(f"mlp-{layers}x49", model_dir, variant)
             r = evaluate_against_model(compose(modules), modules[0].source, test, study.device)
             rows.append({"hidden_layers": layers, "variant": variant, "model_top1": r["model_top1"],
-                         "composed_top1": r["composed_top1"], "delta_pp": r["decomposition_cost_top1_pp"],
+                         "composed_top1": r["composed_top1"], "delta_pp": r["top1_change_pp"],
                          "jaccard": r["jaccard_model_mean"],
                          "paper_model_top1": PAPER["dense_model"][layers - 1],
                          "paper_composed_top1": PAPER["dense_composed"][layers - 1]})

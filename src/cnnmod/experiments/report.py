@@ -34,8 +34,14 @@ def _f(v, digits: int = 2, sign: bool = False) -> str:
     return str(v)
 
 
-def _sci(v) -> str:
-    return "-" if v is None else f"{v:.3g}"
+def _co2(kg) -> str:
+    """A mass of CO2e in the unit that reads best: kg, g or mg."""
+    if kg is None:
+        return "-"
+    for unit, scale in (("kg", 1.0), ("g", 1e3), ("mg", 1e6)):
+        if abs(kg) * scale >= 1 or unit == "mg":
+            return f"{kg * scale:.3g} {unit}"
+    return "-"
 
 
 def _table(header: list[str], rows: list[list]) -> list[str]:
@@ -63,6 +69,10 @@ def markdown(r: dict) -> str:
     lines += _table(["figure", "cnnmod", "paper"],
                     [[label, _f(s.get(key), 2, "pp" in label), _f(paper.get(key), 2, "pp" in label)]
                      for label, key in SCENARIOS])
+    for d in [d for d in r.get("decomposition", []) if d["variant"] == "mc-bln"][:1]:
+        lines += ["", f"Decomposition ({d['model']}, mc-bln): top-1 {d['top1_change_pp']:+.2f} pp with modules that "
+                  f"keep {100 * d['jaccard_model_mean']:.1f} % of the model's nodes on average (a module that keeps "
+                  "nearly all of them loses little and saves little)."]
     lines += ["", "The study runs the paper's settings. cnnmod's own defaults (what `cnnmod compose` and `replace` "
               "choose without options) where they differ, against the paper's setting:", ""]
     for what, default, ours, theirs in (("inter-data-set reuse", "platt-ood", "inter_reuse_ood_pp", "inter_reuse_pp"),
@@ -76,11 +86,11 @@ def markdown(r: dict) -> str:
             lines.append(f"- {what}: cnnmod's default (calibration {default}) {_f(s[ours], 2, True)} pp; the "
                          f"paper's scores as they are {_f(s[theirs], 2, True)} pp: {verdict}")
     lines += ["", "## 1. Decomposition cost", ""]
-    lines += _table(["model", "variant", "model top-1/top-5", "composed top-1/top-5", "cost (pp)", "Jaccard",
+    lines += _table(["model", "variant", "model top-1/top-5", "composed top-1/top-5", "change (pp)", "Jaccard",
                      "seconds (% of training)"],
                     [[d["model"], d["variant"], f"{d['model_top1']:.2f} / {d['model_top5']:.2f}",
                       f"{d['composed_top1']:.2f} / {d['composed_top5']:.2f}",
-                      f"{d['decomposition_cost_top1_pp']:+.2f} / {d['decomposition_cost_top5_pp']:+.2f}",
+                      f"{d['top1_change_pp']:+.2f} / {d['top5_change_pp']:+.2f}",
                       f"{d['jaccard_model_mean']:.3f}",
                       f"{d['decomposition_seconds']:.1f} ({100 * d['decomposition_to_training']:.2f}%)"]
                      for d in r.get("decomposition", [])])
@@ -129,8 +139,10 @@ def markdown(r: dict) -> str:
                       f"{_f(x.get('top1_ood'))} ({_f(x.get('delta_top1_ood_pp'), 2, True)})",
                       f"{_f(x.get('top1_refit'))} ({_f(x.get('delta_top1_refit_pp'), 2, True)})"]
                      for x in r.get("inter_replace", [])])
-    lines += ["", "## 6. Energy and CO2e (kg), measured", ""]
     energy = r.get("energy", [])
+    how = "measured" if energy and all(str(e.get("power")).startswith("measured")
+                                       and "estimated" not in str(e.get("power")) for e in energy) else "estimated"
+    lines += ["", f"## 6. Energy and CO2e, {how}", ""]
     if energy:
         lines += [f"Tracker: {energy[0]['tracker']}; power: {energy[0]['power']}.", ""]
         lines += ["Per scenario, means of one composition: training a model from scratch (fixed epochs, and up to its "
@@ -141,8 +153,8 @@ def markdown(r: dict) -> str:
                      "(once)", "training / reuse", "training / (reuse + decomposition)",
                      "all training / (all reuse + decomposition) (models trained / compositions)",
                      "break-even (compositions)"],
-                    [[e["scenario"], _sci(e["training_kg_co2e"]), _sci(e["training_to_best_kg_co2e"]),
-                      _sci(e["reuse_kg_co2e"]), _sci(e["decomposition_kg_co2e_once"]),
+                    [[e["scenario"], _co2(e["training_kg_co2e"]), _co2(e["training_to_best_kg_co2e"]),
+                      _co2(e["reuse_kg_co2e"]), _co2(e["decomposition_kg_co2e_once"]),
                       _f(e["ratio_training_to_reuse"], 1), _f(e["ratio_training_to_reuse_with_decomposition"], 1),
                       _f(e.get("ratio_all_training_to_all_reuse_with_decomposition"), 1)
                       + (f" ({e['models_trained']} / {e['compositions']})" if "models_trained" in e else ""),
@@ -241,8 +253,8 @@ def figures(r: dict) -> dict[str, str]:
 
 
 def _md_to_html(md: str) -> str:
-    """The small markdown subset the report uses: headings, paragraphs, bold, code and tables."""
-    parts, table = [], []
+    """The small markdown subset the report uses: headings, paragraphs, bullet lists, bold, code and tables."""
+    parts, table, items = [], [], []
 
     def inline(text: str) -> str:
         text = html.escape(text)
@@ -263,6 +275,9 @@ def _md_to_html(md: str) -> str:
         return out
 
     def flush() -> None:
+        if items:
+            parts.append("<ul>" + "".join(f"<li>{inline(i)}</li>" for i in items) + "</ul>")
+            items.clear()
         if table:
             head, body = table[0], table[2:]
             parts.append("<table><tr>" + "".join(f"<th>{inline(c)}</th>" for c in head) + "</tr>" + "".join(
@@ -272,6 +287,9 @@ def _md_to_html(md: str) -> str:
     for line in md.splitlines():
         if line.startswith("|"):
             table.append([c.strip() for c in line.strip("|").split("|")])
+            continue
+        if line.startswith("- "):
+            items.append(line[2:])
             continue
         flush()
         if line.startswith("## "):

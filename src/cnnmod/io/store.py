@@ -32,7 +32,7 @@ from ..composition.voting import check_composable, compose
 from ..errors import UserError
 from ..models.classifier import Classifier
 from ..models.folder import SourceCache, load_model, save_into
-from ..models.reference import allows_code
+from ..models.reference import allows_code, how_to_trust
 from ..modules.base import BinaryModule
 from ..modules.kinds import kind_named, kind_of
 
@@ -63,7 +63,8 @@ def decomposition_card(config: dict) -> str:
         lines.append(f"| {m['class']} | {m['name']} | {100 * m['kept_fraction']:.2f}% | {m['path']} |")
     lines += ["", "Kept: nodes for node-level modules, parameters for slim (channel-level) ones.",
               "Evaluate with `cnnmod evaluate DIR`; load with `cnnmod.load_modules(DIR)`.", ""]
-    return "\n".join(lines)
+    trust = how_to_trust(config["source"]["arch"])
+    return "\n".join(lines + ([f"Note: {trust}.", ""] if trust else []))
 
 
 def save_decomposition(modules: Sequence[BinaryModule], out: str | os.PathLike, overwrite: bool = False,
@@ -250,20 +251,23 @@ def network_composition(paths: Sequence[str | os.PathLike]) -> str | None:
     return config.get("mode", "merged")
 
 
-def slim_source_dir(path: str | os.PathLike) -> Path:
-    """The folder of the source model of slim modules given as a decomposition folder or a module folder in one."""
-    p = Path(path)
-    config = read_config(p)
-    candidate = p / MODEL_DIR if config["kind"] == "decomposition" else p.parent.parent / MODEL_DIR
-    if not (candidate / CONFIG).is_file():
-        raise UserError(f"cannot find the source model of {p}: merging slim modules needs their decomposition "
-                        "folder (it holds the model)")
-    return candidate.resolve()
+def slim_source_dirs(path: str | os.PathLike) -> set[Path]:
+    """The folders of the source models of the slim modules ``path`` stands for (:func:`module_paths`: a
+    decomposition folder, ``DIR:0,6``, or module folders inside a decomposition folder)."""
+    found = set()
+    for p in module_paths(path):
+        candidate = p.parent.parent / MODEL_DIR
+        if not (candidate / CONFIG).is_file():
+            raise UserError(f"cannot find the source model of {p} (expected at {candidate}): merging slim modules "
+                            "needs the decomposition folder they were saved in (cnnmod decompose writes the model "
+                            "there)")
+        found.add(candidate.resolve())
+    return found
 
 
 def slim_source_of(paths: Sequence[str | os.PathLike], device: torch.device | str = "cpu") -> Classifier:
     """The source model of slim modules given as decomposition folders or module folders inside one."""
-    found = {slim_source_dir(p) for p in paths}
+    found = {d for p in paths for d in slim_source_dirs(p)}
     if len(found) != 1:
         raise UserError("«mode» merged needs slim modules of one decomposition folder; these come from "
                         f"{len(found)}: use «mode» fused (one merged network per model, their scores side by side)")

@@ -18,7 +18,7 @@ from ..io.store import (
     load_modules,
     save_composition,
     save_slim_composition,
-    slim_source_dir,
+    slim_source_dirs,
     slim_source_of,
 )
 from ..models.classifier import split_for
@@ -32,6 +32,7 @@ from ..runtime import pick_device
 from ..slim.config import SlimSettings
 from ..slim.merged import as_made, merge_slim
 from .common import Run, seconds_since
+from .evaluate import EvaluateSettings, evaluate_dir
 
 
 @dataclass(frozen=True)
@@ -123,8 +124,15 @@ def compose_dirs(paths: Sequence[str | Path], out: str | Path, settings: Compose
             result = {**_summary(config, Path(out), started), "calibration": s.calibration, "mode": s.mode}
     if why:  # once it is made: a mistake found on the way stays the one line said
         say(f"composed with {why}")
+    energy = {"composition": spent.record.to_dict()}
+    try:  # what it scores on its classes' test images, beside the model where one model made it all
+        scored = evaluate_dir([out], EvaluateSettings(cost=False), run)
+        result.update({k: scored[k] for k in ("composed_top1", "model_top1", "test_images") if k in scored})
+        energy["evaluation"] = scored["energy"]["evaluation"]
+    except UserError as e:  # the composition is made; only its test images are out of reach
+        say(f"{out} is made but not evaluated: {e}")
     result["seconds"] = seconds_since(started)
-    return {**result, "energy": {"composition": spent.record.to_dict()}}
+    return {**result, "energy": energy}
 
 
 def _merge_slim(paths, modules: list, out: str | Path, s: ComposeSettings, run: Run, device) -> dict:
@@ -143,7 +151,8 @@ def _merge_slim(paths, modules: list, out: str | Path, s: ComposeSettings, run: 
 def _fuse_slim(paths, modules: list, out: str | Path, run: Run, device) -> dict:
     """``compose --mode fused`` of slim ``modules``: :func:`cnnmod.reuse.fuse_slim`, grouped by model (in
     the order their modules come), saved."""
-    models = {m.info["weights_sha256"]: m for m in (load_model(f, device) for f in {slim_source_dir(p) for p in paths})}
+    folders = {d for p in paths for d in slim_source_dirs(p)}
+    models = {m.info["weights_sha256"]: m for m in (load_model(f, device) for f in folders)}
     by_model: dict[str, list] = {}
     for m in modules:
         by_model.setdefault(m.source_sha, []).append(m)

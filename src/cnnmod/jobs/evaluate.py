@@ -16,6 +16,8 @@ from ..errors import UserError
 from ..io.store import load_composer, load_source_of
 from ..models.classifier import Classifier, test_set_for
 from ..models.folder import load_model
+from ..modules.kinds import kind_of
+from ..progress import say
 from ..runtime import init_distributed, pick_device
 from .common import Run
 
@@ -60,6 +62,12 @@ def _one_model(composer: Composer, sources: list[Classifier], paths: list, devic
     return load_source_of(paths[0], device) if len(paths) == 1 else None
 
 
+def _makes_merged(composer: Composer) -> bool:
+    """Whether ``composer``'s modules are of a kind that builds one merged network (slim modules)."""
+    modules = getattr(composer, "modules_list", None)
+    return bool(modules) and all("merged" in kind_of(m).networks for m in modules)
+
+
 def costs(composer: Composer, images, per_module: bool, sources: list[Classifier]) -> dict:
     """Parameters, FLOPs and latency: of the composition as a whole and, with ``per_module``, the mean over its
     separately run parts (each module against its source model)."""
@@ -81,6 +89,9 @@ def evaluate_dir(paths: list[str | Path], settings: EvaluateSettings | None = No
     with run.meter().phase("evaluation") as spent:  # the scoring sharded over torchrun's ranks
         composer, sources = load_composer(paths, dev, s.calibration, s.mode)
         source = _one_model(composer, sources, paths, dev)
+        if s.mode is None and composer.mode == "vote" and source is not None and _makes_merged(composer):
+            say("evaluated as the modules voting, one pass each: one network of them all is what `cnnmod compose "
+                f"{paths[0]} --out DIR` makes (merged); evaluate DIR for its figures")
         head = {"paths": [str(p) for p in paths]}
         if source is None:
             if s.data is not None:
@@ -95,7 +106,7 @@ def evaluate_dir(paths: list[str | Path], settings: EvaluateSettings | None = No
                 images = composition_test_sets(composer.refs, run.data_root)[0][0].images[:s.latency_batch].to(dev)
                 report["cost"] = costs(composer, images, False, sources)
         else:
-            test = test_set_for(source, s.data, run.data_root).subset([r.index for r in composer.refs])
+            test = test_set_for(source, s.data, run.data_root, None).subset([r.index for r in composer.refs])
             report = evaluate_against_model(composer, source, test, dev, run.batch_size, dd)
             head.update({"data": s.data or source.dataset, "variant": composer.variant,
                          "modules": len(composer.refs)})

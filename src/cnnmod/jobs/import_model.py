@@ -17,8 +17,10 @@ from ..data.transforms import InputSpec
 from ..errors import UserError
 from ..models.classifier import Classifier
 from ..models.folder import save_model
-from ..models.reference import trusting
+from ..models.preprocessing import check_preprocessing
+from ..models.reference import how_to_trust, trusting
 from ..models.registry import create, load_weights
+from ..progress import say
 from ..runtime import pick_device
 from .common import Run
 
@@ -73,8 +75,9 @@ def weights_in(obj, path: Path) -> dict[str, torch.Tensor]:
 def input_spec(data: ImageSet, size: list[int] | None = None, mean: list[float] | None = None,
                std: list[float] | None = None, fit: str = "resize", crop: float = 0.875,
                channels: int | None = None) -> InputSpec:
-    """What a model expects, as its user states it; what is not stated is ``data``'s own (its channels, size and
-    normalisation)."""
+    """What a model expects, as its user states it; what is not stated is ``data``'s own (its channels and size;
+    the normalisation is checked by :func:`~cnnmod.models.preprocessing.check_preprocessing`, which refuses an
+    unstated one)."""
     c, h, w = data.input_shape
     c = channels or (len(mean) if mean and len(mean) > 1 else c)  # three means: an RGB model
     h, w = size if size else (h, w)
@@ -98,14 +101,20 @@ def import_model(arch: str, weights: Path, data: str, out: Path, classes: list[i
     check_output(Path(out), run.overwrite)
     train = load(data, "train", run.data_root, classes)
     test = load(data, "test", run.data_root, classes)
-    spec = input_spec(train, **{k: v for k, v in (inputs or {}).items() if v is not None})
+    inputs = {k: v for k, v in (inputs or {}).items() if v is not None}
+    spec = input_spec(train, **inputs)
     with trusting(True):  # the user named the architecture
         name, args, net = create(arch, dict(arch_args or {}), spec.shape, train.num_classes)
     load_weights(net, read_state_dict(Path(weights)), name, weights)
+    stated = "mean" in inputs and "std" in inputs
+    check_preprocessing(net, spec if stated else None, train, "«mean» {mean} «std» {std}")
     clf = Classifier(net, spec, train.class_names, name, args, data, train.source_classes,
                      {"imported_from": Path(weights).name})
     report = evaluate_classifier(clf, test, pick_device(run.device))
     clf.info["metrics"] = {"test_top1": report["top1"], "test_top5": report["top5"]}
     save_model(clf.cpu(), out, run.overwrite)
+    trust = how_to_trust(name)
+    if trust:
+        say(f"{out}: {trust}")
     return {"out": str(out), "arch": name, "arch_args": args, "input": spec.to_dict(), "data": data,
             "test_top1": report["top1"], "test_top5": report["top5"]}

@@ -7,6 +7,8 @@ artifact folder; :func:`split_for` finds the data it was trained on.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
@@ -14,7 +16,8 @@ from ..data import load, split_spec
 from ..data.dataset import ImageSet
 from ..data.transforms import InputSpec, to_input
 from ..errors import UserError
-from .reference import reference_of, trusting
+from .preprocessing import check_preprocessing, values
+from .reference import check_output, reference_of, trusting
 from .registry import create, load_weights, resolve_arch
 
 
@@ -52,21 +55,37 @@ class Classifier(nn.Module):
                 **self.info}
 
 
-def wrap(net: nn.Module, *, data: ImageSet | None = None, spec: InputSpec | None = None,
-         class_names: list[str] | None = None, arch: str | None = None, arch_args: dict | None = None,
-         dataset: str | None = None) -> Classifier:
-    """A user's trained network as a :class:`Classifier`: what it expects (``spec``: channels, size, mean/std and
-    how other images are fitted; by default ``data``'s own), its class names (by default ``data``'s), and how to
-    rebuild it (``arch``: a registered name or ``package.module:callable``, called with ``arch_args``; by default
-    what a class registered with :func:`cnnmod.register_arch` recorded). Without an architecture it runs, but its
-    folders cannot be saved (there would be no way to load them again)."""
-    if spec is None:
-        if data is None:
-            raise UserError("give the model's input spec (spec=InputSpec(...)) or the data it was trained on")
-        spec = InputSpec(*data.input_shape, data.mean, data.std)
+def wrap(net: nn.Module, *, data: ImageSet | None = None, mean: float | Sequence[float] | None = None,
+         std: float | Sequence[float] | None = None, spec: InputSpec | None = None,
+         class_names: list[str] | None = None, arch: str | None = None, arch_args: dict | None = None
+         ) -> Classifier:
+    """A user's trained network as a :class:`Classifier`, run as it was trained: ``mean`` and ``std`` are the
+    normalisation it was trained with, in [0, 1] units (``mean=0, std=1``: ``ToTensor()`` alone; a ``Normalize``'s
+    constants otherwise; one number or one per channel), on ``data``'s image shape; or ``spec``, all it expects
+    (channels, size, mean/std, how other images are fitted). With ``data`` (its training split) the normalisation
+    is checked (:func:`~cnnmod.models.preprocessing.check_preprocessing`): one clearly worse than a usual one, or
+    none stated, is refused with the one that fits. Its class names default to ``data``'s; ``arch`` says how to
+    rebuild it (a registered name or ``package.module:callable``, called with ``arch_args``; by default what a
+    class registered with :func:`cnnmod.register_arch` recorded). Without an architecture it runs, but its folders
+    cannot be saved (there would be no way to load them again)."""
+    if spec is None and data is None:
+        raise UserError("give the data the model was trained on (data=...) with its normalisation (mean=..., "
+                        "std=...), or its input spec (spec=InputSpec(...))")
+    if spec is not None and (mean is not None or std is not None):
+        raise UserError("give the normalisation once: mean=/std= or spec=InputSpec(...), not both")
+    if spec is None and (mean is None) != (std is None):
+        raise UserError(f"give both «mean» and «std» (only «{'mean' if std is None else 'std'}» was given)")
+    if spec is None and mean is not None:
+        try:
+            spec = InputSpec(*data.input_shape, values(mean, "mean"), values(std, "std"))
+        except ValueError as e:
+            raise UserError(f"the normalisation does not fit the data: {e}")
     names = list(class_names) if class_names is not None else (data.class_names if data is not None else None)
     if names is None:
         raise UserError("give the model's class names (class_names=[...]) or the data it was trained on")
+    if data is not None:
+        check_output(net, type(net).__name__, spec.shape if spec else data.input_shape, len(names))
+        check_preprocessing(net, spec, data, "cnnmod.wrap(net, data=..., mean={mean}, std={std})")
     name, args = "custom", {}
     if arch is not None:
         with trusting(True):  # the caller named the code
@@ -75,8 +94,7 @@ def wrap(net: nn.Module, *, data: ImageSet | None = None, spec: InputSpec | None
     elif (recorded := reference_of(net)) is not None:
         name, args = resolve_arch(recorded[0], recorded[1], spec.shape, len(names))
     source = data.source_classes if data is not None else None
-    return Classifier(net, spec, names, name, args, dataset if dataset is not None else (data.name if data else ""),
-                      source)
+    return Classifier(net, spec, names, name, args, data.name if data is not None else "", source)
 
 
 def check_class_names(clf: Classifier, data: ImageSet) -> None:

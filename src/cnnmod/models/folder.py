@@ -15,7 +15,7 @@ from ..data.transforms import InputSpec
 from ..errors import UserError
 from . import build
 from .classifier import Classifier
-from .reference import allows_code
+from .reference import allows_code, how_to_trust
 from .registry import load_weights
 
 
@@ -27,7 +27,9 @@ def model_card(clf: Classifier) -> str:
              f"- classes: {', '.join(clf.class_names[:20])}{' ...' if clf.num_classes > 20 else ''}"]
     for key, value in metrics.items():
         lines.append(f"- {key}: {value}")
-    lines += ["", "Load it with `cnnmod.load_model(path)`; decompose it with `cnnmod decompose`.", ""]
+    lines += ["", "Load it with `cnnmod.load_model(path)`; decompose it with `cnnmod decompose`."]
+    trust = how_to_trust(clf.arch)
+    lines += [f"Note: {trust}.", ""] if trust else [""]
     return "\n".join(lines)
 
 

@@ -68,6 +68,16 @@ def _trusted(module: str) -> bool:
     return any(module == p or module.startswith(p + ".") for p in allowed)
 
 
+def how_to_trust(arch: str) -> str | None:
+    """For an architecture that is a user's code: how later commands are allowed to load it, once for a shell
+    session (None for the zoo and registered names, which need nothing)."""
+    if not is_reference(arch) or arch in REGISTERED:
+        return None
+    package = arch.partition(":")[0].split(".")[0]
+    return (f"its architecture is your code ({arch}): commands that load it import {package}, so they need "
+            f"--trust-code, or once for this shell: export {TRUST_ENV}={package}")
+
+
 def resolve(ref: str, *, trusted: bool = False) -> Callable[..., nn.Module]:
     """The callable a reference names, imported (only when trusted, or ``trusted`` says the user typed it)."""
     if not _REFERENCE.match(ref):
@@ -76,7 +86,8 @@ def resolve(ref: str, *, trusted: bool = False) -> Callable[..., nn.Module]:
     module, _, attr = ref.partition(":")
     if not trusted and not _trusted(module):
         raise UserError(f"this artifact's architecture is {ref}: loading it imports and runs {module}; allow it with "
-                        f"«trust_code», trust_code=True or {TRUST_ENV}={module.split('.')[0]}")
+                        f"«trust_code» (trust_code=True), or once for the shell: export "
+                        f"{TRUST_ENV}={module.split('.')[0]}")
     try:
         obj = importlib.import_module(module)
     except ImportError as e:
@@ -140,8 +151,9 @@ def check_output(net: nn.Module, name: str, input_shape: tuple[int, int, int], n
         with torch.no_grad():
             out = net(torch.zeros(1, *input_shape, device=device))
     except Exception as e:  # noqa: BLE001 - the user's forward failed on the stated input
-        raise UserError(f"{name} fails on a {'x'.join(map(str, input_shape))} input: {type(e).__name__}: "
-                        f"{str(e).splitlines()[0][:120] if str(e) else ''}; check the input size and channels")
+        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise UserError(f"{name} fails on a {'x'.join(map(str, input_shape))} input ({type(e).__name__}: {first}); "
+                        "check the input size and channels the model expects")
     finally:
         net.train(was_training)
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != (1, num_classes):

@@ -50,7 +50,8 @@ def slim_card(m) -> str:
                       f"- parameters: {m.params()} ({100 * m.kept_fraction():.1f}% of the source model's)",
                       f"- kept channels: {m.metrics.get('kept_channels')} of {m.metrics.get('channels')}",
                       f"- importance rule: {m.settings.get('rule')}",
-                      *([f"- made with the recipe {m.settings['recipe']!r} (cnnmod decompose --recipe)"]
+                      *([f"- made with the recipe {m.settings['recipe']!r} (cnnmod decompose --recipe; the default, "
+                         "best, takes cheap at --size 0.5 and above, small below)"]
                         if m.settings.get("recipe") else []),
                       *_learned_lines(m.settings), *detector_lines(m.metrics), ""])
 
