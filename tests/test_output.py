@@ -65,12 +65,12 @@ def test_compose_without_modules_is_one_line(capsys):
 
 def test_mistaken_paths_say_what_was_expected_and_what_makes_it(made, capsys, tmp_path):
     assert_user_error(*run(["evaluate", str(tmp_path / "nope")], capsys), "does not exist", "cnnmod decompose")
-    module = made["node"] / "modules" / "c00-band0"
+    module = made["slim"] / "modules" / "c00-band0"
     (module / "config.json").unlink()
     assert_user_error(*run(["evaluate", str(module)], capsys), "has no config.json", "module folder inside one")
     shutil.rmtree(made["node"] / "model")
-    assert_user_error(*run(["evaluate", str(made["node"])], capsys), "does not exist: expected a model folder",
-                      "cnnmod train or cnnmod import")
+    assert_user_error(*run(["evaluate", str(made["node"])], capsys), "source model", "is not at",
+                      "copy the source model folder")
     assert_user_error(*run(["export", str(made["model"]), "--onnx", str(tmp_path / "m.onnx")], capsys),
                       "model folder", "cnnmod decompose")
     assert not (tmp_path / "m.onnx").exists()

@@ -92,6 +92,8 @@ def emit(result: dict, as_json: bool, title: str = "") -> None:
 
     out = Console(highlight=False)
     table = Table(title=title, show_header=False)
+    table.add_column(no_wrap=True)
+    table.add_column(overflow="fold")  # a long path folds onto the next line rather than being cut
     for key, value in result.items():
         if value is not None and not isinstance(value, (list, dict)):
             table.add_row(key, _cell(value))

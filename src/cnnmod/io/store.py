@@ -183,7 +183,10 @@ def module_paths(path: str | os.PathLike) -> list[Path]:
         return [path / m["path"] for m in config["classes"]]
     if config["kind"] == "module":
         return [path]
-    raise UserError(f"{path} is a {config['kind']}, not a decomposition, a composition or a module")
+    if config["kind"] == "model":
+        raise UserError(f"{path} is a model folder; this takes modules: a decomposition, composition or module "
+                        f"folder (make them with cnnmod decompose {path} --out DIR)")
+    raise UserError(f"{path} is a {config['kind']} folder, not a decomposition, a composition or a module folder")
 
 
 @allows_code
