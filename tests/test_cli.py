@@ -60,7 +60,8 @@ def test_user_errors(tmp_path: Path, trained: Path, npz_data: str, capsys) -> No
     assert_user_error(*run(["evaluate-model", str(trained), "--data", "digits"], capsys), "3 classes", "10")
     (trained / "model.safetensors").write_bytes(b"\x00" * 10)
     assert_user_error(*run(["evaluate-model", str(trained)], capsys), "checksum")
-    assert_user_error(*run(["evaluate-model", str(tmp_path / "nothing")], capsys), "does not exist: expected a model folder")
+    assert_user_error(*run(["evaluate-model", str(tmp_path / "nothing")], capsys),
+                      "does not exist: expected a model folder")
 
 
 def test_import_state_dicts(tmp_path: Path, npz_data: str, capsys) -> None:

@@ -26,6 +26,7 @@ from cnnmod.node.method import decompose as decompose_model
 from cnnmod.node.module import Module
 from cnnmod.runtime import Passes
 
+
 def decompose(net, data, *args, **kwargs):
     """The library's decomposition of ``net`` as trained on ``data``'s normalisation (stated, as a user does)."""
     return decompose_model(as_trained(net, data), data, *args, **kwargs)

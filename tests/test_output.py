@@ -111,7 +111,6 @@ def test_a_model_of_the_users_code_says_how_to_trust_it_once(tmp_path, npz_data,
         "                         nn.Flatten(), nn.Linear(4, num_classes))\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     import torch
-
     from mynet import Net
 
     torch.save(Net().state_dict(), tmp_path / "w.pt")

@@ -153,7 +153,8 @@ def read_artifact(path: str | os.PathLike, kind: str | None = None) -> tuple[dic
     config = read_config(path, kind)
     weights = path / WEIGHTS
     if not weights.is_file():
-        raise UserError(f"{path} has no {WEIGHTS}; the artifact is incomplete")
+        raise UserError(f"{path} has no {WEIGHTS}: the folder is incomplete; restore it, or make it again "
+                        f"(expected {expected(config['kind'])})")
     digest = sha256_file(weights)
     if digest != config.get("weights_sha256"):
         raise UserError(f"{weights} does not match the checksum in its config (sha256 {digest[:12]}..., expected "

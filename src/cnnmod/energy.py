@@ -190,6 +190,16 @@ def training_energy(record: EnergyRecord, history: list[dict], best_epoch: int, 
     return {"training": record.to_dict(), "training_to_best_epoch": best.to_dict()}
 
 
+def co2_text(kg: float | None) -> str:
+    """A mass of CO2e in the unit that reads best: ``1.2 kg``, ``3.4 g``, ``2.8 mg``."""
+    if kg is None:
+        return "-"
+    for unit, scale in (("kg", 1.0), ("g", 1e3)):
+        if abs(kg) * scale >= 1:
+            return f"{kg * scale:.3g} {unit}"
+    return f"{kg * 1e6:.3g} mg"
+
+
 def ratio(a: EnergyRecord | dict, b: EnergyRecord | dict, key: str = "kg_co2e") -> float | None:
     """a / b of one quantity (how many times more a phase cost), None where b is zero."""
     av = a[key] if isinstance(a, dict) else getattr(a, key)

@@ -15,6 +15,7 @@ import time
 
 import typer
 
+from ..energy import co2_text
 from ..errors import UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -150,7 +151,7 @@ def summary(result: dict) -> str:
     if energy:
         kg = sum(e["kg_co2e"] for e in energy)
         how = "measured" if all(e.get("measured") for e in energy) else "estimated"
-        parts.append(f"{kg * 1000:.3g} g CO2e ({how})")
+        parts.append(f"{co2_text(kg)} CO2e ({how})")
     if isinstance(result.get("seconds"), (int, float)):
         parts.append(f"{result['seconds']:.1f} s")
     return "; ".join(parts)

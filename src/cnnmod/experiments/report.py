@@ -8,6 +8,7 @@ import html
 import io
 from pathlib import Path
 
+from ..energy import co2_text
 from .figures import FIGURES
 
 PLOTS_EXTRA = "pip install 'cnnmod[report]'"  # what brings matplotlib, which draws the report's plots
@@ -32,16 +33,6 @@ def _f(v, digits: int = 2, sign: bool = False) -> str:
     if isinstance(v, float):
         return f"{v:+.{digits}f}" if sign else f"{v:.{digits}f}"
     return str(v)
-
-
-def _co2(kg) -> str:
-    """A mass of CO2e in the unit that reads best: kg, g or mg."""
-    if kg is None:
-        return "-"
-    for unit, scale in (("kg", 1.0), ("g", 1e3), ("mg", 1e6)):
-        if abs(kg) * scale >= 1 or unit == "mg":
-            return f"{kg * scale:.3g} {unit}"
-    return "-"
 
 
 def _table(header: list[str], rows: list[list]) -> list[str]:
@@ -153,8 +144,8 @@ def markdown(r: dict) -> str:
                      "(once)", "training / reuse", "training / (reuse + decomposition)",
                      "all training / (all reuse + decomposition) (models trained / compositions)",
                      "break-even (compositions)"],
-                    [[e["scenario"], _co2(e["training_kg_co2e"]), _co2(e["training_to_best_kg_co2e"]),
-                      _co2(e["reuse_kg_co2e"]), _co2(e["decomposition_kg_co2e_once"]),
+                    [[e["scenario"], co2_text(e["training_kg_co2e"]), co2_text(e["training_to_best_kg_co2e"]),
+                      co2_text(e["reuse_kg_co2e"]), co2_text(e["decomposition_kg_co2e_once"]),
                       _f(e["ratio_training_to_reuse"], 1), _f(e["ratio_training_to_reuse_with_decomposition"], 1),
                       _f(e.get("ratio_all_training_to_all_reuse_with_decomposition"), 1)
                       + (f" ({e['models_trained']} / {e['compositions']})" if "models_trained" in e else ""),
