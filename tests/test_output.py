@@ -9,28 +9,33 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import assert_user_error, run, train_small_cnn
+from conftest import assert_user_error, run
 
 from cnnmod.cli import command_line_flags, commands, options_of
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "cnnmod"
 
 
-@pytest.fixture
-def made(tmp_path: Path, npz_data: str, capsys) -> dict[str, Path]:
-    """A small CNN's node-level and slim decompositions."""
-    model = tmp_path / "model"
-    train_small_cnn(model, npz_data, capsys, epochs=3)
-    node, slim = tmp_path / "node", tmp_path / "slim"
+@pytest.fixture(scope="module")
+def made(tmp_path_factory) -> dict[str, Path]:
+    """A small CNN's node-level and slim decompositions (made once; tests that break a folder copy it first)."""
+    from conftest import write_npz
+
+    from cnnmod.cli import main
+
+    tmp = tmp_path_factory.mktemp("made")
+    data = f"npz:{write_npz(tmp / 'bands.npz')}"
+    model, node, slim = tmp / "model", tmp / "node", tmp / "slim"
+    assert main(["train", "--arch", "cnn", "--data", data, "--epochs", "3", "--batch-size", "16", "--optimizer",
+                 "adam", "--lr", "0.01", "--out", str(model), "--json"]) == 0
     for out, extra in ((node, []), (slim, ["--granularity", "channel", "--set", "samples=20"])):
-        rc, _, err = run(["decompose", str(model), "--out", str(out), *extra], capsys)
-        assert rc == 0, err
-    return {"model": model, "node": node, "slim": slim, "tmp": tmp_path}
+        assert main(["decompose", str(model), "--out", str(out), "--json", *extra]) == 0
+    return {"model": model, "node": node, "slim": slim, "tmp": tmp}
 
 
 def test_results_go_to_stdout_and_fit_80_columns(made, capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "80")
-    for argv in (["evaluate", str(made["node"])], ["evaluate", str(made["slim"])],
+    for argv in (["evaluate", str(made["node"]), "--no-cost"], ["evaluate", str(made["slim"]), "--no-cost"],
                  ["decompose", str(made["model"]), "--out", str(made["tmp"] / "again")]):
         rc, out, err = run(argv, capsys)
         assert rc == 0, err
@@ -50,7 +55,7 @@ def test_the_slim_decomposition_is_evaluated_saying_how_it_runs(made, capsys):
 
 def test_compose_says_what_the_composition_scores(made, capsys):
     for argv in (["compose", f"{made['slim']}:0,2", "--out", str(made["tmp"] / "pair")],
-                 ["compose", f"{made['node']}:0,1", "--out", str(made["tmp"] / "vote")]):
+                 ["compose", f"{made['node']}:0,1", "--out", str(made["tmp"] / "votes")]):
         rc, out, err = run(argv + ["--json"], capsys)
         assert rc == 0, err
         r = json.loads(out)
@@ -65,11 +70,12 @@ def test_compose_without_modules_is_one_line(capsys):
 
 def test_mistaken_paths_say_what_was_expected_and_what_makes_it(made, capsys, tmp_path):
     assert_user_error(*run(["evaluate", str(tmp_path / "nope")], capsys), "does not exist", "cnnmod decompose")
-    module = made["slim"] / "modules" / "c00-band0"
+    slim, node = shutil.copytree(made["slim"], tmp_path / "slim"), shutil.copytree(made["node"], tmp_path / "node")
+    module = slim / "modules" / "c00-band0"
     (module / "config.json").unlink()
     assert_user_error(*run(["evaluate", str(module)], capsys), "has no config.json", "module folder inside one")
-    shutil.rmtree(made["node"] / "model")
-    assert_user_error(*run(["evaluate", str(made["node"])], capsys), "source model", "is not at",
+    shutil.rmtree(node / "model")
+    assert_user_error(*run(["evaluate", str(node)], capsys), "source model", "is not at",
                       "copy the source model folder")
     assert_user_error(*run(["export", str(made["model"]), "--onnx", str(tmp_path / "m.onnx")], capsys),
                       "model folder", "cnnmod decompose")

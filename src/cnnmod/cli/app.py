@@ -59,6 +59,9 @@ def parse_set(items: list[str]) -> dict[str, str]:
 STARTED = {"at": time.perf_counter()}  # when the command started (set again by each call of cnnmod.cli.main)
 
 
+LAST_COLUMNS = ("path", "kept_fraction")  # shown only where the terminal has room after the figures
+
+
 def _cell(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
@@ -102,6 +105,7 @@ def emit(result: dict, as_json: bool, title: str = "") -> None:
     for key, value in result.items():  # lists of records (per-class accuracy, epochs) as tables of their own
         if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
             plain = [c for c in value[0] if not any(isinstance(v.get(c), (list, dict)) for v in value)]
+            plain.sort(key=lambda c: c in LAST_COLUMNS)  # figures before the paths, which the card lists too
             columns = fitting_columns(value, plain, out.width)
             rest = [c for c in value[0] if c not in columns]
             rows = Table(title=key, caption=f"also {', '.join(rest)}: with --json" if rest else None)

@@ -60,6 +60,16 @@ def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
+RENAMED = {"decomposition_cost_top1_pp": "top1_change_pp", "decomposition_cost_top5_pp": "top5_change_pp"}
+
+
+def upgraded(rows):
+    """A part's rows cached by an earlier cnnmod, with the keys renamed since (the figures are the same)."""
+    if isinstance(rows, list):
+        return [{RENAMED.get(k, k): v for k, v in r.items()} if isinstance(r, dict) else r for r in rows]
+    return rows
+
+
 class Study:
     """The paper's study in folder ``out``, with ``preset``'s models and sizes, on the main and second data sets
     ``data`` (names), energy's carbon intensity of ``country``; ``resume`` goes on with a study already there."""
@@ -218,7 +228,7 @@ class Study:
         for part in parts:
             path = self._part_path(part)
             if path.is_file():
-                results[part] = json.loads(path.read_text())
+                results[part] = upgraded(json.loads(path.read_text()))
                 say(f"[{self.p.name}] {part}: done before, kept")
                 continue
             if on_part is not None and results:  # the report so far, before a part that may take hours
