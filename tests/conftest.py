@@ -221,3 +221,49 @@ def slim_with_reference(clf: Classifier, data: ImageSet, concerned: int, s) -> t
     module = maker.module(maker.prune())
     p = maker.pruner
     return module, (p.net, p.graph, p.groups, [g.clone() for g in p.gates], *p.head(True))
+
+
+class ToTensorDigits(torch.utils.data.Dataset):
+    """scikit-learn's digits as a user's Dataset gives them: uint8 images through ``ToTensor()``, [0, 1] floats
+    (``normalize``: a ``Normalize((mean,), (std,))`` after it)."""
+
+    classes = [str(c) for c in range(10)]
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, normalize: tuple[float, float] | None = None) -> None:
+        self.x, self.y, self.normalize = x, y, normalize
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        image = self.x[i]
+        if self.normalize:
+            image = (image - self.normalize[0]) / self.normalize[1]
+        return image, int(self.y[i])
+
+
+def user_network(n_train: int = 1400) -> dict:
+    """A CNN trained in a user's own loop on digits as [0, 1] inputs (no Normalize): ``net``, its ``train_ds`` and
+    ``test_ds`` (the last 397 images), and ``own``, its test top-1 in that loop."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = torch.from_numpy(np.round(digits.images * 255 / 16).astype(np.uint8)).unsqueeze(1).float() / 255
+    y = torch.from_numpy(digits.target).long()
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
+    tr, te = order[:n_train], order[1400:]
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+                              torch.nn.Flatten(), torch.nn.Linear(16 * 16, 10))
+    opt = torch.optim.Adam(net.parameters(), 2e-3)
+    for _ in range(4):
+        for b in torch.randperm(len(tr), generator=torch.Generator().manual_seed(1)).split(32):
+            loss = torch.nn.functional.cross_entropy(net(x[tr[b]]), y[tr[b]])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    net.eval()
+    with torch.no_grad():
+        own = 100 * (net(x[te]).argmax(1) == y[te]).float().mean().item()
+    return {"train_ds": ToTensorDigits(x[tr], y[tr]), "test_ds": ToTensorDigits(x[te], y[te]), "net": net,
+            "own": own}

@@ -1,55 +1,17 @@
 """A user's network is run as it was trained: the normalisation is stated, checked, and never guessed."""
 
-import numpy as np
 import pytest
-import torch
-from sklearn.datasets import load_digits
-from torch import nn
+from conftest import ToTensorDigits, user_network
 
 import cnnmod
 from cnnmod.data.transforms import InputSpec
 
 
-class ToTensorDigits(torch.utils.data.Dataset):
-    """scikit-learn's digits as a user's Dataset gives them: uint8 images through ``ToTensor()``, [0, 1] floats."""
-
-    classes = [str(c) for c in range(10)]
-
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, normalize: tuple[float, float] | None = None) -> None:
-        self.x, self.y, self.normalize = x, y, normalize
-
-    def __len__(self):
-        return len(self.y)
-
-    def __getitem__(self, i):
-        image = self.x[i]
-        if self.normalize:
-            image = (image - self.normalize[0]) / self.normalize[1]
-        return image, int(self.y[i])
-
-
 @pytest.fixture(scope="module")
 def user_cnn():
     """A CNN trained in the user's own loop on [0, 1] inputs (no Normalize), its test accuracy in that loop."""
-    digits = load_digits()
-    u8 = torch.from_numpy(np.round(digits.images * 255 / 16).astype(np.uint8)).unsqueeze(1)
-    x, y = u8.float() / 255, torch.from_numpy(digits.target).long()  # what ToTensor gives
-    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
-    tr, te = order[:1400], order[1400:]
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
-                        nn.MaxPool2d(2), nn.Flatten(), nn.Linear(32 * 16, 10))
-    opt = torch.optim.Adam(net.parameters(), 1e-3)
-    for _ in range(3):
-        for b in torch.randperm(len(tr), generator=torch.Generator().manual_seed(1)).split(64):
-            loss = nn.functional.cross_entropy(net(x[tr[b]]), y[tr[b]])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    net.eval()
-    with torch.no_grad():
-        own = 100 * (net(x[te]).argmax(1) == y[te]).float().mean().item()
-    return net, ToTensorDigits(x[tr], y[tr]), ToTensorDigits(x[te], y[te]), own
+    made = user_network()
+    return made["net"], made["train_ds"], made["test_ds"], made["own"]
 
 
 def test_a_network_wrapped_as_stated_scores_what_it_scores_in_its_own_loop(user_cnn):

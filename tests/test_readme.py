@@ -13,9 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import write_idx_set
+from conftest import user_network, write_idx_set
 from PIL import Image
-from torch import nn
 
 from cnnmod.cli import main
 
@@ -28,8 +27,7 @@ NOT_RUN = {
     "cnnmod reproduce": "minutes on 2 cores; tests/test_study.py runs the study on a tiny preset",
 }
 
-USER_PACKAGE = '''from torch import nn
-
+USER_PACKAGE = '''
 
 class MyNet(nn.Module):
     def __init__(self, num_classes=3, in_channels=3):
@@ -41,8 +39,7 @@ class MyNet(nn.Module):
     def forward(self, x):
         return self.fc(self.body(x))
 '''
-USER_CIFAR = '''from torch import nn
-
+USER_CIFAR = '''
 
 def resnet(width=16, num_classes=3, in_channels=3):
     return nn.Sequential(nn.Conv2d(in_channels, width, 7, stride=4, padding=3), nn.ReLU(), nn.MaxPool2d(4),
@@ -110,48 +107,6 @@ def user_files(folder: Path) -> None:
                 Image.fromarray(pixels).save(d / f"{k}.png")
 
 
-class ToTensorDigits(torch.utils.data.Dataset):
-    """A user's Dataset: scikit-learn's digits through ``ToTensor()``."""
-
-    classes = [str(c) for c in range(10)]
-
-    def __init__(self, x, y):
-        self.x, self.y = x, y
-
-    def __len__(self):
-        return len(self.y)
-
-    def __getitem__(self, i):
-        return self.x[i], int(self.y[i])
-
-
-def user_network() -> dict:
-    """``train_ds``, ``test_ds`` and ``net`` of the quickstart: a CNN trained in the user's own loop on [0, 1] inputs,
-    and its test top-1 in that loop (``own``)."""
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    x = torch.from_numpy(np.round(digits.images * 255 / 16).astype(np.uint8)).unsqueeze(1).float() / 255
-    y = torch.from_numpy(digits.target).long()
-    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
-    tr, te = order[:700], order[1400:]
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
-                        nn.Linear(16 * 16, 10))
-    opt = torch.optim.Adam(net.parameters(), 2e-3)
-    for _ in range(4):
-        for b in torch.randperm(len(tr), generator=torch.Generator().manual_seed(1)).split(32):
-            loss = nn.functional.cross_entropy(net(x[tr[b]]), y[tr[b]])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    net.eval()
-    with torch.no_grad():
-        own = 100 * (net(x[te]).argmax(1) == y[te]).float().mean().item()
-    return {"train_ds": ToTensorDigits(x[tr], y[tr]), "test_ds": ToTensorDigits(x[te], y[te]), "net": net,
-            "own": own}
-
-
 def test_every_block_of_the_readme_runs_as_written(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("CNNMOD_DATA", str(tmp_path / "data"))   # a tiny Fashion-MNIST, never the real one's cache
     monkeypatch.setenv("CNNMOD_CACHE", str(tmp_path / "cache"))
@@ -164,7 +119,7 @@ def test_every_block_of_the_readme_runs_as_written(tmp_path, monkeypatch, capsys
     ran, skipped = [], []
     for lang, source in blocks(README.read_text()):
         if lang == "python":
-            namespace = user_network() if "train_ds" in source else {}
+            namespace = user_network(700) if "train_ds" in source else {}
             own = namespace.get("own")
             exec(compile(source, "README.md", "exec"), namespace)  # noqa: S102 - the README's own code
             printed = capsys.readouterr().out.strip()
