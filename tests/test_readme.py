@@ -27,7 +27,8 @@ NOT_RUN = {
     "cnnmod reproduce": "minutes on 2 cores; tests/test_study.py runs the study on a tiny preset",
 }
 
-USER_PACKAGE = '''
+USER_PACKAGE = '''from torch import nn
+
 
 class MyNet(nn.Module):
     def __init__(self, num_classes=3, in_channels=3):
@@ -39,7 +40,8 @@ class MyNet(nn.Module):
     def forward(self, x):
         return self.fc(self.body(x))
 '''
-USER_CIFAR = '''
+USER_CIFAR = '''from torch import nn
+
 
 def resnet(width=16, num_classes=3, in_channels=3):
     return nn.Sequential(nn.Conv2d(in_channels, width, 7, stride=4, padding=3), nn.ReLU(), nn.MaxPool2d(4),
