@@ -17,7 +17,7 @@ from ..data.transforms import InputSpec
 from ..errors import UserError
 from ..models.classifier import Classifier
 from ..models.folder import save_model
-from ..models.preprocessing import check_preprocessing
+from ..models.preprocessing import check_preprocessing, data_statistics
 from ..models.reference import how_to_trust, trusting
 from ..models.registry import create, load_weights
 from ..progress import say
@@ -81,11 +81,8 @@ def input_spec(data: ImageSet, size: list[int] | None = None, mean: list[float] 
     c, h, w = data.input_shape
     c = channels or (len(mean) if mean and len(mean) > 1 else c)  # three means: an RGB model
     h, w = size if size else (h, w)
-
-    def own(values) -> tuple[float, ...]:  # the data's statistics, averaged where the channel count changes
-        return tuple(values) if len(values) in (1, c) else (sum(values) / len(values),)
-
-    mean, std = tuple(mean) if mean else own(data.mean), tuple(std) if std else own(data.std)
+    own_mean, own_std = data_statistics(data, c)
+    mean, std = tuple(mean) if mean else own_mean, tuple(std) if std else own_std
     try:
         return InputSpec(c, h, w, mean, std, fit, crop)
     except ValueError as e:

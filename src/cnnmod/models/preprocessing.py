@@ -46,12 +46,17 @@ def text(v: Sequence[float]) -> str:
     return ",".join(f"{x:.4g}" for x in v)
 
 
-def _candidates(spec: InputSpec, data: ImageSet) -> list[tuple[str, tuple, tuple]]:
-    def fitted(v: tuple) -> tuple:  # the data's statistics, averaged where the model takes other channels
-        return v if len(v) in (1, spec.channels) else (sum(v) / len(v),)
+def data_statistics(data: ImageSet, channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The data's own mean and std for a model of ``channels`` inputs: averaged where the channel counts differ."""
+    def fitted(v) -> tuple[float, ...]:
+        return tuple(v) if len(v) in (1, channels) else (sum(v) / len(v),)
 
+    return fitted(data.mean), fitted(data.std)
+
+
+def _candidates(spec: InputSpec, data: ImageSet) -> list[tuple[str, tuple, tuple]]:
     usual = [u for u in USUAL if len(u[1]) in (1, spec.channels)]
-    return [("the data's own statistics", fitted(tuple(data.mean)), fitted(tuple(data.std))), *usual]
+    return [("the data's own statistics", *data_statistics(data, spec.channels)), *usual]
 
 
 def _sample(data: ImageSet, n: int) -> tuple[torch.Tensor, torch.Tensor]:
