@@ -32,7 +32,3 @@ class UserError(Exception):
         ``flags[name]``, else ``--name`` with dashes for underscores."""
         word = flags if callable(flags) else lambda n: flags.get(n, "--" + n.replace("_", "-"))
         return _NAMED.sub(lambda m: word(m.group(1)), self.message)
-
-    def names(self) -> list[str]:
-        """The settings the message names."""
-        return _NAMED.findall(self.message)

@@ -62,10 +62,12 @@ def _one_model(composer: Composer, sources: list[Classifier], paths: list, devic
     return load_source_of(paths[0], device) if len(paths) == 1 else None
 
 
-def _makes_merged(composer: Composer) -> bool:
-    """Whether ``composer``'s modules are of a kind that builds one merged network (slim modules)."""
+def _merges_otherwise(composer: Composer, paths: list) -> bool:
+    """Whether ``paths`` is one decomposition folder whose modules, left to vote here, are of a kind that ``cnnmod
+    compose`` makes one merged network of (slim modules): what the user would get differs from what is measured."""
     modules = getattr(composer, "modules_list", None)
-    return bool(modules) and all("merged" in kind_of(m).networks for m in modules)
+    return (len(paths) == 1 and read_config(paths[0])["kind"] == "decomposition" and bool(modules)
+            and all("merged" in kind_of(m).networks for m in modules))
 
 
 def costs(composer: Composer, images, per_module: bool, sources: list[Classifier]) -> dict:
@@ -89,7 +91,7 @@ def evaluate_dir(paths: list[str | Path], settings: EvaluateSettings | None = No
     with run.meter().phase("evaluation") as spent:  # the scoring sharded over torchrun's ranks
         composer, sources = load_composer(paths, dev, s.calibration, s.mode)
         source = _one_model(composer, sources, paths, dev)
-        if s.mode is None and composer.mode == "vote" and source is not None and _makes_merged(composer):
+        if s.mode is None and composer.mode == "vote" and _merges_otherwise(composer, paths):
             say("evaluated as the modules voting, one pass each: one network of them all is what `cnnmod compose "
                 f"{paths[0]} --out DIR` makes (merged); evaluate DIR for its figures")
         head = {"paths": [str(p) for p in paths]}
