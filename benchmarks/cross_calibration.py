@@ -19,11 +19,11 @@ from pathlib import Path
 import torch
 from common import record
 
+from cnnmod.composition.build import Sources, build
 from cnnmod.composition.evaluate import evaluate_composition
 from cnnmod.composition.voting import compose
 from cnnmod.core.calibrate import MODES
 from cnnmod.io.store import load_modules, load_source_of
-from cnnmod.reuse import fuse_slim
 
 
 def main(argv: list[str]) -> None:
@@ -47,7 +47,7 @@ def main(argv: list[str]) -> None:
                                          per_class=args.per_class)
                 row[mode] = r["composed_top1"]
             if slim:
-                fused = fuse_slim([([a], sources[0]), ([b], sources[1])])
+                fused = build([a, b], "fused", "none", Sources({s.info['weights_sha256']: s for s in sources}))
                 r = evaluate_composition(fused, None, torch.device("cpu"), per_class=args.per_class)
                 row["fused"] = r["composed_top1"]
             rows.append(row)

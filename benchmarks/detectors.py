@@ -23,9 +23,8 @@ from cnnmod.composition.evaluate import binary_report  # noqa: E402
 from cnnmod.composition.voting import compose  # noqa: E402
 from cnnmod.core.metrics import predict_scores  # noqa: E402
 from cnnmod.jobs.common import Run  # noqa: E402
-from cnnmod.jobs.decompose import decompose_dir  # noqa: E402
+from cnnmod.jobs.decompose import decompose_dir, plan_for  # noqa: E402
 from cnnmod.models.classifier import split_for  # noqa: E402
-from cnnmod.recipes import node_settings  # noqa: E402
 
 
 def main() -> None:
@@ -35,7 +34,8 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as work:
         out = Path(args.out or Path(work) / "modules")
-        result = decompose_dir(args.model, out, node_settings(), Run(device="cpu", overwrite=True))
+        plan = plan_for("node", None, None, None, None, 0, {})
+        result = decompose_dir(args.model, out, plan, Run(device="cpu", overwrite=True))
         modules = cnnmod.load_modules(out)
         clf = cnnmod.load_model(args.model)
         test = split_for(clf, None, None, "test")

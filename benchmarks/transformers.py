@@ -32,7 +32,7 @@ from cnnmod.core.graph import ModelGraph
 from cnnmod.core.units import canonical, find_units
 from cnnmod.data import load
 from cnnmod.models.folder import load_model
-from cnnmod.recipes import slim_settings
+from cnnmod.slim.config import slim_settings
 from cnnmod.slim.make import slim_modules
 
 CPU = torch.device("cpu")

@@ -160,9 +160,10 @@ def test_bad_training_values_are_one_line_and_write_nothing(tmp_path, npz_data, 
     (["--set", "ci_samples=many"], "the setting ci_samples='many' is not a whole number"),
     (["--set", "nonsense"], "--set 'nonsense' is not KEY=VALUE"),
     (["--granularity", "node", "--recipe", "small"], "--recipe small makes slim modules: add --granularity channel"),
-    (["--granularity", "channel", "--recipe", "paper"], "the paper makes no slim modules"),
-    (["--granularity", "node", "--size", "0.3"],
-     "--size and --max-loss apply to slim modules: add --granularity channel"),
+    (["--granularity", "channel", "--recipe", "paper"], "--recipe paper makes node-level modules: add --granularity node"),
+    (["--granularity", "node", "--size", "0.3"], "--size applies to slim modules: add --granularity channel"),
+    (["--variant", "mc", "--size", "0.3"], "these options ask for node-level modules and slim modules at once: choose "
+     "one with --granularity"),
     (["--classes", "Jacket"], "no class named 'Jacket'; the classes are band0, band1, band2"),
 ])
 def test_bad_decomposition_values_are_one_line_and_write_nothing(trained, tmp_path, capsys, args, needle) -> None:

@@ -16,9 +16,13 @@ import torch
 from conftest import run, train_small_cnn
 
 import cnnmod
+from cnnmod.composition.build import chosen
+from cnnmod.modules.kinds import kind_named
 from cnnmod.node import DecomposeSettings
-from cnnmod.recipes import chosen, node_settings, slim_settings
+from cnnmod.node.kind import node_settings
+from cnnmod.recipes import settings_for
 from cnnmod.slim import RECIPES, MergedSlim
+from cnnmod.slim.config import slim_settings
 
 CLI = [sys.executable, "-c", "import sys; from cnnmod.cli import main; rc = main(sys.argv[1:]); "
        "print('torch imported' if 'torch' in sys.modules else 'no torch'); sys.exit(rc)"]
@@ -41,7 +45,9 @@ def test_the_best_recipe_is_the_measured_one_for_the_size_asked():
     assert node_settings() == DecomposeSettings(exact_only=True)
     assert node_settings("paper") == DecomposeSettings()
     with pytest.raises(cnnmod.UserError, match="'tau' is not a setting of node-level modules"):
-        node_settings(tau=0.1)
+        settings_for(kind_named("node"), tau=0.1)
+    with pytest.raises(cnnmod.UserError, match="size applies to slim modules: add granularity channel"):
+        settings_for(kind_named("node"), size=0.5)
 
 
 def test_how_a_composition_runs_follows_what_its_modules_are(tmp_path, npz_data, capsys):

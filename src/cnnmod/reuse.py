@@ -1,6 +1,6 @@
-"""Reuse beyond voting as it is: continuous learning (modules relearn the other data sets' classes), heads and
-calibrations refitted on a composition's classes, and slim modules of several models fused. No network weight
-is trained (docs/method.md, "Continuous learning", "Refitted heads", "Calibrated scores").
+"""Reuse beyond voting as it is: continuous learning (modules relearn the other data sets' classes, as their kind
+relearns), heads and calibrations refitted on a composition's classes. No network weight is trained
+(docs/method.md, "Continuous learning", "Refitted heads", "Calibrated scores").
 """
 
 from __future__ import annotations
@@ -9,26 +9,18 @@ from collections.abc import Sequence
 
 import torch
 
+from .composition.build import Sources
 from .composition.fitting import calibrate_modules, fitted_on, refit_heads
-from .data import load
 from .data.dataset import ImageSet
 from .errors import UserError
-from .models.classifier import Classifier, split_for
 from .modules.base import BinaryModule
-from .node.method import relearn
+from .modules.kinds import kind_of
 from .progress import progress_bar
-from .slim.merged import FusedSlim, as_made, merge_slim
-from .slim.module import SlimModule
 
 
 def composition_sets(modules: Sequence[BinaryModule], data_root: str | None = None) -> dict[str, ImageSet]:
     """The training split of every data set of a composition's modules, restricted to the composition's classes."""
-    by_dataset: dict[str, list[int]] = {}
-    for m in modules:
-        by_dataset.setdefault(m.ref.dataset, [])
-        if m.source_class not in by_dataset[m.ref.dataset]:
-            by_dataset[m.ref.dataset].append(m.source_class)
-    return {name: load(name, "train", data_root, classes) for name, classes in by_dataset.items()}
+    return Sources(data_root=data_root).class_sets(modules)
 
 
 def continuous_learning(modules: Sequence[BinaryModule], data_root: str | None = None,
@@ -47,7 +39,7 @@ def continuous_learning(modules: Sequence[BinaryModule], data_root: str | None =
             learned = m
             for name, data in sets.items():
                 if name != m.ref.dataset:
-                    learned = relearn(learned, data, device=device, batch_size=batch_size)
+                    learned = kind_of(learned).relearn(learned, data, device=device, batch_size=batch_size)
             out.append(learned)
             step()
     return _fit_to(out, sets, refit, batch_size)
@@ -102,19 +94,3 @@ def recalibrate(modules: Sequence, sets: dict[str, ImageSet], batch_size: int = 
     classes = fitted_on(sets)
     for m in modules:
         m.calibration["fitted_on"] = classes
-
-
-def fuse_slim(groups: list[tuple[list[SlimModule], Classifier]], data_root: str | None = None,
-              batch_size: int = 256) -> FusedSlim:
-    """Slim modules of several models (``groups``: each model's modules and the model): each model's merged into
-    one network (:func:`merge_slim`, observed as its modules were) whose head rows are also fitted on the other
-    models' classes (their training images, as inputs of none of its classes), run side by side."""
-    parts = []
-    with progress_bar("fusing", len(groups)) as step:
-        for i, (modules, source) in enumerate(groups):
-            others = [m for j, (ms, _) in enumerate(groups) if j != i for m in ms]
-            parts.append(merge_slim(modules, source, split_for(source, None, data_root, "train"), as_made(modules),
-                                    foreign=list(composition_sets(others, data_root).values()),
-                                    batch_size=batch_size))
-            step()
-    return FusedSlim(parts)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 import random
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -102,6 +105,26 @@ class Passes:
     batch_size: int = 256
     dd: Distributed = field(default_factory=Distributed)
     progress: bool = True
+
+
+class Clock:
+    """Seconds spent in a job's named phases (``with clock("calibration"): ...``), summed over every time a phase
+    runs: what a job reports of its parts, however the work inside is cut."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - started
+
+    def rounded(self, *phases: str) -> dict[str, float]:
+        """``{phase}_seconds`` of each of ``phases`` (0 where it never ran), to the millisecond."""
+        return {f"{p}_seconds": round(self.seconds.get(p, 0.0), 3) for p in phases}
 
 
 def init_distributed(device: torch.device) -> tuple[Distributed, torch.device]:

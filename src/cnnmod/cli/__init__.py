@@ -54,14 +54,14 @@ def command_line_flags(name: str | None = None):
     """The command line's word for each setting an error may name (:meth:`UserError.for_command_line`), as command
     ``name`` reads it: its own flag; ``--set NAME=VALUE`` for a recipe's field where the command takes ``--set``;
     else the flag and the command that has it, so that a hint never names an option its command lacks."""
-    from ..node.method import DecomposeSettings
+    from ..jobs.decompose import JOB_FIELDS
+    from ..modules.kinds import kinds
     from ..recipes import settable
-    from ..slim.config import SlimSettings
 
     every = commands()
     options = options_of(every[name]) if name in every else None
     own = {"size", "max_loss", "variant"}
-    settable_names = set(settable(DecomposeSettings) + settable(SlimSettings) + ["measure"]) - own
+    settable_names = ({n for k in kinds().values() for n in settable(k.settings)} | JOB_FIELDS) - own
 
     def word(setting: str) -> str:
         flag = FLAGS.get(setting, "--" + setting.replace("_", "-"))

@@ -54,11 +54,11 @@ def decompose_cmd(
 ) -> None:
     """Decompose a model into one binary module per class, with the best measured settings."""
     from ..jobs.common import Run
-    from ..jobs.decompose import decompose_dir, settings_for
+    from ..jobs.decompose import decompose_dir, plan_for
 
-    node, slim, measure = settings_for(granularity, recipe, variant, size, max_loss, seed, parse_set(settings))
-    result = decompose_dir(model, out, node, Run(device, data_root, batch_size, overwrite, country),
-                           slim=slim, data=data, classes=classes, measure=measure)
+    plan = plan_for(granularity, recipe, variant, size, max_loss, seed, parse_set(settings))
+    result = decompose_dir(model, out, plan, Run(device, data_root, batch_size, overwrite, country), data=data,
+                           classes=classes)
     if int(os.environ.get("RANK", "0")) == 0:
         emit(result, as_json, f"decomposed {model} into {out}")
 

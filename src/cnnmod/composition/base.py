@@ -17,6 +17,7 @@ from torch import nn
 
 from ..errors import UserError
 from ..modules.base import ClassRef
+from ..modules.kinds import kinds
 
 
 def vote(scores: torch.Tensor) -> torch.Tensor:
@@ -130,19 +131,38 @@ def find_class(refs: Sequence[ClassRef], text: str) -> int:
 
 @dataclass(frozen=True)
 class ComposerKind:
-    """A composition that is a network of its own (not module folders composed as recorded), by its ``mode``: how
-    it is saved (``save(composer, sources, out, overwrite, extra)`` -> its config) and loaded (``load(path,
-    device)`` -> the composer and its source models)."""
+    """A composition that is a network of its own (not module folders composed as recorded), by its ``name`` (the
+    :class:`~cnnmod.modules.kinds.Composing` that builds it): how it is saved (``save(composer, sources, out,
+    overwrite, extra)`` -> its config) and loaded (``load(path, device)`` -> the composer and its source models).
+    Its folder's config records ``granularity`` (the kind of module it was made of) and ``mode``: what
+    :func:`composer_kind_of` recognises it by."""
 
+    name: str
+    granularity: str
     mode: str
     save: Callable[..., dict]
     load: Callable[..., tuple[Composer, list]]
+    summary: Callable[..., dict] = lambda composer, sources: {}
 
 
 COMPOSER_KINDS: dict[str, ComposerKind] = {}
 
 
 def register_composer_kind(kind: ComposerKind) -> ComposerKind:
-    """Make a kind of composition known to the store by its ``mode``."""
-    COMPOSER_KINDS[kind.mode] = kind
+    """Make a kind of composition known to the store by its ``name``."""
+    COMPOSER_KINDS[kind.name] = kind
     return kind
+
+
+def composer_kind_of(config: dict) -> ComposerKind | None:
+    """The composition kind of a folder's config (None for a composition of module folders, which records no
+    ``granularity``: those load as their modules). Folders made before ``mode`` was recorded are merged ones."""
+    if config.get("kind") != "composition" or "granularity" not in config:
+        return None
+    kinds()  # the built-in kinds register their compositions
+    mode = config.get("mode", "merged")
+    found = [k for k in COMPOSER_KINDS.values() if (k.granularity, k.mode) == (config["granularity"], mode)]
+    if not found:
+        raise UserError(f"a composition of {config['granularity']} modules in mode {mode!r}, which this cnnmod does "
+                        "not know: upgrade cnnmod")
+    return found[0]

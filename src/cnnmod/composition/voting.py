@@ -55,21 +55,18 @@ def check_calibration(modules: Sequence[BinaryModule], calibration: str, mode: s
                             "vote")
 
 
-MODES = ("vote", "merged", "fused")
-
-
 def check_mode(modules: Sequence[BinaryModule], mode: str) -> None:
-    """``vote``: the paper's (one masked pass per module, batched); ``merged``: the modules of one source model
-    as one network (the union of their kept nodes, their heads), one pass; ``fused``: one merged pass per
-    source model, their scores side by side."""
-    if mode not in MODES:
-        raise UserError(f"unknown composition mode {mode!r}; choose {', '.join(MODES)}")
+    """``vote``: the paper's (one masked pass per module, batched per source model); ``merged``: the modules of
+    one source model as one pass through the union of what they keep (modules with a ``union_pass``), their
+    heads on it; ``fused``: one such pass per source model, their scores side by side."""
+    if mode not in ("vote", "merged", "fused"):
+        raise UserError(f"a composition of modules runs in «mode» vote, merged or fused, not {mode!r}")
     if mode == "vote":
         return
     if not all(m.union_pass for m in modules):
-        raise UserError(f"«mode» {mode} of this composition merges node-level modules; slim modules merge with "
-                        "cnnmod compose «mode» merged (one model) or «mode» fused (several), and slim and "
-                        "node-level modules together run with «mode» vote")
+        kept = next(m for m in modules if not m.union_pass)
+        raise UserError(f"{kept.ref.qualified} keeps no part of a shared model, so it cannot run in one pass with "
+                        "the others: compose with «mode» vote")
     if mode == "merged" and len({m.source_key for m in modules}) > 1:
         raise UserError("«mode» merged needs modules of one source model; these come from several: use «mode» fused "
                         "(one merged network per source model, their scores fused)")

@@ -25,10 +25,10 @@ from pathlib import Path
 
 import torch
 
-from .. import node, slim  # noqa: F401 -- each kind registers itself in the tables of kinds
 from ..artifacts import CARD, CONFIG, SOURCES_DIR, atomic_folder, read_artifact, read_config
-from ..composition.base import COMPOSER_KINDS, Composer
-from ..composition.voting import check_composable, compose
+from ..composition.base import COMPOSER_KINDS, Composer, composer_kind_of
+from ..composition.build import build, composing_for
+from ..composition.voting import check_composable
 from ..errors import UserError
 from ..models.classifier import Classifier
 from ..models.folder import SourceCache, load_model, save_into
@@ -177,7 +177,7 @@ def module_paths(path: str | os.PathLike) -> list[Path]:
     if config["kind"] == "decomposition":
         return [path / m["path"] for m in config["modules"]]
     if config["kind"] == "composition":
-        if "granularity" in config:  # a network of its own (network_composition)
+        if composer_kind_of(config) is not None:  # a network of its own
             raise UserError(f"{path} is a merged slim composition: one network, not separate modules; evaluate or "
                             "export it as it is")
         return [path / m["path"] for m in config["classes"]]
@@ -218,45 +218,40 @@ def load_source_of(path: str | os.PathLike, device: torch.device | str = "cpu") 
     return load_model(path / config["source"]["path"], device)
 
 
-def save_slim_composition(composer: Composer, sources: Sequence[Classifier], out: str | os.PathLike,
-                          overwrite: bool = False, extra: dict | None = None) -> dict:
-    """A composition that is a network of its own (merged or fused slim), as its kind writes it
-    (:data:`~cnnmod.composition.base.COMPOSER_KINDS`), with its source models beside it."""
-    return COMPOSER_KINDS[composer.mode].save(composer, list(sources), out, overwrite, extra)
+def save_network(name: str, composer: Composer, sources: Sequence[Classifier], out: str | os.PathLike,
+                 overwrite: bool = False, extra: dict | None = None) -> dict:
+    """A composition that is a network of its own (built by the :class:`~cnnmod.modules.kinds.Composing` called
+    ``name``), as its composition kind writes it (:data:`~cnnmod.composition.base.COMPOSER_KINDS`), with its
+    source models beside it."""
+    return COMPOSER_KINDS[name].save(composer, list(sources), out, overwrite, extra)
 
 
 @allows_code
 def load_composer(paths: str | os.PathLike | Sequence[str | os.PathLike], device: torch.device | str = "cpu",
                   calibration: str | None = None, mode: str | None = None) -> tuple[Composer, list[Classifier]]:
-    """Whatever ``paths`` hold as one classifier, and the source models it is measured against: a slim
-    composition folder as its network(s); module, decomposition or composition folders as their modules,
-    composed with ``calibration`` and ``mode`` (default: as the composition folders among them were made)."""
+    """Whatever ``paths`` hold as one classifier, and the source models it is measured against: a composition
+    folder that is a network of its own as its network(s); module, decomposition or composition folders as their
+    modules, composed with ``calibration`` and ``mode`` (default: as the composition folders among them were
+    made)."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
-    whole = network_composition(paths)
+    whole = composer_kind_of(read_config(paths[0])) if len(paths) == 1 else None
     if whole is not None:
-        return COMPOSER_KINDS[whole].load(paths[0], device)
+        return whole.load(paths[0], device)
     modules = load_modules(paths, device)
-    composer = compose(modules, calibration=calibration or composition_setting(paths, "calibration", "none"),
-                       mode=mode or composition_setting(paths, "mode", "vote"))
+    mode = mode or composition_setting(paths, "mode", "vote")
+    composing = composing_for(modules, mode)
+    if composing is not None and composing.network:
+        raise UserError(f"«mode» {mode} makes these modules one network of its own: cnnmod compose "
+                        f"{' '.join(map(str, paths))} --mode {mode} --out DIR makes it; evaluate DIR")
+    composer = build(modules, mode, calibration or composition_setting(paths, "calibration", "none"))
     return composer, composer.sources
 
 
-def network_composition(paths: Sequence[str | os.PathLike]) -> str | None:
-    """The mode of the composition kind (:data:`~cnnmod.composition.base.COMPOSER_KINDS`) when ``paths`` is one
-    composition folder that is a network of its own (a merged or fused slim one), else None (module folders,
-    which load as modules). Such a folder records the granularity of its modules and its mode."""
-    if len(paths) != 1:
-        return None
-    config = read_config(paths[0])
-    if config["kind"] != "composition" or "granularity" not in config:
-        return None
-    return config.get("mode", "merged")
-
-
-def slim_source_dirs(path: str | os.PathLike) -> set[Path]:
-    """The folders of the source models of the slim modules ``path`` stands for (:func:`module_paths`: a
-    decomposition folder, ``DIR:0,6``, or module folders inside a decomposition folder)."""
+def source_dirs(path: str | os.PathLike) -> set[Path]:
+    """The folders of the source models of the modules ``path`` stands for (:func:`module_paths`: a
+    decomposition folder, ``DIR:0,6``, or module folders inside a decomposition folder), which a composition
+    that is a network of its own is fitted from."""
     found = set()
     for p in module_paths(path):
         candidate = p.parent.parent / MODEL_DIR
@@ -268,12 +263,8 @@ def slim_source_dirs(path: str | os.PathLike) -> set[Path]:
     return found
 
 
-def slim_source_of(paths: Sequence[str | os.PathLike], device: torch.device | str = "cpu") -> Classifier:
-    """The source model of slim modules given as decomposition folders or module folders inside one."""
-    found = {d for p in paths for d in slim_source_dirs(p)}
-    if len(found) != 1:
-        raise UserError("«mode» merged needs slim modules of one decomposition folder; these come from "
-                        f"{len(found)}: use «mode» fused (one merged network per model, their scores side by side)")
-    return load_model(found.pop(), device)
-
-
+def source_models(paths: Sequence[str | os.PathLike], device: torch.device | str = "cpu") -> dict[str, Classifier]:
+    """The source models of the modules ``paths`` stand for, each loaded once, by their weights' sha256."""
+    folders = sorted({d for p in paths for d in source_dirs(p)})
+    models = (load_model(f, device) for f in folders)
+    return {m.info["weights_sha256"]: m for m in models}

@@ -10,37 +10,27 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..artifacts import check_output
-from ..composition.base import find_class
+from ..composition.base import COMPOSER_KINDS, find_class
+from ..composition.build import Sources, build, chosen, composing_for, composition_defaults
 from ..composition.voting import check_calibration, check_composable, check_mode
 from ..errors import UserError
-from ..io.store import (
-    composition_setting,
-    load_modules,
-    save_composition,
-    save_slim_composition,
-    slim_source_dirs,
-    slim_source_of,
-)
-from ..models.classifier import split_for
-from ..models.folder import load_model
+from ..io.store import composition_setting, load_modules, save_composition, save_network, source_models
 from ..modules.base import BinaryModule
-from ..modules.kinds import kind_of
+from ..modules.kinds import kind_of, kinds
 from ..progress import say
-from ..recipes import chosen, composition_defaults, merging_overrides, merging_settings
-from ..reuse import continuous_learning, fuse_slim, refit_composition
+from ..reuse import continuous_learning, refit_composition
 from ..runtime import pick_device
-from ..slim.config import SlimSettings
-from ..slim.merged import as_made, merge_slim
 from .common import Run, seconds_since
 from .evaluate import EvaluateSettings, evaluate_dir
 
 
 @dataclass(frozen=True)
 class ComposeSettings:
-    """How ``cnnmod compose`` builds its classifier: continuous learning and refitted heads (node-level modules),
-    how scores are compared (``calibration``) and run (``mode``; None: as :func:`cnnmod.recipes.composition_defaults`
-    chooses for the modules), and, for a merged slim composition, how far it is pruned (``size``, ``max_loss``;
-    ``pruning``: other :class:`SlimSettings` fields over :func:`cnnmod.recipes.merging_settings`)."""
+    """How ``cnnmod compose`` builds its classifier: continuous learning and refitted heads (modules whose kind
+    relearns and refits), how scores are compared (``calibration``) and run (``mode``; None: as
+    :func:`cnnmod.composition.build.chosen` chooses for the modules), and, for a composition with a pruning of its
+    own (a merged slim one), how far it is pruned (``size``, ``max_loss``; ``pruning``: its other fields,
+    :func:`cnnmod.slim.config.merged_settings`)."""
 
     continuous_learning: bool = False
     refit_heads: bool = False
@@ -51,42 +41,37 @@ class ComposeSettings:
     pruning: dict = field(default_factory=dict)
 
     def resolved(self, modules: Sequence[BinaryModule]) -> tuple[ComposeSettings, str]:
-        """The mode and calibration chosen where not given (:func:`cnnmod.recipes.composition_defaults`), and a
-        line saying what was chosen and why ("" when both were given)."""
+        """The mode and calibration chosen where not given (:func:`cnnmod.composition.build.chosen`), and a line
+        saying what was chosen and why ("" when both were given)."""
         mode, calibration, why = chosen(modules, self.mode, self.calibration,
                                         self.continuous_learning or self.refit_heads)
         if self.mode is not None and self.calibration is not None:
             return self, ""
         return replace(self, mode=mode, calibration=calibration), f"mode {mode}, calibration {calibration}: {why}"
 
+    @property
+    def prunes(self) -> dict:
+        """The composition's own pruning, as asked."""
+        asked = {k: v for k, v in (("size", self.size), ("max_loss", self.max_loss)) if v is not None}
+        return {**asked, **self.pruning}
+
     def check(self, modules: Sequence[BinaryModule]) -> None:
         """Everything that can be said against these settings for ``modules`` before any work starts."""
         check_composable(modules)
-        prunes = bool(merging_overrides(self.size, self.max_loss, **self.pruning))
-        slim = [m.ref.qualified for m in modules if not kind_of(m).refits]
-        if (self.refit_heads or self.continuous_learning) and slim:
+        if self.refit_heads or self.continuous_learning:
             what = "«refit_heads»" if self.refit_heads else "«continuous_learning»"
-            raise UserError(f"{what} works on node-level modules; {slim[0]} is a slim module (its head was fitted "
-                            "when it was made): compose node-level modules, or drop the option")
-        if self.slim_network(modules) == "merged":
-            self.slim().check()
-            return
-        if prunes:
-            what = "«size»" if self.size is not None else "«max_loss»"
-            raise UserError(f"{what} prunes a merged slim composition: compose slim modules of one model with "
-                            "«mode» merged")
-        if self.slim_network(modules) is None:
-            check_mode(modules, self.mode)
-            check_calibration(modules, self.calibration, self.mode)
-
-    def slim_network(self, modules: Sequence[BinaryModule]) -> str | None:
-        """The mode where the composition is a network of its own: every module's kind builds one in that mode
-        (:class:`~cnnmod.modules.kinds.ModuleKind` ``networks``: slim modules, merged or fused)."""
-        return self.mode if all(self.mode in kind_of(m).networks for m in modules) else None
-
-    def slim(self) -> SlimSettings:
-        """The merged network's own pruning."""
-        return merging_settings(size=self.size, max_loss=self.max_loss, **self.pruning)
+            kind = next((kind_of(m) for m in modules if not kind_of(m).refits), None)
+            if kind is not None:
+                refitting = " or ".join(k.what for k in kinds().values() if k.refits)
+                raise UserError(f"{what} works on {refitting}; these include {kind.what} (their heads were fitted "
+                                f"when they were made): compose {refitting}, or drop the option")
+        if self.continuous_learning and any(kind_of(m).relearn is None for m in modules):
+            raise UserError("«continuous_learning» needs modules whose kind relearns; compose those, or drop it")
+        composing = composing_for(modules, self.mode, self.prunes)
+        if composing is not None and composing.network:
+            return  # it checks its own settings as it is built
+        check_mode(modules, self.mode)
+        check_calibration(modules, self.calibration, self.mode)
 
 
 def _summary(config: dict, out: Path, started: float) -> dict:
@@ -106,12 +91,15 @@ def compose_dirs(paths: Sequence[str | Path], out: str | Path, settings: Compose
         modules = load_modules(paths, dev)
         s, why = s.resolved(modules)
         s.check(modules)
-        network = s.slim_network(modules)
+        composing = composing_for(modules, s.mode, s.prunes)
         made_from = {"made_from": [str(p) for p in paths]}
-        if network == "merged":
-            result = _merge_slim(paths, modules, out, s, run, dev)
-        elif network == "fused":
-            result = _fuse_slim(paths, modules, out, run, dev)
+        if composing is not None and composing.network:
+            sources = Sources(source_models(paths, dev), data_root=run.data_root, batch_size=run.batch_size)
+            composer = build(modules, s.mode, s.calibration, sources, **s.prunes)
+            models = [sources.models[sha] for sha in dict.fromkeys(composer.source_shas)]
+            save_network(composing.name, composer, models, out, run.overwrite, made_from)
+            result = {"out": str(out), "classes": composer.qualified_names, "mode": s.mode,
+                      **COMPOSER_KINDS[composing.name].summary(composer, models)}
         else:
             if s.continuous_learning:
                 modules = continuous_learning(modules, run.data_root, dev, run.batch_size, refit=s.refit_heads)
@@ -133,40 +121,6 @@ def compose_dirs(paths: Sequence[str | Path], out: str | Path, settings: Compose
         say(f"{out} is made but not evaluated: {e}")
     result["seconds"] = seconds_since(started)
     return {**result, "energy": energy}
-
-
-def _merge_slim(paths, modules: list, out: str | Path, s: ComposeSettings, run: Run, device) -> dict:
-    """Slim modules of one decomposition merged into one network (the union of their kept channels), fitted to
-    the composition's classes, pruned as ``s`` asks, saved."""
-    source = slim_source_of(paths, device)
-    train = split_for(source, None, run.data_root, "train")
-    pruning = merging_overrides(s.size, s.max_loss, **s.pruning)
-    merged = merge_slim(modules, source, train, as_made(modules, **pruning), batch_size=run.batch_size)
-    save_slim_composition(merged, [source], out, run.overwrite, {"made_from": [str(p) for p in paths]})
-    return {"out": str(out), "classes": merged.qualified_names, "mode": "merged", "granularity": "channel",
-            "params_fraction": merged.metrics["params_fraction"],
-            **{k: merged.metrics[k] for k in ("held_out_model_top1", "held_out_top1") if k in merged.metrics}}
-
-
-def _fuse_slim(paths, modules: list, out: str | Path, run: Run, device) -> dict:
-    """``compose --mode fused`` of slim ``modules``: :func:`cnnmod.reuse.fuse_slim`, grouped by model (in
-    the order their modules come), saved."""
-    folders = {d for p in paths for d in slim_source_dirs(p)}
-    models = {m.info["weights_sha256"]: m for m in (load_model(f, device) for f in folders)}
-    by_model: dict[str, list] = {}
-    for m in modules:
-        by_model.setdefault(m.source_sha, []).append(m)
-    missing = [ms[0] for sha, ms in by_model.items() if sha not in models]
-    if missing:
-        raise UserError(f"the source model of {missing[0].ref.qualified} is not in its decomposition folder (its "
-                        "weights differ): fuse modules with the folders they were decomposed into")
-    groups = [(ms, models[sha]) for sha, ms in by_model.items()]
-    fused = fuse_slim(groups, run.data_root, run.batch_size)
-    sources = [source for _, source in groups]
-    save_slim_composition(fused, sources, out, run.overwrite, {"made_from": [str(p) for p in paths]})
-    total = sum(source.params() for source in sources)
-    return {"out": str(out), "classes": fused.qualified_names, "mode": "fused", "granularity": "channel",
-            "parts": len(sources), "params_fraction": round(fused.params() / total, 4)}
 
 
 def inherited_settings(target: str | Path) -> dict:

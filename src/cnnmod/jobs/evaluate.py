@@ -16,7 +16,7 @@ from ..errors import UserError
 from ..io.store import load_composer, load_source_of
 from ..models.classifier import Classifier, test_set_for
 from ..models.folder import load_model
-from ..modules.kinds import kind_of
+from ..modules.kinds import composing_of
 from ..progress import say
 from ..runtime import init_distributed, pick_device
 from .common import Run
@@ -66,8 +66,9 @@ def _merges_otherwise(composer: Composer, paths: list) -> bool:
     """Whether ``paths`` is one decomposition folder whose modules, left to vote here, are of a kind that ``cnnmod
     compose`` makes one merged network of (slim modules): what the user would get differs from what is measured."""
     modules = getattr(composer, "modules_list", None)
-    return (len(paths) == 1 and read_config(paths[0])["kind"] == "decomposition" and bool(modules)
-            and all("merged" in kind_of(m).networks for m in modules))
+    merged = composing_of(modules, "merged") if modules else None
+    return (len(paths) == 1 and read_config(paths[0])["kind"] == "decomposition" and merged is not None
+            and merged.network)
 
 
 def costs(composer: Composer, images, per_module: bool, sources: list[Classifier]) -> dict:

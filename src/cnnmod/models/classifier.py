@@ -140,3 +140,32 @@ def split_for(clf: Classifier, data: str | None, data_root: str | None, split: s
         raise UserError(f"the model takes {'x'.join(map(str, clf.spec.shape))} images but {spec} has "
                         f"{'x'.join(map(str, test.input_shape))}; {fix}")
     return test
+
+
+def as_classifier(model: nn.Module, data: ImageSet) -> Classifier:
+    """A user's plain ``nn.Module`` is taken to have been trained on ``data``'s classes and normalisation (say
+    otherwise with :func:`cnnmod.models.classifier.wrap`)."""
+    if isinstance(model, Classifier):
+        return model
+    return wrap(model, data=data)
+
+
+def check_data(clf: Classifier, data: ImageSet) -> None:
+    if data.num_classes != clf.num_classes:
+        raise UserError(f"the model has {clf.num_classes} classes but the data set {data.name} has "
+                        f"{data.num_classes}; give the data the model was trained on (e.g. --data NAME:0,3,7)")
+    check_class_names(clf, data)
+    own = bool(clf.dataset) and split_spec(clf.dataset)[0] == split_spec(data.name)[0]  # resized in training
+    if data.input_shape != clf.spec.shape and not own:
+        raise UserError(f"the model takes {'x'.join(map(str, clf.spec.shape))} images but {data.name} has "
+                        f"{'x'.join(map(str, data.input_shape))}; give the data the model was trained on")
+
+
+def chosen_classes(clf: Classifier, classes: list[int] | None) -> list[int]:
+    chosen = list(range(clf.num_classes)) if classes is None else list(classes)
+    for c in chosen:
+        if not 0 <= c < clf.num_classes:
+            raise UserError(f"the model has no class {c}: its classes are 0..{clf.num_classes - 1}")
+    if len(set(chosen)) != len(chosen):
+        raise UserError(f"the class list {chosen} names a class twice")
+    return chosen

@@ -1,13 +1,17 @@
-"""The table of module kinds: how each kind of :class:`~cnnmod.modules.base.BinaryModule` is written to and read
-from its folder, and what it can be composed into. A kind registers itself from its own package
-(:mod:`cnnmod.node`, :mod:`cnnmod.slim`); the store, the jobs and the command line ask this table, never a module's
-type. A new kind is one subpackage and one :func:`register_module_kind`."""
+"""The table of module kinds: what each kind of :class:`~cnnmod.modules.base.BinaryModule` is made with (its
+settings type and recipes), how it is made (``decompose``), what it composes into besides voting, how it is
+relearned, and how it is written to and read from its folder. A kind registers itself from its own package
+(:mod:`cnnmod.node`, :mod:`cnnmod.slim`); the API, the jobs, the store and the command line ask this table,
+never a module's type or a kind's name. A new kind is one subpackage and one :func:`register_module_kind`."""
 
 from __future__ import annotations
 
+import importlib
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -16,38 +20,109 @@ from .base import BinaryModule
 
 
 @dataclass(frozen=True)
-class ModuleKind:
-    """One kind of module: its name on disk (a module folder's ``granularity``), how it is written (``write(folder,
-    module, source_path, source_sha)`` -> its config) and read (``load(folder, config, tensors, device, sources)``),
-    which composition modes build a network of its own from modules of the kind (``networks``, e.g. a merged slim
-    network), and whether its heads can be refitted and its nodes relearn other data sets' classes
-    (``refits``)."""
+class Composing:
+    """A composition a kind builds from its modules besides voting, under its own ``name`` (``union-pass``,
+    ``merged-network``, ...), asked for by the user as ``mode`` (``merged``, ``fused``).
+
+    ``build(modules, sources, calibration, **pruning)`` -> the :class:`~cnnmod.composition.base.Composer`;
+    ``sources``: a :class:`~cnnmod.composition.build.Sources` (the source models and their training data).
+    ``network``: the composition is a network of its own, fitted from its source models (saved by the
+    composition kind of the same name, :data:`~cnnmod.composition.base.COMPOSER_KINDS`; it compares no
+    calibrated scores); else it runs the modules themselves and is saved as their folders. ``prunes``: it takes
+    ``size``/``max_loss`` and the other fields of its own pruning."""
 
     name: str
+    mode: str
+    build: Callable[..., Any]
+    network: bool = False
+    prunes: bool = False
+
+
+@dataclass(frozen=True)
+class ModuleKind:
+    """One kind of module.
+
+    - Its name (``--granularity``; a module folder's ``granularity``), ``what`` its modules are called in
+      words (``slim modules``), its ``settings`` type (a frozen dataclass,
+      checked by its ``check()``) and its ``recipes``: ``recipe(name, every_class=, one_process=, **fields)`` ->
+      settings, for the recipe ``names`` it makes (None: its best).
+    - ``decompose(model, data, settings, classes, passes, clock, calibration_samples, done)`` -> its modules of
+      ``classes``, calibrated (``calibration_samples`` None: the kind's default), timed on ``clock``
+      (:class:`~cnnmod.runtime.Clock`: ``decomposition`` and ``calibration``), ``done(module)`` called as each is
+      made. ``fits(model)``: None where the kind can decompose the model, else why not (the default kind is the
+      first registered that fits). ``spreads``: its modules are made one by one, so torchrun spreads classes
+      over processes; else the decomposition shares its passes over data among them.
+      ``describe(model, settings, processes)``: the line said before making.
+    - ``compositions``: what it composes into besides voting (:class:`Composing`); ``relearn(module, data,
+      device, batch_size)``: continuous learning of other data sets' classes (None: it cannot); ``refits``:
+      its heads can be refitted on a composition's classes.
+    - ``write(folder, module, source_path, source_sha)`` -> its config, ``load(folder, config, tensors, device,
+      sources)`` -> the module."""
+
+    name: str
+    what: str
+    settings: type
+    recipe: Callable[..., Any]
+    names: tuple[str, ...]
+    decompose: Callable[..., list[BinaryModule]]
+    describe: Callable[..., str]
     write: Callable[[Path, BinaryModule, str | None, str | None], dict]
     load: Callable[..., BinaryModule]
-    networks: tuple[str, ...] = ()
+    fits: Callable[[Any], str | None] = lambda model: None
+    spreads: bool = False
+    compositions: tuple[Composing, ...] = ()
+    relearn: Callable[..., BinaryModule] | None = None
     refits: bool = False
+
+    def composing(self, mode: str) -> Composing | None:
+        """What it builds in ``mode`` (None: nothing of its own; voting is every kind's)."""
+        return next((c for c in self.compositions if c.mode == mode), None)
 
 
 MODULE_KINDS: dict[str, ModuleKind] = {}
+# the packages of the kinds cnnmod comes with, imported (and so registered) the first time the table is read;
+# a kind of the user's own registers itself when its package is imported
+BUILT_IN = ("cnnmod.node", "cnnmod.slim")
 
 
 def register_module_kind(kind: ModuleKind) -> ModuleKind:
-    """Make a kind of module known to the store, the jobs and the command line by its ``name``."""
+    """Make a kind of module known to the API, the jobs, the store and the command line by its ``name``."""
     MODULE_KINDS[kind.name] = kind
     return kind
 
 
+def kinds() -> dict[str, ModuleKind]:
+    """Every registered kind, by name, in the order registered (the built-in ones first)."""
+    for package in BUILT_IN:
+        if package not in sys.modules:
+            importlib.import_module(package)
+    return MODULE_KINDS
+
+
 def kind_of(module: BinaryModule) -> ModuleKind:
-    return MODULE_KINDS[module.granularity]
+    return kinds()[module.granularity]
 
 
-def kind_named(name: str, where: object) -> ModuleKind:
-    """The kind a folder's config names, or one line saying this cnnmod does not know it."""
-    if name not in MODULE_KINDS:
-        raise UserError(f"{where} is a module of kind {name!r}, which this cnnmod does not know: upgrade cnnmod")
+def kind_named(name: str, where: object = None) -> ModuleKind:
+    """The kind of that name; one line saying which there are (or, for a folder, that this cnnmod does not know
+    it)."""
+    if name not in kinds():
+        if where is not None:
+            raise UserError(f"{where} is a module of kind {name!r}, which this cnnmod does not know: upgrade cnnmod")
+        raise UserError(f"unknown granularity {name!r}; use {' or '.join(MODULE_KINDS)}")
     return MODULE_KINDS[name]
+
+
+def composing_of(modules, mode: str) -> Composing | None:
+    """What ``modules`` build together in ``mode``: the one :class:`Composing` their kinds share for it (None
+    when they share none: voting, or a mode their kinds do not build together)."""
+    found = {id(c): c for c in (kind_of(m).composing(mode) for m in modules)}
+    return next(iter(found.values())) if len(found) == 1 and None not in found.values() else None
+
+
+def modes() -> tuple[str, ...]:
+    """Every composition mode: voting, and each one a registered kind builds."""
+    return ("vote", *dict.fromkeys(c.mode for k in kinds().values() for c in k.compositions))
 
 
 def typical_tensors(m: BinaryModule) -> dict[str, torch.Tensor]:

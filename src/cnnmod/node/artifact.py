@@ -1,6 +1,5 @@
 """Node-level module folders: the paper's masks, bit-packed (zlib-compressed where that pays), and the two-way
-head; the module points at its source model by a relative path and the source's weights sha256. The kind
-registers itself in :data:`~cnnmod.modules.kinds.MODULE_KINDS` as ``node``."""
+head; the module points at its source model by a relative path and the source's weights sha256."""
 
 from __future__ import annotations
 
@@ -16,7 +15,7 @@ from ..core.bits import pack_bits, unpack_bits
 from ..errors import UserError
 from ..models.folder import SourceCache
 from ..modules.base import ModuleRecord
-from ..modules.kinds import ModuleKind, detector_lines, register_module_kind, typical_of, typical_tensors
+from ..modules.kinds import detector_lines, typical_of, typical_tensors
 from .module import Module
 
 
@@ -106,5 +105,3 @@ def load_node(path: Path, config: dict, tensors: dict[str, torch.Tensor], device
     m = Module(clf, graph, config["concerned_class"], masks, head_w, head_b, record)
     return m.to(device)
 
-
-register_module_kind(ModuleKind("node", write_node, load_node, refits=True))

@@ -20,12 +20,11 @@ from ..core.graph import ModelGraph
 from ..core.masking import binary_head
 from ..core.observe import ActivationStats, Sampling, observe, tangling_budget
 from ..data.dataset import ImageSet
-from ..data.registry import split_spec
 from ..data.torch_dataset import as_image_set
 from ..errors import UserError
-from ..models.classifier import Classifier, check_class_names, wrap
+from ..models.classifier import as_classifier, check_data, chosen_classes
 from ..modules.base import ModuleRecord
-from ..runtime import Distributed, Passes
+from ..runtime import Clock, Distributed, Passes
 from .module import Module
 
 VARIANTS = ("mc", "mc-bln", "mc-bi")
@@ -60,35 +59,6 @@ class DecomposeSettings:
             raise UserError(f"«ci_samples» must be at least 1, got {self.ci_samples}")
         if self.calibration_samples < 0:
             raise UserError(f"«calibration_samples» must be >= 0, got {self.calibration_samples}")
-
-
-def as_classifier(model: nn.Module, data: ImageSet) -> Classifier:
-    """A user's plain ``nn.Module`` is taken to have been trained on ``data``'s classes and normalisation (say
-    otherwise with :func:`cnnmod.models.classifier.wrap`)."""
-    if isinstance(model, Classifier):
-        return model
-    return wrap(model, data=data)
-
-
-def check_data(clf: Classifier, data: ImageSet) -> None:
-    if data.num_classes != clf.num_classes:
-        raise UserError(f"the model has {clf.num_classes} classes but the data set {data.name} has "
-                        f"{data.num_classes}; give the data the model was trained on (e.g. --data NAME:0,3,7)")
-    check_class_names(clf, data)
-    own = bool(clf.dataset) and split_spec(clf.dataset)[0] == split_spec(data.name)[0]  # resized in training
-    if data.input_shape != clf.spec.shape and not own:
-        raise UserError(f"the model takes {'x'.join(map(str, clf.spec.shape))} images but {data.name} has "
-                        f"{'x'.join(map(str, data.input_shape))}; give the data the model was trained on")
-
-
-def chosen_classes(clf: Classifier, classes: list[int] | None) -> list[int]:
-    chosen = list(range(clf.num_classes)) if classes is None else list(classes)
-    for c in chosen:
-        if not 0 <= c < clf.num_classes:
-            raise UserError(f"the model has no class {c}: its classes are 0..{clf.num_classes - 1}")
-    if len(set(chosen)) != len(chosen):
-        raise UserError(f"the class list {chosen} names a class twice")
-    return chosen
 
 
 def keep_masks(stats: ActivationStats, concerned: int, tau: float = 0.0) -> dict[str, torch.Tensor]:
@@ -145,13 +115,14 @@ def apply_variant(graph: ModelGraph, masks: dict[str, torch.Tensor], head_weight
 
 def decompose(model: nn.Module, data: ImageSet, variant: str | None = None, *, classes: list[int] | None = None,
               settings: DecomposeSettings | None = None, passes: Passes | None = None,
-              stats: ActivationStats | None = None) -> list[Module]:
+              stats: ActivationStats | None = None, clock: Clock | None = None) -> list[Module]:
     """One module per class (or per class in ``classes``) of ``model``, observed on ``data`` (its training split:
     an :class:`ImageSet`, or a torch Dataset of (image, label) pairs).
 
     ``settings`` holds every switch; ``variant``, when given, overrides ``settings.variant``. ``passes``: the
     device (default: the model's), batch size, torchrun processes and progress of the passes over ``data``.
-    ``stats`` reuses an earlier observation pass (all three variants come from the same one).
+    ``stats`` reuses an earlier observation pass (all three variants come from the same one). ``clock``: where
+    the decomposition and the calibration are timed for the job (each module records its own seconds too).
     """
     passes = passes or Passes()
     device, batch_size, dd = passes.device, passes.batch_size, passes.dd
@@ -168,25 +139,28 @@ def decompose(model: nn.Module, data: ImageSet, variant: str | None = None, *, c
     chosen = chosen_classes(clf, classes)
     graph = ModelGraph(clf.net, clf.spec.shape)
     graph.require_relu()
+    clock = clock or Clock()
     started = time.perf_counter()
-    if stats is None:
-        sampling = Sampling(s.ci_samples, s.seed, s.correct_only, counts=s.tau > 0)
-        stats = observe(clf.net, graph, clf.prepare, data, sampling, replace(passes, device=device))
-    weight, bias = (t.cpu() for t in graph.head.linear_map(clf.net))
-    modules = []
-    scratch = weight.new_empty((weight.shape[0] - 1, weight.shape[1]))
-    for c in chosen:
-        hw, hb = binary_head(weight, bias, c, scratch)
-        masks = module_masks(graph, stats, c, hw, s)
-        recorded = {**asdict(s), "observed": int(stats.observed[c])}
-        modules.append(Module(clf, graph, c, masks, hw, hb, ModuleRecord(recorded)).to(device))
+    with clock("decomposition"):
+        if stats is None:
+            sampling = Sampling(s.ci_samples, s.seed, s.correct_only, counts=s.tau > 0)
+            stats = observe(clf.net, graph, clf.prepare, data, sampling, replace(passes, device=device))
+        weight, bias = (t.cpu() for t in graph.head.linear_map(clf.net))
+        modules = []
+        scratch = weight.new_empty((weight.shape[0] - 1, weight.shape[1]))
+        for c in chosen:
+            hw, hb = binary_head(weight, bias, c, scratch)
+            masks = module_masks(graph, stats, c, hw, s)
+            recorded = {**asdict(s), "observed": int(stats.observed[c])}
+            modules.append(Module(clf, graph, c, masks, hw, hb, ModuleRecord(recorded)).to(device))
     seconds = time.perf_counter() - started
     for m in modules:
         m.metrics["kept_fraction"] = round(m.kept_fraction(), 6)
         m.settings["decomposition_seconds"] = round(seconds, 3)
     if s.calibration_samples > 0:
         started = time.perf_counter()
-        calibrate_sharded(modules, data, s.calibration_samples, s.seed, batch_size, dd, passes.progress)
+        with clock("calibration"):
+            calibrate_sharded(modules, data, s.calibration_samples, s.seed, batch_size, dd, passes.progress)
         for m in modules:
             m.settings["calibration_seconds"] = round(time.perf_counter() - started, 3)
     return modules

@@ -1,8 +1,7 @@
 """Slim module and slim composition folders: a slim module holds its own network (its source's architecture,
 sliced as recorded: ``removed``) and loads without its source model; a merged slim composition is one such network
 with a head row per class, its source model beside it for comparisons; a fused one holds a merged one per source
-model under ``parts/``. The kinds register themselves: the module kind ``channel``, the composition kinds
-``merged`` and ``fused``."""
+model under ``parts/``."""
 
 from __future__ import annotations
 
@@ -14,7 +13,6 @@ import torch
 from torch import nn
 
 from ..artifacts import SOURCES_DIR, atomic_folder, read_artifact, write_into
-from ..composition.base import ComposerKind, register_composer_kind
 from ..core.channels import slice_network
 from ..core.graph import ModelGraph
 from ..core.units import canonical, find_units, parse_heads
@@ -24,7 +22,7 @@ from ..models.classifier import Classifier
 from ..models.folder import SourceCache, load_model, load_weights, save_into
 from ..models.reference import allows_code
 from ..modules.base import ModuleRecord
-from ..modules.kinds import ModuleKind, detector_lines, register_module_kind, typical_of, typical_tensors
+from ..modules.kinds import detector_lines, typical_of, typical_tensors
 from .merged import FusedSlim, MergedSlim
 from .module import SlimModule
 
@@ -173,16 +171,12 @@ def load_merged_slim(path: str | os.PathLike, device: torch.device | str = "cpu"
     return merged.to(device).eval(), load_model(path / config["source_path"], device)
 
 
-def _save_merged(merged: MergedSlim, sources: list[Classifier], out: str | os.PathLike, overwrite: bool = False,
+def save_merged(merged: MergedSlim, sources: list[Classifier], out: str | os.PathLike, overwrite: bool = False,
                  extra: dict | None = None) -> dict:
     return save_merged_slim(merged, sources[0], out, overwrite, extra)
 
 
-def _load_merged(path: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[MergedSlim, list]:
+def load_merged(path: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[MergedSlim, list]:
     merged, source = load_merged_slim(path, device)
     return merged, [source]
 
-
-register_module_kind(ModuleKind("channel", write_slim, load_slim, networks=("merged", "fused")))
-register_composer_kind(ComposerKind("merged", _save_merged, _load_merged))
-register_composer_kind(ComposerKind("fused", save_fused_slim, load_fused_slim))

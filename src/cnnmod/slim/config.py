@@ -60,11 +60,6 @@ class SlimSettings:
             return self
         return replace(self, size=0.01 if self.max_loss is not None else default)
 
-    def merging(self) -> SlimSettings:
-        """A merged composition's own pruning: smaller steps over every observed input (a merged network keeps
-        several classes' channels, so each step weighs more of what they share)."""
-        return replace(self.resolved(1.0), step=0.1, step_samples=None)
-
     def check(self) -> None:
         if self.size is not None and not 0 < self.size <= 1:
             raise UserError(f"«size» is a fraction of the model's parameters in (0, 1], got {self.size}")
@@ -111,3 +106,58 @@ RECIPES = {
     "small": SlimSettings(size=0.25, rule="fisher", budget="total", step=0.5, step_samples=256, scale_epochs=3,
                           scale_bn=True, reconstruct=True, joint_heads=3.0, recipe="small"),
 }
+
+
+SMALL_BELOW = 0.5  # the best slim recipe is ``small`` for sizes under this, ``cheap`` from it up
+NOT_GIVEN = ("recipe",)  # a recipe's own name is not a setting
+
+
+def slim_settings(recipe: str | None = None, *, every_class: bool = True, one_process: bool = True,
+                  **given) -> SlimSettings:
+    """Slim settings: the named recipe, ``given`` fields overriding it. With none named (``best``): ``cheap``
+    at ``size`` 0.5 or more (the default size is 0.5), ``small`` below; by ``max_loss``, ``cheap`` with each
+    module's own budget. ``best`` fits itself to the run: without ``every_class`` the heads are not refitted
+    together (that needs a module of every class), and under torchrun (not ``one_process``) each module is
+    pruned alone. A recipe named explicitly is taken as it is (and refused where it cannot run)."""
+    name = recipe or "best"
+    if name != "best" and name not in RECIPES:
+        raise UserError(f"«recipe» {name} does not make slim modules; use best, {' or '.join(RECIPES)}")
+    if name != "best":
+        return replace(RECIPES[name], **given)
+    size, max_loss = given.get("size"), given.get("max_loss")
+    chosen = "small" if size is not None and size < SMALL_BELOW else "cheap"
+    fitted: dict = {}
+    if max_loss is not None:
+        fitted.update(budget="module", size=None)  # as far as the loss allows (``size`` given: a floor)
+    if not every_class:
+        fitted["joint_heads"] = 0.0
+    if not one_process:
+        fitted.update(budget="module", joint_heads=0.0)
+    s = replace(RECIPES[chosen], **{**fitted, **given})
+    return s if s.size is not None or s.max_loss is not None else replace(s, size=MODULE_SIZE)
+
+
+# what a merged composition's own pruning may be told (``compose --size``, ``--max-loss``, ``--set KEY=VALUE``)
+PRUNING = ("size", "max_loss", "rule", "reconstruct", "scale_epochs", "scale_bn", "cost", "multiple")
+
+
+def merged_settings(made: dict, size: float | None = None, max_loss: float | None = None,
+                    **given) -> SlimSettings:
+    """How slim modules made with the settings ``made`` (one module's record) merge into one network: observed
+    on as many inputs, with the same seed. Pruned further only when ``size`` or ``max_loss`` asks (the other
+    :data:`PRUNING` fields shape how): Fisher importance, least-squares reconstruction, then channel scales and
+    BatchNorm's affine learned for the composition's classes (the recipe measured on the seven pairs of
+    BENCHMARKS.md)."""
+    unknown = [k for k in given if k not in PRUNING]
+    if unknown:
+        raise UserError(f"{unknown[0]!r} is not a setting of a merged slim composition's pruning; they are: "
+                        f"{', '.join(PRUNING)}")
+    if size is None and max_loss is None and given:
+        raise UserError(f"«{next(iter(given))}» shapes how «size» prunes a merged slim composition: give «size» "
+                        "too, or drop it")
+    pruning = {} if size is None and max_loss is None else {
+        "rule": "fisher", "reconstruct": True, "scale_epochs": 3, "scale_bn": True, **given,
+        "size": size, "max_loss": max_loss}
+    s = SlimSettings(samples=made.get("samples", 256), seed=made.get("seed", 0), **pruning)
+    s.check()
+    return s

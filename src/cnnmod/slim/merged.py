@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import torch
 from torch import nn
@@ -101,13 +102,6 @@ class FusedSlim(Composer):
         return torch.cat([p(images) for p in self.parts], 1)
 
 
-def as_made(modules: list[SlimModule], **overrides) -> SlimSettings:
-    """Settings to merge slim modules as they were made: as many observed inputs, the same seed; ``overrides``
-    (:class:`SlimSettings` fields) shape the merged network's own pruning."""
-    made = modules[0].settings
-    return SlimSettings(samples=made.get("samples", 256), seed=made.get("seed", 0), **overrides)
-
-
 def merge_slim(modules: list[SlimModule], source: Classifier, data: ImageSet, settings: SlimSettings, *,
                held_per_class: int = 1000, foreign: list[ImageSet] | None = None,
                batch_size: int = 256) -> MergedSlim:
@@ -130,7 +124,9 @@ def merge_slim(modules: list[SlimModule], source: Classifier, data: ImageSet, se
         raise UserError("«mode» merged needs slim modules of one source model; these come from several")
     started = time.perf_counter()
     size, max_loss, samples, seed = settings.size, settings.max_loss, settings.samples, settings.seed
-    s = settings.merging()
+    # a merged network keeps several classes' channels, so each step weighs more of what they share: smaller
+    # steps, over every observed input
+    s = replace(settings.resolved(1.0), step=0.1, step_samples=None)
     s.check()
     heads = modules[0].settings.get("heads")
     frozen = frozen_copy(source.net, source.spec.shape, parse_heads(heads))
