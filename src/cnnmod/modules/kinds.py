@@ -80,9 +80,10 @@ class ModuleKind:
 
 
 MODULE_KINDS: dict[str, ModuleKind] = {}
-# the packages of the kinds cnnmod comes with, imported (and so registered) the first time the table is read;
-# a kind of the user's own registers itself when its package is imported
-BUILT_IN = ("cnnmod.node", "cnnmod.slim")
+# the packages of the kinds cnnmod comes with and the kinds they register, imported (and so registered) the first
+# time the table is read, and first in it in this order (the default kind is the first that fits a model); a
+# kind of the user's own registers itself when its package is imported, and comes after them
+BUILT_IN = {"cnnmod.node": "node", "cnnmod.slim": "channel"}
 
 
 def register_module_kind(kind: ModuleKind) -> ModuleKind:
@@ -96,6 +97,11 @@ def kinds() -> dict[str, ModuleKind]:
     for package in BUILT_IN:
         if package not in sys.modules:
             importlib.import_module(package)
+    built_in = [n for n in BUILT_IN.values() if n in MODULE_KINDS]
+    if list(MODULE_KINDS)[:len(built_in)] != built_in:  # registered in another order: the built-in ones first
+        ordered = {n: MODULE_KINDS[n] for n in built_in} | MODULE_KINDS
+        MODULE_KINDS.clear()
+        MODULE_KINDS.update(ordered)
     return MODULE_KINDS
 
 
