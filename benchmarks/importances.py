@@ -8,9 +8,16 @@ from __future__ import annotations
 
 import torch
 
-from cnnmod.core.channels import cost_per_channel, gated, sliced_cost
 from cnnmod.core.observe import hooks
-from cnnmod.slim.importance import Importance, register_channel_cost, register_importance
+from cnnmod.slim.channels import gated
+from cnnmod.slim.importance import (
+    Importance,
+    StepView,
+    flops_cost,
+    params_cost,
+    register_channel_cost,
+    register_importance,
+)
 
 
 @register_importance
@@ -20,28 +27,26 @@ class ActivationRate(Importance):
 
     name = "activation"
 
-    def __call__(self, pruner) -> list[torch.Tensor]:
-        x, targets, _ = pruner.step_view()
-        mine = x[targets.any(1)]
+    def __call__(self, view: StepView) -> list[torch.Tensor]:
+        mine = view.x[view.targets.any(1)]
         counts: dict[str, torch.Tensor] = {}
 
         def count(p, out):
             active = (out > 0).flatten(2).any(2) if out.dim() > 2 else out > 0
             counts[p.name] = counts.get(p.name, 0) + active.float().sum(0).cpu()
 
-        with torch.no_grad(), hooks(pruner.net, pruner.graph.points, count), \
-                gated(pruner.net, pruner.graph, pruner.groups, pruner.gates):
-            for xb in pruner.batches(mine):
-                pruner.net(xb)
-        return [sum(counts[p] for p in g["points"]) / max(len(mine), 1) for g in pruner.groups.groups]
+        with torch.no_grad(), hooks(view.net, view.graph.points, count), \
+                gated(view.net, view.graph, view.groups, view.gates):
+            for xb in view.batches(mine):
+                view.net(xb)
+        return [sum(counts[p] for p in g.points) / max(len(mine), 1) for g in view.groups.groups]
 
 
-def params_and_flops(pruner) -> list[torch.Tensor]:
+def params_and_flops(net, graph, groups, input_shape) -> list[torch.Tensor]:
     """Per group, one channel's share of the model's parameters plus its share of the model's FLOPs."""
-    shape, head = pruner.source.spec.shape, pruner.graph.head
-    total_flops = sliced_cost(pruner.net, shape, {}, head, "flops")
-    flops = cost_per_channel(pruner.net, pruner.groups, shape, head, "flops")
-    return [p / pruner.total_params + f / total_flops for p, f in zip(pruner.per_channel, flops, strict=True)]
+    total_params = sum(p.numel() for p in net.parameters())
+    return [p / total_params + f for p, f in zip(params_cost(net, graph, groups, input_shape),
+                                                  flops_cost(net, graph, groups, input_shape), strict=True)]
 
 
 register_channel_cost("both", params_and_flops)

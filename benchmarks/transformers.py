@@ -27,13 +27,14 @@ from slim_cost import training_estimate
 
 import cnnmod
 from cnnmod.composition.evaluate import evaluate_against_model
+from cnnmod.core.attention import canonical
 from cnnmod.core.cost import cost_report
 from cnnmod.core.graph import ModelGraph
-from cnnmod.core.units import canonical, find_units
 from cnnmod.data import load
 from cnnmod.models.folder import load_model
 from cnnmod.slim.config import slim_settings
 from cnnmod.slim.make import slim_modules
+from cnnmod.slim.units import find_units
 
 CPU = torch.device("cpu")
 

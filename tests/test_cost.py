@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 from families import HFAttention, MHAWrapper, TimmAttention
 
+from cnnmod.core.attention import HeadAttention
 from cnnmod.core.cost import count_flops
-from cnnmod.core.units import HeadAttention
 
 N, D, H = 17, 32, 4  # tokens (16 patches and a class token), width, heads
 

@@ -12,7 +12,6 @@ import torch
 from conftest import random_data, run, slim_with_reference, source, stopped_training
 
 import cnnmod
-from cnnmod.core.channels import classifier_input, gated
 from cnnmod.core.cost import cost_report
 from cnnmod.jobs.train import train
 from cnnmod.models.train import TrainSettings
@@ -20,6 +19,7 @@ from cnnmod.node.method import DecomposeSettings, decompose
 from cnnmod.runtime import Passes
 from cnnmod.slim import SlimSettings, merge_slim, slim_module
 from cnnmod.slim.artifact import load_merged_slim, save_merged_slim
+from cnnmod.slim.channels import classifier_input, gated
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

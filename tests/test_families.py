@@ -13,7 +13,6 @@ from torch import nn
 
 import cnnmod
 from cnnmod.composition.evaluate import evaluate_against_model
-from cnnmod.core.channels import classifier_input, closed_channels, fold_gates, frozen_copy, gated, slice_network
 from cnnmod.core.graph import ModelGraph
 from cnnmod.core.masking import binary_head, masked_features
 from cnnmod.data import load
@@ -26,6 +25,7 @@ from cnnmod.node import DecomposeSettings, decompose
 from cnnmod.node.method import marked_features
 from cnnmod.node.module import Module
 from cnnmod.slim import SlimSettings, slim_module
+from cnnmod.slim.channels import classifier_input, closed_channels, fold_gates, frozen_copy, gated, slice_network
 
 SHAPE = (1, 16, 16)
 GATED = {"se_resnet", "attention_resnet", "ghostnet"}  # a gate reads the nodes MC-BI may switch off (by design)
@@ -222,8 +222,8 @@ def test_channel_scales_fold_into_the_sliced_network_exactly(name):
     g = torch.Generator().manual_seed(0)
     gates = []
     for group in groups.groups:
-        gate = torch.rand(group["channels"], generator=g) * 1.9 + 0.1
-        gate[torch.rand(group["channels"], generator=g) < 0.3] = 0.0
+        gate = torch.rand(group.channels, generator=g) * 1.9 + 0.1
+        gate[torch.rand(group.channels, generator=g) < 0.3] = 0.0
         gate[0] = 0.7  # every group keeps a channel
         gates.append(gate)
     w, b = graph.head.linear_map(net)

@@ -149,7 +149,8 @@ def test_a_kind_registered_from_outside_goes_through_the_command_line(margin_kin
 
     # each module's score, by hand from the model: sigmoid(z_c - mean of the other logits)
     model = cnnmod.load_model(tmp_path / "m")
-    images = torch.randint(0, 256, (5, *model.spec.shape), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    images = torch.randint(0, 256, (5, *model.spec.shape), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         z = model.net(model.prepare(images))
         expected = torch.stack([torch.sigmoid(z[:, c] - (z.sum(1) - z[:, c]) / 2) for c in (0, 2)], 1)

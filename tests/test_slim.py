@@ -19,7 +19,6 @@ from conftest import assert_user_error, random_data, run, slim_with_reference, s
 import cnnmod
 from cnnmod.composition.fitting import calibration_set
 from cnnmod.core.calibrate import TYPICAL_ALPHA, fit_head, source_log_odds, typicality
-from cnnmod.core.channels import classifier_input, cost_per_channel, frozen_copy, gated, reestimate_bn
 from cnnmod.core.graph import ModelGraph
 from cnnmod.core.observe import class_order
 from cnnmod.data.transforms import InputSpec
@@ -28,6 +27,7 @@ from cnnmod.models import build
 from cnnmod.models.classifier import Classifier
 from cnnmod.models.train import split_train_val
 from cnnmod.slim import ModuleMaker, SlimSettings, slim_module, slim_modules
+from cnnmod.slim.channels import classifier_input, cost_per_channel, frozen_copy, gated, reestimate_bn
 from cnnmod.slim.importance import Fisher, Taylor
 from cnnmod.slim.make import Pools, source_margin
 from cnnmod.slim.pruner import Margins, Pruner, step_rows
@@ -150,10 +150,10 @@ def test_head_fitted_to_a_teachers_probabilities_recovers_the_teacher():
 
 def test_cost_per_channel_counts_every_coupled_layer():
     clf = source("cnn")  # 1x12x12 -> conv 16 (3x3) -> pool -> conv 32 (3x3) -> pool -> 32x3x3 -> dense 64 -> head
-    from cnnmod.core.channels import frozen_copy
+    from cnnmod.slim.channels import frozen_copy
 
     graph, net, groups = frozen_copy(clf.net, clf.spec.shape)
-    roots = [g["roots"][0] for g in groups.groups]
+    roots = [g.root for g in groups.groups]
     params = dict(zip(roots, cost_per_channel(net, groups, clf.spec.shape, graph.head, "params"), strict=True))
     assert params["conv1"] == 1 * 9 + 1 + 32 * 9         # its kernel and bias, and conv2's input slice
     assert params["conv2"] == 16 * 9 + 1 + 3 * 3 * 64    # its kernel and bias, 9 flattened inputs of the dense
@@ -403,7 +403,7 @@ def test_channel_groups_torch_pruning_cannot_slice_are_kept_whole_and_named():
     m, (net, graph, groups, gates, hw, hb) = slim_with_reference(
         clf, random_data(per_class=20), 1, SlimSettings(size=0.4, samples=40, step=0.2))
     assert [layer for layer, _ in groups.unsliceable] == ["conv1"]  # its channels meet the fixed reshape
-    assert [g["roots"] for g in groups.groups] == [["conv2"]]
+    assert [g.roots for g in groups.groups] == [["conv2"]]
     assert not m.removed.get("conv1") and m.removed["conv2"]
     x = torch.randn(5, 1, 12, 12)
     with torch.no_grad(), gated(net, graph, groups, gates):
@@ -1110,7 +1110,7 @@ def _doubled_unit_mlp():
     s = SlimSettings(size=0.5, reconstruct=True, step_samples=None).resolved(0.5)
     pruner = Pruner(clf, s, Margins(x, (torch.arange(300) % 4 == 1)[:, None], None,
                                     torch.randn(1, 12, generator=torch.Generator().manual_seed(2)), torch.zeros(1)))
-    group = next(i for i, g in enumerate(pruner.groups.groups) if "features.1" in g["roots"])
+    group = next(i for i, g in enumerate(pruner.groups.groups) if "features.1" in g.roots)
     pruner.gates[group][5] = 0.0
     pruner.narrow()  # as a pruning step's refresh does: the network sliced to its open channels
     return clf, pruner, x
@@ -1224,8 +1224,8 @@ def test_reconstructed_slim_module_is_cut_alike_exact_and_nearer_the_model():
             assert torch.allclose(made(x), f @ hw.T + hb, atol=1e-4)
         kept = torch.ones(want.shape[1], dtype=torch.bool)  # the model's features the module still reads
         for group in full.groups:
-            closed = torch.tensor(made.removed.get(group["roots"][0], []), dtype=torch.long)
-            for layer, index, root in group["consumers"]:
+            closed = torch.tensor(made.removed.get(group.root, []), dtype=torch.long)
+            for layer, index, root in group.consumers:
                 if layer == graph.head.layer:
                     kept[index[torch.isin(root, closed)]] = False
         assert f.shape[1] == int(kept.sum())  # the narrowed network computes those and no other

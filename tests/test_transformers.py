@@ -14,12 +14,12 @@ from families import HFSelfAttention, SmallViT, TimmAttention
 from torch import nn
 
 import cnnmod
-from cnnmod.core.channels import frozen_copy
-from cnnmod.core.units import HeadAttention, canonical, to_canonical
+from cnnmod.core.attention import HeadAttention, canonical, to_canonical
 from cnnmod.data.transforms import InputSpec
 from cnnmod.errors import UserError
 from cnnmod.models.classifier import Classifier
 from cnnmod.models.folder import save_into
+from cnnmod.slim.channels import frozen_copy
 
 SHAPE = (1, 16, 16)
 
@@ -111,7 +111,7 @@ def vit_with(attention: type, dim: int = 32, heads: int = 4) -> nn.Module:
 def test_a_head_count_the_layer_does_not_record_is_read_off_its_outputs_or_given():
     net = vit_with(Unlabelled)
     graph, frozen, groups = frozen_copy(net, SHAPE)
-    assert [(g["roots"][0], g["channels"]) for g in groups.groups if g["unit"] == "heads"] == \
+    assert [(g.root, g.channels) for g in groups.groups if g.unit == "heads"] == \
         [("blocks.0.attn", 4), ("blocks.1.attn", 4)]
     tiny = vit_with(Unlabelled, dim=8, heads=4)  # heads of 2 features: too narrow to be read off
     with pytest.raises(UserError, match=r"cannot read the head count of the attention layer 'blocks.0.attn' "

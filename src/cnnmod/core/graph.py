@@ -29,8 +29,8 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from ..errors import UserError
 from . import ops
+from .attention import is_attention
 from .ops import Node
-from .units import is_attention
 
 
 @dataclass(frozen=True)

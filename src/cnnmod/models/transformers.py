@@ -3,7 +3,7 @@
 and ``convnext_tiny`` (linear MLP on channels-last tokens)), so that a timm checkpoint loads as it is.
 ``tests/fixtures/timm_1.0.31.json`` records timm's keys, shapes and outputs; the tests compare.
 
-Attention is :class:`cnnmod.core.units.HeadAttention` (timm's ``qkv``/``proj``): the form slim modules cut heads
+Attention is :class:`cnnmod.core.attention.HeadAttention` (timm's ``qkv``/``proj``): the form slim modules cut heads
 of. Every forward is traceable by torch.fx (no shape unpacking, no control flow on values).
 """
 
@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.units import HeadAttention
+from ..core.attention import HeadAttention
 
 EPS = 1e-6  # timm's LayerNorm eps for both families
 

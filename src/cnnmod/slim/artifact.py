@@ -13,9 +13,8 @@ import torch
 from torch import nn
 
 from ..artifacts import SOURCES_DIR, atomic_folder, read_artifact, write_into
-from ..core.channels import slice_network
+from ..core.attention import canonical, parse_heads
 from ..core.graph import ModelGraph
-from ..core.units import canonical, find_units, parse_heads
 from ..data.transforms import InputSpec
 from ..models import build
 from ..models.classifier import Classifier
@@ -23,8 +22,10 @@ from ..models.folder import SourceCache, load_model, load_weights, save_into
 from ..models.reference import allows_code
 from ..modules.base import ModuleRecord
 from ..modules.kinds import detector_lines, typical_of, typical_tensors
+from .channels import slice_network
 from .merged import FusedSlim, MergedSlim
 from .module import SlimModule
+from .units import find_units
 
 PARTS_DIR = "parts"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from ..core.units import parse_heads
+from ..core.attention import parse_heads
 from ..errors import UserError
 from .importance import CHANNEL_COSTS, IMPORTANCES
 

@@ -1,6 +1,7 @@
 """Channel importance for slim pruning (docs/method.md, "Slim modules"): an :class:`Importance` scores every open
-channel of a :class:`~cnnmod.slim.pruner.Pruner` by what closing it would cost the margins it prunes for, and a
-channel cost (:data:`CHANNEL_COSTS`) says what the importance is divided by when channels are ranked.
+channel, from what a pruning step shows it (:class:`StepView`), by what closing it would cost the margins it
+prunes for, and a channel cost (:data:`CHANNEL_COSTS`) says what the importance is divided by when channels are
+ranked.
 
 A new importance is a subclass registered by name (:func:`register_importance`); ``SlimSettings.rule`` names it.
 A new channel cost is a function registered by name (:func:`register_channel_cost`); ``SlimSettings.cost`` names
@@ -11,22 +12,48 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+from torch import nn
 
-from ..core.channels import classifier_input, cost_per_channel, gated, sliced_cost
+from ..core.graph import ModelGraph
+from .channels import ChannelGroups, classifier_input, cost_per_channel, gated, sliced_cost
+
+
+@dataclass(frozen=True)
+class StepView:
+    """What an importance reads at a pruning step: the network (``net``, its ``graph``, its channel ``groups``)
+    with a gate per group (``gates``: 1 open, 0 closed), the step's inputs ``x`` with their ``targets`` (N, K)
+    and the source's probabilities ``soft`` (None: the targets), the K head rows (``w``, ``b``) over the
+    network's features, and the margins' ``loss(logits, targets, soft)``; passes run ``batch_size`` inputs at a
+    time (:meth:`batches`)."""
+
+    net: nn.Module
+    graph: ModelGraph
+    groups: ChannelGroups
+    gates: list[torch.Tensor]
+    x: torch.Tensor
+    targets: torch.Tensor
+    soft: torch.Tensor | None
+    w: torch.Tensor
+    b: torch.Tensor
+    loss: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+    batch_size: int
+
+    def batches(self, t: torch.Tensor) -> list[torch.Tensor]:
+        return [t[i:i + self.batch_size] for i in range(0, t.shape[0], self.batch_size)]
 
 
 class Importance(ABC):
-    """Called with a :class:`~cnnmod.slim.pruner.Pruner` (this module never imports it: the pruner builds its
-    importance by name): per group of the pruner's network, a score per channel (C,) on the CPU; the larger, the
-    more the margins lose when it closes. Closed channels' scores are never read."""
+    """Called with a :class:`StepView`: per group, a score per channel (C,) on the CPU; the larger, the more the
+    margins lose when it closes. Closed channels' scores are never read."""
 
     name: ClassVar[str]
 
     @abstractmethod
-    def __call__(self, pruner) -> list[torch.Tensor]: ...
+    def __call__(self, view: StepView) -> list[torch.Tensor]: ...
 
 
 IMPORTANCES: dict[str, type[Importance]] = {}
@@ -42,45 +69,45 @@ def importance(name: str) -> Importance:
     return IMPORTANCES[name]()
 
 
-def params_cost(pruner) -> list[torch.Tensor]:
+def params_cost(net: nn.Module, graph: ModelGraph, groups: ChannelGroups,
+                input_shape: tuple[int, int, int]) -> list[torch.Tensor]:
     """Per group, the parameters one of its channels costs."""
-    return pruner.per_channel
+    return cost_per_channel(net, groups, input_shape, graph.head, "params")
 
 
-def flops_cost(pruner) -> list[torch.Tensor]:
+def flops_cost(net: nn.Module, graph: ModelGraph, groups: ChannelGroups,
+               input_shape: tuple[int, int, int]) -> list[torch.Tensor]:
     """Per group, the share of the model's FLOPs (per image) one of its channels costs."""
-    shape, head = pruner.source.spec.shape, pruner.graph.head
-    total = sliced_cost(pruner.net, shape, {}, head, "flops")
-    return [f / total for f in cost_per_channel(pruner.net, pruner.groups, shape, head, "flops")]
+    total = sliced_cost(net, input_shape, {}, graph.head, "flops")
+    return [f / total for f in cost_per_channel(net, groups, input_shape, graph.head, "flops")]
 
 
 CHANNEL_COSTS: dict[str, Callable] = {"params": params_cost, "flops": flops_cost}
 
 
 def register_channel_cost(name: str, cost: Callable) -> Callable:
-    """Make ``cost(pruner)`` (per group, what one of its channels costs) available by ``name``
-    (``SlimSettings(cost=name)``)."""
+    """Make ``cost(net, graph, groups, input_shape)`` (per group, what one of its channels costs) available by
+    ``name`` (``SlimSettings(cost=name)``)."""
     CHANNEL_COSTS[name] = cost
     return cost
 
 
-def gate_gradients(pruner, score: Callable[[torch.Tensor], torch.Tensor],
+def gate_gradients(view: StepView, score: Callable[[torch.Tensor], torch.Tensor],
                    per_input: bool = False) -> list[torch.Tensor]:
     """Per channel, ``score(gradient)`` summed over the step's batches: the gradient of the margins' loss with
-    respect to every open gate of ``pruner``, one (C,) per batch, or with ``per_input`` one (B, C) row per input
-    (a gate per input, :func:`~cnnmod.core.channels.gated`)."""
-    p = pruner
-    scores = [torch.zeros(g["channels"]) for g in p.groups.groups]
-    x, targets, soft = p.step_view()
-    wd, bd = p.w.to(x.device), p.b.to(x.device, torch.float32)
-    softs = p.batches(soft) if soft is not None else [None] * len(p.batches(targets))
-    for xb, tb, sb in zip(p.batches(x), p.batches(targets), softs, strict=True):
+    respect to every open gate, one (C,) per batch, or with ``per_input`` one (B, C) row per input (a gate per
+    input, :func:`~cnnmod.slim.channels.gated`)."""
+    v = view
+    scores = [torch.zeros(g.channels) for g in v.groups.groups]
+    wd, bd = v.w.to(v.x.device), v.b.to(v.x.device, torch.float32)
+    softs = v.batches(v.soft) if v.soft is not None else [None] * len(v.batches(v.targets))
+    for xb, tb, sb in zip(v.batches(v.x), v.batches(v.targets), softs, strict=True):
         live = [(g.detach()[None].repeat(xb.shape[0], 1) if per_input else g.clone()).requires_grad_(True)
-                for g in p.gates]
-        with gated(p.net, p.graph, p.groups, live):
-            f = classifier_input(p.net, p.graph.head, lambda xb=xb: p.net(xb))
+                for g in v.gates]
+        with gated(v.net, v.graph, v.groups, live):
+            f = classifier_input(v.net, v.graph.head, lambda xb=xb: v.net(xb))
         logits = torch.stack([f @ wd[k] + bd[k] for k in range(wd.shape[0])], 1)
-        grads = torch.autograd.grad(p.loss(logits, tb, sb), live, allow_unused=True)
+        grads = torch.autograd.grad(v.loss(logits, tb, sb), live, allow_unused=True)
         for i, gr in enumerate(grads):
             if gr is not None:
                 scores[i] += score(gr).cpu()
@@ -94,8 +121,8 @@ class Taylor(Importance):
 
     name = "taylor"
 
-    def __call__(self, pruner) -> list[torch.Tensor]:
-        return gate_gradients(pruner, lambda gr: gr.abs())
+    def __call__(self, view: StepView) -> list[torch.Tensor]:
+        return gate_gradients(view, lambda gr: gr.abs())
 
 
 @register_importance
@@ -107,6 +134,6 @@ class Fisher(Importance):
 
     name = "fisher"
 
-    def __call__(self, pruner) -> list[torch.Tensor]:
-        n = pruner.step_view()[0].shape[0]
-        return gate_gradients(pruner, lambda gr: n * gr.pow(2).sum(0), per_input=True)
+    def __call__(self, view: StepView) -> list[torch.Tensor]:
+        n = view.x.shape[0]
+        return gate_gradients(view, lambda gr: n * gr.pow(2).sum(0), per_input=True)

@@ -1,6 +1,6 @@
 """Slim modules (docs/method.md, "Slim modules"): a module cut physically to a smaller network, with no retraining.
 
-Every prunable channel group of the source network (:mod:`cnnmod.core.channels`) gets a gate. A
+Every prunable channel group of the source network (:mod:`cnnmod.slim.channels`) gets a gate. A
 :class:`~cnnmod.slim.pruner.Pruner` fitted to the module's margin, "class c vs the rest" (the source's own
 probability of c distilled, on observed inputs), is pruned by the schedule (:mod:`.schedule`): rank the open
 channels by importance per the parameters each costs (:mod:`.importance`), close the least important until a
@@ -20,17 +20,17 @@ from dataclasses import asdict
 import torch
 
 from ..composition.joint import check_every_class, fit_heads_jointly
+from ..core.attention import parse_heads
 from ..core.calibrate import model_log_odds, source_log_odds
-from ..core.channels import frozen_copy
 from ..core.masking import binary_head
 from ..core.observe import class_order, tangling_budget
-from ..core.units import parse_heads
 from ..data.dataset import ImageSet
 from ..data.registry import split_spec
 from ..data.torch_dataset import as_image_set
 from ..models.classifier import Classifier
 from ..models.train import split_indices
 from ..modules.base import ModuleRecord
+from .channels import frozen_copy
 from .config import MODULE_SIZE, SlimSettings
 from .module import SlimModule
 from .pruner import Margins, Pruner

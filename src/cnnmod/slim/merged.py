@@ -10,15 +10,15 @@ import torch
 from torch import nn
 
 from ..composition.base import Composer
+from ..core.attention import parse_heads
 from ..core.calibrate import source_log_odds
-from ..core.channels import ChannelGroups, frozen_copy
 from ..core.observe import class_order
-from ..core.units import parse_heads
 from ..data.dataset import ImageSet
 from ..data.transforms import InputSpec, to_input
 from ..errors import UserError
 from ..models.classifier import Classifier
 from ..modules.base import ClassRef, base_dataset
+from .channels import ChannelGroups, frozen_copy
 from .config import SlimSettings
 from .make import Pools, source_info, source_margin
 from .module import SlimModule
@@ -186,10 +186,10 @@ def union_gates(modules: list[SlimModule], groups: ChannelGroups, device: torch.
     """Per channel group of the source network, 1 for the channels any of ``modules`` keeps, else 0."""
     gates = []
     for g in groups.groups:
-        gate = torch.zeros(g["channels"], device=device)
+        gate = torch.zeros(g.channels, device=device)
         for m in modules:
-            kept = torch.ones(g["channels"], dtype=torch.bool)
-            kept[m.removed.get(g["roots"][0], [])] = False
+            kept = torch.ones(g.channels, dtype=torch.bool)
+            kept[m.removed.get(g.root, [])] = False
             gate[kept.to(device)] = 1.0
         gates.append(gate)
     return gates

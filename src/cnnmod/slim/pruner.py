@@ -14,11 +14,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..core.attention import HeadAttention, canonical, is_attention, parse_heads
 from ..core.calibrate import balanced_bce, fit_head
-from ..core.channels import (
+from ..models.classifier import Classifier
+from .channels import (
     classifier_input,
     closed_channels,
-    cost_per_channel,
     fold_gates,
     frozen_copy,
     gated,
@@ -27,10 +28,8 @@ from ..core.channels import (
     slice_network,
     verify_sliced,
 )
-from ..core.units import HeadAttention, canonical, is_attention, parse_heads
-from ..models.classifier import Classifier
 from .config import SlimSettings
-from .importance import CHANNEL_COSTS, importance
+from .importance import CHANNEL_COSTS, StepView, importance, params_cost
 
 
 @dataclass
@@ -72,7 +71,7 @@ class Pruner:
     """Channel gates on a frozen copy of ``source``'s network, closed for K margins at once: row k of the head is a
     binary margin, "class k" against the others of the observed world (:class:`Margins`). A slim module has one
     row; a merged composition one per class. ``gates`` start all open, or as given (a merged composition starts
-    from the union of its modules' channels); ``frozen``: :func:`~cnnmod.core.channels.frozen_copy` of the source,
+    from the union of its modules' channels); ``frozen``: :func:`~cnnmod.slim.channels.frozen_copy` of the source,
     when already made.
 
     Once channels close, the network is narrowed (:meth:`narrow`): sliced to its open channels, so that every later
@@ -86,9 +85,9 @@ class Pruner:
         self.graph, self.net, self.groups = frozen or frozen_copy(source.net, source.spec.shape,
                                                                            parse_heads(s.heads))
         device = next(self.net.parameters()).device
-        self.gates = gates or [torch.ones(g["channels"], device=device) for g in self.groups.groups]
+        self.gates = gates or [torch.ones(g.channels, device=device) for g in self.groups.groups]
         self.source_groups = self.groups  # the source network's groups: what removed() numbers channels by
-        self.origin = [torch.arange(g["channels"]) for g in self.groups.groups]  # per group: its channels' own
+        self.origin = [torch.arange(g.channels) for g in self.groups.groups]  # per group: its channels' own
         self.narrows = narrows and self.graph.head.kind == "linear"
         self.x_obs, self.targets, self.soft, self.bn_rows = margins.x, margins.targets, margins.soft, margins.bn_rows
         self.rows = step_rows(self.targets, s.step_samples)  # what each step works on (None: all observed)
@@ -98,12 +97,13 @@ class Pruner:
         self._checked = False  # the first sliced network with channels cut is verified (then the last)
         # per group, the parameters one channel costs (what a step's budget counts), and what its importance is
         # divided by when channels are ranked
-        self.per_channel = cost_per_channel(self.net, self.groups, source.spec.shape, self.graph.head, "params")
-        self.rank_cost = CHANNEL_COSTS[s.cost](self)
+        self.per_channel = params_cost(self.net, self.graph, self.groups, source.spec.shape)
+        self.rank_cost = (self.per_channel if s.cost == "params" else
+                          CHANNEL_COSTS[s.cost](self.net, self.graph, self.groups, source.spec.shape))
 
     def reference(self) -> nn.Module:
         """The source network with its layers named as the pruner's are: attention converted to the form slicing
-        keeps (:func:`cnnmod.core.units.canonical`; the source itself where it has none to convert)."""
+        keeps (:func:`cnnmod.core.attention.canonical`; the source itself where it has none to convert)."""
         if not hasattr(self, "_reference"):
             net = self.source.net
             if any(is_attention(m) and not isinstance(m, HeadAttention) for m in net.modules()):
@@ -120,6 +120,12 @@ class Pruner:
         if not step or self.rows is None:
             return self.x_obs, self.targets, self.soft
         return self.x_obs[self.rows], self.targets[self.rows], self.soft[self.rows] if self.soft is not None else None
+
+    def view(self) -> StepView:
+        """What an importance reads at this step (:class:`~cnnmod.slim.importance.StepView`)."""
+        x, targets, soft = self.step_view()
+        return StepView(self.net, self.graph, self.groups, self.gates, x, targets, soft, self.w, self.b, self.loss,
+                        self.batch_size)
 
     def features_of(self, x: torch.Tensor) -> torch.Tensor:
         net, head = self.net, self.graph.head
@@ -165,7 +171,7 @@ class Pruner:
         """The network narrowed to its open channels (:meth:`narrow`), BatchNorm statistics re-estimated (on the
         observed inputs among the first ``bn_rows``), then every row refitted: on a step's inputs (``step``), or
         on all observed ones. Where the two read the same inputs and they fit in one batch, one pass does both
-        (:func:`~cnnmod.core.channels.reestimate_bn` with ``one_batch``: its features are the eval pass's).
+        (:func:`~cnnmod.slim.channels.reestimate_bn` with ``one_batch``: its features are the eval pass's).
         Otherwise the refit runs a plain pass of its own: the features of a re-estimation over several batches
         are each normalised by their own batch's statistics, and the observed inputs come in blocks of one class."""
         self.narrow()
@@ -205,21 +211,21 @@ class Pruner:
     @property
     def channels(self) -> int:
         """The source network's channels in all groups."""
-        return sum(g["channels"] for g in self.source_groups.groups)
+        return sum(g.channels for g in self.source_groups.groups)
 
     def removed(self) -> dict[str, list[int]]:
         """The closed channels of every group of the source network, by the group's first root layer."""
         out = {}
         for group, gate, origin in zip(self.source_groups.groups, self.gates, self.origin, strict=True):
-            closed = torch.ones(group["channels"], dtype=torch.bool)
+            closed = torch.ones(group.channels, dtype=torch.bool)
             closed[origin[gate.cpu() > 0]] = False
-            out[group["roots"][0]] = [int(j) for j in torch.nonzero(closed).flatten()]
+            out[group.root] = [int(j) for j in torch.nonzero(closed).flatten()]
         return out
 
     def source_masks(self) -> dict[str, dict[str, torch.Tensor]]:
-        """:func:`~cnnmod.core.channels.narrowed`'s masks for the source network narrowed to the current one's
+        """:func:`~cnnmod.slim.channels.narrowed`'s masks for the source network narrowed to the current one's
         channels (closed channels it still has, gated, count as kept)."""
-        kept = [torch.zeros(g["channels"]).index_fill_(0, o, 1.0)
+        kept = [torch.zeros(g.channels).index_fill_(0, o, 1.0)
                 for g, o in zip(self.source_groups.groups, self.origin, strict=True)]
         return narrowed(self.source_groups, self.reference(), kept)[1]
 

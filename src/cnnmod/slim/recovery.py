@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..core.channels import classifier_input, gated
+from .channels import classifier_input, gated
 from .pruner import Pruner
 from .refit import INPUTS, refit_layers
 

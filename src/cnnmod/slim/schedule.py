@@ -23,7 +23,7 @@ Ranked = list[tuple[float, int, int]]  # (importance per cost, group, channel), 
 def candidates(pruner: Pruner) -> Ranked:
     """The open channels that may close (every group keeps one), least important first, by importance per the
     share of the model's parameters (or FLOPs) each costs."""
-    scores = pruner.importance(pruner)
+    scores = pruner.importance(pruner.view())
     found = []
     for i, sc in enumerate(scores):
         kept = torch.nonzero(pruner.gates[i].cpu() > 0).flatten()

@@ -9,14 +9,17 @@ import copy
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 
 import torch
 from torch import nn
 
+from ..core.attention import canonical
+from ..core.cost import count_flops
+from ..core.graph import Head, ModelGraph
 from ..errors import UserError
-from .cost import count_flops
-from .graph import Head, ModelGraph
-from .units import Unit, canonical, find_units
+from .groups import ChannelGroup
+from .units import Unit, find_units
 
 
 def _dependency_graph(net: nn.Module, input_shape: tuple[int, int, int]):
@@ -51,13 +54,13 @@ def _tp():
 
 class ChannelGroups:
     """Coupled channel groups of a network and the observation points that carry each group's channels; in a
-    transformer, its attention heads and MLP hidden units (:mod:`cnnmod.core.units`), the residual width left
+    transformer, its attention heads and MLP hidden units (:mod:`cnnmod.slim.units`), the residual width left
     whole. ``units``: the unit groups by root, as :func:`slice_network` takes them."""
 
     def __init__(self, net: nn.Module, graph: ModelGraph, input_shape: tuple[int, int, int]) -> None:
         self.input_shape = input_shape
         self.units: dict[str, Unit] = find_units(graph)
-        self.groups: list[dict] = []
+        self.groups: list[ChannelGroup] = []
         self.left_out: list[tuple[str, str]] = []
         if not any(u.kind == "heads" for u in self.units.values()):
             self.groups = self._traced(net, graph)
@@ -68,7 +71,7 @@ class ChannelGroups:
             raise UserError(f"{type(net).__name__} has no channels that torch-pruning can slice"
                             f"{' (' + reason + ')' if reason else ''}; use «granularity» node")
 
-    def _traced(self, net: nn.Module, graph: ModelGraph) -> list[dict]:
+    def _traced(self, net: nn.Module, graph: ModelGraph) -> list[ChannelGroup]:
         """The channel groups torch-pruning's dependency graph finds (those of an MLP's hidden units aside: the
         unit groups slice them). A network it cannot trace has none where it has unit groups."""
         classifier = net.get_submodule(graph.head.layer)
@@ -95,9 +98,9 @@ class ChannelGroups:
                 self.left_out.append((roots[0], f"normalised over its channels by {norms[0]} (LayerNorm)"))
                 continue
             channels = points[0].shape[0] if points[0].kind == "conv" else points[0].shape[-1]
-            groups.append({"roots": roots, "points": [p.name for p in points], "channels": channels,
-                           "consumers": _consumers(dg, group, names, channels),
-                           "outputs": _consumers(dg, group, names, channels, "prune_out_channels", _COMPUTES)})
+            reads = _consumers(dg, group, names, channels)
+            computes = _consumers(dg, group, names, channels, "prune_out_channels", _COMPUTES)
+            groups.append(ChannelGroup(roots, [p.name for p in points], channels, reads, computes))
         return groups
 
     def _probe(self, net: nn.Module, graph: ModelGraph) -> list[tuple[str, str]]:
@@ -111,11 +114,11 @@ class ChannelGroups:
         net.eval()
         sliceable, left_out = [], []
         for i, group in enumerate(self.groups):
-            if group["channels"] < 2:
+            if group.channels < 2:
                 continue
-            gates = [torch.ones(g["channels"], device=device) for g in self.groups]
+            gates = [torch.ones(g.channels, device=device) for g in self.groups]
             gates[i][0] = 0.0
-            root = group["roots"][0]
+            root = group.root
             try:
                 with torch.no_grad():
                     with gated(net, graph, self, gates):
@@ -188,7 +191,7 @@ def gated(net: nn.Module, graph: ModelGraph, groups: ChannelGroups, gates: list[
     with respect to row n is then input n's own (:meth:`cnnmod.slim.pruner.Pruner.fisher`)."""
     by_layer: dict[str, list[tuple[torch.Tensor, int, torch.Tensor]]] = {}
     for g, group in enumerate(groups.groups):
-        for layer, index, root in group["consumers"]:
+        for layer, index, root in group.consumers:
             by_layer.setdefault(layer, []).append((index, g, root))
 
     # then each layer's multiplier is made once, not per batch
@@ -233,7 +236,7 @@ def fold_gates(net: nn.Module, graph: ModelGraph, groups: ChannelGroups,
     columns = torch.ones(graph.head.linear_map(net)[0].shape[1])
     with torch.no_grad():
         for g, group in enumerate(groups.groups):
-            for layer, index, root in group["consumers"]:
+            for layer, index, root in group.consumers:
                 scale = gates[g].detach()[root].to(torch.float32)
                 if layer == graph.head.layer and graph.head.reads_input:
                     columns[index] = scale.cpu()
@@ -380,37 +383,35 @@ def narrowed(groups: ChannelGroups, net: nn.Module,
     mask over ``net``'s)."""
     keep = [g.detach().cpu() > 0 for g in gates]
     rank = [k.long().cumsum(0) - 1 for k in keep]
-    result = [dict(g) for g in groups.groups]
+    result: list[dict] = [{} for _ in groups.groups]
     masks: dict[str, dict[str, torch.Tensor]] = {}
     for key, side in (("consumers", "in"), ("outputs", "out")):
         mask: dict[str, torch.Tensor] = {}
         for g, group in enumerate(groups.groups):
-            for layer, index, root in group.get(key, []):
+            for layer, index, root in getattr(group, key):
                 m = mask.setdefault(layer, torch.ones(_width(net.get_submodule(layer), side), dtype=torch.bool))
                 m[index[~keep[g][root]]] = False
         position = {layer: m.long().cumsum(0) - 1 for layer, m in mask.items()}
         for g, group in enumerate(groups.groups):
             result[g][key] = [(layer, position[layer][index[keep[g][root]]], rank[g][root[keep[g][root]]])
-                              for layer, index, root in group.get(key, [])]
+                              for layer, index, root in getattr(group, key)]
         masks[key] = {layer: m for layer, m in mask.items() if not bool(m.all())}
-    for group, k in zip(result, keep, strict=True):
-        group["channels"] = int(k.sum())
     view = copy.copy(groups)
     view.__dict__.pop("_costs", None)  # what a channel costs depends on the network it is cut from
-    view.groups = result
+    view.groups = [replace(g, channels=int(k.sum()), **r) for g, k, r in zip(groups.groups, keep, result, strict=True)]
     return view, masks
 
 
 def closed_channels(groups: ChannelGroups, gates: list[torch.Tensor]) -> dict[str, list[int]]:
     """The closed channels of every group, by the group's first root layer (what slicing takes)."""
-    return {g["roots"][0]: [int(j) for j in torch.nonzero(gate == 0).flatten()]
+    return {g.root: [int(j) for j in torch.nonzero(gate == 0).flatten()]
             for g, gate in zip(groups.groups, gates, strict=True)}
 
 
 def frozen_copy(source: nn.Module, input_shape: tuple[int, int, int],
                 heads: dict[str, int] | None = None) -> tuple[ModelGraph, nn.Module, ChannelGroups]:
     """The graph of network ``source`` (its attention layers in the canonical form slicing keeps,
-    :func:`cnnmod.core.units.canonical`; ``heads``: head counts by layer, where a layer does not record its
+    :func:`cnnmod.core.attention.canonical`; ``heads``: head counts by layer, where a layer does not record its
     own), a frozen copy of it to gate and re-estimate, and its channel groups."""
     net = canonical(copy.deepcopy(source).eval(), heads, input_shape)
     for p in net.parameters():
@@ -435,6 +436,6 @@ def cost_per_channel(net: nn.Module, groups: ChannelGroups, input_shape: tuple[i
     memo = groups.__dict__.setdefault("_costs", {})
     if (what, input_shape) not in memo:
         whole = sliced_cost(net, input_shape, {}, head, what)
-        memo[what, input_shape] = [whole - sliced_cost(net, input_shape, {g["roots"][0]: [0]}, head, what,
+        memo[what, input_shape] = [whole - sliced_cost(net, input_shape, {g.root: [0]}, head, what,
                                                        groups.units) for g in groups.groups]
     return memo[what, input_shape]
