@@ -220,7 +220,7 @@ def slim_with_reference(clf: Classifier, data: ImageSet, concerned: int, s) -> t
     maker = ModuleMaker(clf, data, concerned, s)
     module = maker.module(maker.prune())
     p = maker.pruner
-    return module, (p.net, p.graph, p.groups, [g.clone() for g in p.gates], *p.head(True))
+    return module, (p.net, p.graph, p.groups, [g.clone() for g in p.gates], *p.head())
 
 
 class ToTensorDigits(torch.utils.data.Dataset):

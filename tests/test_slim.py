@@ -80,7 +80,7 @@ def test_narrowing_the_network_as_channels_close_changes_nothing_but_its_cost():
         for sa, sb, origin in zip(scores_a, scores_b, a.origin, strict=True):
             assert torch.allclose(sa, sb[origin], rtol=1e-3, atol=1e-6 * float(sb.max()))
         ranked = candidates(a)
-        chosen = take([(v, 0, i, j) for v, i, j in ranked], step_share(s, a.fraction(True)) * a.total_params, [a])
+        chosen = take([(v, 0, i, j) for v, i, j in ranked], step_share(s, a.fraction()) * a.total_params, [a])
         close(a, [(i, j) for _, i, j in chosen], ranked)
         close(b, [(i, int(a.origin[i][j])) for _, i, j in chosen], [])  # the same channels, in the full network
         a.refresh()
@@ -121,9 +121,9 @@ def test_narrowing_the_network_as_channels_close_changes_nothing_but_its_cost():
         FinalRefit()(p)
     new = clf.prepare(random_data(per_class=4, seed=3).images)
     with torch.no_grad():
-        za, zb = a.sliced(True, check=True)(new), b.sliced(True, check=True)(new)
+        za, zb = a.sliced(check=True)(new), b.sliced(check=True)(new)
     assert torch.allclose(za, zb, atol=1e-3 * float(zb.abs().max()))
-    assert sum(q.numel() for q in a.sliced(True).parameters()) == sum(q.numel() for q in b.sliced(True).parameters())
+    assert sum(q.numel() for q in a.sliced().parameters()) == sum(q.numel() for q in b.sliced().parameters())
 
 
 def test_log_odds_are_the_softmax_probability_of_each_class():

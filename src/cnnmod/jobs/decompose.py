@@ -143,6 +143,7 @@ def decompose_dir(model_dir: str | Path, out: str | Path, plan: Plan | None = No
     kind = chosen_kind(plan, clf, dd)
     settings = plan.settings(kind, every_class=len(chosen) == clf.num_classes, one_process=not dd.active)
     settings.check()
+    kind.check(settings, chosen, clf.num_classes, dd.world)
     train = split_for(clf, data, run.data_root, "train", resize=None)
     samples = plan.job.calibration_samples
     if samples is None:
@@ -185,20 +186,16 @@ def decompose_dir(model_dir: str | Path, out: str | Path, plan: Plan | None = No
 def chosen_kind(plan: Plan, clf, dd: Distributed) -> ModuleKind:
     """The plan's kind; where it leaves the choice to the model, the first that fits it, saying why when that is
     not the first in the table."""
-    if len(plan.kinds) == 1:
-        why = plan.kinds[0].fits(clf)
-        if why is not None:
-            raise UserError(why)
-        return plan.kinds[0]
-    reasons = []
+    refused = []
     for kind in plan.kinds:
         why = kind.fits(clf)
         if why is None:
-            if reasons and dd.is_main:
-                say(f"{reasons[0]}: {kind.what} (--granularity {kind.name})")
+            if refused and dd.is_main:
+                say(f"{refused[0][0].what} cannot be made of this model, so {kind.what} (--granularity "
+                    f"{kind.name}): {refused[0][1].for_command_line({})}")
             return kind
-        reasons.append(why)
-    raise UserError(reasons[0])
+        refused.append((kind, why))
+    raise refused[0][1]
 
 
 def measure_modules(modules: list, clf, test, device, batch_size: int, dd: Distributed) -> None:

@@ -46,13 +46,14 @@ class ModuleKind:
       words (``slim modules``), its ``settings`` type (a frozen dataclass,
       checked by its ``check()``) and its ``recipes``: ``recipe(name, every_class=, one_process=, **fields)`` ->
       settings, for the recipe ``names`` it makes (None: its best).
-    - ``decompose(model, data, settings, classes, passes, clock, calibration_samples, done)`` -> its modules of
+    - ``decompose(model, data, settings, classes, passes, clock, calibration_samples)`` -> its modules of
       ``classes``, calibrated (``calibration_samples`` None: the kind's default), timed on ``clock``
-      (:class:`~cnnmod.runtime.Clock`: ``decomposition`` and ``calibration``), ``done(module)`` called as each is
-      made. ``fits(model)``: None where the kind can decompose the model, else why not (the default kind is the
-      first registered that fits). ``spreads``: its modules are made one by one, so torchrun spreads classes
-      over processes; else the decomposition shares its passes over data among them.
-      ``describe(model, settings, processes)``: the line said before making.
+      (:class:`~cnnmod.runtime.Clock`: ``decomposition`` and ``calibration``). ``fits(model)``: None where the
+      kind can decompose the model, else the error saying why not (the default kind is the first in the table
+      that fits). ``check(settings, classes, num_classes, processes)`` refuses, before any work, what the
+      settings cannot do in this run. ``spreads``: its modules are made one by one, so torchrun spreads classes
+      over processes; else the decomposition shares its passes over data among them. ``describe(model,
+      settings, data, processes)``: the line said before making.
     - ``compositions``: what it composes into besides voting (:class:`Composing`); ``relearn(module, data,
       device, batch_size)``: continuous learning of other data sets' classes (None: it cannot); ``refits``:
       its heads can be refitted on a composition's classes.
@@ -68,7 +69,8 @@ class ModuleKind:
     describe: Callable[..., str]
     write: Callable[[Path, BinaryModule, str | None, str | None], dict]
     load: Callable[..., BinaryModule]
-    fits: Callable[[Any], str | None] = lambda model: None
+    fits: Callable[[Any], UserError | None] = lambda model: None
+    check: Callable[..., None] = lambda settings, classes, num_classes, processes: None
     spreads: bool = False
     compositions: tuple[Composing, ...] = ()
     relearn: Callable[..., BinaryModule] | None = None

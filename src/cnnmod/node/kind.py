@@ -37,13 +37,13 @@ def make(model, data, settings: DecomposeSettings, classes: list[int], passes, c
     return decompose(model, data, settings=settings, classes=classes, passes=passes, clock=clock)
 
 
-def follows_node_rule(model) -> str | None:
+def follows_node_rule(model) -> UserError | None:
     """None where the model's hidden activations are of the ReLU family the paper's node rule needs, else why
     not."""
     try:
         ModelGraph(model.net, model.spec.shape).require_relu()
     except UserError as e:
-        return str(e)
+        return e
     return None
 
 

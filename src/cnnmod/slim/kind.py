@@ -38,7 +38,6 @@ def make(model, data, settings: SlimSettings, classes: list[int], passes, clock,
     their score calibrations."""
     s = settings.resolved(MODULE_SIZE)
     s.check()
-    check_run(s, classes, model.num_classes, passes.dd.world)
     show = passes.progress and passes.dd.is_main
     with clock("decomposition"), progress_bar("slimming", len(classes), show) as step:
         modules = slim_modules(model, data, classes, s, passes.batch_size,
@@ -104,6 +103,7 @@ def fused_summary(fused: FusedSlim, sources) -> dict:
 
 KIND = register_module_kind(ModuleKind(
     "channel", "slim modules", SlimSettings, slim_settings, ("best", *RECIPES), make, describe, write_slim, load_slim,
+    check=lambda s, classes, n, processes: check_run(s.resolved(MODULE_SIZE), classes, n, processes),
     spreads=True, compositions=(Composing("merged-network", "merged", merged_network, network=True, prunes=True),
                                 Composing("fused-networks", "fused", fused_networks, network=True))))
 register_composer_kind(ComposerKind("merged-network", "channel", "merged", save_merged, load_merged, merged_summary))

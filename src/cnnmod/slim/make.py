@@ -225,11 +225,11 @@ class ModuleMaker:
     def prune(self) -> list[dict]:
         """The schedule down to the settings' size (or max_loss, on the held-out inputs) and the recoveries; the
         history of the way down."""
-        return prune(self.pruner, True, self.accuracy if self.held is not None else None)
+        return prune(self.pruner, self.accuracy if self.held is not None else None)
 
     def module(self, history: list[dict]) -> SlimModule:
         p, source, s = self.pruner, self.source, self.s
-        sliced = p.sliced(True, check=True)
+        sliced = p.sliced(check=True)
         info = source_info(source)
         params = sum(q.numel() for q in sliced.parameters())
         held_metrics = {} if self.held is None else {

@@ -149,7 +149,7 @@ def merge_slim(modules: list[SlimModule], source: Classifier, data: ImageSet, se
         soft = torch.cat([soft, soft.new_zeros(x_obs.shape[0] - own, len(chosen))])
     rows = [source_margin(graph.head.linear_map(net), c) for c in chosen]
     margins = Margins(x_obs, targets, soft, torch.stack([w for w, _ in rows]), torch.tensor([b for _, b in rows]),
-                      bn_rows=own)
+                      bn_rows=own, binary=False)
     p = Pruner(source, s, margins, batch_size, frozen, gates)
     if max_loss is not None:
         held = pools.held_out(world, held_per_class)
@@ -164,8 +164,8 @@ def merge_slim(modules: list[SlimModule], source: Classifier, data: ImageSet, se
     # the reference is the model restricted to the composition's classes: a union that already loses more than
     # max_loss against it is not pruned further
     start = top1(model_odds) if max_loss is not None else None
-    history = prune(p, False, top1 if max_loss is not None else None, start) if pruning else []
-    sliced = p.sliced(False, check=True)
+    history = prune(p, top1 if max_loss is not None else None, start) if pruning else []
+    sliced = p.sliced(check=True)
     info = source_info(source)
     params = sum(q.numel() for q in sliced.parameters())
     held_metrics = {} if start is None else {"held_out_model_top1": start, "held_out_top1": top1(),

@@ -36,8 +36,9 @@ from .importance import CHANNEL_COSTS, StepView, importance, params_cost
 class Margins:
     """What a pruner fits its K head rows to: observed inputs ``x`` (prepared), ``targets`` (N, K) (row k: is the
     input of class k), the source's probabilities ``soft`` (N, K) to distil (None: the targets), the rows' start
-    ``w`` (K, F) and ``b`` (K,), and ``bn_rows``: BatchNorm statistics from the first ``bn_rows`` inputs only
-    (None: all of them)."""
+    ``w`` (K, F) and ``b`` (K,), ``bn_rows``: BatchNorm statistics from the first ``bn_rows`` inputs only
+    (None: all of them), and ``binary``: the rows are a slim module's one margin, whose sliced network ends in
+    two rows [margin, 0] (their softmax is the margin's sigmoid); else a composition's K margins."""
 
     x: torch.Tensor
     targets: torch.Tensor
@@ -45,6 +46,7 @@ class Margins:
     w: torch.Tensor
     b: torch.Tensor
     bn_rows: int | None = None
+    binary: bool = True
 
 
 def step_rows(targets: torch.Tensor, n: int | None) -> torch.Tensor | None:
@@ -90,11 +92,12 @@ class Pruner:
         self.origin = [torch.arange(g.channels) for g in self.groups.groups]  # per group: its channels' own
         self.narrows = narrows and self.graph.head.kind == "linear"
         self.x_obs, self.targets, self.soft, self.bn_rows = margins.x, margins.targets, margins.soft, margins.bn_rows
+        self.binary = margins.binary
         self.rows = step_rows(self.targets, s.step_samples)  # what each step works on (None: all observed)
         self.w, self.b = margins.w.cpu(), margins.b.cpu().double()
         self.total_params = sum(p.numel() for p in source.net.parameters())
         self.importance = importance(s.rule)  # ranks the open channels at every step (:mod:`.schedule`)
-        self._checked = False  # the first sliced network with channels cut is verified (then the last)
+        self.checked = False  # whether a sliced network with channels cut has been verified (:meth:`record`)
         # per group, the parameters one channel costs (what a step's budget counts), and what its importance is
         # divided by when channels are ranked
         self.per_channel = params_cost(self.net, self.graph, self.groups, source.spec.shape)
@@ -239,20 +242,20 @@ class Pruner:
         mask = self.source_masks()["consumers"].get(self.graph.head.layer)
         return torch.arange(self.w.shape[1]) if mask is None else torch.nonzero(mask).flatten()
 
-    def head(self, binary: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def head(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The head over the network's features: a module's two rows [margin, 0] (their softmax is the margin's
         sigmoid), or a composition's K margins."""
-        if not binary:
+        if not self.binary:
             return self.w, self.b.float()
         w = self.w[0]
         return torch.stack([w, torch.zeros_like(w)]), torch.tensor([float(self.b[0]), 0.0])
 
     # ---------------------------------------------------------------- the sliced network
-    def sliced(self, binary: bool, check: bool = False) -> nn.Module:
+    def sliced(self, check: bool = False) -> nn.Module:
         """The network cut to the open channels; with ``check``, verified on a few observed inputs against the
         gated network (torch-pruning slices what its dependency graph understands: an operation that depends
         on a channel count, such as a reshape to a fixed shape, breaks a sliced network silently)."""
-        w, b = self.head(binary)
+        w, b = self.head()
         net, head_w = self.net, w
         if any(bool(((g != 0) & (g != 1)).any()) for g in self.gates):  # learned scales: folded in
             net, columns = fold_gates(self.net, self.graph, self.groups, self.gates)
@@ -274,15 +277,16 @@ class Pruner:
             with running():
                 verify_sliced(net, x, expected, type(self.source.net).__name__)
 
-    def fraction(self, binary: bool) -> float:
-        """The sliced network's share of the model's parameters (the first one cut is verified)."""
-        first_cut = not self._checked and any(bool((g == 0).any()) for g in self.gates)
-        self._checked = self._checked or first_cut
-        return sum(p.numel() for p in self.sliced(binary, check=first_cut).parameters()) / self.total_params
+    def fraction(self) -> float:
+        """The sliced network's share of the model's parameters."""
+        return sum(p.numel() for p in self.sliced().parameters()) / self.total_params
 
-    def record(self, binary: bool, history: list[dict]) -> float:
-        """The sliced network's share of the model's parameters now, added to ``history`` with the kept
-        channels."""
-        fraction = self.fraction(binary)
+    def record(self, history: list[dict]) -> float:
+        """The sliced network's share of the model's parameters now, added to ``history`` with the kept channels.
+        The first sliced network with channels cut is verified against the gated one (and the last one is, when
+        the module or composition is made from it)."""
+        cut = not self.checked and any(bool((g == 0).any()) for g in self.gates)
+        fraction = sum(p.numel() for p in self.sliced(check=cut).parameters()) / self.total_params
+        self.checked = self.checked or cut
         history.append({"params_fraction": round(fraction, 4), "kept_channels": self.kept_channels()})
         return fraction

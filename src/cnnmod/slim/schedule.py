@@ -101,47 +101,53 @@ def close_step(pruner: Pruner, fraction: float) -> int:
     return close(pruner, [(i, j) for _, i, j in chosen], ranked)
 
 
-def steps(pruner: Pruner, binary: bool, history: list[dict]) -> Iterator[tuple[tuple | None, float]]:
+class Exhausted(Exception):  # noqa: N818 -- a state of the schedule, not an error of the user's
+    """No channel can close: every group is down to one, at ``fraction`` of the model's parameters."""
+
+    def __init__(self, fraction: float) -> None:
+        super().__init__(fraction)
+        self.fraction = fraction
+
+
+def steps(pruner: Pruner, history: list[dict]) -> Iterator[tuple[tuple, float]]:
     """One pruner's steps down to ``size``: each closes the least important channels until a step's share of the
     parameters is spent, refreshes, and yields what undoes it (:meth:`Pruner.snapshot`) with the share the
     sliced network had before it. The share is added to ``history`` before every step; the schedule ends when it
-    is at most ``size``, or, yielding no snapshot, when no channel can close (every group down to one)."""
+    is at most ``size``, or raises :class:`Exhausted` when no channel can close."""
     while True:
-        fraction = pruner.record(binary, history)
+        fraction = pruner.record(history)
         if fraction <= pruner.s.size:
             return
         previous = pruner.snapshot()
         if close_step(pruner, fraction) == 0:
-            yield None, fraction
-            return
+            raise Exhausted(fraction)
         pruner.refresh()
         yield previous, fraction
 
 
-def prune(pruner: Pruner, binary: bool, accuracy: Callable[[], float] | None = None,
-          reference: float | None = None) -> list[dict]:
+def prune(pruner: Pruner, accuracy: Callable[[], float] | None = None, reference: float | None = None) -> list[dict]:
     """Close channels until the sliced network holds at most ``size`` of the model's parameters, or (with
     ``accuracy``, a function of the current state, and ``max_loss``) until the next step would put it more than
     ``max_loss`` points under ``reference`` (default: its accuracy before pruning); then the recoveries. The
     history of the way down."""
     s, history = pruner.s, []
     start = (reference if reference is not None else accuracy()) if accuracy is not None else None
-    for previous, fraction in steps(pruner, binary, history):
-        if previous is None:  # every group is down to one channel
-            if accuracy is None:
-                raise out_of_reach(s.size, pruner.source.arch, fraction, "the smallest it reaches is")
-            break
-        lost = start - accuracy() if start is not None else None
-        if lost is not None and lost > s.max_loss:
-            # not even the first step meets it: the slim module would be the whole model (a merged composition
-            # keeps its union instead: what it was made from)
-            if binary and len(history) == 1:
-                raise UserError(f"«max_loss» {s.max_loss:g} pp cannot be met: the first pruning step (to "
-                                f"{pruner.fraction(binary):.4f} of the parameters) already loses {lost:.2f} pp of "
-                                "held-out accuracy; give a larger «max_loss», or keep the model whole")
-            pruner.restore(previous)
-            pruner.refresh()
-            break
+    try:
+        for previous, _ in steps(pruner, history):
+            lost = start - accuracy() if start is not None else None
+            if lost is not None and lost > s.max_loss:
+                # not even the first step meets it: the slim module would be the whole model (a merged composition
+                # keeps its union instead: what it was made from)
+                if pruner.binary and len(history) == 1:
+                    raise UserError(f"«max_loss» {s.max_loss:g} pp cannot be met: the first pruning step (to "
+                                    f"{pruner.fraction():.4f} of the parameters) already loses {lost:.2f} pp of "
+                                    "held-out accuracy; give a larger «max_loss», or keep the model whole")
+                pruner.restore(previous)
+                pruner.refresh()
+                break
+    except Exhausted as e:  # every group is down to one channel: as far as a loss bound can go, or out of reach
+        if accuracy is None:
+            raise out_of_reach(s.size, pruner.source.arch, e.fraction, "the smallest it reaches is") from None
     recover(pruner, accuracy, start - s.max_loss if start is not None else None)
     return history
 
@@ -166,7 +172,7 @@ def prune_together(pruners: list[Pruner], size: float) -> list[list[dict]]:
 def _steps_together(pruners: list[Pruner], size: float, histories: list[list[dict]], advance) -> None:
     s, total, done = pruners[0].s, pruners[0].total_params, 0.0
     while True:
-        fractions = [p.record(True, h) for p, h in zip(pruners, histories, strict=True)]
+        fractions = [p.record(h) for p, h in zip(pruners, histories, strict=True)]
         mean = sum(fractions) / len(fractions)
         # the steps' half of the bar: how far the mean has come from the whole model down to ``size``
         reached = len(pruners) * min(1.0, (1 - mean) / max(1 - size, 1e-9))
