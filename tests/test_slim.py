@@ -76,7 +76,7 @@ def test_narrowing_the_network_as_channels_close_changes_nothing_but_its_cost():
     full = sum(g.numel() for g in b.gates)
     x = a.x_obs
     for _ in range(3):
-        scores_a, scores_b = Fisher()(a), Fisher()(b)
+        scores_a, scores_b = Fisher()(a.view()), Fisher()(b.view())
         for sa, sb, origin in zip(scores_a, scores_b, a.origin, strict=True):
             assert torch.allclose(sa, sb[origin], rtol=1e-3, atol=1e-6 * float(sb.max()))
         ranked = candidates(a)
@@ -247,7 +247,7 @@ def test_fisher_is_each_inputs_own_gate_gradient_squared(arch):
             if gr is not None:
                 fisher[k] += n * gr.pow(2)
                 summed[k] += gr
-    got, taylor = Fisher()(p), Taylor()(p)
+    got, taylor = Fisher()(p.view()), Taylor()(p.view())
     assert len(got) == len(fisher) and sum(int((f > 0).sum()) for f in fisher) > 20
     # float32 throughout, summed in another order (a batch against one input at a time): each gradient agrees to a
     # few hundred float32 roundings of the largest one, and a square doubles the relative error
@@ -840,10 +840,10 @@ def test_a_total_budget_gives_the_channels_to_the_module_that_needs_them(monkeyp
     class FavoursClassZero(Taylor):  # an importance plugged in by name, as a benchmark registers one
         name = "favours-class-0"
 
-        def __call__(self, pruner):
-            own = pruner.x_obs[pruner.targets[:, 0].bool()][:1]
+        def __call__(self, view):
+            own = view.x[view.targets[:, 0].bool()][:1]
             weight = 1e6 if bool((own == class_zero).flatten(1).all(1).any()) else 1.0
-            return [sc * weight for sc in super().__call__(pruner)]
+            return [sc * weight for sc in super().__call__(view)]
 
     monkeypatch.setitem(IMPORTANCES, FavoursClassZero.name, FavoursClassZero)
     s = SlimSettings(size=0.5, samples=30, step=0.2, step_samples=24, budget="total", rule="favours-class-0")
