@@ -26,7 +26,7 @@ from cnnmod.data import load
 from cnnmod.jobs.train import train
 from cnnmod.models.folder import load_model
 from cnnmod.models.train import TrainSettings
-from cnnmod.node.method import VARIANTS, DecomposeSettings, decompose
+from cnnmod.node.method import VARIANTS, Ablation, DecomposeSettings, decompose
 from cnnmod.runtime import Passes
 
 CNN_MODELS = {
@@ -41,10 +41,19 @@ CNN_MODELS = {
     "resnet32-full": ("resnet32", {"bn": False}, 15, None, "adam"),
     "resnet56-full": ("resnet56", {"bn": False}, 15, None, "adam"),
 }
-# cnnmod's documented switches (DecomposeSettings fields), each measured beside the paper's settings
+# cnnmod's documented switches (DecomposeSettings fields) and the paper's open readings (its Ablation's), each
+# measured beside the paper's settings
 SWITCHES = {"exact-only": {"exact_only": True}, "correct-only": {"correct_only": True},
             "tau-0.1": {"tau": 0.1}, "correct-only+exact-only": {"correct_only": True, "exact_only": True},
             "relative-delta": {"relative_delta": True}, "relative-delta-2": {"relative_delta": True, "delta": 2.0}}
+
+
+def settings_with(switch: dict, condition: str, **fields) -> DecomposeSettings:
+    """Settings with a switch of :data:`SWITCHES` on: its settings fields as they are, the paper's readings (and
+    MC-BLN's ``condition``) as the ablation's."""
+    readings = {k: v for k, v in switch.items() if k in Ablation.__dataclass_fields__}
+    rest = {k: v for k, v in switch.items() if k not in readings}
+    return DecomposeSettings(**fields, **rest, ablation=Ablation(condition=condition, **readings))
 
 
 def model_for(name: str, arch: str, args: dict, epochs: int, subset: int | None, optimizer: str, augment: bool,
@@ -68,14 +77,15 @@ def study(model_dir: Path, variants: tuple[str, ...], samples: int, seed: int, c
     training = clf.info.get("training", {})
     rows, passes = [], {(False, False): (stats, observe_seconds)}
     for variant, switch in [(v, None) for v in variants] + [(v, w) for w in switches for v in switch_variants]:
-        s = DecomposeSettings(variant=variant, ci_samples=samples, seed=seed, condition=condition,
-                              calibration_samples=0, **(SWITCHES[switch] if switch else {}))
+        s = settings_with(SWITCHES[switch] if switch else {}, condition, variant=variant, ci_samples=samples,
+                          seed=seed, calibration_samples=0)
         # one observation pass per kind: --correct-only observes other inputs, --tau needs counts as well
-        kind = (s.correct_only, s.tau > 0)
+        kind = (s.ablation.correct_only, s.ablation.tau > 0)
         if kind not in passes:
             t1 = time.perf_counter()
             passes[kind] = (observe(clf.net, graph, clf.prepare, train_set,
-                                    Sampling(samples, seed, s.correct_only, s.tau > 0), Passes("cpu")),
+                                    Sampling(samples, seed, s.ablation.correct_only, s.ablation.tau > 0),
+                                    Passes("cpu")),
                             time.perf_counter() - t1)
         t0 = time.perf_counter()
         modules = decompose(clf, train_set, settings=s, stats=passes[kind][0], passes=Passes(progress=False))

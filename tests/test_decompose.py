@@ -21,7 +21,7 @@ from cnnmod.data.dataset import ImageSet
 from cnnmod.data.transforms import InputSpec, to_input
 from cnnmod.models import build
 from cnnmod.models.classifier import Classifier
-from cnnmod.node.method import DecomposeSettings, keep_masks
+from cnnmod.node.method import Ablation, DecomposeSettings, keep_masks
 from cnnmod.node.method import decompose as decompose_model
 from cnnmod.node.module import Module
 from cnnmod.runtime import Passes
@@ -98,7 +98,7 @@ def test_hand_mlp_ci_ti(seed):
     assert kept(modules[1]) == {0, 1, 2} | ({3} if b_early else set())  # CI {1}; TI: class 0 {0}(+{1,3}), D {2}
     assert kept(modules[2]) == {0, 1, 2} | ({3} if b_early else set())
     # with tau = 0.5, CI keeps only units active for at least half of the class's inputs: h3 (1 of 4) goes
-    modules = decompose(net, data, "mc", settings=DecomposeSettings(seed=seed, tau=0.5))
+    modules = decompose(net, data, "mc", settings=DecomposeSettings(seed=seed, ablation=Ablation(tau=0.5)))
     assert kept(modules[0]) == {0, 1, 2}
     # with 3 inputs per class, class 0 is observed on its first 3 only, and k = floor(3 / 2) = 1
     modules = decompose(net, data, "mc", settings=DecomposeSettings(seed=seed, ci_samples=3))
@@ -118,7 +118,7 @@ def test_hand_mlp_heads_and_bln_conditions():
     for c in range(3):
         assert kept(bln[c]) == kept(mc[c]) - {c}
     # prose condition (|w_c| < 0.5 and w_uc >= 0.5): module 0 marks nothing, modules 1 and 2 mark feature 3
-    prose = decompose(net, data, "mc-bln", settings=DecomposeSettings(condition="prose"))
+    prose = decompose(net, data, "mc-bln", settings=DecomposeSettings(ablation=Ablation(condition="prose")))
     assert kept(prose[0]) == kept(mc[0])
     assert kept(prose[1]) == kept(mc[1]) - {3}
     assert kept(prose[2]) == kept(mc[2]) - {3}
@@ -137,7 +137,7 @@ def test_relative_delta_is_in_units_of_the_heads_weights():
             scaled = HandMLP()
             scaled.fc.weight.mul_(scale)
             scaled.fc.bias.mul_(scale)
-        s = DecomposeSettings(delta=delta, relative_delta=relative)
+        s = DecomposeSettings(delta=delta, ablation=Ablation(relative_delta=relative))
         m = decompose(scaled, data, "mc-bln", settings=s, classes=[0])[0]
         return kept(mc[0]) - kept(m)
 

@@ -23,15 +23,14 @@ from dataclasses import fields
 from .errors import UserError
 from .modules.kinds import ModuleKind, kinds
 
-# fields kept for the method's ablations (benchmarks/decomposition.py), not offered as settings
-RESEARCH_FIELDS = {"condition", "tau", "correct_only", "relative_delta"}
-# fields that are not settings of a recipe (the seed and the recipe's own name come from elsewhere)
-NOT_SETTINGS = {"seed", "recipe"}
+# fields that are not settings of a recipe (the seed and the recipe's own name come from elsewhere; the node
+# kind's ablation is the benchmarks')
+NOT_SETTINGS = {"seed", "recipe", "ablation"}
 
 
 def settable(cls: type) -> list[str]:
     """The fields of ``cls`` that a user may set (``--set KEY=VALUE``)."""
-    return [f.name for f in fields(cls) if f.name not in RESEARCH_FIELDS | NOT_SETTINGS]
+    return [f.name for f in fields(cls) if f.name not in NOT_SETTINGS]
 
 
 def recipe_names() -> tuple[str, ...]:
@@ -64,7 +63,7 @@ def parse_setting(cls: type, key: str, text: str):
     """``text`` as the value of ``cls``'s field ``key`` (bool, int, float, str, or None where the field may be
     None)."""
     hints = typing.get_type_hints(cls)
-    if key not in hints or key in RESEARCH_FIELDS | NOT_SETTINGS:
+    if key not in hints or key in NOT_SETTINGS:
         raise UserError(f"{key!r} is not a setting here; the settings are: {', '.join(settable(cls))}")
     hint = hints[key]
     options = typing.get_args(hint) if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union \

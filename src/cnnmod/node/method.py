@@ -10,7 +10,7 @@ the binary head, and the paper's three variants, all computed from one pass of a
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -32,33 +32,56 @@ CONDITIONS = ("pseudocode", "prose")
 
 
 @dataclass(frozen=True)
+class Ablation:
+    """Readings of the paper that its text leaves open, measured by benchmarks/decomposition.py and not offered as
+    settings (the defaults are the paper's pseudo-code): MC-BLN's marking ``condition`` (its pseudo-code, or its
+    prose), an activation-rate threshold ``tau`` for concern identification (0: the paper's), observing only
+    inputs the model gets right (``correct_only``), and ``delta`` in units of the weights it is compared with
+    (``relative_delta``: their root mean square)."""
+
+    condition: str = "pseudocode"
+    tau: float = 0.0
+    correct_only: bool = False
+    relative_delta: bool = False
+
+    def check(self) -> None:
+        if self.condition not in CONDITIONS:
+            raise UserError(f"unknown MC-BLN condition {self.condition!r}; choose pseudocode or prose")
+        if not 0.0 <= self.tau <= 1.0:
+            raise UserError(f"tau is an activation rate in [0, 1], got {self.tau}")
+
+
+@dataclass(frozen=True)
 class DecomposeSettings:
     """Every switch of the method (docs/method.md), recorded with each module it made; checked once."""
 
     variant: str = "mc-bln"
     delta: float = 0.5
-    condition: str = "pseudocode"   # MC-BLN's marking rule: the paper's pseudo-code (default) or its prose
     ci_samples: int = 1000          # concerned inputs observed per class
-    correct_only: bool = False      # observe only inputs the model classifies correctly
-    tau: float = 0.0                # activation-rate threshold of concern identification (0: the paper)
     seed: int = 0
     calibration_samples: int = 100  # held-out training inputs per class to fit score calibration (0: none)
     exact_only: bool = False        # switch nodes off only at points a ReLU follows (where off means 0 anyway)
-    relative_delta: bool = False    # delta in units of the weights it is compared with (their root mean square)
+    ablation: Ablation = Ablation()  # the paper's open readings, for benchmarks (not a setting)
 
     def check(self) -> None:
         if self.variant not in VARIANTS:
             raise UserError(f"unknown variant {self.variant!r}; choose one of {', '.join(VARIANTS)}")
-        if self.condition not in CONDITIONS:
-            raise UserError(f"unknown MC-BLN condition {self.condition!r}; choose pseudocode or prose")
-        if not 0.0 <= self.tau <= 1.0:
-            raise UserError(f"tau is an activation rate in [0, 1], got {self.tau}")
+        self.ablation.check()
         if self.delta < 0:
             raise UserError(f"«delta» must be >= 0, got {self.delta}")
         if self.ci_samples < 1:
             raise UserError(f"«ci_samples» must be at least 1, got {self.ci_samples}")
         if self.calibration_samples < 0:
             raise UserError(f"«calibration_samples» must be >= 0, got {self.calibration_samples}")
+
+    def record(self) -> dict:
+        """The settings as a module records them: flat, the ablation's readings among them, in the order module
+        folders have always had them (:func:`settings_of` reads them back)."""
+        a = self.ablation
+        return {"variant": self.variant, "delta": self.delta, "condition": a.condition, "ci_samples": self.ci_samples,
+                "correct_only": a.correct_only, "tau": a.tau, "seed": self.seed,
+                "calibration_samples": self.calibration_samples, "exact_only": self.exact_only,
+                "relative_delta": a.relative_delta}
 
 
 def keep_masks(stats: ActivationStats, concerned: int, tau: float = 0.0) -> dict[str, torch.Tensor]:
@@ -89,7 +112,7 @@ def marked_features(head_weight: torch.Tensor, delta: float, condition: str = "p
 
 def module_masks(graph: ModelGraph, stats: ActivationStats, concerned: int, head_weight: torch.Tensor,
                  s: DecomposeSettings) -> dict[str, torch.Tensor]:
-    masks = keep_masks(stats, concerned, s.tau)
+    masks = keep_masks(stats, concerned, s.ablation.tau)
     if s.exact_only:
         masks = {n: m if n in graph.exact_points else torch.ones_like(m) for n, m in masks.items()}
     return apply_variant(graph, masks, head_weight, s)
@@ -101,9 +124,9 @@ def apply_variant(graph: ModelGraph, masks: dict[str, torch.Tensor], head_weight
     ``exact_only``, MC-BLN switches off only at the points a ReLU follows)."""
     masks = dict(masks)
     if s.variant in ("mc-bln", "mc-bi"):
-        w = head_weight.cpu()
-        delta = s.delta * float(w.pow(2).mean().sqrt()) if s.relative_delta else s.delta
-        off = graph.mark_back(marked_features(w, delta, s.condition), s.delta, relative=s.relative_delta)
+        w, a = head_weight.cpu(), s.ablation
+        delta = s.delta * float(w.pow(2).mean().sqrt()) if a.relative_delta else s.delta
+        off = graph.mark_back(marked_features(w, delta, a.condition), s.delta, relative=a.relative_delta)
         for name, region in off.items():
             if not s.exact_only or name in graph.exact_points:
                 masks[name] = masks[name] & ~region
@@ -143,7 +166,7 @@ def decompose(model: nn.Module, data: ImageSet, variant: str | None = None, *, c
     started = time.perf_counter()
     with clock("decomposition"):
         if stats is None:
-            sampling = Sampling(s.ci_samples, s.seed, s.correct_only, counts=s.tau > 0)
+            sampling = Sampling(s.ci_samples, s.seed, s.ablation.correct_only, counts=s.ablation.tau > 0)
             stats = observe(clf.net, graph, clf.prepare, data, sampling, replace(passes, device=device))
         weight, bias = (t.cpu() for t in graph.head.linear_map(clf.net))
         modules = []
@@ -151,7 +174,7 @@ def decompose(model: nn.Module, data: ImageSet, variant: str | None = None, *, c
         for c in chosen:
             hw, hb = binary_head(weight, bias, c, scratch)
             masks = module_masks(graph, stats, c, hw, s)
-            recorded = {**asdict(s), "observed": int(stats.observed[c])}
+            recorded = {**s.record(), "observed": int(stats.observed[c])}
             modules.append(Module(clf, graph, c, masks, hw, hb, ModuleRecord(recorded)).to(device))
     seconds = time.perf_counter() - started
     for m in modules:
@@ -182,9 +205,11 @@ def calibrate_sharded(modules: list[Module], data: ImageSet, per_class: int, see
 
 
 def settings_of(module: Module) -> DecomposeSettings:
-    """The settings a module was made with (as recorded in it)."""
-    names = set(DecomposeSettings.__dataclass_fields__)
-    return DecomposeSettings(**{k: v for k, v in module.settings.items() if k in names})
+    """The settings a module was made with (as recorded in it: :meth:`DecomposeSettings.record`)."""
+    made = module.settings
+    ablation = Ablation(**{k: made[k] for k in Ablation.__dataclass_fields__ if k in made})
+    names = set(DecomposeSettings.__dataclass_fields__) - {"ablation"}
+    return DecomposeSettings(**{k: v for k, v in made.items() if k in names}, ablation=ablation)
 
 
 def relearn(module: Module, foreign: ImageSet, *, device: torch.device | None = None,
