@@ -16,7 +16,7 @@ import torch
 from conftest import run, train_small_cnn
 
 import cnnmod
-from cnnmod.composition.build import chosen
+from cnnmod.composition.build import mode_and_calibration
 from cnnmod.modules.kinds import kind_named
 from cnnmod.node import DecomposeSettings
 from cnnmod.node.kind import node_settings
@@ -55,19 +55,20 @@ def test_how_a_composition_runs_follows_what_its_modules_are(tmp_path, npz_data,
     train = cnnmod.data.load(npz_data, "train")
     model = cnnmod.load_model(tmp_path / "a")
     one = cnnmod.decompose(model, train, recipe=DecomposeSettings(ci_samples=10, calibration_samples=5))
-    assert chosen(one, None, None)[:2] == ("merged", "none")      # one model: one pass, its own scores
-    assert chosen(one, None, "platt")[:2] == ("merged", "platt")
-    assert chosen(one, None, "platt-ood")[:2] == ("vote", "platt-ood")  # the test reads each module's own pass
-    assert chosen(one, "vote", None)[:2] == ("vote", "none")
+    assert mode_and_calibration(one, None, None)[:2] == ("merged", "none")      # one model: one pass, its own scores
+    assert mode_and_calibration(one, None, "platt")[:2] == ("merged", "platt")
+    # the in-distribution test reads each module's own pass
+    assert mode_and_calibration(one, None, "platt-ood")[:2] == ("vote", "platt-ood")
+    assert mode_and_calibration(one, "vote", None)[:2] == ("vote", "none")
     other = copy.deepcopy(model)  # another model of the same data set
     torch.manual_seed(1)
     for p in other.parameters():
         p.data.add_(0.01 * torch.randn_like(p))
     two = cnnmod.decompose(other, train, recipe=DecomposeSettings(ci_samples=10, calibration_samples=5))
     mixed = [one[0], two[1]]
-    assert chosen(mixed, None, None)[:2] == ("vote", "platt")      # two models of one data set
+    assert mode_and_calibration(mixed, None, None)[:2] == ("vote", "platt")      # two models of one data set
     no_calibration = cnnmod.decompose(other, train, recipe=DecomposeSettings(ci_samples=10, calibration_samples=0))
-    assert chosen([one[0], no_calibration[1]], None, None)[:2] == ("vote", "none")
+    assert mode_and_calibration([one[0], no_calibration[1]], None, None)[:2] == ("vote", "none")
 
 
 def test_version_and_help_start_without_torch_and_help_is_short():

@@ -12,7 +12,7 @@ from conftest import assert_user_error, run
 
 import cnnmod
 from cnnmod.core.observe import class_order
-from cnnmod.models.train import split_train_val
+from cnnmod.data.dataset import split_train_val
 
 
 def test_merged_slim_composition(tmp_path, npz_data, capsys):

@@ -13,18 +13,18 @@ from conftest import random_data, slim_with_reference, source
 
 from cnnmod.core.calibrate import fit_head, source_log_odds
 from cnnmod.core.observe import class_order
+from cnnmod.data.dataset import split_train_val
 from cnnmod.data.transforms import InputSpec
 from cnnmod.errors import UserError
 from cnnmod.models import build
 from cnnmod.models.classifier import Classifier
-from cnnmod.models.train import split_train_val
 from cnnmod.slim import ModuleMaker, SlimSettings, slim_module, slim_modules
 from cnnmod.slim.channels import classifier_input, cost_per_channel, frozen_copy, gated, reestimate_bn
 from cnnmod.slim.importance import Fisher, Taylor
-from cnnmod.slim.make import Pools, source_margin
+from cnnmod.slim.make import InputPools, source_margin
 from cnnmod.slim.pruner import Margins, Pruner, step_rows
 from cnnmod.slim.recovery import FinalRefit, Reconstruct, Scales
-from cnnmod.slim.schedule import candidates, close, close_step, prune, step_share, take
+from cnnmod.slim.schedule import candidates, channels_within_budget, close_channels, close_step, prune, step_share
 
 
 @pytest.mark.parametrize("arch,kwargs", [("resnet20", {}), ("resnet20", {"bn": False}), ("vgg11", {}),
@@ -72,9 +72,10 @@ def test_narrowing_the_network_as_channels_close_changes_nothing_but_its_cost():
         for sa, sb, origin in zip(scores_a, scores_b, a.origin, strict=True):
             assert torch.allclose(sa, sb[origin], rtol=1e-3, atol=1e-6 * float(sb.max()))
         ranked = candidates(a)
-        chosen = take([(v, 0, i, j) for v, i, j in ranked], step_share(s, a.fraction()) * a.total_params, [a])
-        close(a, [(i, j) for _, i, j in chosen], ranked)
-        close(b, [(i, int(a.origin[i][j])) for _, i, j in chosen], [])  # the same channels, in the full network
+        budget = step_share(s, a.fraction()) * a.total_params
+        chosen = channels_within_budget([(v, 0, i, j) for v, i, j in ranked], budget, [a])
+        close_channels(a, [(i, j) for _, i, j in chosen], ranked)
+        close_channels(b, [(i, int(a.origin[i][j])) for _, i, j in chosen], [])  # the same channels, in the full net
         a.refresh()
         b.refresh()
         assert a.removed() == b.removed() and any(a.removed().values())
@@ -189,7 +190,7 @@ def test_max_loss_keeps_held_out_accuracy(step_samples):
     # the recorded figure is the saved module's own on the held-out inputs (no validation split on record: the last
     # 10 of each class's seeded order), up to one image whose margin the float64 head and the module's float32
     # one put on either side of 0
-    held = Pools(clf, data, 0).held_out(list(range(4)), 10)
+    held = InputPools(clf, data, 0).held_out(list(range(4)), 10)
     with torch.no_grad():
         mine = m(clf.prepare(data.images[held])).argmax(1) == 0
     accuracy = 100.0 * float((mine == (data.labels[held] == 2)).float().mean())
@@ -334,13 +335,13 @@ def test_observed_inputs_are_trained_on_and_held_out_ones_never():
     measure their losses only on images it never trained on; without, held out are the last of each class."""
     data = random_data(per_class=30)
     clf = source("cnn")
-    pools = Pools(clf, data, seed=3)
+    pools = InputPools(clf, data, seed=3)
     order = class_order(data.labels, data.num_classes, 3)
     assert pools.held_out_from == "training"
     assert pools.held_out([1], 5).tolist() == order[1][-5:].flip(0).tolist()
     assert pools.observation(2, 8).tolist() == torch.cat([order[2][:8]] + [order[c][:2] for c in (0, 1, 3)]).tolist()
     clf.info["training"] = {"data": "rand", "val_split": 0.25, "seed": 7, "subset": None}
-    pools = Pools(clf, data, seed=3)
+    pools = InputPools(clf, data, seed=3)
     trained, validated = split_train_val(data, 0.25, None, 7)  # as training split it
     fingerprint = {bytes(x.numpy()): "trained" for x in trained.images} | {
         bytes(x.numpy()): "validated" for x in validated.images}
@@ -354,9 +355,9 @@ def test_observed_inputs_are_trained_on_and_held_out_ones_never():
         kept = [i for i in order[c].tolist() if i in set(pools.held_out([c], 1000).tolist())]
         assert kept == pools.held_out([c], 1000).tolist()
     # another data set or other classes than the model's: no split to go by
-    assert Pools(clf, data.subset([0, 1, 2]), 3).held_out_from == "training"
+    assert InputPools(clf, data.subset([0, 1, 2]), 3).held_out_from == "training"
     clf.info["training"]["data"] = "other"
-    assert Pools(clf, data, 3).held_out_from == "training"
+    assert InputPools(clf, data, 3).held_out_from == "training"
 
 
 class FixedShuffle(torch.nn.Module):
@@ -442,10 +443,10 @@ def test_a_step_takes_the_least_important_channels_within_quotas_budget_and_caps
     ranked = sorted([(0.1, 0, 0, 0), (0.2, 1, 0, 0), (0.3, 1, 0, 2), (0.4, 0, 1, 1), (0.5, 0, 1, 0),
                      (0.6, 0, 0, 2), (0.7, 1, 1, 0)])
     # in order: a.0.0 (1), b.0.0 (1), b.0.2 refused (b's group 0 would be empty), a.1.1 (3): 5 >= budget 5
-    assert take(ranked, 5.0, [a, b]) == [(0, 0, 0), (1, 0, 0), (0, 1, 1)]
+    assert channels_within_budget(ranked, 5.0, [a, b]) == [(0, 0, 0), (1, 0, 0), (0, 1, 1)]
     # a capped at 1 parameter: a.1.1 and a.0.2 refused, then b.1.0 (3) spends the budget
-    assert take(ranked, 5.0, [a, b], caps=[1.0, 10.0]) == [(0, 0, 0), (1, 0, 0), (1, 1, 0)]
-    assert take(ranked, 0.0, [a, b]) == []
+    assert channels_within_budget(ranked, 5.0, [a, b], caps=[1.0, 10.0]) == [(0, 0, 0), (1, 0, 0), (1, 1, 0)]
+    assert channels_within_budget(ranked, 0.0, [a, b]) == []
 
 
 def test_a_total_budget_gives_the_channels_to_the_module_that_needs_them(monkeypatch):

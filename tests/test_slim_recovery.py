@@ -18,7 +18,7 @@ from cnnmod.models import build
 from cnnmod.models.classifier import Classifier
 from cnnmod.slim import SlimSettings, slim_module, slim_modules
 from cnnmod.slim.channels import classifier_input, frozen_copy, gated
-from cnnmod.slim.make import Pools
+from cnnmod.slim.make import InputPools
 from cnnmod.slim.pruner import Margins, Pruner
 from cnnmod.slim.recovery import Reconstruct, Scales
 
@@ -104,7 +104,7 @@ def _joint_made():
     data = random_data(per_class=24)
     s = SlimSettings(size=0.5, samples=24, step=0.3, step_samples=None)
     modules = slim_modules(clf, data, [0, 1, 2, 3], s)
-    index = Pools(clf, data, s.seed).first([0, 1, 2, 3], 12)
+    index = InputPools(clf, data, s.seed).first([0, 1, 2, 3], 12)
     return clf, data, modules, index
 
 

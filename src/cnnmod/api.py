@@ -10,7 +10,7 @@ from dataclasses import replace
 from torch import nn
 
 from .composition.base import Composer
-from .composition.build import Sources, build, chosen
+from .composition.build import Sources, build, mode_and_calibration
 from .composition.evaluate import evaluate_against_model, evaluate_composition
 from .data.dataset import ImageSet
 from .data.torch_dataset import as_image_set
@@ -95,7 +95,7 @@ def compose(modules: Sequence[BinaryModule], mode: str | None = None, calibratio
     else:
         sources = Sources()
     modules = list(modules)
-    mode, calibration, _ = chosen(modules, mode, calibration, networks=sources.has(modules))
+    mode, calibration, _ = mode_and_calibration(modules, mode, calibration, networks=sources.has(modules))
     return build(modules, mode, calibration, sources, **pruning)
 
 

@@ -109,8 +109,8 @@ def composition_defaults(modules: Sequence[BinaryModule], networks: bool = True)
     return "vote", "none", "modules of several models, some without calibration: scores compared as they are"
 
 
-def chosen(modules: Sequence[BinaryModule], mode: str | None, calibration: str | None, refitted: bool = False,
-           networks: bool = True) -> tuple[str, str, str]:
+def mode_and_calibration(modules: Sequence[BinaryModule], mode: str | None, calibration: str | None,
+                         refitted: bool = False, networks: bool = True) -> tuple[str, str, str]:
     """The mode and calibration a composition of ``modules`` runs with: as given, the rest chosen to fit
     (:func:`composition_defaults`). Platt times the in-distribution test needs voting (each module's own
     activations), so a calibration of platt-ood given alone votes, and a mode given alone drops it to platt;

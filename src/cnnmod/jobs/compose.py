@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..artifacts import check_output
 from ..composition.base import COMPOSER_KINDS, find_class
-from ..composition.build import Sources, build, chosen, composing_for, composition_defaults
+from ..composition.build import Sources, build, composing_for, composition_defaults, mode_and_calibration
 from ..composition.voting import check_calibration, check_composable, check_mode
 from ..errors import UserError
 from ..io.store import composition_setting, load_modules, save_composition, save_network, source_models
@@ -43,7 +43,7 @@ class ComposeSettings:
     def resolved(self, modules: Sequence[BinaryModule]) -> tuple[ComposeSettings, str]:
         """The mode and calibration chosen where not given (:func:`cnnmod.composition.build.chosen`), and a line
         saying what was chosen and why ("" when both were given)."""
-        mode, calibration, why = chosen(modules, self.mode, self.calibration,
+        mode, calibration, why = mode_and_calibration(modules, self.mode, self.calibration,
                                         self.continuous_learning or self.refit_heads)
         if self.mode is not None and self.calibration is not None:
             return self, ""

@@ -14,6 +14,7 @@ import torch
 from ..artifacts import atomic_folder, check_output
 from ..core.metrics import evaluate_classifier
 from ..data import load
+from ..data.dataset import split_train_val
 from ..data.registry import default_augment
 from ..data.transforms import InputSpec
 from ..energy import EnergyMeter, training_energy
@@ -24,7 +25,7 @@ from ..models.folder import save_into
 from ..models.reference import trusting
 from ..models.registry import create
 from ..models.resume import read_state, resume_folder, stopped_at, write_state
-from ..models.train import TrainSettings, fit, require_in_memory, split_train_val
+from ..models.train import TrainSettings, fit, require_in_memory
 from ..progress import say
 from ..runtime import Passes, init_distributed, pick_device, seed_everything
 

@@ -74,25 +74,6 @@ def require_in_memory(train: ImageSet) -> None:
                         "train the model elsewhere and bring it in with cnnmod import")
 
 
-def split_indices(n: int, val_split: float, subset: int | None, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Indices of a set of ``n`` images: those trained on and those validated on (a seeded subset of ``subset``
-    images, if given, then a seeded validation split of it)."""
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    if subset is not None:
-        order = order[:subset]
-    n_val = int(len(order) * val_split)
-    if val_split > 0 and n_val == 0:
-        n_val = 1
-    return order[n_val:], order[:n_val]
-
-
-def split_train_val(data: ImageSet, val_split: float, subset: int | None,
-                    seed: int) -> tuple[ImageSet, ImageSet | None]:
-    """The images trained on and those validated on (None without a validation split): :func:`split_indices`."""
-    trained, validated = split_indices(len(data), val_split, subset, seed)
-    return data.take(trained), data.take(validated) if len(validated) else None
-
-
 def _schedule(total_steps: int, warmup: int):
     def factor(step: int) -> float:
         if step < warmup:

@@ -24,11 +24,10 @@ from ..core.attention import parse_heads
 from ..core.calibrate import model_log_odds, source_log_odds
 from ..core.masking import binary_head
 from ..core.observe import class_order, tangling_budget
-from ..data.dataset import ImageSet
+from ..data.dataset import ImageSet, split_indices
 from ..data.registry import split_spec
 from ..data.torch_dataset import as_image_set
 from ..models.classifier import Classifier
-from ..models.train import split_indices
 from ..modules.base import ModuleRecord
 from .channels import frozen_copy
 from .config import MODULE_SIZE, SlimSettings
@@ -37,7 +36,7 @@ from .pruner import Margins, Pruner
 from .schedule import prune, prune_together
 
 
-class Pools:
+class InputPools:
     """Per class, in a seeded order, the inputs a slim module or merged composition observes and those held out
     to measure its losses (``max_loss``). With the model's validation split recorded in its config and ``data``
     the set it was split from: observed among the images the model was trained on, held out among those it was
@@ -118,7 +117,7 @@ def slim_modules(source: Classifier, data: ImageSet, classes: list[int], s: Slim
     known = None  # the source's log-odds on every observed input, when computed here: (indices, odds)
     if classes:
         started = time.perf_counter()
-        pools = Pools(source, data, s.seed)
+        pools = InputPools(source, data, s.seed)
         # every class's observed inputs, whichever are asked for: the same passes, so the same bits, whether the
         # modules are made together, apart or spread over torchrun's processes
         observed = {c: pools.observation(c, s.samples) for c in range(data.num_classes)}
@@ -169,10 +168,10 @@ def refit_heads_together(modules: list[SlimModule], source: Classifier, data: Im
                          batch_size: int = 256, known: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict:
     """The heads of ``modules`` (one of every class of ``source``) refitted together with weight ``s.joint_heads``
     on their composition's cross-entropy (:func:`cnnmod.composition.joint.fit_heads_jointly`), on half as many
-    observed inputs of every class as a module observes of its own (:class:`Pools`: never a validation image).
+    observed inputs of every class as a module observes of its own (:class:`InputPools`: never a validation image).
     ``known``: the source's log-odds already computed on inputs of ``data`` (sorted indices, (N, K) odds), as
     :func:`slim_modules` has them; those inputs are then not run through the source again."""
-    index = Pools(source, data, s.seed).first(list(range(data.num_classes)), max(s.samples // 2, 1))
+    index = InputPools(source, data, s.seed).first(list(range(data.num_classes)), max(s.samples // 2, 1))
     odds = None
     if known is not None:
         where = torch.searchsorted(known[0], index).clamp(max=known[0].numel() - 1)
@@ -199,7 +198,7 @@ class ModuleMaker:
             frozen = (frozen[0], copy.deepcopy(frozen[1]), frozen[2])
         self.graph, self.net, _ = frozen
         device = next(self.net.parameters()).device
-        self.pools = Pools(source, data, s.seed)
+        self.pools = InputPools(source, data, s.seed)
         observed = self.pools.observation(concerned, s.samples)
         images, targets = data.images[observed], data.labels[observed] == concerned
         x_obs = source.prepare(images.to(device))

@@ -20,7 +20,7 @@ from ..models.classifier import Classifier
 from ..modules.base import ClassRef, base_dataset
 from .channels import ChannelGroups, frozen_copy
 from .config import SlimSettings
-from .make import Pools, source_info, source_margin
+from .make import InputPools, source_info, source_margin
 from .module import SlimModule
 from .pruner import Margins, Pruner
 from .schedule import prune
@@ -112,7 +112,7 @@ def merge_slim(modules: list[SlimModule], source: Classifier, data: ImageSet, se
     for a slim module (ranked by ``cost``), until the network holds at most that share of the model's
     parameters; with ``max_loss``, until the next step would put its top-1 among its classes more than that many
     points under the model's restricted to them, on ``held_per_class`` held-out inputs of each class
-    (:class:`Pools`; ``size`` is then a floor). ``foreign``: for a fused composition
+    (:class:`InputPools`; ``size`` is then a floor). ``foreign``: for a fused composition
     (:class:`cnnmod.slim.merged.FusedSlim`), the training images of the classes it takes from other models (one
     set per data set, restricted to those classes): ``samples`` of each of their classes are observed too, as
     inputs of none of this network's classes, so that its scores stay low on them (BatchNorm statistics still
@@ -135,7 +135,7 @@ def merge_slim(modules: list[SlimModule], source: Classifier, data: ImageSet, se
     gates = union_gates(modules, groups, device)
     chosen = [m.concerned for m in modules]
     world = chosen if len(chosen) > 1 else list(range(data.num_classes))  # one class alone: against all
-    pools = Pools(source, data, seed)
+    pools = InputPools(source, data, seed)
     idx = pools.first(world, samples)
     x_obs = source.prepare(data.images[idx].to(device))
     targets = data.labels[idx].to(device)[:, None] == torch.tensor(chosen, device=device)[None, :]

@@ -48,7 +48,7 @@ def out_of_reach(size: float, arch: str, fraction: float, reached: str) -> UserE
                      f"so {reached} {least:g} of the parameters; ask for «size» {least:g} or more")
 
 
-def take(ranked: list[tuple[float, int, int, int]], budget: float, pruners: list[Pruner],
+def channels_within_budget(ranked: list[tuple[float, int, int, int]], budget: float, pruners: list[Pruner],
          caps: list[float] | None = None) -> list[tuple[int, int, int]]:
     """The (pruner, group, channel)s of ``ranked`` ((importance per cost, pruner, group, channel), least important
     first) that one step closes: in order until ``budget`` parameters are spent, every group keeping one channel,
@@ -68,7 +68,7 @@ def take(ranked: list[tuple[float, int, int, int]], budget: float, pruners: list
     return chosen
 
 
-def close(pruner: Pruner, chosen: list[tuple[int, int]], ranked: Ranked) -> int:
+def close_channels(pruner: Pruner, chosen: list[tuple[int, int]], ranked: Ranked) -> int:
     """Close the ``chosen`` (group, channel)s, then, with ``multiple``, the least important of ``ranked`` that
     bring each group's count to a multiple of it (when above it); how many closed."""
     for i, j in chosen:
@@ -97,8 +97,8 @@ def close_step(pruner: Pruner, fraction: float) -> int:
     step's share (:func:`step_share`) is spent; how many closed."""
     ranked = candidates(pruner)
     budget = step_share(pruner.s, fraction) * pruner.total_params
-    chosen = take([(v, 0, i, j) for v, i, j in ranked], budget, [pruner])
-    return close(pruner, [(i, j) for _, i, j in chosen], ranked)
+    chosen = channels_within_budget([(v, 0, i, j) for v, i, j in ranked], budget, [pruner])
+    return close_channels(pruner, [(i, j) for _, i, j in chosen], ranked)
 
 
 class Exhausted(Exception):  # noqa: N818 -- a state of the schedule, not an error of the user's
@@ -183,11 +183,11 @@ def _steps_together(pruners: list[Pruner], size: float, histories: list[list[dic
         ranked = sorted((v, k, i, j) for k, p in enumerate(pruners) for v, i, j in candidates(p))
         budget = step_share(s, mean, size) * total * len(pruners)
         caps = [2 * s.step * f * total for f in fractions]
-        chosen = take(ranked, budget, pruners, caps)
+        chosen = channels_within_budget(ranked, budget, pruners, caps)
         if not chosen:
             raise out_of_reach(size, pruners[0].source.arch, mean, "its modules reach on average")
         for k, p in enumerate(pruners):
             mine = [(i, j) for kk, i, j in chosen if kk == k]
             if mine:
-                close(p, mine, [(v, i, j) for v, kk, i, j in ranked if kk == k])
+                close_channels(p, mine, [(v, i, j) for v, kk, i, j in ranked if kk == k])
                 p.refresh()
