@@ -1,35 +1,33 @@
 """The state of one channel-pruning run (docs/method.md, "Slim modules"): :class:`Pruner` holds a frozen copy of
 the source network with a gate per channel, K head rows (binary margins) fitted on observed inputs, and the
-operations every step and recovery uses: narrowing the network to its open channels, refreshing BatchNorm and
-the head, slicing, verifying. What to close and when is the schedule's (:mod:`.schedule`); what is learned
-after the last step, the recoveries' (:mod:`.recovery`)."""
+operations every step and recovery uses: passes over the observed inputs, narrowing the network to its open
+channels, refreshing BatchNorm and the head, undoing a step. Its other parts: the network cut to the open
+channels and its check (:mod:`.cut`), and what it keeps in the source's numbering (:mod:`.mapping`). What to
+close and when is the schedule's (:mod:`.schedule`); what is learned after the last step, the recoveries'
+(:mod:`.recovery`)."""
 
 from __future__ import annotations
 
-import copy
-from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
-from ..core.attention import HeadAttention, canonical, is_attention, parse_heads
+from ..core.attention import parse_heads
 from ..core.calibrate import balanced_bce, fit_head
 from ..models.classifier import Classifier
 from .channels import (
     classifier_input,
     closed_channels,
-    fold_gates,
     frozen_copy,
     gated,
     narrowed,
     reestimate_bn,
     slice_network,
-    verify_sliced,
 )
 from .config import SlimSettings
+from .cut import Cutting
 from .importance import CHANNEL_COSTS, StepView, importance, params_cost
+from .mapping import ChannelMap
 
 
 @dataclass
@@ -69,7 +67,7 @@ def step_rows(targets: torch.Tensor, n: int | None) -> torch.Tensor | None:
     return torch.cat([own, spread(everything[~mine], n - own.numel())]).sort().values
 
 
-class Pruner:
+class Pruner(ChannelMap, Cutting):
     """Channel gates on a frozen copy of ``source``'s network, closed for K margins at once: row k of the head is a
     binary margin, "class k" against the others of the observed world (:class:`Margins`). A slim module has one
     row; a merged composition one per class. ``gates`` start all open, or as given (a merged composition starts
@@ -97,22 +95,11 @@ class Pruner:
         self.w, self.b = margins.w.cpu(), margins.b.cpu().double()
         self.total_params = sum(p.numel() for p in source.net.parameters())
         self.importance = importance(s.rule)  # ranks the open channels at every step (:mod:`.schedule`)
-        self.checked = False  # whether a sliced network with channels cut has been verified (:meth:`record`)
         # per group, the parameters one channel costs (what a step's budget counts), and what its importance is
         # divided by when channels are ranked
         self.per_channel = params_cost(self.net, self.graph, self.groups, source.spec.shape)
         self.rank_cost = (self.per_channel if s.cost == "params" else
                           CHANNEL_COSTS[s.cost](self.net, self.graph, self.groups, source.spec.shape))
-
-    def reference(self) -> nn.Module:
-        """The source network with its layers named as the pruner's are: attention converted to the form slicing
-        keeps (:func:`cnnmod.core.attention.canonical`; the source itself where it has none to convert)."""
-        if not hasattr(self, "_reference"):
-            net = self.source.net
-            if any(is_attention(m) and not isinstance(m, HeadAttention) for m in net.modules()):
-                net = canonical(copy.deepcopy(net).eval(), parse_heads(self.s.heads), self.source.spec.shape)
-            self._reference = net
-        return self._reference
 
     # ---------------------------------------------------------------- passes
     def batches(self, x: torch.Tensor) -> list[torch.Tensor]:
@@ -206,87 +193,3 @@ class Pruner:
         """Back to a :meth:`snapshot` (a step undone: its network, narrowed or not, is the one before it)."""
         net, self.groups, origin, gates, self.w, self.b = snapshot
         self.net, self.origin, self.gates = net, list(origin), [g.clone() for g in gates]
-
-    # ---------------------------------------------------------------- what it has kept
-    def kept_channels(self) -> int:
-        return sum(int((g > 0).sum()) for g in self.gates)
-
-    @property
-    def channels(self) -> int:
-        """The source network's channels in all groups."""
-        return sum(g.channels for g in self.source_groups.groups)
-
-    def removed(self) -> dict[str, list[int]]:
-        """The closed channels of every group of the source network, by the group's first root layer."""
-        out = {}
-        for group, gate, origin in zip(self.source_groups.groups, self.gates, self.origin, strict=True):
-            closed = torch.ones(group.channels, dtype=torch.bool)
-            closed[origin[gate.cpu() > 0]] = False
-            out[group.root] = [int(j) for j in torch.nonzero(closed).flatten()]
-        return out
-
-    def source_masks(self) -> dict[str, dict[str, torch.Tensor]]:
-        """:func:`~cnnmod.slim.channels.narrowed`'s masks for the source network narrowed to the current one's
-        channels (closed channels it still has, gated, count as kept)."""
-        kept = [torch.zeros(g.channels).index_fill_(0, o, 1.0)
-                for g, o in zip(self.source_groups.groups, self.origin, strict=True)]
-        return narrowed(self.source_groups, self.reference(), kept)[1]
-
-    def kept_outputs(self) -> dict[str, torch.Tensor]:
-        """Per layer of the source network that lost channels in the current network: the indices of its outputs
-        that stay."""
-        return {layer: torch.nonzero(m).flatten() for layer, m in self.source_masks()["outputs"].items()}
-
-    def head_columns(self) -> torch.Tensor:
-        """The indices of the source network's head features that the current network computes, in its order."""
-        mask = self.source_masks()["consumers"].get(self.graph.head.layer)
-        return torch.arange(self.w.shape[1]) if mask is None else torch.nonzero(mask).flatten()
-
-    def head(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The head over the network's features: a module's two rows [margin, 0] (their softmax is the margin's
-        sigmoid), or a composition's K margins."""
-        if not self.binary:
-            return self.w, self.b.float()
-        w = self.w[0]
-        return torch.stack([w, torch.zeros_like(w)]), torch.tensor([float(self.b[0]), 0.0])
-
-    # ---------------------------------------------------------------- the sliced network
-    def sliced(self, check: bool = False) -> nn.Module:
-        """The network cut to the open channels; with ``check``, verified on a few observed inputs against the
-        gated network (torch-pruning slices what its dependency graph understands: an operation that depends
-        on a channel count, such as a reshape to a fixed shape, breaks a sliced network silently)."""
-        w, b = self.head()
-        net, head_w = self.net, w
-        if any(bool(((g != 0) & (g != 1)).any()) for g in self.gates):  # learned scales: folded in
-            net, columns = fold_gates(self.net, self.graph, self.groups, self.gates)
-            head_w = w * columns.to(w.device, w.dtype)
-        sliced = slice_network(net, self.source.spec.shape, closed_channels(self.groups, self.gates), self.graph.head,
-                               head_w, b, units=self.groups.units)
-        if check:
-            self.verify(sliced, w, b)
-        return sliced
-
-    def verify(self, net: nn.Module, w: torch.Tensor, b: torch.Tensor, running: Callable = nullcontext) -> None:
-        """``net`` (cut from the current network) run on a few observed inputs, inside ``running()``, and checked
-        against the current gated network with head rows ``w`` and ``b`` (:func:`verify_sliced`)."""
-        x = self.x_obs[:8]
-        with torch.no_grad():
-            with gated(self.net, self.graph, self.groups, self.gates):
-                f = classifier_input(self.net, self.graph.head, lambda: self.net(x))
-            expected = f @ w.to(f.device, f.dtype).T + b.to(f.device, f.dtype)
-            with running():
-                verify_sliced(net, x, expected, type(self.source.net).__name__)
-
-    def fraction(self) -> float:
-        """The sliced network's share of the model's parameters."""
-        return sum(p.numel() for p in self.sliced().parameters()) / self.total_params
-
-    def record(self, history: list[dict]) -> float:
-        """The sliced network's share of the model's parameters now, added to ``history`` with the kept channels.
-        The first sliced network with channels cut is verified against the gated one (and the last one is, when
-        the module or composition is made from it)."""
-        cut = not self.checked and any(bool((g == 0).any()) for g in self.gates)
-        fraction = sum(p.numel() for p in self.sliced(check=cut).parameters()) / self.total_params
-        self.checked = self.checked or cut
-        history.append({"params_fraction": round(fraction, 4), "kept_channels": self.kept_channels()})
-        return fraction

@@ -1,0 +1,63 @@
+"""What a pruner's current network keeps of its source network, in the source's numbering: the channels it
+keeps and removed, and which outputs and head features stay (what a recovery maps the source's weights through).
+A part of :class:`~cnnmod.slim.pruner.Pruner`: it reads the pruner's ``source``, ``s``, ``source_groups``,
+``origin``, ``gates``, ``graph`` and ``w``."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from ..core.attention import HeadAttention, canonical, is_attention, parse_heads
+from .channels import narrowed
+
+
+class ChannelMap:
+    """The current network's channels against the source network's (``origin``: per group, the source's index of
+    each channel the current network has)."""
+
+    def reference(self) -> nn.Module:
+        """The source network with its layers named as the pruner's are: attention converted to the form slicing
+        keeps (:func:`cnnmod.core.attention.canonical`; the source itself where it has none to convert)."""
+        if not hasattr(self, "_reference"):
+            net = self.source.net
+            if any(is_attention(m) and not isinstance(m, HeadAttention) for m in net.modules()):
+                net = canonical(copy.deepcopy(net).eval(), parse_heads(self.s.heads), self.source.spec.shape)
+            self._reference = net
+        return self._reference
+
+    def kept_channels(self) -> int:
+        return sum(int((g > 0).sum()) for g in self.gates)
+
+    @property
+    def channels(self) -> int:
+        """The source network's channels in all groups."""
+        return sum(g.channels for g in self.source_groups.groups)
+
+    def removed(self) -> dict[str, list[int]]:
+        """The closed channels of every group of the source network, by the group's first root layer."""
+        out = {}
+        for group, gate, origin in zip(self.source_groups.groups, self.gates, self.origin, strict=True):
+            closed = torch.ones(group.channels, dtype=torch.bool)
+            closed[origin[gate.cpu() > 0]] = False
+            out[group.root] = [int(j) for j in torch.nonzero(closed).flatten()]
+        return out
+
+    def source_masks(self) -> dict[str, dict[str, torch.Tensor]]:
+        """:func:`~cnnmod.slim.channels.narrowed`'s masks for the source network narrowed to the current one's
+        channels (closed channels it still has, gated, count as kept)."""
+        kept = [torch.zeros(g.channels).index_fill_(0, o, 1.0)
+                for g, o in zip(self.source_groups.groups, self.origin, strict=True)]
+        return narrowed(self.source_groups, self.reference(), kept)[1]
+
+    def kept_outputs(self) -> dict[str, torch.Tensor]:
+        """Per layer of the source network that lost channels in the current network: the indices of its outputs
+        that stay."""
+        return {layer: torch.nonzero(m).flatten() for layer, m in self.source_masks()["outputs"].items()}
+
+    def head_columns(self) -> torch.Tensor:
+        """The indices of the source network's head features that the current network computes, in its order."""
+        mask = self.source_masks()["consumers"].get(self.graph.head.layer)
+        return torch.arange(self.w.shape[1]) if mask is None else torch.nonzero(mask).flatten()
