@@ -24,6 +24,7 @@ from cnnmod.models.classifier import Classifier
 from cnnmod.node.method import Ablation, DecomposeSettings, keep_masks
 from cnnmod.node.method import decompose as decompose_model
 from cnnmod.node.module import Module
+from cnnmod.node.walks import mark_back, needed
 from cnnmod.runtime import Passes
 
 
@@ -184,7 +185,7 @@ def test_bln_walks_back_through_hidden_dense_layers():
 
     marked = marked_features(hw, 0.5)
     assert marked.tolist() == [True, False]
-    off = g.mark_back(marked, 0.5)
+    off = mark_back(g, marked, 0.5)
     assert off["l2"].tolist() == [True, False]
     assert off["l1"].tolist() == [True, False]
 
@@ -275,17 +276,17 @@ def test_mc_bi_receptive_field_by_hand():
     g = ModelGraph(Chain(), (1, 4, 4))
     masks = {"conv1": torch.ones(1, 4, 4, dtype=torch.bool), "conv2": torch.ones(1, 2, 2, dtype=torch.bool)}
     masks["conv2"][0, 0, 0] = False
-    need = g.needed(masks)
+    need = needed(g, masks)
     # conv1 node (i, j) feeds conv2 outputs (a, b) with a in [i-2, i], b in [j-2, j]; only (0, 0) feeds (0, 0) alone
     expected = torch.ones(1, 4, 4, dtype=torch.bool)
     expected[0, 0, 0] = False
     assert torch.equal(need["conv1"], expected)
     masks["conv2"][0, 1, 1] = False   # now the corner (3, 3), feeding only (1, 1), goes too; (0, 1) still feeds (0, 1)
-    need = g.needed(masks)
+    need = needed(g, masks)
     expected[0, 3, 3] = False
     assert torch.equal(need["conv1"], expected)
     masks["conv2"][:] = False          # nothing reaches the head: nothing is needed
-    assert not g.needed(masks)["conv1"].any()
+    assert not needed(g, masks)["conv1"].any()
 
 
 # ------------------------------------------------------------------------------------- brute-force checks
@@ -442,8 +443,8 @@ def test_mc_bi_switches_off_only_nodes_that_cannot_matter(arch, kwargs, keep):
         channel_on = torch.rand(p.shape[0], generator=g) < keep
         node_on = torch.rand(p.shape, generator=g) < keep
         masks[p.name] = node_on & channel_on.view(-1, *([1] * (len(p.shape) - 1)))
-    needed = graph.needed(masks)
-    pruned = {k: v & needed[k] for k, v in masks.items()}
+    live = needed(graph, masks)
+    pruned = {k: v & live[k] for k, v in masks.items()}
     w, b = binary_head(net.get_submodule(graph.classifier).weight, net.get_submodule(graph.classifier).bias, 1)
     before, after = Module(clf, graph, 1, masks, w, b), Module(clf, graph, 1, pruned, w, b)
     if keep < 0.5 and arch in ("resnet20", "cnn"):  # sparse masks there leave nodes that cannot matter

@@ -24,6 +24,7 @@ from cnnmod.models.folder import load_model
 from cnnmod.node import DecomposeSettings, decompose
 from cnnmod.node.method import marked_features
 from cnnmod.node.module import Module
+from cnnmod.node.walks import needed
 from cnnmod.slim import SlimSettings, slim_module
 from cnnmod.slim.channels import classifier_input, closed_channels, fold_gates, frozen_copy, gated, slice_network
 
@@ -93,8 +94,8 @@ def test_mc_bi_liveness_through_every_op_against_random_masks(name):
     for p in graph.points:
         channel_on = torch.rand(p.shape[0], generator=g) < 0.4
         masks[p.name] = (torch.rand(p.shape, generator=g) < 0.6) & channel_on.view(-1, *([1] * (len(p.shape) - 1)))
-    needed = graph.needed(masks)
-    pruned = {k: v & needed[k] for k, v in masks.items()}
+    live = needed(graph, masks)
+    pruned = {k: v & live[k] for k, v in masks.items()}
     w, b = binary_head(*graph.head.linear_map(clf.net), 1)
     before, after = Module(clf, graph, 1, masks, w, b), Module(clf, graph, 1, pruned, w, b)
     x = torch.randn(5, *SHAPE)

@@ -7,9 +7,8 @@
 * The head (:class:`Head`): an ``nn.Linear`` classifier, a 1x1 convolution with global average pooling (either
   order: a linear map of the pooled features), or class maps pooled after a nonlinearity (NiN, SqueezeNet).
 * Per-sample shapes of every node (shape propagation on one example input); attention layers as one node each.
-* Two walks over the graph between the observation points and the head, both over the op table of
-  :mod:`cnnmod.core.ops`: marking nodes backwards from the head (MC-BLN), and liveness of nodes given the
-  masks (MC-BI).
+* The op of every node (:mod:`cnnmod.core.ops`), through which walks between the observation points and the
+  head pass regions of nodes (the node kind's MC-BLN and MC-BI: :mod:`cnnmod.node.walks`).
 
 A network outside this vocabulary is refused with a message that names the layer.
 """
@@ -390,61 +389,7 @@ class ModelGraph:
     def head_features(self) -> int:
         return int(self.head.linear_map(self.gm)[0].shape[1])
 
-    def _head_region(self, region: torch.Tensor) -> tuple[Node, torch.Tensor]:
+    def head_region(self, region: torch.Tensor) -> tuple[Node, torch.Tensor]:
+        """The node the head reads and ``region`` (over the head's features) as a region of that node."""
         node = self.head.input
         return node, self.head.input_region(region, self.shapes[node.name])
-
-    # ------------------------------------------------------------------ walks
-    def mark_back(self, region: torch.Tensor, delta: float, relative: bool = False) -> dict[str, torch.Tensor]:
-        """MC-BLN: map marked head-input features back to the observation-point nodes they summarise.
-
-        Returns, per observation point that was reached, the boolean nodes to switch off. Hidden dense layers
-        are walked through first: a node of the layer below is marked when at least one node above is marked
-        and its weights into the marked nodes are all <= -delta (with ``relative``, -delta times the root mean
-        square of that layer's weights). Marks stop at the image, at constants and at the class layer.
-        """
-        off: dict[str, torch.Tensor] = {}
-        work = [self._head_region(region)]
-        while work:
-            node, reg = work.pop()
-            if not bool(reg.any()) or node.op == "placeholder" or node.name not in self.shapes:
-                continue
-            point = self.point_by_node.get(node.name)
-            if point is not None:
-                off[point.name] = off.get(point.name, torch.zeros(point.shape, dtype=torch.bool)) | reg
-                if point.kind == "linear":
-                    weight = self.module(point.layer).weight.detach().cpu()
-                    limit = delta * float(weight.pow(2).mean().sqrt()) if relative else delta
-                    below = (weight[reg.reshape(-1)] <= -limit).all(dim=0)
-                    (src,) = self.ops[point.node].inputs(self.nodes[point.node])
-                    work.append((src, below.reshape(self.shapes[src.name])))
-                continue
-            if node.op == "call_module" and node.target == self.head.layer:
-                continue
-            work.extend(self.ops[node.name].reads(self, node, reg))
-        return off
-
-    def needed(self, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """MC-BI: for every observation point, the nodes whose value reaches the head given ``masks``.
-
-        Liveness in reverse topological order, from the head's input: each node's needed region (what its
-        consumers read of it, masked where it is an observation point) is passed to its inputs through the op
-        table; a convolution reads an input node when it feeds a kept output node, pooling when a needed window
-        covers it, a dense layer with any kept output reads all its inputs.
-        """
-        need: dict[str, torch.Tensor] = {}
-        start, region = self._head_region(torch.ones(self.head_features, dtype=torch.bool))
-        need[start.name] = region
-        for node in reversed(list(self.gm.graph.nodes)):
-            reg = need.get(node.name)
-            if reg is None or node.op == "placeholder":
-                continue
-            point = self.point_by_node.get(node.name)
-            if point is not None:
-                reg = reg & masks[point.name]
-            if not bool(reg.any()):
-                continue
-            for src, r in self.ops[node.name].reads(self, node, reg):
-                if src.name in self.shapes:
-                    need[src.name] = need[src.name] | r if src.name in need else r
-        return {p.name: need.get(p.node, torch.zeros(p.shape, dtype=torch.bool)) for p in self.points}

@@ -26,6 +26,8 @@ from ..models.classifier import as_classifier, check_data, chosen_classes
 from ..modules.base import ModuleRecord
 from ..runtime import Clock, Distributed, Passes
 from .module import Module
+from .walks import mark_back
+from .walks import needed as walks_needed
 
 VARIANTS = ("mc", "mc-bln", "mc-bi")
 CONDITIONS = ("pseudocode", "prose")
@@ -126,12 +128,12 @@ def apply_variant(graph: ModelGraph, masks: dict[str, torch.Tensor], head_weight
     if s.variant in ("mc-bln", "mc-bi"):
         w, a = head_weight.cpu(), s.ablation
         delta = s.delta * float(w.pow(2).mean().sqrt()) if a.relative_delta else s.delta
-        off = graph.mark_back(marked_features(w, delta, a.condition), s.delta, relative=a.relative_delta)
+        off = mark_back(graph, marked_features(w, delta, a.condition), s.delta, relative=a.relative_delta)
         for name, region in off.items():
             if not s.exact_only or name in graph.exact_points:
                 masks[name] = masks[name] & ~region
     if s.variant == "mc-bi":
-        needed = graph.needed(masks)
+        needed = walks_needed(graph, masks)
         masks = {name: m & needed[name] for name, m in masks.items()}
     return masks
 
