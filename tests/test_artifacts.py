@@ -114,17 +114,20 @@ def test_the_device_packing_is_numpys_bit_order():
         assert torch.equal(unpack_bits_torch(packed, n), b)
 
 
-def test_folders_written_by_an_earlier_cnnmod_load_and_score_as_they_did():
-    """tests/fixtures/format_96f1610 was written by cnnmod at commit 96f1610 (before the kinds became plug-ins):
-    a model, its node-level and slim decompositions, a merged slim composition and a calibrated voting
-    composition, with the scores each gave then on fixed images. Today's cnnmod loads every one and scores alike."""
+@pytest.mark.parametrize("commit", ["96f1610", "b99d88f"])
+def test_folders_written_by_an_earlier_cnnmod_load_and_score_as_they_did(commit):
+    """tests/fixtures/format_COMMIT was written by cnnmod at that commit: at 96f1610 (before the kinds became
+    plug-ins) a model, its node-level and slim decompositions, a merged slim composition and a calibrated voting
+    composition; at b99d88f (before the kinds registered what they make) also a fused slim composition and
+    node-level modules merged into one pass; with the scores each gave then on fixed images. Today's cnnmod
+    loads every one and scores alike."""
     import json
 
     import numpy as np
 
     from cnnmod.io.store import load_composer
 
-    here = Path(__file__).parent / "fixtures" / "format_96f1610"
+    here = Path(__file__).parent / "fixtures" / f"format_{commit}"
     recorded = json.loads((here / "scores.json").read_text())["scores"]
     images = torch.from_numpy(np.load(here / "bands.npz")["x_train"][::7].copy())
     for name, scores in recorded.items():
