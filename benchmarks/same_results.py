@@ -39,7 +39,7 @@ def make(src: Path, model: Path, work: Path, tag: str) -> dict:
     top1 = {}
     for recipe in RECIPES:
         out = work / f"{tag}-{recipe}"
-        cli(src, "decompose", str(model), "--out", str(out), "--granularity", "channel", "--slim-recipe", recipe,
+        cli(src, "decompose", str(model), "--out", str(out), "--granularity", "channel", "--recipe", recipe,
             "--overwrite")
         top1[recipe] = cli(src, "evaluate", str(out), "--no-cost")["composed_top1"]
     pair = [str(work / f"{tag}-cheap" / "modules" / m) for m in PAIR]
