@@ -50,7 +50,7 @@ class ComposeSettings:
         return replace(self, mode=mode, calibration=calibration), f"mode {mode}, calibration {calibration}: {why}"
 
     @property
-    def prunes(self) -> dict:
+    def asked_pruning(self) -> dict:
         """The composition's own pruning, as asked."""
         asked = {k: v for k, v in (("size", self.size), ("max_loss", self.max_loss)) if v is not None}
         return {**asked, **self.pruning}
@@ -67,7 +67,7 @@ class ComposeSettings:
                                 f"when they were made): compose {refitting}, or drop the option")
         if self.continuous_learning and any(kind_of(m).relearn is None for m in modules):
             raise UserError("«continuous_learning» needs modules whose kind relearns; compose those, or drop it")
-        composing = composing_for(modules, self.mode, self.prunes)
+        composing = composing_for(modules, self.mode, self.asked_pruning)
         if composing is not None and composing.network:
             return  # it checks its own settings as it is built
         check_mode(modules, self.mode)
@@ -91,11 +91,11 @@ def compose_dirs(paths: Sequence[str | Path], out: str | Path, settings: Compose
         modules = load_modules(paths, dev)
         s, why = s.resolved(modules)
         s.check(modules)
-        composing = composing_for(modules, s.mode, s.prunes)
+        composing = composing_for(modules, s.mode, s.asked_pruning)
         made_from = {"made_from": [str(p) for p in paths]}
         if composing is not None and composing.network:
             sources = Sources(source_models(paths, dev), data_root=run.data_root, batch_size=run.batch_size)
-            composer = build(modules, s.mode, s.calibration, sources, **s.prunes)
+            composer = build(modules, s.mode, s.calibration, sources, **s.asked_pruning)
             models = [sources.models[sha] for sha in dict.fromkeys(composer.source_shas)]
             save_network(composing.name, composer, models, out, run.overwrite, made_from)
             result = {"out": str(out), "classes": composer.qualified_names, "mode": s.mode,
