@@ -72,6 +72,7 @@ def decompose(model: nn.Module, data, variant: str | None = None, *, granularity
     else:
         settings = settings_for(kind, recipe, every_class=every, **given)
     settings.check()
+    kind.check(settings, chosen_, clf.num_classes, passes.dd.world)
     modules = kind.decompose(clf, data, settings, chosen_, passes, Clock(), samples)
     return Decomposition(modules, clf, data)
 
