@@ -1,6 +1,6 @@
 """The Python API in the command line's words: ``cnnmod.decompose`` makes modules of any registered kind with
 the best measured settings unless told otherwise, ``cnnmod.compose`` composes any kind, choosing how to run and
-compare them as the command line does (:func:`cnnmod.composition.build.chosen`)."""
+compare them as the command line does (:func:`cnnmod.composition.build.mode_and_calibration`)."""
 
 from __future__ import annotations
 
@@ -57,8 +57,8 @@ def decompose(model: nn.Module, data, variant: str | None = None, *, granularity
     passes = passes or Passes()
     if passes.device is not None:
         clf = clf.to(passes.device)
-    chosen_ = chosen_classes(clf, classes)
-    every = len(chosen_) == clf.num_classes
+    picked = chosen_classes(clf, classes)
+    every = len(picked) == clf.num_classes
     if isinstance(recipe, kind.settings):
         unknown = [k for k in given if k not in recipe.__dataclass_fields__]
         if unknown:
@@ -72,8 +72,8 @@ def decompose(model: nn.Module, data, variant: str | None = None, *, granularity
     else:
         settings = settings_for(kind, recipe, every_class=every, **given)
     settings.check()
-    kind.check(settings, chosen_, clf.num_classes, passes.dd.world)
-    modules = kind.decompose(clf, data, settings, chosen_, passes, Clock(), samples)
+    kind.check(settings, picked, clf.num_classes, passes.dd.world)
+    modules = kind.decompose(clf, data, settings, picked, passes, Clock(), samples)
     return Decomposition(modules, clf, data)
 
 
@@ -81,11 +81,12 @@ def compose(modules: Sequence[BinaryModule], mode: str | None = None, calibratio
             model: Classifier | None = None, data: ImageSet | None = None, **pruning) -> Composer:
     """A classifier over ``modules``' classes: uint8 images (B, C, H, W) -> scores p_c (B, K).
 
-    ``mode`` and ``calibration`` default as the command line's (:func:`cnnmod.composition.build.chosen`: one
-    model's modules run merged, in one pass; modules of several models vote, their scores calibrated). A merged
-    network of slim modules is fitted on their source ``model``'s training split ``data``: given, or those of
-    the :class:`Decomposition` that :func:`decompose` returned (``data`` default: the model's own data set by
-    name); without their model slim modules vote. ``size`` or ``max_loss`` prune that network further for its
+    ``mode`` and ``calibration`` default as the command line's
+    (:func:`cnnmod.composition.build.mode_and_calibration`: one model's modules run merged, in one pass; modules of
+    several models vote, their scores calibrated). A merged network of slim modules is fitted on their source
+    ``model``'s training split ``data``: given, or those of the :class:`Decomposition` that :func:`decompose`
+    returned (``data`` default: the model's own data set by name); without their model slim modules vote.
+    ``size`` or ``max_loss`` prune that network further for its
     classes."""
     if not len(modules):
         raise UserError("nothing to compose: give at least one module")

@@ -18,18 +18,13 @@ from .modules.kinds import kind_of
 from .progress import progress_bar
 
 
-def composition_sets(modules: Sequence[BinaryModule], data_root: str | None = None) -> dict[str, ImageSet]:
-    """The training split of every data set of a composition's modules, restricted to the composition's classes."""
-    return Sources(data_root=data_root).class_sets(modules)
-
-
 def continuous_learning(modules: Sequence[BinaryModule], data_root: str | None = None,
                         device: torch.device | None = None,
                         batch_size: int = 256, refit: bool = False) -> list[BinaryModule]:
     """Each module relearns the composition's classes from data sets other than its own (docs/method.md,
     "Continuous learning"),
     and its score calibration is refitted on them; with ``refit`` (beyond the paper) its two-way head too."""
-    sets = composition_sets(modules, data_root)
+    sets = Sources(data_root=data_root).class_sets(modules)
     if len(sets) < 2:
         raise UserError("continuous learning needs modules from at least two data sets; all of these come from "
                         f"{next(iter(sets))}")
@@ -49,7 +44,7 @@ def refit_composition(modules: Sequence[BinaryModule], data_root: str | None = N
                       batch_size: int = 256) -> list[BinaryModule]:
     """Beyond the paper: every module's head refitted on the composition's classes (:func:`refit_heads_on`),
     then its calibration (:func:`recalibrate`); for modules of one data set or several, with no relearning."""
-    return _fit_to(modules, composition_sets(modules, data_root), True, batch_size)
+    return _fit_to(modules, Sources(data_root=data_root).class_sets(modules), True, batch_size)
 
 
 def _fit_to(modules: Sequence[BinaryModule], sets: dict[str, ImageSet], refit: bool,

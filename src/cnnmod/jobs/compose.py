@@ -28,9 +28,9 @@ from .evaluate import EvaluateSettings, evaluate_dir
 class ComposeSettings:
     """How ``cnnmod compose`` builds its classifier: continuous learning and refitted heads (modules whose kind
     relearns and refits), how scores are compared (``calibration``) and run (``mode``; None: as
-    :func:`cnnmod.composition.build.chosen` chooses for the modules), and, for a composition with a pruning of its
-    own (a merged slim one), how far it is pruned (``size``, ``max_loss``; ``pruning``: its other fields,
-    :func:`cnnmod.slim.config.merged_settings`)."""
+    :func:`cnnmod.composition.build.mode_and_calibration` chooses for the modules), and, for a composition with a
+    pruning of its own (a merged slim one), how far it is pruned (``size``, ``max_loss``; ``pruning``: its other
+    fields, :func:`cnnmod.slim.config.merged_settings`)."""
 
     continuous_learning: bool = False
     refit_heads: bool = False
@@ -41,8 +41,9 @@ class ComposeSettings:
     pruning: dict = field(default_factory=dict)
 
     def resolved(self, modules: Sequence[BinaryModule]) -> tuple[ComposeSettings, str]:
-        """The mode and calibration chosen where not given (:func:`cnnmod.composition.build.chosen`), and a line
-        saying what was chosen and why ("" when both were given)."""
+        """The mode and calibration chosen where not given
+        (:func:`cnnmod.composition.build.mode_and_calibration`), and a line saying what was chosen and why ("" when
+        both were given)."""
         mode, calibration, why = mode_and_calibration(modules, self.mode, self.calibration,
                                         self.continuous_learning or self.refit_heads)
         if self.mode is not None and self.calibration is not None:

@@ -98,8 +98,7 @@ class Pruner(ChannelMap, Cutting):
         # per group, the parameters one channel costs (what a step's budget counts), and what its importance is
         # divided by when channels are ranked
         self.per_channel = params_cost(self.net, self.graph, self.groups, source.spec.shape)
-        self.rank_cost = (self.per_channel if s.cost == "params" else
-                          CHANNEL_COSTS[s.cost](self.net, self.graph, self.groups, source.spec.shape))
+        self.rank_cost = CHANNEL_COSTS[s.cost](self.net, self.graph, self.groups, source.spec.shape)
 
     # ---------------------------------------------------------------- passes
     def batches(self, x: torch.Tensor) -> list[torch.Tensor]:
