@@ -29,6 +29,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from ..errors import UserError
 from . import ops
 from .attention import is_attention
+from .layers import check_layer, is_leaf
 from .ops import Node
 
 
@@ -46,14 +47,15 @@ class ObservationPoint:
 
 
 class _NamingTracer(torch.fx.Tracer):
-    """Remembers the module it was in when tracing failed; attention layers stay one node each (units.py)."""
+    """Remembers the module it was in when tracing failed; attention layers and layers read as what they compute
+    stay one node each (units.py, :mod:`cnnmod.core.layers`)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.stack: list[str] = []
 
     def is_leaf_module(self, m: nn.Module, qualified_name: str) -> bool:
-        return is_attention(m) or super().is_leaf_module(m, qualified_name)
+        return is_attention(m) or is_leaf(m) or super().is_leaf_module(m, qualified_name)
 
     def call_module(self, m, forward, args, kwargs):
         self.stack.append(self.path_of_module(m))
@@ -234,16 +236,23 @@ class ModelGraph:
         self.shapes = {n.name: tuple(n.meta["tensor_meta"].shape[1:]) for n in self.gm.graph.nodes
                        if hasattr(n.meta.get("tensor_meta"), "shape")}
         self._check_layers()
+        for n in self.gm.graph.nodes:
+            if n.op == "call_module" and is_leaf(self.module(n.target)):
+                check_layer(self.module(n.target), n.target, self.shapes[self.ops[n.name].inputs(n)[0].name])
         self.head = self._find_head()
         self.gates, self.gate_branch = self._find_gates()
         self.points = self._find_points()
         self.point_by_node = {p.node: p for p in self.points}
-        self.exact_points = {p.name for p in self.points if self._relu_follows(self.nodes[p.node])}
+        self.exact_points = {p.name for p in self.points
+                             if getattr(self.ops[p.node], "family", None) == "relu"
+                             or self._relu_follows(self.nodes[p.node])}
 
     # ------------------------------------------------------------------ what the network is
     def describe(self, node: Node) -> str:
         if node.op == "call_module":
-            return f"layer {node.target!r} ({type(self.gm.get_submodule(node.target)).__name__})"
+            m = self.gm.get_submodule(node.target)
+            act = f" with {type(m.act).__name__}" if isinstance(self.ops[node.name], ops.NormAct) else ""
+            return f"layer {node.target!r} ({type(m).__name__}{act})"
         return f"{node.op} {getattr(node.target, '__name__', node.target)} (node {node.name})"
 
     def unsupported(self, node: Node) -> UserError:

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
+from .layers import activation_family, is_norm_act
 
 if TYPE_CHECKING:
     from .graph import ModelGraph
@@ -100,6 +101,17 @@ class Same(Op):
 
     def reads(self, g, node, region):
         return [(src, unbroadcast(region, g.shapes[src.name])) for src in self.inputs(node)]
+
+
+class NormAct(Same):
+    """A norm + activation layer (:mod:`cnnmod.core.layers`): a BatchNorm, then its activation, element for
+    element; ``family`` is the activation's (:func:`~cnnmod.core.layers.activation_family`)."""
+
+    kind = "bn"
+
+    def __init__(self, family: str) -> None:
+        self.family = family
+        self.activation = family == "other"
 
 
 class Elementwise(Same):
@@ -404,6 +416,8 @@ _OTHER, _FUNCTIONAL, _CONSTANT = Op(), Op("functional_layer"), NoTensor("constan
 
 
 def _module_op(m: nn.Module) -> Op:
+    if is_norm_act(m):
+        return NormAct(activation_family(m.act))
     if isinstance(m, nn.Hardtanh) and not isinstance(m, nn.ReLU6):
         return _RELU if m.min_val == 0 else _ACTIVATION
     for cls in type(m).__mro__:

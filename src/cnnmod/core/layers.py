@@ -1,0 +1,96 @@
+"""Layers that subclass a layer cnnmod knows, read as what they compute without tracing into their forward
+(docs/coverage.md, "Layers read as what they compute").
+
+A **convolution or dense layer with its own forward** (timm's ``Linear``, which calls ``F.linear`` itself) is read as
+the layer it subclasses. A **norm + activation layer** (timm's ``BatchNormAct2d`` and its kin: an ``nn.BatchNorm2d``
+subclass whose forward calls ``F.batch_norm`` and then its ``drop`` and ``act`` children) is read as a BatchNorm
+followed by its activation, and the activation by what it does (:func:`activation_family`): the ReLU family (0 at
+and below 0, positive above), another elementwise activation, or none. Either is one graph node, checked once on
+the input it reads in the network to compute exactly what it is read as (:func:`check_layer`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import UserError
+
+_KNOWN = (nn.Conv2d, nn.Linear)
+
+
+def _outside_torch(m: nn.Module) -> bool:
+    return not type(m).__module__.startswith("torch.")
+
+
+def is_read_as_base(m: nn.Module) -> bool:
+    """Whether ``m`` subclasses ``nn.Conv2d`` or ``nn.Linear`` from outside torch with a forward of its own."""
+    base = next((b for b in _KNOWN if isinstance(m, b)), None)
+    return base is not None and _outside_torch(m) and type(m).forward is not base.forward
+
+
+def is_leaf(m: nn.Module) -> bool:
+    """Whether the graph keeps ``m`` one node, read as what it computes (checked by :func:`check_layer`)."""
+    return is_norm_act(m) or is_read_as_base(m)
+
+
+def is_norm_act(m: nn.Module) -> bool:
+    """Whether ``m`` is a BatchNorm subclass from outside torch that applies an ``act`` child after normalising."""
+    return (isinstance(m, nn.modules.batchnorm._BatchNorm) and _outside_torch(m)
+            and isinstance(getattr(m, "act", None), nn.Module))
+
+
+def _normalised(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """What the BatchNorm part of a norm + activation layer computes in eval mode."""
+    return F.batch_norm(x, m.running_mean, m.running_var, m.weight, m.bias, m.running_mean is None, 0.0, m.eps)
+
+
+def _tail(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    drop = getattr(m, "drop", None)
+    return m.act(drop(x) if isinstance(drop, nn.Module) else x)
+
+
+def activation_family(act: nn.Module) -> str:
+    """``"relu"`` (exactly 0 at and below 0, positive above: ReLU, ReLU6, a ReLU by another name),
+    ``"identity"`` (no activation) or ``"other"`` (SiLU, GELU, Hardswish, ...), read off what ``act`` returns."""
+    x = torch.linspace(-8.0, 8.0, 161)
+    with torch.no_grad():
+        y = act(x.clone())
+    if torch.equal(y, x):
+        return "identity"
+    if bool((y[x <= 0] == 0).all()) and bool((y[x > 0] > 0).all()):
+        return "relu"
+    return "other"
+
+
+def check_layer(m: nn.Module, name: str, shape: tuple[int, ...]) -> None:
+    """One line naming the layer unless ``m`` (one :func:`is_leaf` keeps whole) computes what it is read as (its
+    base layer; a BatchNorm then an elementwise activation) on a random input of the per-sample ``shape`` it reads
+    in the network, in eval mode."""
+    norm_act = is_norm_act(m)
+    base = "a BatchNorm followed by an elementwise activation" if norm_act else \
+        next(b for b in _KNOWN if isinstance(m, b)).__name__
+    device = next((t.device for t in m.state_dict().values()), torch.device("cpu"))
+    x = torch.randn(2, *shape, generator=torch.Generator().manual_seed(0)).to(device)
+    was = m.training
+    m.eval()
+    try:
+        with torch.no_grad():
+            theirs = m(x.clone())
+            if norm_act:
+                ours = _tail(m, _normalised(m, x))
+                flat = x.flatten()
+                perm = torch.randperm(flat.numel(), generator=torch.Generator().manual_seed(1)).to(device)
+                elementwise = torch.equal(m.act(flat[perm].clone()), m.act(flat.clone())[perm])
+            else:
+                ours, elementwise = next(b for b in _KNOWN if isinstance(m, b)).forward(m, x), True
+    except Exception as e:  # noqa: BLE001 - a layer that fails here is not one cnnmod can read
+        raise UserError(f"cnnmod cannot read the layer {name!r} ({type(m).__name__}, {type(e).__name__}) as "
+                        f"{base}")
+    finally:
+        m.train(was)
+    gap = float((theirs - ours).abs().max()) if theirs.shape == ours.shape else float("inf")
+    if gap > 1e-5 * (float(ours.abs().max()) + 1.0) or not elementwise:
+        raise UserError(f"the layer {name!r} ({type(m).__name__}) computes something besides {base} (differs by "
+                        f"{gap:.2g}); cnnmod reads such a layer only where it computes what it subclasses")

@@ -1,0 +1,122 @@
+"""Layers that subclass a layer cnnmod knows (timm's norm + activation layers, its ``Linear``), read as what they
+compute: a network written with them gives the modules that the same network written with plain layers gives; a
+subclass that computes something else is refused in one line naming it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import random_data
+from torch import nn
+
+import cnnmod
+from cnnmod.data.transforms import InputSpec
+from cnnmod.errors import UserError
+from cnnmod.models.classifier import Classifier
+from cnnmod.runtime import Passes
+
+
+class BatchNormAct2d(nn.BatchNorm2d):
+    """As timm writes it: a BatchNorm whose forward normalises functionally, then applies ``drop`` and ``act``."""
+
+    def __init__(self, channels: int, act: type = nn.ReLU) -> None:
+        super().__init__(channels)
+        self.drop, self.act = nn.Identity(), act()
+
+    def forward(self, x):
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training:
+            self.num_batches_tracked.add_(1)
+            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else factor
+        x = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, self.training, factor,
+                         self.eps)
+        return self.act(self.drop(x))
+
+
+class Linear(nn.Linear):
+    """As timm writes it: ``nn.Linear`` with a forward of its own."""
+
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias)
+
+
+class ScaledAfter(BatchNormAct2d):
+    """Not what it subclasses: doubles the activation's output."""
+
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+class Net(nn.Module):
+    """conv-BN-act twice with a residual addition, pooling, a linear head; ``norm`` and ``linear`` choose timm's
+    layers or torch's (then the activation is a layer of its own, with no parameters: the keys are the same)."""
+
+    def __init__(self, norm=BatchNormAct2d, linear=Linear, act: type = nn.ReLU) -> None:
+        super().__init__()
+        plain = norm is nn.BatchNorm2d
+        self.conv1, self.bn1 = nn.Conv2d(1, 6, 3, padding=1), norm(6) if plain else norm(6, act)
+        self.conv2, self.bn2 = nn.Conv2d(6, 6, 3, padding=1), norm(6) if plain else norm(6, act)
+        self.act1, self.act2 = (act(), act()) if plain else (nn.Identity(), nn.Identity())
+        self.fc = linear(6, 4)
+
+    def forward(self, x):
+        x = self.act1(self.bn1(self.conv1(x)))
+        x = x + self.act2(self.bn2(self.conv2(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+def pair(act: type = nn.ReLU) -> tuple[Classifier, Classifier]:
+    """The same weights as timm's layers and as torch's."""
+    torch.manual_seed(0)
+    ours = Net(act=act).eval()
+    with torch.no_grad():
+        for m in ours.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.2)
+                m.running_var.uniform_(0.5, 2.0)
+    plain = Net(nn.BatchNorm2d, nn.Linear, act).eval()
+    plain.load_state_dict(ours.state_dict())
+    spec = InputSpec(1, 12, 12, (0.5,), (0.25,))
+    return tuple(Classifier(n, spec, [f"r{c}" for c in range(4)], "x", {}, "rand") for n in (ours, plain))
+
+
+def outputs(composer, data) -> torch.Tensor:
+    with torch.no_grad():
+        return composer(data.images)
+
+
+def test_norm_act_layers_give_the_modules_plain_layers_give():
+    data = random_data()
+    timm_style, plain = pair()
+    quiet = Passes(progress=False)
+    for variant in ("mc", "mc-bln", "mc-bi"):
+        got = [outputs(cnnmod.compose(cnnmod.decompose(clf, data, variant, passes=quiet, calibration_samples=0)),
+                       data) for clf in (timm_style, plain)]
+        torch.testing.assert_close(got[0], got[1], rtol=1e-5, atol=1e-6)
+    slim = [cnnmod.decompose(clf, data, granularity="channel", classes=[0, 1], samples=16, step_samples=None,
+                             held_out=4, passes=quiet, calibration_samples=0) for clf in (timm_style, plain)]
+    for a, b in zip(*slim, strict=True):
+        assert a.removed == b.removed  # the same channels cut
+        with torch.no_grad():
+            x = a.prepare(data.images)
+            torch.testing.assert_close(a(x), b(x), rtol=1e-4, atol=1e-5)
+
+
+def test_a_norm_act_layer_with_another_activation_is_slim_only():
+    data = random_data()
+    clf, _ = pair(nn.SiLU)
+    with pytest.raises(UserError, match=r"'bn1' \(BatchNormAct2d with SiLU\).*use slim modules"):
+        cnnmod.decompose(clf, data, passes=Passes(progress=False))
+    made = cnnmod.decompose(clf, data, granularity="channel", classes=[0], samples=16, held_out=4,
+                            passes=Passes(progress=False), calibration_samples=0)
+    assert made[0].kept_fraction() < 1
+
+
+def test_a_subclass_that_computes_something_else_is_refused_naming_it():
+    data = random_data()
+    clf, _ = pair()
+    clf.net.bn2.__class__ = ScaledAfter
+    with pytest.raises(UserError, match=r"layer 'bn2' \(ScaledAfter\) computes something besides a BatchNorm "
+                                        r"followed by an elementwise activation"):
+        cnnmod.decompose(clf, data, passes=Passes(progress=False))
