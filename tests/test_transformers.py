@@ -4,7 +4,9 @@ vit_hf, vit_mha and convnext, run every slim capability in tests/test_families.p
 
 from __future__ import annotations
 
+import copy
 import json
+import re
 
 import numpy as np
 import pytest
@@ -14,9 +16,8 @@ from families import HFSelfAttention, SmallViT, TimmAttention
 from torch import nn
 
 import cnnmod
-from cnnmod.core.attention import HeadAttention, canonical, to_canonical
+from cnnmod.core.attention import HeadAttention, canonical, kept_whole, to_canonical
 from cnnmod.data.transforms import InputSpec
-from cnnmod.errors import UserError
 from cnnmod.models.classifier import Classifier
 from cnnmod.models.folder import save_into
 from cnnmod.slim.channels import frozen_copy
@@ -114,9 +115,9 @@ def test_a_head_count_the_layer_does_not_record_is_read_off_its_outputs_or_given
     assert [(g.root, g.channels) for g in groups.groups if g.unit == "heads"] == \
         [("blocks.0.attn", 4), ("blocks.1.attn", 4)]
     tiny = vit_with(Unlabelled, dim=8, heads=4)  # heads of 2 features: too narrow to be read off
-    with pytest.raises(UserError, match=r"cannot read the head count of the attention layer 'blocks.0.attn' "
-                                        r".*give it: --set heads=blocks.0.attn=N"):
-        canonical(tiny, None, SHAPE)
+    unread = canonical(copy.deepcopy(tiny), None, SHAPE)
+    assert re.search(r"cannot read the head count of the attention layer 'blocks.0.attn' .*give it: "
+                     r"--set heads=blocks.0.attn=N", kept_whole(unread)["blocks.0.attn"])
     x = torch.randn(2, *SHAPE)
     with torch.no_grad():
         before = tiny(x)
@@ -125,10 +126,60 @@ def test_a_head_count_the_layer_does_not_record_is_read_off_its_outputs_or_given
         assert torch.allclose(given(x), before, atol=1e-5)
 
 
-def test_attention_the_slicer_cannot_follow_is_named_in_one_line():
-    with pytest.raises(UserError, match=r"cannot follow the attention in layer 'blocks.0.attn' \(QKNorm\): it "
-                                        r"computes something besides softmax"):
-        canonical(vit_with(QKNorm), {"blocks.0.attn": 4}, SHAPE)
+@cnnmod.register_arch("qknorm_vit")
+def qknorm_vit(in_channels: int = 1, num_classes: int = 4) -> nn.Module:
+    """A ViT whose attention normalises queries and keys, besides a plain one (its second block's)."""
+    net = vit_with(QKNorm)
+    net.blocks[1].attn = TimmAttention(32, 4)
+    return net
+
+
+def test_attention_the_slicer_cannot_follow_is_kept_whole_and_the_rest_is_cut(tmp_path):
+    """Its heads all stay, the other layer's heads and the MLPs are cut; the card says which layer and why; the
+    folder reloads to the same outputs."""
+    torch.manual_seed(0)
+    net = qknorm_vit().eval()
+    clf = Classifier(net, InputSpec(*SHAPE, (0.5,), (0.25,)), [f"r{c}" for c in range(4)], "qknorm_vit", {}, "rand")
+    data = random_data(SHAPE, 4, 8)
+    modules = cnnmod.decompose(clf, data, granularity="channel", classes=[0, 1], size=0.5, samples=8)
+    for m in modules:
+        assert set(m.metrics["whole"]) == {"blocks.0.attn"}
+        assert "blocks.0.attn" not in m.removed and "blocks.1.attn" in m.removed
+        assert isinstance(m.net.blocks[0].attn, QKNorm) and isinstance(m.net.blocks[1].attn, HeadAttention)
+    assert sum(m.params() for m in modules) <= 0.5 * len(modules) * clf.params()  # half, on average
+    cnnmod.save_decomposition(modules, tmp_path / "d")
+    card = next((tmp_path / "d" / "modules").iterdir()).joinpath("README.md").read_text()
+    assert "attention kept whole (1 layer" in card and "blocks.0.attn" in card and "something besides" in card
+    loaded = cnnmod.load_modules(tmp_path / "d")
+    images = torch.randint(0, 256, (5, *SHAPE), dtype=torch.uint8)
+    with torch.no_grad():
+        for a, b in zip(modules, loaded, strict=True):
+            assert torch.equal(a(a.prepare(images)), b(b.prepare(images)))
+    merged = cnnmod.compose(modules, mode="merged")
+    assert set(merged.metrics["whole"]) == {"blocks.0.attn"}
+
+
+def test_attention_called_with_more_than_its_tokens_is_kept_whole():
+    """A position embedding passed in (rotary embeddings, as EVA passes them) is more than the canonical form
+    computes with: the layer stays as it is."""
+
+    class WithRope(TimmAttention):
+        def forward(self, x, rope=None):
+            return super().forward(x if rope is None else x + rope)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.attn, self.fc = nn.Linear(16, 32), WithRope(32, 4), nn.Linear(32, 4)
+            self.register_buffer("rope", torch.randn(16, 32))
+
+        def forward(self, x):
+            t = self.embed(x[:, 0])  # 16 tokens of 16 pixels
+            return self.fc(self.attn(t, rope=self.rope).mean(1))
+
+    net = canonical(Net().eval(), None, SHAPE)
+    assert isinstance(net.attn, WithRope)
+    assert "more than its tokens" in kept_whole(net)["attn"]
 
 
 def vit_classifier(attention: str = "timm") -> Classifier:

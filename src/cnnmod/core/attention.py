@@ -2,12 +2,17 @@
 linear layer reshaped to heads, scaled dot-product attention, an output projection ``proj``. The layouts users
 write (timm's fused ``qkv``, separate query/key/value layers as Hugging Face writes them, ``nn.MultiheadAttention``)
 are converted to it once (:func:`canonical`), each conversion checked to compute what the user's layer computes;
-the graph keeps each attention layer one node (:func:`is_attention`). A head is gated at the projection's input
-(its ``head_dim`` columns) and sliced by cutting its rows of ``qkv`` and its columns of ``proj``
-(:meth:`HeadAttention.keep_heads`; slim's units, :mod:`cnnmod.slim.units`, do the cutting).
+the graph keeps each attention layer one node (:func:`is_attention`). A layer that computes more than that (a
+relative position bias, talking heads, rotary embeddings, cross-covariance attention, spatial reduction, a class
+token attending alone) is kept whole: its heads stay, the network around it is cut (:func:`kept_whole`). A head
+is gated at the projection's input (its ``head_dim`` columns) and sliced by cutting its rows of ``qkv`` and its
+columns of ``proj`` (:meth:`HeadAttention.keep_heads`; slim's units, :mod:`cnnmod.slim.units`, do the cutting).
 """
 
 from __future__ import annotations
+
+import weakref
+from collections.abc import Collection
 
 import torch
 import torch.fx
@@ -20,6 +25,7 @@ HEAD_COUNT_NAMES = ("num_heads", "num_attention_heads", "n_heads", "heads", "n_h
 QKV_NAMES = (("query", "key", "value"), ("q_proj", "k_proj", "v_proj"), ("q", "k", "v"),
              ("to_q", "to_k", "to_v"))
 OUT_NAMES = ("proj", "out_proj", "o_proj", "to_out", "out", "dense")
+_WHY_WHOLE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> why canonical kept it whole
 
 
 class HeadAttention(nn.Module):
@@ -135,7 +141,12 @@ def is_attention(m: nn.Module) -> bool:
     if type(m).__module__.startswith("torch.nn"):
         return False
     fused = isinstance(getattr(m, "qkv", None), nn.Linear)
-    return fused or _separate(m) is not None
+    return fused or _separate(m) is not None or _query_and_kv(m)
+
+
+def _query_and_kv(m: nn.Module) -> bool:
+    """A query layer and one joint key/value layer (spatial-reduction attention: PVT v2, SegFormer): kept whole."""
+    return isinstance(getattr(m, "q", None), nn.Linear) and isinstance(getattr(m, "kv", None), nn.Linear)
 
 
 def _layout(m: nn.Module, name: str) -> tuple[torch.Tensor, torch.Tensor | None, nn.Linear | None, int | None]:
@@ -151,6 +162,9 @@ def _layout(m: nn.Module, name: str) -> tuple[torch.Tensor, torch.Tensor | None,
     fused = getattr(m, "qkv", None)
     if isinstance(fused, nn.Linear):
         w, b = fused.weight.detach(), fused.bias.detach() if fused.bias is not None else None
+    elif _separate(m) is None:
+        raise UserError(f"cnnmod cannot follow the attention in layer {name!r}: its keys and values come from one "
+                        "layer of their own (spatial-reduction attention)")
     else:
         q, k, v = _separate(m)
         w = torch.cat([q.weight, k.weight, v.weight]).detach()
@@ -274,16 +288,21 @@ def _check_same(m: nn.Module, new: HeadAttention, name: str, x: torch.Tensor, th
 
 
 def canonical(net: nn.Module, heads: dict[str, int] | None = None,
-              input_shape: tuple[int, ...] | None = None) -> nn.Module:
+              input_shape: tuple[int, ...] | None = None, whole: Collection[str] | None = None) -> nn.Module:
     """``net`` (changed in place) with every attention layer in :class:`HeadAttention` form (each conversion
     checked on the tokens the layer reads in ``net``'s forward pass on a random input of ``input_shape``, or on
-    random tokens); ``heads``: head counts by layer name, where a layer does not record its own."""
+    random tokens); ``heads``: head counts by layer name, where a layer does not record its own. A layer that
+    cannot be converted is kept as it is (:func:`kept_whole` says why), and so are the layers named in ``whole``
+    (as a saved module recorded them)."""
     found = [(n, m) for n, m in net.named_modules() if n and is_attention(m) and not isinstance(m, HeadAttention)]
     if not found:
         return net
-    examples: dict[str, torch.Tensor] = {}
+    examples: dict[str, tuple[torch.Tensor, bool]] = {}  # the tokens, and whether more tensors were passed
     if input_shape is not None:
-        hooks = [m.register_forward_pre_hook(lambda _m, i, n=n: examples.setdefault(n, i[0].detach()))
+        def keep(name: str, m: nn.Module, args: tuple, kwargs: dict) -> None:  # a hook that changes nothing
+            examples.setdefault(name, _call_of(m, args, kwargs))
+
+        hooks = [m.register_forward_pre_hook(lambda _m, a, k, n=n: keep(n, _m, a, k), with_kwargs=True)
                  for n, m in found]
         was = net.training
         net.eval()
@@ -298,6 +317,32 @@ def canonical(net: nn.Module, heads: dict[str, int] | None = None,
             for h in hooks:
                 h.remove()
     for name, m in found:
+        if name in set(whole or ()):
+            _WHY_WHOLE[m] = "kept whole when the module was made"
+            continue
+        x, more = examples.get(name, (None, False))
+        try:
+            if more:
+                raise UserError(f"cnnmod cannot follow the attention in layer {name!r}: the network passes it "
+                                "more than its tokens (a position embedding, a mask)")
+            new = to_canonical(m, name, heads, x)
+        except UserError as e:
+            _WHY_WHOLE[m] = str(e).split("; slim modules")[0]
+            continue
         parent, _, attr = name.rpartition(".")
-        setattr(net.get_submodule(parent) if parent else net, attr, to_canonical(m, name, heads, examples.get(name)))
+        setattr(net.get_submodule(parent) if parent else net, attr, new)
     return net
+
+
+def _call_of(m: nn.Module, args: tuple, kwargs: dict) -> tuple[torch.Tensor, bool]:
+    """The tokens an attention layer was called with, and whether it was passed other tensors too (for
+    ``nn.MultiheadAttention``, besides the same tokens as query, key and value)."""
+    x = args[0]
+    rest = [a for a in args[1:] if not (isinstance(m, nn.MultiheadAttention) and a is x)] + list(kwargs.values())
+    return x.detach(), any(isinstance(a, torch.Tensor) for a in rest)
+
+
+def kept_whole(net: nn.Module) -> dict[str, str]:
+    """The attention layers of ``net`` (after :func:`canonical`) left as they are, each with why."""
+    return {n: _WHY_WHOLE.get(m, "not converted") for n, m in net.named_modules()
+            if n and is_attention(m) and not isinstance(m, HeadAttention)}

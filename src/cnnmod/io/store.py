@@ -70,10 +70,11 @@ def decomposition_card(config: dict) -> str:
 def save_decomposition(modules: Sequence[BinaryModule], out: str | os.PathLike, overwrite: bool = False,
                        extra: dict | None = None, source: Classifier | None = None) -> dict:
     """Write the source model once and every module; returns the decomposition's config. Slim modules need
-    their ``source`` given (it is written beside them, for comparison; they load without it)."""
+    their ``source`` given, or to come from :func:`cnnmod.decompose`, which remembers it (it is written beside
+    them, for comparison; they load without it)."""
     if not modules:
         raise UserError("nothing to save: no modules")
-    source = source or modules[0].source_model
+    source = source or getattr(modules, "model", None) or modules[0].source_model  # cnnmod.decompose's
     if source is None:
         raise UserError("slim modules run without their source model: give it to save_decomposition (source=...)")
     if any(m.source_model not in (None, source) for m in modules):

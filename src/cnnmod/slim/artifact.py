@@ -52,7 +52,17 @@ def slim_card(m) -> str:
                       *([f"- made with the recipe {m.settings['recipe']!r} (cnnmod decompose --recipe; the default, "
                          "best, takes cheap at --size 0.5 and above, small below)"]
                         if m.settings.get("recipe") else []),
-                      *_learned_lines(m.settings), *detector_lines(m.metrics), ""])
+                      *_whole_lines(m.metrics), *_learned_lines(m.settings), *detector_lines(m.metrics), ""])
+
+
+def _whole_lines(metrics: dict) -> list[str]:
+    """The attention layers kept whole (their heads all stay; the network around them was cut), each with why."""
+    whole = metrics.get("whole") or {}
+    if not whole:
+        return []
+    return [f"- attention kept whole ({len(whole)} layer{'s' * (len(whole) > 1)}: cnnmod cannot cut their heads; "
+            "the MLPs and channels around them were cut):",
+            *[f"  - {layer}: {why}" for layer, why in whole.items()]]
 
 
 def _learned_lines(settings: dict) -> list[str]:
@@ -82,7 +92,8 @@ def build_sliced(config: dict, outputs: int = 2) -> nn.Module:
     architecture, attention in the form slicing keeps, sliced as recorded (weights to be loaded)."""
     info, shape = config["source"], _input_shape(config)
     net = build(info["arch"], shape, len(info["class_names"]), **info["arch_args"]).eval()
-    net = canonical(net, parse_heads((config.get("settings") or {}).get("heads")), shape)
+    net = canonical(net, parse_heads((config.get("settings") or {}).get("heads")), shape,
+                    whole=(config.get("metrics") or {}).get("whole"))
     graph = ModelGraph(net, shape)
     return slice_network(net, shape, config["removed"], graph.head, None, None, outputs=outputs,
                          units=find_units(graph))
@@ -127,7 +138,7 @@ def _write_merged(folder: Path, merged, source: Classifier, extra: dict | None =
                       "one pass for all classes; no retraining of the backbone.", "",
                       f"- classes: {', '.join(merged.qualified_names)}",
                       f"- parameters: {merged.params()} ({100 * merged.metrics['params_fraction']:.1f}% of the "
-                      "source model's)", *_learned_lines(merged.settings), ""])
+                      "source model's)", *_whole_lines(merged.metrics or {}), *_learned_lines(merged.settings), ""])
     return write_into(folder, "composition", config, merged.net.state_dict(), card)
 
 

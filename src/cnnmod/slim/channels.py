@@ -14,7 +14,7 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from ..core.attention import canonical
+from ..core.attention import canonical, kept_whole
 from ..core.cost import count_flops
 from ..core.graph import Head, ModelGraph
 from ..errors import UserError
@@ -62,6 +62,7 @@ class ChannelGroups:
         self.units: dict[str, Unit] = find_units(graph)
         self.groups: list[ChannelGroup] = []
         self.left_out: list[tuple[str, str]] = []
+        self.whole: dict[str, str] = kept_whole(net)  # attention layers kept as they are, with why
         if not any(u.kind == "heads" for u in self.units.values()):
             self.groups = self._traced(net, graph)
         self.groups += [u.group() for u in self.units.values()]

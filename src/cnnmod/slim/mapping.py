@@ -28,6 +28,11 @@ class ChannelMap:
             self._reference = net
         return self._reference
 
+    def whole(self) -> dict[str, dict[str, str]]:
+        """``{"whole": {layer: why}}`` for the attention layers the source network keeps as they are (to record in a
+        module's metrics: loading builds the same network), or {} where it has none."""
+        return {"whole": dict(self.source_groups.whole)} if self.source_groups.whole else {}
+
     def kept_channels(self) -> int:
         return sum(int((g > 0).sum()) for g in self.gates)
 
