@@ -120,3 +120,46 @@ def test_a_subclass_that_computes_something_else_is_refused_naming_it():
     with pytest.raises(UserError, match=r"layer 'bn2' \(ScaledAfter\) computes something besides a BatchNorm "
                                         r"followed by an elementwise activation"):
         cnnmod.decompose(clf, data, passes=Passes(progress=False))
+
+
+class Resized(nn.Module):
+    """Control flow on a traced value (as MobileViT's blocks resize to a patch multiple): torch.fx cannot trace
+    into it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(6, 6, 1)
+
+    def forward(self, x):
+        if x.shape[-1] % 4:
+            x = F.interpolate(x, size=(8, 8))
+        return self.conv(x)
+
+
+class WithResized(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(1, 6, 3, padding=1), nn.BatchNorm2d(6)
+        self.block, self.conv2 = Resized(), nn.Conv2d(6, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = self.block(torch.relu(self.bn1(self.conv1(x))))
+        return self.fc(torch.relu(self.conv2(x)).mean((2, 3)))
+
+
+def test_a_module_torch_fx_cannot_trace_into_is_kept_whole_and_the_rest_is_cut():
+    torch.manual_seed(0)
+    spec = InputSpec(1, 12, 12, (0.5,), (0.25,))
+    clf = Classifier(WithResized().eval(), spec, [f"r{c}" for c in range(4)], "x", {}, "rand")
+    data = random_data()
+    node = cnnmod.decompose(clf, data, "mc", passes=Passes(progress=False), calibration_samples=0)
+    assert [p.layer for p in node[0].points] == ["conv1", "conv2"]  # the block's convolution is not observed
+    made = cnnmod.decompose(clf, data, granularity="channel", classes=[0, 1], samples=16, held_out=4,
+                            passes=Passes(progress=False), calibration_samples=0)
+    for m in made:
+        assert list(m.metrics["whole"]) == ["block"] and "torch.fx cannot trace into it" in m.metrics["whole"]["block"]
+        assert set(m.removed) <= {"conv1", "conv2"} and m.kept_fraction() < 1
+        x = m.prepare(data.images)
+        with torch.no_grad():
+            assert m(x).shape == (len(x), 2)

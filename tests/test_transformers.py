@@ -149,7 +149,7 @@ def test_attention_the_slicer_cannot_follow_is_kept_whole_and_the_rest_is_cut(tm
     assert sum(m.params() for m in modules) <= 0.5 * len(modules) * clf.params()  # half, on average
     cnnmod.save_decomposition(modules, tmp_path / "d")
     card = next((tmp_path / "d" / "modules").iterdir()).joinpath("README.md").read_text()
-    assert "attention kept whole (1 layer" in card and "blocks.0.attn" in card and "something besides" in card
+    assert "kept whole (1 layer" in card and "blocks.0.attn" in card and "something besides" in card
     loaded = cnnmod.load_modules(tmp_path / "d")
     images = torch.randint(0, 256, (5, *SHAPE), dtype=torch.uint8)
     with torch.no_grad():

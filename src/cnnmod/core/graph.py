@@ -47,34 +47,40 @@ class ObservationPoint:
 
 
 class _NamingTracer(torch.fx.Tracer):
-    """Remembers the module it was in when tracing failed; attention layers and layers read as what they compute
-    stay one node each (units.py, :mod:`cnnmod.core.layers`)."""
+    """Remembers the innermost module tracing failed in; attention layers, layers read as what they compute and
+    the modules in ``whole`` stay one node each (units.py, :mod:`cnnmod.core.layers`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, whole: set[str]) -> None:
         super().__init__()
-        self.stack: list[str] = []
+        self.whole, self.failed_in = whole, None
 
     def is_leaf_module(self, m: nn.Module, qualified_name: str) -> bool:
-        return is_attention(m) or is_leaf(m) or super().is_leaf_module(m, qualified_name)
+        return (is_attention(m) or is_leaf(m) or qualified_name in self.whole
+                or super().is_leaf_module(m, qualified_name))
 
     def call_module(self, m, forward, args, kwargs):
-        self.stack.append(self.path_of_module(m))
         try:
             return super().call_module(m, forward, args, kwargs)
-        finally:
-            self.stack.pop()
+        except Exception:
+            self.failed_in = self.failed_in or self.path_of_module(m)
+            raise
 
 
-def trace(net: nn.Module) -> torch.fx.GraphModule:
-    tracer = _NamingTracer()
-    try:
-        graph = tracer.trace(net)
-    except Exception as e:  # noqa: BLE001 - every tracing failure is reported the same way
-        where = f" in layer {tracer.stack[-1]!r}" if tracer.stack and tracer.stack[-1] else ""
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"torch.fx cannot trace {type(net).__name__}{where}: {first[:160]}; cnnmod needs a model "
-                        "whose forward has no data-dependent control flow")
-    return torch.fx.GraphModule(tracer.root, graph)
+def trace(net: nn.Module) -> tuple[torch.fx.GraphModule, dict[str, str]]:
+    """The graph of ``net``, and the modules torch.fx cannot trace into (control flow on traced values), each kept
+    whole as one node, with why. Only a failure outside every module is refused."""
+    whole: dict[str, str] = {}
+    while True:
+        tracer = _NamingTracer(set(whole))
+        try:
+            graph = tracer.trace(net)
+            return torch.fx.GraphModule(tracer.root, graph), whole
+        except Exception as e:  # noqa: BLE001 - every tracing failure is handled the same way
+            first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+            if not tracer.failed_in or tracer.failed_in in whole:
+                raise UserError(f"torch.fx cannot trace {type(net).__name__}: {first}; cnnmod needs a model whose "
+                                "forward has no data-dependent control flow outside its layers")
+            whole[tracer.failed_in] = f"torch.fx cannot trace into it ({first[:100]})"
 
 
 # ------------------------------------------------------------------------------------------------ heads
@@ -211,7 +217,7 @@ class ModelGraph:
     """The traced network with its observation points, head, gates and node shapes."""
 
     def __init__(self, net: nn.Module, input_shape: tuple[int, int, int]) -> None:
-        self.gm = trace(net)
+        self.gm, self.untraced = trace(net)  # untraced: the modules kept whole, with why
         device = next((p.device for p in net.parameters()), torch.device("cpu"))
         was_training = self.gm.training
         self.gm.eval()

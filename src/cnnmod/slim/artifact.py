@@ -56,12 +56,13 @@ def slim_card(m) -> str:
 
 
 def _whole_lines(metrics: dict) -> list[str]:
-    """The attention layers kept whole (their heads all stay; the network around them was cut), each with why."""
+    """The layers kept whole (attention whose heads cnnmod cannot cut, modules torch.fx cannot trace into: all
+    of each stays; the network around them was cut), each with why."""
     whole = metrics.get("whole") or {}
     if not whole:
         return []
-    return [f"- attention kept whole ({len(whole)} layer{'s' * (len(whole) > 1)}: cnnmod cannot cut their heads; "
-            "the MLPs and channels around them were cut):",
+    return [f"- kept whole ({len(whole)} layer{'s' * (len(whole) > 1)}: cnnmod cannot cut inside them; the MLPs "
+            "and channels around them were cut):",
             *[f"  - {layer}: {why}" for layer, why in whole.items()]]
 
 

@@ -62,7 +62,7 @@ class ChannelGroups:
         self.units: dict[str, Unit] = find_units(graph)
         self.groups: list[ChannelGroup] = []
         self.left_out: list[tuple[str, str]] = []
-        self.whole: dict[str, str] = kept_whole(net)  # attention layers kept as they are, with why
+        self.whole: dict[str, str] = {**kept_whole(net), **graph.untraced}  # layers kept as they are, with why
         if not any(u.kind == "heads" for u in self.units.values()):
             self.groups = self._traced(net, graph)
         self.groups += [u.group() for u in self.units.values()]

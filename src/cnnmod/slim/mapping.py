@@ -29,8 +29,9 @@ class ChannelMap:
         return self._reference
 
     def whole(self) -> dict[str, dict[str, str]]:
-        """``{"whole": {layer: why}}`` for the attention layers the source network keeps as they are (to record in a
-        module's metrics: loading builds the same network), or {} where it has none."""
+        """``{"whole": {layer: why}}`` for the layers of the source network kept as they are (attention it cannot
+        cut, modules torch.fx cannot trace into; recorded in a module's metrics: loading builds the same network),
+        or {} where it has none."""
         return {"whole": dict(self.source_groups.whole)} if self.source_groups.whole else {}
 
     def kept_channels(self) -> int:
