@@ -163,3 +163,22 @@ def test_a_module_torch_fx_cannot_trace_into_is_kept_whole_and_the_rest_is_cut()
         x = m.prepare(data.images)
         with torch.no_grad():
             assert m(x).shape == (len(x), 2)
+
+
+def test_the_default_size_out_of_reach_cuts_as_far_as_it_goes_and_says_so(capsys):
+    """A block kept whole holds most of the parameters: a size asked for below what is left is refused in one
+    line; the default size (not asked for) makes the modules as small as they go, and the run says so."""
+    torch.manual_seed(0)
+    net = WithResized().eval()
+    # most of the network, inside the block kept whole
+    net.block.conv = nn.Sequential(nn.Conv2d(6, 24, 1), nn.Conv2d(24, 24, 3, padding=1), nn.Conv2d(24, 6, 1))
+    clf = Classifier(net, InputSpec(1, 12, 12, (0.5,), (0.25,)), [f"r{c}" for c in range(4)], "x", {}, "rand")
+    data = random_data()
+    given = dict(samples=16, held_out=4, passes=Passes(progress=False), calibration_samples=0)
+    with pytest.raises(UserError, match=r"size 0.5 is out of reach for x: every channel group keeps at least one"):
+        cnnmod.decompose(clf, data, granularity="channel", size=0.5, **given)
+    made = cnnmod.decompose(clf, data, granularity="channel", **given)
+    floor = min(m.kept_fraction() for m in made)
+    assert 0.5 < floor < 1 and all(m.settings["default_size"] for m in made)
+    err = capsys.readouterr().err
+    assert "the default size 0.5 is out of reach for x" in err and "1 layers kept whole" in err

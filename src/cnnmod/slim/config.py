@@ -42,6 +42,8 @@ class SlimSettings:
     heads: str | None = None        # head counts of attention layers that record none and whose count is not
                                     # read off their outputs: "layer=N,layer=N"
     recipe: str | None = None       # the named recipe these came from (:data:`RECIPES`), for the record
+    default_size: bool = False      # ``size`` is the default, not asked for: where no step reaches it, the modules
+                                    # are cut as far as they go (and the run says so) instead of refused
 
     @classmethod
     def from_recipe(cls, name: str | None, **given) -> SlimSettings:
@@ -58,7 +60,9 @@ class SlimSettings:
         1.0, no pruning)."""
         if self.size is not None:
             return self
-        return replace(self, size=0.01 if self.max_loss is not None else default)
+        if self.max_loss is not None:
+            return replace(self, size=0.01)
+        return replace(self, size=default, default_size=True)
 
     def check(self) -> None:
         if self.size is not None and not 0 < self.size <= 1:
@@ -118,7 +122,8 @@ def slim_settings(recipe: str | None = None, *, every_class: bool = True, one_pr
     at ``size`` 0.5 or more (the default size is 0.5), ``small`` below; by ``max_loss``, ``cheap`` with each
     module's own budget. ``best`` fits itself to the run: without ``every_class`` the heads are not refitted
     together (that needs a module of every class), and under torchrun (not ``one_process``) each module is
-    pruned alone. A recipe named explicitly is taken as it is (and refused where it cannot run)."""
+    pruned alone; without a size asked for, modules of a model whose channels cannot reach the recipe's size are cut
+    as far as they go. A recipe named explicitly is taken as it is (and refused where it cannot run)."""
     name = recipe or "best"
     if name != "best" and name not in RECIPES:
         raise UserError(f"«recipe» {name} does not make slim modules; use best, {' or '.join(RECIPES)}")
@@ -133,6 +138,8 @@ def slim_settings(recipe: str | None = None, *, every_class: bool = True, one_pr
         fitted["joint_heads"] = 0.0
     if not one_process:
         fitted.update(budget="module", joint_heads=0.0)
+    if size is None and max_loss is None:
+        fitted["default_size"] = True  # cut as far as it goes where the recipe's size is out of reach
     s = replace(RECIPES[chosen], **{**fitted, **given})
     return s if s.size is not None or s.max_loss is not None else replace(s, size=MODULE_SIZE)
 

@@ -10,7 +10,7 @@ from ..composition.base import ComposerKind, register_composer_kind
 from ..composition.fitting import calibrate_decomposition
 from ..errors import UserError
 from ..modules.kinds import Composing, ModuleKind, register_module_kind
-from ..progress import progress_bar
+from ..progress import progress_bar, say
 from .artifact import load_fused_slim, load_merged, load_slim, save_fused_slim, save_merged, write_slim
 from .config import MODULE_SIZE, RECIPES, SlimSettings, merged_settings, slim_settings
 from .make import check_joint, slim_modules
@@ -42,6 +42,12 @@ def make(model, data, settings: SlimSettings, classes: list[int], passes, clock,
     with clock("decomposition"), progress_bar("slimming", len(classes), show) as step:
         modules = slim_modules(model, data, classes, s, passes.batch_size,
                                done=lambda m: step(params=f"{m.metrics['params_fraction']:.2f}"))
+    held = [m.metrics["params_fraction"] for m in modules]
+    if s.default_size and held and sum(held) / len(held) > s.size + 0.005 and passes.dd.is_main:
+        say(f"the default size {s.size:g} is out of reach for {model.arch}: every channel group is down to one "
+            f"channel at {sum(held) / len(held):.2f} of its parameters on average, so the modules hold that"
+            + (f" ({len(modules[0].metrics['whole'])} layers kept whole: their modules' cards say which)"
+               if modules[0].metrics.get("whole") else ""))
     samples = CALIBRATION_SAMPLES if calibration_samples is None else calibration_samples
     if samples > 0 and modules:
         with clock("calibration"):

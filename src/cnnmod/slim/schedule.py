@@ -145,8 +145,8 @@ def prune(pruner: Pruner, accuracy: Callable[[], float] | None = None, reference
                 pruner.restore(previous)
                 pruner.refresh()
                 break
-    except Exhausted as e:  # every group is down to one channel: as far as a loss bound can go, or out of reach
-        if accuracy is None:
+    except Exhausted as e:  # every group is down to one channel: as far as a loss bound or the default size can
+        if accuracy is None and not s.default_size:  # go; a size asked for is out of reach
             raise out_of_reach(s.size, pruner.source.arch, e.fraction, "the smallest it reaches is") from None
     recover(pruner, accuracy, start - s.max_loss if start is not None else None)
     return history
@@ -185,6 +185,8 @@ def _steps_together(pruners: list[Pruner], size: float, histories: list[list[dic
         caps = [2 * s.step * f * total for f in fractions]
         chosen = channels_within_budget(ranked, budget, pruners, caps)
         if not chosen:
+            if s.default_size:  # as far as they go: the run says so
+                break
             raise out_of_reach(size, pruners[0].source.arch, mean, "its modules reach on average")
         for k, p in enumerate(pruners):
             mine = [(i, j) for kk, i, j in chosen if kk == k]
