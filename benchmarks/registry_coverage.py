@@ -225,7 +225,10 @@ def main() -> None:
     wanted = set(filter(None, args.families.split(",")))
     OUT.mkdir(parents=True, exist_ok=True)
     for library in args.library.split(","):
-        families = timm_families() if library == "timm" else torchvision_families()
+        listed = OUT / f"registry_{library}_families.json"  # building every model on the meta device takes minutes
+        if not listed.exists():
+            listed.write_text(json.dumps(timm_families() if library == "timm" else torchvision_families(), indent=1))
+        families = json.loads(listed.read_text())
         for family, name in families.items():
             if (wanted and family not in wanted) or (library, family) in done:
                 continue
