@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import random_data
+from families import ShuffleUnit, shufflenet_v2
 from torch import nn
 
 import cnnmod
@@ -182,3 +183,54 @@ def test_the_default_size_out_of_reach_cuts_as_far_as_it_goes_and_says_so(capsys
     assert 0.5 < floor < 1 and all(m.settings["default_size"] for m in made)
     err = capsys.readouterr().err
     assert "the default size 0.5 is out of reach for x" in err and "1 layers kept whole" in err
+
+
+class TorchvisionShuffle(ShuffleUnit):
+    """ShuffleNetV2's unit with the shuffle as torchvision writes it (``view(b, -1, h, w)``)."""
+
+    def forward(self, x):
+        if self.stride == 1:
+            a, b = x.chunk(2, dim=1)
+            out = torch.cat((a, self.right(b)), 1)
+        else:
+            out = torch.cat((self.left(x), self.right(x)), 1)
+        n, c, h, w = out.size()
+        return out.view(n, 2, c // 2, h, w).transpose(1, 2).contiguous().view(n, -1, h, w)
+
+
+@cnnmod.register_arch("shufflenet_torchvision_style")
+def shufflenet_torchvision_style(in_channels: int = 1, num_classes: int = 4) -> nn.Module:
+    net = shufflenet_v2(in_channels, num_classes, 8)
+    for m in net:
+        if isinstance(m, ShuffleUnit):
+            m.__class__ = TorchvisionShuffle
+    return net
+
+
+def test_channels_of_a_network_torch_pruning_cannot_trace_are_sliced_in_chains(tmp_path, monkeypatch):
+    """Where torch-pruning cannot trace the network (torchvision's ShuffleNetV2 at small inputs: it divides by
+    zero; here it is made to fail), each branch's inner channels (1x1 convolution, BatchNorm, ReLU, depthwise
+    convolution, BatchNorm, 1x1 convolution) are cut by cnnmod itself; the modules compute what their gated
+    networks do (checked as they are made) and reload to the same outputs."""
+    import torch_pruning
+
+    def fails(*args, **kwargs):
+        raise ZeroDivisionError("integer division or modulo by zero")
+
+    monkeypatch.setattr(torch_pruning.DependencyGraph, "build_dependency", fails)
+    torch.manual_seed(0)
+    net = shufflenet_torchvision_style().eval()
+    clf = Classifier(net, InputSpec(1, 12, 12, (0.5,), (0.25,)), [f"r{c}" for c in range(4)],
+                     "shufflenet_torchvision_style", {}, "rand")
+    data = random_data()
+    made = cnnmod.decompose(clf, data, granularity="channel", classes=[0, 1], samples=16, held_out=4,
+                            passes=Passes(progress=False), calibration_samples=0)
+    chains = {f"{i}.right.0.0" for i in (1, 2, 3, 4)}  # each unit's first 1x1 convolution of its right branch
+    for m in made:
+        assert set(m.metrics["chains"]) == chains and set(m.removed) <= chains and m.kept_fraction() < 1
+    cnnmod.save_decomposition(made, tmp_path / "d")
+    loaded = cnnmod.load_modules(tmp_path / "d")
+    images = torch.randint(0, 256, (5, 1, 12, 12), dtype=torch.uint8)
+    with torch.no_grad():
+        for a, b in zip(made, loaded, strict=True):
+            assert torch.equal(a(a.prepare(images)), b(b.prepare(images)))

@@ -25,7 +25,7 @@ from ..modules.kinds import detector_lines, typical_of, typical_tensors
 from .channels import slice_network
 from .merged import FusedSlim, MergedSlim
 from .module import SlimModule
-from .units import find_units
+from .units import find_chains, find_units
 
 PARTS_DIR = "parts"
 
@@ -96,8 +96,9 @@ def build_sliced(config: dict, outputs: int = 2) -> nn.Module:
     net = canonical(net, parse_heads((config.get("settings") or {}).get("heads")), shape,
                     whole=(config.get("metrics") or {}).get("whole"))
     graph = ModelGraph(net, shape)
-    return slice_network(net, shape, config["removed"], graph.head, None, None, outputs=outputs,
-                         units=find_units(graph))
+    chains = set((config.get("metrics") or {}).get("chains") or ())  # sliced by cnnmod, not torch-pruning
+    units = {**find_units(graph), **{r: u for r, u in find_chains(graph).items() if r in chains}}
+    return slice_network(net, shape, config["removed"], graph.head, None, None, outputs=outputs, units=units)
 
 
 def build_merged(config: dict) -> nn.Module:

@@ -19,7 +19,7 @@ from ..core.cost import count_flops
 from ..core.graph import Head, ModelGraph
 from ..errors import UserError
 from .groups import ChannelGroup
-from .units import Unit, find_units
+from .units import Unit, find_chains, find_units
 
 
 def _dependency_graph(net: nn.Module, input_shape: tuple[int, int, int]):
@@ -63,6 +63,7 @@ class ChannelGroups:
         self.groups: list[ChannelGroup] = []
         self.left_out: list[tuple[str, str]] = []
         self.whole: dict[str, str] = {**kept_whole(net), **graph.untraced}  # layers kept as they are, with why
+        self.chains: list[str] = []  # roots of the chains cnnmod slices itself (torch-pruning cannot trace net)
         if not any(u.kind == "heads" for u in self.units.values()):
             self.groups = self._traced(net, graph)
         self.groups += [u.group() for u in self.units.values()]
@@ -80,6 +81,9 @@ class ChannelGroups:
             dg = _dependency_graph(net, input_shape=self.input_shape)
             found = list(dg.get_all_groups(ignored_layers=[classifier], root_module_types=[nn.Conv2d, nn.Linear]))
         except Exception as e:  # noqa: BLE001 - torch-pruning's failures all mean the same to the user
+            chains = find_chains(graph)
+            self.units.update(chains)
+            self.chains = list(chains)
             if self.units:
                 return []
             raise UserError(f"torch-pruning cannot trace {type(net).__name__} to slice it ({str(e)[:120]}); "

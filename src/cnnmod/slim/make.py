@@ -236,7 +236,7 @@ class ModuleMaker:
             "held_out_images": len(self.held), "held_out_from": self.pools.held_out_from}
         metrics = {**held_metrics, "params": params, "params_fraction": round(params / p.total_params, 4),
                    "kept_channels": p.kept_channels(),
-                   "channels": p.channels, "history": history, **p.whole()}
+                   "channels": p.channels, "history": history, **p.layout()}
         settings = {**asdict(s), "granularity": "channel", "seconds": round(time.perf_counter() - self.started, 3)}
         module = SlimModule(sliced, self.graph.head.sliced_layer, source.spec, source.class_names[self.concerned],
                             self.concerned, info, p.removed(), ModuleRecord(settings, metrics))

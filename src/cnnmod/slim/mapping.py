@@ -28,11 +28,12 @@ class ChannelMap:
             self._reference = net
         return self._reference
 
-    def whole(self) -> dict[str, dict[str, str]]:
-        """``{"whole": {layer: why}}`` for the layers of the source network kept as they are (attention it cannot
-        cut, modules torch.fx cannot trace into; recorded in a module's metrics: loading builds the same network),
-        or {} where it has none."""
-        return {"whole": dict(self.source_groups.whole)} if self.source_groups.whole else {}
+    def layout(self) -> dict:
+        """How the source network was read, as a module records it in its metrics so that loading builds the same
+        network: ``whole`` ({layer: why}: attention it cannot cut, modules torch.fx cannot trace into) and
+        ``chains`` (the roots of the chains cnnmod sliced itself), each only where there are any."""
+        g = self.source_groups
+        return {**({"whole": dict(g.whole)} if g.whole else {}), **({"chains": list(g.chains)} if g.chains else {})}
 
     def kept_channels(self) -> int:
         return sum(int((g > 0).sum()) for g in self.gates)

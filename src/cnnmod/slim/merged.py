@@ -172,7 +172,7 @@ def merge_slim(modules: list[SlimModule], source: Classifier, data: ImageSet, se
                                              "held_out_images": len(y_held), "held_out_from": pools.held_out_from}
     metrics = {**held_metrics, "params": params, "params_fraction": round(params / info["params"], 4),
                "kept_channels": p.kept_channels(),
-               "channels": p.channels, "history": history, **p.whole()}
+               "channels": p.channels, "history": history, **p.layout()}
     recorded = {"granularity": "channel", "mode": "merged", "samples": samples, "seed": seed, "objective": "distill",
                 "world": [info["source_classes"][c] for c in world],
                 "foreign": [f"{f.name}:{','.join(map(str, f.source_classes))}" for f in foreign or []],
