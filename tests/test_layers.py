@@ -234,3 +234,33 @@ def test_channels_of_a_network_torch_pruning_cannot_trace_are_sliced_in_chains(t
     with torch.no_grad():
         for a, b in zip(made, loaded, strict=True):
             assert torch.equal(a(a.prepare(images)), b(b.prepare(images)))
+
+
+class SharedConv(nn.Module):
+    """One convolution called by two blocks (as CoaT shares its convolutional position encodings)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.shared, self.conv2 = nn.Conv2d(1, 6, 3, padding=1), nn.Conv2d(6, 6, 3, padding=1), \
+            nn.Conv2d(6, 6, 3, padding=1)
+        self.fc = nn.Linear(6, 4)
+
+    def forward(self, x):
+        x = torch.relu(self.conv1(x))
+        x = x + self.shared(x)
+        x = torch.relu(self.conv2(x))
+        x = x + self.shared(x)
+        return self.fc(x.mean((2, 3)))
+
+
+def test_a_layer_called_twice_is_kept_by_slim_modules_and_refused_by_node_level_ones():
+    torch.manual_seed(0)
+    clf = Classifier(SharedConv().eval(), InputSpec(1, 12, 12, (0.5,), (0.25,)), [f"r{c}" for c in range(4)], "x",
+                     {}, "rand")
+    data = random_data()
+    with pytest.raises(UserError, match=r"layer 'shared' is called more than once .* use slim modules"):
+        cnnmod.decompose(clf, data, passes=Passes(progress=False))
+    made = cnnmod.decompose(clf, data, granularity="channel", classes=[0], samples=16, held_out=4,
+                            passes=Passes(progress=False), calibration_samples=0)
+    net = made[0].net  # the residual width, computed by the shared layer too, cut in all its layers at once
+    assert made[0].kept_fraction() < 1 and net.shared.in_channels == net.shared.out_channels == net.conv1.out_channels

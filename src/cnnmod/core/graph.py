@@ -276,13 +276,18 @@ class ModelGraph:
                                 "and nn.Linear modules: use modules for its layers")
             if n.op == "call_module" and kind in ("conv", "linear", "bn"):
                 used[n.target] = used.get(n.target, 0) + 1
-                if used[n.target] > 1:
-                    raise UserError(f"layer {n.target!r} is called twice in the forward pass; cnnmod needs every "
-                                    "convolution and linear layer used once")
+        # a layer called more than once (a convolutional position encoding shared by blocks) is never observed:
+        # slim modules keep its channels; node-level decomposition refuses it (require_relu)
+        self.shared = {layer for layer, times in used.items() if times > 1}
 
     def require_relu(self) -> None:
-        """Node-level decomposition's condition (docs/method.md, "Architectures beyond the paper's"): hidden
-        activations of the ReLU family, where "inactive" means exactly zero after the activation."""
+        """Node-level decomposition's conditions (docs/method.md, "Architectures beyond the paper's"): every
+        layer used once, hidden activations of the ReLU family, where "inactive" means exactly zero after the
+        activation."""
+        if self.shared:
+            raise UserError(f"layer {sorted(self.shared)[0]!r} is called more than once in the forward pass; "
+                            "node-level decomposition needs every convolution and linear layer used once: use slim "
+                            "modules for this model (cnnmod decompose «granularity» channel)")
         for n in self.gm.graph.nodes:
             if self.ops[n.name].activation and n.name not in self.gate_branch:
                 raise UserError(f"the model uses {self.describe(n)}; the paper's node rule needs ReLU-family hidden "
@@ -377,7 +382,8 @@ class ModelGraph:
         head_layer = self.head.layer
         for n in self.gm.graph.nodes:
             kind = self.kinds[n.name]
-            if n.name in self.gate_branch or n.op != "call_module" or n.target == head_layer:
+            if n.name in self.gate_branch or n.op != "call_module" or n.target == head_layer or \
+                    n.target in self.shared:
                 continue
             if kind == "conv":
                 users = list(n.users)
