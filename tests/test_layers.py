@@ -264,3 +264,37 @@ def test_a_layer_called_twice_is_kept_by_slim_modules_and_refused_by_node_level_
                             passes=Passes(progress=False), calibration_samples=0)
     net = made[0].net  # the residual width, computed by the shared layer too, cut in all its layers at once
     assert made[0].kept_fraction() < 1 and net.shared.in_channels == net.shared.out_channels == net.conv1.out_channels
+
+
+class SamePadding(nn.Module):
+    """Convolutions padded with ``padding="same"`` (ConvMixer's): an odd kernel pads evenly, an even one by one
+    more on the right and bottom."""
+
+    def __init__(self, k: int) -> None:
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(1, 6, k, padding="same"), nn.Conv2d(6, 6, k, padding="same")
+        self.fc = nn.Linear(6, 4)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv2(torch.relu(self.conv1(x)))).mean((2, 3)))
+
+
+@pytest.mark.parametrize("k", [3, 4])
+def test_same_padding_is_read_as_pytorch_pads(k):
+    """Slim modules refit their kept weights by least squares on the convolutions' input patches (the default
+    recipe), padded as PyTorch pads them (a string padding was a traceback there); MC-BI follows an even padding
+    and refuses an uneven one in one line."""
+    torch.manual_seed(0)
+    clf = Classifier(SamePadding(k).eval(), InputSpec(1, 12, 12, (0.5,), (0.25,)), [f"r{c}" for c in range(4)],
+                     "x", {}, "rand")
+    data = random_data()
+    made = cnnmod.decompose(clf, data, granularity="channel", classes=[0], samples=16, held_out=4,
+                            passes=Passes(progress=False), calibration_samples=0)
+    assert made[0].settings["reconstruct"] and made[0].kept_fraction() < 1
+    quiet = dict(passes=Passes(progress=False), calibration_samples=0)
+    if k % 2:
+        assert len(cnnmod.decompose(clf, data, "mc-bi", **quiet)) == 4
+    else:
+        with pytest.raises(UserError, match=r"MC-BI cannot follow the model through layer 'conv2' .* pads its input "
+                                            r"by more on one side"):
+            cnnmod.decompose(clf, data, "mc-bi", **quiet)

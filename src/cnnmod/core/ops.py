@@ -36,6 +36,18 @@ def pair(v) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
+def conv_pads(conv: nn.Conv2d) -> tuple[int, int, int, int]:
+    """The zeros a convolution pads its input with: (left, right, top, bottom); ``padding="same"`` puts the odd
+    one on the right and bottom, as PyTorch does."""
+    if isinstance(conv.padding, str):
+        if conv.padding == "valid":
+            return 0, 0, 0, 0
+        (th, tw) = (d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size, strict=True))
+        return tw // 2, tw - tw // 2, th // 2, th - th // 2
+    ph, pw = pair(conv.padding)
+    return pw, pw, ph, ph
+
+
 def transpose_cover(region: torch.Tensor, ones: torch.Tensor, stride, padding, dilation, groups: int,
                     size: tuple[int, int]) -> torch.Tensor:
     """For each input element of a sliding-window layer, how many (kept output, kernel tap) pairs read it.
@@ -159,7 +171,11 @@ class Conv(Op):
         (src,) = self.inputs(node)
         c_in, h, w = g.shapes[src.name]
         ones = torch.ones(conv.out_channels, c_in // conv.groups, *conv.kernel_size)
-        cover = transpose_cover(region, ones, conv.stride, conv.padding, conv.dilation, conv.groups, (h, w))
+        left, right, top, bottom = conv_pads(conv)
+        if left != right or top != bottom:
+            raise UserError(f"MC-BI cannot follow the model through {g.describe(node)}: it pads its input by more "
+                            "on one side than the other; use mc or mc-bln")
+        cover = transpose_cover(region, ones, conv.stride, (top, left), conv.dilation, conv.groups, (h, w))
         return [(src, cover > 0)]
 
 

@@ -11,6 +11,8 @@ from contextlib import AbstractContextManager
 import torch
 from torch import nn
 
+from ..core.ops import conv_pads
+
 INPUTS = 512  # inputs (of a pruning step's) each layer is refitted on
 POSITIONS = 64  # output positions per image a convolution is refitted at
 RIDGE = 1e-3  # the refit's ridge towards the current weights, times the inputs' mean energy
@@ -56,8 +58,8 @@ def _patches(layer: nn.Module, given: torch.Tensor, pick: tuple | None) -> torch
     at the output positions ``pick``, laid out as its weight's input dimensions (channel, kernel row, column)."""
     if pick is None:
         return given.reshape(-1, given.shape[-1])
-    (kh, kw), (sh, sw), (dh, dw), (ph, pw) = layer.kernel_size, layer.stride, layer.dilation, layer.padding
-    padded = nn.functional.pad(given, (pw, pw, ph, ph))
+    (kh, kw), (sh, sw), (dh, dw) = layer.kernel_size, layer.stride, layer.dilation
+    padded = nn.functional.pad(given, conv_pads(layer))
     rows = (pick[0] * sh)[:, None] + torch.arange(kh) * dh  # (P, kh)
     cols = (pick[1] * sw)[:, None] + torch.arange(kw) * dw  # (P, kw)
     device = given.device
