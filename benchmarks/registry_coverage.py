@@ -176,7 +176,7 @@ def run_one(library: str, name: str) -> dict:
                         ("" if kind == "node" and "ReLU-family" in text else text[:200])
                 except Exception as e:  # noqa: BLE001 - recorded: a traceback is a bug to fix
                     row[kind] = f"TRACEBACK: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
-                    row[f"{kind}_trace"] = traceback.format_exc(limit=4)[-1500:]
+                    row[f"{kind}_trace"] = traceback.format_exc()[-2500:]  # the innermost frames
             row[f"{kind}_seconds"] = round(time.perf_counter() - started, 1)
     return row
 

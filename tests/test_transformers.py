@@ -234,3 +234,29 @@ def test_node_level_decomposition_of_a_gelu_transformer_and_a_bad_head_setting_a
     assert (tmp_path / "a" / "modules").exists()
     assert json.loads(next((tmp_path / "a" / "modules").iterdir()).joinpath("config.json").read_text())[
         "granularity"] == "channel"
+
+
+def test_attention_run_on_windows_of_each_input_is_cut():
+    """Attention over windows (Swin's, DaViT's: each input's tokens split into windows, the batch multiplied):
+    the per-input gates that rank heads (Fisher importance) follow each input's windows."""
+
+    class Windowed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.attn, self.fc = nn.Linear(16, 32), TimmAttention(32, 4), nn.Linear(32, 4)
+            self.mlp = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 32))
+
+        def forward(self, x):
+            t = self.embed(x[:, 0])  # 16 tokens of 16 pixels
+            b = t.shape[0]
+            t = t + self.attn(t.reshape(b * 4, 4, 32)).reshape(b, 16, 32)  # four windows of four tokens each
+            t = t + self.mlp(t)
+            return self.fc(t.mean(1))
+
+    torch.manual_seed(0)
+    clf = Classifier(Windowed().eval(), InputSpec(*SHAPE, (0.5,), (0.25,)), [f"r{c}" for c in range(4)], "x", {},
+                     "rand")
+    made = cnnmod.decompose(clf, random_data(SHAPE, 4, 8), granularity="channel", classes=[0, 1], size=0.5,
+                            samples=8, calibration_samples=0)
+    assert made[0].settings["rule"] == "fisher" and all(m.params() < clf.params() for m in made)
+    assert {"attn", "mlp.0"} & set(made[0].removed)

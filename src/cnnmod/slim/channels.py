@@ -214,7 +214,13 @@ def gated(net: nn.Module, graph: ModelGraph, groups: ChannelGroups, gates: list[
                 per_input = by_layer[layer] and gates[by_layer[layer][0][1]].dim() == 2
                 mult = torch.ones(*((x.shape[0],) if per_input else ()), width, device=x.device, dtype=x.dtype)
                 for index, g, root in by_layer[layer]:
-                    mult = mult.index_copy(-1, index.to(x.device), gates[g][..., root.to(x.device)].to(x.dtype))
+                    gate = gates[g][..., root.to(x.device)].to(x.dtype)
+                    if per_input and gate.shape[0] != x.shape[0]:  # a layer run on windows of each input, in order
+                        if x.shape[0] % gate.shape[0]:
+                            raise UserError(f"layer {layer!r} reads a batch of {x.shape[0]} rows for {gate.shape[0]} "
+                                            "inputs; cnnmod cannot tell which rows are which input's")
+                        gate = gate.repeat_interleave(x.shape[0] // gate.shape[0], dim=0)
+                    mult = mult.index_copy(-1, index.to(x.device), gate)
                 rest = [1] * (x.dim() - 2)
                 mult = mult.view(x.shape[0] if per_input else 1, *rest, -1) if last else \
                     mult.view(x.shape[0] if per_input else 1, -1, *rest)
