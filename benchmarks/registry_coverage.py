@@ -60,8 +60,16 @@ def _meta_params(build) -> int | None:
         return None
 
 
-def timm_families() -> dict[str, str]:
-    """{family (timm's model module): its smallest model's name}."""
+def _params_of(library: str, name: str) -> int:
+    if library == "timm":
+        import timm
+        return _meta_params(lambda: timm.create_model(name, pretrained=False)) or 0
+    import torchvision
+    return _meta_params(lambda: torchvision.models.get_model(name, weights=None)) or 0
+
+
+def timm_families() -> dict[str, tuple[str, int]]:
+    """{family (timm's model module): (its smallest model's name, its parameters)}."""
     import timm
     out = {}
     for module in timm.list_modules():
@@ -69,23 +77,24 @@ def timm_families() -> dict[str, str]:
                  timm.list_models(module=module)]
         sized = [(p, n) for n, p in sized if p]
         if sized:
-            out[module] = min(sized)[1]
+            p, n = min(sized)
+            out[module] = (n, p)
     return out
 
 
-def torchvision_families() -> dict[str, str]:
-    """{family (torchvision's builder module): its smallest classifier's name}."""
+def torchvision_families() -> dict[str, tuple[str, int]]:
+    """{family (torchvision's builder module): (its smallest classifier's name, its parameters)}."""
     import torchvision
-    out: dict[str, tuple[int, str]] = {}
+    out: dict[str, tuple[str, int]] = {}
     for name in torchvision.models.list_models(module=torchvision.models):
         fn = torchvision.models.get_model_builder(name)
         family = fn.__module__.rsplit(".", 1)[-1]
         if family in TORCHVISION_SKIP:
             continue
         p = _meta_params(lambda fn=fn: fn(weights=None))
-        if p and (family not in out or p < out[family][0]):
-            out[family] = (p, name)
-    return {f: n for f, (_, n) in out.items()}
+        if p and (family not in out or p < out[family][1]):
+            out[family] = (name, p)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ one family
@@ -216,6 +225,8 @@ def main() -> None:
     parser.add_argument("--families", default="", help="only these families (comma-separated)")
     parser.add_argument("--timeout", type=int, default=300, help="seconds per family")
     parser.add_argument("--fresh", action="store_true", help="measure families already in the rows file again")
+    parser.add_argument("--max-params", type=float, default=60e6,
+                        help="families whose smallest model is larger are listed, not run (2 CPU cores)")
     parser.add_argument("--no-doc", action="store_true", help="do not write the table into docs/coverage.md")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # LIBRARY:MODEL, in the subprocess
     args = parser.parse_args()
@@ -232,9 +243,15 @@ def main() -> None:
         listed = OUT / f"registry_{library}_families.json"  # building every model on the meta device takes minutes
         if not listed.exists():
             listed.write_text(json.dumps(timm_families() if library == "timm" else torchvision_families(), indent=1))
-        families = json.loads(listed.read_text())
-        for family, name in families.items():
+        families = {f: v if isinstance(v, list) else [v, _params_of(library, v)]  # a list of names alone
+                    for f, v in json.loads(listed.read_text()).items()}
+        for family, (name, params) in sorted(families.items(), key=lambda kv: kv[1][1]):  # the smallest first
             if (wanted and family not in wanted) or (library, family) in done:
+                continue
+            if params > args.max_params:
+                row = {"library": library, "model": name, "family": family, "params": params,
+                       "build": f"not run: {params / 1e6:.0f}M parameters, over --max-params"}
+                done[library, family] = row
                 continue
             started = time.perf_counter()
             try:
