@@ -298,3 +298,32 @@ def test_same_padding_is_read_as_pytorch_pads(k):
         with pytest.raises(UserError, match=r"MC-BI cannot follow the model through layer 'conv2' .* pads its input "
                                             r"by more on one side"):
             cnnmod.decompose(clf, data, "mc-bi", **quiet)
+
+
+class Versioned(nn.Module):
+    """A network whose weights carry a format version (torchvision's MNASNet refuses weights of none)."""
+
+    _version = 2
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 4) -> None:
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(in_channels, 6, 3), nn.Linear(6, num_classes)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(x)).mean((2, 3)))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args, **kwargs):
+        if local_metadata.get("version") != 2:
+            raise ValueError(f"version should be 2 instead of {local_metadata.get('version')}")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args, **kwargs)
+
+
+cnnmod.register_arch("versioned_net")(Versioned)
+
+
+def test_weights_load_with_the_versions_of_the_code_that_builds_the_network(tmp_path):
+    data = random_data()
+    model = cnnmod.wrap(Versioned().eval(), data=data, mean=0.5, std=0.25)
+    made = cnnmod.decompose(model, data, passes=Passes(progress=False), calibration_samples=0)
+    cnnmod.save_decomposition(made, tmp_path / "d")
+    assert cnnmod.load_modules(tmp_path / "d")[0].source.net.conv.out_channels == 6

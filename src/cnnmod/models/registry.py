@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 
@@ -172,4 +173,7 @@ def load_weights(net: nn.Module, tensors: dict[str, torch.Tensor], arch: str, so
             parts.append(f"{k} is {tuple(tensors[k].shape)} but {arch} needs {tuple(expected[k].shape)}")
         raise UserError(f"the weights in {source} are not a {arch} for this input and class count "
                         f"({'; '.join(parts)}); check --arch, --data and the architecture options")
-    net.load_state_dict(tensors, strict=True)
+    loadable = OrderedDict(tensors)  # with the layers' versions of the code that built ``net`` (a plain dict
+    if hasattr(expected, "_metadata"):  # has none: torchvision's MNASNet refuses weights of no version)
+        loadable._metadata = expected._metadata
+    net.load_state_dict(loadable, strict=True)
