@@ -260,3 +260,24 @@ def test_attention_run_on_windows_of_each_input_is_cut():
                             samples=8, calibration_samples=0)
     assert made[0].settings["rule"] == "fisher" and all(m.params() < clf.params() for m in made)
     assert {"attn", "mlp.0"} & set(made[0].removed)
+
+
+def test_attention_over_a_map_rather_than_tokens_is_kept_whole():
+    """torchvision's Swin attention reads (B, H, W, C): not tokens the canonical form reads; kept whole."""
+
+    class MapAttention(TimmAttention):
+        def forward(self, x):
+            b, h, w, c = x.shape
+            return super().forward(x.reshape(b, h * w, c)).reshape(b, h, w, c)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.attn, self.fc = nn.Conv2d(1, 32, 4, 4), MapAttention(32, 4), nn.Linear(32, 4)
+
+        def forward(self, x):
+            t = self.embed(x).permute(0, 2, 3, 1)
+            return self.fc(self.attn(t).mean((1, 2)))
+
+    net = canonical(Net().eval(), None, SHAPE)
+    assert isinstance(net.attn, MapAttention) and "not (tokens, features)" in kept_whole(net)["attn"]

@@ -272,8 +272,12 @@ def _their_output(m: nn.Module, name: str, x: torch.Tensor):
 
 def _check_same(m: nn.Module, new: HeadAttention, name: str, x: torch.Tensor, theirs) -> None:
     """One line naming the layer unless ``new`` returns for ``x`` what the user's layer returned (``theirs``)."""
-    with torch.no_grad():
-        ours = new.eval()(x)
+    try:
+        with torch.no_grad():
+            ours = new.eval()(x)
+    except Exception as e:  # noqa: BLE001 - tokens the canonical form cannot read (a (B, H, W, C) map)
+        raise UserError(f"cnnmod cannot follow the attention in layer {name!r} ({type(m).__name__}): it reads "
+                        f"{tuple(x.shape)[1:]} per input, not (tokens, features) ({type(e).__name__})")
     theirs = theirs[0] if isinstance(theirs, (tuple, list)) else theirs
     ours = ours[0] if isinstance(ours, (tuple, list)) else ours
     if not isinstance(theirs, torch.Tensor) or theirs.shape != ours.shape:
