@@ -72,16 +72,15 @@ def timm_families() -> dict[str, tuple[str, int]]:
     """{family (timm's model module): (its smallest model's name, its parameters)}: of the models a user would
     download (timm's ``test_`` configurations only where a family has nothing else)."""
     import timm
-    out = {}
-    for module in timm.list_modules():
-        names = timm.list_models(module=module)
-        names = [n for n in names if not n.startswith("test_")] or names
-        sized = [(n, _meta_params(lambda n=n: timm.create_model(n, pretrained=False))) for n in names]
-        sized = [(p, n) for n, p in sized if p]
-        if sized:
-            p, n = min(sized)
-            out[module] = (n, p)
-    return out
+    return {module: found for module in timm.list_modules() if (found := _smallest_timm(module)) is not None}
+
+
+def _smallest_timm(module: str) -> tuple[str, int] | None:
+    import timm
+    names = timm.list_models(module=module)
+    names = [n for n in names if not n.startswith("test_")] or names
+    sized = [(p, n) for n in names if (p := _meta_params(lambda n=n: timm.create_model(n, pretrained=False)))]
+    return (min(sized)[1], min(sized)[0]) if sized else None
 
 
 def torchvision_families() -> dict[str, tuple[str, int]]:
@@ -247,6 +246,8 @@ def main() -> None:
             listed.write_text(json.dumps(timm_families() if library == "timm" else torchvision_families(), indent=1))
         families = {f: v if isinstance(v, list) else [v, _params_of(library, v)]  # a list of names alone
                     for f, v in json.loads(listed.read_text()).items()}
+        if library == "timm":  # listed before test configurations were passed over
+            families.update({f: list(_smallest_timm(f)) for f, (n, _) in families.items() if n.startswith("test_")})
         for family, (name, params) in sorted(families.items(), key=lambda kv: kv[1][1]):  # the smallest first
             if (wanted and family not in wanted) or (library, family) in done:
                 continue
