@@ -4,11 +4,15 @@ subclass that computes something else is refused in one line naming it."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import random_data
 from families import ShuffleUnit, shufflenet_v2
+from fixtures.make_torchvision_fixture import fill
 from torch import nn
 
 import cnnmod
@@ -40,6 +44,22 @@ class Linear(nn.Linear):
 
     def forward(self, x):
         return F.linear(x, self.weight, self.bias)
+
+
+@pytest.mark.parametrize("key", ["bn_act_relu", "bn_act_silu", "linear"])
+def test_the_copies_of_timms_layers_compute_what_timms_own_do(key):
+    """Against timm 1.0.31 itself (tests/fixtures/make_timm_layers_fixture.py, run once): the same keys and, under
+    the same deterministic weights, the same outputs."""
+    recorded = json.loads((Path(__file__).parent / "fixtures" / "timm_layers_1.0.31.json").read_text())["layers"][key]
+    layer = {"bn_act_relu": lambda: BatchNormAct2d(6), "bn_act_silu": lambda: BatchNormAct2d(6, nn.SiLU),
+             "linear": lambda: Linear(6, 3)}[key]()
+    state = layer.state_dict()
+    assert [[k, list(v.shape)] for k, v in state.items()] == recorded["keys"]
+    layer.load_state_dict(fill(state))
+    x = torch.sin(torch.arange(2 * 6 * 4 * 4, dtype=torch.float64) * 0.11).reshape(2, 6, 4, 4).float()
+    with torch.no_grad():
+        out = layer.eval()(x[:, :, 0, 0] if key == "linear" else x)
+    torch.testing.assert_close(out.flatten(), torch.tensor(recorded["output"]), rtol=0, atol=2e-6)
 
 
 class ScaledAfter(BatchNormAct2d):
