@@ -347,3 +347,4 @@ def test_weights_load_with_the_versions_of_the_code_that_builds_the_network(tmp_
     made = cnnmod.decompose(model, data, passes=Passes(progress=False), calibration_samples=0)
     cnnmod.save_decomposition(made, tmp_path / "d")
     assert cnnmod.load_modules(tmp_path / "d")[0].source.net.conv.out_channels == 6
+

@@ -122,6 +122,13 @@ def _solve(layer: nn.Module, a: torch.Tensor, b: torch.Tensor) -> None:
         layer.weight.copy_(fitted.reshape(layer.weight.shape).to(layer.weight.dtype))
 
 
+def _outputs(m: nn.Module | None) -> int | None:
+    for name in ("out_channels", "out_features", "num_features"):
+        if isinstance(getattr(m, name, None), int):
+            return getattr(m, name)
+    return None
+
+
 def _normal_equations(layer: nn.Module, given: torch.Tensor, pick: tuple | None,
                       target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The terms one batch adds to the normal equations of ``layer``'s refit: its input patches' Gram matrix and
@@ -143,7 +150,9 @@ def refit_layers(net: nn.Module, source: nn.Module, gating: Callable[[], Abstrac
     ``kept``: per layer of ``net`` that computes fewer outputs than ``source``'s (``net`` sliced), the indices of
     the source's outputs it still computes."""
     theirs = dict(source.named_modules())
-    kept = kept or {}
+    # only where ``net``'s layer does compute that many outputs (a layer a group's slicing left whole, as where a
+    # gate multiplies the group's channels, computes the source's all)
+    kept = {n: idx for n, idx in (kept or {}).items() if _outputs(dict(net.named_modules()).get(n)) == idx.numel()}
     with torch.no_grad():
         for name, m in net.named_modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
