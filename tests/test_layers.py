@@ -348,3 +348,32 @@ def test_weights_load_with_the_versions_of_the_code_that_builds_the_network(tmp_
     cnnmod.save_decomposition(made, tmp_path / "d")
     assert cnnmod.load_modules(tmp_path / "d")[0].source.net.conv.out_channels == 6
 
+
+
+class Tied(nn.Module):
+    """Two layers sharing one weight (CoaT's parallel blocks share their MLPs)."""
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 4) -> None:
+        super().__init__()
+        self.conv, self.a, self.b = nn.Conv2d(in_channels, 6, 3), nn.Linear(6, 6), nn.Linear(6, 6)
+        self.b.weight = self.a.weight
+        self.fc = nn.Linear(6, num_classes)
+
+    def forward(self, x):
+        x = torch.relu(self.conv(x)).mean((2, 3))
+        return self.fc(torch.relu(self.a(x)) + torch.relu(self.b(x)))
+
+
+cnnmod.register_arch("tied_net")(Tied)
+
+
+def test_tied_weights_are_saved_and_tied_again_on_load(tmp_path):
+    data = random_data()
+    model = cnnmod.wrap(Tied().eval(), data=data, mean=0.5, std=0.25)
+    made = cnnmod.decompose(model, data, passes=Passes(progress=False), calibration_samples=0)
+    cnnmod.save_decomposition(made, tmp_path / "d")
+    loaded = cnnmod.load_modules(tmp_path / "d")
+    assert loaded[0].source.net.a.weight is loaded[0].source.net.b.weight
+    x = torch.randint(0, 256, (3, 1, 12, 12), dtype=torch.uint8)
+    with torch.no_grad():
+        assert torch.equal(cnnmod.compose(loaded)(x), cnnmod.compose(made)(x))

@@ -97,10 +97,23 @@ def _umask() -> int:
     return mask
 
 
+def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``tensors`` on the CPU, each in memory of its own: weights tied between layers (CoaT's shared MLPs) are
+    written once per name (safetensors refuses shared memory; loading them ties them again, as the network
+    shares them)."""
+    out, seen = {}, set()
+    for k, v in tensors.items():
+        v = v.detach().cpu().contiguous()
+        where = v.untyped_storage().data_ptr()
+        out[k] = v.clone() if where in seen and v.numel() else v
+        seen.add(where)
+    return out
+
+
 def write_into(folder: Path, kind: str, config: dict, tensors: dict[str, torch.Tensor], card: str) -> dict:
     """Write one artifact's files into an existing (temporary) folder; returns the config as written."""
     folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(folder / WEIGHTS))
+    save_file(_unshared(tensors), str(folder / WEIGHTS))
     full = {"format_version": FORMAT_VERSION, "kind": kind, **config, "weights_sha256": sha256_file(folder / WEIGHTS)}
     (folder / CONFIG).write_text(json.dumps(full, indent=2) + "\n")
     (folder / CARD).write_text(card)
