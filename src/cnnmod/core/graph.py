@@ -29,7 +29,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from ..errors import UserError
 from . import ops
 from .attention import is_attention
-from .layers import check_layer, is_leaf
+from .layers import check_layer, conv_pads, is_leaf
 from .ops import Node
 
 
@@ -208,7 +208,7 @@ def _pointwise_on_pooled(graph: ModelGraph, node: Node) -> bool:
     """Whether a convolution node is 1x1 (stride 1, no padding, one group) on (C, 1, 1): dense on pooled features."""
     conv = graph.module(node.target)
     src = graph.ops[node.name].inputs(node)
-    return (conv.kernel_size == (1, 1) and conv.stride == (1, 1) and ops.conv_pads(conv) == (0, 0, 0, 0)
+    return (conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv_pads(conv) == (0, 0, 0, 0)
             and conv.groups == 1 and bool(src) and graph.shapes.get(src[0].name, ())[1:] == (1, 1))
 
 
@@ -323,7 +323,7 @@ class ModelGraph:
             before = self._skip_back(inner, ("identity",))
             if isinstance(before, Node) and self.kinds[before.name] == "conv" and self._averages(end):
                 conv = self.module(before.target)
-                if conv.kernel_size == (1, 1) and conv.stride == (1, 1) and ops.conv_pads(conv) == (0, 0, 0, 0):
+                if conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv_pads(conv) == (0, 0, 0, 0):
                     return ConvPoolHead(before.target, self.ops[before.name].inputs(before)[0])
             conv_node = self._skip_back(inner, ("relu", "bn", "identity"))
             if isinstance(conv_node, Node) and self.kinds[conv_node.name] == "conv":

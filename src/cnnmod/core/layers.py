@@ -6,7 +6,8 @@ the layer it subclasses. A **norm + activation layer** (timm's ``BatchNormAct2d`
 subclass whose forward calls ``F.batch_norm`` and then its ``drop`` and ``act`` children) is read as a BatchNorm
 followed by its activation, and the activation by what it does (:func:`activation_family`): the ReLU family (0 at
 and below 0, positive above), another elementwise activation, or none. Either is one graph node, checked once on
-the input it reads in the network to compute exactly what it is read as (:func:`check_layer`).
+the input it reads in the network to compute exactly what it is read as (:func:`check_layer`). A convolution's
+padding, ``"same"`` included, is read as PyTorch pads (:func:`conv_pads`).
 """
 
 from __future__ import annotations
@@ -39,6 +40,18 @@ def is_norm_act(m: nn.Module) -> bool:
     """Whether ``m`` is a BatchNorm subclass from outside torch that applies an ``act`` child after normalising."""
     return (isinstance(m, nn.modules.batchnorm._BatchNorm) and _outside_torch(m)
             and isinstance(getattr(m, "act", None), nn.Module))
+
+
+def conv_pads(conv: nn.Conv2d) -> tuple[int, int, int, int]:
+    """The zeros a convolution pads its input with: (left, right, top, bottom); ``padding="same"`` puts the odd
+    one on the right and bottom, as PyTorch does."""
+    if isinstance(conv.padding, str):
+        if conv.padding == "valid":
+            return 0, 0, 0, 0
+        (th, tw) = (d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size, strict=True))
+        return tw // 2, tw - tw // 2, th // 2, th - th // 2
+    ph, pw = (conv.padding, conv.padding) if isinstance(conv.padding, int) else conv.padding
+    return pw, pw, ph, ph
 
 
 def _normalised(m: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
-from .layers import activation_family, is_norm_act
+from .layers import activation_family, conv_pads, is_norm_act
 
 if TYPE_CHECKING:
     from .graph import ModelGraph
@@ -34,18 +34,6 @@ Reads = list[tuple[Node, torch.Tensor]]
 
 def pair(v) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
-
-
-def conv_pads(conv: nn.Conv2d) -> tuple[int, int, int, int]:
-    """The zeros a convolution pads its input with: (left, right, top, bottom); ``padding="same"`` puts the odd
-    one on the right and bottom, as PyTorch does."""
-    if isinstance(conv.padding, str):
-        if conv.padding == "valid":
-            return 0, 0, 0, 0
-        (th, tw) = (d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size, strict=True))
-        return tw // 2, tw - tw // 2, th // 2, th - th // 2
-    ph, pw = pair(conv.padding)
-    return pw, pw, ph, ph
 
 
 def transpose_cover(region: torch.Tensor, ones: torch.Tensor, stride, padding, dilation, groups: int,

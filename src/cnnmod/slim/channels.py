@@ -1,7 +1,6 @@
-"""Channel groups of a network (docs/method.md, "Slim modules"): which channels must be cut together (those
-coupled through residual additions, found with torch-pruning's dependency graph), gating them at the
-observation points, slicing a network physically to the open channels, and what each channel costs in
-parameters and FLOPs."""
+"""Channel groups of a network (docs/method.md, "Slim modules"): which channels are cut together (coupled through
+residual additions: torch-pruning's dependency graph), gating them at the layers that read them, slicing a network
+physically to the open channels, and what each channel costs in parameters and FLOPs."""
 
 from __future__ import annotations
 
@@ -63,7 +62,7 @@ class ChannelGroups:
         self.groups: list[ChannelGroup] = []
         self.left_out: list[tuple[str, str]] = []
         self.whole: dict[str, str] = {**kept_whole(net), **graph.untraced}  # layers kept as they are, with why
-        self.chains: list[str] = []  # roots of the chains cnnmod slices itself (torch-pruning cannot trace net)
+        self.chains: list[str] = []  # roots of chains cnnmod slices itself (where torch-pruning cannot trace)
         if not any(u.kind == "heads" for u in self.units.values()):
             self.groups = self._traced(net, graph)
         self.groups += [u.group() for u in self.units.values()]
@@ -81,9 +80,8 @@ class ChannelGroups:
             dg = _dependency_graph(net, input_shape=self.input_shape)
             found = list(dg.get_all_groups(ignored_layers=[classifier], root_module_types=[nn.Conv2d, nn.Linear]))
         except Exception as e:  # noqa: BLE001 - torch-pruning's failures all mean the same to the user
-            chains = find_chains(graph)
+            self.chains = list(chains := find_chains(graph))
             self.units.update(chains)
-            self.chains = list(chains)
             if self.units:
                 return []
             raise UserError(f"torch-pruning cannot trace {type(net).__name__} to slice it ({str(e)[:120]}); "

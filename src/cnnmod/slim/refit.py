@@ -11,7 +11,7 @@ from contextlib import AbstractContextManager
 import torch
 from torch import nn
 
-from ..core.ops import conv_pads
+from ..core.layers import conv_pads
 
 INPUTS = 512  # inputs (of a pruning step's) each layer is refitted on
 POSITIONS = 64  # output positions per image a convolution is refitted at
