@@ -10,7 +10,7 @@ CPU torch here stays; torchvision's compiled ops are not needed to build classif
 
     pip install --no-deps --target /tmp/tvlib timm==1.0.31 torchvision==0.28.0 huggingface_hub pyyaml safetensors
     PYTHONPATH=/tmp/tvlib .venv/bin/python benchmarks/registry_coverage.py [--library timm,torchvision]
-        [--families resnet,swin_transformer] [--timeout 300] [--no-doc]
+        [--families resnet,swin_transformer] [--timeout 300] [--max-params 60e6] [--no-doc] [--render]
 
 Each family runs in a subprocess with a time limit (a family past it is "timeout"); rows are appended to
 benchmarks/out/registry_coverage.jsonl as they finish (a rerun skips families already there unless --fresh), and
@@ -219,7 +219,7 @@ def counts(rows: list[dict]) -> dict:
     def ok(r, k):
         return r.get(k) == "ok"
     relu = [r for r in rows if r.get("node") != "n/a" and "build" not in r]
-    return {"families": len(rows),
+    return {"families": len(rows), "measured": sum(not str(r.get("build")).startswith("not ") for r in rows),
             "slim+merged+reload": sum(ok(r, "channel") and ok(r, "merged") and _reloads(r) for r in rows),
             "node (of those it applies to)": f"{sum(ok(r, 'node') for r in relu)}/{len(relu)}",
             "tracebacks": sum("TRACEBACK" in str(r.get(k)) for r in rows for k in ("node", "channel")),
@@ -235,6 +235,7 @@ def main() -> None:
     parser.add_argument("--max-params", type=float, default=60e6,
                         help="families whose smallest model is larger are listed, not run (2 CPU cores)")
     parser.add_argument("--no-doc", action="store_true", help="do not write the table into docs/coverage.md")
+    parser.add_argument("--render", action="store_true", help="run nothing: the table of the rows measured so far")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # LIBRARY:MODEL, in the subprocess
     args = parser.parse_args()
     _libraries()
@@ -246,6 +247,7 @@ def main() -> None:
         (r["library"], r["family"]): r for r in map(json.loads, ROWS.read_text().splitlines())}
     wanted = set(filter(None, args.families.split(",")))
     OUT.mkdir(parents=True, exist_ok=True)
+    unmeasured = {}  # listed, never run: in the table as such
     for library in args.library.split(","):
         listed = OUT / f"registry_{library}_families.json"  # building every model on the meta device takes minutes
         if not listed.exists():
@@ -255,7 +257,10 @@ def main() -> None:
         if library == "timm":  # listed before test configurations were passed over
             families.update({f: list(_smallest_timm(f)) for f, (n, _) in families.items() if n.startswith("test_")})
         for family, (name, params) in sorted(families.items(), key=lambda kv: kv[1][1]):  # the smallest first
-            if (wanted and family not in wanted) or (library, family) in done:
+            if (wanted and family not in wanted) or (library, family) in done or (
+                    args.render and params <= args.max_params):
+                unmeasured[library, family] = {"library": library, "family": family, "model": name, "params": params,
+                                               "build": "not measured yet (no run reached it)"}
                 continue
             if params > args.max_params:
                 row = {"library": library, "model": name, "family": family, "params": params,
@@ -276,7 +281,8 @@ def main() -> None:
             with ROWS.open("a") as f:
                 f.write(json.dumps(row) + "\n")
             print(json.dumps({k: v for k, v in row.items() if not k.endswith("_trace")})[:400], flush=True)
-    rows = sorted(done.values(), key=lambda r: (r["library"], r["family"]))
+    rows = sorted([*done.values(), *(r for k, r in unmeasured.items() if k not in done)],
+                  key=lambda r: (r["library"], r["family"]))
     text = table(rows) + "\n\n" + ", ".join(f"{k}: {v}" for k, v in counts(rows).items())
     print(text)
     doc = ROOT / "docs" / "coverage.md"
