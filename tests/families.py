@@ -340,6 +340,9 @@ class ShuffleUnit(nn.Module):
             out = torch.cat((a, self.right(b)), 1)
         else:
             out = torch.cat((self.left(x), self.right(x)), 1)
+        return self.shuffle(out)
+
+    def shuffle(self, out):
         return _shuffle(out, 2)
 
 

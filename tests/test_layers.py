@@ -208,12 +208,7 @@ def test_the_default_size_out_of_reach_cuts_as_far_as_it_goes_and_says_so(capsys
 class TorchvisionShuffle(ShuffleUnit):
     """ShuffleNetV2's unit with the shuffle as torchvision writes it (``view(b, -1, h, w)``)."""
 
-    def forward(self, x):
-        if self.stride == 1:
-            a, b = x.chunk(2, dim=1)
-            out = torch.cat((a, self.right(b)), 1)
-        else:
-            out = torch.cat((self.left(x), self.right(x)), 1)
+    def shuffle(self, out):
         n, c, h, w = out.size()
         return out.view(n, 2, c // 2, h, w).transpose(1, 2).contiguous().view(n, -1, h, w)
 
@@ -341,12 +336,17 @@ class Versioned(nn.Module):
 cnnmod.register_arch("versioned_net")(Versioned)
 
 
-def test_weights_load_with_the_versions_of_the_code_that_builds_the_network(tmp_path):
+def saved_and_loaded(net: nn.Module, folder) -> tuple[list, list]:
+    """Node-level modules of a registered network, and the same saved to ``folder`` and loaded again."""
     data = random_data()
-    model = cnnmod.wrap(Versioned().eval(), data=data, mean=0.5, std=0.25)
+    model = cnnmod.wrap(net.eval(), data=data, mean=0.5, std=0.25)
     made = cnnmod.decompose(model, data, passes=Passes(progress=False), calibration_samples=0)
-    cnnmod.save_decomposition(made, tmp_path / "d")
-    assert cnnmod.load_modules(tmp_path / "d")[0].source.net.conv.out_channels == 6
+    cnnmod.save_decomposition(made, folder)
+    return made, cnnmod.load_modules(folder)
+
+
+def test_weights_load_with_the_versions_of_the_code_that_builds_the_network(tmp_path):
+    assert saved_and_loaded(Versioned(), tmp_path / "d")[1][0].source.net.conv.out_channels == 6
 
 
 
@@ -368,11 +368,7 @@ cnnmod.register_arch("tied_net")(Tied)
 
 
 def test_tied_weights_are_saved_and_tied_again_on_load(tmp_path):
-    data = random_data()
-    model = cnnmod.wrap(Tied().eval(), data=data, mean=0.5, std=0.25)
-    made = cnnmod.decompose(model, data, passes=Passes(progress=False), calibration_samples=0)
-    cnnmod.save_decomposition(made, tmp_path / "d")
-    loaded = cnnmod.load_modules(tmp_path / "d")
+    made, loaded = saved_and_loaded(Tied(), tmp_path / "d")
     assert loaded[0].source.net.a.weight is loaded[0].source.net.b.weight
     x = torch.randint(0, 256, (3, 1, 12, 12), dtype=torch.uint8)
     with torch.no_grad():
