@@ -202,7 +202,7 @@ def test_the_default_size_out_of_reach_cuts_as_far_as_it_goes_and_says_so(capsys
     floor = min(m.kept_fraction() for m in made)
     assert 0.5 < floor < 1 and all(m.settings["default_size"] for m in made)
     err = capsys.readouterr().err
-    assert "the default size 0.5 is out of reach for x" in err and "1 layers kept whole" in err
+    assert "the default size 0.5 is out of reach for x" in err and "1 layer kept whole" in err
 
 
 class TorchvisionShuffle(ShuffleUnit):

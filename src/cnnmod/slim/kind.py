@@ -46,8 +46,8 @@ def make(model, data, settings: SlimSettings, classes: list[int], passes, clock,
     if s.default_size and held and sum(held) / len(held) > s.size + 0.005 and passes.dd.is_main:
         say(f"the default size {s.size:g} is out of reach for {model.arch}: every channel group is down to one "
             f"channel at {sum(held) / len(held):.2f} of its parameters on average, so the modules hold that"
-            + (f" ({len(modules[0].metrics['whole'])} layers kept whole: their modules' cards say which)"
-               if modules[0].metrics.get("whole") else ""))
+            + (f" ({len(whole)} layer{'s' * (len(whole) > 1)} kept whole: the modules' cards say which)"
+               if (whole := modules[0].metrics.get("whole")) else ""))
     samples = CALIBRATION_SAMPLES if calibration_samples is None else calibration_samples
     if samples > 0 and modules:
         with clock("calibration"):
