@@ -25,9 +25,13 @@ def _outside_torch(m: nn.Module) -> bool:
     return not type(m).__module__.startswith("torch.")
 
 
+def _base(m: nn.Module) -> type | None:
+    return next((b for b in _KNOWN if isinstance(m, b)), None)
+
+
 def is_read_as_base(m: nn.Module) -> bool:
     """Whether ``m`` subclasses ``nn.Conv2d`` or ``nn.Linear`` from outside torch with a forward of its own."""
-    base = next((b for b in _KNOWN if isinstance(m, b)), None)
+    base = _base(m)
     return base is not None and _outside_torch(m) and type(m).forward is not base.forward
 
 
@@ -82,8 +86,7 @@ def check_layer(m: nn.Module, name: str, shape: tuple[int, ...]) -> None:
     base layer; a BatchNorm then an elementwise activation) on a random input of the per-sample ``shape`` it reads
     in the network, in eval mode."""
     norm_act = is_norm_act(m)
-    base = "a BatchNorm followed by an elementwise activation" if norm_act else \
-        next(b for b in _KNOWN if isinstance(m, b)).__name__
+    base = "a BatchNorm followed by an elementwise activation" if norm_act else _base(m).__name__
     device = next((t.device for t in m.state_dict().values()), torch.device("cpu"))
     x = torch.randn(2, *shape, generator=torch.Generator().manual_seed(0)).to(device)
     was = m.training
@@ -99,7 +102,7 @@ def check_layer(m: nn.Module, name: str, shape: tuple[int, ...]) -> None:
                 elementwise = torch.allclose(m.act(flat[perm].clone()), m.act(flat.clone())[perm], rtol=1e-5,
                                              atol=1e-6)
             else:
-                ours, elementwise = next(b for b in _KNOWN if isinstance(m, b)).forward(m, x), True
+                ours, elementwise = _base(m).forward(m, x), True
     except Exception as e:  # noqa: BLE001 - a layer that fails here is not one cnnmod can read
         raise UserError(f"cnnmod cannot read the layer {name!r} ({type(m).__name__}, {type(e).__name__}) as "
                         f"{base}")
