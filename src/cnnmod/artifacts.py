@@ -126,7 +126,9 @@ def write_into(folder: Path, kind: str, config: dict, tensors: dict[str, torch.T
 MADE_BY = {"model": "a model folder (cnnmod train or cnnmod import makes one)",
            "decomposition": "a decomposition folder (cnnmod decompose makes one)",
            "composition": "a composition folder (cnnmod compose makes one)",
-           "module": "a module folder (the modules/ folders inside what cnnmod decompose makes)"}
+           "module": "a module folder (the modules/ folders inside what cnnmod decompose makes)",
+           "decomposition-part": "a finished part of a stopped decomposition (cnnmod decompose keeps them in "
+                                 "OUT.resume)"}
 
 
 def expected(kind: str | None) -> str:

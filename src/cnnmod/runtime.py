@@ -8,6 +8,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -95,16 +96,33 @@ class Distributed:
             dist.barrier()
 
 
+class Keep(Protocol):
+    """Where a long run keeps what it has finished, so that a run stopped at any point goes on from there
+    (:class:`cnnmod.jobs.checkpoints.DecompositionState`): named parts (a config and tensors), each written
+    whole or not at all, and finished modules by class. What is kept, and when, is the work's own: the
+    observation pass keeps each class's bits, slim modules each pruning step and each finished module."""
+
+    def read(self, name: str) -> tuple[dict, dict[str, torch.Tensor]] | None: ...
+
+    def write(self, name: str, config: dict, tensors: dict[str, torch.Tensor]) -> None: ...
+
+    def module(self, concerned: int, device: torch.device | str = "cpu"): ...
+
+    def keep_module(self, module) -> None: ...
+
+
 @dataclass(frozen=True)
 class Passes:
     """How a job's passes over data run: on ``device`` (None: where the model is), ``batch_size`` inputs at a
     time, shared among torchrun's processes (``dd``), with a progress bar or without (``progress``; none either
-    way where ``$CNNMOD_NO_PROGRESS`` is set)."""
+    way where ``$CNNMOD_NO_PROGRESS`` is set); ``keep``: where a stopped run's finished work is kept (None: it
+    is not)."""
 
     device: torch.device | str | None = None
     batch_size: int = 256
     dd: Distributed = field(default_factory=Distributed)
     progress: bool = True
+    keep: Keep | None = None
 
 
 class Clock:
@@ -137,7 +155,15 @@ def init_distributed(device: torch.device) -> tuple[Distributed, torch.device]:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+        if attempt is None:
+            dist.init_process_group(backend)
+        else:  # torchrun keeps its store over restarts (--max-restarts): each attempt's keys apart, or a restarted
+            # worker reads the dead one's addresses
+            store, rank, world = next(dist.rendezvous("env://"))
+            dist.init_process_group(backend, store=dist.PrefixStore(f"cnnmod/attempt{attempt}/", store), rank=rank,
+                                    world_size=world)
     return Distributed(rank, world, local_rank), device
 
 

@@ -49,6 +49,8 @@ def decompose_cmd(
                                "modules cheap at --size 0.5 and above, small below), paper (the paper's settings), "
                                "cheap or small (slim)."),
     settings: list[str] = SET,
+    resume: bool = typer.Option(False, "--resume", help="Go on from OUT.resume, the parts finished by a run of "
+                                "the same settings that stopped."),
     batch_size: int = BATCH_SIZE, seed: int = SEED, device: str = DEVICE, overwrite: bool = OVERWRITE,
     as_json: bool = JSON, data_root: str = DATA_ROOT, country: str = COUNTRY,
 ) -> None:
@@ -58,7 +60,7 @@ def decompose_cmd(
 
     plan = plan_for(granularity, recipe, variant, size, max_loss, seed, parse_set(settings))
     result = decompose_dir(model, out, plan, Run(device, data_root, batch_size, overwrite, country), data=data,
-                           classes=classes)
+                           classes=classes, resume=resume)
     if int(os.environ.get("RANK", "0")) == 0:
         emit(result, as_json, f"decomposed {model} into {out}")
 

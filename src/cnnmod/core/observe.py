@@ -180,7 +180,9 @@ def observe(net: nn.Module, graph: ModelGraph, prepare, data: ImageSet, sampling
             passes: Passes = Passes(), spill_above: int | None = None) -> ActivationStats:
     """Observe the training inputs of every class of ``data`` that ``sampling`` picks (labels = the model's
     outputs), one class after another, run as ``passes`` says. Bits that would take more than ``spill_above``
-    bytes (default :data:`SPILL_ABOVE`, 4 GiB) live in memory-mapped files (:class:`Spill`)."""
+    bytes (default :data:`SPILL_ABOVE`, 4 GiB) live in memory-mapped files (:class:`Spill`). With
+    ``passes.keep``, each class's bits are kept once observed, and classes an earlier run kept are not observed
+    again (a class's bits do not depend on the others', so the stats are the same bits)."""
     samples, seed, correct_only, counts = sampling.samples, sampling.seed, sampling.correct_only, sampling.counts
     dd, batch_size, show_progress = passes.dd, passes.batch_size, passes.progress
     device = torch.device(passes.device) if passes.device is not None else next(net.parameters()).device
@@ -244,9 +246,34 @@ def observe(net: nn.Module, graph: ModelGraph, prepare, data: ImageSet, sampling
             t = dd.all_reduce_max(t.to(torch.uint8)).bool()
         return t.cpu()
 
+    def keep_class(c: int) -> dict[str, torch.Tensor]:
+        """Class c's bits, as an earlier run kept them (``passes.keep``) or to keep them once combined."""
+        rows = {f"active.{p.name}": active[p.name][c] for p in graph.points}
+        rows.update({f"early{k}.{p.name}": early[k][p.name][c] for k in budgets for p in graph.points})
+        rows.update({f"count.{p.name}": recorded[p.name][c] for p in graph.points} if counts else {})
+        return rows
+
+    def add_early(c: int) -> None:
+        for k in budgets:
+            for p in graph.points:
+                once, twice = early_classes[k][p.name]
+                bits = early[k][p.name][c]
+                twice |= once & bits  # a second class has the bit
+                once |= bits
+
+    done = set()  # classes an earlier run of the same settings observed and kept (every rank reads the same)
+    if passes.keep is not None:
+        for c in range(n):
+            part = passes.keep.read(f"observed-c{c:05d}")
+            if part is not None:
+                for key, row in keep_class(c).items():
+                    row.copy_(part[1][key])
+                add_early(c)
+                done.add(c)
+        dd.barrier()
     per_class = _chunks(chosen, dd, batch_size)
-    batches = iter(data.batched([chunk for chunks in per_class for chunk in chunks]))
-    total = sum(int(chunk.numel()) for chunks in per_class for chunk in chunks)
+    batches = iter(data.batched([chunk for c, chunks in enumerate(per_class) if c not in done for chunk in chunks]))
+    total = sum(int(chunk.numel()) for c, chunks in enumerate(per_class) if c not in done for chunk in chunks)
     with hooks(net, graph.points, record), progress_bar("observing", total, show_progress and dd.is_main) as step:
         current["acc"] = {p.name: {"active": torch.zeros(p.shape, dtype=torch.bool, device=device),
                                    **{k: torch.zeros(p.shape, dtype=torch.bool, device=device) for k in budgets},
@@ -254,6 +281,8 @@ def observe(net: nn.Module, graph: ModelGraph, prepare, data: ImageSet, sampling
                                       if counts else {})}
                           for p in graph.points}
         for c, idx in enumerate(chosen):
+            if c in done:
+                continue
             if c:
                 for acc in current["acc"].values():  # one class's accumulators, cleared for the next
                     for t in acc.values():
@@ -270,13 +299,12 @@ def observe(net: nn.Module, graph: ModelGraph, prepare, data: ImageSet, sampling
                 acc = current["acc"][p.name]
                 active[p.name][c] = pack_bits(combined(acc["active"]).reshape(-1))
                 for k in budgets:
-                    bits = pack_bits(combined(acc[k]).reshape(-1))
-                    early[k][p.name][c] = bits
-                    once, twice = early_classes[k][p.name]
-                    twice |= once & bits  # a second class has the bit
-                    once |= bits
+                    early[k][p.name][c] = pack_bits(combined(acc[k]).reshape(-1))
                 if counts:
                     recorded[p.name][c] = dd.all_reduce_sum(acc["count"]).cpu().to(count_dtype)
+            add_early(c)
+            if passes.keep is not None and dd.is_main:
+                passes.keep.write(f"observed-c{c:05d}", {"class": c}, keep_class(c))
     net.train(was_training)
     return ActivationStats(graph.points, observed, active, early, early_classes, recorded,
                            {"ci_samples": samples, "seed": seed, "correct_only": correct_only}, spill)

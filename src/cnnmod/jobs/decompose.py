@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import shutil
 import time
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from ..artifacts import check_output
@@ -20,6 +20,7 @@ from ..modules.kinds import ModuleKind, kind_named, kinds
 from ..progress import say
 from ..recipes import parse_setting, settable, settings_for
 from ..runtime import Clock, Distributed, Passes, init_distributed, pick_device, seed_everything
+from .checkpoints import DecompositionState, restarted, state_folder
 from .common import Run
 
 HEADS_UP = 2_000_000  # module passes (one module, one image) past which a step is announced with its cost
@@ -124,11 +125,13 @@ def plan_for(granularity: str | None, recipe: str | None, variant: str | None, s
 
 
 def decompose_dir(model_dir: str | Path, out: str | Path, plan: Plan | None = None, run: Run | None = None, *,
-                  data: str | None = None, classes: list[int] | str | None = None) -> dict:
+                  data: str | None = None, classes: list[int] | str | None = None, resume: bool = False) -> dict:
     """Decompose the model in ``model_dir`` into ``out`` as ``plan`` asks (default: what ``cnnmod decompose``
     does with no options); observed on ``data`` (default: the model's own training split), for ``classes``
     (default: all; indices, or a text of indices and names). With the plan's ``measure``, each module's binary
-    accuracy on the test split is recorded in its config (one batched pass of all modules)."""
+    accuracy on the test split is recorded in its config (one batched pass of all modules). While it runs, its
+    finished parts are kept in ``OUT.resume`` (:mod:`.checkpoints`); with ``resume`` (or in a run torchrun
+    restarted), a run of the same settings that stopped goes on from them."""
     wall = time.perf_counter()
     plan, run = plan or plan_for(None, None, None, None, None, 0, {}), run or Run()
     batch_size = run.batch_size
@@ -145,6 +148,12 @@ def decompose_dir(model_dir: str | Path, out: str | Path, plan: Plan | None = No
     settings.check()
     kind.check(settings, chosen, clf.num_classes, dd.world)
     train = split_for(clf, data, run.data_root, "train", resize=None)
+    state = DecompositionState(state_folder(out), {
+        "model": clf.info.get("weights_sha256"), "data": train.name, "classes": chosen, "kind": kind.name,
+        "settings": asdict(settings), "batch_size": batch_size})
+    if dd.is_main:
+        state.start(resume or restarted(), run.overwrite)
+    dd.barrier()
     samples = plan.job.calibration_samples
     if samples is None:
         samples = getattr(settings, "calibration_samples", 100)
@@ -155,7 +164,7 @@ def decompose_dir(model_dir: str | Path, out: str | Path, plan: Plan | None = No
     say(kind.describe(clf, settings, train, dd.world))
     mine = chosen[dd.rank::dd.world] if kind.spreads else chosen  # a spread kind's classes: one process each
     with meter.phase("decomposition") as spent:
-        modules = kind.decompose(clf, train, settings, mine, Passes(dev, batch_size, dd), clock,
+        modules = kind.decompose(clf, train, settings, mine, Passes(dev, batch_size, dd, keep=state), clock,
                                  plan.job.calibration_samples)
     if kind.spreads:
         modules = gather_modules(modules, chosen, clf, Path(out), dd, dev)
@@ -176,6 +185,7 @@ def decompose_dir(model_dir: str | Path, out: str | Path, plan: Plan | None = No
              "seconds_to_training": round(making / training_seconds, 6) if training_seconds else None,
              "energy": energy}
     config = save_decomposition(modules, out, run.overwrite, extra, source=clf)
+    state.remove()  # the decomposition is written: nothing left to resume
     result.update(extra)
     result["modules"] = [{**e, "path": str(Path(out) / e["path"])} for e in config["modules"]]
     for entry, m in zip(result["modules"], modules, strict=True):

@@ -41,7 +41,7 @@ def make(model, data, settings: SlimSettings, classes: list[int], passes, clock,
     show = passes.progress and passes.dd.is_main
     with clock("decomposition"), progress_bar("slimming", len(classes), show) as step:
         modules = slim_modules(model, data, classes, s, passes.batch_size,
-                               done=lambda m: step(params=f"{m.metrics['params_fraction']:.2f}"))
+                               done=lambda m: step(params=f"{m.metrics['params_fraction']:.2f}"), keep=passes.keep)
     held = [m.metrics["params_fraction"] for m in modules]
     if s.default_size and held and sum(held) / len(held) > s.size + 0.005 and passes.dd.is_main:
         say(f"the default size {s.size:g} is out of reach for {model.arch}: every channel group is down to one "

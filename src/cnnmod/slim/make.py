@@ -29,11 +29,14 @@ from ..data.registry import split_spec
 from ..data.torch_dataset import as_image_set
 from ..models.classifier import Classifier
 from ..modules.base import ModuleRecord
+from ..runtime import Keep
 from .channels import frozen_copy
 from .config import MODULE_SIZE, SlimSettings
 from .module import SlimModule
 from .pruner import Margins, Pruner
-from .schedule import prune, prune_together
+from .recovery import recover
+from .resume import pruned_together
+from .schedule import prune
 
 
 class InputPools:
@@ -101,18 +104,22 @@ SHARED_ODDS = 2 ** 26  # slim_modules computes the source's log-odds once for al
 
 
 def slim_modules(source: Classifier, data: ImageSet, classes: list[int], s: SlimSettings, batch_size: int = 256,
-                 done=None) -> list:
+                 done=None, keep: Keep | None = None) -> list:
     """The slim modules of ``classes``, each as :func:`slim_module` makes it, with the work they share done once:
     the source's probabilities on the observed inputs (one forward pass over every distinct input any class's
     module observes, so that modules made together or apart are the same; :func:`slim_module` alone computes
     them on its own inputs, the same up to rounding). With ``budget="total"`` they are pruned together
-    (:func:`prune_together`). With ``joint_heads``, once all are made their heads are refitted together
+    (:func:`~.schedule.prune_together`). With ``joint_heads``, once all are made their heads are refitted together
     (:func:`refit_heads_together`; ``classes`` must then be every class). ``done(module)`` is called as each is
-    made."""
+    made. ``keep``: each module kept once made, and each step of pruning together (:mod:`.resume`); the modules
+    and steps an earlier run kept there are not made again."""
     s = s.resolved(MODULE_SIZE)
     s.check()
     data = as_image_set(data)
     check_joint(s, classes, source.num_classes)
+    device = next(source.net.parameters()).device
+    finished = {c: m for c in classes if keep is not None and (m := keep.module(c, device)) is not None}
+    todo = [c for c in classes if c not in finished]
     teachers: dict[int, torch.Tensor] = {}
     known = None  # the source's log-odds on every observed input, when computed here: (indices, odds)
     if classes:
@@ -122,28 +129,35 @@ def slim_modules(source: Classifier, data: ImageSet, classes: list[int], s: Slim
         # modules are made together, apart or spread over torchrun's processes
         observed = {c: pools.observation(c, s.samples) for c in range(data.num_classes)}
         union = torch.unique(torch.cat(list(observed.values())))
-        if union.numel() * data.num_classes <= SHARED_ODDS:
+        if union.numel() * data.num_classes <= SHARED_ODDS and (todo or s.joint_heads > 0):
             odds = model_log_odds(source, data.images[union], batch_size)
             known = union, odds
-            seconds = (time.perf_counter() - started) / len(classes)  # each module's share
+            seconds = (time.perf_counter() - started) / max(len(todo), 1)  # each module's share
             teachers = {c: (torch.sigmoid(odds[torch.searchsorted(union, observed[c]), c:c + 1]), seconds)
-                        for c in classes}
-    # the graph, channel groups and their costs are one network's, whichever module's
-    frozen = frozen_copy(source.net, source.spec.shape, parse_heads(s.heads))
-    if s.budget == "total" and len(classes) > 1:
-        makings = [ModuleMaker(source, data, c, s, batch_size, teachers.get(c), frozen) for c in classes]
+                        for c in todo}
+    making = iter(())
+    if todo:  # the graph, channel groups and their costs are one network's, whichever module's
+        frozen = frozen_copy(source.net, source.spec.shape, parse_heads(s.heads))
+    if todo and s.budget == "total" and len(classes) > 1:
+        makings = [ModuleMaker(source, data, c, s, batch_size, teachers.get(c), frozen) for c in todo]
         started = time.perf_counter()
-        histories = prune_together([m.pruner for m in makings], s.size)
+        histories = pruned_together({m.concerned: m.pruner for m in makings}, s.size, keep, bool(finished))
         shared = (time.perf_counter() - started) / len(makings)  # each module's share of the joint pruning
 
-        def made(m: ModuleMaker, history: list[dict]) -> SlimModule:
+        def made(m: ModuleMaker) -> SlimModule:
             m.started = time.perf_counter() - m.setup - shared  # its own setup, its share of the pruning
-            return m.module(history)
-        making = (made(m, h) for m, h in zip(makings, histories, strict=True))
-    else:
-        making = (slim_module(source, data, c, s, batch_size, teacher=teachers.get(c), frozen=frozen) for c in classes)
+            recover(m.pruner)
+            return m.module(histories[m.concerned])
+        making = (made(m) for m in makings)
+    elif todo:
+        making = (slim_module(source, data, c, s, batch_size, teacher=teachers.get(c), frozen=frozen) for c in todo)
     modules = []
-    for module in making:
+    for c in classes:
+        module = finished.get(c)
+        if module is None:
+            module = next(making)
+            if keep is not None:
+                keep.keep_module(module)
         modules.append(module)
         if done is not None:
             done(module)

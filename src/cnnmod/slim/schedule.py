@@ -152,29 +152,29 @@ def prune(pruner: Pruner, accuracy: Callable[[], float] | None = None, reference
     return history
 
 
-def prune_together(pruners: list[Pruner], size: float) -> list[list[dict]]:
+def prune_together(pruners: list[Pruner], size: float, histories: list[list[dict]] | None = None,
+                   after_step: Callable[[bool], None] | None = None) -> list[list[dict]]:
     """Prune slim modules' pruners (one margin each, the same source) together until their sliced networks hold
     ``size`` of the model's parameters on average: every step ranks the open channels of all of them on one scale
     (importance per cost: each module's loss is the same class-balanced binary loss, so a channel that an easy
     class's module can spare goes before one a hard class's needs) and closes the least important until ``step``
     of all the kept parameters are cut, no module giving more than twice ``step`` of its own. Each module's
     BatchNorm statistics and head are refreshed after each step it lost channels in; each keeps at least one
-    channel per group. Then each one's recoveries. The history of each module's way down."""
-    histories: list[list[dict]] = [[] for _ in pruners]
-    with progress_bar("pruning together", len(pruners) * 2) as advance:  # the steps, then each one's recoveries
-        _steps_together(pruners, size, histories, advance)
-        for p in pruners:
-            recover(p)
-            advance(1)
+    channel per group. The history of each module's way down (``histories``: as far as a stopped run had come,
+    its pruners restored to where it stopped); ``after_step(finished)`` is called after every step and once the
+    last is done. Each one's recoveries are the caller's (:func:`~cnnmod.slim.recovery.recover`)."""
+    histories = histories if histories is not None else [[] for _ in pruners]
+    with progress_bar("pruning together", len(pruners)) as advance:
+        _steps_together(pruners, size, histories, advance, after_step or (lambda finished: None))
     return histories
 
 
-def _steps_together(pruners: list[Pruner], size: float, histories: list[list[dict]], advance) -> None:
+def _steps_together(pruners: list[Pruner], size: float, histories: list[list[dict]], advance, after_step) -> None:
     s, total, done = pruners[0].s, pruners[0].total_params, 0.0
     while True:
         fractions = [p.record(h) for p, h in zip(pruners, histories, strict=True)]
         mean = sum(fractions) / len(fractions)
-        # the steps' half of the bar: how far the mean has come from the whole model down to ``size``
+        # the bar: how far the mean has come from the whole model down to ``size``
         reached = len(pruners) * min(1.0, (1 - mean) / max(1 - size, 1e-9))
         advance(reached - done, params=f"{mean:.2f}")
         done = reached
@@ -193,3 +193,5 @@ def _steps_together(pruners: list[Pruner], size: float, histories: list[list[dic
             if mine:
                 close_channels(p, mine, [(v, i, j) for v, kk, i, j in ranked if kk == k])
                 p.refresh()
+        after_step(False)
+    after_step(True)
