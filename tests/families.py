@@ -523,6 +523,59 @@ class SmallViT(nn.Module):
         return self.fc(self.norm(self.blocks(x))[:, 0])
 
 
+class DistilledViT(SmallViT):
+    """DeiT's distilled ViT as timm writes it: a class token and a distillation token, each with its own linear
+    head, the logits their mean (in eval mode)."""
+
+    def __init__(self, in_channels=1, num_classes=10, width=8):
+        super().__init__(in_channels, num_classes, width, "timm")
+        dim = 4 * width
+        self.dist = nn.Parameter(torch.randn(1, 1, dim) * 0.1)
+        self.pos = nn.Parameter(torch.randn(1, self.pos.shape[1] + 1, dim) * 0.1)
+        self.head_dist = nn.Linear(dim, num_classes)
+
+    def forward(self, x):
+        x = self.patch(x).flatten(2).transpose(1, 2)
+        b = x.shape[0]
+        x = self.norm(self.blocks(torch.cat([self.cls.expand(b, -1, -1), self.dist.expand(b, -1, -1), x], 1)
+                                  + self.pos))
+        return (self.fc(x[:, 0]) + self.head_dist(x[:, 1])) / 2
+
+
+class NormLinear(nn.Sequential):
+    """LeViT's head: BatchNorm1d, dropout, linear."""
+
+    def __init__(self, dim: int, out: int) -> None:
+        super().__init__()
+        self.bn, self.drop, self.linear = nn.BatchNorm1d(dim), nn.Dropout(0.0), nn.Linear(dim, out)
+
+
+class PooledDistilled(nn.Module):
+    """LeViT's and RepViT's ending: convolution stages, the map averaged, two heads (BatchNorm + linear) on the
+    same pooled features, their logits averaged."""
+
+    def __init__(self, in_channels=1, num_classes=10, width=8):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, 2, 1), nn.BatchNorm2d(width), nn.Hardswish(),
+                                  nn.Conv2d(width, 2 * width, 3, 2, 1), nn.BatchNorm2d(2 * width), nn.Hardswish())
+        self.head, self.head_dist = NormLinear(2 * width, num_classes), NormLinear(2 * width, num_classes)
+        for bn in (self.head.bn, self.head_dist.bn, self.stem[1], self.stem[4]):  # statistics as trained ones are
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 2.0)
+
+    def forward(self, x):
+        x = self.stem(x).mean((2, 3))
+        return (self.head(x) + self.head_dist(x)) / 2
+
+
+def vit_distilled(in_channels=1, num_classes=10, width=8):
+    return DistilledViT(in_channels, num_classes, width)
+
+
+def pooled_distilled(in_channels=1, num_classes=10, width=8):
+    return PooledDistilled(in_channels, num_classes, width)
+
+
 def vit_timm(in_channels=1, num_classes=10, width=8):
     return SmallViT(in_channels, num_classes, width, "timm")
 
@@ -554,6 +607,8 @@ FAMILIES: dict[str, Callable[..., nn.Module]] = {
     "ghostnet": ghostnet, "functional": functional, "linear_pool_head": linear_pool_head,
     "conv_head": conv_head, "conv_hidden_head": conv_hidden_head,
     "vit_timm": vit_timm, "vit_hf": vit_hf, "vit_mha": vit_mha, "convnext": convnext,
+    "vit_distilled": vit_distilled, "pooled_distilled": pooled_distilled,
 }
-TRANSFORMERS = ["vit_timm", "vit_hf", "vit_mha", "convnext"]  # GELU and LayerNorm: slim modules only
+# GELU, Hardswish and LayerNorm: slim modules only
+TRANSFORMERS = ["vit_timm", "vit_hf", "vit_mha", "convnext", "vit_distilled", "pooled_distilled"]
 RELU_FAMILIES = [name for name in FAMILIES if name not in ("mobilenet_v3", "efficientnet", *TRANSFORMERS)]

@@ -41,8 +41,12 @@ def family(name: str, seed: int = 0) -> Classifier:
             if isinstance(m, nn.BatchNorm2d):  # non-trivial statistics
                 m.running_mean.normal_(0, 0.2)
                 m.running_var.uniform_(0.5, 2.0)
-        head = net.get_submodule(ModelGraph(net, SHAPE).classifier)
-        head.weight.normal_(0, 1)  # weights large enough that MC-BLN marks features
+        if name.endswith("distilled"):  # two heads, their logits averaged: the last two linear layers
+            heads = [m for m in net.modules() if isinstance(m, nn.Linear)][-2:]
+        else:
+            heads = [net.get_submodule(ModelGraph(net, SHAPE).classifier)]
+        for head in heads:
+            head.weight.normal_(0, 1)  # weights large enough that MC-BLN marks features
     return Classifier(net, InputSpec(*SHAPE, (0.5,), (0.25,)), [f"r{c}" for c in range(4)], "x", {}, "rand")
 
 

@@ -281,3 +281,39 @@ def test_attention_over_a_map_rather_than_tokens_is_kept_whole():
 
     net = canonical(Net().eval(), None, SHAPE)
     assert isinstance(net.attn, MapAttention) and "not (tokens, features)" in kept_whole(net)["attn"]
+
+
+def test_logits_averaged_over_distillation_heads_are_read_as_one_linear_head(capsys):
+    """DeiT's distilled ViT ends in (fc(x_cls) + head_dist(x_dist)) / 2: its canonical form ends in one linear
+    layer whose weight is [W_fc / 2, W_dist / 2] and bias the mean, giving the network's logits; slim modules and a
+    merged composition are made of it; node-level modules are refused in one line that points to slim. A sum of
+    two heads that is not their mean is not read as one."""
+    from families import DistilledViT
+
+    from cnnmod.core.averaged_heads import LAYER, one_head
+    from cnnmod.core.graph import ModelGraph
+
+    torch.manual_seed(0)
+    net = DistilledViT(1, 4, 8).eval()
+    one = one_head(copy.deepcopy(net), SHAPE)
+    layer = one.get_submodule(LAYER)
+    assert torch.equal(layer.weight, torch.cat([net.fc.weight / 2, net.head_dist.weight / 2], 1))
+    assert torch.equal(layer.bias, (net.fc.bias + net.head_dist.bias) / 2)
+    x = torch.randn(3, *SHAPE)
+    with torch.no_grad():
+        assert torch.allclose(one(x), net(x), atol=1e-6)
+    assert ModelGraph(one, SHAPE).classifier == LAYER
+    clf = Classifier(net, InputSpec(*SHAPE, (0.5,), (0.25,)), [f"r{c}" for c in range(4)], "distilled", {}, "rand")
+    data = random_data(SHAPE, 4, 8)
+    modules = cnnmod.decompose(clf, data, granularity="channel", classes=[0, 1], size=0.5, samples=8)
+    assert all(m.params() < clf.params() for m in modules)
+    assert cnnmod.compose(modules, mode="merged").params() < clf.params()
+    with pytest.raises(cnnmod.UserError, match=r"averages several linear heads .* granularity channel"):
+        cnnmod.decompose(clf, data)
+
+    class Summed(DistilledViT):
+        def forward(self, x):
+            return super().forward(x) * 2  # fc + head_dist, not their mean
+
+    summed = Summed(1, 4, 8).eval()
+    assert one_head(summed, SHAPE) is summed

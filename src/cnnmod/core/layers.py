@@ -12,7 +12,10 @@ padding, ``"same"`` included, is read as PyTorch pads (:func:`conv_pads`).
 
 from __future__ import annotations
 
+import operator
+
 import torch
+import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
@@ -112,3 +115,32 @@ def check_layer(m: nn.Module, name: str, shape: tuple[int, ...]) -> None:
     if gap > 1e-5 * (float(ours.abs().max()) + 1.0) or not elementwise:
         raise UserError(f"the layer {name!r} ({type(m).__name__}) computes something besides {base} (differs by "
                         f"{gap:.2g}); cnnmod reads such a layer only where it computes what it subclasses")
+
+
+# ------------------------------------------------------------------ logits averaged over linear heads
+def linear_terms(node, gm: torch.fx.GraphModule) -> list | None:
+    """The linear layers' nodes a sum of ``node`` adds up (None where one term is something else)."""
+    if node.op == "call_function" and node.target in (operator.add, torch.add) and len(node.args) == 2:
+        left, right = (linear_terms(a, gm) if isinstance(a, torch.fx.Node) else None for a in node.args)
+        return None if left is None or right is None else left + right
+    if node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.Linear):
+        return [node]
+    return None
+
+
+def _averaged(result) -> tuple[object, float] | None:
+    """(the sum, k) where ``result`` is sum / k or sum * (1 / k)."""
+    if result.op != "call_function" or len(result.args) != 2 or not isinstance(result.args[1], (int, float)):
+        return None
+    if result.target in (operator.truediv, torch.div, torch.true_divide):
+        return result.args[0], float(result.args[1])
+    if result.target in (operator.mul, torch.mul) and result.args[1]:
+        return result.args[0], 1.0 / float(result.args[1])
+    return None
+
+
+def averages_linear_heads(gm: torch.fx.GraphModule, node) -> bool:
+    """Whether ``node`` of ``gm`` is the mean of several linear layers' outputs."""
+    found = _averaged(node) if isinstance(node, torch.fx.Node) else None
+    terms = linear_terms(found[0], gm) if found is not None and isinstance(found[0], torch.fx.Node) else None
+    return terms is not None and len(terms) >= 2 and abs(found[1] - len(terms)) <= 1e-6

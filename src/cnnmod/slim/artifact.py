@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from ..artifacts import SOURCES_DIR, atomic_folder, read_artifact, write_into
-from ..core.attention import canonical, parse_heads
+from ..core.attention import parse_heads
+from ..core.averaged_heads import slicing_form
 from ..core.graph import ModelGraph
 from ..data.transforms import InputSpec
 from ..models import build
@@ -93,8 +94,8 @@ def build_sliced(config: dict, outputs: int = 2) -> nn.Module:
     architecture, attention in the form slicing keeps, sliced as recorded (weights to be loaded)."""
     info, shape = config["source"], _input_shape(config)
     net = build(info["arch"], shape, len(info["class_names"]), **info["arch_args"]).eval()
-    net = canonical(net, parse_heads((config.get("settings") or {}).get("heads")), shape,
-                    whole=(config.get("metrics") or {}).get("whole"))
+    net = slicing_form(net, parse_heads((config.get("settings") or {}).get("heads")), shape,
+                       whole=(config.get("metrics") or {}).get("whole"))
     graph = ModelGraph(net, shape)
     chains = set((config.get("metrics") or {}).get("chains") or ())  # sliced by cnnmod, not torch-pruning
     units = {**find_units(graph), **{r: u for r, u in find_chains(graph).items() if r in chains}}

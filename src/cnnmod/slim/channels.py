@@ -13,7 +13,8 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from ..core.attention import canonical, kept_whole
+from ..core.attention import kept_whole
+from ..core.averaged_heads import slicing_form
 from ..core.cost import count_flops
 from ..core.graph import Head, ModelGraph
 from ..errors import UserError
@@ -419,12 +420,10 @@ def closed_channels(groups: ChannelGroups, gates: list[torch.Tensor]) -> dict[st
 
 def frozen_copy(source: nn.Module, input_shape: tuple[int, int, int],
                 heads: dict[str, int] | None = None) -> tuple[ModelGraph, nn.Module, ChannelGroups]:
-    """The graph of network ``source`` (its attention layers in the canonical form slicing keeps,
-    :func:`cnnmod.core.attention.canonical`; ``heads``: head counts by layer, where a layer does not record its
+    """The graph of network ``source`` (in the form slicing keeps, :func:`cnnmod.core.averaged_heads.slicing_form`:
+    attention canonical, averaged heads one; ``heads``: head counts by layer, where a layer does not record its
     own), a frozen copy of it to gate and re-estimate, and its channel groups."""
-    net = canonical(copy.deepcopy(source).eval(), heads, input_shape)
-    for p in net.parameters():
-        p.requires_grad_(False)
+    net = slicing_form(copy.deepcopy(source).eval(), heads, input_shape).requires_grad_(False)
     graph = ModelGraph(net, input_shape)
     return graph, net, ChannelGroups(net, graph, input_shape)
 

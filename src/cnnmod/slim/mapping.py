@@ -10,7 +10,8 @@ import copy
 import torch
 from torch import nn
 
-from ..core.attention import HeadAttention, canonical, is_attention, parse_heads
+from ..core.attention import HeadAttention, is_attention, parse_heads
+from ..core.averaged_heads import LAYER, slicing_form
 from .channels import narrowed
 
 
@@ -19,12 +20,13 @@ class ChannelMap:
     each channel the current network has)."""
 
     def reference(self) -> nn.Module:
-        """The source network with its layers named as the pruner's are: attention converted to the form slicing
-        keeps (:func:`cnnmod.core.attention.canonical`; the source itself where it has none to convert)."""
+        """The source network with its layers named as the pruner's are: in the form slicing keeps
+        (:func:`cnnmod.core.averaged_heads.slicing_form`; the source itself where it has nothing to convert)."""
         if not hasattr(self, "_reference"):
             net = self.source.net
-            if any(is_attention(m) and not isinstance(m, HeadAttention) for m in net.modules()):
-                net = canonical(copy.deepcopy(net).eval(), parse_heads(self.s.heads), self.source.spec.shape)
+            if self.graph.head.layer == LAYER or any(is_attention(m) and not isinstance(m, HeadAttention)
+                                                     for m in net.modules()):
+                net = slicing_form(copy.deepcopy(net).eval(), parse_heads(self.s.heads), self.source.spec.shape)
             self._reference = net
         return self._reference
 
