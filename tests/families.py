@@ -550,21 +550,41 @@ class NormLinear(nn.Sequential):
         self.bn, self.drop, self.linear = nn.BatchNorm1d(dim), nn.Dropout(0.0), nn.Linear(dim, out)
 
 
-class PooledDistilled(nn.Module):
-    """LeViT's and RepViT's ending: convolution stages, the map averaged, two heads (BatchNorm + linear) on the
-    same pooled features, their logits averaged."""
+class LinearNorm(nn.Module):
+    """LeViT's linear layer: a BatchNorm1d over its outputs, the tokens folded into the batch."""
+
+    def __init__(self, dim: int, out: int) -> None:
+        super().__init__()
+        self.linear, self.bn = nn.Linear(dim, out, bias=False), nn.BatchNorm1d(out)
+
+    def forward(self, x):
+        x = self.linear(x)
+        return self.bn(x.flatten(0, 1)).reshape_as(x)
+
+
+class LevitLike(nn.Module):
+    """LeViT as timm writes it, small: a convolution stem, tokens, residual MLPs of ``LinearNorm`` layers with
+    Hardswish, the tokens averaged, two heads (BatchNorm + linear) on the same pooled features, their logits
+    averaged."""
 
     def __init__(self, in_channels=1, num_classes=10, width=8):
         super().__init__()
+        dim = 2 * width
         self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, 2, 1), nn.BatchNorm2d(width), nn.Hardswish(),
-                                  nn.Conv2d(width, 2 * width, 3, 2, 1), nn.BatchNorm2d(2 * width), nn.Hardswish())
-        self.head, self.head_dist = NormLinear(2 * width, num_classes), NormLinear(2 * width, num_classes)
-        for bn in (self.head.bn, self.head_dist.bn, self.stem[1], self.stem[4]):  # statistics as trained ones are
-            bn.running_mean.uniform_(-0.5, 0.5)
-            bn.running_var.uniform_(0.5, 2.0)
+                                  nn.Conv2d(width, dim, 3, 2, 1), nn.BatchNorm2d(dim), nn.Hardswish())
+        self.mlps = nn.ModuleList(nn.Sequential(LinearNorm(dim, 2 * dim), nn.Hardswish(), LinearNorm(2 * dim, dim))
+                                  for _ in range(2))
+        self.head, self.head_dist = NormLinear(dim, num_classes), NormLinear(dim, num_classes)
+        for m in self.modules():  # statistics as trained ones are
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
 
     def forward(self, x):
-        x = self.stem(x).mean((2, 3))
+        x = self.stem(x).flatten(2).transpose(1, 2)
+        for mlp in self.mlps:
+            x = x + mlp(x)
+        x = x.mean(1)
         return (self.head(x) + self.head_dist(x)) / 2
 
 
@@ -572,8 +592,8 @@ def vit_distilled(in_channels=1, num_classes=10, width=8):
     return DistilledViT(in_channels, num_classes, width)
 
 
-def pooled_distilled(in_channels=1, num_classes=10, width=8):
-    return PooledDistilled(in_channels, num_classes, width)
+def levit_like(in_channels=1, num_classes=10, width=8):
+    return LevitLike(in_channels, num_classes, width)
 
 
 def vit_timm(in_channels=1, num_classes=10, width=8):
@@ -607,8 +627,8 @@ FAMILIES: dict[str, Callable[..., nn.Module]] = {
     "ghostnet": ghostnet, "functional": functional, "linear_pool_head": linear_pool_head,
     "conv_head": conv_head, "conv_hidden_head": conv_hidden_head,
     "vit_timm": vit_timm, "vit_hf": vit_hf, "vit_mha": vit_mha, "convnext": convnext,
-    "vit_distilled": vit_distilled, "pooled_distilled": pooled_distilled,
+    "vit_distilled": vit_distilled, "levit_like": levit_like,
 }
 # GELU, Hardswish and LayerNorm: slim modules only
-TRANSFORMERS = ["vit_timm", "vit_hf", "vit_mha", "convnext", "vit_distilled", "pooled_distilled"]
+TRANSFORMERS = ["vit_timm", "vit_hf", "vit_mha", "convnext", "vit_distilled", "levit_like"]
 RELU_FAMILIES = [name for name in FAMILIES if name not in ("mobilenet_v3", "efficientnet", *TRANSFORMERS)]

@@ -41,7 +41,7 @@ def family(name: str, seed: int = 0) -> Classifier:
             if isinstance(m, nn.BatchNorm2d):  # non-trivial statistics
                 m.running_mean.normal_(0, 0.2)
                 m.running_var.uniform_(0.5, 2.0)
-        if name.endswith("distilled"):  # two heads, their logits averaged: the last two linear layers
+        if name in ("vit_distilled", "levit_like"):  # two heads, their logits averaged: the last two linear layers
             heads = [m for m in net.modules() if isinstance(m, nn.Linear)][-2:]
         else:
             heads = [net.get_submodule(ModelGraph(net, SHAPE).classifier)]

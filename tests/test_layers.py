@@ -373,3 +373,47 @@ def test_tied_weights_are_saved_and_tied_again_on_load(tmp_path):
     x = torch.randint(0, 256, (3, 1, 12, 12), dtype=torch.uint8)
     with torch.no_grad():
         assert torch.equal(cnnmod.compose(loaded)(x), cnnmod.compose(made)(x))
+
+
+def test_a_linear_layer_with_a_batchnorm_over_its_outputs_is_folded_into_one():
+    """LeViT's ``LinearNorm`` (BatchNorm1d over the tokens folded into the batch) is one linear layer in eval mode:
+    W s and (b - mean) s + beta, s = gamma / sqrt(var + eps), worked out here by hand; the network's MLP hidden
+    units are then cut as a plain MLP's. A module that normalises before its linear layer is left as it is."""
+    from families import LevitLike, LinearNorm
+
+    from cnnmod.core.folding import fold_linear_norms
+    from cnnmod.slim.channels import frozen_copy
+
+    torch.manual_seed(0)
+    ln = LinearNorm(6, 4).eval()
+    ln.bn.running_mean.uniform_(-1, 1)
+    ln.bn.running_var.uniform_(0.5, 2)
+    nn.init.uniform_(ln.bn.weight, 0.5, 1.5)
+    nn.init.uniform_(ln.bn.bias, -1, 1)
+    holder = nn.Sequential(ln)
+    x = torch.randn(3, 5, 6)
+    with torch.no_grad():
+        expected = ln(x)
+        fold_linear_norms(holder, None)
+        assert holder[0] is ln  # without an input to check on, nothing is folded
+        folded = fold_linear_norms(nn.Sequential(ln), (5, 6))[0]
+        s = ln.bn.weight / torch.sqrt(ln.bn.running_var + ln.bn.eps)
+        assert type(folded) is nn.Linear
+        assert torch.allclose(folded.weight, ln.linear.weight * s[:, None])
+        assert torch.allclose(folded.bias, (0 - ln.bn.running_mean) * s + ln.bn.bias)
+        assert torch.allclose(folded(x), expected, atol=1e-6)
+
+    class NormFirst(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn, self.linear = nn.BatchNorm1d(4), nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.linear(self.bn(x))
+
+    first = nn.Sequential(NormFirst().eval())
+    first[0].bn.running_mean.fill_(0.5)
+    assert isinstance(fold_linear_norms(first, (4,))[0], NormFirst)
+
+    graph, net, groups = frozen_copy(LevitLike(1, 4, 8).eval(), (1, 16, 16))
+    assert {u.root for u in groups.units.values() if u.kind == "hidden"} == {"mlps.0.0", "mlps.1.0"}

@@ -18,6 +18,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from ..errors import UserError
 from .attention import canonical
+from .folding import fold_linear_norms
 from .graph import trace
 from .layers import averages_linear_heads, linear_terms
 
@@ -81,7 +82,8 @@ def one_head(net: nn.Module, input_shape: tuple[int, ...] | None) -> nn.Module:
 
 def slicing_form(net: nn.Module, heads: dict[str, int] | None, input_shape: tuple[int, ...] | None,
                  whole=None) -> nn.Module:
-    """The form of ``net`` that slim modules are cut from and rebuilt as: its attention converted
-    (:func:`cnnmod.core.attention.canonical`, ``heads`` and ``whole`` as it takes them), then averaged heads
-    read as one (:func:`one_head`)."""
+    """The form of ``net`` that slim modules are cut from and rebuilt as: linear + BatchNorm modules folded
+    (:func:`cnnmod.core.folding.fold_linear_norms`), its attention converted (:func:`cnnmod.core.attention.canonical`,
+    ``heads`` and ``whole`` as it takes them), then averaged heads read as one (:func:`one_head`)."""
+    net = fold_linear_norms(net, input_shape)
     return one_head(canonical(net, heads, input_shape, whole=whole), input_shape)

@@ -9,6 +9,7 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
+from types import SimpleNamespace
 
 import torch
 from torch import nn
@@ -117,15 +118,15 @@ class ChannelGroups:
         was_training = net.training
         net.eval()
         sliceable, left_out = [], []
-        for i, group in enumerate(self.groups):
+        for group in self.groups:
             if group.channels < 2:
                 continue
-            gates = [torch.ones(g.channels, device=device) for g in self.groups]
-            gates[i][0] = 0.0
+            gate = torch.ones(group.channels, device=device)
+            gate[0] = 0.0
             root = group.root
-            try:
+            try:  # this group gated alone: another group's failure is that group's
                 with torch.no_grad():
-                    with gated(net, graph, self, gates):
+                    with gated(net, graph, SimpleNamespace(groups=[group]), [gate]):
                         expected = classifier_input(net, graph.head, lambda: net(x)) @ w.T + b
                     got = slice_network(net, self.input_shape, {root: [0]}, graph.head, w, b,
                                         units=self.units)(x)

@@ -12,6 +12,7 @@ from torch import nn
 
 from ..core.attention import HeadAttention, is_attention, parse_heads
 from ..core.averaged_heads import LAYER, slicing_form
+from ..core.folding import has_linear_norms
 from .channels import narrowed
 
 
@@ -24,8 +25,8 @@ class ChannelMap:
         (:func:`cnnmod.core.averaged_heads.slicing_form`; the source itself where it has nothing to convert)."""
         if not hasattr(self, "_reference"):
             net = self.source.net
-            if self.graph.head.layer == LAYER or any(is_attention(m) and not isinstance(m, HeadAttention)
-                                                     for m in net.modules()):
+            if self.graph.head.layer == LAYER or has_linear_norms(net) or any(
+                    is_attention(m) and not isinstance(m, HeadAttention) for m in net.modules()):
                 net = slicing_form(copy.deepcopy(net).eval(), parse_heads(self.s.heads), self.source.spec.shape)
             self._reference = net
         return self._reference
