@@ -283,11 +283,12 @@ def test_attention_over_a_map_rather_than_tokens_is_kept_whole():
     assert isinstance(net.attn, MapAttention) and "not (tokens, features)" in kept_whole(net)["attn"]
 
 
-def test_logits_averaged_over_distillation_heads_are_read_as_one_linear_head(capsys):
+def test_logits_combined_from_several_linear_heads_are_read_as_one_linear_head(capsys):
     """DeiT's distilled ViT ends in (fc(x_cls) + head_dist(x_dist)) / 2: its canonical form ends in one linear
     layer whose weight is [W_fc / 2, W_dist / 2] and bias the mean, giving the network's logits; slim modules and a
-    merged composition are made of it; node-level modules are refused in one line that points to slim. A sum of
-    two heads that is not their mean is not read as one."""
+    merged composition are made of it; node-level modules are refused in one line that points to slim. Heads
+    weighted by a learned softmax and summed (EfficientViM) are one head too, weighted so; a combination that is not
+    affine (their maximum) is left as it is."""
     from families import DistilledViT
 
     from cnnmod.core.averaged_heads import LAYER, one_head
@@ -297,8 +298,8 @@ def test_logits_averaged_over_distillation_heads_are_read_as_one_linear_head(cap
     net = DistilledViT(1, 4, 8).eval()
     one = one_head(copy.deepcopy(net), SHAPE)
     layer = one.get_submodule(LAYER)
-    assert torch.equal(layer.weight, torch.cat([net.fc.weight / 2, net.head_dist.weight / 2], 1))
-    assert torch.equal(layer.bias, (net.fc.bias + net.head_dist.bias) / 2)
+    assert torch.allclose(layer.weight, torch.cat([net.fc.weight / 2, net.head_dist.weight / 2], 1), atol=1e-7)
+    assert torch.allclose(layer.bias, (net.fc.bias + net.head_dist.bias) / 2, atol=1e-7)
     x = torch.randn(3, *SHAPE)
     with torch.no_grad():
         assert torch.allclose(one(x), net(x), atol=1e-6)
@@ -308,12 +309,31 @@ def test_logits_averaged_over_distillation_heads_are_read_as_one_linear_head(cap
     modules = cnnmod.decompose(clf, data, granularity="channel", classes=[0, 1], size=0.5, samples=8)
     assert all(m.params() < clf.params() for m in modules)
     assert cnnmod.compose(modules, mode="merged").params() < clf.params()
-    with pytest.raises(cnnmod.UserError, match=r"averages several linear heads .* granularity channel"):
+    with pytest.raises(cnnmod.UserError, match=r"combines several linear heads .* granularity channel"):
         cnnmod.decompose(clf, data)
 
-    class Summed(DistilledViT):
-        def forward(self, x):
-            return super().forward(x) * 2  # fc + head_dist, not their mean
+    class Weighted(DistilledViT):
+        def __init__(self, *a):
+            super().__init__(*a)
+            self.weights = nn.Parameter(torch.tensor([0.3, -0.2]))
 
-    summed = Summed(1, 4, 8).eval()
-    assert one_head(summed, SHAPE) is summed
+        def forward(self, x):
+            x = self.norm(self.blocks(torch.cat([self.cls.expand(x.shape[0], -1, -1), self.dist.expand(
+                x.shape[0], -1, -1), self.patch(x).flatten(2).transpose(1, 2)], 1) + self.pos))
+            w = self.weights.softmax(-1)
+            return torch.stack([w[0] * self.fc(x[:, 0]), w[1] * self.head_dist(x[:, 1])]).sum(0)
+
+    weighted = Weighted(1, 4, 8).eval()
+    w = weighted.weights.softmax(-1).detach()
+    layer = one_head(weighted, SHAPE).get_submodule(LAYER)
+    assert torch.allclose(layer.weight, torch.cat([w[0] * weighted.fc.weight, w[1] * weighted.head_dist.weight], 1),
+                          atol=1e-7)
+
+    class Maxed(DistilledViT):
+        def forward(self, x):
+            x = self.norm(self.blocks(torch.cat([self.cls.expand(x.shape[0], -1, -1), self.dist.expand(
+                x.shape[0], -1, -1), self.patch(x).flatten(2).transpose(1, 2)], 1) + self.pos))
+            return torch.maximum(self.fc(x[:, 0]), self.head_dist(x[:, 1]))
+
+    maxed = Maxed(1, 4, 8).eval()
+    assert one_head(maxed, SHAPE) is maxed

@@ -29,7 +29,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from ..errors import UserError
 from . import ops
 from .attention import is_attention
-from .layers import averages_linear_heads, check_layer, conv_pads, is_leaf
+from .layers import check_layer, combines_linear_heads, conv_pads, is_leaf
 from .ops import Node
 
 
@@ -328,8 +328,9 @@ class ModelGraph:
             conv_node = self._skip_back(inner, ("relu", "bn", "identity"))
             if isinstance(conv_node, Node) and self.kinds[conv_node.name] == "conv":
                 return ClassMapHead(conv_node.target, result)
-        if averages_linear_heads(self.gm, end):
-            raise UserError("the model's output averages several linear heads (distillation tokens): node-level "
+        if combines_linear_heads(self.gm, result):
+            raise UserError("the model's output combines several linear heads (a distillation token's, one per "
+                            "stage): node-level "
                             "modules read one classifier; slim modules read them as one (cnnmod decompose "
                             "«granularity» channel)")
         raise UserError(f"the model's output comes from {self.describe(end)}, not from a classifier cnnmod knows; "

@@ -12,8 +12,6 @@ padding, ``"same"`` included, is read as PyTorch pads (:func:`conv_pads`).
 
 from __future__ import annotations
 
-import operator
-
 import torch
 import torch.fx
 import torch.nn.functional as F
@@ -117,30 +115,35 @@ def check_layer(m: nn.Module, name: str, shape: tuple[int, ...]) -> None:
                         f"{gap:.2g}); cnnmod reads such a layer only where it computes what it subclasses")
 
 
-# ------------------------------------------------------------------ logits averaged over linear heads
-def linear_terms(node, gm: torch.fx.GraphModule) -> list | None:
-    """The linear layers' nodes a sum of ``node`` adds up (None where one term is something else)."""
-    if node.op == "call_function" and node.target in (operator.add, torch.add) and len(node.args) == 2:
-        left, right = (linear_terms(a, gm) if isinstance(a, torch.fx.Node) else None for a in node.args)
-        return None if left is None or right is None else left + right
-    if node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.Linear):
-        return [node]
-    return None
+# ------------------------------------------------------------------ logits combined from several linear heads
+def linear_heads(gm: torch.fx.GraphModule, node) -> list | None:
+    """The linear layers' nodes that ``node`` of ``gm`` is computed from, where what lies between them and it is
+    functions alone (sums, products with values that do not depend on the input, stacking): the first linear layer
+    on every path from the input back from ``node``; None where another layer lies on such a path, or a path
+    reaches the input without one."""
+    depends: dict = {}
+    for n in gm.graph.nodes:  # whether a node's value depends on the network's input
+        depends[n] = n.op == "placeholder" or any(depends.get(a, False) for a in n.all_input_nodes)
+    heads, seen, todo = [], set(), [node] if isinstance(node, torch.fx.Node) else []
+    while todo:
+        n = todo.pop()
+        if n in seen or not depends.get(n, False):
+            continue
+        seen.add(n)
+        if n.op == "call_module":
+            if not isinstance(gm.get_submodule(n.target), nn.Linear):
+                return None
+            heads.append(n)
+        elif n.op in ("call_function", "call_method"):
+            todo.extend(n.all_input_nodes)
+        else:
+            return None
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    return sorted(heads, key=order.__getitem__) or None
 
 
-def _averaged(result) -> tuple[object, float] | None:
-    """(the sum, k) where ``result`` is sum / k or sum * (1 / k)."""
-    if result.op != "call_function" or len(result.args) != 2 or not isinstance(result.args[1], (int, float)):
-        return None
-    if result.target in (operator.truediv, torch.div, torch.true_divide):
-        return result.args[0], float(result.args[1])
-    if result.target in (operator.mul, torch.mul) and result.args[1]:
-        return result.args[0], 1.0 / float(result.args[1])
-    return None
-
-
-def averages_linear_heads(gm: torch.fx.GraphModule, node) -> bool:
-    """Whether ``node`` of ``gm`` is the mean of several linear layers' outputs."""
-    found = _averaged(node) if isinstance(node, torch.fx.Node) else None
-    terms = linear_terms(found[0], gm) if found is not None and isinstance(found[0], torch.fx.Node) else None
-    return terms is not None and len(terms) >= 2 and abs(found[1] - len(terms)) <= 1e-6
+def combines_linear_heads(gm: torch.fx.GraphModule, node) -> bool:
+    """Whether ``node`` of ``gm`` is computed from several linear layers' outputs by functions alone (DeiT's
+    distillation heads averaged, EfficientViM's heads weighted and summed)."""
+    heads = linear_heads(gm, node)
+    return heads is not None and len(heads) >= 2
