@@ -417,3 +417,38 @@ def test_a_linear_layer_with_a_batchnorm_over_its_outputs_is_folded_into_one():
 
     graph, net, groups = frozen_copy(LevitLike(1, 4, 8).eval(), (1, 16, 16))
     assert {u.root for u in groups.units.values() if u.kind == "hidden"} == {"mlps.0.0", "mlps.1.0"}
+
+
+def test_a_network_whose_layers_cache_tensors_computed_from_their_parameters_is_cut():
+    """timm's TinyViT and LeViT keep their attention biases, gathered from a parameter, in a dict once run in eval
+    mode with gradients on: ``copy.deepcopy`` refuses such a tensor, so slim modules of it failed with a traceback;
+    they are made, and compute what the gated network computes."""
+    from cnnmod.core.layers import copied
+
+    class Cached(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(16, 12), nn.Linear(12, 4)
+            self.scale = nn.Parameter(torch.tensor(1.5))
+            self.cache: dict[str, torch.Tensor] = {}
+
+        def forward(self, x):
+            if not self.training:
+                self.cache.setdefault("s", self.scale * 2)  # computed from a parameter: not a leaf
+            s = self.cache["s"] if not self.training else self.scale * 2
+            return self.fc2(F.relu(self.fc1(x.flatten(1))) * s)
+
+    net = Cached().eval()
+    net(torch.randn(2, 1, 4, 4))
+    assert net.cache["s"].grad_fn is not None
+    with pytest.raises(RuntimeError, match="deepcopy"):
+        import copy
+        copy.deepcopy(net)
+    twin = copied(net)
+    x = torch.randn(3, 1, 4, 4)
+    with torch.no_grad():
+        assert torch.equal(twin(x), net(x)) and twin.cache["s"].grad_fn is None
+    clf = Classifier(net, InputSpec(1, 4, 4, (0.5,), (0.25,)), [f"r{c}" for c in range(4)], "cached", {}, "rand")
+    modules = cnnmod.decompose(clf, random_data((1, 4, 4), 4, 8), granularity="channel", classes=[0], size=0.7,
+                               samples=8, calibration_samples=0)
+    assert modules[0].params() < clf.params()

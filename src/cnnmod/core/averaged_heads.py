@@ -14,8 +14,6 @@ BatchNorm layers folded, attention in its canonical form, then one head.
 
 from __future__ import annotations
 
-import copy
-
 import torch
 import torch.fx
 from torch import nn
@@ -25,7 +23,7 @@ from ..errors import UserError
 from .attention import canonical
 from .folding import fold_linear_norms
 from .graph import trace
-from .layers import linear_heads
+from .layers import copied, linear_heads
 
 LAYER = "averaged_head"  # the name of the one linear layer a rewritten network ends in
 
@@ -56,7 +54,7 @@ def _tail(gm: torch.fx.GraphModule, inputs: list, result) -> torch.fx.GraphModul
 def _affine(tail: torch.fx.GraphModule, widths: list[int]) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(M, c) with ``tail(z) = M z + c`` for z the inputs side by side (``widths`` features each), or None where
     ``tail`` is not affine in them."""
-    tail = copy.deepcopy(tail).double().eval()
+    tail = copied(tail).double().eval()
     device = next(iter(tail.parameters()), torch.zeros(())).device
     total = sum(widths)
     probe = torch.cat([torch.zeros(1, total, dtype=torch.float64), torch.eye(total, dtype=torch.float64),

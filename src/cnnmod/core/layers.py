@@ -12,6 +12,8 @@ padding, ``"same"`` included, is read as PyTorch pads (:func:`conv_pads`).
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.fx
 import torch.nn.functional as F
@@ -147,3 +149,26 @@ def combines_linear_heads(gm: torch.fx.GraphModule, node) -> bool:
     distillation heads averaged, EfficientViM's heads weighted and summed)."""
     heads = linear_heads(gm, node)
     return heads is not None and len(heads) >= 2
+
+
+def copied(net: nn.Module) -> nn.Module:
+    """A deep copy of ``net``, tensors that its layers keep computed from their parameters (timm's attention bias
+    caches, filled in a forward pass with gradients on) copied detached: ``copy.deepcopy`` refuses those."""
+    memo: dict[int, torch.Tensor] = {}
+
+    def visit(value) -> None:
+        if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter):
+            if value.grad_fn is not None:
+                memo[id(value)] = value.detach().clone()
+        elif isinstance(value, dict):
+            for v in value.values():
+                visit(v)
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                visit(v)
+
+    for m in net.modules():
+        for k, v in vars(m).items():
+            if k not in ("_parameters", "_buffers", "_modules"):
+                visit(v)
+    return copy.deepcopy(net, memo)

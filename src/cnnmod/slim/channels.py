@@ -4,7 +4,6 @@ physically to the open channels, and what each channel costs in parameters and F
 
 from __future__ import annotations
 
-import copy
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,6 +17,7 @@ from ..core.attention import kept_whole
 from ..core.averaged_heads import slicing_form
 from ..core.cost import count_flops
 from ..core.graph import Head, ModelGraph
+from ..core.layers import copied
 from ..errors import UserError
 from .groups import ChannelGroup
 from .units import Unit, find_chains, find_units
@@ -243,7 +243,7 @@ def fold_gates(net: nn.Module, graph: ModelGraph, groups: ChannelGroups,
     have each input channel's weights multiplied by its gate (a convolution and a linear layer are linear in each
     input channel), and the multiplier of each of the head's input features (the classifier reads gated features:
     fold it into the head's columns). Closed channels (gate 0) are left to slicing."""
-    folded = copy.deepcopy(net)
+    folded = copied(net)
     columns = torch.ones(graph.head.linear_map(net)[0].shape[1])
     with torch.no_grad():
         for g, group in enumerate(groups.groups):
@@ -319,7 +319,7 @@ def slice_network(net: nn.Module, input_shape: tuple[int, int, int], removed: di
     their roots, cut by the units themselves), its classifier replaced by an ``nn.Linear`` of ``head_w``'s rows
     (over the source's head features; the columns of the features that survive are kept), or of ``outputs`` rows,
     left to be loaded, when none are given."""
-    sliced = copy.deepcopy(net).eval()
+    sliced = copied(net).eval()
     device = next(sliced.parameters()).device
     head.tag(sliced)  # the head's first row numbers its input features, to read off which survive
     units = units or {}
@@ -407,8 +407,8 @@ def narrowed(groups: ChannelGroups, net: nn.Module,
             result[g][key] = [(layer, position[layer][index[keep[g][root]]], rank[g][root[keep[g][root]]])
                               for layer, index, root in getattr(group, key)]
         masks[key] = {layer: m for layer, m in mask.items() if not bool(m.all())}
-    view = copy.copy(groups)
-    view.__dict__.pop("_costs", None)  # what a channel costs depends on the network it is cut from
+    view = groups.__class__.__new__(groups.__class__)  # what a channel costs depends on the network it is cut from
+    view.__dict__.update({k: v for k, v in groups.__dict__.items() if k != "_costs"})
     view.groups = [replace(g, channels=int(k.sum()), **r) for g, k, r in zip(groups.groups, keep, result, strict=True)]
     return view, masks
 
@@ -424,7 +424,7 @@ def frozen_copy(source: nn.Module, input_shape: tuple[int, int, int],
     """The graph of network ``source`` (in the form slicing keeps, :func:`cnnmod.core.averaged_heads.slicing_form`:
     attention canonical, averaged heads one; ``heads``: head counts by layer, where a layer does not record its
     own), a frozen copy of it to gate and re-estimate, and its channel groups."""
-    net = slicing_form(copy.deepcopy(source).eval(), heads, input_shape).requires_grad_(False)
+    net = slicing_form(copied(source).eval(), heads, input_shape).requires_grad_(False)
     graph = ModelGraph(net, input_shape)
     return graph, net, ChannelGroups(net, graph, input_shape)
 

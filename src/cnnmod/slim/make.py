@@ -13,7 +13,6 @@ network computes exactly what the gated one does.
 
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import asdict
 
@@ -22,6 +21,7 @@ import torch
 from ..composition.joint import check_every_class, fit_heads_jointly
 from ..core.attention import parse_heads
 from ..core.calibrate import model_log_odds, source_log_odds
+from ..core.layers import copied
 from ..core.masking import binary_head
 from ..core.observe import class_order, tangling_budget
 from ..data.dataset import ImageSet, split_indices
@@ -209,7 +209,7 @@ class ModuleMaker:
         if frozen is None:
             frozen = frozen_copy(source.net, source.spec.shape, parse_heads(s.heads))
         else:
-            frozen = (frozen[0], copy.deepcopy(frozen[1]), frozen[2])
+            frozen = (frozen[0], copied(frozen[1]), frozen[2])
         self.graph, self.net, _ = frozen
         device = next(self.net.parameters()).device
         self.pools = InputPools(source, data, s.seed)

@@ -5,14 +5,13 @@ A part of :class:`~cnnmod.slim.pruner.Pruner`: it reads the pruner's ``source``,
 
 from __future__ import annotations
 
-import copy
-
 import torch
 from torch import nn
 
 from ..core.attention import HeadAttention, is_attention, parse_heads
 from ..core.averaged_heads import LAYER, slicing_form
 from ..core.folding import has_linear_norms
+from ..core.layers import copied
 from .channels import narrowed
 
 
@@ -27,7 +26,7 @@ class ChannelMap:
             net = self.source.net
             if self.graph.head.layer == LAYER or has_linear_norms(net) or any(
                     is_attention(m) and not isinstance(m, HeadAttention) for m in net.modules()):
-                net = slicing_form(copy.deepcopy(net).eval(), parse_heads(self.s.heads), self.source.spec.shape)
+                net = slicing_form(copied(net).eval(), parse_heads(self.s.heads), self.source.spec.shape)
             self._reference = net
         return self._reference
 

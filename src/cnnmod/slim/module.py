@@ -5,13 +5,13 @@ It loads and runs without its source model (:mod:`cnnmod.slim.make` makes it).
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from ..core.graph import Head, ModelGraph
+from ..core.layers import copied
 from ..core.masking import masked_features
 from ..data.transforms import InputSpec
 from ..modules.base import BinaryModule, ModuleRecord
@@ -96,7 +96,7 @@ class SlimModule(BinaryModule):
         return m(x).unsqueeze(0)
 
     def with_head(self, weight: torch.Tensor, bias: torch.Tensor, settings: dict) -> SlimModule:
-        net = copy.deepcopy(self.net)
+        net = copied(self.net)
         layer = net.get_submodule(self.classifier_name)
         with torch.no_grad():
             layer.weight.copy_(weight.to(layer.weight))
