@@ -337,3 +337,32 @@ def test_logits_combined_from_several_linear_heads_are_read_as_one_linear_head(c
 
     maxed = Maxed(1, 4, 8).eval()
     assert one_head(maxed, SHAPE) is maxed
+
+
+class WideValues(nn.Module):
+    """EfficientFormer's attention: values four times as wide as queries and keys, one ``qkv`` layer for all."""
+
+    def __init__(self, dim: int, num_heads: int) -> None:
+        super().__init__()
+        self.num_heads, self.key_dim = num_heads, 4
+        self.qkv = nn.Linear(dim, num_heads * self.key_dim * 6)  # q and k: key_dim each; v: 4 key_dim
+        self.proj = nn.Linear(num_heads * self.key_dim * 4, dim)
+
+    def forward(self, x):
+        B, N, _ = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, self.num_heads, -1).permute(0, 2, 1, 3).split(
+            [self.key_dim, self.key_dim, 4 * self.key_dim], dim=3)
+        attn = ((q @ k.transpose(-2, -1)) * self.key_dim ** -0.5).softmax(-1)
+        return self.proj((attn @ v).transpose(1, 2).reshape(B, N, -1))
+
+
+def test_attention_whose_values_are_wider_than_its_keys_is_kept_whole_not_a_traceback():
+    net = vit_with(WideValues)
+    x = torch.randn(2, *SHAPE)
+    with torch.no_grad():
+        expected = net(x)
+        same = canonical(net, None, SHAPE)
+        assert torch.equal(same(x), expected)
+    why = kept_whole(same)
+    assert set(why) == {"blocks.0.attn", "blocks.1.attn"} and all("projection reads" in w or "head count" in w
+                                                                   for w in why.values())

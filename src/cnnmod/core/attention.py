@@ -222,6 +222,9 @@ def _converted(m: nn.Module, name: str, fused: tuple, n: int, x: torch.Tensor, t
         returns = f"tuple:{len(theirs)}" if isinstance(theirs, (tuple, list)) else "tensor"
     scale = getattr(m, "scale", None)
     scale = float(scale) if isinstance(scale, (int, float)) else None
+    if proj is not None and proj.weight.shape[1] != n * d:  # values wider than queries and keys (EfficientFormer)
+        raise UserError(f"cannot follow the attention in layer {name!r}: its projection reads "
+                        f"{proj.weight.shape[1]} features of {n} heads of {d}")
     out_dim = proj.out_features if proj is not None else n * d
     new = HeadAttention(dim, n, d, qkv_bias=b is not None, proj_bias=proj is None or proj.bias is not None,
                         out_dim=out_dim, scale=scale, returns=returns)

@@ -330,9 +330,8 @@ class ModelGraph:
                 return ClassMapHead(conv_node.target, result)
         if combines_linear_heads(self.gm, result):
             raise UserError("the model's output combines several linear heads (a distillation token's, one per "
-                            "stage): node-level "
-                            "modules read one classifier; slim modules read them as one (cnnmod decompose "
-                            "«granularity» channel)")
+                            "stage): node-level modules read one classifier; slim modules read them as one where "
+                            "the output is a weighted sum of them (cnnmod decompose «granularity» channel)")
         raise UserError(f"the model's output comes from {self.describe(end)}, not from a classifier cnnmod knows; "
                         "end the model in nn.Linear, or in a 1x1 convolution with global average pooling, and "
                         "return its logits")
