@@ -26,6 +26,7 @@ import torch
 from ..artifacts import WEIGHTS, atomic_folder, read_artifact, read_config, sha256_file, write_into, write_json
 from ..errors import UserError
 from ..io.store import load_module, write_module
+from ..models.resume import require_same
 
 PART = "decomposition-part"
 RUN = "run.json"
@@ -65,12 +66,7 @@ class DecompositionState:
                                 "«resume» to go on from it, or «overwrite» to start again")
             shutil.rmtree(self.folder)
         if (self.folder / RUN).is_file():
-            kept = json.loads((self.folder / RUN).read_text())
-            differ = sorted(k for k in set(kept) | set(self.settings) if kept.get(k) != self.settings.get(k))
-            if differ:
-                said = ", ".join(f"{k} {kept.get(k)!r} (now {self.settings.get(k)!r})" for k in differ)
-                raise UserError(f"{self.folder} holds a decomposition with other settings: {said}; give the same "
-                                "settings to go on from it, or «overwrite» to start again")
+            require_same(self.folder, "a decomposition", json.loads((self.folder / RUN).read_text()), self.settings)
             for part in sorted(self.folder.iterdir()):  # every part whole, before any work goes on from them
                 if part.is_dir() and not part.name.startswith("."):
                     verify(part)

@@ -87,10 +87,16 @@ def read_state(folder: Path, settings: dict) -> dict:
     """The state kept in ``folder``, verified (checksum, kind) and refused unless it was written by a run with
     the same ``settings`` (a resumed run must be the run that stopped; only :data:`FREE` may differ)."""
     config, tensors = read_artifact(folder, KIND)
-    kept, settings = config.get("settings", {}), json.loads(json.dumps(settings))  # tuples read back as lists
-    differ = sorted(k for k in set(kept) | set(settings) if k not in FREE and kept.get(k) != settings.get(k))
+    require_same(folder, "a run", config.get("settings", {}), settings, FREE)
+    return join_tensors(config["state"], tensors)
+
+
+def require_same(folder: Path, what: str, kept: dict, settings: dict, free: tuple[str, ...] = ()) -> None:
+    """Refuse to go on from ``what`` kept in ``folder`` with settings ``kept`` unless they are ``settings`` (all
+    but ``free``), naming the ones that differ."""
+    settings = json.loads(json.dumps(settings))  # tuples read back as lists
+    differ = sorted(k for k in set(kept) | set(settings) if k not in free and kept.get(k) != settings.get(k))
     if differ:
         said = ", ".join(f"{k} {kept.get(k)!r} (now {settings.get(k)!r})" for k in differ)
-        raise UserError(f"{folder} holds a run with other settings: {said}; give the same settings to go on from "
+        raise UserError(f"{folder} holds {what} with other settings: {said}; give the same settings to go on from "
                         "it, or «overwrite» to start again")
-    return join_tensors(config["state"], tensors)
