@@ -165,6 +165,17 @@ def read_config(path: str | os.PathLike, kind: str | None = None) -> dict:
 def read_artifact(path: str | os.PathLike, kind: str | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
     """Config and tensors of a verified artifact: a tampered or truncated weights file is refused."""
     path = Path(path)
+    config = verified_config(path, kind)
+    try:
+        tensors = load_file(str(path / WEIGHTS))
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"cannot read {path / WEIGHTS}: {e}")
+    return config, tensors
+
+
+def verified_config(path: Path, kind: str | None = None) -> dict:
+    """The config of the artifact at ``path``, its weights file checked against the sha256 it records (not
+    read as tensors)."""
     config = read_config(path, kind)
     weights = path / WEIGHTS
     if not weights.is_file():
@@ -174,8 +185,4 @@ def read_artifact(path: str | os.PathLike, kind: str | None = None) -> tuple[dic
     if digest != config.get("weights_sha256"):
         raise UserError(f"{weights} does not match the checksum in its config (sha256 {digest[:12]}..., expected "
                         f"{str(config.get('weights_sha256'))[:12]}...): the file was changed or damaged")
-    try:
-        tensors = load_file(str(weights))
-    except (SafetensorError, OSError) as e:
-        raise UserError(f"cannot read {weights}: {e}")
-    return config, tensors
+    return config

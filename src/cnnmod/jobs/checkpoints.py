@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from ..artifacts import WEIGHTS, atomic_folder, read_artifact, read_config, sha256_file, write_into, write_json
+from ..artifacts import atomic_folder, read_artifact, verified_config, write_into, write_json
 from ..errors import UserError
 from ..io.store import load_module, write_module
 from ..models.resume import require_same
@@ -44,11 +44,11 @@ def restarted() -> bool:
 
 
 def verify(part: Path) -> None:
-    """Refuse a kept part whose weights do not match the checksum its config records."""
-    config = read_config(part)
-    if sha256_file(part / WEIGHTS) != config.get("weights_sha256"):
-        raise UserError(f"{part} does not match the checksum in its config: the kept part was changed or "
-                        "damaged; start again with «overwrite»")
+    """Refuse a kept part whose weights are missing or do not match the checksum its config records."""
+    try:
+        verified_config(part)
+    except UserError as e:
+        raise UserError(f"{e}; start again with «overwrite»") from None
 
 
 class DecompositionState:
